@@ -1,0 +1,168 @@
+//! Types shared by the kernel program (`tracer-ebpf`) and the agent (`tracer`).
+//!
+//! Everything here is `#[repr(C)]`, has no `bool` and no implicit padding, so
+//! the bytes the kernel writes are exactly the bytes the agent decodes. The
+//! layout tests at the bottom (and the agent's decoder tests) pin that down.
+#![no_std]
+
+/// Record of the `sock:inet_sock_set_state` tracepoint, as described by
+/// `/sys/kernel/tracing/events/sock/inet_sock_set_state/format` (stable since
+/// Linux 4.16, where the tracepoint was added). The integration test
+/// `tracepoint_format` compares every offset and size with the running
+/// kernel's format file.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InetSockSetStateRecord {
+    pub common_type: u16,
+    pub common_flags: u8,
+    pub common_preempt_count: u8,
+    pub common_pid: i32,
+    /// `const void *skaddr`: the socket's kernel address, its identity here.
+    pub skaddr: u64,
+    pub oldstate: i32,
+    pub newstate: i32,
+    pub sport: u16,
+    pub dport: u16,
+    pub family: u16,
+    pub protocol: u16,
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+    pub saddr_v6: [u8; 16],
+    pub daddr_v6: [u8; 16],
+}
+
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+pub const IPPROTO_TCP: u16 = 6;
+
+/// TCP states as numbered by the kernel (`include/net/tcp_states.h`).
+pub mod tcp_state {
+    pub const ESTABLISHED: u8 = 1;
+    pub const SYN_SENT: u8 = 2;
+    pub const SYN_RECV: u8 = 3;
+    pub const FIN_WAIT1: u8 = 4;
+    pub const FIN_WAIT2: u8 = 5;
+    pub const TIME_WAIT: u8 = 6;
+    pub const CLOSE: u8 = 7;
+    pub const CLOSE_WAIT: u8 = 8;
+    pub const LAST_ACK: u8 = 9;
+    pub const LISTEN: u8 = 10;
+    pub const CLOSING: u8 = 11;
+    pub const NEW_SYN_RECV: u8 = 12;
+    /// One past the highest state: the size of per-state arrays.
+    pub const COUNT: usize = 13;
+}
+
+/// Every ring buffer record starts with this header, so the agent can tell
+/// record kinds apart and reject records it does not understand.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventHeader {
+    /// `bpf_ktime_get_ns()`: CLOCK_MONOTONIC, nanoseconds.
+    pub ts_ns: u64,
+    /// One of [`EventKind`] as `u32`.
+    pub kind: u32,
+    /// Size of the whole record in bytes, header included.
+    pub len: u32,
+}
+
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    Transition = 1,
+}
+
+/// `TransitionEvent::flags`: the kernel saw the socket enter its old state,
+/// so `old_state_ns` is meaningful.
+pub const FLAG_OLD_STATE_KNOWN: u32 = 1 << 0;
+
+/// One TCP state transition, as submitted to the ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TransitionEvent {
+    pub header: EventHeader,
+    pub skaddr: u64,
+    /// Nanoseconds spent in `oldstate`; valid with [`FLAG_OLD_STATE_KNOWN`].
+    pub old_state_ns: u64,
+    /// Source (local) address: IPv4 in the first 4 bytes, or IPv6.
+    pub saddr: [u8; 16],
+    /// Destination (remote) address, same encoding.
+    pub daddr: [u8; 16],
+    /// `comm` of the task that was current when the transition fired.
+    pub comm: [u8; 16],
+    /// tgid of the current task (the user-visible pid).
+    pub pid: u32,
+    /// Thread id of the current task.
+    pub tid: u32,
+    pub uid: u32,
+    pub flags: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub family: u16,
+    pub oldstate: u8,
+    pub newstate: u8,
+}
+
+/// Indices of the kernel program's per-CPU counters (`COUNTERS` map).
+pub mod counter {
+    /// TCP transitions the program saw (before filters).
+    pub const SEEN: u32 = 0;
+    /// Transitions dropped by the in-kernel filters (by design, not a loss).
+    pub const FILTERED: u32 = 1;
+    /// Ring buffer reservations that failed: events lost.
+    pub const RINGBUF_FULL: u32 = 2;
+    /// Updates of the per-socket timing map that failed.
+    pub const TIMING_UPDATE_FAILED: u32 = 3;
+    /// A timing entry was found whose state was not the transition's old
+    /// state (an earlier transition was missed, or a stale entry of a freed
+    /// socket whose address was reused): the duration is reported unknown.
+    pub const TIMING_STALE: u32 = 4;
+    pub const COUNT: u32 = 5;
+}
+
+/// Value of the per-socket timing map (`SOCK_TIMING`), keyed by socket
+/// address: when the socket entered `state`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockTiming {
+    pub entered_ns: u64,
+    pub state: u32,
+    pub _pad: u32,
+}
+
+/// Names of the globals the agent sets before load (`.rodata`).
+pub mod global {
+    /// `u16`: 0 for both families, else `AF_INET` or `AF_INET6`.
+    pub const FILTER_FAMILY: &str = "FILTER_FAMILY";
+    /// `u8`: non-zero when the `PORT_FILTER` map restricts ports.
+    pub const FILTER_PORTS: &str = "FILTER_PORTS";
+}
+
+/// Map names, shared so the agent cannot misspell them.
+pub mod map {
+    pub const EVENTS: &str = "EVENTS";
+    pub const COUNTERS: &str = "COUNTERS";
+    pub const SOCK_TIMING: &str = "SOCK_TIMING";
+    pub const PORT_FILTER: &str = "PORT_FILTER";
+}
+
+/// Name of the tracepoint program in the object file.
+pub const PROGRAM_NAME: &str = "inet_sock_set_state";
+
+/// Ports a single `--port` filter may list (entries of `PORT_FILTER`).
+pub const MAX_FILTER_PORTS: u32 = 64;
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: plain `#[repr(C)]` integers and byte arrays, no padding.
+    unsafe impl aya::Pod for TransitionEvent {}
+    unsafe impl aya::Pod for SockTiming {}
+}
+
+// No hidden padding: the sizes are the sums of the fields.
+const _: () = assert!(core::mem::size_of::<InetSockSetStateRecord>() == 72);
+const _: () = assert!(core::mem::size_of::<EventHeader>() == 16);
+const _: () = assert!(core::mem::size_of::<TransitionEvent>() == 16 + 8 + 8 + 48 + 16 + 8);
+const _: () = assert!(core::mem::align_of::<TransitionEvent>() <= 8);
+const _: () = assert!(core::mem::size_of::<SockTiming>() == 16);

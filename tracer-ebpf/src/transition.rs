@@ -1,0 +1,227 @@
+//! `sock:inet_sock_set_state`: one event per TCP state transition.
+
+use core::{ffi::c_void, mem::offset_of, ptr};
+
+use aya_ebpf::{
+    helpers::{bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_ktime_get_ns, generated},
+    macros::{map, tracepoint},
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    programs::TracePointContext,
+    EbpfContext as _, Global,
+};
+use aya_log_ebpf::warn;
+use tracer_common::{
+    counter, tcp_state, EventHeader, EventKind, InetSockSetStateRecord, SockTiming,
+    TransitionEvent, AF_INET6, FLAG_OLD_STATE_KNOWN, IPPROTO_TCP, MAX_FILTER_PORTS,
+};
+
+/// 0: both families; else only `AF_INET` or `AF_INET6`. Set by the agent.
+#[unsafe(no_mangle)]
+static FILTER_FAMILY: Global<u16> = Global::new(0);
+
+/// Non-zero: only transitions whose local or remote port is in `PORT_FILTER`.
+#[unsafe(no_mangle)]
+static FILTER_PORTS: Global<u8> = Global::new(0);
+
+/// Sized by the agent (`--ringbuf-size`) before load.
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
+
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+/// When each socket entered its current state. Sized by the agent
+/// (`--max-sockets`); LRU so that sockets freed without a CLOSE transition
+/// cannot fill it up for good.
+#[map]
+static SOCK_TIMING: LruHashMap<u64, SockTiming> = LruHashMap::with_max_entries(65536, 0);
+
+#[map]
+static PORT_FILTER: HashMap<u16, u8> = HashMap::with_max_entries(MAX_FILTER_PORTS, 0);
+
+/// Why a transition produced no event. Every variant is counted.
+enum Skip {
+    NotTcp,
+    Filtered,
+    RingBufFull,
+}
+
+#[tracepoint(category = "sock", name = "inet_sock_set_state")]
+pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
+    match try_inet_sock_set_state(&ctx) {
+        Ok(()) => {}
+        Err(Skip::NotTcp) => {}
+        Err(Skip::Filtered) => bump(counter::FILTERED),
+        Err(Skip::RingBufFull) => bump(counter::RINGBUF_FULL),
+    }
+    0
+}
+
+/// Direct, aligned scalar load of a field of the tracepoint record. (A
+/// generic copy of an array field makes LLVM emit a `memmove` on the context
+/// pointer, which the verifier refuses.)
+#[inline(always)]
+unsafe fn field<T: Copy>(ctx: &TracePointContext, offset: usize) -> T {
+    unsafe { ptr::read_volatile(ctx.as_ptr().cast::<u8>().add(offset).cast::<T>()) }
+}
+
+macro_rules! rec {
+    ($ctx:expr, $field:ident : $ty:ty) => {
+        unsafe { field::<$ty>($ctx, offset_of!(InetSockSetStateRecord, $field)) }
+    };
+    ($ctx:expr, $field:ident : $ty:ty, + $extra:expr) => {
+        unsafe { field::<$ty>($ctx, offset_of!(InetSockSetStateRecord, $field) + $extra) }
+    };
+}
+
+fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), Skip> {
+    if rec!(ctx, protocol: u16) != IPPROTO_TCP {
+        return Err(Skip::NotTcp);
+    }
+    bump(counter::SEEN);
+    let now = unsafe { bpf_ktime_get_ns() };
+    let skaddr = rec!(ctx, skaddr: u64);
+    let oldstate = rec!(ctx, oldstate: i32) as u8;
+    let newstate = rec!(ctx, newstate: i32) as u8;
+
+    // Timing is kept for every socket, filtered or not, so that a duration
+    // is right even when the transition that started it was filtered out.
+    let old_state_ns = account_time(ctx, skaddr, oldstate, newstate, now);
+
+    let family = rec!(ctx, family: u16);
+    let sport = rec!(ctx, sport: u16);
+    let dport = rec!(ctx, dport: u16);
+    if !passes_filters(family, sport, dport) {
+        return Err(Skip::Filtered);
+    }
+
+    let mut entry = EVENTS
+        .reserve::<TransitionEvent>(0)
+        .ok_or(Skip::RingBufFull)?;
+    let ev = entry.as_mut_ptr();
+    let pid_tgid = bpf_get_current_pid_tgid();
+    unsafe {
+        (*ev).header = EventHeader {
+            ts_ns: now,
+            kind: EventKind::Transition as u32,
+            len: size_of::<TransitionEvent>() as u32,
+        };
+        (*ev).skaddr = skaddr;
+        (*ev).old_state_ns = old_state_ns.unwrap_or(0);
+        (*ev).flags = if old_state_ns.is_some() {
+            FLAG_OLD_STATE_KNOWN
+        } else {
+            0
+        };
+        (*ev).pid = (pid_tgid >> 32) as u32;
+        (*ev).tid = pid_tgid as u32;
+        (*ev).uid = bpf_get_current_uid_gid() as u32;
+        (*ev).sport = sport;
+        (*ev).dport = dport;
+        (*ev).family = family;
+        (*ev).oldstate = oldstate;
+        (*ev).newstate = newstate;
+    }
+    copy_addresses(ctx, family, ev);
+    unsafe {
+        // Writes straight into the ring buffer record; on failure the kernel
+        // zeroes the buffer, which decodes as an empty comm.
+        generated::bpf_get_current_comm(ptr::addr_of_mut!((*ev).comm).cast::<c_void>(), 16);
+    }
+    entry.submit(0);
+    Ok(())
+}
+
+/// Records that `skaddr` entered `newstate` at `now` and returns how long it
+/// stayed in `oldstate`, if this program saw it enter that state.
+#[inline(always)]
+fn account_time(
+    ctx: &TracePointContext,
+    skaddr: u64,
+    oldstate: u8,
+    newstate: u8,
+    now: u64,
+) -> Option<u64> {
+    let entry = SOCK_TIMING.get_ptr_mut(&skaddr);
+    let elapsed = entry.and_then(|t| {
+        let t = unsafe { &*t };
+        if t.state == oldstate as u32 {
+            Some(now.saturating_sub(t.entered_ns))
+        } else {
+            bump(counter::TIMING_STALE);
+            None
+        }
+    });
+    if newstate == tcp_state::CLOSE {
+        // Ignore the result: the entry may legitimately be absent.
+        let _ = SOCK_TIMING.remove(&skaddr);
+        return elapsed;
+    }
+    let timing = SockTiming {
+        entered_ns: now,
+        state: newstate as u32,
+        _pad: 0,
+    };
+    match entry {
+        Some(t) => unsafe { *t = timing },
+        None => {
+            if let Err(err) = SOCK_TIMING.insert(&skaddr, &timing, 0) {
+                bump(counter::TIMING_UPDATE_FAILED);
+                warn!(ctx, "SOCK_TIMING insert failed: {}", err);
+            }
+        }
+    }
+    elapsed
+}
+
+#[inline(always)]
+fn passes_filters(family: u16, sport: u16, dport: u16) -> bool {
+    let want_family = FILTER_FAMILY.load();
+    if want_family != 0 && want_family != family {
+        return false;
+    }
+    if FILTER_PORTS.load() != 0 {
+        let hit = unsafe { PORT_FILTER.get(&sport).is_some() || PORT_FILTER.get(&dport).is_some() };
+        if !hit {
+            return false;
+        }
+    }
+    true
+}
+
+/// Copies the record's addresses into the event (a valid ring buffer record)
+/// with 4- and 8-byte loads.
+#[inline(always)]
+fn copy_addresses(ctx: &TracePointContext, family: u16, ev: *mut TransitionEvent) {
+    let src = unsafe { ptr::addr_of_mut!((*ev).saddr) }.cast::<u64>();
+    let dst = unsafe { ptr::addr_of_mut!((*ev).daddr) }.cast::<u64>();
+    let (s0, s1, d0, d1) = if family == AF_INET6 {
+        (
+            rec!(ctx, saddr_v6: u64),
+            rec!(ctx, saddr_v6: u64, + 8),
+            rec!(ctx, daddr_v6: u64),
+            rec!(ctx, daddr_v6: u64, + 8),
+        )
+    } else {
+        // AF_INET: the tracepoint only fires for inet sockets.
+        (
+            rec!(ctx, saddr: u32) as u64,
+            0,
+            rec!(ctx, daddr: u32) as u64,
+            0,
+        )
+    };
+    unsafe {
+        *src = s0;
+        *src.add(1) = s1;
+        *dst = d0;
+        *dst.add(1) = d1;
+    }
+}
+
+#[inline(always)]
+fn bump(index: u32) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(index) {
+        unsafe { *slot += 1 };
+    }
+}

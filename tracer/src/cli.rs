@@ -1,0 +1,243 @@
+//! Command-line interface. The flags, record types and field names are a
+//! contract with users' scripts: extend, never rename.
+
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tracer",
+    version,
+    about = "Trace TCP state transitions and time every connection in every state",
+    long_about = "Trace TCP state transitions from the kernel's sock:inet_sock_set_state \
+                  tracepoint and record how long each connection spends in each TCP state.\n\n\
+                  Data goes to stdout, diagnostics to stderr. Needs root (or CAP_BPF and CAP_PERFMON)."
+)]
+pub struct Args {
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = Format::Table)]
+    pub output: Format,
+
+    /// Which records to print.
+    #[arg(long, value_enum, default_value_t = EventsMode::Transitions)]
+    pub events: EventsMode,
+
+    /// Stop after this long (e.g. 10s, 5m, 250ms).
+    #[arg(short, long, value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+
+    /// Only connections with this local or remote port (repeatable).
+    #[arg(short, long = "port", value_name = "PORT", value_parser = parse_port)]
+    pub ports: Vec<u16>,
+
+    /// Only IPv4.
+    #[arg(short = '4', long = "ipv4", conflicts_with = "ipv6")]
+    pub ipv4: bool,
+
+    /// Only IPv6.
+    #[arg(short = '6', long = "ipv6")]
+    pub ipv6: bool,
+
+    /// Sockets timed at once, in the kernel and in the agent. Each costs
+    /// about 100 bytes of kernel memory and 200 bytes in the agent.
+    #[arg(long, default_value_t = 65536, value_parser = clap::value_parser!(u32).range(64..=16_777_216))]
+    pub max_sockets: u32,
+
+    /// Size of the kernel-to-agent ring buffer in bytes: a power of two,
+    /// at least 4096 (suffixes K and M accepted).
+    #[arg(long, default_value = "4M", value_parser = parse_ringbuf_size)]
+    pub ringbuf_size: u32,
+
+    /// More diagnostics on stderr (repeat for debug output).
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum EventsMode {
+    /// One record per state transition.
+    Transitions,
+    /// One record per connection, when it reaches CLOSE.
+    Connections,
+    /// Both.
+    All,
+    /// Neither (only the final stats).
+    None,
+}
+
+impl EventsMode {
+    pub fn transitions(self) -> bool {
+        matches!(self, EventsMode::Transitions | EventsMode::All)
+    }
+    pub fn connections(self) -> bool {
+        matches!(self, EventsMode::Connections | EventsMode::All)
+    }
+}
+
+impl Args {
+    /// Address family to keep: `None` for both.
+    pub fn family(&self) -> Option<crate::events::Family> {
+        use crate::events::Family;
+        match (self.ipv4, self.ipv6) {
+            (true, _) => Some(Family::Ipv4),
+            (_, true) => Some(Family::Ipv6),
+            _ => None,
+        }
+    }
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 10s, 5m, 250ms)"))?;
+    if d.is_zero() {
+        return Err("must be longer than zero".into());
+    }
+    Ok(d)
+}
+
+fn parse_port(s: &str) -> Result<u16, String> {
+    let n: u64 = s
+        .parse()
+        .map_err(|_| format!("`{s}` is not a port number"))?;
+    match u16::try_from(n) {
+        Ok(p) if p > 0 => Ok(p),
+        _ => Err(format!("port {n} is out of range (1-65535)")),
+    }
+}
+
+fn parse_ringbuf_size(s: &str) -> Result<u32, String> {
+    let (digits, mult) = match s.strip_suffix(['K', 'k']) {
+        Some(d) => (d, 1u64 << 10),
+        None => match s.strip_suffix(['M', 'm']) {
+            Some(d) => (d, 1u64 << 20),
+            None => (s, 1),
+        },
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size (examples: 4M, 262144)"))?;
+    let bytes = n.saturating_mul(mult);
+    if bytes < 4096 || !bytes.is_power_of_two() || bytes > (1 << 30) {
+        return Err(format!(
+            "{bytes} bytes: must be a power of two from 4K to 1024M"
+        ));
+    }
+    Ok(bytes as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::error::ErrorKind;
+
+    fn parse(args: &[&str]) -> Result<Args, clap::Error> {
+        Args::try_parse_from(std::iter::once("tracer").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn defaults() {
+        let a = parse(&[]).unwrap();
+        assert_eq!(a.output, Format::Table);
+        assert_eq!(a.events, EventsMode::Transitions);
+        assert_eq!(a.duration, None);
+        assert!(a.ports.is_empty());
+        assert_eq!(a.family(), None);
+        assert_eq!(a.ringbuf_size, 4 << 20);
+    }
+
+    #[test]
+    fn full_command_line() {
+        let a = parse(&[
+            "--output",
+            "json",
+            "--events",
+            "all",
+            "--duration",
+            "250ms",
+            "--port",
+            "80",
+            "-p",
+            "443",
+            "-6",
+        ])
+        .unwrap();
+        assert_eq!(a.output, Format::Json);
+        assert!(a.events.transitions() && a.events.connections());
+        assert_eq!(a.duration, Some(Duration::from_millis(250)));
+        assert_eq!(a.ports, vec![80, 443]);
+        assert_eq!(a.family(), Some(crate::events::Family::Ipv6));
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(
+            parse(&["-d", "10s"]).unwrap().duration,
+            Some(Duration::from_secs(10))
+        );
+        assert_eq!(
+            parse(&["-d", "5m"]).unwrap().duration,
+            Some(Duration::from_secs(300))
+        );
+        assert_eq!(
+            parse(&["-d", "abc"]).unwrap_err().kind(),
+            ErrorKind::ValueValidation
+        );
+        assert_eq!(
+            parse(&["-d", "0s"]).unwrap_err().kind(),
+            ErrorKind::ValueValidation
+        );
+    }
+
+    #[test]
+    fn port_out_of_range_is_a_usage_error() {
+        let err = parse(&["--port", "65536"]).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::ValueValidation);
+        assert!(err.to_string().contains("out of range"), "{err}");
+        assert!(parse(&["--port", "0"]).is_err());
+        assert!(parse(&["--port", "http"]).is_err());
+    }
+
+    #[test]
+    fn ipv4_and_ipv6_conflict() {
+        assert_eq!(
+            parse(&["-4", "-6"]).unwrap_err().kind(),
+            ErrorKind::ArgumentConflict
+        );
+    }
+
+    #[test]
+    fn bad_enum_values_and_unknown_flags() {
+        assert_eq!(
+            parse(&["--output", "xml"]).unwrap_err().kind(),
+            ErrorKind::InvalidValue
+        );
+        assert_eq!(
+            parse(&["--events", "some"]).unwrap_err().kind(),
+            ErrorKind::InvalidValue
+        );
+        assert_eq!(
+            parse(&["--bogus"]).unwrap_err().kind(),
+            ErrorKind::UnknownArgument
+        );
+    }
+
+    #[test]
+    fn ringbuf_sizes() {
+        assert_eq!(
+            parse(&["--ringbuf-size", "256K"]).unwrap().ringbuf_size,
+            256 << 10
+        );
+        assert_eq!(
+            parse(&["--ringbuf-size", "8192"]).unwrap().ringbuf_size,
+            8192
+        );
+        assert!(parse(&["--ringbuf-size", "1000"]).is_err());
+        assert!(parse(&["--ringbuf-size", "2048"]).is_err());
+    }
+}

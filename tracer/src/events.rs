@@ -1,0 +1,375 @@
+//! Decoding of the kernel program's ring buffer records.
+//!
+//! Records are read by value with `read_unaligned`, so the decoder never
+//! trusts the alignment or the length of what the ring buffer hands over: a
+//! short or unknown record is an error the caller counts, never a panic.
+
+use std::{
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
+
+use thiserror::Error;
+use tracer_common::{
+    EventHeader, EventKind, TransitionEvent, AF_INET, AF_INET6, FLAG_OLD_STATE_KNOWN,
+};
+
+/// A TCP state, numbered as in the kernel's `include/net/tcp_states.h`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[repr(u8)]
+pub enum TcpState {
+    Established = 1,
+    SynSent = 2,
+    SynRecv = 3,
+    FinWait1 = 4,
+    FinWait2 = 5,
+    TimeWait = 6,
+    Close = 7,
+    CloseWait = 8,
+    LastAck = 9,
+    Listen = 10,
+    Closing = 11,
+    NewSynRecv = 12,
+}
+
+impl TcpState {
+    pub const ALL: [TcpState; 12] = [
+        TcpState::Established,
+        TcpState::SynSent,
+        TcpState::SynRecv,
+        TcpState::FinWait1,
+        TcpState::FinWait2,
+        TcpState::TimeWait,
+        TcpState::Close,
+        TcpState::CloseWait,
+        TcpState::LastAck,
+        TcpState::Listen,
+        TcpState::Closing,
+        TcpState::NewSynRecv,
+    ];
+
+    /// The order in which a connection passes through the states, for
+    /// listing a connection's states the way people read them.
+    pub const LIFE_ORDER: [TcpState; 12] = [
+        TcpState::Listen,
+        TcpState::SynSent,
+        TcpState::SynRecv,
+        TcpState::NewSynRecv,
+        TcpState::Established,
+        TcpState::FinWait1,
+        TcpState::FinWait2,
+        TcpState::Closing,
+        TcpState::TimeWait,
+        TcpState::CloseWait,
+        TcpState::LastAck,
+        TcpState::Close,
+    ];
+
+    pub fn from_kernel(n: u8) -> Option<TcpState> {
+        TcpState::ALL.get(usize::from(n).checked_sub(1)?).copied()
+    }
+
+    /// The kernel's name without `TCP_`, as used in every output format.
+    pub fn name(self) -> &'static str {
+        match self {
+            TcpState::Established => "ESTABLISHED",
+            TcpState::SynSent => "SYN_SENT",
+            TcpState::SynRecv => "SYN_RECV",
+            TcpState::FinWait1 => "FIN_WAIT1",
+            TcpState::FinWait2 => "FIN_WAIT2",
+            TcpState::TimeWait => "TIME_WAIT",
+            TcpState::Close => "CLOSE",
+            TcpState::CloseWait => "CLOSE_WAIT",
+            TcpState::LastAck => "LAST_ACK",
+            TcpState::Listen => "LISTEN",
+            TcpState::Closing => "CLOSING",
+            TcpState::NewSynRecv => "NEW_SYN_RECV",
+        }
+    }
+
+    /// Index into per-state arrays.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl fmt::Display for TcpState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(self.name())
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Family {
+    Ipv4,
+    Ipv6,
+}
+
+impl Family {
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::Ipv4 => "ipv4",
+            Family::Ipv6 => "ipv6",
+        }
+    }
+    pub fn af(self) -> u16 {
+        match self {
+            Family::Ipv4 => AF_INET,
+            Family::Ipv6 => AF_INET6,
+        }
+    }
+}
+
+/// A task's `comm`: up to 16 bytes, NUL-padded, kept inline (no allocation
+/// per event).
+#[derive(Clone, Copy, PartialEq, Eq, Default)]
+pub struct Comm([u8; 16]);
+
+impl Comm {
+    pub fn new(raw: [u8; 16]) -> Self {
+        Comm(raw)
+    }
+    pub fn as_str(&self) -> std::borrow::Cow<'_, str> {
+        let end = self.0.iter().position(|&b| b == 0).unwrap_or(self.0.len());
+        String::from_utf8_lossy(&self.0[..end])
+    }
+}
+
+impl fmt::Debug for Comm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.as_str())
+    }
+}
+
+/// One decoded TCP state transition.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Transition {
+    /// CLOCK_MONOTONIC nanoseconds when it fired.
+    pub mono_ns: u64,
+    /// Kernel address of the socket: its identity while it lives.
+    pub sock: u64,
+    /// Current task when the transition fired (not always the owner).
+    pub pid: u32,
+    pub tid: u32,
+    pub uid: u32,
+    pub comm: Comm,
+    pub family: Family,
+    pub laddr: IpAddr,
+    pub lport: u16,
+    pub raddr: IpAddr,
+    pub rport: u16,
+    pub old: TcpState,
+    pub new: TcpState,
+    /// Time spent in `old`, if the kernel saw the socket enter it.
+    pub old_state_ns: Option<u64>,
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("record of {0} bytes is shorter than its header")]
+    ShortHeader(usize),
+    #[error("record of kind {kind} has {got} bytes, expected {want}")]
+    BadLength { kind: u32, got: usize, want: usize },
+    #[error("unknown record kind {0}")]
+    UnknownKind(u32),
+    #[error("unknown TCP state {0}")]
+    BadState(u8),
+    #[error("unknown address family {0}")]
+    BadFamily(u16),
+}
+
+/// Decodes one ring buffer record.
+pub fn decode(bytes: &[u8]) -> Result<Transition, DecodeError> {
+    let header: EventHeader = read(bytes).ok_or(DecodeError::ShortHeader(bytes.len()))?;
+    if header.kind != EventKind::Transition as u32 {
+        return Err(DecodeError::UnknownKind(header.kind));
+    }
+    let want = size_of::<TransitionEvent>();
+    if bytes.len() < want || header.len as usize != want {
+        return Err(DecodeError::BadLength {
+            kind: header.kind,
+            got: bytes.len(),
+            want,
+        });
+    }
+    let ev: TransitionEvent = read(bytes).ok_or(DecodeError::ShortHeader(bytes.len()))?;
+    let family = match ev.family {
+        AF_INET => Family::Ipv4,
+        AF_INET6 => Family::Ipv6,
+        other => return Err(DecodeError::BadFamily(other)),
+    };
+    let state = |n| TcpState::from_kernel(n).ok_or(DecodeError::BadState(n));
+    Ok(Transition {
+        mono_ns: ev.header.ts_ns,
+        sock: ev.skaddr,
+        pid: ev.pid,
+        tid: ev.tid,
+        uid: ev.uid,
+        comm: Comm(ev.comm),
+        family,
+        laddr: addr(family, ev.saddr),
+        lport: ev.sport,
+        raddr: addr(family, ev.daddr),
+        rport: ev.dport,
+        old: state(ev.oldstate)?,
+        new: state(ev.newstate)?,
+        old_state_ns: (ev.flags & FLAG_OLD_STATE_KNOWN != 0).then_some(ev.old_state_ns),
+    })
+}
+
+fn addr(family: Family, raw: [u8; 16]) -> IpAddr {
+    match family {
+        Family::Ipv4 => IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3])),
+        Family::Ipv6 => IpAddr::V6(Ipv6Addr::from(raw)),
+    }
+}
+
+/// Reads a `T` from the front of `bytes`, if it is long enough.
+fn read<T: Copy>(bytes: &[u8]) -> Option<T> {
+    (bytes.len() >= size_of::<T>())
+        // SAFETY: length checked; `T` is a plain-old-data tracer-common type
+        // and the read is unaligned.
+        .then(|| unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
+}
+
+/// Encodes a transition the way the kernel program does. Used by tests and
+/// by the benchmarks' decoder measurements.
+pub fn encode(t: &Transition) -> Vec<u8> {
+    let mut saddr = [0u8; 16];
+    let mut daddr = [0u8; 16];
+    for (dst, a) in [(&mut saddr, t.laddr), (&mut daddr, t.raddr)] {
+        match a {
+            IpAddr::V4(v4) => dst[..4].copy_from_slice(&v4.octets()),
+            IpAddr::V6(v6) => *dst = v6.octets(),
+        }
+    }
+    let ev = TransitionEvent {
+        header: EventHeader {
+            ts_ns: t.mono_ns,
+            kind: EventKind::Transition as u32,
+            len: size_of::<TransitionEvent>() as u32,
+        },
+        skaddr: t.sock,
+        old_state_ns: t.old_state_ns.unwrap_or(0),
+        saddr,
+        daddr,
+        comm: t.comm.0,
+        pid: t.pid,
+        tid: t.tid,
+        uid: t.uid,
+        flags: if t.old_state_ns.is_some() {
+            FLAG_OLD_STATE_KNOWN
+        } else {
+            0
+        },
+        sport: t.lport,
+        dport: t.rport,
+        family: t.family.af(),
+        oldstate: t.old as u8,
+        newstate: t.new as u8,
+    };
+    // SAFETY: `TransitionEvent` is `#[repr(C)]` without padding.
+    let bytes = unsafe {
+        std::slice::from_raw_parts(
+            (&ev as *const TransitionEvent).cast::<u8>(),
+            size_of::<TransitionEvent>(),
+        )
+    };
+    bytes.to_vec()
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub(crate) fn comm(s: &str) -> Comm {
+        let mut raw = [0u8; 16];
+        raw[..s.len()].copy_from_slice(s.as_bytes());
+        Comm(raw)
+    }
+
+    pub(crate) fn sample() -> Transition {
+        Transition {
+            mono_ns: 1_000_000_123,
+            sock: 0xffff_8880_1234_5678,
+            pid: 42,
+            tid: 43,
+            uid: 1000,
+            comm: comm("curl"),
+            family: Family::Ipv4,
+            laddr: "127.0.0.1".parse().unwrap(),
+            lport: 43210,
+            raddr: "10.1.2.3".parse().unwrap(),
+            rport: 80,
+            old: TcpState::SynSent,
+            new: TcpState::Established,
+            old_state_ns: Some(1234),
+        }
+    }
+
+    #[test]
+    fn round_trip_ipv4() {
+        let t = sample();
+        assert_eq!(decode(&encode(&t)), Ok(t));
+    }
+
+    #[test]
+    fn round_trip_ipv6_unknown_duration() {
+        let t = Transition {
+            family: Family::Ipv6,
+            laddr: "::1".parse().unwrap(),
+            raddr: "2001:db8::7".parse().unwrap(),
+            old: TcpState::Close,
+            new: TcpState::Listen,
+            old_state_ns: None,
+            ..sample()
+        };
+        assert_eq!(decode(&encode(&t)), Ok(t));
+    }
+
+    #[test]
+    fn every_state_round_trips() {
+        for s in TcpState::ALL {
+            assert_eq!(TcpState::from_kernel(s as u8), Some(s));
+        }
+        assert_eq!(TcpState::from_kernel(0), None);
+        assert_eq!(TcpState::from_kernel(13), None);
+    }
+
+    #[test]
+    fn short_records_are_rejected() {
+        let bytes = encode(&sample());
+        assert_eq!(decode(&bytes[..8]), Err(DecodeError::ShortHeader(8)));
+        assert!(matches!(
+            decode(&bytes[..bytes.len() - 1]),
+            Err(DecodeError::BadLength { .. })
+        ));
+        assert_eq!(decode(&[]), Err(DecodeError::ShortHeader(0)));
+    }
+
+    #[test]
+    fn unknown_kind_state_and_family_are_rejected() {
+        let mut bytes = encode(&sample());
+        bytes[8] = 99;
+        assert_eq!(decode(&bytes), Err(DecodeError::UnknownKind(99)));
+
+        let mut bytes = encode(&sample());
+        let off = std::mem::offset_of!(TransitionEvent, newstate);
+        bytes[off] = 0;
+        assert_eq!(decode(&bytes), Err(DecodeError::BadState(0)));
+
+        let mut bytes = encode(&sample());
+        let off = std::mem::offset_of!(TransitionEvent, family);
+        bytes[off] = 1;
+        assert_eq!(decode(&bytes), Err(DecodeError::BadFamily(1)));
+    }
+
+    #[test]
+    fn comm_stops_at_nul_and_tolerates_garbage() {
+        assert_eq!(comm("nginx").as_str(), "nginx");
+        assert_eq!(Comm([b'x'; 16]).as_str(), "x".repeat(16));
+        let mut raw = [0u8; 16];
+        raw[0] = 0xff;
+        assert_eq!(Comm(raw).as_str(), "\u{fffd}");
+    }
+}

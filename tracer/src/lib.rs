@@ -1,0 +1,13 @@
+//! `tracer`: every TCP state transition from the kernel, and how long each
+//! connection spent in each state.
+//!
+//! The binary is `src/main.rs`; the library exists so the integration tests
+//! and benchmarks drive the same loader, decoder and tracker.
+
+pub mod agent;
+pub mod cli;
+pub mod clock;
+pub mod events;
+pub mod loader;
+pub mod output;
+pub mod tracker;

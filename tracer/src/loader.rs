@@ -1,0 +1,265 @@
+//! Loads the embedded kernel program, sets its filters and map sizes, and
+//! attaches it to `sock:inet_sock_set_state`.
+
+use std::{ffi::CString, io, path::Path};
+
+use aya::{
+    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    programs::TracePoint,
+    Ebpf, EbpfLoader,
+};
+use thiserror::Error;
+use tracer_common::{counter, global, map, MAX_FILTER_PORTS, PROGRAM_NAME};
+
+use crate::events::Family;
+
+/// The kernel object built by `build.rs`.
+static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
+
+const REMEDY: &str = "run it as root (sudo), or grant CAP_BPF and CAP_PERFMON";
+
+#[derive(Debug, Error)]
+pub enum LoadError {
+    #[error("tracer needs privileges to load eBPF programs: {REMEDY}")]
+    NotPrivileged,
+    #[error("the kernel refused the eBPF program ({0}): {REMEDY}")]
+    Refused(String),
+    #[error(
+        "this kernel has no sock:inet_sock_set_state tracepoint (it needs Linux 4.16 or later, \
+         built with CONFIG_TRACEPOINTS)"
+    )]
+    NoTracepoint,
+    #[error(
+        "cannot reach tracefs ({0}); mount it with: mount -t tracefs nodev /sys/kernel/tracing"
+    )]
+    Tracefs(io::Error),
+    #[error("at most {MAX_FILTER_PORTS} ports can be filtered, got {0}")]
+    TooManyPorts(usize),
+    #[error("loading the eBPF object: {0}")]
+    Ebpf(#[from] aya::EbpfError),
+    #[error("eBPF program: {0}")]
+    Program(#[from] aya::programs::ProgramError),
+    #[error("eBPF map: {0}")]
+    Map(#[from] aya::maps::MapError),
+    #[error("the eBPF object has no {0}")]
+    Missing(&'static str),
+}
+
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    pub family: Option<Family>,
+    pub ports: Vec<u16>,
+    pub max_sockets: u32,
+    pub ringbuf_bytes: u32,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            family: None,
+            ports: Vec::new(),
+            max_sockets: 65536,
+            ringbuf_bytes: 4 << 20,
+        }
+    }
+}
+
+/// The loaded, attached program and the maps the agent reads. Dropping it
+/// detaches the program and frees the maps.
+pub struct Probe {
+    pub events: RingBuf<MapData>,
+    pub counters: KernelCounters,
+    /// The kernel program's aya-log records (rare errors), if any.
+    pub logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    _ebpf: Ebpf,
+}
+
+/// Sums of the kernel program's per-CPU counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CounterValues {
+    pub seen: u64,
+    pub filtered: u64,
+    pub ringbuf_full: u64,
+    pub timing_update_failed: u64,
+    pub timing_stale: u64,
+}
+
+pub struct KernelCounters(PerCpuArray<MapData, u64>);
+
+impl KernelCounters {
+    pub fn read(&self) -> Result<CounterValues, aya::maps::MapError> {
+        let sum =
+            |i: u32| -> Result<u64, aya::maps::MapError> { Ok(self.0.get(&i, 0)?.iter().sum()) };
+        Ok(CounterValues {
+            seen: sum(counter::SEEN)?,
+            filtered: sum(counter::FILTERED)?,
+            ringbuf_full: sum(counter::RINGBUF_FULL)?,
+            timing_update_failed: sum(counter::TIMING_UPDATE_FAILED)?,
+            timing_stale: sum(counter::TIMING_STALE)?,
+        })
+    }
+}
+
+/// Refuses early, with the remedy, when the process cannot load eBPF.
+pub fn check_privileges() -> Result<(), LoadError> {
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        return Ok(());
+    }
+    const CAP_SYS_ADMIN: u32 = 21;
+    const CAP_PERFMON: u32 = 38;
+    const CAP_BPF: u32 = 39;
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0);
+    let has = |cap: u32| eff & (1 << cap) != 0;
+    if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON)) {
+        Ok(())
+    } else {
+        Err(LoadError::NotPrivileged)
+    }
+}
+
+/// Finds tracefs (aya reads the tracepoint's id there), mounting it at its
+/// standard place if the system has not, as systemd would at boot.
+pub fn ensure_tracefs() -> Result<(), LoadError> {
+    const TRACEFS: &str = "/sys/kernel/tracing";
+    if Path::new(TRACEFS).join("events").is_dir()
+        || Path::new("/sys/kernel/debug/tracing/events").is_dir()
+    {
+        return Ok(());
+    }
+    let target = CString::new(TRACEFS).expect("no NUL");
+    let fstype = CString::new("tracefs").expect("no NUL");
+    // SAFETY: valid C strings; no data argument.
+    let rc = unsafe {
+        libc::mount(
+            fstype.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(LoadError::Tracefs(io::Error::last_os_error()));
+    }
+    log::info!("mounted tracefs on {TRACEFS}");
+    Ok(())
+}
+
+fn tracepoint_exists() -> bool {
+    ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
+        .iter()
+        .any(|base| {
+            Path::new(base)
+                .join("events/sock/inet_sock_set_state")
+                .is_dir()
+        })
+}
+
+/// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK.
+fn raise_memlock_rlimit() {
+    let rlim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: valid pointer.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
+        log::debug!(
+            "could not raise RLIMIT_MEMLOCK: {}",
+            io::Error::last_os_error()
+        );
+    }
+}
+
+/// Is this error the kernel saying "not allowed"?
+fn is_permission_error(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(err);
+    while let Some(e) = cur {
+        if let Some(io) = e.downcast_ref::<io::Error>() {
+            if io.kind() == io::ErrorKind::PermissionDenied
+                || io.raw_os_error() == Some(libc::EPERM)
+            {
+                return true;
+            }
+        }
+        cur = e.source();
+    }
+    false
+}
+
+fn refused_or(err: LoadError) -> LoadError {
+    if is_permission_error(&err) {
+        LoadError::Refused(err.to_string())
+    } else {
+        err
+    }
+}
+
+pub fn load(opts: &LoadOptions) -> Result<Probe, LoadError> {
+    check_privileges()?;
+    if opts.ports.len() > MAX_FILTER_PORTS as usize {
+        return Err(LoadError::TooManyPorts(opts.ports.len()));
+    }
+    ensure_tracefs()?;
+    if !tracepoint_exists() {
+        return Err(LoadError::NoTracepoint);
+    }
+    raise_memlock_rlimit();
+    load_attached(opts).map_err(refused_or)
+}
+
+fn load_attached(opts: &LoadOptions) -> Result<Probe, LoadError> {
+    let family: u16 = opts.family.map_or(0, Family::af);
+    let filter_ports: u8 = u8::from(!opts.ports.is_empty());
+    let mut ebpf = EbpfLoader::new()
+        .override_global(global::FILTER_FAMILY, &family, true)
+        .override_global(global::FILTER_PORTS, &filter_ports, true)
+        .map_max_entries(map::SOCK_TIMING, opts.max_sockets)
+        .map_max_entries(map::EVENTS, opts.ringbuf_bytes)
+        .load(PROGRAM_OBJECT)?;
+
+    let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            log::debug!("no eBPF logger: {e}");
+            None
+        }
+    };
+
+    if !opts.ports.is_empty() {
+        let mut ports: HashMap<_, u16, u8> = HashMap::try_from(
+            ebpf.map_mut(map::PORT_FILTER)
+                .ok_or(LoadError::Missing("PORT_FILTER map"))?,
+        )?;
+        for port in &opts.ports {
+            ports.insert(port, 1, 0)?;
+        }
+    }
+
+    let program: &mut TracePoint = ebpf
+        .program_mut(PROGRAM_NAME)
+        .ok_or(LoadError::Missing("tracepoint program"))?
+        .try_into()?;
+    program.load()?;
+    program.attach("sock", "inet_sock_set_state")?;
+
+    let events = RingBuf::try_from(
+        ebpf.take_map(map::EVENTS)
+            .ok_or(LoadError::Missing("EVENTS map"))?,
+    )?;
+    let counters = KernelCounters(PerCpuArray::try_from(
+        ebpf.take_map(map::COUNTERS)
+            .ok_or(LoadError::Missing("COUNTERS map"))?,
+    )?);
+    Ok(Probe {
+        events,
+        counters,
+        logger,
+        _ebpf: ebpf,
+    })
+}

@@ -1,0 +1,40 @@
+use std::process::ExitCode;
+
+use clap::Parser as _;
+use tracer::{agent, cli::Args};
+
+fn main() -> ExitCode {
+    // Users get one line, never a backtrace, whatever RUST_BACKTRACE says.
+    std::panic::set_hook(Box::new(|info| {
+        eprintln!("tracer: internal error: {info}");
+    }));
+    let args = Args::parse();
+    let level = match args.verbose {
+        0 => log::LevelFilter::Warn,
+        1 => log::LevelFilter::Info,
+        _ => log::LevelFilter::Debug,
+    };
+    env_logger::Builder::new()
+        .filter_level(level)
+        .format_timestamp(None)
+        .format_target(false)
+        .init();
+
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tracer: error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(agent::run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tracer: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,319 @@
+//! End-to-end tests of the built `tracer` binary: real program, real
+//! traffic in a network namespace, output parsed as a user's script would.
+//! Error paths are checked for one clear line, the right exit code and no
+//! backtrace, with RUST_BACKTRACE=1 set.
+
+mod common;
+
+use std::{
+    ffi::CString,
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    os::unix::process::CommandExt,
+    process::{Child, Command, Output, Stdio},
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant},
+};
+
+use common::*;
+use serde_json::Value;
+
+fn tracer() -> Command {
+    let bin =
+        std::env::var("TRACER_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_tracer").to_string());
+    let mut cmd = Command::new(bin);
+    cmd.env("RUST_BACKTRACE", "1");
+    cmd
+}
+
+/// A running tracer whose stdout and stderr lines arrive on channels.
+struct Running {
+    child: Child,
+    stdout: mpsc::Receiver<String>,
+    stderr: mpsc::Receiver<String>,
+}
+
+impl Running {
+    fn start(args: &[&str]) -> Running {
+        let mut child = tracer()
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn tracer");
+        let stdout = lines(child.stdout.take().unwrap());
+        let stderr = lines(child.stderr.take().unwrap());
+        Running {
+            child,
+            stdout,
+            stderr,
+        }
+    }
+
+    /// Waits for the agent to say it is attached (it logs that with -v).
+    fn wait_attached(&self) {
+        let start = Instant::now();
+        while start.elapsed() < DEADLINE {
+            match self.stderr.recv_timeout(Duration::from_millis(100)) {
+                Ok(line) if line.contains("attached") => return,
+                Ok(line) => eprintln!("tracer: {line}"),
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    panic!("tracer exited before attaching")
+                }
+            }
+        }
+        panic!("tracer did not attach within {DEADLINE:?}");
+    }
+
+    /// Collects stdout lines until `done` holds for them.
+    fn read_until(&self, got: &mut Vec<String>, what: &str, done: impl Fn(&[String]) -> bool) {
+        let start = Instant::now();
+        while !done(got) {
+            assert!(
+                start.elapsed() < DEADLINE,
+                "timed out waiting for {what}; got:\n{}",
+                got.join("\n")
+            );
+            if let Ok(line) = self.stdout.recv_timeout(Duration::from_millis(50)) {
+                got.push(line);
+            }
+        }
+    }
+
+    fn interrupt(&self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+    }
+
+    /// Waits for exit and returns (status code, rest of stdout, stderr).
+    fn finish(mut self) -> (i32, Vec<String>, Vec<String>) {
+        let start = Instant::now();
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(start.elapsed() < DEADLINE, "tracer did not stop");
+            thread::sleep(Duration::from_millis(10));
+        };
+        let out: Vec<String> = self.stdout.iter().collect();
+        let err: Vec<String> = self.stderr.iter().collect();
+        (status.code().expect("exited normally"), out, err)
+    }
+}
+
+fn lines(r: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        for line in BufReader::new(r).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+fn json(line: &str) -> Value {
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
+}
+
+fn of_type(lines: &[String], ty: &str) -> Vec<Value> {
+    lines
+        .iter()
+        .map(|l| json(l))
+        .filter(|v| v["type"] == ty)
+        .collect()
+}
+
+#[test]
+fn json_end_to_end_stops_on_sigint() {
+    in_netns(|| {
+        let port = test_port();
+        let p = port.to_string();
+        let run = Running::start(&["--output", "json", "--events", "all", "--port", &p, "-v"]);
+        run.wait_attached();
+        conversation(
+            SocketAddr::new("127.0.0.1".parse().unwrap(), port),
+            Duration::from_millis(20),
+            Ending::ClientFirst,
+        );
+        let mut got = Vec::new();
+        run.read_until(&mut got, "3 connection records", |l| {
+            l.iter()
+                .filter(|l| l.contains(r#""type":"connection""#))
+                .count()
+                == 3
+        });
+        run.interrupt();
+        let (code, rest, _err) = run.finish();
+        assert_eq!(code, 0);
+        got.extend(rest);
+
+        let transitions = of_type(&got, "transition");
+        assert_eq!(transitions.len(), 12, "{got:#?}");
+        for t in &transitions {
+            for key in [
+                "time", "sock", "comm", "family", "laddr", "raddr", "old", "new",
+            ] {
+                assert!(t[key].is_string(), "{key} in {t}");
+            }
+            for key in ["mono_ns", "pid", "lport", "rport"] {
+                assert!(t[key].is_u64(), "{key} in {t}");
+            }
+            assert!(t["old_state_ns"].is_u64() || t["old_state_ns"].is_null());
+            assert!(t["sock"].as_str().unwrap().starts_with("0x"));
+            assert!(t["time"].as_str().unwrap().ends_with('Z'));
+            assert_eq!(t["family"], "ipv4");
+            assert!(t["lport"] == port || t["rport"] == port);
+        }
+        let connections = of_type(&got, "connection");
+        for c in &connections {
+            let sum: u64 = c["states"]
+                .as_object()
+                .unwrap()
+                .values()
+                .map(|v| v.as_u64().unwrap())
+                .sum();
+            assert_eq!(sum, c["duration_ns"].as_u64().unwrap(), "{c}");
+            assert_eq!(c["complete"], true);
+            assert!(c["start"].is_string());
+        }
+        let client = connections
+            .iter()
+            .find(|c| c["rport"] == port)
+            .expect("client record");
+        assert!(client["states"]["ESTABLISHED"].as_u64().unwrap() >= 20_000_000);
+        let stats = json(got.last().unwrap());
+        assert_eq!(stats["type"], "stats", "the last line is the stats record");
+        assert_eq!(stats["events"], 12);
+        assert_eq!(stats["lost"], 0);
+    });
+}
+
+#[test]
+fn table_output_and_stop_after_duration() {
+    in_netns(|| {
+        let port = test_port();
+        let p = port.to_string();
+        let run = Running::start(&["--port", &p, "--duration", "3s", "--events", "all", "-v"]);
+        run.wait_attached();
+        conversation(
+            SocketAddr::new("::1".parse().unwrap(), port),
+            Duration::ZERO,
+            Ending::ServerFirst,
+        );
+        let started = Instant::now();
+        let (code, out, err) = run.finish();
+        assert_eq!(code, 0);
+        assert!(started.elapsed() < Duration::from_secs(3) + Duration::from_secs(2));
+        assert!(out[0].starts_with("TIME(UTC)"), "{out:#?}");
+        let transitions: Vec<&String> = out.iter().filter(|l| l.contains(" -> ")).collect();
+        assert_eq!(transitions.len(), 12, "{out:#?}");
+        assert!(out
+            .iter()
+            .any(|l| l.contains("CLOSE -> SYN_SENT") && l.contains(&format!("[::1]:{port}"))));
+        assert_eq!(
+            out.iter().filter(|l| l.contains("CONNECTION")).count(),
+            3,
+            "{out:#?}"
+        );
+        let stats = err.last().expect("stats line on stderr");
+        assert!(stats.starts_with("tracer: 12 events, 0 lost"), "{err:#?}");
+    });
+}
+
+fn run_to_end(cmd: &mut Command) -> Output {
+    cmd.stdin(Stdio::null()).output().expect("run tracer")
+}
+
+fn assert_one_line_error(out: &Output, code: i32, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(code), "stderr: {stderr}");
+    assert!(stderr.contains(needle), "expected {needle:?} in: {stderr}");
+    assert!(
+        !stderr.contains("backtrace") && !stderr.contains("panicked"),
+        "{stderr}"
+    );
+    assert!(out.stdout.is_empty());
+}
+
+#[test]
+fn usage_errors_are_clap_errors() {
+    let out = run_to_end(tracer().args(["--port", "65536"]));
+    assert_one_line_error(&out, 2, "out of range");
+    let out = run_to_end(tracer().args(["--output", "xml"]));
+    assert_one_line_error(&out, 2, "invalid value");
+    let out = run_to_end(tracer().args(["--duration", "soon"]));
+    assert_one_line_error(&out, 2, "--duration");
+}
+
+#[test]
+fn without_privileges_one_line_names_the_remedy() {
+    require_root();
+    let mut cmd = tracer();
+    // SAFETY: setuid is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setgid(65534) != 0 || libc::setuid(65534) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = run_to_end(cmd.args(["--duration", "1s"]));
+    assert_one_line_error(&out, 1, "sudo");
+    assert_eq!(String::from_utf8_lossy(&out.stderr).lines().count(), 1);
+}
+
+#[test]
+fn kernel_without_the_tracepoint_is_one_clear_line() {
+    require_root();
+    // Show the tracer a tracefs without the tracepoint: an empty tmpfs over
+    // it, in a private mount namespace of the child only.
+    let tracing = CString::new("/sys/kernel/tracing").unwrap();
+    let debug = CString::new("/sys/kernel/debug").unwrap();
+    let events = CString::new("/sys/kernel/tracing/events").unwrap();
+    let root = CString::new("/").unwrap();
+    let tmpfs = CString::new("tmpfs").unwrap();
+    let mut cmd = tracer();
+    // SAFETY: only async-signal-safe syscalls on pre-allocated strings.
+    unsafe {
+        cmd.pre_exec(move || {
+            let check = |rc: i32| {
+                if rc == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            };
+            check(libc::unshare(libc::CLONE_NEWNS))?;
+            check(libc::mount(
+                std::ptr::null(),
+                root.as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            ))?;
+            check(libc::mount(
+                tmpfs.as_ptr(),
+                tracing.as_ptr(),
+                tmpfs.as_ptr(),
+                0,
+                std::ptr::null(),
+            ))?;
+            check(libc::mount(
+                tmpfs.as_ptr(),
+                debug.as_ptr(),
+                tmpfs.as_ptr(),
+                0,
+                std::ptr::null(),
+            ))?;
+            check(libc::mkdir(events.as_ptr(), 0o755))?;
+            Ok(())
+        });
+    }
+    let out = run_to_end(cmd.args(["--duration", "1s"]));
+    assert_one_line_error(&out, 1, "no sock:inet_sock_set_state tracepoint");
+}

@@ -5,7 +5,6 @@
 
 use std::{
     borrow::Cow,
-    collections::BTreeMap,
     io::{self, Write},
     net::IpAddr,
 };
@@ -85,8 +84,22 @@ struct ConnectionJson<'a> {
     first_seen: String,
     end: String,
     duration_ns: u64,
-    states: BTreeMap<&'static str, u64>,
+    states: StatesJson<'a>,
     complete: bool,
+}
+
+/// A connection's per-state times as a JSON object, in life order.
+struct StatesJson<'a>(&'a Connection);
+
+impl Serialize for StatesJson<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = s.serialize_map(None)?;
+        for (state, ns) in self.0.states() {
+            map.serialize_entry(state.name(), &ns)?;
+        }
+        map.end()
+    }
 }
 
 #[derive(Serialize)]
@@ -164,8 +177,10 @@ impl<W: Write> Output<W> {
         }
     }
 
+    /// The record of a connection that reached CLOSE. Listening sockets
+    /// are not connections and get none.
     pub fn connection(&mut self, c: &Connection) -> io::Result<()> {
-        if !self.events.connections() {
+        if !self.events.connections() || c.listener {
             return Ok(());
         }
         match self.format {
@@ -184,7 +199,7 @@ impl<W: Write> Output<W> {
                     first_seen: self.clock.rfc3339(c.first_seen_ns),
                     end: self.clock.rfc3339(c.state_since_ns),
                     duration_ns: c.duration_ns(),
-                    states: c.states().map(|(s, ns)| (s.name(), ns)).collect(),
+                    states: StatesJson(c),
                     complete: c.complete,
                 };
                 serde_json::to_writer(&mut self.out, &rec)?;
@@ -406,6 +421,18 @@ mod tests {
             s.contains("CONNECTION 201.000ms SYN_SENT=1.000ms ESTABLISHED=200.000ms"),
             "{s}"
         );
+    }
+
+    #[test]
+    fn json_states_are_in_life_order_and_listeners_get_no_record() {
+        let mut o = out(Format::Json, EventsMode::Connections);
+        o.connection(&closed()).unwrap();
+        let mut listener = closed();
+        listener.listener = true;
+        o.connection(&listener).unwrap();
+        let s = text(o);
+        assert_eq!(s.lines().count(), 1);
+        assert!(s.contains(r#""states":{"SYN_SENT":1000000,"ESTABLISHED":200000000}"#), "{s}");
     }
 
     #[test]

@@ -55,6 +55,8 @@ pub struct Connection {
     owner_confirmed: bool,
     /// A transition was missing between two that were seen.
     pub gap: bool,
+    /// A listening socket (it entered LISTEN), not a connection.
+    pub listener: bool,
 }
 
 impl Connection {
@@ -84,6 +86,7 @@ impl Connection {
             complete,
             owner_confirmed: runs_in_owner_syscall(t.old, t.new),
             gap: false,
+            listener: t.new == TcpState::Listen,
         };
         // Only a state the kernel timed counts: a child's LISTEN belongs to
         // its listener, and the CLOSE before connect/listen is no part of

@@ -1,1 +1,81 @@
-fn main() {}
+//! Project tasks. xtask only orchestrates: the eBPF build itself lives in
+//! `tracer/build.rs`.
+//!
+//! - `cargo xtask setup`: installs what building needs (idempotent).
+//! - `cargo xtask run -- <tracer args>`: set-up, release build, run.
+//! - `cargo xtask test`: set-up, unit tests, then the integration tests
+//!   that load the real program into the running kernel.
+
+mod setup;
+
+use std::{os::unix::process::CommandExt as _, path::PathBuf, process::Command};
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "tracer's build, run and test tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install the toolchain pieces the eBPF build needs (idempotent).
+    Setup,
+    /// Build in release mode and run the tracer with the given arguments.
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Run the unit tests, then the integration tests (root).
+    Test,
+}
+
+fn main() {
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("xtask: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.task {
+        Task::Setup => setup::ensure(),
+        Task::Run { args } => {
+            setup::ensure()?;
+            cargo(&["build", "--release", "--package", "tracer", "--bin", "tracer"])?;
+            let bin = workspace_root().join("target/release/tracer");
+            // Replace xtask with the tracer so signals reach it directly.
+            let err = Command::new(&bin).args(args).exec();
+            Err(err).with_context(|| format!("running {}", bin.display()))
+        }
+        Task::Test => {
+            setup::ensure()?;
+            eprintln!("xtask: unit tests");
+            cargo(&["test", "--package", "tracer-common", "--package", "tracer", "--package", "xtask", "--lib", "--bins"])?;
+            eprintln!("xtask: integration tests (real eBPF program, running kernel)");
+            cargo(&["test", "--package", "tracer", "--test", "*", "--", "--test-threads=1"])?;
+            Ok(())
+        }
+    }
+}
+
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask is in the workspace").to_path_buf()
+}
+
+/// Runs cargo (the one that runs xtask) in the workspace root.
+fn cargo(args: &[&str]) -> Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(&cargo)
+        .args(args)
+        .current_dir(workspace_root())
+        .status()
+        .with_context(|| format!("starting {cargo}"))?;
+    if !status.success() {
+        bail!("`cargo {}` failed ({status})", args.join(" "));
+    }
+    Ok(())
+}

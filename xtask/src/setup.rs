@@ -1,0 +1,115 @@
+//! `cargo xtask setup`: the toolchain recipe of `shared/PLATFORM.md`,
+//! idempotent and checked by running what it installs.
+//!
+//! - nightly with `rust-src` (the kernel program is built with
+//!   `-Z build-std=core`);
+//! - bpf-linker 0.13 built against the nightly's own libLLVM (no prebuilt
+//!   binary can be downloaded, and the distribution's LLVM is too old),
+//!   rebuilt when it no longer starts (the nightly's libLLVM changed).
+
+use std::{
+    path::PathBuf,
+    process::{Command, Stdio},
+};
+
+use anyhow::{bail, Context as _, Result};
+
+const NIGHTLY: &str = "nightly";
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+pub fn ensure() -> Result<()> {
+    ensure_nightly()?;
+    ensure_rust_src()?;
+    ensure_bpf_linker()?;
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Result<String> {
+    let out = cmd.stderr(Stdio::inherit()).output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed ({})", out.status);
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed ({status})");
+    }
+    Ok(())
+}
+
+fn ensure_nightly() -> Result<()> {
+    let list = output(Command::new("rustup").args(["toolchain", "list"]))?;
+    if list.lines().any(|l| l.starts_with("nightly")) {
+        return Ok(());
+    }
+    eprintln!("xtask: installing the nightly toolchain");
+    run(Command::new("rustup").args(["toolchain", "install", NIGHTLY, "--profile", "minimal"]))
+}
+
+fn nightly_sysroot() -> Result<PathBuf> {
+    let out = output(Command::new("rustc").args([&format!("+{NIGHTLY}"), "--print", "sysroot"]))?;
+    Ok(PathBuf::from(out.trim()))
+}
+
+fn ensure_rust_src() -> Result<()> {
+    let src = nightly_sysroot()?.join("lib/rustlib/src/rust/library/core");
+    if src.is_dir() {
+        return Ok(());
+    }
+    eprintln!("xtask: adding rust-src to {NIGHTLY}");
+    run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", NIGHTLY]))
+}
+
+fn bpf_linker_works() -> bool {
+    Command::new("bpf-linker")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn ensure_bpf_linker() -> Result<()> {
+    if bpf_linker_works() {
+        return Ok(());
+    }
+    eprintln!("xtask: building bpf-linker {BPF_LINKER_VERSION} against the nightly's libLLVM (about a minute)");
+    let sysroot = nightly_sysroot()?;
+    let version = output(Command::new("rustc").args([&format!("+{NIGHTLY}"), "-vV"]))?;
+    let llvm_major = version
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .and_then(|v| v.split('.').next())
+        .context("no LLVM version in rustc -vV")?
+        .to_string();
+    let lib = sysroot.join("lib");
+    let llvm_so = std::fs::read_dir(&lib)
+        .with_context(|| format!("reading {}", lib.display()))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|n| n.starts_with("libLLVM.so."))
+        .with_context(|| format!("no libLLVM.so.* in {}", lib.display()))?;
+    // This prefix becomes bpf-linker's RUNPATH: keep it stable per libLLVM.
+    let home = std::env::var("HOME").context("HOME not set")?;
+    let prefix = PathBuf::from(home).join(".local/share/bpf-linker-llvm").join(&llvm_so);
+    std::fs::create_dir_all(prefix.join("lib"))?;
+    for name in ["libLLVM.so", llvm_so.as_str()] {
+        let link = prefix.join("lib").join(name);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(lib.join(&llvm_so), &link)
+            .with_context(|| format!("linking {}", link.display()))?;
+    }
+    run(Command::new("cargo")
+        .args(["+stable", "install", "--locked", "--force"])
+        .arg(format!("bpf-linker@{BPF_LINKER_VERSION}"))
+        .args(["--no-default-features", "--features", &format!("llvm-{llvm_major}")])
+        // Without it, build scripts find the distribution's LLVM 14.
+        .env("LLVM_PREFIX", &prefix))?;
+    if !bpf_linker_works() {
+        bail!("bpf-linker was built but `bpf-linker --version` still fails");
+    }
+    Ok(())
+}

@@ -52,7 +52,7 @@ fn run(cli: Cli) -> Result<()> {
             Err(err).with_context(|| format!("running {}", bin.display()))
         }
         Task::Test => {
-            setup::ensure()?;
+            setup::ensure_for_tests()?;
             eprintln!("xtask: unit tests");
             cargo(&["test", "--package", "tracer-common", "--package", "tracer", "--package", "xtask", "--lib", "--bins"])?;
             eprintln!("xtask: integration tests (real eBPF program, running kernel)");

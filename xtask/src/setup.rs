@@ -17,11 +17,44 @@ use anyhow::{bail, Context as _, Result};
 const NIGHTLY: &str = "nightly";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
+/// Debian packages the test suite uses (checked with dpkg, installed with
+/// apt-get when missing):
+/// - `prometheus`: `promtool check metrics` on the `/metrics` endpoint.
+pub const APT_PACKAGES: &[&str] = &["prometheus"];
+
 pub fn ensure() -> Result<()> {
     ensure_nightly()?;
     ensure_rust_src()?;
     ensure_bpf_linker()?;
     Ok(())
+}
+
+/// Set-up for the test suite: the build's, plus the Debian packages.
+pub fn ensure_for_tests() -> Result<()> {
+    ensure()?;
+    ensure_apt_packages(APT_PACKAGES)
+}
+
+fn ensure_apt_packages(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages
+        .iter()
+        .copied()
+        .filter(|p| {
+            !Command::new("dpkg-query")
+                .args(["-W", "-f", "${Status}", p])
+                .output()
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing Debian packages: {}", missing.join(" "));
+    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
 fn output(cmd: &mut Command) -> Result<String> {

@@ -18,9 +18,11 @@ use tokio::{
 use crate::{
     cli::Args,
     clock::WallClock,
-    events,
+    events::{self, Transition},
     loader::{self, CounterValues, LoadOptions},
+    observe::Observers,
     output::{Output, Stats},
+    summary::Summary,
     tracker::{Tracker, Update},
 };
 
@@ -31,6 +33,8 @@ pub struct Pipeline<W: Write> {
     pub out: Output<W>,
     pub events: u64,
     pub unreadable: u64,
+    /// Aggregations fed by every transition (--summary).
+    pub observers: Observers,
 }
 
 impl<W: Write> Pipeline<W> {
@@ -46,9 +50,26 @@ impl<W: Write> Pipeline<W> {
             }
         };
         self.events += 1;
-        self.out.transition(&t)?;
-        if let Update::Closed(conn) = self.tracker.on_transition(&t) {
+        self.on_transition(&t)
+    }
+
+    /// Everything a decoded transition goes through; `tracer summarize`
+    /// replays recorded transitions through it too.
+    pub fn on_transition(&mut self, t: &Transition) -> io::Result<()> {
+        self.out.transition(t)?;
+        let update = self.tracker.on_transition(t);
+        self.observers.transition(t, &self.tracker, &update);
+        if let Update::Closed(conn) = update {
             self.out.connection(&conn)?;
+        }
+        Ok(())
+    }
+
+    /// The summary so far, on the output (--summary; on SIGUSR1 and at exit).
+    pub fn write_summary(&mut self, format: crate::cli::Format) -> io::Result<()> {
+        if let Some(s) = &self.observers.summary {
+            s.write(self.out.writer(), format)?;
+            self.out.flush()?;
         }
         Ok(())
     }
@@ -100,6 +121,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         ),
         events: 0,
         unreadable: 0,
+        observers: Observers {
+            summary: Summary::from_args(&args.summary),
+        },
     };
     // SAFETY: the AsyncFd owns the ring buffer, hence its fd, for as long as
     // it is registered.
@@ -116,6 +140,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
     let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    // Installed even without --summary, so that a stray SIGUSR1 never kills it.
+    let mut sigusr1 = signal(SignalKind::user_defined1()).context("SIGUSR1 handler")?;
     let mut deadline = pin!(async {
         match args.duration {
             Some(d) => sleep(d).await,
@@ -142,6 +168,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 }
                 _ = sigint.recv() => break,
                 _ = sigterm.recv() => break,
+                _ = sigusr1.recv() => {
+                    if pipeline.observers.summary.is_some() {
+                        pipeline.drain(ring.get_mut())?;
+                        pipeline.out.flush()?;
+                        pipeline.write_summary(args.output)?;
+                    } else {
+                        eprintln!("tracer: SIGUSR1: no summary to print (start tracer with --summary)");
+                    }
+                }
                 _ = &mut deadline => break,
                 _ = tick.tick() => {
                     pipeline.out.flush()?;
@@ -160,6 +195,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         }
         // What the kernel submitted before we stopped.
         pipeline.drain(ring.get_mut())?;
+        pipeline.write_summary(args.output)?;
         Ok(())
     }
     .await;

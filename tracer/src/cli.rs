@@ -52,6 +52,9 @@ pub struct Args {
     /// More diagnostics on stderr (repeat for debug output).
     #[arg(short, long, action = clap::ArgAction::Count)]
     pub verbose: u8,
+
+    #[command(flatten)]
+    pub summary: crate::summary::SummaryArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -122,7 +122,7 @@ impl Family {
 
 /// A task's `comm`: up to 16 bytes, NUL-padded, kept inline (no allocation
 /// per event).
-#[derive(Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct Comm([u8; 16]);
 
 impl Comm {

@@ -126,6 +126,11 @@ impl<W: Write> Output<W> {
         self.out
     }
 
+    /// The underlying writer, for records written elsewhere (summaries).
+    pub fn writer(&mut self) -> &mut W {
+        &mut self.out
+    }
+
     pub fn transition(&mut self, t: &Transition) -> io::Result<()> {
         if !self.events.transitions() {
             return Ok(());
@@ -432,7 +437,10 @@ mod tests {
         o.connection(&listener).unwrap();
         let s = text(o);
         assert_eq!(s.lines().count(), 1);
-        assert!(s.contains(r#""states":{"SYN_SENT":1000000,"ESTABLISHED":200000000}"#), "{s}");
+        assert!(
+            s.contains(r#""states":{"SYN_SENT":1000000,"ESTABLISHED":200000000}"#),
+            "{s}"
+        );
     }
 
     #[test]

@@ -235,6 +235,11 @@ impl Tracker {
     pub fn get(&self, sock: u64) -> Option<&Connection> {
         self.conns.get(&sock)
     }
+
+    /// Every socket followed now (listeners included), in no order.
+    pub fn iter(&self) -> impl Iterator<Item = &Connection> {
+        self.conns.values()
+    }
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -12,9 +12,13 @@ use clap::{Parser, ValueEnum};
     about = "Trace TCP state transitions and time every connection in every state",
     long_about = "Trace TCP state transitions from the kernel's sock:inet_sock_set_state \
                   tracepoint and record how long each connection spends in each TCP state.\n\n\
-                  Data goes to stdout, diagnostics to stderr. Needs root (or CAP_BPF and CAP_PERFMON)."
+                  Data goes to stdout, diagnostics to stderr. Needs root (or CAP_BPF and CAP_PERFMON).",
+    args_conflicts_with_subcommands = true
 )]
 pub struct Args {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
     /// Output format.
     #[arg(short, long, value_enum, default_value_t = Format::Table)]
     pub output: Format,
@@ -55,6 +59,13 @@ pub struct Args {
 
     #[command(flatten)]
     pub summary: crate::summary::SummaryArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print the summary (as --summary) of a recording made with
+    /// `--output json`; needs no privileges.
+    Summarize(crate::summarize::SummarizeArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -12,5 +12,6 @@ pub mod group;
 pub mod loader;
 pub mod observe;
 pub mod output;
+pub mod summarize;
 pub mod summary;
 pub mod tracker;

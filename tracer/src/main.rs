@@ -1,7 +1,11 @@
 use std::process::ExitCode;
 
 use clap::Parser as _;
-use tracer::{agent, cli::Args};
+use tracer::{
+    agent,
+    cli::{Args, Command},
+    summarize,
+};
 
 fn main() -> ExitCode {
     // Users get one line, never a backtrace, whatever RUST_BACKTRACE says.
@@ -20,6 +24,15 @@ fn main() -> ExitCode {
         .format_target(false)
         .init();
 
+    if let Some(Command::Summarize(s)) = &args.command {
+        return match summarize::run(s) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("tracer: error: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -314,6 +314,16 @@ pub struct Summary {
     groups: Groups,
 }
 
+impl std::fmt::Debug for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Summary")
+            .field("by", &self.by)
+            .field("top", &self.top)
+            .field("stays", &self.stays())
+            .finish_non_exhaustive()
+    }
+}
+
 impl Summary {
     pub fn new(by: Option<GroupBy>, top: usize) -> Self {
         let top = top.max(1);

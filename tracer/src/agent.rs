@@ -20,6 +20,7 @@ use crate::{
     clock::WallClock,
     events::{self, Transition},
     loader::{self, CounterValues, LoadOptions},
+    metrics::{Endpoint, Recorder},
     observe::Observers,
     output::{Output, Stats},
     summary::Summary,
@@ -33,7 +34,7 @@ pub struct Pipeline<W: Write> {
     pub out: Output<W>,
     pub events: u64,
     pub unreadable: u64,
-    /// Aggregations fed by every transition (--summary).
+    /// Aggregations fed by every transition (--summary, --metrics).
     pub observers: Observers,
 }
 
@@ -98,6 +99,12 @@ impl<W: Write> Pipeline<W> {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
+    // Before loading: a busy port fails fast, with nothing to undo.
+    let metrics = Recorder::from_args(&args.metrics);
+    let mut endpoint = match (&metrics, args.metrics.metrics) {
+        (Some(m), Some(addr)) => Endpoint::start(addr, m.registry().clone()).await?,
+        _ => Endpoint::disabled(),
+    };
     let opts = LoadOptions {
         family: args.family(),
         ports: args.ports.clone(),
@@ -110,6 +117,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         args.ringbuf_size >> 10,
         args.max_sockets
     );
+    if let Some(addr) = endpoint.local_addr {
+        log::info!("serving Prometheus metrics at http://{addr}/metrics");
+    }
     let counters = probe.counters;
     let mut pipeline = Pipeline {
         tracker: Tracker::new(args.max_sockets as usize),
@@ -123,6 +133,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         unreadable: 0,
         observers: Observers {
             summary: Summary::from_args(&args.summary),
+            metrics,
         },
     };
     // SAFETY: the AsyncFd owns the ring buffer, hence its fd, for as long as
@@ -178,6 +189,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                     }
                 }
                 _ = &mut deadline => break,
+                scrape = endpoint.scrape_requested() => {
+                    // Count what the kernel has submitted, then the gauges.
+                    pipeline.drain(ring.get_mut())?;
+                    pipeline.observers.refresh_metrics(&pipeline.tracker, counters.read().ok());
+                    let _ = scrape.send(());
+                }
                 _ = tick.tick() => {
                     pipeline.out.flush()?;
                     if let Ok(c) = counters.read() {

@@ -59,6 +59,9 @@ pub struct Args {
 
     #[command(flatten)]
     pub summary: crate::summary::SummaryArgs,
+
+    #[command(flatten)]
+    pub metrics: crate::metrics::MetricsArgs,
 }
 
 #[derive(Debug, Subcommand)]

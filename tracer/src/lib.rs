@@ -10,6 +10,7 @@ pub mod clock;
 pub mod events;
 pub mod group;
 pub mod loader;
+pub mod metrics;
 pub mod observe;
 pub mod output;
 pub mod summarize;

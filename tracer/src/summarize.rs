@@ -115,6 +115,7 @@ pub fn summarize<R: BufRead>(
         unreadable: 0,
         observers: Observers {
             summary: Some(Summary::new(group_by, top)),
+            metrics: None,
         },
     };
 
@@ -366,6 +367,7 @@ mod tests {
             unreadable: 0,
             observers: Observers {
                 summary: Summary::from_args(&args),
+                metrics: None,
             },
         };
         for t in events {

@@ -1,0 +1,692 @@
+//! Prometheus export (`--metrics ADDR`): the text exposition format
+//! (0.0.4) at `http://ADDR/metrics`, served by hyper while the tracer runs.
+//!
+//! Every metric has bounded cardinality: labels are TCP states, address
+//! families and, opt-in (`--metrics-label`), one of lport/rport/comm with
+//! at most `--metrics-label-max` distinct values (later ones are `other`).
+//!
+//! - Counters and the histogram are updated per transition by
+//!   [`Recorder::transition`]: atomic adds on series created once, so no
+//!   allocation per event.
+//! - Gauges (sockets per state, CLOSE_WAIT stuck) and the lost-events
+//!   counter are computed from the tracker and the kernel counters when a
+//!   scrape arrives: the HTTP side asks the event loop through
+//!   [`Endpoint::scrape_requested`] and waits for [`Recorder::refresh`].
+
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use clap::ValueEnum;
+use http_body_util::Full;
+use hyper::{
+    body::{Bytes, Incoming},
+    header, Method, Request, Response, StatusCode,
+};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus::{
+    Encoder as _, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+use tokio::{
+    net::TcpListener,
+    sync::{mpsc, oneshot, Semaphore},
+};
+
+use crate::{
+    events::{Family, TcpState, Transition},
+    group::{BoundedKeys, GroupBy, Owner, Slot},
+    summary::stay,
+    tracker::Tracker,
+};
+
+/// Prefix of every metric name.
+pub const PREFIX: &str = "tracer_tcp";
+
+/// A connection in CLOSE_WAIT for longer than this counts in
+/// `tracer_tcp_close_wait_stuck`: its application has not closed its end.
+pub const CLOSE_WAIT_STUCK_AFTER: Duration = Duration::from_secs(30);
+
+/// Buckets of `tracer_tcp_state_duration_seconds`: 1-2-5 steps from 10 µs
+/// to 500 s, then 10 min.
+pub const DURATION_BUCKETS: [f64; 25] = [
+    10e-6, 20e-6, 50e-6, 100e-6, 200e-6, 500e-6, 1e-3, 2e-3, 5e-3, 10e-3, 20e-3, 50e-3, 0.1, 0.2,
+    0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 600.0,
+];
+
+/// States whose `tracer_tcp_connections` series always exist (0 when
+/// empty); others appear once a socket is seen in them. TIME_WAIT is not
+/// measured (the tracepoint never reports it).
+const GAUGE_STATES: [TcpState; 9] = [
+    TcpState::Listen,
+    TcpState::SynSent,
+    TcpState::SynRecv,
+    TcpState::Established,
+    TcpState::FinWait1,
+    TcpState::FinWait2,
+    TcpState::Closing,
+    TcpState::CloseWait,
+    TcpState::LastAck,
+];
+
+const STATES: usize = 13;
+const FAMILIES: usize = 2;
+const PER_SLOT: usize = STATES * STATES * FAMILIES;
+
+/// Scrapes served at once; more connections wait in the listen queue.
+const MAX_CONNECTIONS: usize = 32;
+/// How long a scrape waits for the event loop's refresh.
+const REFRESH_WAIT: Duration = Duration::from_secs(2);
+
+/// `--metrics`, `--metrics-label`, `--metrics-label-max`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct MetricsArgs {
+    /// Serve Prometheus metrics at http://ADDR/metrics while tracing. ADDR
+    /// is PORT (on 127.0.0.1), IP:PORT or [IPv6]:PORT; use 0.0.0.0:PORT to
+    /// be scraped from other hosts.
+    #[arg(long, value_name = "ADDR", value_parser = parse_listen_addr)]
+    pub metrics: Option<SocketAddr>,
+
+    /// Add this label to the transition and duration metrics (opt-in:
+    /// multiplies their series by up to --metrics-label-max).
+    #[arg(long, value_enum, value_name = "FIELD", requires = "metrics")]
+    pub metrics_label: Option<MetricsLabel>,
+
+    /// With --metrics-label: distinct values kept (first seen first);
+    /// later values are labelled "other".
+    #[arg(long, value_name = "N", default_value_t = 20,
+          value_parser = clap::value_parser!(u32).range(1..=1000), requires = "metrics_label")]
+    pub metrics_label_max: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum MetricsLabel {
+    /// Local port.
+    Lport,
+    /// Remote port.
+    Rport,
+    /// Owner's command name.
+    Comm,
+}
+
+impl MetricsLabel {
+    fn group_by(self) -> GroupBy {
+        match self {
+            MetricsLabel::Lport => GroupBy::Lport,
+            MetricsLabel::Rport => GroupBy::Rport,
+            MetricsLabel::Comm => GroupBy::Comm,
+        }
+    }
+}
+
+/// `9975` (loopback), `127.0.0.1:9975`, `0.0.0.0:9975`, `[::1]:9975`.
+pub fn parse_listen_addr(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(port) = s.parse::<u16>() {
+        return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    s.parse().map_err(|_| {
+        format!("`{s}` is not an address to listen on (examples: 9975, 127.0.0.1:9975, [::1]:9975)")
+    })
+}
+
+struct Label {
+    by: GroupBy,
+    keys: BoundedKeys,
+    /// Label value per slot; the last slot is "other".
+    values: Vec<String>,
+}
+
+/// The metrics and the per-event handles into them.
+pub struct Recorder {
+    registry: Registry,
+    transitions: IntCounterVec,
+    durations: HistogramVec,
+    connections: IntGaugeVec,
+    close_wait_stuck: IntGauge,
+    events_lost: IntCounter,
+    label: Option<Label>,
+    /// Series created so far: [slot][old][new][family] and [slot][state].
+    transition_cells: Vec<Option<IntCounter>>,
+    duration_cells: Vec<Option<Histogram>>,
+    /// States with a `connections` series.
+    gauge_states: [bool; STATES],
+}
+
+fn name(n: &str) -> String {
+    format!("{PREFIX}_{n}")
+}
+
+impl Recorder {
+    pub fn from_args(a: &MetricsArgs) -> Option<Self> {
+        a.metrics.map(|_| {
+            Recorder::new(
+                a.metrics_label
+                    .map(|l| (l.group_by(), a.metrics_label_max as usize)),
+            )
+        })
+    }
+
+    /// `label`: the opt-in label and its cap on distinct values.
+    pub fn new(label: Option<(GroupBy, usize)>) -> Self {
+        let mut labels = vec!["old", "new", "family"];
+        if let Some((by, _)) = label {
+            labels.push(by.name());
+        }
+        let transitions = IntCounterVec::new(
+            Opts::new(
+                name("transitions_total"),
+                "TCP state transitions the tracer saw (after its filters), by old state, new state and address family.",
+            ),
+            &labels,
+        )
+        .expect("valid metric");
+        let mut dlabels = vec!["state"];
+        if let Some((by, _)) = label {
+            dlabels.push(by.name());
+        }
+        let durations = HistogramVec::new(
+            HistogramOpts::new(
+                name("state_duration_seconds"),
+                "Time sockets spent in a TCP state, observed when they leave it (stays the kernel timed).",
+            )
+            .buckets(DURATION_BUCKETS.to_vec()),
+            &dlabels,
+        )
+        .expect("valid metric");
+        let connections = IntGaugeVec::new(
+            Opts::new(
+                name("connections"),
+                "Sockets the tracer follows, by current TCP state (those it saw a transition of; TIME_WAIT is not measured).",
+            ),
+            &["state"],
+        )
+        .expect("valid metric");
+        let close_wait_stuck = IntGauge::new(
+            name("close_wait_stuck"),
+            format!(
+                "Connections in CLOSE_WAIT for more than {} s: the peer closed, the application has not.",
+                CLOSE_WAIT_STUCK_AFTER.as_secs()
+            ),
+        )
+        .expect("valid metric");
+        let events_lost = IntCounter::new(
+            name("events_lost_total"),
+            "Transitions the kernel could not deliver to the tracer (ring buffer full).",
+        )
+        .expect("valid metric");
+        let registry = Registry::new();
+        for c in [
+            Box::new(transitions.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(durations.clone()),
+            Box::new(connections.clone()),
+            Box::new(close_wait_stuck.clone()),
+            Box::new(events_lost.clone()),
+        ] {
+            registry.register(c).expect("distinct metric names");
+        }
+        let slots = label.map_or(1, |(_, cap)| cap + 1);
+        let mut gauge_states = [false; STATES];
+        for s in GAUGE_STATES {
+            connections.with_label_values(&[s.name()]).set(0);
+            gauge_states[s.index()] = true;
+        }
+        Recorder {
+            registry,
+            transitions,
+            durations,
+            connections,
+            close_wait_stuck,
+            events_lost,
+            label: label.map(|(by, cap)| Label {
+                by,
+                keys: BoundedKeys::new(cap),
+                values: (0..=cap)
+                    .map(|i| {
+                        if i == cap {
+                            "other".into()
+                        } else {
+                            String::new()
+                        }
+                    })
+                    .collect(),
+            }),
+            transition_cells: vec![None; slots * PER_SLOT],
+            duration_cells: vec![None; slots * STATES],
+            gauge_states,
+        }
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Counts transition `t` and observes the stay it ended. `owner` is
+    /// only called for `--metrics-label comm`.
+    pub fn transition(&mut self, t: &Transition, owner: impl FnOnce() -> Owner) {
+        let slot = match &mut self.label {
+            None => 0,
+            Some(l) => {
+                let key = l.by.key(t, owner);
+                match l.keys.slot(key) {
+                    Slot::Known(i) => i,
+                    Slot::New(i) => {
+                        l.values[i] = key.to_string();
+                        i
+                    }
+                    Slot::Other => l.keys.cap(),
+                }
+            }
+        };
+        let fam = match t.family {
+            Family::Ipv4 => 0,
+            Family::Ipv6 => 1,
+        };
+        let i = slot * PER_SLOT + (t.old.index() * STATES + t.new.index()) * FAMILIES + fam;
+        let label = self.label.as_ref().map(|l| l.values[slot].as_str());
+        self.transition_cells[i]
+            .get_or_insert_with(|| {
+                let mut v = vec![t.old.name(), t.new.name(), t.family.name()];
+                v.extend(label);
+                self.transitions.with_label_values(&v)
+            })
+            .inc();
+        if let Some((state, ns)) = stay(t) {
+            self.duration_cells[slot * STATES + state.index()]
+                .get_or_insert_with(|| {
+                    let mut v = vec![state.name()];
+                    v.extend(label);
+                    self.durations.with_label_values(&v)
+                })
+                .observe(ns as f64 / 1e9);
+        }
+    }
+
+    /// Brings the gauges and the lost-events counter up to date: sockets
+    /// per state from the tracker, CLOSE_WAIT stuck as of `now_ns`
+    /// (CLOCK_MONOTONIC), `lost` from the kernel's counter.
+    pub fn refresh(&mut self, tracker: &Tracker, lost: Option<u64>, now_ns: u64) {
+        let mut per_state = [0i64; STATES];
+        let mut stuck = 0;
+        let stuck_ns = CLOSE_WAIT_STUCK_AFTER.as_nanos() as u64;
+        for c in tracker.iter() {
+            per_state[c.state.index()] += 1;
+            if c.state == TcpState::CloseWait && now_ns.saturating_sub(c.state_since_ns) > stuck_ns
+            {
+                stuck += 1;
+            }
+        }
+        for s in TcpState::ALL {
+            let i = s.index();
+            if s == TcpState::Close || (per_state[i] == 0 && !self.gauge_states[i]) {
+                continue;
+            }
+            self.gauge_states[i] = true;
+            self.connections
+                .with_label_values(&[s.name()])
+                .set(per_state[i]);
+        }
+        self.close_wait_stuck.set(stuck);
+        if let Some(lost) = lost {
+            let now = self.events_lost.get();
+            if lost > now {
+                self.events_lost.inc_by(lost - now);
+            }
+        }
+    }
+
+    /// The text exposition of every metric.
+    pub fn encode(&self) -> String {
+        encode(&self.registry)
+    }
+}
+
+fn encode(registry: &Registry) -> String {
+    let mut buf = Vec::with_capacity(16 << 10);
+    TextEncoder::new()
+        .encode(&registry.gather(), &mut buf)
+        .expect("encoding to memory cannot fail");
+    String::from_utf8(buf).expect("the text format is UTF-8")
+}
+
+/// A scrape waiting for the event loop: answer once the gauges are fresh.
+pub type ScrapeRequest = oneshot::Sender<()>;
+
+/// The HTTP side as the event loop sees it.
+pub struct Endpoint {
+    requests: Option<mpsc::Receiver<ScrapeRequest>>,
+    pub local_addr: Option<SocketAddr>,
+}
+
+impl Endpoint {
+    /// No `--metrics`: never asks for anything.
+    pub fn disabled() -> Self {
+        Endpoint {
+            requests: None,
+            local_addr: None,
+        }
+    }
+
+    /// Listens on `addr` and serves `registry` at `/metrics` from a task of
+    /// the current runtime, until the runtime stops.
+    pub async fn start(addr: SocketAddr, registry: Registry) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} for --metrics"))?;
+        let local_addr = listener.local_addr().ok();
+        let (tx, rx) = mpsc::channel(MAX_CONNECTIONS);
+        tokio::spawn(accept_loop(listener, registry, tx));
+        Ok(Endpoint {
+            requests: Some(rx),
+            local_addr,
+        })
+    }
+
+    /// The next scrape that wants fresh gauges; pending for ever when
+    /// disabled.
+    pub async fn scrape_requested(&mut self) -> ScrapeRequest {
+        match &mut self.requests {
+            Some(rx) => match rx.recv().await {
+                Some(r) => r,
+                None => std::future::pending().await,
+            },
+            None => std::future::pending().await,
+        }
+    }
+}
+
+async fn accept_loop(listener: TcpListener, registry: Registry, tx: mpsc::Sender<ScrapeRequest>) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let permit = match slots.clone().acquire_owned().await {
+            Ok(p) => p,
+            Err(_) => return,
+        };
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                // Out of file descriptors and the like: wait, retry.
+                log::warn!("metrics endpoint: accept: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let registry = registry.clone();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let registry = registry.clone();
+                let tx = tx.clone();
+                async move { Ok::<_, Infallible>(respond(req, &registry, &tx).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), service);
+            if let Err(e) = conn.await {
+                log::debug!("metrics endpoint: {e}");
+            }
+            drop(permit);
+        });
+    }
+}
+
+async fn respond(
+    req: Request<Incoming>,
+    registry: &Registry,
+    tx: &mpsc::Sender<ScrapeRequest>,
+) -> Response<Full<Bytes>> {
+    let text = |status: StatusCode, body: &'static str| {
+        Response::builder()
+            .status(status)
+            .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+            .body(Full::new(Bytes::from_static(body.as_bytes())))
+            .expect("valid response")
+    };
+    match (req.method(), req.uri().path()) {
+        (&Method::GET | &Method::HEAD, "/metrics") => {
+            let (done, refreshed) = oneshot::channel();
+            // If the event loop is gone or slow, serve what there is.
+            if tx.send(done).await.is_ok() {
+                let _ = tokio::time::timeout(REFRESH_WAIT, refreshed).await;
+            }
+            Response::builder()
+                .header(
+                    header::CONTENT_TYPE,
+                    "text/plain; version=0.0.4; charset=utf-8",
+                )
+                .body(Full::new(Bytes::from(encode(registry))))
+                .expect("valid response")
+        }
+        (&Method::GET | &Method::HEAD, "/") => text(
+            StatusCode::OK,
+            "tracer: Prometheus metrics are at /metrics\n",
+        ),
+        (_, "/metrics" | "/") => text(StatusCode::METHOD_NOT_ALLOWED, "GET or HEAD only\n"),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found: metrics are at /metrics\n",
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::tests::{comm, sample};
+    use crate::tracker::Update;
+    use TcpState::*;
+
+    fn tr(sock: u64, old: TcpState, new: TcpState, ns: Option<u64>) -> Transition {
+        Transition {
+            sock,
+            old,
+            new,
+            old_state_ns: ns,
+            ..sample()
+        }
+    }
+
+    fn owner() -> Owner {
+        Owner {
+            pid: 1,
+            comm: comm("curl"),
+        }
+    }
+
+    /// The value of the series `name{labels}` in `text`, labels given as
+    /// they appear.
+    fn value(text: &str, series: &str) -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .map(|v| v.parse().unwrap())
+    }
+
+    #[test]
+    fn listen_addresses() {
+        assert_eq!(
+            parse_listen_addr("9975").unwrap(),
+            "127.0.0.1:9975".parse().unwrap()
+        );
+        assert_eq!(
+            parse_listen_addr("0.0.0.0:80").unwrap(),
+            "0.0.0.0:80".parse().unwrap()
+        );
+        assert_eq!(
+            parse_listen_addr("[::1]:9975").unwrap(),
+            "[::1]:9975".parse().unwrap()
+        );
+        for bad in ["notanaddr", "localhost:9975", "1.2.3.4", "99999", ""] {
+            assert!(parse_listen_addr(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn metrics_flags() {
+        use clap::{error::ErrorKind, Parser as _};
+        let parse = |a: &[&str]| {
+            crate::cli::Args::try_parse_from(std::iter::once("tracer").chain(a.iter().copied()))
+        };
+        let a = parse(&[]).unwrap();
+        assert!(Recorder::from_args(&a.metrics).is_none());
+        let a = parse(&[
+            "--metrics",
+            "9975",
+            "--events",
+            "none",
+            "--metrics-label",
+            "comm",
+            "--metrics-label-max",
+            "5",
+        ])
+        .unwrap();
+        assert_eq!(a.metrics.metrics, Some("127.0.0.1:9975".parse().unwrap()));
+        assert_eq!(a.metrics.metrics_label, Some(MetricsLabel::Comm));
+        assert_eq!(a.metrics.metrics_label_max, 5);
+        assert_eq!(
+            parse(&["--metrics", "notanaddr"]).unwrap_err().kind(),
+            ErrorKind::ValueValidation
+        );
+        assert_eq!(
+            parse(&["--metrics-label", "lport"]).unwrap_err().kind(),
+            ErrorKind::MissingRequiredArgument
+        );
+        assert_eq!(
+            parse(&["--metrics", "1", "--metrics-label", "raddr"])
+                .unwrap_err()
+                .kind(),
+            ErrorKind::InvalidValue
+        );
+    }
+
+    #[test]
+    fn transitions_and_durations_are_counted() {
+        let mut r = Recorder::new(None);
+        for _ in 0..3 {
+            r.transition(&tr(1, SynSent, Established, Some(2_000_000)), owner);
+        }
+        r.transition(&tr(1, Close, SynSent, Some(5)), owner);
+        r.transition(
+            &Transition {
+                family: Family::Ipv6,
+                ..tr(1, Established, FinWait1, Some(300_000_000))
+            },
+            owner,
+        );
+        let text = r.encode();
+        assert_eq!(
+            value(
+                &text,
+                r#"tracer_tcp_transitions_total{family="ipv4",new="ESTABLISHED",old="SYN_SENT"}"#
+            ),
+            Some(3.0),
+            "{text}"
+        );
+        assert_eq!(
+            value(
+                &text,
+                r#"tracer_tcp_transitions_total{family="ipv6",new="FIN_WAIT1",old="ESTABLISHED"}"#
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(
+                &text,
+                r#"tracer_tcp_state_duration_seconds_bucket{state="SYN_SENT",le="0.002"}"#
+            ),
+            Some(3.0),
+            "{text}"
+        );
+        assert_eq!(
+            value(
+                &text,
+                r#"tracer_tcp_state_duration_seconds_bucket{state="SYN_SENT",le="0.001"}"#
+            ),
+            Some(0.0)
+        );
+        assert_eq!(
+            value(
+                &text,
+                r#"tracer_tcp_state_duration_seconds_count{state="ESTABLISHED"}"#
+            ),
+            Some(1.0)
+        );
+        // Time in CLOSE is not a stay.
+        assert!(!text.contains(r#"state="CLOSE""#), "{text}");
+        assert!(text.contains(r#"le="0.00001""#) && text.contains(r#"le="600""#));
+        assert!(text.contains("# TYPE tracer_tcp_transitions_total counter"));
+        assert!(text.contains("# TYPE tracer_tcp_state_duration_seconds histogram"));
+    }
+
+    #[test]
+    fn gauges_come_from_the_tracker() {
+        let mut r = Recorder::new(None);
+        let mut tracker = Tracker::new(16);
+        let s = 1_000_000_000u64;
+        // Two established, one in CLOSE_WAIT since 10 s, one since 100 s.
+        for (sock, new, at) in [
+            (1, Established, 0),
+            (2, Established, 0),
+            (3, CloseWait, 130 * s),
+            (4, CloseWait, 40 * s),
+        ] {
+            let t = Transition {
+                mono_ns: at,
+                ..tr(sock, SynSent, new, None)
+            };
+            assert_eq!(tracker.on_transition(&t), Update::Tracked);
+        }
+        r.refresh(&tracker, Some(7), 140 * s);
+        let text = r.encode();
+        assert_eq!(
+            value(&text, r#"tracer_tcp_connections{state="ESTABLISHED"}"#),
+            Some(2.0)
+        );
+        assert_eq!(
+            value(&text, r#"tracer_tcp_connections{state="CLOSE_WAIT"}"#),
+            Some(2.0)
+        );
+        assert_eq!(
+            value(&text, r#"tracer_tcp_connections{state="LISTEN"}"#),
+            Some(0.0)
+        );
+        assert_eq!(value(&text, "tracer_tcp_close_wait_stuck"), Some(1.0));
+        assert_eq!(value(&text, "tracer_tcp_events_lost_total"), Some(7.0));
+        r.refresh(&tracker, Some(9), 200 * s);
+        let text = r.encode();
+        assert_eq!(value(&text, "tracer_tcp_close_wait_stuck"), Some(2.0));
+        assert_eq!(value(&text, "tracer_tcp_events_lost_total"), Some(9.0));
+    }
+
+    #[test]
+    fn opt_in_label_is_capped() {
+        let mut r = Recorder::new(Some((GroupBy::Lport, 2)));
+        for port in [80, 443, 8080, 9090, 80] {
+            r.transition(
+                &Transition {
+                    lport: port,
+                    ..tr(1, SynSent, Established, Some(1000))
+                },
+                owner,
+            );
+        }
+        let text = r.encode();
+        let series = |port: &str| {
+            value(
+                &text,
+                &format!(
+                    r#"tracer_tcp_transitions_total{{family="ipv4",lport="{port}",new="ESTABLISHED",old="SYN_SENT"}}"#
+                ),
+            )
+        };
+        assert_eq!(series("80"), Some(2.0), "{text}");
+        assert_eq!(series("443"), Some(1.0));
+        assert_eq!(series("other"), Some(2.0));
+        assert_eq!(series("8080"), None);
+        assert!(text.contains(
+            r#"tracer_tcp_state_duration_seconds_count{lport="other",state="SYN_SENT"} 2"#
+        ));
+
+        let mut r = Recorder::new(Some((GroupBy::Comm, 5)));
+        r.transition(&tr(1, SynSent, Established, Some(1000)), owner);
+        assert!(r.encode().contains(r#"comm="curl""#));
+    }
+}

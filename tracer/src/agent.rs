@@ -99,6 +99,11 @@ impl<W: Write> Pipeline<W> {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
+    // Before "attached" is logged: a signal sent once it is must be handled.
+    let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    // Even without --summary, so that a stray SIGUSR1 never kills it.
+    let mut sigusr1 = signal(SignalKind::user_defined1()).context("SIGUSR1 handler")?;
     // Before loading: a busy port fails fast, with nothing to undo.
     let metrics = Recorder::from_args(&args.metrics);
     let mut endpoint = match (&metrics, args.metrics.metrics) {
@@ -149,10 +154,6 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         None => None,
     };
 
-    let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
-    let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
-    // Installed even without --summary, so that a stray SIGUSR1 never kills it.
-    let mut sigusr1 = signal(SignalKind::user_defined1()).context("SIGUSR1 handler")?;
     let mut deadline = pin!(async {
         match args.duration {
             Some(d) => sleep(d).await,

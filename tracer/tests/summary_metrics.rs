@@ -1,0 +1,922 @@
+//! End-to-end tests of summaries (`--summary`, SIGUSR1, `tracer
+//! summarize`) and of the Prometheus endpoint (`--metrics`): the built
+//! binary, the real kernel program, real TCP in a network namespace per
+//! test, and the real `promtool` and `prometheus` of Debian's `prometheus`
+//! package (installed by `cargo xtask test`). Nothing waits a fixed time
+//! for events: every wait polls up to a deadline.
+
+mod common;
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead, BufReader, Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant},
+};
+
+use common::*;
+use serde_json::Value;
+
+const MS: u64 = 1_000_000;
+/// Scheduling slack allowed on top of a connection's hold time, on this
+/// 2-core VM with 30 sockets sleeping at once.
+const SLACK_NS: u64 = 50 * MS;
+/// HdrHistogram with 2 significant digits: at most 1/128 above.
+const HIST_ERROR: f64 = 1.0 / 128.0;
+
+fn tracer() -> Command {
+    let bin =
+        std::env::var("TRACER_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_tracer").to_string());
+    let mut cmd = Command::new(bin);
+    cmd.env("RUST_BACKTRACE", "1");
+    cmd
+}
+
+/// A running tracer whose stdout and stderr lines arrive on channels.
+struct Running {
+    child: Child,
+    stdout: mpsc::Receiver<String>,
+    stderr: mpsc::Receiver<String>,
+}
+
+impl Running {
+    fn start(args: &[&str]) -> Running {
+        let mut child = tracer()
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn tracer");
+        let stdout = lines(child.stdout.take().unwrap());
+        let stderr = lines(child.stderr.take().unwrap());
+        Running {
+            child,
+            stdout,
+            stderr,
+        }
+    }
+
+    /// Waits for the agent to say it is attached (it logs that with -v).
+    fn wait_attached(&self) {
+        let start = Instant::now();
+        while start.elapsed() < DEADLINE {
+            match self.stderr.recv_timeout(Duration::from_millis(100)) {
+                Ok(line) if line.contains("attached") => return,
+                Ok(line) => eprintln!("tracer: {line}"),
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    panic!("tracer exited before attaching")
+                }
+            }
+        }
+        panic!("tracer did not attach within {DEADLINE:?}");
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
+    /// Sends SIGUSR1 until the lines that follow satisfy `done`; every
+    /// line read is appended to `got`. Returns the lines read since the
+    /// last SIGUSR1.
+    fn summary_until(
+        &self,
+        got: &mut Vec<String>,
+        what: &str,
+        done: impl Fn(&[String]) -> bool,
+    ) -> Vec<String> {
+        let start = Instant::now();
+        loop {
+            assert!(
+                start.elapsed() < DEADLINE,
+                "timed out waiting for {what}; got:\n{}",
+                got.join("\n")
+            );
+            self.signal(libc::SIGUSR1);
+            let mut summary = Vec::new();
+            let asked = Instant::now();
+            while asked.elapsed() < Duration::from_secs(2) {
+                match self.stdout.recv_timeout(Duration::from_millis(50)) {
+                    Ok(line) => {
+                        got.push(line.clone());
+                        summary.push(line);
+                        if done(&summary) {
+                            return summary;
+                        }
+                    }
+                    Err(mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(mpsc::RecvTimeoutError::Disconnected) => panic!("tracer exited"),
+                }
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits for exit and returns (status code, rest of stdout, stderr).
+    fn finish(mut self) -> (i32, Vec<String>, Vec<String>) {
+        let start = Instant::now();
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(start.elapsed() < DEADLINE, "tracer did not stop");
+            thread::sleep(Duration::from_millis(10));
+        };
+        let out: Vec<String> = self.stdout.iter().collect();
+        let err: Vec<String> = self.stderr.iter().collect();
+        (status.code().expect("exited normally"), out, err)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        // A failed test must not leave a tracer attached.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn lines(r: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        for line in BufReader::new(r).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+fn json(line: &str) -> Value {
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
+}
+
+fn of_type(lines: &[String], ty: &str) -> Vec<Value> {
+    lines
+        .iter()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| json(l))
+        .filter(|v| v["type"] == ty)
+        .collect()
+}
+
+/// One connection per entry of `holds` to a listener on `addr`, all at
+/// once: the client holds it established for its time, then closes; the
+/// server closes when it reads the end. Returns when everything is closed.
+fn held_connections(addr: SocketAddr, holds: &[Duration]) {
+    let listener = TcpListener::bind(addr).expect("bind");
+    let n = holds.len();
+    let server = thread::spawn(move || {
+        let mut handlers = Vec::new();
+        for _ in 0..n {
+            let (mut s, _) = listener.accept().expect("accept");
+            handlers.push(thread::spawn(move || {
+                let mut buf = [0u8; 64];
+                while matches!(s.read(&mut buf), Ok(k) if k > 0) {}
+            }));
+        }
+        for h in handlers {
+            h.join().unwrap();
+        }
+        drop(listener);
+    });
+    let clients: Vec<_> = holds
+        .iter()
+        .map(|&hold| {
+            thread::spawn(move || {
+                let mut c = TcpStream::connect(addr).expect("connect");
+                c.write_all(b"?").unwrap();
+                thread::sleep(hold);
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().unwrap();
+    }
+    server.join().unwrap();
+}
+
+fn localhost(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// Transitions of `k` connections closed by the client, and their listener.
+fn expected_transitions(k: u64) -> Vec<((&'static str, &'static str), u64)> {
+    vec![
+        (("CLOSE", "LISTEN"), 1),
+        (("CLOSE", "SYN_SENT"), k),
+        (("LISTEN", "SYN_RECV"), k),
+        (("SYN_SENT", "ESTABLISHED"), k),
+        (("SYN_RECV", "ESTABLISHED"), k),
+        (("ESTABLISHED", "FIN_WAIT1"), k),
+        (("ESTABLISHED", "CLOSE_WAIT"), k),
+        (("FIN_WAIT1", "FIN_WAIT2"), k),
+        (("FIN_WAIT2", "CLOSE"), k),
+        (("CLOSE_WAIT", "LAST_ACK"), k),
+        (("LAST_ACK", "CLOSE"), k),
+        (("LISTEN", "CLOSE"), 1),
+    ]
+}
+
+fn ns(v: &Value, key: &str) -> u64 {
+    v[key].as_u64().unwrap_or_else(|| panic!("no {key} in {v}"))
+}
+
+/// `lo <= got <= hi`, with a readable failure.
+fn within(what: &str, got: u64, lo: u64, hi: u64) {
+    assert!(
+        lo <= got && got <= hi,
+        "{what}: {:.3} ms not in [{:.3}, {:.3}] ms",
+        got as f64 / 1e6,
+        lo as f64 / 1e6,
+        hi as f64 / 1e6
+    );
+}
+
+/// Bounds for a percentile whose exact value is a stay of `hold`.
+fn held(hold: Duration) -> (u64, u64) {
+    let h = hold.as_nanos() as u64;
+    // The server's ESTABLISHED may begin a few µs after the client's.
+    (h - MS, (h as f64 * (1.0 + HIST_ERROR)) as u64 + SLACK_NS)
+}
+
+#[test]
+fn summary_percentiles_match_known_durations() {
+    in_netns(|| {
+        let port = test_port();
+        let p = port.to_string();
+        let run = Running::start(&[
+            "--summary",
+            "--output",
+            "json",
+            "--events",
+            "none",
+            "--port",
+            &p,
+            "-v",
+        ]);
+        run.wait_attached();
+        let (short, mid, long) = (
+            Duration::from_millis(50),
+            Duration::from_millis(200),
+            Duration::from_secs(1),
+        );
+        let mut holds = Vec::new();
+        for _ in 0..5 {
+            holds.extend([short, mid, long]);
+        }
+        let started = Instant::now();
+        held_connections(localhost(port), &holds);
+        eprintln!("traffic took {:?}", started.elapsed());
+
+        // SIGUSR1 prints the summary without stopping: ask until it has
+        // every stay (15 connections, both ends, and the listener).
+        let mut got = Vec::new();
+        let mid_run = run.summary_until(&mut got, "a summary of every stay", |s| {
+            s.iter().any(|l| {
+                let v = json(l);
+                v["type"] == "summary"
+                    && v["states"]["ESTABLISHED"]["count"] == 30
+                    && v["states"]["LAST_ACK"]["count"] == 15
+                    && v["states"]["FIN_WAIT2"]["count"] == 15
+                    && v["states"]["LISTEN"]["count"] == 1
+            })
+        });
+        assert_eq!(mid_run.len(), 1, "one summary record: {mid_run:#?}");
+        run.signal(libc::SIGINT);
+        let (code, rest, err) = run.finish();
+        assert_eq!(code, 0, "{err:#?}");
+        got.extend(rest);
+
+        // At exit: the summary again, then the stats record last.
+        let stats = json(got.last().unwrap());
+        assert_eq!(stats["type"], "stats");
+        assert_eq!(stats["lost"], 0);
+        let summaries = of_type(&got, "summary");
+        let last = summaries.last().unwrap();
+        assert_eq!(*last, json(&mid_run[0]), "nothing happened since SIGUSR1");
+        assert!(last["group"].is_null());
+
+        let states = &last["states"];
+        for (state, n) in [
+            ("SYN_SENT", 15),
+            ("SYN_RECV", 15),
+            ("ESTABLISHED", 30),
+            ("FIN_WAIT1", 15),
+            ("FIN_WAIT2", 15),
+            ("CLOSE_WAIT", 15),
+            ("LAST_ACK", 15),
+            ("LISTEN", 1),
+        ] {
+            assert_eq!(states[state]["count"], n, "{state} in {last}");
+        }
+        let est = &states["ESTABLISHED"];
+        eprintln!("ESTABLISHED: {est}");
+        let (lo, hi) = held(short);
+        within("min", ns(est, "min_ns"), lo, hi);
+        let (lo, hi) = held(mid);
+        within("p50", ns(est, "p50_ns"), lo, hi);
+        let (lo, hi) = held(long);
+        within("p90", ns(est, "p90_ns"), lo, hi);
+        within("p99", ns(est, "p99_ns"), lo, hi);
+        within("max", ns(est, "max_ns"), lo, hi);
+        assert!(ns(est, "min_ns") <= ns(est, "p50_ns"));
+        assert!(ns(est, "p99_ns") <= ns(est, "max_ns"));
+
+        // The log2 histogram: 10 stays in each class's power-of-two bucket.
+        let hist = est["histogram"].as_array().unwrap();
+        let count_in = |lo_ms: f64, hi_ms: f64| -> u64 {
+            hist.iter()
+                .filter(|b| {
+                    let lo = ns(b, "lo_ns") as f64 / 1e6;
+                    lo >= lo_ms && lo < hi_ms
+                })
+                .map(|b| ns(b, "count"))
+                .sum()
+        };
+        assert_eq!(count_in(32.0, 33.0), 10, "[32.8, 65.5) ms: {est}");
+        assert_eq!(count_in(131.0, 132.0), 10, "[131, 262) ms: {est}");
+        assert_eq!(count_in(524.0, 1049.0), 10, "[524 ms, 2.1 s): {est}");
+        assert_eq!(count_in(0.0, f64::MAX), 30);
+    });
+}
+
+#[test]
+fn table_summary_on_sigusr1_keeps_running_and_prints_again_at_exit() {
+    in_netns(|| {
+        let port = test_port();
+        let p = port.to_string();
+        let run = Running::start(&["--summary", "--events", "none", "--port", &p, "-v"]);
+        run.wait_attached();
+        held_connections(localhost(port), &[Duration::from_millis(20); 2]);
+        let mut got = Vec::new();
+        let table = run.summary_until(&mut got, "a summary table with 4 ESTABLISHED stays", |s| {
+            s.iter()
+                .any(|l| l.starts_with("ESTABLISHED ") && l.split_whitespace().nth(1) == Some("4"))
+        });
+        assert!(
+            table[0].starts_with("Time in each TCP state (all sockets;"),
+            "{table:#?}"
+        );
+        assert!(table[1].starts_with("STATE"), "{table:#?}");
+        // Still tracing after SIGUSR1: one more connection counts.
+        held_connections(localhost(port), &[Duration::from_millis(20)]);
+        run.summary_until(&mut got, "a summary table with 6 ESTABLISHED stays", |s| {
+            s.iter()
+                .any(|l| l.starts_with("ESTABLISHED ") && l.split_whitespace().nth(1) == Some("6"))
+        });
+        run.signal(libc::SIGTERM);
+        let (code, rest, err) = run.finish();
+        assert_eq!(code, 0, "{err:#?}");
+        // The table at exit, with its histograms; the stats on stderr.
+        assert!(
+            rest.iter()
+                .any(|l| l.starts_with("ESTABLISHED ") && l.split_whitespace().nth(1) == Some("6")),
+            "{rest:#?}"
+        );
+        assert!(
+            rest.iter()
+                .any(|l| l.contains("distribution of ESTABLISHED")),
+            "{rest:#?}"
+        );
+        assert!(
+            rest.iter()
+                .any(|l| l.contains("ms -> ") && l.contains("|***")),
+            "{rest:#?}"
+        );
+        assert!(err.last().unwrap().starts_with("tracer: "), "{err:#?}");
+    });
+}
+
+#[test]
+fn sigusr1_without_summary_does_not_stop_the_tracer() {
+    in_netns(|| {
+        let run = Running::start(&["--events", "none", "-v"]);
+        run.wait_attached();
+        run.signal(libc::SIGUSR1);
+        let start = Instant::now();
+        loop {
+            match run.stderr.recv_timeout(Duration::from_millis(100)) {
+                Ok(l) if l.contains("SIGUSR1") => break,
+                Ok(_) | Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => panic!("tracer exited on SIGUSR1"),
+            }
+            assert!(start.elapsed() < DEADLINE, "no SIGUSR1 notice");
+        }
+        run.signal(libc::SIGINT);
+        let (code, out, _) = run.finish();
+        assert_eq!(code, 0);
+        assert!(out.is_empty(), "{out:#?}");
+    });
+}
+
+/// A file of its own in the temp directory, removed when dropped.
+struct TempFile(PathBuf);
+
+impl TempFile {
+    fn new(name: &str) -> Self {
+        TempFile(std::env::temp_dir().join(format!(
+            "tracer-test-{}-{}-{name}",
+            std::process::id(),
+            test_port()
+        )))
+    }
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn summarize(args: &[&str], stdin: Option<&str>) -> Output {
+    let mut child = tracer()
+        .arg("summarize")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn tracer summarize");
+    let mut input = child.stdin.take().unwrap();
+    if let Some(s) = stdin {
+        input.write_all(s.as_bytes()).unwrap();
+    }
+    drop(input);
+    child.wait_with_output().unwrap()
+}
+
+fn stdout_lines(o: &Output) -> Vec<String> {
+    String::from_utf8(o.stdout.clone())
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect()
+}
+
+#[test]
+fn summarize_of_a_recording_prints_the_live_summary() {
+    in_netns(|| {
+        let port = test_port();
+        let p = port.to_string();
+        let run = Running::start(&[
+            "--summary",
+            "--group-by",
+            "comm",
+            "--output",
+            "json",
+            "--events",
+            "all",
+            "--port",
+            &p,
+            "-v",
+        ]);
+        run.wait_attached();
+        held_connections(localhost(port), &[Duration::from_millis(30); 3]);
+        let mut got = Vec::new();
+        let start = Instant::now();
+        // 3 connections, both ends: 6 connection records.
+        while got
+            .iter()
+            .filter(|l: &&String| l.contains(r#""type":"connection""#))
+            .count()
+            < 6
+        {
+            assert!(
+                start.elapsed() < DEADLINE,
+                "waiting for 6 connection records:\n{}",
+                got.join("\n")
+            );
+            if let Ok(l) = run.stdout.recv_timeout(Duration::from_millis(50)) {
+                got.push(l);
+            }
+        }
+        run.signal(libc::SIGINT);
+        let (code, rest, _) = run.finish();
+        assert_eq!(code, 0);
+        got.extend(rest);
+        let live: Vec<&String> = got
+            .iter()
+            .filter(|l| l.contains(r#""type":"summary""#))
+            .collect();
+        assert!(!live.is_empty());
+        assert!(
+            live[0].contains(r#""group":{"by":"comm","value":"#),
+            "{live:#?}"
+        );
+
+        let recording = TempFile::new("capture.json");
+        std::fs::write(recording.path(), got.join("\n") + "\n").unwrap();
+        let path = recording.path().to_str().unwrap();
+
+        let replay = summarize(&[path, "--output", "json", "--group-by", "comm"], None);
+        assert!(replay.status.success(), "{replay:?}");
+        assert_eq!(stdout_lines(&replay).iter().collect::<Vec<_>>(), live);
+        let note = String::from_utf8_lossy(&replay.stderr);
+        assert!(
+            note.contains("transition records") && note.contains("summarized from the transitions"),
+            "{note}"
+        );
+
+        // From stdin, as a table: the same numbers.
+        let table = summarize(&["-"], Some(&(got.join("\n") + "\n")));
+        assert!(table.status.success(), "{table:?}");
+        let table = stdout_lines(&table);
+        assert!(
+            table[0].starts_with("Time in each TCP state (all sockets;"),
+            "{table:#?}"
+        );
+        assert!(
+            table
+                .iter()
+                .any(|l| l.starts_with("ESTABLISHED ") && l.split_whitespace().nth(1) == Some("6")),
+            "{table:#?}"
+        );
+
+        // Only the connection records: their states, no listener.
+        let conns: Vec<&String> = got
+            .iter()
+            .filter(|l| l.contains(r#""type":"connection""#))
+            .collect();
+        let from_conns = summarize(
+            &["-", "-o", "json"],
+            Some(
+                &(conns
+                    .iter()
+                    .map(|l| l.as_str())
+                    .collect::<Vec<_>>()
+                    .join("\n")
+                    + "\n"),
+            ),
+        );
+        assert!(from_conns.status.success());
+        let v = json(&stdout_lines(&from_conns)[0]);
+        assert_eq!(v["states"]["ESTABLISHED"]["count"], 6, "{v}");
+        assert_eq!(v["states"]["CLOSE_WAIT"]["count"], 3, "{v}");
+        assert!(
+            v["states"]["LISTEN"].is_null(),
+            "listeners have no connection record: {v}"
+        );
+    });
+}
+
+/// One HTTP/1.1 GET; (status, headers, body).
+fn http_get(addr: SocketAddr, path: &str) -> (u16, String, String) {
+    let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").expect("HTTP response");
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("status code");
+    (status, head.to_string(), body.to_string())
+}
+
+/// Samples of a text exposition: (name, labels, value).
+fn samples(text: &str) -> Vec<(String, BTreeMap<String, String>, f64)> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| {
+            let (series, value) = l.rsplit_once(' ').unwrap();
+            let (name, labels) = match series.split_once('{') {
+                None => (series, BTreeMap::new()),
+                Some((n, rest)) => (
+                    n,
+                    rest.trim_end_matches('}')
+                        .split(',')
+                        .map(|kv| {
+                            let (k, v) = kv.split_once('=').unwrap();
+                            (k.to_string(), v.trim_matches('"').to_string())
+                        })
+                        .collect(),
+                ),
+            };
+            (name.to_string(), labels, value.parse().unwrap())
+        })
+        .collect()
+}
+
+fn sum_of(text: &str, name: &str, pred: impl Fn(&BTreeMap<String, String>) -> bool) -> f64 {
+    samples(text)
+        .iter()
+        .filter(|(n, l, _)| n == name && pred(l))
+        .map(|(_, _, v)| v)
+        .sum()
+}
+
+/// Scrapes until `done(text)` holds; returns that scrape.
+fn scrape_until(addr: SocketAddr, what: &str, done: impl Fn(&str) -> bool) -> String {
+    let start = Instant::now();
+    loop {
+        let (status, head, body) = http_get(addr, "/metrics");
+        assert_eq!(status, 200, "{head}");
+        assert!(head.contains("text/plain; version=0.0.4"), "{head}");
+        if done(&body) {
+            return body;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "timed out waiting for {what}; last scrape:\n{body}"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn promtool_check(text: &str) {
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus) is needed: run `cargo xtask test`, which installs it");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+        "promtool check metrics: {}{}\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn metrics_endpoint_counts_the_traffic_and_passes_promtool() {
+    in_netns(|| {
+        let port = test_port();
+        let metrics = localhost(test_port());
+        let (p, m) = (port.to_string(), metrics.to_string());
+        let run = Running::start(&["--metrics", &m, "--events", "none", "--port", &p, "-v"]);
+        run.wait_attached();
+        let (status, _, body) = http_get(metrics, "/nowhere");
+        assert_eq!(status, 404, "{body}");
+
+        // K connections held open: the gauge shows both ends established.
+        const K: u64 = 8;
+        let traffic = thread::spawn(move || {
+            held_connections(localhost(port), &[Duration::from_millis(1500); K as usize])
+        });
+        let during = scrape_until(metrics, "2K established sockets", |t| {
+            sum_of(t, "tracer_tcp_connections", |l| l["state"] == "ESTABLISHED") == 2.0 * K as f64
+        });
+        assert_eq!(
+            sum_of(&during, "tracer_tcp_connections", |l| l["state"]
+                == "LISTEN"),
+            1.0
+        );
+        traffic.join().unwrap();
+
+        // Every transition counted: 10 per connection and 2 for the listener.
+        let total = 10 * K + 2;
+        let text = scrape_until(metrics, "all transitions", |t| {
+            sum_of(t, "tracer_tcp_transitions_total", |_| true) == total as f64
+        });
+        eprintln!(
+            "scrape: {} bytes, {} lines",
+            text.len(),
+            text.lines().count()
+        );
+        for ((old, new), n) in expected_transitions(K) {
+            assert_eq!(
+                sum_of(&text, "tracer_tcp_transitions_total", |l| l["old"] == old
+                    && l["new"] == new
+                    && l["family"] == "ipv4"),
+                n as f64,
+                "{old} -> {new}:\n{text}"
+            );
+        }
+        // Durations: every stay with a known duration, ESTABLISHED ≥ 1.5 s.
+        let count = |state: &str| {
+            sum_of(&text, "tracer_tcp_state_duration_seconds_count", |l| {
+                l["state"] == state
+            })
+        };
+        assert_eq!(count("ESTABLISHED"), 2.0 * K as f64);
+        assert_eq!(count("SYN_SENT"), K as f64);
+        assert_eq!(count("LISTEN"), 1.0);
+        assert_eq!(
+            sum_of(&text, "tracer_tcp_state_duration_seconds_bucket", |l| l
+                ["state"]
+                == "ESTABLISHED"
+                && l["le"] == "1"),
+            0.0
+        );
+        assert_eq!(
+            sum_of(&text, "tracer_tcp_state_duration_seconds_bucket", |l| l
+                ["state"]
+                == "ESTABLISHED"
+                && l["le"] == "2"),
+            2.0 * K as f64
+        );
+        assert!(
+            sum_of(&text, "tracer_tcp_state_duration_seconds_sum", |l| l
+                ["state"]
+                == "ESTABLISHED")
+                >= 2.0 * K as f64 * 1.49
+        );
+        // Everything closed: the gauges are back to 0.
+        let after = scrape_until(metrics, "no socket left", |t| {
+            sum_of(t, "tracer_tcp_connections", |_| true) == 0.0
+        });
+        assert_eq!(sum_of(&after, "tracer_tcp_close_wait_stuck", |_| true), 0.0);
+        assert_eq!(
+            sum_of(&after, "tracer_tcp_events_lost_total", |_| true),
+            0.0
+        );
+        promtool_check(&after);
+
+        run.signal(libc::SIGTERM);
+        let (code, out, err) = run.finish();
+        assert_eq!(code, 0, "{err:#?}");
+        assert!(
+            out.is_empty(),
+            "--events none with --metrics is quiet: {out:#?}"
+        );
+    });
+}
+
+#[test]
+fn metrics_label_is_opt_in_and_capped() {
+    in_netns(|| {
+        // Two listening ports, label by lport with a cap of 1.
+        let (a, b) = (test_port(), test_port());
+        let metrics = localhost(test_port());
+        let (pa, pb, m) = (a.to_string(), b.to_string(), metrics.to_string());
+        let run = Running::start(&[
+            "--metrics",
+            &m,
+            "--metrics-label",
+            "lport",
+            "--metrics-label-max",
+            "1",
+            "--events",
+            "none",
+            "--port",
+            &pa,
+            "--port",
+            &pb,
+            "-v",
+        ]);
+        run.wait_attached();
+        held_connections(localhost(a), &[Duration::ZERO; 2]);
+        held_connections(localhost(b), &[Duration::ZERO; 2]);
+        let text = scrape_until(metrics, "all transitions", |t| {
+            sum_of(t, "tracer_tcp_transitions_total", |_| true) == 2.0 * (10 * 2 + 2) as f64
+        });
+        let lports: std::collections::BTreeSet<String> = samples(&text)
+            .into_iter()
+            .filter(|(n, _, _)| n == "tracer_tcp_transitions_total")
+            .map(|(_, l, _)| l["lport"].clone())
+            .collect();
+        // The first value seen (the first listener's port) and "other".
+        assert_eq!(lports.len(), 2, "{lports:?}");
+        assert!(
+            lports.contains("other") && lports.contains(&pa),
+            "{lports:?}"
+        );
+        // Server sockets of port a keep its label.
+        assert_eq!(
+            sum_of(&text, "tracer_tcp_transitions_total", |l| l["lport"] == pa
+                && l["old"] == "SYN_RECV"),
+            2.0
+        );
+        promtool_check(&text);
+        run.signal(libc::SIGINT);
+        assert_eq!(run.finish().0, 0);
+    });
+}
+
+#[test]
+fn a_prometheus_server_scrapes_the_endpoint() {
+    in_netns(|| {
+        let port = test_port();
+        let metrics = localhost(test_port());
+        let web = localhost(test_port());
+        let (p, m) = (port.to_string(), metrics.to_string());
+        let run = Running::start(&["--metrics", &m, "--events", "none", "--port", &p, "-v"]);
+        run.wait_attached();
+        const K: u64 = 3;
+        held_connections(localhost(port), &[Duration::ZERO; K as usize]);
+
+        let dir = TempFile::new("prometheus");
+        std::fs::create_dir_all(dir.path()).unwrap();
+        let config = dir.path().join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: tracer\n    \
+                 static_configs:\n      - targets: ['{metrics}']\n"
+            ),
+        )
+        .unwrap();
+        let mut server = Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address={web}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("prometheus (Debian package prometheus) is needed: run `cargo xtask test`");
+        let started = Instant::now();
+        let want = (10 * K + 2) as f64;
+        let query = "/api/v1/query?query=sum(tracer_tcp_transitions_total)";
+        let result = loop {
+            let got = TcpStream::connect(web)
+                .ok()
+                .map(|_| http_get(web, query))
+                .filter(|(status, _, _)| *status == 200)
+                .and_then(|(_, _, body)| {
+                    let v = json(&body);
+                    v["data"]["result"][0]["value"][1]
+                        .as_str()?
+                        .parse::<f64>()
+                        .ok()
+                });
+            if got == Some(want) || started.elapsed() > Duration::from_secs(30) {
+                break got;
+            }
+            thread::sleep(Duration::from_millis(200));
+        };
+        eprintln!(
+            "prometheus scraped the tracer after {:?}",
+            started.elapsed()
+        );
+        let (_, _, up) = http_get(web, "/api/v1/query?query=up");
+        let _ = server.kill();
+        let _ = server.wait();
+        assert_eq!(
+            result,
+            Some(want),
+            "prometheus' sum(tracer_tcp_transitions_total)"
+        );
+        assert_eq!(json(&up)["data"]["result"][0]["value"][1], "1", "{up}");
+        run.signal(libc::SIGINT);
+        assert_eq!(run.finish().0, 0);
+    });
+}
+
+fn assert_one_line_error(out: &Output, code: i32, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(code), "stderr: {stderr}");
+    assert!(stderr.contains(needle), "expected {needle:?} in: {stderr}");
+    assert!(
+        !stderr.contains("backtrace") && !stderr.contains("panicked"),
+        "{stderr}"
+    );
+    assert!(out.stdout.is_empty());
+}
+
+fn run_to_end(cmd: &mut Command) -> Output {
+    cmd.stdin(Stdio::null()).output().expect("run tracer")
+}
+
+#[test]
+fn bad_input_is_one_line_and_a_non_zero_exit() {
+    require_root();
+    let out = run_to_end(tracer().args(["--metrics", "notanaddr"]));
+    assert_one_line_error(&out, 2, "not an address to listen on");
+    let out = run_to_end(tracer().args(["--summary", "--group-by", "bogus"]));
+    assert_one_line_error(&out, 2, "invalid value 'bogus'");
+    let out = run_to_end(tracer().args(["--group-by", "lport"]));
+    assert_one_line_error(&out, 2, "--summary");
+
+    let out = run_to_end(tracer().args(["summarize", "/nonexistent"]));
+    assert_one_line_error(&out, 1, "cannot open /nonexistent");
+    assert_eq!(String::from_utf8_lossy(&out.stderr).lines().count(), 1);
+    let out = summarize(&["-"], Some("TIME(UTC)        PID     COMM\n"));
+    assert_one_line_error(&out, 1, "stdin:1: not a tracer JSON record");
+    assert_eq!(String::from_utf8_lossy(&out.stderr).lines().count(), 1);
+
+    // A port already in use: one line, before anything is loaded.
+    let busy = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = busy.local_addr().unwrap().to_string();
+    let out = run_to_end(tracer().args(["--metrics", &addr, "--duration", "1s"]));
+    assert_one_line_error(&out, 1, &format!("cannot listen on {addr} for --metrics"));
+    assert_eq!(String::from_utf8_lossy(&out.stderr).lines().count(), 1);
+}

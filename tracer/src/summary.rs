@@ -12,9 +12,12 @@
 //! (nearest-rank) value and at most 1/128 (0.8%) above it. Count, min and
 //! max are exact.
 //!
-//! Cost per stay: no allocation once a state's histogram of a group
-//! exists; a group key is a `Copy` value looked up in a `HashMap` of at
-//! most `2 × top` groups.
+//! Cost per stay: a group key is a `Copy` value looked up in a `HashMap`
+//! of at most `2 × top` groups. A state's first [`EXACT_VALUES`] stays in
+//! a group are kept as they are (exact percentiles, no allocation, cheap
+//! to fold into "other" when a rare group is dropped); the HdrHistogram is
+//! created with the next one and takes every stay after it without
+//! allocating (it grows, rarely, to the longest stay).
 
 use std::{
     borrow::Cow,
@@ -40,6 +43,8 @@ const HIST_MAX_NS: u64 = 1 << 53;
 /// [2^(b-1), 2^b) µs; the last one takes everything longer.
 const LOG2_BUCKETS: usize = 48;
 const STATES: usize = 13;
+/// Stays kept as values before a state's HdrHistogram is created.
+pub const EXACT_VALUES: usize = 8;
 /// Width of the histogram bars, as in bcc.
 const BAR: usize = 40;
 
@@ -81,8 +86,15 @@ pub struct StateStats {
     count: u64,
     min: u64,
     max: u64,
-    hist: Histogram<u64>,
+    /// The first EXACT_VALUES stays, then an HdrHistogram of all.
+    dist: Dist,
     log2: [u64; LOG2_BUCKETS],
+}
+
+#[derive(Clone)]
+enum Dist {
+    Exact([u64; EXACT_VALUES]),
+    Hist(Box<Histogram<u64>>),
 }
 
 impl StateStats {
@@ -91,39 +103,77 @@ impl StateStats {
             count: 0,
             min: u64::MAX,
             max: 0,
-            hist: Histogram::new(SIGNIFICANT_DIGITS).expect("2 significant digits are valid"),
+            dist: Dist::Exact([0; EXACT_VALUES]),
             log2: [0; LOG2_BUCKETS],
         }
     }
 
     fn record(&mut self, ns: u64) {
+        self.record_dist(ns);
         self.count += 1;
         self.min = self.min.min(ns);
         self.max = self.max.max(ns);
-        // Auto-resizing: grows (rarely) up to HIST_MAX_NS, never fails.
-        let _ = self.hist.record(ns.min(HIST_MAX_NS));
         self.log2[log2_bucket(ns)] += 1;
+    }
+
+    /// Into `dist` only (before `count` counts it).
+    fn record_dist(&mut self, ns: u64) {
+        let n = self.count as usize;
+        match &mut self.dist {
+            Dist::Exact(v) if n < EXACT_VALUES => v[n] = ns,
+            Dist::Exact(v) => {
+                let mut h = Box::new(
+                    Histogram::new(SIGNIFICANT_DIGITS).expect("2 significant digits are valid"),
+                );
+                for &x in v.iter() {
+                    let _ = h.record(x.min(HIST_MAX_NS));
+                }
+                let _ = h.record(ns.min(HIST_MAX_NS));
+                self.dist = Dist::Hist(h);
+            }
+            // Auto-resizing: grows (rarely) up to HIST_MAX_NS, never fails.
+            Dist::Hist(h) => {
+                let _ = h.record(ns.min(HIST_MAX_NS));
+            }
+        }
     }
 
     fn merge(&mut self, other: &StateStats) {
         if other.count == 0 {
             return;
         }
-        self.count += other.count;
+        match &other.dist {
+            Dist::Exact(v) => {
+                for &x in &v[..other.count as usize] {
+                    self.record_dist(x);
+                    self.count += 1;
+                }
+            }
+            Dist::Hist(theirs) => {
+                match &mut self.dist {
+                    Dist::Exact(v) => {
+                        let mut h = theirs.clone();
+                        for &x in &v[..self.count as usize] {
+                            let _ = h.record(x.min(HIST_MAX_NS));
+                        }
+                        self.dist = Dist::Hist(h);
+                    }
+                    Dist::Hist(mine) => {
+                        let _ = mine.add(&**theirs);
+                    }
+                }
+                self.count += other.count;
+            }
+        }
         self.min = self.min.min(other.min);
         self.max = self.max.max(other.max);
-        let _ = self.hist.add(&other.hist);
         for (a, b) in self.log2.iter_mut().zip(other.log2) {
             *a += b;
         }
     }
 
     fn reset(&mut self) {
-        self.count = 0;
-        self.min = u64::MAX;
-        self.max = 0;
-        self.hist.reset();
-        self.log2 = [0; LOG2_BUCKETS];
+        *self = StateStats::new();
     }
 
     pub fn count(&self) -> u64 {
@@ -136,10 +186,23 @@ impl StateStats {
         self.max
     }
 
-    /// The nearest-rank quantile `q` (0..=1), from the histogram, kept
-    /// within the exact min and max.
+    /// The nearest-rank quantile `q` (0..=1): exact for the first
+    /// EXACT_VALUES stays, then from the histogram, kept within the exact
+    /// min and max.
     pub fn quantile_ns(&self, q: f64) -> u64 {
-        self.hist.value_at_quantile(q).clamp(self.min, self.max)
+        match &self.dist {
+            Dist::Exact(v) => {
+                let n = self.count as usize;
+                if n == 0 {
+                    return 0;
+                }
+                let mut sorted = *v;
+                sorted[..n].sort_unstable();
+                let rank = ((q.clamp(0.0, 1.0) * n as f64).ceil() as usize).clamp(1, n);
+                sorted[rank - 1]
+            }
+            Dist::Hist(h) => h.value_at_quantile(q).clamp(self.min, self.max),
+        }
     }
 
     /// The log2 buckets from the first to the last non-empty one:
@@ -767,6 +830,42 @@ mod tests {
                 "q{q}: {got} vs {want}"
             );
         }
+    }
+
+    #[test]
+    fn few_stays_are_exact_and_merges_keep_every_value() {
+        let mut few = StateStats::new();
+        for v in [5, 1, 4, 2, 3] {
+            few.record(v * MS);
+        }
+        assert!(matches!(few.dist, Dist::Exact(_)));
+        assert_eq!(few.quantile_ns(0.5), 3 * MS);
+        assert_eq!(few.quantile_ns(0.0), MS);
+        assert_eq!(few.quantile_ns(1.0), 5 * MS);
+        // Exact into exact, past EXACT_VALUES: becomes a histogram.
+        let mut a = few.clone();
+        a.merge(&few);
+        assert_eq!(a.count(), 10);
+        assert!(matches!(a.dist, Dist::Hist(_)));
+        let p50 = a.quantile_ns(0.5);
+        assert!((3 * MS..=3 * MS + 3 * MS / 128).contains(&p50), "{p50}");
+        let mut many = StateStats::new();
+        for v in 1..=100 {
+            many.record(v * MS);
+        }
+        // Histogram into exact, and exact into histogram: same result.
+        let mut x = few.clone();
+        x.merge(&many);
+        let mut y = many.clone();
+        y.merge(&few);
+        for q in [0.01, 0.5, 0.9, 0.99, 1.0] {
+            assert_eq!(x.quantile_ns(q), y.quantile_ns(q), "q{q}");
+        }
+        assert_eq!((x.count(), x.min_ns(), x.max_ns()), (105, MS, 100 * MS));
+        assert_eq!(x.log2, y.log2);
+        x.reset();
+        assert_eq!(x.count(), 0);
+        assert!(matches!(x.dist, Dist::Exact(_)));
     }
 
     #[test]

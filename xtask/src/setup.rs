@@ -29,10 +29,29 @@ pub fn ensure() -> Result<()> {
     Ok(())
 }
 
-/// Set-up for the test suite: the build's, plus the Debian packages.
-pub fn ensure_for_tests() -> Result<()> {
+/// Debian packages for running the suite in other kernels: QEMU, a static
+/// busybox for the guest's userland, cpio for its initramfs.
+pub const VM_APT_PACKAGES: &[&str] = &["qemu-system-x86", "busybox-static", "cpio"];
+
+/// Set-up for the test suite: the build's, the Debian packages, and for
+/// guest kernels the musl target (static test binaries) and QEMU.
+pub fn ensure_for_tests(guests: bool) -> Result<()> {
     ensure()?;
-    ensure_apt_packages(APT_PACKAGES)
+    let mut packages = APT_PACKAGES.to_vec();
+    if guests {
+        packages.extend_from_slice(VM_APT_PACKAGES);
+        ensure_target(crate::vm::MUSL)?;
+    }
+    ensure_apt_packages(&packages)
+}
+
+fn ensure_target(target: &str) -> Result<()> {
+    let installed = output(Command::new("rustup").args(["target", "list", "--installed"]))?;
+    if installed.lines().any(|l| l.trim() == target) {
+        return Ok(());
+    }
+    eprintln!("xtask: adding the {target} target");
+    run(Command::new("rustup").args(["target", "add", target]))
 }
 
 fn ensure_apt_packages(packages: &[&str]) -> Result<()> {

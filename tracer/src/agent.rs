@@ -72,6 +72,7 @@ impl<W: Write> Pipeline<W> {
             timing_stale: kernel.timing_stale,
             untracked: self.tracker.untracked,
             gaps: self.tracker.gaps,
+            kernel: None,
         }
     }
 }
@@ -89,6 +90,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         args.ringbuf_size >> 10,
         args.max_sockets
     );
+    log::info!("{}", probe.capabilities.describe());
+    let capabilities = probe.capabilities;
     let counters = probe.counters;
     let mut pipeline = Pipeline {
         tracker: Tracker::new(args.max_sockets as usize),
@@ -170,7 +173,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         other => other.context("writing output")?,
     }
     let kernel = counters.read().context("reading the kernel counters")?;
-    let stats = pipeline.stats(kernel);
+    let mut stats = pipeline.stats(kernel);
+    stats.kernel = Some(capabilities);
     match pipeline.out.stats(&stats) {
         Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
         other => other.context("writing output"),

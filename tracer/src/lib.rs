@@ -8,6 +8,7 @@ pub mod agent;
 pub mod cli;
 pub mod clock;
 pub mod events;
+pub mod features;
 pub mod loader;
 pub mod output;
 pub mod tracker;

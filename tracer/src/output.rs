@@ -39,6 +39,9 @@ pub struct Stats {
     pub untracked: u64,
     /// Connections closed with a transition missing in between.
     pub gaps: u64,
+    /// What the kernel offers, as probed at start.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<crate::features::Capabilities>,
 }
 
 pub struct Output<W: Write> {
@@ -432,7 +435,10 @@ mod tests {
         o.connection(&listener).unwrap();
         let s = text(o);
         assert_eq!(s.lines().count(), 1);
-        assert!(s.contains(r#""states":{"SYN_SENT":1000000,"ESTABLISHED":200000000}"#), "{s}");
+        assert!(
+            s.contains(r#""states":{"SYN_SENT":1000000,"ESTABLISHED":200000000}"#),
+            "{s}"
+        );
     }
 
     #[test]

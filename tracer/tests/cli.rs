@@ -140,12 +140,16 @@ fn json_end_to_end_stops_on_sigint() {
             Ending::ClientFirst,
         );
         let mut got = Vec::new();
-        run.read_until(&mut got, "2 connection records (client and server; a listener is no connection)", |l| {
-            l.iter()
-                .filter(|l| l.contains(r#""type":"connection""#))
-                .count()
-                == 2
-        });
+        run.read_until(
+            &mut got,
+            "2 connection records (client and server; a listener is no connection)",
+            |l| {
+                l.iter()
+                    .filter(|l| l.contains(r#""type":"connection""#))
+                    .count()
+                    == 2
+            },
+        );
         run.interrupt();
         let (code, rest, _err) = run.finish();
         assert_eq!(code, 0);
@@ -189,6 +193,10 @@ fn json_end_to_end_stops_on_sigint() {
         assert_eq!(stats["type"], "stats", "the last line is the stats record");
         assert_eq!(stats["events"], 12);
         assert_eq!(stats["lost"], 0);
+        assert_eq!(
+            stats["kernel"]["ringbuf"], true,
+            "capabilities in the stats record"
+        );
     });
 }
 

@@ -410,3 +410,30 @@ fn durations_are_known_only_for_states_the_kernel_saw_entered() {
         );
     });
 }
+
+#[test]
+fn kernel_capabilities_are_probed() {
+    require_root();
+    let c = Collector::load(LoadOptions::default());
+    let caps = c.probe.capabilities;
+    assert!(caps.ringbuf);
+    assert_eq!(
+        caps.btf,
+        std::path::Path::new("/sys/kernel/btf/vmlinux").exists()
+    );
+    // Every kernel the suite runs on is 5.9 or later: with BTF, tp_btf and
+    // iter/tcp must be found.
+    if caps.btf {
+        assert!(caps.tp_btf && caps.iter_tcp, "{caps:?}");
+    }
+    // The kprobe PMU and the tracefs kprobe interface come with the same
+    // config option; the probe must agree with tracefs.
+    tracer::loader::ensure_tracefs().unwrap();
+    let tracefs_kprobes = std::path::Path::new("/sys/kernel/tracing/kprobe_events").exists();
+    assert_eq!(caps.kprobe, tracefs_kprobes, "{caps:?}");
+    // Whether fentry loads depends on the kernel's lockdown of ftrace; the
+    // guest kernels are known to allow it (xtask's guest init says so).
+    if let Ok(expect) = std::env::var("TRACER_EXPECT_FENTRY") {
+        assert_eq!(caps.fentry, expect == "1", "{caps:?}");
+    }
+}

@@ -51,7 +51,14 @@ fn run(cli: Cli) -> Result<()> {
         Task::Setup => setup::ensure(),
         Task::Run { args } => {
             setup::ensure()?;
-            cargo(&["build", "--release", "--package", "tracer", "--bin", "tracer"])?;
+            cargo(&[
+                "build",
+                "--release",
+                "--package",
+                "tracer",
+                "--bin",
+                "tracer",
+            ])?;
             let bin = workspace_root().join("target/release/tracer");
             // Replace xtask with the tracer so signals reach it directly.
             let err = Command::new(&bin).args(args).exec();
@@ -65,10 +72,28 @@ fn run(cli: Cli) -> Result<()> {
             };
             setup::ensure_for_tests(!guests.is_empty())?;
             eprintln!("xtask: unit tests");
-            cargo(&["test", "--package", "tracer-common", "--package", "tracer", "--package", "xtask", "--lib", "--bins"])?;
+            cargo(&[
+                "test",
+                "--package",
+                "tracer-common",
+                "--package",
+                "tracer",
+                "--package",
+                "xtask",
+                "--lib",
+                "--bins",
+            ])?;
             if kernel == "host" || kernel == "all" {
                 eprintln!("xtask: integration tests on the host kernel (real eBPF program)");
-                cargo(&["test", "--package", "tracer", "--test", "*", "--", "--test-threads=1"])?;
+                cargo(&[
+                    "test",
+                    "--package",
+                    "tracer",
+                    "--test",
+                    "*",
+                    "--",
+                    "--test-threads=1",
+                ])?;
             }
             if guests.is_empty() {
                 return Ok(());
@@ -77,7 +102,11 @@ fn run(cli: Cli) -> Result<()> {
             let mut times = Vec::new();
             for series in guests {
                 let image = vm::kernel(series)?;
-                eprintln!("xtask: integration tests on Linux {} ({}) under QEMU", series.name, image.display());
+                eprintln!(
+                    "xtask: integration tests on Linux {} ({}) under QEMU",
+                    series.name,
+                    image.display()
+                );
                 let took = vm::boot(series, &image, &initrd)?;
                 times.push(format!("{} {:.0}s", series.name, took.as_secs_f64()));
             }
@@ -88,7 +117,10 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 pub fn workspace_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask is in the workspace").to_path_buf()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask is in the workspace")
+        .to_path_buf()
 }
 
 fn cargo_command() -> Command {

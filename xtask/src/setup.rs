@@ -77,7 +77,10 @@ fn ensure_apt_packages(packages: &[&str]) -> Result<()> {
 }
 
 fn output(cmd: &mut Command) -> Result<String> {
-    let out = cmd.stderr(Stdio::inherit()).output().with_context(|| format!("running {cmd:?}"))?;
+    let out = cmd
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {cmd:?}"))?;
     if !out.status.success() {
         bail!("{cmd:?} failed ({})", out.status);
     }
@@ -146,7 +149,9 @@ fn ensure_bpf_linker() -> Result<()> {
         .with_context(|| format!("no libLLVM.so.* in {}", lib.display()))?;
     // This prefix becomes bpf-linker's RUNPATH: keep it stable per libLLVM.
     let home = std::env::var("HOME").context("HOME not set")?;
-    let prefix = PathBuf::from(home).join(".local/share/bpf-linker-llvm").join(&llvm_so);
+    let prefix = PathBuf::from(home)
+        .join(".local/share/bpf-linker-llvm")
+        .join(&llvm_so);
     std::fs::create_dir_all(prefix.join("lib"))?;
     for name in ["libLLVM.so", llvm_so.as_str()] {
         let link = prefix.join("lib").join(name);
@@ -157,7 +162,11 @@ fn ensure_bpf_linker() -> Result<()> {
     run(Command::new("cargo")
         .args(["+stable", "install", "--locked", "--force"])
         .arg(format!("bpf-linker@{BPF_LINKER_VERSION}"))
-        .args(["--no-default-features", "--features", &format!("llvm-{llvm_major}")])
+        .args([
+            "--no-default-features",
+            "--features",
+            &format!("llvm-{llvm_major}"),
+        ])
         // Without it, build scripts find the distribution's LLVM 14.
         .env("LLVM_PREFIX", &prefix))?;
     if !bpf_linker_works() {

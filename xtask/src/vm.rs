@@ -38,8 +38,14 @@ pub struct Series {
 }
 
 pub const SERIES: &[Series] = &[
-    Series { name: "6.1", pattern: r"^linux-image-6\.1\.0-[0-9]+-amd64-unsigned$" },
-    Series { name: "6.12", pattern: r"^linux-image-6\.12\.[0-9]+\+deb12-amd64-unsigned$" },
+    Series {
+        name: "6.1",
+        pattern: r"^linux-image-6\.1\.0-[0-9]+-amd64-unsigned$",
+    },
+    Series {
+        name: "6.12",
+        pattern: r"^linux-image-6\.12\.[0-9]+\+deb12-amd64-unsigned$",
+    },
 ];
 
 pub fn series(name: &str) -> Option<Series> {
@@ -51,7 +57,10 @@ fn vm_dir() -> PathBuf {
 }
 
 fn output(cmd: &mut Command) -> Result<String> {
-    let out = cmd.stderr(Stdio::inherit()).output().with_context(|| format!("running {cmd:?}"))?;
+    let out = cmd
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {cmd:?}"))?;
     if !out.status.success() {
         bail!("{cmd:?} failed ({})", out.status);
     }
@@ -60,15 +69,24 @@ fn output(cmd: &mut Command) -> Result<String> {
 
 /// The newest package of the series that apt knows.
 fn newest_package(series: Series) -> Result<Option<String>> {
-    let search = || output(Command::new("apt-cache").args(["search", "--names-only", series.pattern]));
+    let search =
+        || output(Command::new("apt-cache").args(["search", "--names-only", series.pattern]));
     let mut found = search()?;
     if found.trim().is_empty() {
         output(Command::new("apt-get").args(["update", "-qq"]))?;
         found = search()?;
     }
-    let mut names: Vec<String> = found.lines().filter_map(|l| l.split_whitespace().next()).map(String::from).collect();
+    let mut names: Vec<String> = found
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .map(String::from)
+        .collect();
     // Sort by the numbers in the name: 6.1.0-9 < 6.1.0-10.
-    names.sort_by_key(|n| n.split(|c: char| !c.is_ascii_digit()).filter_map(|d| d.parse::<u64>().ok()).collect::<Vec<_>>());
+    names.sort_by_key(|n| {
+        n.split(|c: char| !c.is_ascii_digit())
+            .filter_map(|d| d.parse::<u64>().ok())
+            .collect::<Vec<_>>()
+    });
     Ok(names.pop())
 }
 
@@ -81,7 +99,12 @@ pub fn kernel(series: Series) -> Result<PathBuf> {
         other => {
             // Offline or no such package: use a cached image of the series.
             let cached = cached_image(&cache, series);
-            return cached.ok_or_else(|| anyhow!("no Debian {} kernel package found ({other:?}) and none cached", series.name));
+            return cached.ok_or_else(|| {
+                anyhow!(
+                    "no Debian {} kernel package found ({other:?}) and none cached",
+                    series.name
+                )
+            });
         }
     };
     let dir = cache.join(&package);
@@ -92,7 +115,11 @@ pub fn kernel(series: Series) -> Result<PathBuf> {
     let download = cache.join("download");
     let _ = fs::remove_dir_all(&download);
     fs::create_dir_all(&download)?;
-    output(Command::new("apt-get").args(["download", "-qq", &package]).current_dir(&download))?;
+    output(
+        Command::new("apt-get")
+            .args(["download", "-qq", &package])
+            .current_dir(&download),
+    )?;
     let deb = fs::read_dir(&download)?
         .filter_map(|e| e.ok())
         .map(|e| e.path())
@@ -135,7 +162,8 @@ fn cached_image(cache: &Path, series: Series) -> Option<PathBuf> {
 /// The guest's /init.
 const INIT: &str = r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
-export PATH=/bin TRACER_BIN=/bin/tracer HOME=/root
+# Debian kernels allow fentry (checked by kernel_capabilities_are_probed).
+export PATH=/bin TRACER_BIN=/bin/tracer HOME=/root TRACER_EXPECT_FENTRY=1
 mkdir -p /proc /sys /dev /tmp /root
 mount -t proc proc /proc
 mount -t sysfs sys /sys
@@ -157,11 +185,21 @@ poweroff -f
 /// Builds the static test binaries and the initramfs that runs them.
 pub fn build_initramfs(cargo: &dyn Fn(&[&str]) -> Result<String>) -> Result<PathBuf> {
     let json = cargo(&[
-        "test", "--package", "tracer", "--test", "*", "--no-run", "--target", MUSL, "--message-format=json",
+        "test",
+        "--package",
+        "tracer",
+        "--test",
+        "*",
+        "--no-run",
+        "--target",
+        MUSL,
+        "--message-format=json",
     ])?;
     let mut tests = Vec::new();
     for line in json.lines() {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
         if v["reason"] == "compiler-artifact" && v["profile"]["test"] == true {
             if let Some(exe) = v["executable"].as_str() {
                 tests.push(PathBuf::from(exe));
@@ -171,21 +209,36 @@ pub fn build_initramfs(cargo: &dyn Fn(&[&str]) -> Result<String>) -> Result<Path
     if tests.is_empty() {
         bail!("cargo built no integration test binaries for {MUSL}");
     }
-    cargo(&["build", "--package", "tracer", "--bin", "tracer", "--target", MUSL])?;
-    let tracer = workspace_root().join("target").join(MUSL).join("debug/tracer");
+    cargo(&[
+        "build",
+        "--package",
+        "tracer",
+        "--bin",
+        "tracer",
+        "--target",
+        MUSL,
+    ])?;
+    let tracer = workspace_root()
+        .join("target")
+        .join(MUSL)
+        .join("debug/tracer");
 
     let root = vm_dir().join("initramfs");
     let _ = fs::remove_dir_all(&root);
     for d in ["bin", "tests", "sys/fs/bpf", "sys/kernel/tracing"] {
         fs::create_dir_all(root.join(d))?;
     }
-    fs::copy("/bin/busybox", root.join("bin/busybox")).context("copying /bin/busybox (busybox-static)")?;
+    fs::copy("/bin/busybox", root.join("bin/busybox"))
+        .context("copying /bin/busybox (busybox-static)")?;
     let init = root.join("init");
     fs::write(&init, INIT)?;
     set_executable(&init)?;
     strip_into(&tracer, &root.join("bin/tracer"))?;
     for t in &tests {
-        strip_into(t, &root.join("tests").join(t.file_name().expect("file name")))?;
+        strip_into(
+            t,
+            &root.join("tests").join(t.file_name().expect("file name")),
+        )?;
     }
     let image = vm_dir().join("initramfs.cpio");
     let archive = fs::File::create(&image)?;
@@ -208,7 +261,12 @@ fn set_executable(p: &Path) -> Result<()> {
 }
 
 fn strip_into(from: &Path, to: &Path) -> Result<()> {
-    let status = Command::new("strip").arg("--strip-debug").arg("-o").arg(to).arg(from).status()?;
+    let status = Command::new("strip")
+        .arg("--strip-debug")
+        .arg("-o")
+        .arg(to)
+        .arg(from)
+        .status()?;
     if !status.success() {
         bail!("strip {} failed", from.display());
     }
@@ -220,7 +278,18 @@ fn strip_into(from: &Path, to: &Path) -> Result<()> {
 pub fn boot(series: Series, kernel: &Path, initrd: &Path) -> Result<Duration> {
     let started = Instant::now();
     let mut child = Command::new("qemu-system-x86_64")
-        .args(["-accel", "tcg,thread=multi", "-cpu", "max", "-nographic", "-no-reboot", "-m", "1G", "-smp", "2"])
+        .args([
+            "-accel",
+            "tcg,thread=multi",
+            "-cpu",
+            "max",
+            "-nographic",
+            "-no-reboot",
+            "-m",
+            "1G",
+            "-smp",
+            "2",
+        ])
         .args(["-nic", "none", "-kernel"])
         .arg(kernel)
         .arg("-initrd")
@@ -239,7 +308,10 @@ pub fn boot(series: Series, kernel: &Path, initrd: &Path) -> Result<Duration> {
         let mut buf = Vec::new();
         while reader.read_until(b'\n', &mut buf).is_ok_and(|n| n > 0) {
             // The console carries escape codes and CRs; keep the text.
-            let line: String = String::from_utf8_lossy(&buf).chars().filter(|c| !c.is_control() || *c == '\t').collect();
+            let line: String = String::from_utf8_lossy(&buf)
+                .chars()
+                .filter(|c| !c.is_control() || *c == '\t')
+                .collect();
             eprintln!("[{name}] {line}");
             let _ = tx.send(line);
             buf.clear();

@@ -65,7 +65,11 @@ fn loopback_up() {
             "SIOCGIFFLAGS"
         );
         ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
-        assert_eq!(libc::ioctl(fd, libc::SIOCSIFFLAGS as _, &ifr), 0, "SIOCSIFFLAGS");
+        assert_eq!(
+            libc::ioctl(fd, libc::SIOCSIFFLAGS as _, &ifr),
+            0,
+            "SIOCSIFFLAGS"
+        );
         libc::close(fd);
     }
 }

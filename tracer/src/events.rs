@@ -162,6 +162,8 @@ pub struct Transition {
     pub new: TcpState,
     /// Time spent in `old`, if the kernel saw the socket enter it.
     pub old_state_ns: Option<u64>,
+    /// Inode number of the socket's network namespace; 0 if unknown.
+    pub netns: u32,
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -214,6 +216,7 @@ pub fn decode(bytes: &[u8]) -> Result<Transition, DecodeError> {
         old: state(ev.oldstate)?,
         new: state(ev.newstate)?,
         old_state_ns: (ev.flags & FLAG_OLD_STATE_KNOWN != 0).then_some(ev.old_state_ns),
+        netns: ev.netns,
     })
 }
 
@@ -267,6 +270,8 @@ pub fn encode(t: &Transition) -> Vec<u8> {
         family: t.family.af(),
         oldstate: t.old as u8,
         newstate: t.new as u8,
+        netns: t.netns,
+        _reserved: 0,
     };
     // SAFETY: `TransitionEvent` is `#[repr(C)]` without padding.
     let bytes = unsafe {
@@ -304,6 +309,7 @@ pub(crate) mod tests {
             old: TcpState::SynSent,
             new: TcpState::Established,
             old_state_ns: Some(1234),
+            netns: 4026531840,
         }
     }
 

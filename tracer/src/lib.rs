@@ -5,6 +5,7 @@
 //! and benchmarks drive the same loader, decoder and tracker.
 
 pub mod agent;
+pub mod btf_offsets;
 pub mod cli;
 pub mod clock;
 pub mod events;

@@ -12,6 +12,7 @@ use thiserror::Error;
 use tracer_common::{counter, global, map, MAX_FILTER_PORTS, PROGRAM_NAME};
 
 use crate::{
+    btf_offsets::{self, KernelOffsets},
     events::Family,
     features::{self, Capabilities},
 };
@@ -74,6 +75,8 @@ impl Default for LoadOptions {
 pub struct Probe {
     pub events: RingBuf<MapData>,
     pub capabilities: Capabilities,
+    /// Kernel offsets found in BTF (netns of each socket, when known).
+    pub offsets: KernelOffsets,
     pub counters: KernelCounters,
     /// The kernel program's aya-log records (rare errors), if any.
     pub logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
@@ -226,8 +229,19 @@ fn load_attached(opts: &LoadOptions) -> Result<Probe, LoadError> {
     let family: u16 = opts.family.map_or(0, Family::af);
     let filter_ports: u8 = u8::from(!opts.ports.is_empty());
     let btf = features::kernel_btf();
+    let offsets = match btf_offsets::from_sys_fs() {
+        Ok(o) => o,
+        Err(e) => {
+            log::warn!(
+                "no kernel struct offsets ({e}); network namespaces will be reported unknown"
+            );
+            KernelOffsets::UNKNOWN
+        }
+    };
     let mut ebpf = EbpfLoader::new()
         .btf(btf.as_ref())
+        .override_global(global::OFF_SKC_NET, &offsets.skc_net, true)
+        .override_global(global::OFF_NET_INUM, &offsets.net_inum, true)
         .override_global(global::FILTER_FAMILY, &family, true)
         .override_global(global::FILTER_PORTS, &filter_ports, true)
         .map_max_entries(map::SOCK_TIMING, opts.max_sockets)
@@ -273,6 +287,7 @@ fn load_attached(opts: &LoadOptions) -> Result<Probe, LoadError> {
     Ok(Probe {
         events,
         capabilities,
+        offsets,
         counters,
         logger,
         _ebpf: ebpf,

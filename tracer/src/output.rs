@@ -70,6 +70,7 @@ struct TransitionJson<'a> {
     old: &'static str,
     new: &'static str,
     old_state_ns: Option<u64>,
+    netns: Option<u32>,
 }
 
 #[derive(Serialize)]
@@ -152,6 +153,7 @@ impl<W: Write> Output<W> {
                     old: t.old.name(),
                     new: t.new.name(),
                     old_state_ns: t.old_state_ns,
+                    netns: (t.netns != 0).then_some(t.netns),
                 };
                 serde_json::to_writer(&mut self.out, &rec)?;
                 self.out.write_all(b"\n")

@@ -437,3 +437,29 @@ fn kernel_capabilities_are_probed() {
         assert_eq!(caps.fentry, expect == "1", "{caps:?}");
     }
 }
+
+#[test]
+fn events_carry_the_sockets_network_namespace() {
+    use std::os::unix::fs::MetadataExt as _;
+    let host_ns = std::fs::metadata("/proc/self/ns/net").unwrap().ino();
+    in_netns(move || {
+        let test_ns = std::fs::metadata("/proc/thread-self/ns/net").unwrap().ino();
+        assert_ne!(test_ns, host_ns);
+        let port = test_port();
+        let mut c = Collector::on_port(port);
+        assert!(
+            c.probe.offsets.netns_known(),
+            "BTF offsets found: {:?}",
+            c.probe.offsets
+        );
+        conversation(
+            SocketAddr::new("127.0.0.1".parse().unwrap(), port),
+            Duration::ZERO,
+            Ending::ClientFirst,
+        );
+        c.wait_closed("three sockets closed", |_| true, 3);
+        for t in &c.events {
+            assert_eq!(u64::from(t.netns), test_ns, "{}", dump(&c.events));
+        }
+    });
+}

@@ -17,11 +17,12 @@ use tokio::{
 
 use crate::{
     cli::Args,
-    clock::WallClock,
-    events,
+    clock::{monotonic_ns, WallClock},
+    events::{self, TcpState},
+    lifecycle::Lifecycle,
     loader::{self, CounterValues, LoadOptions},
     output::{Output, Stats},
-    tracker::{Tracker, Update},
+    tracker::Tracker,
 };
 
 /// Everything one decoded record goes through, kept apart from the loop so
@@ -46,9 +47,39 @@ impl<W: Write> Pipeline<W> {
             }
         };
         self.events += 1;
-        self.out.transition(&t)?;
-        if let Update::Closed(conn) = self.tracker.on_transition(&t) {
-            self.out.connection(&conn)?;
+        let outcome = self.tracker.on_transition(&t);
+        for d in &outcome.derived {
+            self.out.transition(d, &outcome.owner_of_derived())?;
+        }
+        self.out.transition(&t, &outcome.owner)?;
+        for conn in &outcome.closed {
+            self.out.connection(conn)?;
+        }
+        Ok(())
+    }
+
+    /// Ends timewait sockets that are gone (see `lifecycle.rs`).
+    pub fn poll_timewait(&mut self, lifecycle: &mut Lifecycle) -> io::Result<()> {
+        let result = lifecycle.poll_timewait(&mut self.tracker);
+        for (d, owner) in &result.derived {
+            self.out.transition(d, owner)?;
+        }
+        for conn in &result.closed {
+            self.out.connection(conn)?;
+        }
+        Ok(())
+    }
+
+    /// Alerts for connections stuck past their threshold.
+    pub fn check_stuck(
+        &mut self,
+        lifecycle: &mut Lifecycle,
+        thresholds: &[(TcpState, Duration)],
+    ) -> io::Result<()> {
+        for &(state, threshold) in thresholds {
+            for (conn, holders) in lifecycle.stuck(&mut self.tracker, state, threshold) {
+                self.out.stuck(&conn, monotonic_ns(), &holders, false)?;
+            }
         }
         Ok(())
     }
@@ -72,7 +103,7 @@ impl<W: Write> Pipeline<W> {
             timing_stale: kernel.timing_stale,
             untracked: self.tracker.untracked,
             gaps: self.tracker.gaps,
-            kernel: None,
+            ..Default::default()
         }
     }
 }
@@ -85,13 +116,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         ringbuf_bytes: args.ringbuf_size,
     };
     let probe = loader::load(&opts)?;
-    log::info!(
-        "attached to sock:inet_sock_set_state; ring buffer {} KiB, {} sockets timed at most",
-        args.ringbuf_size >> 10,
-        args.max_sockets
-    );
     log::info!("{}", probe.capabilities.describe());
     let capabilities = probe.capabilities;
+    let netns_known = probe.offsets.netns_known();
     let counters = probe.counters;
     let mut pipeline = Pipeline {
         tracker: Tracker::new(args.max_sockets as usize),
@@ -104,6 +131,23 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         events: 0,
         unreadable: 0,
     };
+    // After attaching, so no socket falls between the snapshot and the events.
+    let mut lifecycle = Lifecycle::new().context("opening NETLINK_SOCK_DIAG")?;
+    let existing = lifecycle.snapshot(&mut pipeline.tracker, netns_known);
+    log::info!("snapshot: {existing} TCP sockets existed before the tracer");
+    // Tests and scripts wait for this line: everything is in place.
+    log::info!(
+        "attached to sock:inet_sock_set_state; ring buffer {} KiB, {} sockets timed at most",
+        args.ringbuf_size >> 10,
+        args.max_sockets
+    );
+    let thresholds: Vec<(TcpState, Duration)> = [
+        (TcpState::CloseWait, args.close_wait),
+        (TcpState::FinWait2, args.fin_wait2),
+    ]
+    .into_iter()
+    .filter(|(_, d)| !d.is_zero())
+    .collect();
     // SAFETY: the AsyncFd owns the ring buffer, hence its fd, for as long as
     // it is registered.
     let mut ring = unsafe { AsyncFd::register_with_interest(probe.events, Interest::READABLE) }
@@ -128,6 +172,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let mut tick = interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut last_lost = 0;
+    let mut timewait_tick = interval(args.timewait_interval);
+    timewait_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
 
     let result: io::Result<()> = async {
         loop {
@@ -146,7 +192,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 _ = sigint.recv() => break,
                 _ = sigterm.recv() => break,
                 _ = &mut deadline => break,
+                _ = timewait_tick.tick() => {
+                    pipeline.poll_timewait(&mut lifecycle)?;
+                    pipeline.out.flush()?;
+                }
                 _ = tick.tick() => {
+                    pipeline.check_stuck(&mut lifecycle, &thresholds)?;
                     pipeline.out.flush()?;
                     if let Ok(c) = counters.read() {
                         if c.ringbuf_full > last_lost {
@@ -163,6 +214,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         }
         // What the kernel submitted before we stopped.
         pipeline.drain(ring.get_mut())?;
+        // The connections still stuck, with their ages.
+        for &(state, _) in &thresholds {
+            for (conn, holders) in lifecycle.still_in(&mut pipeline.tracker, state) {
+                pipeline.out.stuck(&conn, monotonic_ns(), &holders, true)?;
+            }
+        }
         Ok(())
     }
     .await;
@@ -175,6 +232,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let kernel = counters.read().context("reading the kernel counters")?;
     let mut stats = pipeline.stats(kernel);
     stats.kernel = Some(capabilities);
+    stats.timewait_polls = lifecycle.counters.polls;
+    stats.timewait_poll_ns = lifecycle.counters.poll_ns;
+    stats.diag_errors = lifecycle.counters.errors;
+    stats.timewait_pending = pipeline.tracker.timewait_pending() as u64;
     match pipeline.out.stats(&stats) {
         Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
         other => other.context("writing output"),

@@ -101,6 +101,10 @@ pub struct TransitionEvent {
     pub family: u16,
     pub oldstate: u8,
     pub newstate: u8,
+    /// Inode number of the socket's network namespace (as in
+    /// `/proc/<pid>/ns/net`), or 0 when the kernel offsets are unknown.
+    pub netns: u32,
+    pub _reserved: u32,
 }
 
 /// Indices of the kernel program's per-CPU counters (`COUNTERS` map).
@@ -136,7 +140,16 @@ pub mod global {
     pub const FILTER_FAMILY: &str = "FILTER_FAMILY";
     /// `u8`: non-zero when the `PORT_FILTER` map restricts ports.
     pub const FILTER_PORTS: &str = "FILTER_PORTS";
+    /// `u32`: byte offset of `sock_common.skc_net.net` (from BTF), or
+    /// [`super::OFFSET_UNKNOWN`].
+    pub const OFF_SKC_NET: &str = "OFF_SKC_NET";
+    /// `u32`: byte offset of `net.ns.inum` (from BTF), or
+    /// [`super::OFFSET_UNKNOWN`].
+    pub const OFF_NET_INUM: &str = "OFF_NET_INUM";
 }
+
+/// A kernel struct offset the agent could not find in BTF.
+pub const OFFSET_UNKNOWN: u32 = u32::MAX;
 
 /// Map names, shared so the agent cannot misspell them.
 pub mod map {
@@ -163,6 +176,6 @@ mod pod {
 // No hidden padding: the sizes are the sums of the fields.
 const _: () = assert!(core::mem::size_of::<InetSockSetStateRecord>() == 72);
 const _: () = assert!(core::mem::size_of::<EventHeader>() == 16);
-const _: () = assert!(core::mem::size_of::<TransitionEvent>() == 16 + 8 + 8 + 48 + 16 + 8);
+const _: () = assert!(core::mem::size_of::<TransitionEvent>() == 16 + 8 + 8 + 48 + 16 + 8 + 8);
 const _: () = assert!(core::mem::align_of::<TransitionEvent>() <= 8);
 const _: () = assert!(core::mem::size_of::<SockTiming>() == 16);

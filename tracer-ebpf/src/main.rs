@@ -8,6 +8,7 @@
 #![no_std]
 #![no_main]
 
+mod probes;
 mod transition;
 
 #[cfg(not(test))]

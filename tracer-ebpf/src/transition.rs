@@ -3,7 +3,10 @@
 use core::{ffi::c_void, mem::offset_of, ptr};
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_ktime_get_ns, generated},
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        generated,
+    },
     macros::{map, tracepoint},
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::TracePointContext,
@@ -12,7 +15,7 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use tracer_common::{
     counter, tcp_state, EventHeader, EventKind, InetSockSetStateRecord, SockTiming,
-    TransitionEvent, AF_INET6, FLAG_OLD_STATE_KNOWN, IPPROTO_TCP, MAX_FILTER_PORTS,
+    TransitionEvent, AF_INET6, FLAG_OLD_STATE_KNOWN, IPPROTO_TCP, MAX_FILTER_PORTS, OFFSET_UNKNOWN,
 };
 
 /// 0: both families; else only `AF_INET` or `AF_INET6`. Set by the agent.
@@ -22,6 +25,13 @@ static FILTER_FAMILY: Global<u16> = Global::new(0);
 /// Non-zero: only transitions whose local or remote port is in `PORT_FILTER`.
 #[unsafe(no_mangle)]
 static FILTER_PORTS: Global<u8> = Global::new(0);
+
+/// Offsets of `sock_common.skc_net.net` and `net.ns.inum`, found by the
+/// agent in the kernel's BTF (Rust eBPF has no CO-RE relocations).
+#[unsafe(no_mangle)]
+static OFF_SKC_NET: Global<u32> = Global::new(OFFSET_UNKNOWN);
+#[unsafe(no_mangle)]
+static OFF_NET_INUM: Global<u32> = Global::new(OFFSET_UNKNOWN);
 
 /// Sized by the agent (`--ringbuf-size`) before load.
 #[map]
@@ -121,6 +131,8 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), Skip> {
         (*ev).family = family;
         (*ev).oldstate = oldstate;
         (*ev).newstate = newstate;
+        (*ev).netns = netns_inum(skaddr);
+        (*ev)._reserved = 0;
     }
     copy_addresses(ctx, family, ev);
     unsafe {
@@ -172,6 +184,20 @@ fn account_time(
         }
     }
     elapsed
+}
+
+/// The socket's network namespace inode number, 0 if unknown.
+#[inline(always)]
+fn netns_inum(skaddr: u64) -> u32 {
+    let (off_net, off_inum) = (OFF_SKC_NET.load(), OFF_NET_INUM.load());
+    if off_net == OFFSET_UNKNOWN || off_inum == OFFSET_UNKNOWN {
+        return 0;
+    }
+    let net: u64 = match unsafe { bpf_probe_read_kernel((skaddr + off_net as u64) as *const u64) } {
+        Ok(p) => p,
+        Err(_) => return 0,
+    };
+    unsafe { bpf_probe_read_kernel((net + off_inum as u64) as *const u32) }.unwrap_or(0)
 }
 
 #[inline(always)]

@@ -17,14 +17,15 @@ use tokio::{
 
 use crate::{
     cli::Args,
-    clock::WallClock,
-    events::{self, Transition},
+    clock::{monotonic_ns, WallClock},
+    events::{self, TcpState, Transition},
+    lifecycle::Lifecycle,
     loader::{self, CounterValues, LoadOptions},
     metrics::{Endpoint, Recorder},
     observe::Observers,
     output::{Output, Stats},
     summary::Summary,
-    tracker::{Tracker, Update},
+    tracker::{Connection, Owner, Tracker},
 };
 
 /// Everything one decoded record goes through, kept apart from the loop so
@@ -51,17 +52,53 @@ impl<W: Write> Pipeline<W> {
             }
         };
         self.events += 1;
-        self.on_transition(&t)
+        let outcome = self.tracker.on_transition(&t);
+        for d in &outcome.derived {
+            self.emit(d, &outcome.owner_of_derived())?;
+        }
+        self.emit(&t, &outcome.owner)?;
+        for conn in &outcome.closed {
+            self.close(conn)?;
+        }
+        Ok(())
     }
 
-    /// Everything a decoded transition goes through; `tracer summarize`
-    /// replays recorded transitions through it too.
-    pub fn on_transition(&mut self, t: &Transition) -> io::Result<()> {
-        self.out.transition(t)?;
-        let update = self.tracker.on_transition(t);
-        self.observers.transition(t, &self.tracker, &update);
-        if let Update::Closed(conn) = update {
-            self.out.connection(&conn)?;
+    /// A transition to the output and to the observers (summary, metrics),
+    /// with the owner the output names; `tracer summarize` feeds the
+    /// observers the same pairs read back from a recording.
+    pub fn emit(&mut self, t: &Transition, owner: &Option<Owner>) -> io::Result<()> {
+        self.observers.transition(t, owner);
+        self.out.transition(t, owner)
+    }
+
+    /// A connection's record, to the output and the observers.
+    pub fn close(&mut self, conn: &Connection) -> io::Result<()> {
+        self.observers.connection(conn);
+        self.out.connection(conn)
+    }
+
+    /// Ends timewait sockets that are gone (see `lifecycle.rs`).
+    pub fn poll_timewait(&mut self, lifecycle: &mut Lifecycle) -> io::Result<()> {
+        let result = lifecycle.poll_timewait(&mut self.tracker);
+        for (d, owner) in &result.derived {
+            self.emit(d, owner)?;
+        }
+        for conn in &result.closed {
+            self.close(conn)?;
+        }
+        Ok(())
+    }
+
+    /// Alerts for connections stuck past their threshold.
+    pub fn check_stuck(
+        &mut self,
+        lifecycle: &mut Lifecycle,
+        thresholds: &[(TcpState, Duration)],
+    ) -> io::Result<()> {
+        for &(state, threshold) in thresholds {
+            for (conn, holders) in lifecycle.stuck(&mut self.tracker, state, threshold) {
+                self.out.stuck(&conn, monotonic_ns(), &holders, false)?;
+            }
         }
         Ok(())
     }
@@ -94,6 +131,7 @@ impl<W: Write> Pipeline<W> {
             timing_stale: kernel.timing_stale,
             untracked: self.tracker.untracked,
             gaps: self.tracker.gaps,
+            ..Default::default()
         }
     }
 }
@@ -105,7 +143,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     // Even without --summary, so that a stray SIGUSR1 never kills it.
     let mut sigusr1 = signal(SignalKind::user_defined1()).context("SIGUSR1 handler")?;
     // Before loading: a busy port fails fast, with nothing to undo.
-    let metrics = Recorder::from_args(&args.metrics);
+    let metrics = Recorder::from_args(&args.metrics, args.close_wait);
     let mut endpoint = match (&metrics, args.metrics.metrics) {
         (Some(m), Some(addr)) => Endpoint::start(addr, m.registry().clone()).await?,
         _ => Endpoint::disabled(),
@@ -117,14 +155,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         ringbuf_bytes: args.ringbuf_size,
     };
     let probe = loader::load(&opts)?;
-    log::info!(
-        "attached to sock:inet_sock_set_state; ring buffer {} KiB, {} sockets timed at most",
-        args.ringbuf_size >> 10,
-        args.max_sockets
-    );
-    if let Some(addr) = endpoint.local_addr {
-        log::info!("serving Prometheus metrics at http://{addr}/metrics");
-    }
+    log::info!("{}", probe.capabilities.describe());
+    let capabilities = probe.capabilities;
+    let netns_known = probe.offsets.netns_known();
     let counters = probe.counters;
     let mut pipeline = Pipeline {
         tracker: Tracker::new(args.max_sockets as usize),
@@ -136,11 +169,28 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         ),
         events: 0,
         unreadable: 0,
-        observers: Observers {
-            summary: Summary::from_args(&args.summary),
-            metrics,
-        },
+        observers: Observers::new(Summary::from_args(&args.summary), metrics),
     };
+    // After attaching, so no socket falls between the snapshot and the events.
+    let mut lifecycle = Lifecycle::new().context("opening NETLINK_SOCK_DIAG")?;
+    let existing = lifecycle.snapshot(&mut pipeline.tracker, netns_known);
+    log::info!("snapshot: {existing} TCP sockets existed before the tracer");
+    if let Some(addr) = endpoint.local_addr {
+        log::info!("serving Prometheus metrics at http://{addr}/metrics");
+    }
+    // Tests and scripts wait for this line: everything is in place.
+    log::info!(
+        "attached to sock:inet_sock_set_state; ring buffer {} KiB, {} sockets timed at most",
+        args.ringbuf_size >> 10,
+        args.max_sockets
+    );
+    let thresholds: Vec<(TcpState, Duration)> = [
+        (TcpState::CloseWait, args.close_wait),
+        (TcpState::FinWait2, args.fin_wait2),
+    ]
+    .into_iter()
+    .filter(|(_, d)| !d.is_zero())
+    .collect();
     // SAFETY: the AsyncFd owns the ring buffer, hence its fd, for as long as
     // it is registered.
     let mut ring = unsafe { AsyncFd::register_with_interest(probe.events, Interest::READABLE) }
@@ -163,6 +213,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let mut tick = interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut last_lost = 0;
+    let mut timewait_tick = interval(args.timewait_interval);
+    timewait_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
 
     let result: io::Result<()> = async {
         loop {
@@ -193,10 +245,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 scrape = endpoint.scrape_requested() => {
                     // Count what the kernel has submitted, then the gauges.
                     pipeline.drain(ring.get_mut())?;
-                    pipeline.observers.refresh_metrics(&pipeline.tracker, counters.read().ok());
+                    pipeline.observers.refresh_metrics(&mut pipeline.tracker, counters.read().ok());
                     let _ = scrape.send(());
                 }
+                _ = timewait_tick.tick() => {
+                    pipeline.poll_timewait(&mut lifecycle)?;
+                    pipeline.out.flush()?;
+                }
                 _ = tick.tick() => {
+                    pipeline.check_stuck(&mut lifecycle, &thresholds)?;
                     pipeline.out.flush()?;
                     if let Ok(c) = counters.read() {
                         if c.ringbuf_full > last_lost {
@@ -213,6 +270,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         }
         // What the kernel submitted before we stopped.
         pipeline.drain(ring.get_mut())?;
+        // The connections still stuck, with their ages.
+        for &(state, _) in &thresholds {
+            for (conn, holders) in lifecycle.still_in(&mut pipeline.tracker, state) {
+                pipeline.out.stuck(&conn, monotonic_ns(), &holders, true)?;
+            }
+        }
         pipeline.write_summary(args.output)?;
         Ok(())
     }
@@ -224,7 +287,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         other => other.context("writing output")?,
     }
     let kernel = counters.read().context("reading the kernel counters")?;
-    let stats = pipeline.stats(kernel);
+    let mut stats = pipeline.stats(kernel);
+    stats.kernel = Some(capabilities);
+    stats.timewait_polls = lifecycle.counters.polls;
+    stats.timewait_poll_ns = lifecycle.counters.poll_ns;
+    stats.diag_errors = lifecycle.counters.errors;
+    stats.timewait_pending = pipeline.tracker.timewait_pending() as u64;
     match pipeline.out.stats(&stats) {
         Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
         other => other.context("writing output"),

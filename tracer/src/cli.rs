@@ -43,6 +43,21 @@ pub struct Args {
     #[arg(short = '6', long = "ipv6")]
     pub ipv6: bool,
 
+    /// How often timewait sockets are checked (sock_diag dumps, only while
+    /// actively closed connections wait for theirs to end).
+    #[arg(long, default_value = "1s", value_parser = parse_duration, value_name = "D")]
+    pub timewait_interval: Duration,
+
+    /// Report connections that stay in CLOSE_WAIT longer than D (the peer
+    /// closed, the local application never called close()); 0 disables.
+    #[arg(long, default_value = "30s", value_parser = parse_duration_or_zero, value_name = "D")]
+    pub close_wait: Duration,
+
+    /// Report connections that stay in FIN_WAIT2 longer than D (we closed,
+    /// the peer never sent its FIN); 0 (the default) disables.
+    #[arg(long, default_value = "0", value_parser = parse_duration_or_zero, value_name = "D")]
+    pub fin_wait2: Duration,
+
     /// Sockets timed at once, in the kernel and in the agent. Each costs
     /// about 100 bytes of kernel memory and 200 bytes in the agent.
     #[arg(long, default_value_t = 65536, value_parser = clap::value_parser!(u32).range(64..=16_777_216))]
@@ -118,6 +133,13 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+fn parse_duration_or_zero(s: &str) -> Result<Duration, String> {
+    if s == "0" {
+        return Ok(Duration::ZERO);
+    }
+    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 30s, 5m, 0 to disable)"))
+}
+
 fn parse_port(s: &str) -> Result<u16, String> {
     let n: u64 = s
         .parse()
@@ -166,6 +188,27 @@ mod tests {
         assert!(a.ports.is_empty());
         assert_eq!(a.family(), None);
         assert_eq!(a.ringbuf_size, 4 << 20);
+        assert_eq!(a.close_wait, Duration::from_secs(30));
+        assert_eq!(a.fin_wait2, Duration::ZERO);
+        assert_eq!(a.timewait_interval, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn lifecycle_flags() {
+        let a = parse(&[
+            "--close-wait",
+            "0",
+            "--fin-wait2",
+            "2m",
+            "--timewait-interval",
+            "250ms",
+        ])
+        .unwrap();
+        assert_eq!(a.close_wait, Duration::ZERO);
+        assert_eq!(a.fin_wait2, Duration::from_secs(120));
+        assert_eq!(a.timewait_interval, Duration::from_millis(250));
+        assert!(parse(&["--close-wait", "soon"]).is_err());
+        assert!(parse(&["--timewait-interval", "0"]).is_err());
     }
 
     #[test]

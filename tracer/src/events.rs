@@ -129,6 +129,14 @@ impl Comm {
     pub fn new(raw: [u8; 16]) -> Self {
         Comm(raw)
     }
+    /// From a name (e.g. /proc/<pid>/comm), truncated to 15 bytes as the
+    /// kernel does.
+    pub fn from_name(name: &str) -> Self {
+        let mut raw = [0u8; 16];
+        let n = name.len().min(15);
+        raw[..n].copy_from_slice(&name.as_bytes()[..n]);
+        Comm(raw)
+    }
     pub fn as_str(&self) -> std::borrow::Cow<'_, str> {
         let end = self.0.iter().position(|&b| b == 0).unwrap_or(self.0.len());
         String::from_utf8_lossy(&self.0[..end])
@@ -138,6 +146,29 @@ impl Comm {
 impl fmt::Debug for Comm {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{:?}", self.as_str())
+    }
+}
+
+/// How a transition record was obtained.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Source {
+    /// Reported by the kernel's `inet_sock_set_state` tracepoint.
+    #[default]
+    Tracepoint,
+    /// Derived from a NETLINK_SOCK_DIAG dump of timewait sockets.
+    SockDiag,
+    /// Derived from a new connection on the same 4-tuple, which ends the
+    /// old connection's timewait socket.
+    Reuse,
+}
+
+impl Source {
+    pub fn name(self) -> &'static str {
+        match self {
+            Source::Tracepoint => "tracepoint",
+            Source::SockDiag => "sock_diag",
+            Source::Reuse => "reuse",
+        }
     }
 }
 
@@ -162,6 +193,9 @@ pub struct Transition {
     pub new: TcpState,
     /// Time spent in `old`, if the kernel saw the socket enter it.
     pub old_state_ns: Option<u64>,
+    /// Inode number of the socket's network namespace; 0 if unknown.
+    pub netns: u32,
+    pub source: Source,
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -214,6 +248,8 @@ pub fn decode(bytes: &[u8]) -> Result<Transition, DecodeError> {
         old: state(ev.oldstate)?,
         new: state(ev.newstate)?,
         old_state_ns: (ev.flags & FLAG_OLD_STATE_KNOWN != 0).then_some(ev.old_state_ns),
+        netns: ev.netns,
+        source: Source::Tracepoint,
     })
 }
 
@@ -267,6 +303,8 @@ pub fn encode(t: &Transition) -> Vec<u8> {
         family: t.family.af(),
         oldstate: t.old as u8,
         newstate: t.new as u8,
+        netns: t.netns,
+        _reserved: 0,
     };
     // SAFETY: `TransitionEvent` is `#[repr(C)]` without padding.
     let bytes = unsafe {
@@ -304,6 +342,8 @@ pub(crate) mod tests {
             old: TcpState::SynSent,
             new: TcpState::Established,
             old_state_ns: Some(1234),
+            netns: 4026531840,
+            source: Source::Tracepoint,
         }
     }
 

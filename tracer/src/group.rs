@@ -8,7 +8,7 @@ use clap::ValueEnum;
 
 use crate::{
     events::{Comm, Transition},
-    tracker::{Tracker, Update},
+    tracker::Owner,
 };
 
 /// A field of a connection to split summaries by.
@@ -37,25 +37,20 @@ impl GroupBy {
         }
     }
 
-    /// The key of a stay that ended with transition `t`. `owner` is only
-    /// called for `comm` and `pid`.
-    pub fn key(self, t: &Transition, owner: impl FnOnce() -> Owner) -> GroupKey {
+    /// The key of a stay that ended with transition `t`, whose socket's
+    /// owner is `owner` (as the output names it).
+    pub fn key(self, t: &Transition, owner: Option<&Owner>) -> GroupKey {
         self.key_of(t.lport, t.rport, t.raddr, owner)
     }
 
-    pub fn key_of(
-        self,
-        lport: u16,
-        rport: u16,
-        raddr: IpAddr,
-        owner: impl FnOnce() -> Owner,
-    ) -> GroupKey {
-        match self {
-            GroupBy::Lport => GroupKey::Port(lport),
-            GroupBy::Rport => GroupKey::Port(rport),
-            GroupBy::Raddr => GroupKey::Addr(raddr),
-            GroupBy::Comm => GroupKey::Comm(owner().comm),
-            GroupBy::Pid => GroupKey::Pid(owner().pid),
+    pub fn key_of(self, lport: u16, rport: u16, raddr: IpAddr, owner: Option<&Owner>) -> GroupKey {
+        match (self, owner) {
+            (GroupBy::Lport, _) => GroupKey::Port(lport),
+            (GroupBy::Rport, _) => GroupKey::Port(rport),
+            (GroupBy::Raddr, _) => GroupKey::Addr(raddr),
+            (GroupBy::Comm, Some(o)) => GroupKey::Comm(o.comm),
+            (GroupBy::Pid, Some(o)) => GroupKey::Pid(o.pid),
+            (GroupBy::Comm | GroupBy::Pid, None) => GroupKey::NoOwner,
         }
     }
 }
@@ -67,16 +62,20 @@ pub enum GroupKey {
     Addr(IpAddr),
     Comm(Comm),
     Pid(u32),
+    /// `comm` or `pid` of a socket whose owner is not known.
+    NoOwner,
 }
 
 impl GroupKey {
-    /// As a JSON value: a number for ports and pids, a string otherwise.
+    /// As a JSON value: a number for ports and pids, a string otherwise,
+    /// null for an unknown owner.
     pub fn to_json(&self) -> serde_json::Value {
         match self {
             GroupKey::Port(p) => (*p).into(),
             GroupKey::Pid(p) => (*p).into(),
             GroupKey::Addr(a) => a.to_string().into(),
             GroupKey::Comm(c) => c.as_str().into(),
+            GroupKey::NoOwner => serde_json::Value::Null,
         }
     }
 }
@@ -88,29 +87,9 @@ impl fmt::Display for GroupKey {
             GroupKey::Pid(p) => write!(f, "{p}"),
             GroupKey::Addr(a) => write!(f, "{a}"),
             GroupKey::Comm(c) => f.write_str(&c.as_str()),
+            GroupKey::NoOwner => f.write_str("unknown"),
         }
     }
-}
-
-/// The task a stay is attributed to when grouping by `comm` or `pid`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Owner {
-    pub pid: u32,
-    pub comm: Comm,
-}
-
-/// The owner of the socket of `t` as the tracker knows it once `t` is
-/// applied (see the tracker's owner rule), or the task current when `t`
-/// fired if the tracker does not follow the socket.
-pub fn owner(t: &Transition, tracker: &Tracker, update: &Update) -> Owner {
-    let (pid, comm) = match update {
-        Update::Closed(c) => (c.pid, c.comm),
-        _ => match tracker.get(t.sock) {
-            Some(c) => (c.pid, c.comm),
-            None => (t.pid, t.comm),
-        },
-    };
-    Owner { pid, comm }
 }
 
 /// Numbers for at most `cap` distinct keys, first come first served: a
@@ -159,56 +138,30 @@ impl BoundedKeys {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::events::{tests::comm, tests::sample, TcpState};
+    use crate::events::tests::{comm, sample};
 
     #[test]
     fn keys_come_from_the_transition_or_the_owner() {
         let t = sample();
-        let nobody = || panic!("owner not needed");
-        assert_eq!(GroupBy::Lport.key(&t, nobody), GroupKey::Port(43210));
-        assert_eq!(GroupBy::Rport.key(&t, nobody), GroupKey::Port(80));
-        assert_eq!(
-            GroupBy::Raddr.key(&t, nobody).to_string(),
-            "10.1.2.3".to_string()
-        );
-        let owner = || Owner {
+        let nginx = Owner {
             pid: 7,
             comm: comm("nginx"),
+            uid: 0,
         };
-        assert_eq!(GroupBy::Pid.key(&t, owner), GroupKey::Pid(7));
-        assert_eq!(GroupBy::Comm.key(&t, owner).to_json(), "nginx");
-        assert_eq!(GroupBy::Lport.key(&t, owner).to_json(), 43210);
-    }
-
-    #[test]
-    fn owner_is_the_trackers_when_it_follows_the_socket() {
-        let mut tracker = Tracker::new(4);
-        let mut connect = Transition {
-            old: TcpState::Close,
-            new: TcpState::SynSent,
-            old_state_ns: None,
-            pid: 10,
-            comm: comm("client"),
-            ..sample()
-        };
-        let u = tracker.on_transition(&connect);
-        assert_eq!(owner(&connect, &tracker, &u).pid, 10);
-        // A softirq transition on another task: still the owner's.
-        connect.old = TcpState::SynSent;
-        connect.new = TcpState::Established;
-        connect.pid = 0;
-        connect.comm = comm("swapper/1");
-        let u = tracker.on_transition(&connect);
-        assert_eq!(owner(&connect, &tracker, &u).comm, comm("client"));
-        // Closed: the record's owner.
-        connect.old = TcpState::Established;
-        connect.new = TcpState::Close;
-        let u = tracker.on_transition(&connect);
-        assert!(matches!(u, Update::Closed(_)));
-        assert_eq!(owner(&connect, &tracker, &u).pid, 10);
-        // Not followed: the current task.
-        let full = Tracker::new(0);
-        assert_eq!(owner(&connect, &full, &Update::Untracked).pid, 0);
+        let o = Some(&nginx);
+        assert_eq!(GroupBy::Lport.key(&t, None), GroupKey::Port(43210));
+        assert_eq!(GroupBy::Rport.key(&t, None), GroupKey::Port(80));
+        assert_eq!(GroupBy::Raddr.key(&t, o).to_string(), "10.1.2.3");
+        assert_eq!(GroupBy::Pid.key(&t, o), GroupKey::Pid(7));
+        assert_eq!(GroupBy::Comm.key(&t, o).to_json(), "nginx");
+        assert_eq!(GroupBy::Lport.key(&t, o).to_json(), 43210);
+        // No owner known: one group of its own.
+        assert_eq!(GroupBy::Comm.key(&t, None), GroupKey::NoOwner);
+        assert_eq!(
+            GroupBy::Pid.key(&t, None).to_json(),
+            serde_json::Value::Null
+        );
+        assert_eq!(GroupKey::NoOwner.to_string(), "unknown");
     }
 
     #[test]

@@ -5,14 +5,20 @@
 //! and benchmarks drive the same loader, decoder and tracker.
 
 pub mod agent;
+pub mod btf_offsets;
 pub mod cli;
 pub mod clock;
+pub mod diag;
 pub mod events;
+pub mod features;
 pub mod group;
+pub mod lifecycle;
 pub mod loader;
 pub mod metrics;
+pub mod netns;
 pub mod observe;
 pub mod output;
+pub mod procfs;
 pub mod summarize;
 pub mod summary;
 pub mod tracker;

@@ -11,7 +11,11 @@ use aya::{
 use thiserror::Error;
 use tracer_common::{counter, global, map, MAX_FILTER_PORTS, PROGRAM_NAME};
 
-use crate::events::Family;
+use crate::{
+    btf_offsets::{self, KernelOffsets},
+    events::Family,
+    features::{self, Capabilities},
+};
 
 /// The kernel object built by `build.rs`.
 static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
@@ -33,6 +37,8 @@ pub enum LoadError {
         "cannot reach tracefs ({0}); mount it with: mount -t tracefs nodev /sys/kernel/tracing"
     )]
     Tracefs(io::Error),
+    #[error("this kernel has no BPF ring buffer (it needs Linux 5.8 or later)")]
+    NoRingBuf,
     #[error("at most {MAX_FILTER_PORTS} ports can be filtered, got {0}")]
     TooManyPorts(usize),
     #[error("loading the eBPF object: {0}")]
@@ -68,6 +74,9 @@ impl Default for LoadOptions {
 /// detaches the program and frees the maps.
 pub struct Probe {
     pub events: RingBuf<MapData>,
+    pub capabilities: Capabilities,
+    /// Kernel offsets found in BTF (netns of each socket, when known).
+    pub offsets: KernelOffsets,
     pub counters: KernelCounters,
     /// The kernel program's aya-log records (rare errors), if any.
     pub logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
@@ -210,13 +219,29 @@ pub fn load(opts: &LoadOptions) -> Result<Probe, LoadError> {
         return Err(LoadError::NoTracepoint);
     }
     raise_memlock_rlimit();
+    if !features::ringbuf_supported() {
+        return Err(LoadError::NoRingBuf);
+    }
     load_attached(opts).map_err(refused_or)
 }
 
 fn load_attached(opts: &LoadOptions) -> Result<Probe, LoadError> {
     let family: u16 = opts.family.map_or(0, Family::af);
     let filter_ports: u8 = u8::from(!opts.ports.is_empty());
+    let btf = features::kernel_btf();
+    let offsets = match btf_offsets::from_sys_fs() {
+        Ok(o) => o,
+        Err(e) => {
+            log::warn!(
+                "no kernel struct offsets ({e}); network namespaces will be reported unknown"
+            );
+            KernelOffsets::UNKNOWN
+        }
+    };
     let mut ebpf = EbpfLoader::new()
+        .btf(btf.as_ref())
+        .override_global(global::OFF_SKC_NET, &offsets.skc_net, true)
+        .override_global(global::OFF_NET_INUM, &offsets.net_inum, true)
         .override_global(global::FILTER_FAMILY, &family, true)
         .override_global(global::FILTER_PORTS, &filter_ports, true)
         .map_max_entries(map::SOCK_TIMING, opts.max_sockets)
@@ -248,6 +273,9 @@ fn load_attached(opts: &LoadOptions) -> Result<Probe, LoadError> {
     program.load()?;
     program.attach("sock", "inet_sock_set_state")?;
 
+    let capabilities = features::probe(&mut ebpf, btf.as_ref());
+    features::unload_probes(&mut ebpf);
+
     let events = RingBuf::try_from(
         ebpf.take_map(map::EVENTS)
             .ok_or(LoadError::Missing("EVENTS map"))?,
@@ -258,6 +286,8 @@ fn load_attached(opts: &LoadOptions) -> Result<Probe, LoadError> {
     )?);
     Ok(Probe {
         events,
+        capabilities,
+        offsets,
         counters,
         logger,
         _ebpf: ebpf,

@@ -13,7 +13,12 @@
 //!   scrape arrives: the HTTP side asks the event loop through
 //!   [`Endpoint::scrape_requested`] and waits for [`Recorder::refresh`].
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    convert::Infallible,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use clap::ValueEnum;
@@ -34,16 +39,17 @@ use tokio::{
 
 use crate::{
     events::{Family, TcpState, Transition},
-    group::{BoundedKeys, GroupBy, Owner, Slot},
+    group::{BoundedKeys, GroupBy, Slot},
     summary::stay,
-    tracker::Tracker,
+    tracker::{Owner, Tracker},
 };
 
 /// Prefix of every metric name.
 pub const PREFIX: &str = "tracer_tcp";
 
-/// A connection in CLOSE_WAIT for longer than this counts in
-/// `tracer_tcp_close_wait_stuck`: its application has not closed its end.
+/// A connection in CLOSE_WAIT for longer than `--close-wait` counts in
+/// `tracer_tcp_close_wait_stuck` (its application has not closed its
+/// end); this long when `--close-wait 0` turns the alerts off.
 pub const CLOSE_WAIT_STUCK_AFTER: Duration = Duration::from_secs(30);
 
 /// Buckets of `tracer_tcp_state_duration_seconds`: 1-2-5 steps from 10 µs
@@ -54,16 +60,15 @@ pub const DURATION_BUCKETS: [f64; 25] = [
 ];
 
 /// States whose `tracer_tcp_connections` series always exist (0 when
-/// empty); others appear once a socket is seen in them. TIME_WAIT is not
-/// measured (the tracepoint never reports it).
+/// empty); others appear once a connection is seen in them.
 const GAUGE_STATES: [TcpState; 9] = [
-    TcpState::Listen,
     TcpState::SynSent,
     TcpState::SynRecv,
     TcpState::Established,
     TcpState::FinWait1,
     TcpState::FinWait2,
     TcpState::Closing,
+    TcpState::TimeWait,
     TcpState::CloseWait,
     TcpState::LastAck,
 ];
@@ -149,6 +154,7 @@ pub struct Recorder {
     duration_cells: Vec<Option<Histogram>>,
     /// States with a `connections` series.
     gauge_states: [bool; STATES],
+    close_wait_stuck_ns: u64,
 }
 
 fn name(n: &str) -> String {
@@ -156,12 +162,17 @@ fn name(n: &str) -> String {
 }
 
 impl Recorder {
-    pub fn from_args(a: &MetricsArgs) -> Option<Self> {
+    /// `close_wait`: the `--close-wait` threshold (0: the default).
+    pub fn from_args(a: &MetricsArgs, close_wait: Duration) -> Option<Self> {
         a.metrics.map(|_| {
-            Recorder::new(
+            let mut r = Recorder::new(
                 a.metrics_label
                     .map(|l| (l.group_by(), a.metrics_label_max as usize)),
-            )
+            );
+            if !close_wait.is_zero() {
+                r.close_wait_stuck_ns = close_wait.as_nanos() as u64;
+            }
+            r
         })
     }
 
@@ -195,17 +206,14 @@ impl Recorder {
         let connections = IntGaugeVec::new(
             Opts::new(
                 name("connections"),
-                "Sockets the tracer follows, by current TCP state (those it saw a transition of; TIME_WAIT is not measured).",
+                "Connections the tracer follows, by current TCP state (listening sockets are not connections).",
             ),
             &["state"],
         )
         .expect("valid metric");
         let close_wait_stuck = IntGauge::new(
             name("close_wait_stuck"),
-            format!(
-                "Connections in CLOSE_WAIT for more than {} s: the peer closed, the application has not.",
-                CLOSE_WAIT_STUCK_AFTER.as_secs()
-            ),
+            "Connections in CLOSE_WAIT for longer than --close-wait (default 30 s): the peer closed, the application has not.",
         )
         .expect("valid metric");
         let events_lost = IntCounter::new(
@@ -252,6 +260,7 @@ impl Recorder {
             transition_cells: vec![None; slots * PER_SLOT],
             duration_cells: vec![None; slots * STATES],
             gauge_states,
+            close_wait_stuck_ns: CLOSE_WAIT_STUCK_AFTER.as_nanos() as u64,
         }
     }
 
@@ -259,23 +268,10 @@ impl Recorder {
         &self.registry
     }
 
-    /// Counts transition `t` and observes the stay it ended. `owner` is
-    /// only called for `--metrics-label comm`.
-    pub fn transition(&mut self, t: &Transition, owner: impl FnOnce() -> Owner) {
-        let slot = match &mut self.label {
-            None => 0,
-            Some(l) => {
-                let key = l.by.key(t, owner);
-                match l.keys.slot(key) {
-                    Slot::Known(i) => i,
-                    Slot::New(i) => {
-                        l.values[i] = key.to_string();
-                        i
-                    }
-                    Slot::Other => l.keys.cap(),
-                }
-            }
-        };
+    /// Counts transition `t` and observes the stay it ended; `owner` is its
+    /// socket's, as the output names it.
+    pub fn transition(&mut self, t: &Transition, owner: Option<&Owner>) {
+        let slot = self.slot(t.lport, t.rport, t.raddr, owner);
         let fam = match t.family {
             Family::Ipv4 => 0,
             Family::Ipv6 => 1,
@@ -290,30 +286,64 @@ impl Recorder {
             })
             .inc();
         if let Some((state, ns)) = stay(t) {
-            self.duration_cells[slot * STATES + state.index()]
-                .get_or_insert_with(|| {
-                    let mut v = vec![state.name()];
-                    v.extend(label);
-                    self.durations.with_label_values(&v)
-                })
-                .observe(ns as f64 / 1e9);
+            self.observe(slot, state, ns);
         }
     }
 
-    /// Brings the gauges and the lost-events counter up to date: sockets
-    /// per state from the tracker, CLOSE_WAIT stuck as of `now_ns`
-    /// (CLOCK_MONOTONIC), `lost` from the kernel's counter.
-    pub fn refresh(&mut self, tracker: &Tracker, lost: Option<u64>, now_ns: u64) {
-        let mut per_state = [0i64; STATES];
-        let mut stuck = 0;
-        let stuck_ns = CLOSE_WAIT_STUCK_AFTER.as_nanos() as u64;
-        for c in tracker.iter() {
-            per_state[c.state.index()] += 1;
-            if c.state == TcpState::CloseWait && now_ns.saturating_sub(c.state_since_ns) > stuck_ns
-            {
-                stuck += 1;
+    /// A stay that no transition ended (see `observe.rs`).
+    pub fn stay(
+        &mut self,
+        state: TcpState,
+        ns: u64,
+        lport: u16,
+        rport: u16,
+        owner: Option<&Owner>,
+    ) {
+        let unspecified = IpAddr::from([0u8; 4]);
+        let slot = self.slot(lport, rport, unspecified, owner);
+        self.observe(slot, state, ns);
+    }
+
+    fn observe(&mut self, slot: usize, state: TcpState, ns: u64) {
+        let label = self.label.as_ref().map(|l| l.values[slot].as_str());
+        self.duration_cells[slot * STATES + state.index()]
+            .get_or_insert_with(|| {
+                let mut v = vec![state.name()];
+                v.extend(label);
+                self.durations.with_label_values(&v)
+            })
+            .observe(ns as f64 / 1e9);
+    }
+
+    /// The series slot of the opt-in label's value (0 without one).
+    fn slot(&mut self, lport: u16, rport: u16, raddr: IpAddr, owner: Option<&Owner>) -> usize {
+        match &mut self.label {
+            None => 0,
+            Some(l) => {
+                let key = l.by.key_of(lport, rport, raddr, owner);
+                match l.keys.slot(key) {
+                    Slot::Known(i) => i,
+                    Slot::New(i) => {
+                        l.values[i] = key.to_string();
+                        i
+                    }
+                    Slot::Other => l.keys.cap(),
+                }
             }
         }
+    }
+
+    /// Brings the gauges and the lost-events counter up to date:
+    /// connections per state from the tracker (those still in their
+    /// timewait included), CLOSE_WAIT stuck as of `now_ns`
+    /// (CLOCK_MONOTONIC), `lost` from the kernel's counter.
+    pub fn refresh(&mut self, tracker: &mut Tracker, lost: Option<u64>, now_ns: u64) {
+        let per_state = tracker.count_by_state();
+        let stuck_ns = self.close_wait_stuck_ns;
+        let stuck = tracker
+            .in_state_mut(TcpState::CloseWait)
+            .filter(|c| now_ns.saturating_sub(c.state_since_ns) > stuck_ns)
+            .count() as i64;
         for s in TcpState::ALL {
             let i = s.index();
             if s == TcpState::Close || (per_state[i] == 0 && !self.gauge_states[i]) {
@@ -322,7 +352,7 @@ impl Recorder {
             self.gauge_states[i] = true;
             self.connections
                 .with_label_values(&[s.name()])
-                .set(per_state[i]);
+                .set(per_state[i] as i64);
         }
         self.close_wait_stuck.set(stuck);
         if let Some(lost) = lost {
@@ -472,7 +502,6 @@ async fn respond(
 mod tests {
     use super::*;
     use crate::events::tests::{comm, sample};
-    use crate::tracker::Update;
     use TcpState::*;
 
     fn tr(sock: u64, old: TcpState, new: TcpState, ns: Option<u64>) -> Transition {
@@ -485,10 +514,11 @@ mod tests {
         }
     }
 
-    fn owner() -> Owner {
+    fn curl() -> Owner {
         Owner {
             pid: 1,
             comm: comm("curl"),
+            uid: 0,
         }
     }
 
@@ -526,7 +556,7 @@ mod tests {
             crate::cli::Args::try_parse_from(std::iter::once("tracer").chain(a.iter().copied()))
         };
         let a = parse(&[]).unwrap();
-        assert!(Recorder::from_args(&a.metrics).is_none());
+        assert!(Recorder::from_args(&a.metrics, a.close_wait).is_none());
         let a = parse(&[
             "--metrics",
             "9975",
@@ -561,15 +591,15 @@ mod tests {
     fn transitions_and_durations_are_counted() {
         let mut r = Recorder::new(None);
         for _ in 0..3 {
-            r.transition(&tr(1, SynSent, Established, Some(2_000_000)), owner);
+            r.transition(&tr(1, SynSent, Established, Some(2_000_000)), Some(&curl()));
         }
-        r.transition(&tr(1, Close, SynSent, Some(5)), owner);
+        r.transition(&tr(1, Close, SynSent, Some(5)), Some(&curl()));
         r.transition(
             &Transition {
                 family: Family::Ipv6,
                 ..tr(1, Established, FinWait1, Some(300_000_000))
             },
-            owner,
+            Some(&curl()),
         );
         let text = r.encode();
         assert_eq!(
@@ -621,20 +651,23 @@ mod tests {
         let mut r = Recorder::new(None);
         let mut tracker = Tracker::new(16);
         let s = 1_000_000_000u64;
-        // Two established, one in CLOSE_WAIT since 10 s, one since 100 s.
-        for (sock, new, at) in [
-            (1, Established, 0),
-            (2, Established, 0),
-            (3, CloseWait, 130 * s),
-            (4, CloseWait, 40 * s),
+        // Two established, one in CLOSE_WAIT since 130 s, one since 40 s,
+        // and a listener (not a connection).
+        for (sock, old, new, at) in [
+            (1, SynSent, Established, 0),
+            (2, SynSent, Established, 0),
+            (3, SynSent, CloseWait, 130 * s),
+            (4, SynSent, CloseWait, 40 * s),
+            (5, Close, Listen, 0),
         ] {
             let t = Transition {
                 mono_ns: at,
-                ..tr(sock, SynSent, new, None)
+                lport: 1000 + sock as u16,
+                ..tr(sock, old, new, None)
             };
-            assert_eq!(tracker.on_transition(&t), Update::Tracked);
+            assert!(!tracker.on_transition(&t).untracked);
         }
-        r.refresh(&tracker, Some(7), 140 * s);
+        r.refresh(&mut tracker, Some(7), 140 * s);
         let text = r.encode();
         assert_eq!(
             value(&text, r#"tracer_tcp_connections{state="ESTABLISHED"}"#),
@@ -645,15 +678,35 @@ mod tests {
             Some(2.0)
         );
         assert_eq!(
-            value(&text, r#"tracer_tcp_connections{state="LISTEN"}"#),
+            value(&text, r#"tracer_tcp_connections{state="TIME_WAIT"}"#),
             Some(0.0)
+        );
+        assert_eq!(
+            value(&text, r#"tracer_tcp_connections{state="LISTEN"}"#),
+            None
         );
         assert_eq!(value(&text, "tracer_tcp_close_wait_stuck"), Some(1.0));
         assert_eq!(value(&text, "tracer_tcp_events_lost_total"), Some(7.0));
-        r.refresh(&tracker, Some(9), 200 * s);
+        r.refresh(&mut tracker, Some(9), 200 * s);
         let text = r.encode();
         assert_eq!(value(&text, "tracer_tcp_close_wait_stuck"), Some(2.0));
         assert_eq!(value(&text, "tracer_tcp_events_lost_total"), Some(9.0));
+
+        // The threshold is --close-wait's; 0 (alerts off) keeps 30 s.
+        let args = |extra: &[&str]| {
+            use clap::Parser as _;
+            let mut a = vec!["tracer", "--metrics", "9975"];
+            a.extend(extra);
+            crate::cli::Args::try_parse_from(a).unwrap()
+        };
+        let a = args(&["--close-wait", "2m"]);
+        let mut r = Recorder::from_args(&a.metrics, a.close_wait).unwrap();
+        r.refresh(&mut tracker, None, 200 * s);
+        assert_eq!(value(&r.encode(), "tracer_tcp_close_wait_stuck"), Some(1.0));
+        let a = args(&["--close-wait", "0"]);
+        let mut r = Recorder::from_args(&a.metrics, a.close_wait).unwrap();
+        r.refresh(&mut tracker, None, 140 * s);
+        assert_eq!(value(&r.encode(), "tracer_tcp_close_wait_stuck"), Some(1.0));
     }
 
     #[test]
@@ -665,7 +718,7 @@ mod tests {
                     lport: port,
                     ..tr(1, SynSent, Established, Some(1000))
                 },
-                owner,
+                Some(&curl()),
             );
         }
         let text = r.encode();
@@ -686,7 +739,7 @@ mod tests {
         ));
 
         let mut r = Recorder::new(Some((GroupBy::Comm, 5)));
-        r.transition(&tr(1, SynSent, Established, Some(1000)), owner);
+        r.transition(&tr(1, SynSent, Established, Some(1000)), Some(&curl()));
         assert!(r.encode().contains(r#"comm="curl""#));
     }
 }

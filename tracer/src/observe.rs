@@ -1,38 +1,123 @@
 //! What every transition feeds besides the output: the summary
-//! (`--summary`) and the Prometheus metrics (`--metrics`). The live agent
-//! and `tracer summarize` both call [`Observers::transition`] through
-//! [`crate::agent::Pipeline`], so they aggregate the same data the same way.
+//! (`--summary`) and the Prometheus metrics (`--metrics`). They get each
+//! transition with the owner the output names
+//! ([`crate::agent::Pipeline::emit`]); `tracer summarize` reads the same
+//! pairs back from a recording, so both aggregate the same data the same
+//! way.
+//!
+//! A *stay* is the time a connection spent in a state: the `old_state_ns`
+//! of the transition that ended it. One case spans two transitions: after
+//! an active close the kernel hands the connection over to a timewait
+//! socket, which the tracepoint reports as `FIN_WAIT2 -> CLOSE` although
+//! the connection stays in FIN_WAIT2 (in the timewait socket) until the
+//! agent sees it move on (`FIN_WAIT2 -> TIME_WAIT` or `-> CLOSE`, derived
+//! from sock_diag). That stay is held at the hand-over and counted once,
+//! whole, when it ends; if the connection turns out to have had no timewait
+//! socket, it is counted when its record says so.
+
+use std::{collections::HashMap, net::IpAddr};
 
 use crate::{
     clock,
-    events::Transition,
-    group::owner,
+    events::{Family, Source, TcpState, Transition},
     loader::CounterValues,
     metrics::Recorder,
     summary::Summary,
-    tracker::{Tracker, Update},
+    tracker::{Connection, Owner, TimewaitEnd, Tracker, TupleKey},
 };
 
-#[derive(Default)]
+/// FIN_WAIT2 stays held at once, at most (one per connection waiting for
+/// its timewait socket; the tracker's default capacity). Past it, the part
+/// before the hand-over counts as a stay of its own.
+const MAX_HELD: usize = 65536;
+
 pub struct Observers {
     pub summary: Option<Summary>,
     pub metrics: Option<Recorder>,
+    /// FIN_WAIT2 time before the hand-over, per connection in timewait.
+    held: HashMap<TupleKey, u64>,
 }
 
 impl Observers {
-    /// After the tracker applied `t` (`update` is what it did).
-    pub fn transition(&mut self, t: &Transition, tracker: &Tracker, update: &Update) {
+    pub fn new(summary: Option<Summary>, metrics: Option<Recorder>) -> Self {
+        Observers {
+            summary,
+            metrics,
+            held: HashMap::new(),
+        }
+    }
+
+    /// Transition `t` of a socket owned by `owner` (as the output names it).
+    pub fn transition(&mut self, t: &Transition, owner: &Option<Owner>) {
+        if self.summary.is_none() && self.metrics.is_none() {
+            return;
+        }
+        let t = self.whole_stay(t);
         if let Some(m) = &mut self.metrics {
-            m.transition(t, || owner(t, tracker, update));
+            m.transition(&t, owner.as_ref());
         }
         if let Some(s) = &mut self.summary {
-            s.transition(t, || owner(t, tracker, update));
+            s.transition(&t, owner.as_ref());
+        }
+    }
+
+    /// `t` with `old_state_ns` covering the whole stay it ended: none at a
+    /// hand-over to a timewait socket (the stay goes on), the part before
+    /// it added when the stay ends in the timewait socket.
+    fn whole_stay(&mut self, t: &Transition) -> Transition {
+        let mut t = *t;
+        if t.old != TcpState::FinWait2 {
+            return t;
+        }
+        let key = key_of(t.netns, t.family, t.laddr, t.lport, t.raddr, t.rport);
+        if t.source == Source::Tracepoint && t.new == TcpState::Close {
+            if let Some(ns) = t.old_state_ns {
+                if self.held.len() < MAX_HELD {
+                    self.held.insert(key, ns);
+                    t.old_state_ns = None;
+                }
+            }
+        } else if t.source != Source::Tracepoint {
+            if let Some(before) = self.held.remove(&key) {
+                t.old_state_ns = Some(before + t.old_state_ns.unwrap_or(0));
+            }
+        }
+        t
+    }
+
+    /// A connection's record was written: if it had no timewait socket
+    /// after all, its held FIN_WAIT2 stay ended at the hand-over.
+    pub fn connection(&mut self, c: &Connection) {
+        let end = c.timewait.and_then(|tw| tw.end);
+        self.timewait_ended(&c.key(), end, c.owner.as_ref());
+    }
+
+    /// The same from a recorded connection record's fields.
+    pub fn timewait_ended(
+        &mut self,
+        key: &TupleKey,
+        end: Option<TimewaitEnd>,
+        owner: Option<&Owner>,
+    ) {
+        if !matches!(end, Some(TimewaitEnd::NotCreated | TimewaitEnd::NotFound)) {
+            return;
+        }
+        let Some(ns) = self.held.remove(key) else {
+            return;
+        };
+        if let Some(m) = &mut self.metrics {
+            m.stay(TcpState::FinWait2, ns, key.lport, key.rport, owner);
+        }
+        if let Some(s) = &mut self.summary {
+            s.record(TcpState::FinWait2, ns, |by| {
+                by.key_of(key.lport, key.rport, key.raddr, owner)
+            });
         }
     }
 
     /// Before a scrape: the gauges from the tracker, lost events from the
     /// kernel's counters.
-    pub fn refresh_metrics(&mut self, tracker: &Tracker, kernel: Option<CounterValues>) {
+    pub fn refresh_metrics(&mut self, tracker: &mut Tracker, kernel: Option<CounterValues>) {
         if let Some(m) = &mut self.metrics {
             m.refresh(
                 tracker,
@@ -40,5 +125,78 @@ impl Observers {
                 clock::monotonic_ns(),
             );
         }
+    }
+}
+
+pub fn key_of(
+    netns: u32,
+    family: Family,
+    laddr: IpAddr,
+    lport: u16,
+    raddr: IpAddr,
+    rport: u16,
+) -> TupleKey {
+    TupleKey {
+        netns,
+        family,
+        laddr,
+        lport,
+        raddr,
+        rport,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::tests::sample;
+    use TcpState::*;
+
+    const MS: u64 = 1_000_000;
+
+    fn fw2(new: TcpState, ns: u64, source: Source) -> Transition {
+        Transition {
+            old: FinWait2,
+            new,
+            old_state_ns: Some(ns),
+            source,
+            ..sample()
+        }
+    }
+
+    fn fin_wait2(o: &Observers) -> Vec<u64> {
+        let r = o.summary.as_ref().unwrap().report();
+        match r[0].stats.state(FinWait2) {
+            None => vec![],
+            Some(s) => vec![s.count(), s.min_ns(), s.max_ns()],
+        }
+    }
+
+    #[test]
+    fn fin_wait2_across_the_hand_over_is_one_stay() {
+        let mut o = Observers::new(Some(Summary::new(None, 10)), None);
+        // 0.03 ms until the kernel hands over, 50 ms in the timewait socket.
+        o.transition(&fw2(Close, 30_000, Source::Tracepoint), &None);
+        assert_eq!(fin_wait2(&o), Vec::<u64>::new(), "held: the stay goes on");
+        o.transition(&fw2(TimeWait, 50 * MS, Source::SockDiag), &None);
+        assert_eq!(fin_wait2(&o), vec![1, 50 * MS + 30_000, 50 * MS + 30_000]);
+        // A FIN_WAIT2 that ends otherwise is counted as it is.
+        o.transition(&fw2(TimeWait, 7 * MS, Source::SockDiag), &None);
+        assert_eq!(fin_wait2(&o), vec![2, 7 * MS, 50 * MS + 30_000]);
+    }
+
+    #[test]
+    fn without_a_timewait_socket_the_held_stay_counts_at_the_record() {
+        let mut o = Observers::new(Some(Summary::new(None, 10)), None);
+        let t = fw2(Close, 30_000, Source::Tracepoint);
+        o.transition(&t, &None);
+        let key = key_of(t.netns, t.family, t.laddr, t.lport, t.raddr, t.rport);
+        o.timewait_ended(&key, Some(TimewaitEnd::Expired), None);
+        assert_eq!(fin_wait2(&o), Vec::<u64>::new());
+        o.timewait_ended(&key, Some(TimewaitEnd::NotFound), None);
+        assert_eq!(fin_wait2(&o), vec![1, 30_000, 30_000]);
+        // Once only.
+        o.timewait_ended(&key, Some(TimewaitEnd::NotFound), None);
+        assert_eq!(fin_wait2(&o)[0], 1);
     }
 }

@@ -14,8 +14,9 @@ use serde::Serialize;
 use crate::{
     cli::{EventsMode, Format},
     clock::WallClock,
-    events::Transition,
-    tracker::Connection,
+    events::{Source, TcpState, Transition},
+    procfs::Holder,
+    tracker::{Connection, Owner},
 };
 
 /// Counters reported when the agent stops.
@@ -39,6 +40,17 @@ pub struct Stats {
     pub untracked: u64,
     /// Connections closed with a transition missing in between.
     pub gaps: u64,
+    /// Timewait dumps (NETLINK_SOCK_DIAG) made, and their total cost.
+    pub timewait_polls: u64,
+    pub timewait_poll_ns: u64,
+    /// Timewait dumps or look-ups that failed.
+    pub diag_errors: u64,
+    /// Actively closed connections still in their timewait socket at exit
+    /// (no connection record was printed for them).
+    pub timewait_pending: u64,
+    /// What the kernel offers, as probed at start.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<crate::features::Capabilities>,
 }
 
 pub struct Output<W: Write> {
@@ -49,16 +61,35 @@ pub struct Output<W: Write> {
     header_done: bool,
 }
 
+/// Owner fields, `null` when the owner is unknown.
+#[derive(Serialize)]
+struct OwnerJson<'a> {
+    pid: Option<u32>,
+    comm: Option<Cow<'a, str>>,
+    uid: Option<u32>,
+}
+
+fn owner_json(o: &Option<Owner>) -> OwnerJson<'_> {
+    OwnerJson {
+        pid: o.as_ref().map(|o| o.pid),
+        comm: o.as_ref().map(|o| o.comm.as_str()),
+        uid: o.as_ref().map(|o| o.uid),
+    }
+}
+
 #[derive(Serialize)]
 struct TransitionJson<'a> {
     r#type: &'static str,
     time: String,
     mono_ns: u64,
-    sock: String,
-    pid: u32,
-    tid: u32,
-    uid: u32,
-    comm: Cow<'a, str>,
+    sock: Option<String>,
+    #[serde(flatten)]
+    owner: OwnerJson<'a>,
+    /// The task current when the tracepoint fired (often not the owner:
+    /// softirq work runs on whatever task was interrupted).
+    task_pid: Option<u32>,
+    task_tid: Option<u32>,
+    task_comm: Option<Cow<'a, str>>,
     family: &'static str,
     laddr: String,
     lport: u16,
@@ -67,25 +98,56 @@ struct TransitionJson<'a> {
     old: &'static str,
     new: &'static str,
     old_state_ns: Option<u64>,
+    netns: Option<u32>,
+    source: &'static str,
 }
 
+/// Fields every connection-level record shares.
 #[derive(Serialize)]
-struct ConnectionJson<'a> {
-    r#type: &'static str,
-    sock: String,
-    pid: u32,
-    comm: Cow<'a, str>,
+struct ConnFields<'a> {
+    sock: Option<String>,
+    #[serde(flatten)]
+    owner: OwnerJson<'a>,
     family: &'static str,
     laddr: String,
     lport: u16,
     raddr: String,
     rport: u16,
-    start: String,
+    netns: Option<u32>,
+    /// When the tracer first saw it (the start-up snapshot for sockets
+    /// that existed before it).
     first_seen: String,
+    complete: bool,
+    from_snapshot: bool,
+}
+
+#[derive(Serialize)]
+struct ConnectionJson<'a> {
+    r#type: &'static str,
+    #[serde(flatten)]
+    conn: ConnFields<'a>,
+    start: String,
     end: String,
     duration_ns: u64,
     states: StatesJson<'a>,
-    complete: bool,
+    /// How the timewait part of an actively closed connection ended; null
+    /// for connections that did not close actively.
+    time_wait_end: Option<&'static str>,
+}
+
+/// A connection stuck in a state (`close_wait`, or `stuck` for others).
+#[derive(Serialize)]
+struct StuckJson<'a> {
+    r#type: &'static str,
+    #[serde(flatten)]
+    conn: ConnFields<'a>,
+    state: &'static str,
+    since: String,
+    age_ns: u64,
+    owners: &'a [Holder],
+    /// Listed when the tracer stopped rather than when it passed the
+    /// threshold.
+    at_exit: bool,
 }
 
 /// A connection's per-state times as a JSON object, in life order.
@@ -111,6 +173,17 @@ struct StatsJson<'a> {
 
 const TABLE_HEADER: &str = "TIME(UTC)        PID     COMM             LADDR:LPORT                 RADDR:RPORT                 TRANSITION                   MS";
 
+fn sock_hex(sock: u64) -> Option<String> {
+    (sock != 0).then(|| format!("{sock:#x}"))
+}
+
+fn owner_cells(o: &Option<Owner>) -> (String, String) {
+    match o {
+        Some(o) => (o.pid.to_string(), o.comm.as_str().into_owned()),
+        None => ("-".into(), "-".into()),
+    }
+}
+
 impl<W: Write> Output<W> {
     pub fn new(out: W, format: Format, events: EventsMode, clock: WallClock) -> Self {
         Output {
@@ -131,21 +204,44 @@ impl<W: Write> Output<W> {
         &mut self.out
     }
 
-    pub fn transition(&mut self, t: &Transition) -> io::Result<()> {
+    fn conn_fields<'a>(&self, c: &'a Connection) -> ConnFields<'a> {
+        ConnFields {
+            sock: sock_hex(c.sock),
+            owner: owner_json(&c.owner),
+            family: c.family.name(),
+            laddr: c.laddr.to_string(),
+            lport: c.lport,
+            raddr: c.raddr.to_string(),
+            rport: c.rport,
+            netns: (c.netns != 0).then_some(c.netns),
+            first_seen: self.clock.rfc3339(c.first_seen_ns),
+            complete: c.complete,
+            from_snapshot: c.from_snapshot,
+        }
+    }
+
+    fn json_line(&mut self, rec: &impl Serialize) -> io::Result<()> {
+        serde_json::to_writer(&mut self.out, rec)?;
+        self.out.write_all(b"\n")
+    }
+
+    /// A transition, with the socket's owner as the tracker knows it.
+    pub fn transition(&mut self, t: &Transition, owner: &Option<Owner>) -> io::Result<()> {
         if !self.events.transitions() {
             return Ok(());
         }
+        let from_kernel = t.source == Source::Tracepoint;
         match self.format {
             Format::Json => {
                 let rec = TransitionJson {
                     r#type: "transition",
                     time: self.clock.rfc3339(t.mono_ns),
                     mono_ns: t.mono_ns,
-                    sock: format!("{:#x}", t.sock),
-                    pid: t.pid,
-                    tid: t.tid,
-                    uid: t.uid,
-                    comm: t.comm.as_str(),
+                    sock: sock_hex(t.sock),
+                    owner: owner_json(owner),
+                    task_pid: from_kernel.then_some(t.pid),
+                    task_tid: from_kernel.then_some(t.tid),
+                    task_comm: from_kernel.then(|| t.comm.as_str()),
                     family: t.family.name(),
                     laddr: t.laddr.to_string(),
                     lport: t.lport,
@@ -154,9 +250,10 @@ impl<W: Write> Output<W> {
                     old: t.old.name(),
                     new: t.new.name(),
                     old_state_ns: t.old_state_ns,
+                    netns: (t.netns != 0).then_some(t.netns),
+                    source: t.source.name(),
                 };
-                serde_json::to_writer(&mut self.out, &rec)?;
-                self.out.write_all(b"\n")
+                self.json_line(&rec)
             }
             Format::Table => {
                 if !self.header_done {
@@ -167,69 +264,131 @@ impl<W: Write> Output<W> {
                     Some(ns) => format!("{:.3}", ns as f64 / 1e6),
                     None => "-".to_string(),
                 };
+                let (pid, comm) = owner_cells(owner);
+                let how = if from_kernel {
+                    String::new()
+                } else {
+                    format!("  ({})", t.source.name())
+                };
                 writeln!(
                     self.out,
-                    "{:<16} {:<7} {:<16} {:<27} {:<27} {:<28} {:>8}",
+                    "{:<16} {:<7} {:<16} {:<27} {:<27} {:<28} {:>8}{}",
                     self.time_of_day(t.mono_ns),
-                    t.pid,
-                    t.comm.as_str(),
+                    pid,
+                    comm,
                     endpoint(t.laddr, t.lport),
                     endpoint(t.raddr, t.rport),
                     format!("{} -> {}", t.old, t.new),
-                    ms
+                    ms,
+                    how
                 )
             }
         }
     }
 
-    /// The record of a connection that reached CLOSE. Listening sockets
-    /// are not connections and get none.
+    /// The record of a connection that ended. Listening sockets are not
+    /// connections and get none.
     pub fn connection(&mut self, c: &Connection) -> io::Result<()> {
         if !self.events.connections() || c.listener {
             return Ok(());
         }
+        let time_wait_end = c.timewait.and_then(|tw| tw.end).map(|e| e.name());
         match self.format {
             Format::Json => {
                 let rec = ConnectionJson {
                     r#type: "connection",
-                    sock: format!("{:#x}", c.sock),
-                    pid: c.pid,
-                    comm: c.comm.as_str(),
-                    family: c.family.name(),
-                    laddr: c.laddr.to_string(),
-                    lport: c.lport,
-                    raddr: c.raddr.to_string(),
-                    rport: c.rport,
+                    conn: self.conn_fields(c),
                     start: self.clock.rfc3339(c.start_ns),
-                    first_seen: self.clock.rfc3339(c.first_seen_ns),
                     end: self.clock.rfc3339(c.state_since_ns),
                     duration_ns: c.duration_ns(),
                     states: StatesJson(c),
-                    complete: c.complete,
+                    time_wait_end,
                 };
-                serde_json::to_writer(&mut self.out, &rec)?;
-                self.out.write_all(b"\n")
+                self.json_line(&rec)
             }
             Format::Table => {
                 let states: Vec<String> = c
                     .states()
                     .map(|(s, ns)| format!("{}={:.3}ms", s.name(), ns as f64 / 1e6))
                     .collect();
+                let (pid, comm) = owner_cells(&c.owner);
+                let mut notes = String::new();
+                if !c.complete {
+                    notes.push_str(" (opening not seen)");
+                }
+                if let Some(end) = time_wait_end {
+                    notes.push_str(&format!(" time_wait_end={end}"));
+                }
                 writeln!(
                     self.out,
-                    "{:<16} {:<7} {:<16} {:<27} {:<27} CONNECTION {:.3}ms{} {}",
+                    "{:<16} {:<7} {:<16} {:<27} {:<27} CONNECTION {:.3}ms {}{}",
                     self.time_of_day(c.state_since_ns),
-                    c.pid,
-                    c.comm.as_str(),
+                    pid,
+                    comm,
                     endpoint(c.laddr, c.lport),
                     endpoint(c.raddr, c.rport),
                     c.duration_ns() as f64 / 1e6,
-                    if c.complete {
-                        ""
-                    } else {
-                        " (opening not seen)"
-                    },
-                    states.join(" ")
+                    states.join(" "),
+                    notes
+                )
+            }
+        }
+    }
+
+    /// A connection that stayed in its state longer than the threshold
+    /// (`close_wait` records for CLOSE_WAIT, `stuck` for other states).
+    /// Printed whatever `--events` says: it is an alert.
+    pub fn stuck(
+        &mut self,
+        c: &Connection,
+        now_ns: u64,
+        owners: &[Holder],
+        at_exit: bool,
+    ) -> io::Result<()> {
+        let age = now_ns.saturating_sub(c.state_since_ns);
+        let kind = if c.state == TcpState::CloseWait {
+            "close_wait"
+        } else {
+            "stuck"
+        };
+        match self.format {
+            Format::Json => {
+                let rec = StuckJson {
+                    r#type: kind,
+                    conn: self.conn_fields(c),
+                    state: c.state.name(),
+                    since: self.clock.rfc3339(c.state_since_ns),
+                    age_ns: age,
+                    owners,
+                    at_exit,
+                };
+                self.json_line(&rec)
+            }
+            Format::Table => {
+                let holders = if owners.is_empty() {
+                    "held by no process (orphaned, or the owner is gone)".to_string()
+                } else {
+                    let list: Vec<String> = owners
+                        .iter()
+                        .map(|h| format!("pid {} ({}) fd {}", h.pid, h.comm, h.fd))
+                        .collect();
+                    format!("held by {}", list.join(", "))
+                };
+                let counted = if c.from_snapshot {
+                    " since the tracer started"
+                } else {
+                    ""
+                };
+                let prefix = if at_exit { "STILL" } else { "!!" };
+                writeln!(
+                    self.out,
+                    "{prefix} {} for {:.1}s{}: {} -> {} {} — the application never called close()",
+                    c.state,
+                    age as f64 / 1e9,
+                    counted,
+                    endpoint(c.laddr, c.lport),
+                    endpoint(c.raddr, c.rport),
+                    holders
                 )
             }
         }
@@ -239,14 +398,10 @@ impl<W: Write> Output<W> {
     pub fn stats(&mut self, stats: &Stats) -> io::Result<()> {
         match self.format {
             Format::Json => {
-                serde_json::to_writer(
-                    &mut self.out,
-                    &StatsJson {
-                        r#type: "stats",
-                        stats,
-                    },
-                )?;
-                self.out.write_all(b"\n")?;
+                self.json_line(&StatsJson {
+                    r#type: "stats",
+                    stats,
+                })?;
                 self.out.flush()
             }
             Format::Table => {
@@ -285,6 +440,8 @@ pub fn stats_line(s: &Stats) -> String {
         (s.timing_map_full, "timing map full"),
         (s.untracked, "untracked (tracker full)"),
         (s.gaps, "connections with gaps"),
+        (s.diag_errors, "sock_diag errors"),
+        (s.timewait_pending, "still in TIME_WAIT at exit"),
     ] {
         if n > 0 {
             line.push_str(&format!(", {n} {what}"));
@@ -296,8 +453,11 @@ pub fn stats_line(s: &Stats) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::events::{tests::sample, Family, TcpState};
-    use crate::tracker::{Tracker, Update};
+    use crate::events::{
+        tests::{comm, sample},
+        Family, TcpState,
+    };
+    use crate::tracker::Tracker;
 
     fn out(format: Format, events: EventsMode) -> Output<Vec<u8>> {
         // Monotonic 0 is 2026-11-23T00:00:00Z.
@@ -313,10 +473,18 @@ mod tests {
         String::from_utf8(o.into_inner()).unwrap()
     }
 
+    fn owner() -> Option<Owner> {
+        Some(Owner {
+            pid: 42,
+            comm: comm("curl"),
+            uid: 1000,
+        })
+    }
+
     #[test]
     fn transition_json_has_the_contract_fields() {
         let mut o = out(Format::Json, EventsMode::Transitions);
-        o.transition(&sample()).unwrap();
+        o.transition(&sample(), &owner()).unwrap();
         let s = text(o);
         let v: serde_json::Value = serde_json::from_str(s.trim_end()).unwrap();
         assert_eq!(v["type"], "transition");
@@ -325,6 +493,9 @@ mod tests {
         assert_eq!(v["sock"], "0xffff888012345678");
         assert_eq!(v["pid"], 42);
         assert_eq!(v["comm"], "curl");
+        assert_eq!(v["uid"], 1000);
+        assert_eq!(v["task_pid"], 42);
+        assert_eq!(v["task_tid"], 43);
         assert_eq!(v["family"], "ipv4");
         assert_eq!(v["laddr"], "127.0.0.1");
         assert_eq!(v["lport"], 43210);
@@ -333,18 +504,24 @@ mod tests {
         assert_eq!(v["old"], "SYN_SENT");
         assert_eq!(v["new"], "ESTABLISHED");
         assert_eq!(v["old_state_ns"], 1234);
+        assert_eq!(v["netns"], 4026531840u64);
+        assert_eq!(v["source"], "tracepoint");
     }
 
     #[test]
-    fn unknown_duration_is_null() {
+    fn unknown_owner_and_duration_are_null_and_derived_has_no_task() {
         let mut o = out(Format::Json, EventsMode::All);
-        o.transition(&Transition {
+        let t = Transition {
             old_state_ns: None,
+            source: Source::SockDiag,
             ..sample()
-        })
-        .unwrap();
+        };
+        o.transition(&t, &None).unwrap();
         let v: serde_json::Value = serde_json::from_str(text(o).trim_end()).unwrap();
         assert!(v["old_state_ns"].is_null());
+        assert!(v["pid"].is_null() && v["comm"].is_null());
+        assert!(v["task_pid"].is_null() && v["task_comm"].is_null());
+        assert_eq!(v["source"], "sock_diag");
     }
 
     #[test]
@@ -356,11 +533,14 @@ mod tests {
             raddr: "2001:db8::1".parse().unwrap(),
             ..sample()
         };
-        o.transition(&t).unwrap();
-        o.transition(&Transition {
-            old_state_ns: None,
-            ..t
-        })
+        o.transition(&t, &owner()).unwrap();
+        o.transition(
+            &Transition {
+                old_state_ns: None,
+                ..t
+            },
+            &None,
+        )
         .unwrap();
         let s = text(o);
         let lines: Vec<&str> = s.lines().collect();
@@ -375,6 +555,11 @@ mod tests {
         assert!(lines[1].contains("[2001:db8::1]:80"));
         assert!(lines[1].contains("SYN_SENT -> ESTABLISHED"));
         assert!(lines[1].ends_with("0.001"), "{}", lines[1]);
+        assert!(
+            lines[2].starts_with("00:00:01.000000  -       -"),
+            "{}",
+            lines[2]
+        );
         assert!(lines[2].ends_with(" -"));
     }
 
@@ -389,16 +574,16 @@ mod tests {
         };
         tr.on_transition(&t(1000, TcpState::Close, TcpState::SynSent, None));
         tr.on_transition(&t(1001, TcpState::SynSent, TcpState::Established, Some(1)));
-        match tr.on_transition(&t(1201, TcpState::Established, TcpState::Close, Some(200))) {
-            Update::Closed(c) => c,
-            other => panic!("{other:?}"),
-        }
+        tr.on_transition(&t(1201, TcpState::Established, TcpState::Close, Some(200)))
+            .closed
+            .pop()
+            .unwrap()
     }
 
     #[test]
     fn connection_json() {
         let mut o = out(Format::Json, EventsMode::Connections);
-        o.transition(&sample()).unwrap(); // not printed in this mode
+        o.transition(&sample(), &owner()).unwrap(); // not printed in this mode
         o.connection(&closed()).unwrap();
         let s = text(o);
         assert_eq!(s.lines().count(), 1);
@@ -410,6 +595,8 @@ mod tests {
         assert_eq!(v["states"]["ESTABLISHED"], 200_000_000u64);
         assert_eq!(v["states"].as_object().unwrap().len(), 2);
         assert_eq!(v["complete"], true);
+        assert_eq!(v["pid"], 42, "connect() ran in the owner");
+        assert!(v["time_wait_end"].is_null());
         for k in [
             "sock", "pid", "comm", "family", "laddr", "lport", "raddr", "rport",
         ] {
@@ -441,6 +628,33 @@ mod tests {
             s.contains(r#""states":{"SYN_SENT":1000000,"ESTABLISHED":200000000}"#),
             "{s}"
         );
+    }
+
+    #[test]
+    fn close_wait_alert_names_the_holders() {
+        let mut c = closed();
+        c.state = TcpState::CloseWait;
+        c.state_since_ns = 1_000_000_000;
+        let holders = [Holder {
+            pid: 7,
+            comm: "server".into(),
+            fd: 5,
+        }];
+        let mut o = out(Format::Json, EventsMode::None);
+        o.stuck(&c, 31_000_000_000, &holders, false).unwrap();
+        let v: serde_json::Value = serde_json::from_str(text(o).trim_end()).unwrap();
+        assert_eq!(v["type"], "close_wait");
+        assert_eq!(v["age_ns"], 30_000_000_000u64);
+        assert_eq!(v["since"], "2026-11-23T00:00:01.000000000Z");
+        assert_eq!(v["owners"][0]["pid"], 7);
+        assert_eq!(v["owners"][0]["fd"], 5);
+        assert_eq!(v["owners"][0]["comm"], "server");
+        assert_eq!(v["at_exit"], false);
+        let mut o = out(Format::Table, EventsMode::None);
+        o.stuck(&c, 31_000_000_000, &holders, true).unwrap();
+        let s = text(o);
+        assert!(s.starts_with("STILL CLOSE_WAIT for 30.0s"), "{s}");
+        assert!(s.contains("pid 7 (server) fd 5"), "{s}");
     }
 
     #[test]

@@ -1,12 +1,14 @@
 //! `tracer summarize FILE`: the summary of a recording made with
 //! `--output json`, computed by the code the live agent uses.
 //!
-//! Transition records are parsed back into [`Transition`]s and replayed
-//! through a [`Pipeline`] (tracker included, for owners) whose output goes
-//! nowhere, so a recording gives the summary the live run printed. If the
-//! recording holds no transition records, the `states` of its connection
-//! records are used instead; when it holds both, only transitions count
-//! (the same stays would otherwise be counted twice).
+//! Transition records are parsed back into a [`Transition`] and the owner
+//! the record names (its `pid`, `comm`, `uid`), the very pair the live
+//! agent gave its [`Observers`] when it wrote the record, and fed to the
+//! same [`Summary`]: a recording gives the summary the live run printed
+//! (transitions the agent derived, TIME_WAIT's, included). If the recording
+//! holds no transition records, the `states` of its connection records are
+//! used instead; when it holds both, only transitions count (the same stays
+//! would otherwise be counted twice).
 
 use std::{
     collections::BTreeMap,
@@ -20,19 +22,13 @@ use anyhow::{anyhow, bail, Context as _};
 use serde::Deserialize;
 
 use crate::{
-    agent::Pipeline,
-    cli::{EventsMode, Format},
-    clock::WallClock,
-    events::{Comm, Family, TcpState, Transition},
-    group::{GroupBy, Owner},
-    observe::Observers,
-    output::Output,
+    cli::Format,
+    events::{Comm, Family, Source, TcpState, Transition},
+    group::GroupBy,
+    observe::{key_of, Observers},
     summary::Summary,
-    tracker::Tracker,
+    tracker::{Owner, TimewaitEnd, TupleKey},
 };
-
-/// Sockets followed at once during the replay: the live default.
-const REPLAY_SOCKETS: usize = 65536;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct SummarizeArgs {
@@ -103,21 +99,8 @@ pub fn summarize<R: BufRead>(
     group_by: Option<GroupBy>,
     top: usize,
 ) -> anyhow::Result<(Summary, Read)> {
-    let mut pipeline = Pipeline {
-        tracker: Tracker::new(REPLAY_SOCKETS),
-        out: Output::new(
-            io::sink(),
-            Format::Json,
-            EventsMode::None,
-            WallClock::with_offset_ns(0),
-        ),
-        events: 0,
-        unreadable: 0,
-        observers: Observers {
-            summary: Some(Summary::new(group_by, top)),
-            metrics: None,
-        },
-    };
+    // The live agent's observers, summary only.
+    let mut observers = Observers::new(Some(Summary::new(group_by, top)), None);
 
     let mut read = Read::default();
     let mut connections: Vec<ConnectionStays> = Vec::new();
@@ -158,39 +141,38 @@ pub fn summarize<R: BufRead>(
         };
         match rec.r#type.as_str() {
             "transition" => {
-                let t = rec
+                let (t, owner) = rec
                     .transition()
                     .map_err(|e| anyhow!("{name}:{n}: bad transition record: {e}"))?;
                 read.transitions += 1;
-                pipeline
-                    .on_transition(&t)
-                    .expect("writing to io::sink cannot fail");
+                observers.transition(&t, &owner);
             }
             "connection" => {
                 read.connections += 1;
+                let c = rec
+                    .connection()
+                    .map_err(|e| anyhow!("{name}:{n}: bad connection record: {e}"))?;
                 if read.transitions == 0 {
-                    connections.push(
-                        rec.connection()
-                            .map_err(|e| anyhow!("{name}:{n}: bad connection record: {e}"))?,
-                    );
+                    connections.push(c);
+                } else {
+                    // As the live agent does when it writes the record.
+                    observers.timewait_ended(&c.key, c.time_wait_end, c.owner.as_ref());
                 }
             }
             _ => read.other += 1,
         }
     };
     result?;
-    let mut summary = pipeline.observers.summary.take().expect("set above");
+    let mut summary = observers.summary.take().expect("set above");
 
     if read.transitions > 0 {
         read.connections_ignored = read.connections;
     } else {
         for c in &connections {
-            let owner = || Owner {
-                pid: c.pid,
-                comm: c.comm,
-            };
             for &(state, ns) in &c.states {
-                summary.record(state, ns, |by| by.key_of(c.lport, c.rport, c.raddr, owner));
+                summary.record(state, ns, |by| {
+                    by.key_of(c.lport, c.rport, c.raddr, c.owner.as_ref())
+                });
             }
         }
     }
@@ -212,11 +194,16 @@ fn ours(ty: &str) -> bool {
 struct Record {
     r#type: String,
     mono_ns: Option<u64>,
+    /// Null for transitions the agent derived.
     sock: Option<String>,
+    /// The owner (null when unknown).
     pid: Option<u32>,
-    tid: Option<u32>,
     uid: Option<u32>,
     comm: Option<String>,
+    /// The task current when the tracepoint fired.
+    task_pid: Option<u32>,
+    task_tid: Option<u32>,
+    task_comm: Option<String>,
     family: Option<String>,
     laddr: Option<IpAddr>,
     lport: Option<u16>,
@@ -225,13 +212,17 @@ struct Record {
     old: Option<String>,
     new: Option<String>,
     old_state_ns: Option<u64>,
+    netns: Option<u32>,
+    source: Option<String>,
     states: Option<BTreeMap<String, u64>>,
+    time_wait_end: Option<String>,
 }
 
 /// The stays of one connection record.
 struct ConnectionStays {
-    pid: u32,
-    comm: Comm,
+    key: TupleKey,
+    time_wait_end: Option<TimewaitEnd>,
+    owner: Option<Owner>,
     lport: u16,
     rport: u16,
     raddr: IpAddr,
@@ -249,6 +240,14 @@ fn state(name: &str) -> anyhow::Result<TcpState> {
         .ok_or_else(|| anyhow!("unknown TCP state `{name}`"))
 }
 
+fn family(name: &str) -> anyhow::Result<Family> {
+    match name {
+        "ipv4" => Ok(Family::Ipv4),
+        "ipv6" => Ok(Family::Ipv6),
+        other => bail!("unknown family `{other}`"),
+    }
+}
+
 fn comm(s: &str) -> Comm {
     let mut raw = [0u8; 16];
     let n = s.len().min(16);
@@ -257,22 +256,35 @@ fn comm(s: &str) -> Comm {
 }
 
 impl Record {
-    fn transition(&self) -> anyhow::Result<Transition> {
-        let sock = need(self.sock.as_deref(), "sock")?;
-        let sock = u64::from_str_radix(sock.trim_start_matches("0x"), 16)
-            .map_err(|_| anyhow!("`sock` {sock:?} is not a hex address"))?;
-        let family = match need(self.family.as_deref(), "family")? {
-            "ipv4" => Family::Ipv4,
-            "ipv6" => Family::Ipv6,
-            other => bail!("unknown family `{other}`"),
+    /// The owner the record names: `pid` and `comm` (null when unknown).
+    fn owner(&self) -> Option<Owner> {
+        Some(Owner {
+            pid: self.pid?,
+            comm: comm(self.comm.as_deref()?),
+            uid: self.uid.unwrap_or(0),
+        })
+    }
+
+    fn transition(&self) -> anyhow::Result<(Transition, Option<Owner>)> {
+        let sock = match self.sock.as_deref() {
+            Some(s) => u64::from_str_radix(s.trim_start_matches("0x"), 16)
+                .map_err(|_| anyhow!("`sock` {s:?} is not a hex address"))?,
+            None => 0,
         };
-        Ok(Transition {
+        let family = family(need(self.family.as_deref(), "family")?)?;
+        let source = match self.source.as_deref() {
+            None | Some("tracepoint") => Source::Tracepoint,
+            Some("sock_diag") => Source::SockDiag,
+            Some("reuse") => Source::Reuse,
+            Some(other) => bail!("unknown source `{other}`"),
+        };
+        let t = Transition {
             mono_ns: need(self.mono_ns, "mono_ns")?,
             sock,
-            pid: need(self.pid, "pid")?,
-            tid: self.tid.unwrap_or(0),
-            uid: self.uid.unwrap_or(0),
-            comm: comm(need(self.comm.as_deref(), "comm")?),
+            pid: self.task_pid.unwrap_or(0),
+            tid: self.task_tid.unwrap_or(0),
+            uid: 0,
+            comm: comm(self.task_comm.as_deref().unwrap_or("")),
             family,
             laddr: need(self.laddr, "laddr")?,
             lport: need(self.lport, "lport")?,
@@ -281,7 +293,10 @@ impl Record {
             old: state(need(self.old.as_deref(), "old")?)?,
             new: state(need(self.new.as_deref(), "new")?)?,
             old_state_ns: self.old_state_ns,
-        })
+            netns: self.netns.unwrap_or(0),
+            source,
+        };
+        Ok((t, self.owner()))
     }
 
     fn connection(&self) -> anyhow::Result<ConnectionStays> {
@@ -289,9 +304,32 @@ impl Record {
             .iter()
             .map(|(name, &ns)| Ok((state(name)?, ns)))
             .collect::<anyhow::Result<_>>()?;
+        let time_wait_end = match self.time_wait_end.as_deref() {
+            None => None,
+            Some(name) => Some(
+                [
+                    TimewaitEnd::Expired,
+                    TimewaitEnd::Reused,
+                    TimewaitEnd::Early,
+                    TimewaitEnd::NotCreated,
+                    TimewaitEnd::NotFound,
+                ]
+                .into_iter()
+                .find(|e| e.name() == name)
+                .ok_or_else(|| anyhow!("unknown time_wait_end `{name}`"))?,
+            ),
+        };
         Ok(ConnectionStays {
-            pid: need(self.pid, "pid")?,
-            comm: comm(need(self.comm.as_deref(), "comm")?),
+            key: key_of(
+                self.netns.unwrap_or(0),
+                family(need(self.family.as_deref(), "family")?)?,
+                need(self.laddr, "laddr")?,
+                need(self.lport, "lport")?,
+                need(self.raddr, "raddr")?,
+                need(self.rport, "rport")?,
+            ),
+            time_wait_end,
+            owner: self.owner(),
             lport: need(self.lport, "lport")?,
             rport: need(self.rport, "rport")?,
             raddr: need(self.raddr, "raddr")?,
@@ -304,6 +342,7 @@ impl Record {
 mod tests {
     use super::*;
     use crate::{
+        cli::EventsMode,
         events::tests::{comm as c, sample},
         summary::SummaryArgs,
     };
@@ -311,7 +350,8 @@ mod tests {
 
     const MS: u64 = 1_000_000;
 
-    /// One client connection's life on port 80, and one server child's.
+    /// A listener on port 80 (nginx), one client connection to it (curl)
+    /// closed by the client, and the server's child closed after it.
     fn traffic() -> Vec<Transition> {
         let client = |ms: u64, old, new, known: Option<u64>| Transition {
             mono_ns: ms * MS,
@@ -329,13 +369,24 @@ mod tests {
             old,
             new,
             old_state_ns: known.map(|k| k * MS),
+            // Softirq work on whatever task was current.
             pid: 0,
             comm: c("swapper/0"),
+            laddr: "10.1.2.3".parse().unwrap(),
             lport: 80,
+            raddr: "127.0.0.1".parse().unwrap(),
             rport: 43210,
             ..sample()
         };
         vec![
+            Transition {
+                sock: 3,
+                pid: 20,
+                comm: c("nginx"),
+                raddr: "0.0.0.0".parse().unwrap(),
+                rport: 0,
+                ..server(50, Close, Listen, None)
+            },
             client(100, Close, SynSent, None),
             server(101, Listen, SynRecv, None),
             client(102, SynSent, Established, Some(2)),
@@ -348,13 +399,21 @@ mod tests {
                 comm: c("nginx"),
                 ..server(354, CloseWait, LastAck, Some(50))
             },
-            server(355, LastAck, Close, Some(1)),
-            client(356, FinWait2, Close, Some(51)),
+            // The client hands over to its timewait socket on the FIN...
+            client(355, FinWait2, Close, Some(50)),
+            server(356, LastAck, Close, Some(2)),
         ]
     }
 
-    /// The JSON Lines the live agent writes for `events`, with --summary.
+    /// The JSON Lines the live agent writes for `events` (through the real
+    /// decoder, tracker and output), with --summary; the client's timewait
+    /// socket is seen in TIME_WAIT 1 ms after the hand-over and expires 60 s
+    /// later, as `lifecycle.rs` would report. Returns the recording and the
+    /// live summary records.
     fn recording(events: &[Transition], mode: EventsMode, by: Option<GroupBy>) -> (String, String) {
+        use crate::{
+            agent::Pipeline, clock::WallClock, events::encode, output::Output, tracker::Tracker,
+        };
         let args = SummaryArgs {
             summary: true,
             group_by: by,
@@ -365,13 +424,25 @@ mod tests {
             out: Output::new(Vec::new(), Format::Json, mode, WallClock::with_offset_ns(0)),
             events: 0,
             unreadable: 0,
-            observers: Observers {
-                summary: Summary::from_args(&args),
-                metrics: None,
-            },
+            observers: Observers::new(Summary::from_args(&args), None),
         };
         for t in events {
-            p.on_transition(t).unwrap();
+            p.handle(&encode(t)).unwrap();
+        }
+        // ... whose FIN_WAIT2 goes on there until it enters TIME_WAIT.
+        let conn = p.tracker.timewait_mut().next().expect("client in timewait");
+        let key = conn.key();
+        conn.advance(TimeWait, 356 * MS);
+        let d = conn.derived(FinWait2, TimeWait, 356 * MS, Some(MS), Source::SockDiag);
+        let owner = conn.owner;
+        p.emit(&d, &owner).unwrap();
+        let (d, owner) = p
+            .tracker
+            .end_timewait(&key, 60_356 * MS, TimewaitEnd::Expired, Source::SockDiag)
+            .unwrap();
+        p.emit(&d, &owner).unwrap();
+        for conn in p.tracker.take_timewait_ended() {
+            p.close(&conn).unwrap();
         }
         let mut live = Vec::new();
         p.observers
@@ -391,6 +462,12 @@ mod tests {
         (read, String::from_utf8(out).unwrap())
     }
 
+    fn json_lines(text: &str) -> Vec<serde_json::Value> {
+        text.lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
     #[test]
     fn a_recording_gives_the_live_summary() {
         for by in [
@@ -403,19 +480,30 @@ mod tests {
             let (rec, live) = recording(&traffic(), EventsMode::All, by);
             let (read, replayed) = replay(&rec, by);
             assert_eq!(replayed, live, "{by:?}");
-            assert_eq!(read.transitions, 10);
+            assert_eq!(read.transitions, 13, "11 reported, 2 derived");
             assert_eq!(read.connections, 2);
             assert_eq!(read.connections_ignored, 2, "transitions are preferred");
         }
     }
 
     #[test]
-    fn comm_groups_follow_the_trackers_owner() {
+    fn stays_are_whole_and_time_wait_is_measured() {
+        let (rec, live) = recording(&traffic(), EventsMode::Transitions, None);
+        let v = &json_lines(&live)[0]["states"];
+        // FIN_WAIT2: 50 ms to the hand-over, 1 ms in the timewait socket.
+        assert_eq!(v["FIN_WAIT2"]["count"], 1, "{v}");
+        assert_eq!(v["FIN_WAIT2"]["max_ns"], 51 * MS);
+        assert_eq!(v["TIME_WAIT"]["count"], 1);
+        assert_eq!(v["TIME_WAIT"]["max_ns"], 60_000 * MS);
+        assert_eq!(v["ESTABLISHED"]["count"], 2);
+        assert!(v["LISTEN"].is_null(), "the listener is still open");
+        assert_eq!(replay(&rec, None).1, live);
+    }
+
+    #[test]
+    fn comm_groups_are_the_owners() {
         let (rec, live) = recording(&traffic(), EventsMode::Transitions, Some(GroupBy::Comm));
-        let groups: Vec<serde_json::Value> = live
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
+        let groups = json_lines(&live);
         let of = |comm: &str| {
             groups
                 .iter()
@@ -430,16 +518,23 @@ mod tests {
         let set = |names: &[&str]| -> std::collections::BTreeSet<String> {
             names.iter().map(|n| n.to_string()).collect()
         };
-        // The client's owner is known from its connect(): every stay is
-        // curl's, even those that ended in softirq on another task.
+        // Every stay is its owner's, never the softirq's current task: the
+        // client's from its connect(), the accepted socket's its listener's.
         assert_eq!(
             of("curl"),
-            set(&["SYN_SENT", "ESTABLISHED", "FIN_WAIT1", "FIN_WAIT2"])
+            set(&[
+                "SYN_SENT",
+                "ESTABLISHED",
+                "FIN_WAIT1",
+                "FIN_WAIT2",
+                "TIME_WAIT"
+            ])
         );
-        // The server child's is only known at CLOSE_WAIT -> LAST_ACK (its
-        // owner's close); before that it is the task of its first transition.
-        assert_eq!(of("swapper/0"), set(&["SYN_RECV", "ESTABLISHED"]));
-        assert_eq!(of("nginx"), set(&["CLOSE_WAIT", "LAST_ACK"]));
+        assert_eq!(
+            of("nginx"),
+            set(&["SYN_RECV", "ESTABLISHED", "CLOSE_WAIT", "LAST_ACK"])
+        );
+        assert_eq!(groups.len(), 2, "{live}");
         assert_eq!(replay(&rec, Some(GroupBy::Comm)).1, live);
     }
 
@@ -453,6 +548,9 @@ mod tests {
         assert_eq!(v["states"]["ESTABLISHED"]["count"], 2);
         assert_eq!(v["states"]["ESTABLISHED"]["max_ns"], 201 * MS);
         assert_eq!(v["states"]["CLOSE_WAIT"]["count"], 1);
+        // The client's record has its whole FIN_WAIT2 and its TIME_WAIT.
+        assert_eq!(v["states"]["FIN_WAIT2"]["max_ns"], 51 * MS);
+        assert_eq!(v["states"]["TIME_WAIT"]["count"], 1);
         // Owners of connection records.
         let (_, by_comm) = replay(&rec, Some(GroupBy::Comm));
         assert!(by_comm.contains(r#""value":"nginx""#), "{by_comm}");
@@ -510,7 +608,7 @@ mod tests {
         let (rec, live) = recording(&traffic(), EventsMode::Transitions, None);
         let cut = format!("{rec}{{\"type\":\"transition\",\"mono");
         let (read, out) = replay(&cut, None);
-        assert_eq!(read.transitions, 10);
+        assert_eq!(read.transitions, 13);
         assert_eq!(out, live);
     }
 

@@ -31,7 +31,8 @@ use serde::Serialize;
 use crate::{
     cli::Format,
     events::{TcpState, Transition},
-    group::{GroupBy, GroupKey, Owner},
+    group::{GroupBy, GroupKey},
+    tracker::Owner,
 };
 
 /// HdrHistogram precision: values are kept to within 1/128 of themselves.
@@ -411,9 +412,9 @@ impl Summary {
         self.by
     }
 
-    /// Records the stay transition `t` ended, if timed. `owner` is only
-    /// called when grouping by comm or pid.
-    pub fn transition(&mut self, t: &Transition, owner: impl FnOnce() -> Owner) {
+    /// Records the stay transition `t` ended, if timed; `owner` is its
+    /// socket's, as the output names it.
+    pub fn transition(&mut self, t: &Transition, owner: Option<&Owner>) {
         if let Some((state, ns)) = stay(t) {
             self.record(state, ns, |by| by.key(t, owner));
         }
@@ -704,9 +705,9 @@ mod tests {
         }
     }
 
-    fn nobody() -> Owner {
-        panic!("owner not needed")
-    }
+    /// No owner known (the key functions never ask when not grouping by
+    /// comm or pid).
+    const NOBODY: Option<&Owner> = None;
 
     /// The exact nearest-rank quantile of sorted values.
     fn exact(sorted: &[u64], q: f64) -> u64 {
@@ -783,7 +784,7 @@ mod tests {
         }
         let mut s = Summary::new(None, 10);
         for &v in &values {
-            s.transition(&est(v), nobody);
+            s.transition(&est(v), NOBODY);
         }
         values.sort();
         let r = s.report();
@@ -817,7 +818,7 @@ mod tests {
             x ^= x << 17;
             let v = 1000 + (x % 100_000) * (1 + (x >> 40) % 1_000_000);
             values.push(v);
-            s.transition(&est(v), nobody);
+            s.transition(&est(v), NOBODY);
         }
         values.sort();
         let r = s.report();
@@ -907,7 +908,7 @@ mod tests {
     fn table_has_every_state_and_a_histogram() {
         let mut s = Summary::new(None, 10);
         for v in [50 * MS, 200 * MS, 1000 * MS] {
-            s.transition(&est(v), nobody);
+            s.transition(&est(v), NOBODY);
         }
         s.transition(
             &Transition {
@@ -916,7 +917,7 @@ mod tests {
                 old_state_ns: Some(60_000),
                 ..sample()
             },
-            nobody,
+            NOBODY,
         );
         let mut out = Vec::new();
         s.write_table(&mut out).unwrap();
@@ -947,7 +948,7 @@ mod tests {
     fn json_record_has_the_contract_fields() {
         let mut s = Summary::new(None, 10);
         for v in [50 * MS, 200 * MS, 1000 * MS] {
-            s.transition(&est(v), nobody);
+            s.transition(&est(v), NOBODY);
         }
         let mut out = Vec::new();
         s.write_json(&mut out).unwrap();
@@ -987,7 +988,7 @@ mod tests {
                         lport: port,
                         ..est(MS)
                     },
-                    nobody,
+                    NOBODY,
                 );
             }
         }
@@ -1023,10 +1024,14 @@ mod tests {
     #[test]
     fn group_by_comm_uses_the_owner() {
         let mut s = Summary::new(Some(GroupBy::Comm), 10);
-        s.transition(&est(MS), || Owner {
-            pid: 1,
-            comm: comm("nginx"),
-        });
+        s.transition(
+            &est(MS),
+            Some(&Owner {
+                pid: 1,
+                comm: comm("nginx"),
+                uid: 0,
+            }),
+        );
         let mut out = Vec::new();
         s.write_json(&mut out).unwrap();
         assert!(String::from_utf8(out)
@@ -1046,7 +1051,7 @@ mod tests {
                     lport: 1000 + i,
                     ..est(MS)
                 },
-                nobody,
+                NOBODY,
             );
             if i >= 500 && i % 2 == 0 {
                 for _ in 0..2 {
@@ -1055,7 +1060,7 @@ mod tests {
                             lport: 80,
                             ..est(2 * MS)
                         },
-                        nobody,
+                        NOBODY,
                     );
                     port80 += 1;
                 }

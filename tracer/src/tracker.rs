@@ -2,45 +2,115 @@
 //! it passed through, from the stream of transitions.
 //!
 //! Rules (also in the README):
-//! - A connection is keyed by the socket's kernel address and ends at its
-//!   transition to CLOSE, which yields a [`Connection`] record.
+//! - A connection is keyed by the socket's kernel address while the socket
+//!   lives. It ends at its transition to CLOSE, which yields a
+//!   [`Connection`] record, except after an active close (`FIN_WAIT1`,
+//!   `FIN_WAIT2` or `CLOSING -> CLOSE`): the kernel then continues the
+//!   connection in a timewait socket that no tracepoint sees, so the
+//!   connection waits in the timewait table (keyed by netns and 4-tuple)
+//!   until `timewait.rs` sees that socket end.
 //! - Its opening is seen (`complete`) when its first transition is the
 //!   socket's birth: `CLOSE -> SYN_SENT` (connect), `CLOSE -> LISTEN`, or
 //!   `LISTEN -> SYN_RECV` (a new child socket of a listener).
 //! - `start` is when it entered the first state the tracer can time: the
-//!   first transition, or earlier by the kernel's `old_state_ns` when the
-//!   kernel timed that state (it may have, e.g. when the in-kernel filter
-//!   dropped the earlier transition). `duration_ns` = CLOSE time − `start`,
-//!   and the per-state times always add up to it.
+//!   first transition, earlier by the kernel's `old_state_ns` when the
+//!   kernel timed that state, or the start-up snapshot for sockets that
+//!   existed before the tracer. `duration_ns` = end − `start`, and the
+//!   per-state times always add up to it.
 //! - If a transition's old state is not the state the tracker last saw (a
 //!   transition was filtered or lost), the kernel's `old_state_ns` is
 //!   credited to the old state and the rest of the gap to the last state
 //!   seen; `gaps` counts such connections.
-//! - Owner: the pid/comm of the first transition, replaced by those of the
-//!   first transition that only runs in the owner's own system calls
-//!   (connect, listen, close/shutdown), since softirq transitions run on
-//!   whatever task is current.
+//! - Owner (the process that created or accepted the socket): the task of
+//!   the transitions that only run in the owner's own system calls (connect,
+//!   listen, close/shutdown); for an accepted socket until then, the owner
+//!   of its listener (same namespace and local port; unknown if listeners of
+//!   different owners share the port); for a socket that existed before the
+//!   tracer, the process holding its inode in /proc at start. Otherwise
+//!   unknown (`None`), never the softirq's current task.
 
 use std::{
     collections::{hash_map::Entry, HashMap},
     net::IpAddr,
 };
 
-use crate::events::{Comm, Family, TcpState, Transition};
+use crate::events::{Comm, Family, Source, TcpState, Transition};
 
 const STATES: usize = 13;
 
-#[derive(Clone, Debug, PartialEq)]
-pub struct Connection {
-    pub sock: u64,
+/// The process that owns a socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Owner {
     pub pid: u32,
     pub comm: Comm,
+    pub uid: u32,
+}
+
+/// A connection's identity once its socket is gone: namespace and 4-tuple.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct TupleKey {
+    pub netns: u32,
     pub family: Family,
     pub laddr: IpAddr,
     pub lport: u16,
     pub raddr: IpAddr,
     pub rport: u16,
-    /// CLOCK_MONOTONIC ns when the tracer first saw a transition of it.
+}
+
+/// How the timewait part of an actively closed connection ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TimewaitEnd {
+    /// The timewait socket lived until its timer.
+    Expired,
+    /// A new connection on the same 4-tuple took it over (`tcp_tw_reuse`,
+    /// or a new SYN to a server in TIME_WAIT).
+    Reused,
+    /// It disappeared before its timer (e.g. killed by a RST).
+    Early,
+    /// None was created: `tcp_max_tw_buckets` was full.
+    NotCreated,
+    /// None was found, and the namespace reported no overflow: the
+    /// connection ended without one (or it ended within one poll).
+    NotFound,
+}
+
+impl TimewaitEnd {
+    pub fn name(self) -> &'static str {
+        match self {
+            TimewaitEnd::Expired => "expired",
+            TimewaitEnd::Reused => "reused",
+            TimewaitEnd::Early => "early",
+            TimewaitEnd::NotCreated => "not_created",
+            TimewaitEnd::NotFound => "not_found",
+        }
+    }
+}
+
+/// What the tracer knows of a connection's timewait socket.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Timewait {
+    /// When the tracepoint reported the full socket's CLOSE.
+    pub closed_ns: u64,
+    /// A dump has shown the timewait socket.
+    pub seen: bool,
+    /// When its timer fires, as of the last dump (CLOCK_MONOTONIC ns).
+    pub expires_ns: Option<u64>,
+    pub end: Option<TimewaitEnd>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Connection {
+    /// Kernel socket address; 0 for a socket known only from the start-up
+    /// snapshot.
+    pub sock: u64,
+    pub owner: Option<Owner>,
+    pub netns: u32,
+    pub family: Family,
+    pub laddr: IpAddr,
+    pub lport: u16,
+    pub raddr: IpAddr,
+    pub rport: u16,
+    /// CLOCK_MONOTONIC ns when the tracer first saw it.
     pub first_seen_ns: u64,
     /// CLOCK_MONOTONIC ns of the start of the first timed state.
     pub start_ns: u64,
@@ -52,15 +122,24 @@ pub struct Connection {
     /// Bit per state index: passed through it.
     visited: u16,
     pub complete: bool,
-    owner_confirmed: bool,
     /// A transition was missing between two that were seen.
     pub gap: bool,
     /// A listening socket (it entered LISTEN), not a connection.
     pub listener: bool,
+    /// Known from the start-up snapshot (it existed before the tracer).
+    pub from_snapshot: bool,
+    /// Inode of its socket file, when learnt (snapshot or sock_diag).
+    pub inode: u64,
+    /// (pid, tid) of the last task seen in the owner's own system call: a
+    /// task in the socket's namespace, used to reach that namespace.
+    pub task_hint: Option<(u32, u32)>,
+    /// Set once an alert about it being stuck in its state was printed.
+    pub stuck_reported: bool,
+    pub timewait: Option<Timewait>,
 }
 
 impl Connection {
-    fn new(t: &Transition) -> Self {
+    fn new(t: &Transition, owner: Option<Owner>) -> Self {
         let start_ns = t.mono_ns - t.old_state_ns.unwrap_or(0).min(t.mono_ns);
         let complete = matches!(
             (t.old, t.new),
@@ -70,8 +149,8 @@ impl Connection {
         );
         let mut c = Connection {
             sock: t.sock,
-            pid: t.pid,
-            comm: t.comm,
+            owner,
+            netns: t.netns,
             family: t.family,
             laddr: t.laddr,
             lport: t.lport,
@@ -84,9 +163,13 @@ impl Connection {
             states_ns: [0; STATES],
             visited: 0,
             complete,
-            owner_confirmed: runs_in_owner_syscall(t.old, t.new),
             gap: false,
             listener: t.new == TcpState::Listen,
+            from_snapshot: false,
+            inode: 0,
+            task_hint: None,
+            stuck_reported: false,
+            timewait: None,
         };
         // Only a state the kernel timed counts: a child's LISTEN belongs to
         // its listener, and the CLOSE before connect/listen is no part of
@@ -94,7 +177,53 @@ impl Connection {
         if let Some(ns) = t.old_state_ns {
             c.credit(t.old, ns.min(t.mono_ns));
         }
+        c.note_owner_syscall(t);
         c
+    }
+
+    /// A socket found by the start-up snapshot, in `state` at `now_ns`.
+    pub fn from_snapshot(
+        key: TupleKey,
+        state: TcpState,
+        now_ns: u64,
+        inode: u64,
+        owner: Option<Owner>,
+    ) -> Self {
+        Connection {
+            sock: 0,
+            owner,
+            netns: key.netns,
+            family: key.family,
+            laddr: key.laddr,
+            lport: key.lport,
+            raddr: key.raddr,
+            rport: key.rport,
+            first_seen_ns: now_ns,
+            start_ns: now_ns,
+            state,
+            state_since_ns: now_ns,
+            states_ns: [0; STATES],
+            visited: 0,
+            complete: false,
+            gap: false,
+            listener: state == TcpState::Listen,
+            from_snapshot: true,
+            inode,
+            task_hint: None,
+            stuck_reported: false,
+            timewait: None,
+        }
+    }
+
+    pub fn key(&self) -> TupleKey {
+        TupleKey {
+            netns: self.netns,
+            family: self.family,
+            laddr: self.laddr,
+            lport: self.lport,
+            raddr: self.raddr,
+            rport: self.rport,
+        }
     }
 
     fn apply(&mut self, t: &Transition) {
@@ -114,10 +243,26 @@ impl Connection {
         self.state = t.new;
         self.state_since_ns = now;
         self.update_endpoints(t);
-        if !self.owner_confirmed && runs_in_owner_syscall(t.old, t.new) {
-            self.pid = t.pid;
-            self.comm = t.comm;
-            self.owner_confirmed = true;
+        self.note_owner_syscall(t);
+    }
+
+    /// Moves the connection to `state` at `at_ns` (a transition the
+    /// tracepoint cannot see), crediting the time in the current state.
+    pub fn advance(&mut self, state: TcpState, at_ns: u64) {
+        let at = at_ns.max(self.state_since_ns);
+        self.credit(self.state, at - self.state_since_ns);
+        self.state = state;
+        self.state_since_ns = at;
+    }
+
+    fn note_owner_syscall(&mut self, t: &Transition) {
+        if t.source == Source::Tracepoint && runs_in_owner_syscall(t.old, t.new) {
+            self.owner = Some(Owner {
+                pid: t.pid,
+                comm: t.comm,
+                uid: t.uid,
+            });
+            self.task_hint = Some((t.pid, t.tid));
         }
     }
 
@@ -155,9 +300,43 @@ impl Connection {
         (self.visited & (1 << state.index()) != 0).then(|| self.states_ns[state.index()])
     }
 
-    /// From `start_ns` to the last transition (the CLOSE for ended ones).
+    /// From `start_ns` to the last transition (the end, for ended ones).
     pub fn duration_ns(&self) -> u64 {
         self.state_since_ns - self.start_ns
+    }
+
+    /// A transition of this connection that the tracepoint could not report.
+    pub fn derived(
+        &self,
+        old: TcpState,
+        new: TcpState,
+        at_ns: u64,
+        old_state_ns: Option<u64>,
+        source: Source,
+    ) -> Transition {
+        let owner = self.owner.unwrap_or(Owner {
+            pid: 0,
+            comm: Comm::default(),
+            uid: 0,
+        });
+        Transition {
+            mono_ns: at_ns,
+            sock: self.sock,
+            pid: owner.pid,
+            tid: 0,
+            uid: owner.uid,
+            comm: owner.comm,
+            family: self.family,
+            laddr: self.laddr,
+            lport: self.lport,
+            raddr: self.raddr,
+            rport: self.rport,
+            old,
+            new,
+            old_state_ns,
+            netns: self.netns,
+            source,
+        }
     }
 }
 
@@ -171,19 +350,51 @@ fn runs_in_owner_syscall(old: TcpState, new: TcpState) -> bool {
     )
 }
 
+/// Was this `-> CLOSE` an active close that leaves a timewait socket?
+fn leaves_timewait(old: TcpState) -> bool {
+    matches!(
+        old,
+        TcpState::FinWait1 | TcpState::FinWait2 | TcpState::Closing
+    )
+}
+
 /// What one transition did to the tracker.
-#[derive(Debug, PartialEq)]
-pub enum Update {
-    /// The connection goes on (or was just started).
-    Tracked,
-    /// It reached CLOSE: its final record.
-    Closed(Connection),
+#[derive(Debug, Default, PartialEq)]
+pub struct Outcome {
+    /// The socket's owner, as known after this transition.
+    pub owner: Option<Owner>,
+    /// Connections that ended: this one at CLOSE, or an older one whose
+    /// timewait socket this connection reused.
+    pub closed: Vec<Connection>,
+    /// Transitions the tracepoint could not report (the reused timewait's).
+    pub derived: Vec<Transition>,
     /// The tracker is full; this socket is not tracked (counted).
-    Untracked,
+    pub untracked: bool,
+}
+
+impl Outcome {
+    /// Owner for the derived transitions: those of the connection they
+    /// ended.
+    pub fn owner_of_derived(&self) -> Option<Owner> {
+        self.closed.first().and_then(|c| c.owner)
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Listener {
+    sock: u64,
+    laddr: IpAddr,
+    owner: Option<Owner>,
 }
 
 pub struct Tracker {
     conns: HashMap<u64, Connection>,
+    /// Actively closed connections whose timewait socket is not resolved.
+    timewait: HashMap<TupleKey, Connection>,
+    /// Sockets from the start-up snapshot not yet seen in a transition.
+    snapshot: HashMap<TupleKey, Connection>,
+    /// Listening sockets by (netns, local port), for accepted sockets' owner.
+    listeners: HashMap<(u32, u16), Vec<Listener>>,
     capacity: usize,
     /// Transitions of sockets the tracker had no room for.
     pub untracked: u64,
@@ -195,50 +406,292 @@ impl Tracker {
     pub fn new(capacity: usize) -> Self {
         Tracker {
             conns: HashMap::new(),
+            timewait: HashMap::new(),
+            snapshot: HashMap::new(),
+            listeners: HashMap::new(),
             capacity,
             untracked: 0,
             gaps: 0,
         }
     }
 
-    pub fn on_transition(&mut self, t: &Transition) -> Update {
-        let len = self.conns.len();
+    fn full(&self) -> bool {
+        self.conns.len() + self.timewait.len() + self.snapshot.len() >= self.capacity
+    }
+
+    /// Registers a socket found by the start-up snapshot.
+    pub fn add_snapshot(&mut self, conn: Connection) {
+        if self.full() {
+            self.untracked += 1;
+            return;
+        }
+        if conn.listener {
+            self.listeners
+                .entry((conn.netns, conn.lport))
+                .or_default()
+                .push(Listener {
+                    sock: 0,
+                    laddr: conn.laddr,
+                    owner: conn.owner,
+                });
+        } else {
+            self.snapshot.insert(conn.key(), conn);
+        }
+    }
+
+    fn listener_owner(&self, t: &Transition) -> Option<Owner> {
+        let ls = self.listeners.get(&(t.netns, t.lport))?;
+        let exact: Vec<&Listener> = ls.iter().filter(|l| l.laddr == t.laddr).collect();
+        let candidates: Vec<&Listener> = if exact.is_empty() {
+            ls.iter().filter(|l| l.laddr.is_unspecified()).collect()
+        } else {
+            exact
+        };
+        let first = candidates.first()?.owner?;
+        // Listeners of different processes on one port (SO_REUSEPORT): the
+        // owner of the child cannot be told from here.
+        candidates
+            .iter()
+            .all(|l| l.owner.map(|o| o.pid) == Some(first.pid))
+            .then_some(first)
+    }
+
+    fn key_of(t: &Transition) -> TupleKey {
+        TupleKey {
+            netns: t.netns,
+            family: t.family,
+            laddr: t.laddr,
+            lport: t.lport,
+            raddr: t.raddr,
+            rport: t.rport,
+        }
+    }
+
+    pub fn on_transition(&mut self, t: &Transition) -> Outcome {
+        let mut out = Outcome::default();
+        self.end_reused_timewait(t, &mut out);
         match self.conns.entry(t.sock) {
-            Entry::Vacant(e) => {
-                if len >= self.capacity {
-                    self.untracked += 1;
-                    return Update::Untracked;
-                }
-                e.insert(Connection::new(t));
-            }
             Entry::Occupied(e) => e.into_mut().apply(t),
-        }
-        if t.new == TcpState::Close {
-            if let Some(conn) = self.conns.remove(&t.sock) {
-                if conn.gap {
-                    self.gaps += 1;
+            Entry::Vacant(_) => {
+                if self.conns.len() + self.timewait.len() + self.snapshot.len() >= self.capacity {
+                    self.untracked += 1;
+                    out.untracked = true;
+                    return out;
                 }
-                return Update::Closed(conn);
+                let birth = matches!(
+                    (t.old, t.new),
+                    (TcpState::Close, _) | (TcpState::Listen, TcpState::SynRecv)
+                );
+                // A birth is a new socket even if the snapshot, taken while
+                // events queued, already saw it.
+                let known = if self.snapshot.is_empty() {
+                    None
+                } else {
+                    self.snapshot.remove(&Self::key_of(t))
+                };
+                let conn = match known.filter(|_| !birth) {
+                    Some(mut known) => {
+                        // Existed before the tracer: time counts from the snapshot.
+                        known.sock = t.sock;
+                        known.apply(t);
+                        known
+                    }
+                    None => {
+                        let inherited = (t.old == TcpState::Listen && t.new == TcpState::SynRecv)
+                            .then(|| self.listener_owner(t))
+                            .flatten();
+                        Connection::new(t, inherited)
+                    }
+                };
+                self.conns.insert(t.sock, conn);
             }
         }
-        Update::Tracked
+        match (t.old, t.new) {
+            (_, TcpState::Listen) => {
+                let owner = self.conns.get(&t.sock).and_then(|c| c.owner);
+                self.listeners
+                    .entry((t.netns, t.lport))
+                    .or_default()
+                    .push(Listener {
+                        sock: t.sock,
+                        laddr: t.laddr,
+                        owner,
+                    });
+            }
+            (TcpState::Listen, TcpState::Close) => {
+                if let Some(ls) = self.listeners.get_mut(&(t.netns, t.lport)) {
+                    ls.retain(|l| l.sock != t.sock);
+                    if ls.is_empty() {
+                        self.listeners.remove(&(t.netns, t.lport));
+                    }
+                }
+            }
+            _ => {}
+        }
+        if !self.snapshot.is_empty() && t.new == TcpState::Established {
+            // A socket born after attach but before the snapshot was taken
+            // is in both: the tracked one wins.
+            self.snapshot.remove(&Self::key_of(t));
+        }
+        out.owner = self.conns.get(&t.sock).and_then(|c| c.owner);
+        if t.new == TcpState::Close {
+            if let Some(mut conn) = self.conns.remove(&t.sock) {
+                if leaves_timewait(t.old) && !conn.listener {
+                    // The connection goes on in a timewait socket: in
+                    // TIME_WAIT at once after CLOSING, else in FIN_WAIT2.
+                    conn.state = if t.old == TcpState::Closing {
+                        TcpState::TimeWait
+                    } else {
+                        TcpState::FinWait2
+                    };
+                    conn.timewait = Some(Timewait {
+                        closed_ns: t.mono_ns,
+                        ..Default::default()
+                    });
+                    self.timewait.insert(conn.key(), conn);
+                } else {
+                    if conn.gap {
+                        self.gaps += 1;
+                    }
+                    out.closed.push(conn);
+                }
+            }
+        }
+        out
+    }
+
+    /// A new connection on the 4-tuple of a connection in timewait ends that
+    /// timewait socket (the kernel kills it to let the new one through).
+    fn end_reused_timewait(&mut self, t: &Transition, out: &mut Outcome) {
+        let reuse_at = match (t.old, t.new) {
+            // The server side: the SYN that arrives for a TIME_WAIT 4-tuple.
+            (TcpState::Listen, TcpState::SynRecv) => t.mono_ns,
+            // The client side: connect() chose the 4-tuple of a timewait
+            // socket (tcp_tw_reuse); it did so when it entered SYN_SENT.
+            (TcpState::SynSent, TcpState::Established) => {
+                t.mono_ns - t.old_state_ns.unwrap_or(0).min(t.mono_ns)
+            }
+            _ => return,
+        };
+        if self.timewait.is_empty() {
+            return;
+        }
+        if let Some(mut old) = self.timewait.remove(&Self::key_of(t)) {
+            out.derived.extend(self.finish_timewait(
+                &mut old,
+                reuse_at,
+                TimewaitEnd::Reused,
+                Source::Reuse,
+            ));
+            out.closed.push(old);
+        }
+    }
+
+    /// Ends a connection's timewait part at `at_ns`: returns the derived
+    /// `-> CLOSE` transition and leaves `conn` ready to be reported.
+    pub fn finish_timewait(
+        &mut self,
+        conn: &mut Connection,
+        at_ns: u64,
+        end: TimewaitEnd,
+        source: Source,
+    ) -> Option<Transition> {
+        let tw = conn.timewait.get_or_insert_with(Timewait::default);
+        tw.end = Some(end);
+        if conn.gap {
+            self.gaps += 1;
+        }
+        match end {
+            // No timewait socket: the connection ended at the tracepoint's CLOSE.
+            TimewaitEnd::NotCreated | TimewaitEnd::NotFound => None,
+            _ => {
+                let old = conn.state;
+                let in_state = at_ns.saturating_sub(conn.state_since_ns);
+                conn.advance(TcpState::Close, at_ns);
+                Some(conn.derived(old, TcpState::Close, at_ns, Some(in_state), source))
+            }
+        }
+    }
+
+    /// Ends the timewait part of the pending connection `key` (see
+    /// [`Tracker::finish_timewait`]); it is taken by
+    /// [`Tracker::take_timewait_ended`].
+    pub fn end_timewait(
+        &mut self,
+        key: &TupleKey,
+        at_ns: u64,
+        end: TimewaitEnd,
+        source: Source,
+    ) -> Option<(Transition, Option<Owner>)> {
+        let mut conn = self.timewait.remove(key)?;
+        let derived = self.finish_timewait(&mut conn, at_ns, end, source);
+        let owner = conn.owner;
+        self.timewait.insert(*key, conn);
+        derived.map(|d| (d, owner))
+    }
+
+    /// Connections waiting for their timewait socket to be resolved.
+    pub fn timewait_mut(&mut self) -> impl Iterator<Item = &mut Connection> {
+        self.timewait.values_mut()
+    }
+
+    pub fn timewait_pending(&self) -> usize {
+        self.timewait.len()
+    }
+
+    pub fn has_timewait(&self) -> bool {
+        !self.timewait.is_empty()
+    }
+
+    /// Takes the connections whose timewait part has ended.
+    pub fn take_timewait_ended(&mut self) -> Vec<Connection> {
+        let ended: Vec<TupleKey> = self
+            .timewait
+            .iter()
+            .filter(|(_, c)| c.timewait.is_some_and(|tw| tw.end.is_some()))
+            .map(|(k, _)| *k)
+            .collect();
+        ended
+            .into_iter()
+            .filter_map(|k| self.timewait.remove(&k))
+            .collect()
+    }
+
+    /// Live connections (tracked or from the snapshot) in `state`.
+    pub fn in_state_mut(&mut self, state: TcpState) -> impl Iterator<Item = &mut Connection> {
+        self.conns
+            .values_mut()
+            .chain(self.snapshot.values_mut())
+            .filter(move |c| c.state == state && !c.listener)
+    }
+
+    /// Live connections per current state (timewait ones included), for
+    /// gauges.
+    pub fn count_by_state(&self) -> [u64; STATES] {
+        let mut counts = [0u64; STATES];
+        for c in self
+            .conns
+            .values()
+            .chain(self.snapshot.values())
+            .chain(self.timewait.values())
+        {
+            if !c.listener {
+                counts[c.state.index()] += 1;
+            }
+        }
+        counts
     }
 
     pub fn len(&self) -> usize {
-        self.conns.len()
+        self.conns.len() + self.timewait.len() + self.snapshot.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.conns.is_empty()
+        self.len() == 0
     }
 
     pub fn get(&self, sock: u64) -> Option<&Connection> {
         self.conns.get(&sock)
-    }
-
-    /// Every socket followed now (listeners included), in no order.
-    pub fn iter(&self) -> impl Iterator<Item = &Connection> {
-        self.conns.values()
     }
 }
 
@@ -265,15 +718,13 @@ mod tests {
         let mut tr = Tracker::new(16);
         let (last, init) = steps.split_last().unwrap();
         for t in init {
-            assert_eq!(tr.on_transition(t), Update::Tracked);
+            let o = tr.on_transition(t);
+            assert!(o.closed.is_empty() && !o.untracked);
         }
-        match tr.on_transition(last) {
-            Update::Closed(c) => {
-                assert!(tr.is_empty());
-                c
-            }
-            other => panic!("expected a closed connection, got {other:?}"),
-        }
+        let mut o = tr.on_transition(last);
+        assert_eq!(o.closed.len(), 1, "expected a closed connection: {o:?}");
+        assert!(tr.is_empty());
+        o.closed.pop().unwrap()
     }
 
     fn ms(c: &Connection, s: TcpState) -> Option<u64> {
@@ -282,27 +733,6 @@ mod tests {
 
     fn assert_sums(c: &Connection) {
         assert_eq!(c.states().map(|(_, n)| n).sum::<u64>(), c.duration_ns());
-    }
-
-    #[test]
-    fn active_close() {
-        let c = life(&[
-            tr(100, Close, SynSent, None),
-            tr(101, SynSent, Established, Some(1)),
-            tr(301, Established, FinWait1, Some(200)),
-            tr(302, FinWait1, FinWait2, Some(1)),
-            tr(305, FinWait2, Close, Some(3)),
-        ]);
-        assert!(c.complete && !c.gap);
-        assert_eq!(c.start_ns, 100_000_000);
-        assert_eq!(c.duration_ns(), 205_000_000);
-        assert_eq!(ms(&c, SynSent), Some(1));
-        assert_eq!(ms(&c, Established), Some(200));
-        assert_eq!(ms(&c, FinWait1), Some(1));
-        assert_eq!(ms(&c, FinWait2), Some(3));
-        assert_eq!(ms(&c, Close), None);
-        assert_eq!(c.states().count(), 4);
-        assert_sums(&c);
     }
 
     #[test]
@@ -323,6 +753,7 @@ mod tests {
         assert_eq!(ms(&c, CloseWait), Some(20));
         assert_eq!(ms(&c, LastAck), Some(1));
         assert_eq!(c.duration_ns(), 61_000_000);
+        assert!(c.timewait.is_none());
         assert_sums(&c);
     }
 
@@ -339,12 +770,99 @@ mod tests {
     }
 
     #[test]
+    fn active_close_waits_for_its_timewait_socket() {
+        let mut t = Tracker::new(8);
+        for step in [
+            tr(100, Close, SynSent, None),
+            tr(101, SynSent, Established, Some(1)),
+            tr(301, Established, FinWait1, Some(200)),
+            tr(302, FinWait1, FinWait2, Some(1)),
+        ] {
+            t.on_transition(&step);
+        }
+        let o = t.on_transition(&tr(305, FinWait2, Close, Some(3)));
+        assert!(
+            o.closed.is_empty(),
+            "not reported before its timewait socket ends"
+        );
+        assert!(t.has_timewait());
+        let mut conn = t.timewait_mut().next().unwrap().clone();
+        assert_eq!(conn.state, FinWait2);
+        assert_eq!(conn.timewait.unwrap().closed_ns, 305_000_000);
+        // Peer's FIN at 400 ms: TIME_WAIT; the timer fires 60 s later.
+        conn.advance(TimeWait, 400_000_000);
+        let derived = t
+            .finish_timewait(
+                &mut conn,
+                60_400_000_000,
+                TimewaitEnd::Expired,
+                Source::SockDiag,
+            )
+            .unwrap();
+        assert_eq!(
+            (derived.old, derived.new, derived.source),
+            (TimeWait, Close, Source::SockDiag)
+        );
+        assert_eq!(derived.old_state_ns, Some(60_000_000_000));
+        assert_eq!(ms(&conn, FinWait2), Some(98));
+        assert_eq!(ms(&conn, TimeWait), Some(60_000));
+        assert_eq!(conn.duration_ns(), 60_300_000_000);
+        assert_sums(&conn);
+    }
+
+    #[test]
+    fn closing_goes_straight_to_time_wait() {
+        let mut t = Tracker::new(8);
+        t.on_transition(&tr(0, Established, FinWait1, None));
+        t.on_transition(&tr(1, FinWait1, Closing, Some(1)));
+        assert!(t
+            .on_transition(&tr(2, Closing, Close, Some(1)))
+            .closed
+            .is_empty());
+        assert_eq!(t.timewait_mut().next().unwrap().state, TimeWait);
+    }
+
+    #[test]
+    fn a_new_connection_on_the_same_tuple_ends_the_timewait() {
+        let mut t = Tracker::new(8);
+        t.on_transition(&tr(0, Close, SynSent, None));
+        t.on_transition(&tr(1, SynSent, Established, Some(1)));
+        t.on_transition(&tr(5, Established, FinWait1, Some(4)));
+        t.on_transition(&tr(6, FinWait1, FinWait2, Some(1)));
+        t.on_transition(&tr(7, FinWait2, Close, Some(1)));
+        t.timewait_mut()
+            .next()
+            .unwrap()
+            .advance(TimeWait, 8_000_000);
+        // Socket 2 connects on the same 4-tuple at 1500 ms, established at 1501.
+        let again = |ms: u64, old, new, known| Transition {
+            sock: 2,
+            ..tr(ms, old, new, known)
+        };
+        t.on_transition(&again(1500, Close, SynSent, None));
+        let o = t.on_transition(&again(1501, SynSent, Established, Some(1)));
+        assert_eq!(o.closed.len(), 1);
+        let old = &o.closed[0];
+        assert_eq!(old.sock, 1);
+        assert_eq!(old.timewait.unwrap().end, Some(TimewaitEnd::Reused));
+        assert_eq!(ms(old, TimeWait), Some(1492));
+        assert_eq!(o.derived.len(), 1);
+        assert_eq!(
+            (o.derived[0].old, o.derived[0].new, o.derived[0].source),
+            (TimeWait, Close, Source::Reuse)
+        );
+        assert_eq!(o.derived[0].mono_ns, 1_500_000_000);
+        assert_sums(old);
+        assert!(!t.has_timewait());
+    }
+
+    #[test]
     fn first_seen_mid_life_is_incomplete() {
         // Established before the tracer started: the kernel never timed it.
         let c = life(&[
-            tr(500, Established, FinWait1, None),
-            tr(501, FinWait1, FinWait2, Some(1)),
-            tr(502, FinWait2, Close, Some(1)),
+            tr(500, Established, CloseWait, None),
+            tr(501, CloseWait, LastAck, Some(1)),
+            tr(502, LastAck, Close, Some(1)),
         ]);
         assert!(!c.complete);
         assert_eq!(c.first_seen_ns, 500_000_000);
@@ -355,15 +873,64 @@ mod tests {
     }
 
     #[test]
+    fn snapshot_sockets_count_from_the_snapshot() {
+        let mut t = Tracker::new(8);
+        let first = tr(0, CloseWait, Close, None);
+        let owner = Owner {
+            pid: 99,
+            comm: comm("server"),
+            uid: 0,
+        };
+        let key = Tracker::key_of(&first);
+        t.add_snapshot(Connection::from_snapshot(
+            key,
+            CloseWait,
+            100_000_000,
+            555,
+            Some(owner),
+        ));
+        assert_eq!(t.in_state_mut(CloseWait).count(), 1);
+        // A reset ends it in softirq: the owner stays the snapshot's.
+        let mut softirq = tr(900, CloseWait, Close, None);
+        softirq.pid = 0;
+        let mut o = t.on_transition(&softirq);
+        assert_eq!(o.owner.unwrap().pid, 99);
+        let c = o.closed.pop().unwrap();
+        assert!(c.from_snapshot && !c.complete);
+        assert_eq!(c.inode, 555);
+        assert_eq!(ms(&c, CloseWait), Some(800));
+        assert_eq!(c.duration_ns(), 800_000_000);
+        assert_sums(&c);
+    }
+
+    #[test]
+    fn a_birth_is_new_even_if_the_snapshot_saw_it() {
+        let mut t = Tracker::new(8);
+        let child = tr(10, Listen, SynRecv, None);
+        t.add_snapshot(Connection::from_snapshot(
+            Tracker::key_of(&child),
+            Established,
+            5_000_000,
+            9,
+            None,
+        ));
+        t.on_transition(&child);
+        let c = t.get(1).unwrap();
+        assert!(c.complete && !c.from_snapshot);
+        assert_eq!(t.len(), 1, "the snapshot's copy is dropped");
+    }
+
+    #[test]
     fn first_seen_with_kernel_timing_starts_earlier() {
         // The kernel timed ESTABLISHED (its entry was filtered in the kernel).
         let c = life(&[
-            tr(500, Established, FinWait1, Some(300)),
-            tr(510, FinWait1, Close, Some(10)),
+            tr(500, Established, CloseWait, Some(300)),
+            tr(510, CloseWait, LastAck, Some(10)),
+            tr(511, LastAck, Close, Some(1)),
         ]);
         assert_eq!(c.start_ns, 200_000_000);
         assert_eq!(ms(&c, Established), Some(300));
-        assert_eq!(c.duration_ns(), 310_000_000);
+        assert_eq!(c.duration_ns(), 311_000_000);
         assert_sums(&c);
     }
 
@@ -372,36 +939,64 @@ mod tests {
         let c = life(&[
             tr(0, Close, SynSent, None),
             tr(1, SynSent, Established, Some(1)),
-            // ESTABLISHED -> FIN_WAIT1 at 100 was lost.
-            tr(130, FinWait1, FinWait2, Some(30)),
-            tr(131, FinWait2, Close, Some(1)),
+            // ESTABLISHED -> CLOSE_WAIT at 100 was lost.
+            tr(130, CloseWait, LastAck, Some(30)),
+            tr(131, LastAck, Close, Some(1)),
         ]);
         assert!(c.gap);
         assert_eq!(ms(&c, Established), Some(99));
-        assert_eq!(ms(&c, FinWait1), Some(30));
+        assert_eq!(ms(&c, CloseWait), Some(30));
         assert_sums(&c);
     }
 
     #[test]
-    fn owner_comes_from_the_owners_syscall() {
-        let mut child_on_client_task = tr(10, Listen, SynRecv, None);
-        child_on_client_task.pid = 7;
-        child_on_client_task.comm = comm("client");
-        let mut close_by_server = tr(20, Established, FinWait1, Some(9));
-        close_by_server.pid = 8;
-        close_by_server.comm = comm("server");
-        let mut softirq = tr(21, FinWait1, Close, Some(1));
+    fn owner_is_never_the_softirq_task() {
+        let mut t = Tracker::new(8);
+        let mut softirq = tr(500, Established, CloseWait, None);
         softirq.pid = 0;
-        let c = life(&[
-            child_on_client_task,
-            tr(11, SynRecv, Established, Some(1)),
-            close_by_server,
-            softirq,
-        ]);
-        assert_eq!(
-            (c.pid, c.comm.as_str().into_owned()),
-            (8, "server".to_string())
-        );
+        softirq.comm = comm("swapper/1");
+        assert_eq!(t.on_transition(&softirq).owner, None);
+        let mut close = tr(510, CloseWait, LastAck, Some(10));
+        close.pid = 8;
+        close.comm = comm("server");
+        assert_eq!(t.on_transition(&close).owner.unwrap().pid, 8);
+    }
+
+    #[test]
+    fn accepted_socket_inherits_its_listeners_owner() {
+        let mut t = Tracker::new(8);
+        let listen = Transition {
+            sock: 10,
+            pid: 8,
+            comm: comm("server"),
+            lport: 80,
+            ..tr(0, Close, Listen, None)
+        };
+        t.on_transition(&listen);
+        // The child is created in softirq on the client's task.
+        let child = Transition {
+            sock: 11,
+            pid: 7,
+            comm: comm("client"),
+            lport: 80,
+            ..tr(1, Listen, SynRecv, None)
+        };
+        let o = t.on_transition(&child);
+        assert_eq!(o.owner.unwrap().pid, 8);
+        // A second listener of another process on the port: unknown.
+        t.on_transition(&Transition {
+            sock: 12,
+            pid: 9,
+            lport: 80,
+            ..tr(2, Close, Listen, None)
+        });
+        let o = t.on_transition(&Transition {
+            sock: 13,
+            pid: 7,
+            lport: 80,
+            ..tr(3, Listen, SynRecv, None)
+        });
+        assert_eq!(o.owner, None);
     }
 
     #[test]
@@ -418,10 +1013,12 @@ mod tests {
     fn socket_reused_after_close_starts_a_new_connection() {
         let mut tr_ = Tracker::new(4);
         tr_.on_transition(&tr(0, Close, SynSent, None));
-        assert!(matches!(
-            tr_.on_transition(&tr(5, SynSent, Close, Some(5))),
-            Update::Closed(_)
-        ));
+        assert_eq!(
+            tr_.on_transition(&tr(5, SynSent, Close, Some(5)))
+                .closed
+                .len(),
+            1
+        );
         tr_.on_transition(&tr(10, Close, SynSent, None));
         assert_eq!(tr_.get(1).unwrap().start_ns, 10_000_000);
     }
@@ -434,7 +1031,7 @@ mod tests {
             sock: 2,
             ..tr(1, Close, SynSent, None)
         };
-        assert_eq!(t.on_transition(&other), Update::Untracked);
+        assert!(t.on_transition(&other).untracked);
         assert_eq!(t.untracked, 1);
         assert_eq!(t.len(), 1);
     }

@@ -4,6 +4,12 @@
 //! test, and the real `promtool` and `prometheus` of Debian's `prometheus`
 //! package (installed by `cargo xtask test`). Nothing waits a fixed time
 //! for events: every wait polls up to a deadline.
+//!
+//! In the QEMU guests of `cargo xtask test` (TRACER_GUEST=1), which check
+//! other kernels, the Prometheus tools are not in the initramfs: there,
+//! and only there, the promtool and Prometheus server checks are skipped
+//! (they do not depend on the kernel), and time slack is wider (software
+//! emulation).
 
 mod common;
 
@@ -22,9 +28,21 @@ use common::*;
 use serde_json::Value;
 
 const MS: u64 = 1_000_000;
-/// Scheduling slack allowed on top of a connection's hold time, on this
-/// 2-core VM with 30 sockets sleeping at once.
-const SLACK_NS: u64 = 50 * MS;
+
+/// In a QEMU guest of `cargo xtask test`.
+fn in_guest() -> bool {
+    std::env::var_os("TRACER_GUEST").is_some()
+}
+
+/// Scheduling slack allowed on top of a connection's hold time: on this
+/// 2-core VM with 30 sockets sleeping at once, or under emulation.
+fn slack_ns() -> u64 {
+    if in_guest() {
+        250 * MS
+    } else {
+        50 * MS
+    }
+}
 /// HdrHistogram with 2 significant digits: at most 1/128 above.
 const HIST_ERROR: f64 = 1.0 / 128.0;
 
@@ -206,9 +224,13 @@ fn localhost(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
 
-/// Transitions of `k` connections closed by the client, and their listener.
+/// Transitions of `k` connections closed by the client, and their
+/// listener: 10 per connection from the tracepoint, and the client's
+/// `FIN_WAIT2 -> TIME_WAIT` that the agent derives from sock_diag (its
+/// `TIME_WAIT -> CLOSE` comes 60 s later).
 fn expected_transitions(k: u64) -> Vec<((&'static str, &'static str), u64)> {
     vec![
+        (("FIN_WAIT2", "TIME_WAIT"), k),
         (("CLOSE", "LISTEN"), 1),
         (("CLOSE", "SYN_SENT"), k),
         (("LISTEN", "SYN_RECV"), k),
@@ -243,7 +265,7 @@ fn within(what: &str, got: u64, lo: u64, hi: u64) {
 fn held(hold: Duration) -> (u64, u64) {
     let h = hold.as_nanos() as u64;
     // The server's ESTABLISHED may begin a few µs after the client's.
-    (h - MS, (h as f64 * (1.0 + HIST_ERROR)) as u64 + SLACK_NS)
+    (h - MS, (h as f64 * (1.0 + HIST_ERROR)) as u64 + slack_ns())
 }
 
 #[test]
@@ -340,8 +362,9 @@ fn summary_percentiles_match_known_durations() {
                 .map(|b| ns(b, "count"))
                 .sum()
         };
-        assert_eq!(count_in(32.0, 33.0), 10, "[32.8, 65.5) ms: {est}");
-        assert_eq!(count_in(131.0, 132.0), 10, "[131, 262) ms: {est}");
+        // (Or the next bucket up, for scheduling slack.)
+        assert_eq!(count_in(32.0, 66.0), 10, "[32.8, 131) ms: {est}");
+        assert_eq!(count_in(131.0, 263.0), 10, "[131, 524) ms: {est}");
         assert_eq!(count_in(524.0, 1049.0), 10, "[524 ms, 2.1 s): {est}");
         assert_eq!(count_in(0.0, f64::MAX), 30);
     });
@@ -485,16 +508,14 @@ fn summarize_of_a_recording_prints_the_live_summary() {
         held_connections(localhost(port), &[Duration::from_millis(30); 3]);
         let mut got = Vec::new();
         let start = Instant::now();
-        // 3 connections, both ends: 6 connection records.
-        while got
-            .iter()
-            .filter(|l: &&String| l.contains(r#""type":"connection""#))
-            .count()
-            < 6
-        {
+        // 3 connections: the servers' records (the clients' come when their
+        // timewait sockets end, 60 s later), and the clients' TIME_WAIT.
+        let count =
+            |got: &[String], needle: &str| got.iter().filter(|l| l.contains(needle)).count();
+        while count(&got, r#""type":"connection""#) < 3 || count(&got, r#""new":"TIME_WAIT""#) < 3 {
             assert!(
                 start.elapsed() < DEADLINE,
-                "waiting for 6 connection records:\n{}",
+                "waiting for 3 connection records and 3 TIME_WAIT:\n{}",
                 got.join("\n")
             );
             if let Ok(l) = run.stdout.recv_timeout(Duration::from_millis(50)) {
@@ -561,7 +582,7 @@ fn summarize_of_a_recording_prints_the_live_summary() {
         );
         assert!(from_conns.status.success());
         let v = json(&stdout_lines(&from_conns)[0]);
-        assert_eq!(v["states"]["ESTABLISHED"]["count"], 6, "{v}");
+        assert_eq!(v["states"]["ESTABLISHED"]["count"], 3, "{v}");
         assert_eq!(v["states"]["CLOSE_WAIT"]["count"], 3, "{v}");
         assert!(
             v["states"]["LISTEN"].is_null(),
@@ -641,6 +662,10 @@ fn scrape_until(addr: SocketAddr, what: &str, done: impl Fn(&str) -> bool) -> St
 }
 
 fn promtool_check(text: &str) {
+    if in_guest() {
+        eprintln!("QEMU guest: no promtool here; checked on the host");
+        return;
+    }
     let mut child = Command::new("promtool")
         .args(["check", "metrics"])
         .stdin(Stdio::piped())
@@ -679,18 +704,18 @@ fn metrics_endpoint_counts_the_traffic_and_passes_promtool() {
         let traffic = thread::spawn(move || {
             held_connections(localhost(port), &[Duration::from_millis(1500); K as usize])
         });
-        let during = scrape_until(metrics, "2K established sockets", |t| {
+        let during = scrape_until(metrics, "2K established connections", |t| {
             sum_of(t, "tracer_tcp_connections", |l| l["state"] == "ESTABLISHED") == 2.0 * K as f64
         });
         assert_eq!(
-            sum_of(&during, "tracer_tcp_connections", |l| l["state"]
-                == "LISTEN"),
-            1.0
+            sum_of(&during, "tracer_tcp_connections", |_| true),
+            2.0 * K as f64,
+            "a listener is no connection:\n{during}"
         );
         traffic.join().unwrap();
 
-        // Every transition counted: 10 per connection and 2 for the listener.
-        let total = 10 * K + 2;
+        // Every transition counted: 11 per connection and 2 for the listener.
+        let total = 11 * K + 2;
         let text = scrape_until(metrics, "all transitions", |t| {
             sum_of(t, "tracer_tcp_transitions_total", |_| true) == total as f64
         });
@@ -708,7 +733,9 @@ fn metrics_endpoint_counts_the_traffic_and_passes_promtool() {
                 "{old} -> {new}:\n{text}"
             );
         }
-        // Durations: every stay with a known duration, ESTABLISHED ≥ 1.5 s.
+        // Durations: every stay with a known duration, ESTABLISHED ≥ 1.5 s;
+        // FIN_WAIT2 once per client, whole (it goes on in the timewait
+        // socket); no TIME_WAIT over yet.
         let count = |state: &str| {
             sum_of(&text, "tracer_tcp_state_duration_seconds_count", |l| {
                 l["state"] == state
@@ -716,7 +743,9 @@ fn metrics_endpoint_counts_the_traffic_and_passes_promtool() {
         };
         assert_eq!(count("ESTABLISHED"), 2.0 * K as f64);
         assert_eq!(count("SYN_SENT"), K as f64);
+        assert_eq!(count("FIN_WAIT2"), K as f64);
         assert_eq!(count("LISTEN"), 1.0);
+        assert_eq!(count("TIME_WAIT"), 0.0);
         assert_eq!(
             sum_of(&text, "tracer_tcp_state_duration_seconds_bucket", |l| l
                 ["state"]
@@ -728,7 +757,7 @@ fn metrics_endpoint_counts_the_traffic_and_passes_promtool() {
             sum_of(&text, "tracer_tcp_state_duration_seconds_bucket", |l| l
                 ["state"]
                 == "ESTABLISHED"
-                && l["le"] == "2"),
+                && l["le"] == "5"),
             2.0 * K as f64
         );
         assert!(
@@ -737,9 +766,10 @@ fn metrics_endpoint_counts_the_traffic_and_passes_promtool() {
                 == "ESTABLISHED")
                 >= 2.0 * K as f64 * 1.49
         );
-        // Everything closed: the gauges are back to 0.
-        let after = scrape_until(metrics, "no socket left", |t| {
-            sum_of(t, "tracer_tcp_connections", |_| true) == 0.0
+        // Everything closed: only the clients' timewait sockets are left.
+        let after = scrape_until(metrics, "only K connections, in TIME_WAIT", |t| {
+            sum_of(t, "tracer_tcp_connections", |l| l["state"] == "TIME_WAIT") == K as f64
+                && sum_of(t, "tracer_tcp_connections", |_| true) == K as f64
         });
         assert_eq!(sum_of(&after, "tracer_tcp_close_wait_stuck", |_| true), 0.0);
         assert_eq!(
@@ -784,7 +814,7 @@ fn metrics_label_is_opt_in_and_capped() {
         held_connections(localhost(a), &[Duration::ZERO; 2]);
         held_connections(localhost(b), &[Duration::ZERO; 2]);
         let text = scrape_until(metrics, "all transitions", |t| {
-            sum_of(t, "tracer_tcp_transitions_total", |_| true) == 2.0 * (10 * 2 + 2) as f64
+            sum_of(t, "tracer_tcp_transitions_total", |_| true) == 2.0 * (11 * 2 + 2) as f64
         });
         let lports: std::collections::BTreeSet<String> = samples(&text)
             .into_iter()
@@ -811,6 +841,11 @@ fn metrics_label_is_opt_in_and_capped() {
 
 #[test]
 fn a_prometheus_server_scrapes_the_endpoint() {
+    if in_guest() {
+        require_root();
+        eprintln!("QEMU guest: no Prometheus server here; checked on the host");
+        return;
+    }
     in_netns(|| {
         let port = test_port();
         let metrics = localhost(test_port());
@@ -844,7 +879,7 @@ fn a_prometheus_server_scrapes_the_endpoint() {
             .spawn()
             .expect("prometheus (Debian package prometheus) is needed: run `cargo xtask test`");
         let started = Instant::now();
-        let want = (10 * K + 2) as f64;
+        let want = (11 * K + 2) as f64;
         let query = "/api/v1/query?query=sum(tracer_tcp_transitions_total)";
         let result = loop {
             let got = TcpStream::connect(web)

@@ -7,6 +7,7 @@
 //!   that load the real program into the running kernel.
 
 mod setup;
+mod vm;
 
 use std::{os::unix::process::CommandExt as _, path::PathBuf, process::Command};
 
@@ -29,8 +30,13 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Run the unit tests, then the integration tests (root).
-    Test,
+    /// Run the unit tests, then the integration tests (root) on the host
+    /// kernel and in QEMU guests with other kernels.
+    Test {
+        /// Which kernels run the integration suite: host, 6.1, 6.12 or all.
+        #[arg(long, default_value = "all", value_parser = ["host", "6.1", "6.12", "all"])]
+        kernel: String,
+    },
 }
 
 fn main() {
@@ -45,25 +51,96 @@ fn run(cli: Cli) -> Result<()> {
         Task::Setup => setup::ensure(),
         Task::Run { args } => {
             setup::ensure()?;
-            cargo(&["build", "--release", "--package", "tracer", "--bin", "tracer"])?;
+            cargo(&[
+                "build",
+                "--release",
+                "--package",
+                "tracer",
+                "--bin",
+                "tracer",
+            ])?;
             let bin = workspace_root().join("target/release/tracer");
             // Replace xtask with the tracer so signals reach it directly.
             let err = Command::new(&bin).args(args).exec();
             Err(err).with_context(|| format!("running {}", bin.display()))
         }
-        Task::Test => {
-            setup::ensure_for_tests()?;
+        Task::Test { kernel } => {
+            let guests: Vec<vm::Series> = match kernel.as_str() {
+                "host" => vec![],
+                "all" => vm::SERIES.to_vec(),
+                name => vec![vm::series(name).expect("clap checked the value")],
+            };
+            setup::ensure_for_tests(!guests.is_empty())?;
             eprintln!("xtask: unit tests");
-            cargo(&["test", "--package", "tracer-common", "--package", "tracer", "--package", "xtask", "--lib", "--bins"])?;
-            eprintln!("xtask: integration tests (real eBPF program, running kernel)");
-            cargo(&["test", "--package", "tracer", "--test", "*", "--", "--test-threads=1"])?;
+            cargo(&[
+                "test",
+                "--package",
+                "tracer-common",
+                "--package",
+                "tracer",
+                "--package",
+                "xtask",
+                "--lib",
+                "--bins",
+            ])?;
+            if kernel == "host" || kernel == "all" {
+                eprintln!("xtask: integration tests on the host kernel (real eBPF program)");
+                cargo(&[
+                    "test",
+                    "--package",
+                    "tracer",
+                    "--test",
+                    "*",
+                    "--",
+                    "--test-threads=1",
+                ])?;
+            }
+            if guests.is_empty() {
+                return Ok(());
+            }
+            let initrd = vm::build_initramfs(&cargo_stdout)?;
+            let mut times = Vec::new();
+            for series in guests {
+                let image = vm::kernel(series)?;
+                eprintln!(
+                    "xtask: integration tests on Linux {} ({}) under QEMU",
+                    series.name,
+                    image.display()
+                );
+                let took = vm::boot(series, &image, &initrd)?;
+                times.push(format!("{} {:.0}s", series.name, took.as_secs_f64()));
+            }
+            eprintln!("xtask: guest kernels passed: {}", times.join(", "));
             Ok(())
         }
     }
 }
 
 pub fn workspace_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask is in the workspace").to_path_buf()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask is in the workspace")
+        .to_path_buf()
+}
+
+fn cargo_command() -> Command {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(workspace_root());
+    cmd
+}
+
+/// Runs cargo and returns its stdout (for `--message-format=json`).
+fn cargo_stdout(args: &[&str]) -> Result<String> {
+    let out = cargo_command()
+        .args(args)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("starting cargo")?;
+    if !out.status.success() {
+        bail!("`cargo {}` failed ({})", args.join(" "), out.status);
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Runs cargo (the one that runs xtask) in the workspace root.

@@ -29,10 +29,29 @@ pub fn ensure() -> Result<()> {
     Ok(())
 }
 
-/// Set-up for the test suite: the build's, plus the Debian packages.
-pub fn ensure_for_tests() -> Result<()> {
+/// Debian packages for running the suite in other kernels: QEMU, a static
+/// busybox for the guest's userland, cpio for its initramfs.
+pub const VM_APT_PACKAGES: &[&str] = &["qemu-system-x86", "busybox-static", "cpio"];
+
+/// Set-up for the test suite: the build's, the Debian packages, and for
+/// guest kernels the musl target (static test binaries) and QEMU.
+pub fn ensure_for_tests(guests: bool) -> Result<()> {
     ensure()?;
-    ensure_apt_packages(APT_PACKAGES)
+    let mut packages = APT_PACKAGES.to_vec();
+    if guests {
+        packages.extend_from_slice(VM_APT_PACKAGES);
+        ensure_target(crate::vm::MUSL)?;
+    }
+    ensure_apt_packages(&packages)
+}
+
+fn ensure_target(target: &str) -> Result<()> {
+    let installed = output(Command::new("rustup").args(["target", "list", "--installed"]))?;
+    if installed.lines().any(|l| l.trim() == target) {
+        return Ok(());
+    }
+    eprintln!("xtask: adding the {target} target");
+    run(Command::new("rustup").args(["target", "add", target]))
 }
 
 fn ensure_apt_packages(packages: &[&str]) -> Result<()> {
@@ -58,7 +77,10 @@ fn ensure_apt_packages(packages: &[&str]) -> Result<()> {
 }
 
 fn output(cmd: &mut Command) -> Result<String> {
-    let out = cmd.stderr(Stdio::inherit()).output().with_context(|| format!("running {cmd:?}"))?;
+    let out = cmd
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {cmd:?}"))?;
     if !out.status.success() {
         bail!("{cmd:?} failed ({})", out.status);
     }
@@ -127,7 +149,9 @@ fn ensure_bpf_linker() -> Result<()> {
         .with_context(|| format!("no libLLVM.so.* in {}", lib.display()))?;
     // This prefix becomes bpf-linker's RUNPATH: keep it stable per libLLVM.
     let home = std::env::var("HOME").context("HOME not set")?;
-    let prefix = PathBuf::from(home).join(".local/share/bpf-linker-llvm").join(&llvm_so);
+    let prefix = PathBuf::from(home)
+        .join(".local/share/bpf-linker-llvm")
+        .join(&llvm_so);
     std::fs::create_dir_all(prefix.join("lib"))?;
     for name in ["libLLVM.so", llvm_so.as_str()] {
         let link = prefix.join("lib").join(name);
@@ -138,7 +162,11 @@ fn ensure_bpf_linker() -> Result<()> {
     run(Command::new("cargo")
         .args(["+stable", "install", "--locked", "--force"])
         .arg(format!("bpf-linker@{BPF_LINKER_VERSION}"))
-        .args(["--no-default-features", "--features", &format!("llvm-{llvm_major}")])
+        .args([
+            "--no-default-features",
+            "--features",
+            &format!("llvm-{llvm_major}"),
+        ])
         // Without it, build scripts find the distribution's LLVM 14.
         .env("LLVM_PREFIX", &prefix))?;
     if !bpf_linker_works() {

@@ -60,12 +60,16 @@ fn loopback_up() {
             ifr.ifr_name[i] = *b as libc::c_char;
         }
         assert_eq!(
-            libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut ifr),
+            libc::ioctl(fd, libc::SIOCGIFFLAGS as _, &mut ifr),
             0,
             "SIOCGIFFLAGS"
         );
         ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
-        assert_eq!(libc::ioctl(fd, libc::SIOCSIFFLAGS, &ifr), 0, "SIOCSIFFLAGS");
+        assert_eq!(
+            libc::ioctl(fd, libc::SIOCSIFFLAGS as _, &ifr),
+            0,
+            "SIOCSIFFLAGS"
+        );
         libc::close(fd);
     }
 }

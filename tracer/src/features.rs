@@ -1,0 +1,110 @@
+//! What the running kernel offers, probed rather than inferred from its
+//! version: each optional mechanism is tried for real (a probe program is
+//! loaded, then unloaded) so the agent can say what it uses and degrade
+//! with a note where something is missing.
+
+use std::path::Path;
+
+use aya::{
+    programs::{BtfTracePoint, FEntry, Iter},
+    Btf, Ebpf,
+};
+use serde::Serialize;
+
+/// Kernel capabilities, as reported in the stats record (`kernel`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Capabilities {
+    /// `/sys/kernel/btf/vmlinux` present and parsed (5.4+ with BTF).
+    pub btf: bool,
+    /// BPF ring buffer maps (5.8+); required.
+    pub ringbuf: bool,
+    /// BTF-typed tracepoints (`tp_btf`, 5.5+).
+    pub tp_btf: bool,
+    /// `iter/tcp` BPF iterators (5.9+).
+    pub iter_tcp: bool,
+    /// The kprobe PMU (`CONFIG_KPROBE_EVENTS`).
+    pub kprobe: bool,
+    /// fentry/fexit programs (5.5+, x86; refused where ftrace is locked).
+    pub fentry: bool,
+}
+
+impl Capabilities {
+    /// One line for `-v`: what is used for what, and what is missing.
+    pub fn describe(&self) -> String {
+        let yes = |b: bool| if b { "yes" } else { "no" };
+        format!(
+            "kernel: transitions via tracepoint sock:inet_sock_set_state, delivered by ring buffer; \
+             btf={} tp_btf={} iter/tcp={} kprobe={} fentry={}",
+            yes(self.btf),
+            yes(self.tp_btf),
+            yes(self.iter_tcp),
+            yes(self.kprobe),
+            yes(self.fentry)
+        )
+    }
+}
+
+/// Kernel BTF, if the kernel exposes it.
+pub fn kernel_btf() -> Option<Btf> {
+    Btf::from_sys_fs().ok()
+}
+
+pub fn ringbuf_supported() -> bool {
+    aya::sys::is_map_supported(aya::maps::MapType::RingBuf).unwrap_or(false)
+}
+
+/// Probes with the probe programs of the loaded object `ebpf`.
+pub fn probe(ebpf: &mut Ebpf, btf: Option<&Btf>) -> Capabilities {
+    let mut caps = Capabilities {
+        btf: btf.is_some(),
+        ringbuf: true, // the object's ring buffer map was created
+        kprobe: Path::new("/sys/bus/event_source/devices/kprobe").exists(),
+        ..Default::default()
+    };
+    let Some(btf) = btf else {
+        return caps; // every other probe needs BTF
+    };
+    caps.tp_btf =
+        try_load::<BtfTracePoint>(ebpf, "probe_tp_btf", |p| p.load("inet_sock_set_state", btf));
+    caps.fentry = try_load::<FEntry>(ebpf, "probe_fentry", |p| p.load("tcp_set_state", btf));
+    caps.iter_tcp = try_load::<Iter>(ebpf, "probe_iter_tcp", |p| p.load("tcp", btf));
+    caps
+}
+
+fn try_load<P>(
+    ebpf: &mut Ebpf,
+    name: &str,
+    load: impl FnOnce(&mut P) -> Result<(), aya::programs::ProgramError>,
+) -> bool
+where
+    for<'a> &'a mut P: TryFrom<&'a mut aya::programs::Program>,
+{
+    let Some(program) = ebpf.program_mut(name) else {
+        log::debug!("probe program {name} missing from the object");
+        return false;
+    };
+    let Ok(program) = <&mut P>::try_from(program) else {
+        return false;
+    };
+    match load(program) {
+        Ok(()) => true,
+        Err(e) => {
+            log::debug!("probe {name}: {e}");
+            false
+        }
+    }
+}
+
+/// Unloads the probe programs (they were only loaded to test the kernel).
+pub fn unload_probes(ebpf: &mut Ebpf) {
+    for name in ["probe_tp_btf", "probe_fentry", "probe_iter_tcp"] {
+        if let Some(p) = ebpf.program_mut(name) {
+            let _ = match p {
+                aya::programs::Program::BtfTracePoint(p) => p.unload(),
+                aya::programs::Program::FEntry(p) => p.unload(),
+                aya::programs::Program::Iter(p) => p.unload(),
+                _ => Ok(()),
+            };
+        }
+    }
+}

@@ -1,0 +1,135 @@
+//! One sock_diag socket per network namespace, and work done inside a
+//! namespace (a short-lived thread that `setns`es: the agent's own threads
+//! never move).
+
+use std::{
+    collections::HashMap,
+    fs::File,
+    io,
+    os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
+    path::Path,
+};
+
+use crate::{diag::Diag, procfs};
+
+struct Entry {
+    ns: File,
+    diag: Diag,
+}
+
+pub struct Namespaces {
+    own: u32,
+    entries: HashMap<u32, Entry>,
+    /// Namespaces searched for in /proc and not found (not searched again).
+    missing: std::collections::HashSet<u32>,
+}
+
+fn ino(path: &Path) -> io::Result<u32> {
+    Ok(std::fs::metadata(path)?.ino() as u32)
+}
+
+/// Runs `f` on a thread that has joined the namespace `ns`.
+fn run_in<T: Send>(ns: &File, f: impl FnOnce() -> io::Result<T> + Send) -> io::Result<T> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: setns on a valid namespace fd, affecting this thread only.
+            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            f()
+        })
+        .join()
+        .unwrap_or_else(|_| Err(io::Error::other("namespace thread panicked")))
+    })
+}
+
+impl Namespaces {
+    pub fn new() -> io::Result<Namespaces> {
+        let own_path = Path::new("/proc/thread-self/ns/net");
+        let own = ino(own_path)?;
+        let mut n = Namespaces {
+            own,
+            entries: HashMap::new(),
+            missing: Default::default(),
+        };
+        n.entries.insert(
+            own,
+            Entry {
+                ns: File::open(own_path)?,
+                diag: Diag::new()?,
+            },
+        );
+        Ok(n)
+    }
+
+    pub fn own(&self) -> u32 {
+        self.own
+    }
+
+    fn open(&mut self, inum: u32, path: &Path) -> bool {
+        let Ok(ns) = File::open(path) else {
+            return false;
+        };
+        if ns.metadata().map(|m| m.ino() as u32).ok() != Some(inum) {
+            return false;
+        }
+        match run_in(&ns, Diag::new) {
+            Ok(diag) => {
+                self.entries.insert(inum, Entry { ns, diag });
+                true
+            }
+            Err(e) => {
+                log::debug!("sock_diag in netns {inum}: {e}");
+                false
+            }
+        }
+    }
+
+    /// The sock_diag socket of namespace `inum` (0 = unknown: the agent's
+    /// own). `hints` are (pid, tid) of tasks seen acting on the socket; they
+    /// are checked, then /proc is searched once.
+    pub fn diag(&mut self, inum: u32, hints: &[(u32, u32)]) -> Option<&mut Diag> {
+        let inum = if inum == 0 { self.own } else { inum };
+        if !self.entries.contains_key(&inum) {
+            let found = hints.iter().any(|&(pid, tid)| {
+                self.open(inum, Path::new(&format!("/proc/{pid}/task/{tid}/ns/net")))
+            });
+            if !found && !self.missing.contains(&inum) {
+                let all = procfs::network_namespaces();
+                if !all.get(&inum).is_some_and(|p| self.open(inum, p)) {
+                    self.missing.insert(inum);
+                }
+            }
+        }
+        self.entries.get_mut(&inum).map(|e| &mut e.diag)
+    }
+
+    /// Opens every namespace /proc shows (for the start-up snapshot).
+    pub fn discover_all(&mut self) -> Vec<u32> {
+        for (inum, path) in procfs::network_namespaces() {
+            if !self.entries.contains_key(&inum) {
+                self.open(inum, &path);
+            }
+        }
+        self.entries.keys().copied().collect()
+    }
+
+    /// Of namespace `inum`: `TcpExt: TCPTimeWaitOverflow` (active closes
+    /// that got no timewait socket) and `net.ipv4.tcp_max_tw_buckets`.
+    pub fn timewait_limits(&self, inum: u32) -> (Option<u64>, Option<u64>) {
+        let inum = if inum == 0 { self.own } else { inum };
+        let Some(entry) = self.entries.get(&inum) else {
+            return (None, None);
+        };
+        run_in(&entry.ns, || {
+            let netstat = std::fs::read_to_string("/proc/thread-self/net/netstat").ok();
+            let max =
+                std::fs::read_to_string("/proc/thread-self/sys/net/ipv4/tcp_max_tw_buckets").ok();
+            Ok((
+                netstat.and_then(|t| procfs::netstat_value(&t, "TCPTimeWaitOverflow")),
+                max.and_then(|m| m.trim().parse().ok()),
+            ))
+        })
+        .unwrap_or((None, None))
+    }
+}

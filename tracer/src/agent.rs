@@ -155,8 +155,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         ringbuf_bytes: args.ringbuf_size,
     };
     let probe = loader::load(&opts)?;
-    log::info!("{}", probe.capabilities.describe());
-    let capabilities = probe.capabilities;
+    let mut capabilities = probe.capabilities;
     let netns_known = probe.offsets.netns_known();
     let counters = probe.counters;
     let mut pipeline = Pipeline {
@@ -173,6 +172,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     };
     // After attaching, so no socket falls between the snapshot and the events.
     let mut lifecycle = Lifecycle::new().context("opening NETLINK_SOCK_DIAG")?;
+    capabilities.sock_diag = lifecycle.available;
+    log::info!("{}", capabilities.describe());
     let existing = lifecycle.snapshot(&mut pipeline.tracker, netns_known);
     log::info!("snapshot: {existing} TCP sockets existed before the tracer");
     if let Some(addr) = endpoint.local_addr {

@@ -101,6 +101,28 @@ impl Diag {
         self.receive(true)
     }
 
+    /// Like [`Diag::dump`], but the kernel itself keeps only sockets whose
+    /// (local port, remote port) is in `ports`, with an inet_diag bytecode
+    /// filter: the kernel still walks every socket, but untracked ones are
+    /// neither copied out nor parsed. At most [`MAX_FILTER_TUPLES`].
+    pub fn dump_ports(
+        &mut self,
+        family: Family,
+        states: u32,
+        ports: &[(u16, u16)],
+    ) -> io::Result<Vec<DiagSocket>> {
+        let mut req = request(
+            family,
+            states,
+            None,
+            NLM_F_REQUEST | NLM_F_DUMP,
+            self.next_seq(),
+        );
+        append_bytecode(&mut req, &port_filter(ports));
+        self.send(&req)?;
+        self.receive(true)
+    }
+
     /// The socket with this exact 4-tuple, if there is one.
     pub fn lookup(
         &mut self,
@@ -202,6 +224,67 @@ fn request(
     b.extend_from_slice(&0u32.to_ne_bytes()); // idiag_if
     b.extend_from_slice(&[0xff; 8]); // INET_DIAG_NOCOOKIE
     b
+}
+
+/// Port pairs a filtered dump carries at most. The kernel runs the filter
+/// on every socket and its cost grows with the pairs: with 100k timewait
+/// sockets present, a full dump took 35 ms here, a filtered one 15 ms for 1
+/// pair and 31 ms for 64; past 16 pairs a plain dump is about as cheap.
+pub const MAX_FILTER_TUPLES: usize = 16;
+
+const INET_DIAG_REQ_BYTECODE: u16 = 1;
+const BC_JMP: u8 = 1;
+const BC_S_COND: u8 = 7;
+const BC_D_COND: u8 = 8;
+/// An op (4 bytes) with a `struct inet_diag_hostcond` (8 bytes, no address).
+const COND_LEN: usize = 12;
+const TUPLE_LEN: usize = 2 * COND_LEN + 4;
+
+/// Bytecode accepting sockets whose (sport, dport) is one of `ports`:
+/// for each pair, "S_COND sport; D_COND dport; JMP accept", where a failed
+/// condition jumps to the next pair, and past the last one rejects. (The
+/// kernel accepts when the walk ends exactly at the end, rejects when it
+/// ends 4 bytes past it; `yes` links must step through every op.)
+fn port_filter(ports: &[(u16, u16)]) -> Vec<u8> {
+    let total = ports.len() * TUPLE_LEN;
+    let mut bc = Vec::with_capacity(total);
+    for (i, &(sport, dport)) in ports.iter().enumerate() {
+        let next_tuple = (i + 1) * TUPLE_LEN; // == total for the last: then +4 rejects
+        let fail_to = |at: usize| {
+            let target = if next_tuple == total {
+                total + 4
+            } else {
+                next_tuple
+            };
+            (target - at) as u16
+        };
+        for (code, port) in [(BC_S_COND, sport), (BC_D_COND, dport)] {
+            let at = bc.len();
+            bc.push(code);
+            bc.push(COND_LEN as u8);
+            bc.extend_from_slice(&fail_to(at).to_ne_bytes());
+            // inet_diag_hostcond: family AF_UNSPEC, prefix 0, port
+            bc.extend_from_slice(&[libc::AF_UNSPEC as u8, 0, 0, 0]);
+            bc.extend_from_slice(&i32::from(port).to_ne_bytes());
+        }
+        let at = bc.len();
+        bc.push(BC_JMP);
+        bc.push(4);
+        bc.extend_from_slice(&((total - at) as u16).to_ne_bytes()); // accept
+    }
+    bc
+}
+
+fn append_bytecode(req: &mut Vec<u8>, bc: &[u8]) {
+    let attr_len = 4 + bc.len();
+    req.extend_from_slice(&(attr_len as u16).to_ne_bytes());
+    req.extend_from_slice(&INET_DIAG_REQ_BYTECODE.to_ne_bytes());
+    req.extend_from_slice(bc);
+    while req.len() % 4 != 0 {
+        req.push(0);
+    }
+    let len = req.len() as u32;
+    req[..4].copy_from_slice(&len.to_ne_bytes());
 }
 
 fn addr_bytes(a: IpAddr) -> [u8; 16] {
@@ -357,6 +440,46 @@ mod tests {
             parse_messages(&short, &mut Vec::new()).unwrap(),
             Parsed::More
         );
+    }
+
+    /// Runs bytecode the way the kernel's inet_diag_bc_run does.
+    fn run(bc: &[u8], sport: u16, dport: u16) -> bool {
+        let mut len = bc.len() as i64;
+        let mut pc = 0usize;
+        while len > 0 {
+            let (code, yes, no) = (
+                bc[pc],
+                bc[pc + 1] as i64,
+                u16::from_ne_bytes([bc[pc + 2], bc[pc + 3]]) as i64,
+            );
+            let ok = match code {
+                BC_JMP => false,
+                BC_S_COND | BC_D_COND => {
+                    let port =
+                        i32::from_ne_bytes([bc[pc + 8], bc[pc + 9], bc[pc + 10], bc[pc + 11]]);
+                    port == i32::from(if code == BC_S_COND { sport } else { dport })
+                }
+                _ => panic!("unknown op"),
+            };
+            let step = if ok { yes } else { no };
+            len -= step;
+            pc = (pc as i64 + step) as usize;
+        }
+        len == 0
+    }
+
+    #[test]
+    fn port_filter_accepts_exactly_the_pairs() {
+        let bc = port_filter(&[(80, 40000), (443, 40001), (8080, 5)]);
+        assert_eq!(bc.len(), 3 * TUPLE_LEN);
+        assert!(run(&bc, 80, 40000));
+        assert!(run(&bc, 443, 40001));
+        assert!(run(&bc, 8080, 5));
+        assert!(!run(&bc, 80, 40001));
+        assert!(!run(&bc, 443, 40000));
+        assert!(!run(&bc, 1, 2));
+        let one = port_filter(&[(1, 2)]);
+        assert!(run(&one, 1, 2) && !run(&one, 2, 1));
     }
 
     #[test]

@@ -26,6 +26,9 @@ pub struct Capabilities {
     pub kprobe: bool,
     /// fentry/fexit programs (5.5+, x86; refused where ftrace is locked).
     pub fentry: bool,
+    /// NETLINK_SOCK_DIAG for TCP (`inet_diag` + `tcp_diag`, built in or
+    /// loaded): timewait sockets, socket inodes, the start-up snapshot.
+    pub sock_diag: bool,
 }
 
 impl Capabilities {
@@ -34,7 +37,8 @@ impl Capabilities {
         let yes = |b: bool| if b { "yes" } else { "no" };
         format!(
             "kernel: transitions via tracepoint sock:inet_sock_set_state, delivered by ring buffer; \
-             btf={} tp_btf={} iter/tcp={} kprobe={} fentry={}",
+             TIME_WAIT and socket owners via sock_diag={}; btf={} tp_btf={} iter/tcp={} kprobe={} fentry={}",
+            yes(self.sock_diag),
             yes(self.btf),
             yes(self.tp_btf),
             yes(self.iter_tcp),

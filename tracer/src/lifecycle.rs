@@ -25,7 +25,7 @@ use std::{
 
 use crate::{
     clock::monotonic_ns,
-    diag::{state_bit, DiagSocket, ALL_STATES},
+    diag::{state_bit, DiagSocket, ALL_STATES, MAX_FILTER_TUPLES},
     events::{Comm, Family, Source, TcpState, Transition},
     netns::Namespaces,
     procfs::{self, Holder},
@@ -47,6 +47,8 @@ pub struct Counters {
 
 pub struct Lifecycle {
     ns: Namespaces,
+    /// The kernel answers sock_diag requests for TCP (`tcp_diag`).
+    pub available: bool,
     /// Per namespace: TCPTimeWaitOverflow at the previous poll.
     overflows: HashMap<u32, u64>,
     pub counters: Counters,
@@ -67,8 +69,25 @@ fn tuple_of(k: &TupleKey) -> Tuple {
 
 impl Lifecycle {
     pub fn new() -> std::io::Result<Self> {
+        let mut ns = Namespaces::new()?;
+        let own = ns.own();
+        let available = match ns
+            .diag(own, &[])
+            .map(|d| d.dump(Family::Ipv4, state_bit(TcpState::Listen)))
+        {
+            Some(Ok(_)) => true,
+            Some(Err(e)) => {
+                log::warn!(
+                    "sock_diag for TCP is unavailable ({e}; is the tcp_diag module loaded?): no TIME_WAIT \
+                     accounting, no CLOSE_WAIT holders, no snapshot of older sockets"
+                );
+                false
+            }
+            None => false,
+        };
         Ok(Lifecycle {
-            ns: Namespaces::new()?,
+            ns,
+            available,
             overflows: HashMap::new(),
             counters: Counters::default(),
         })
@@ -78,6 +97,9 @@ impl Lifecycle {
     /// owner of the sockets they will accept) and connections (for their
     /// later transitions and for CLOSE_WAIT alerts). Returns how many.
     pub fn snapshot(&mut self, tracker: &mut Tracker, netns_known: bool) -> usize {
+        if !self.available {
+            return 0;
+        }
         let now = monotonic_ns();
         let mut found: Vec<(u32, DiagSocket)> = Vec::new();
         // Without the kernel's netns numbers only our own namespace can be
@@ -145,12 +167,25 @@ impl Lifecycle {
         if !tracker.has_timewait() {
             return result;
         }
+        if !self.available {
+            let keys: Vec<(TupleKey, u64)> = tracker
+                .timewait_mut()
+                .map(|c| (c.key(), c.timewait.map_or(0, |t| t.closed_ns)))
+                .collect();
+            for (key, closed) in keys {
+                tracker.end_timewait(&key, closed, TimewaitEnd::Unknown, Source::SockDiag);
+            }
+            result.closed = tracker.take_timewait_ended();
+            return result;
+        }
         let started = Instant::now();
-        // Namespace -> (families, a task hint) of the pending connections.
-        let mut wanted: HashMap<u32, (HashSet<Family>, Vec<(u32, u32)>)> = HashMap::new();
+        // Namespace -> (family -> port pairs, task hints) of the pending
+        // connections.
+        type Wanted = (HashMap<Family, Vec<(u16, u16)>>, Vec<(u32, u32)>);
+        let mut wanted: HashMap<u32, Wanted> = HashMap::new();
         for c in tracker.timewait_mut() {
             let e = wanted.entry(c.netns).or_default();
-            e.0.insert(c.family);
+            e.0.entry(c.family).or_default().push((c.lport, c.rport));
             e.1.extend(c.task_hint);
         }
         let mut dumps: HashMap<u32, HashMap<Tuple, DiagSocket>> = HashMap::new();
@@ -162,11 +197,17 @@ impl Lifecycle {
             };
             let mut by_tuple = HashMap::new();
             let mut ok = true;
-            for family in families {
-                match diag.dump(
-                    family,
-                    state_bit(TcpState::TimeWait) | state_bit(TcpState::FinWait2),
-                ) {
+            let mut filtered = false;
+            for (family, ports) in families {
+                let states = state_bit(TcpState::TimeWait) | state_bit(TcpState::FinWait2);
+                // Few connections pending: let the kernel drop the others.
+                let dumped = if ports.len() <= MAX_FILTER_TUPLES {
+                    filtered = true;
+                    diag.dump_ports(family, states, &ports)
+                } else {
+                    diag.dump(family, states)
+                };
+                match dumped {
                     Ok(socks) => {
                         for s in socks.into_iter().filter(DiagSocket::is_timewait) {
                             by_tuple.insert((s.family, s.laddr, s.lport, s.raddr, s.rport), s);
@@ -187,7 +228,8 @@ impl Lifecycle {
             let (now_overflows, max_buckets) = self.ns.timewait_limits(inum);
             let before = self.overflows.get(&inum).copied();
             let counted = matches!((before, now_overflows), (Some(b), Some(n)) if n > b);
-            let at_limit = max_buckets.is_some_and(|m| by_tuple.len() as u64 >= m);
+            let at_limit =
+                max_buckets.is_some_and(|m| m == 0 || (!filtered && by_tuple.len() as u64 >= m));
             overflowed.insert(inum, counted || at_limit);
             if let Some(n) = now_overflows {
                 self.overflows.insert(inum, n);
@@ -293,7 +335,7 @@ impl Lifecycle {
             return Vec::new();
         }
         for c in &mut conns {
-            if c.inode == 0 {
+            if c.inode == 0 && self.available {
                 let hints: Vec<(u32, u32)> = c.task_hint.into_iter().collect();
                 if let Some(diag) = self.ns.diag(c.netns, &hints) {
                     match diag.lookup(c.family, (c.laddr, c.lport), (c.raddr, c.rport)) {

@@ -123,8 +123,7 @@ impl Namespaces {
         };
         run_in(&entry.ns, || {
             let netstat = std::fs::read_to_string("/proc/thread-self/net/netstat").ok();
-            let max =
-                std::fs::read_to_string("/proc/thread-self/sys/net/ipv4/tcp_max_tw_buckets").ok();
+            let max = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_max_tw_buckets").ok();
             Ok((
                 netstat.and_then(|t| procfs::netstat_value(&t, "TCPTimeWaitOverflow")),
                 max.and_then(|m| m.trim().parse().ok()),

@@ -380,9 +380,14 @@ impl<W: Write> Output<W> {
                     ""
                 };
                 let prefix = if at_exit { "STILL" } else { "!!" };
+                let why = if c.state == TcpState::CloseWait {
+                    "the peer closed; the application has not called close()"
+                } else {
+                    "we closed; the peer has not sent its FIN"
+                };
                 writeln!(
                     self.out,
-                    "{prefix} {} for {:.1}s{}: {} -> {} {} — the application never called close()",
+                    "{prefix} {} for {:.1}s{}: {} -> {} {} ({why})",
                     c.state,
                     age as f64 / 1e9,
                     counted,

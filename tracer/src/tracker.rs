@@ -72,6 +72,8 @@ pub enum TimewaitEnd {
     /// None was found, and the namespace reported no overflow: the
     /// connection ended without one (or it ended within one poll).
     NotFound,
+    /// The kernel offers no sock_diag for TCP: nothing can be known.
+    Unknown,
 }
 
 impl TimewaitEnd {
@@ -82,6 +84,7 @@ impl TimewaitEnd {
             TimewaitEnd::Early => "early",
             TimewaitEnd::NotCreated => "not_created",
             TimewaitEnd::NotFound => "not_found",
+            TimewaitEnd::Unknown => "unknown",
         }
     }
 }
@@ -603,7 +606,7 @@ impl Tracker {
         }
         match end {
             // No timewait socket: the connection ended at the tracepoint's CLOSE.
-            TimewaitEnd::NotCreated | TimewaitEnd::NotFound => None,
+            TimewaitEnd::NotCreated | TimewaitEnd::NotFound | TimewaitEnd::Unknown => None,
             _ => {
                 let old = conn.state;
                 let in_state = at_ns.saturating_sub(conn.state_since_ns);

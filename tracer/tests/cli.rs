@@ -7,125 +7,14 @@ mod common;
 
 use std::{
     ffi::CString,
-    io::{BufRead, BufReader},
     net::SocketAddr,
     os::unix::process::CommandExt,
-    process::{Child, Command, Output, Stdio},
-    sync::mpsc,
-    thread,
+    process::{Command, Output, Stdio},
     time::{Duration, Instant},
 };
 
 use common::*;
 use serde_json::Value;
-
-fn tracer() -> Command {
-    let bin =
-        std::env::var("TRACER_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_tracer").to_string());
-    let mut cmd = Command::new(bin);
-    cmd.env("RUST_BACKTRACE", "1");
-    cmd
-}
-
-/// A running tracer whose stdout and stderr lines arrive on channels.
-struct Running {
-    child: Child,
-    stdout: mpsc::Receiver<String>,
-    stderr: mpsc::Receiver<String>,
-}
-
-impl Running {
-    fn start(args: &[&str]) -> Running {
-        let mut child = tracer()
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn tracer");
-        let stdout = lines(child.stdout.take().unwrap());
-        let stderr = lines(child.stderr.take().unwrap());
-        Running {
-            child,
-            stdout,
-            stderr,
-        }
-    }
-
-    /// Waits for the agent to say it is attached (it logs that with -v).
-    fn wait_attached(&self) {
-        let start = Instant::now();
-        while start.elapsed() < DEADLINE {
-            match self.stderr.recv_timeout(Duration::from_millis(100)) {
-                Ok(line) if line.contains("attached") => return,
-                Ok(line) => eprintln!("tracer: {line}"),
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    panic!("tracer exited before attaching")
-                }
-            }
-        }
-        panic!("tracer did not attach within {DEADLINE:?}");
-    }
-
-    /// Collects stdout lines until `done` holds for them.
-    fn read_until(&self, got: &mut Vec<String>, what: &str, done: impl Fn(&[String]) -> bool) {
-        let start = Instant::now();
-        while !done(got) {
-            assert!(
-                start.elapsed() < DEADLINE,
-                "timed out waiting for {what}; got:\n{}",
-                got.join("\n")
-            );
-            if let Ok(line) = self.stdout.recv_timeout(Duration::from_millis(50)) {
-                got.push(line);
-            }
-        }
-    }
-
-    fn interrupt(&self) {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
-    }
-
-    /// Waits for exit and returns (status code, rest of stdout, stderr).
-    fn finish(mut self) -> (i32, Vec<String>, Vec<String>) {
-        let start = Instant::now();
-        let status = loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                break status;
-            }
-            assert!(start.elapsed() < DEADLINE, "tracer did not stop");
-            thread::sleep(Duration::from_millis(10));
-        };
-        let out: Vec<String> = self.stdout.iter().collect();
-        let err: Vec<String> = self.stderr.iter().collect();
-        (status.code().expect("exited normally"), out, err)
-    }
-}
-
-fn lines(r: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        for line in BufReader::new(r).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    rx
-}
-
-fn json(line: &str) -> Value {
-    serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
-}
-
-fn of_type(lines: &[String], ty: &str) -> Vec<Value> {
-    lines
-        .iter()
-        .map(|l| json(l))
-        .filter(|v| v["type"] == ty)
-        .collect()
-}
 
 #[test]
 fn json_end_to_end_stops_on_sigint() {

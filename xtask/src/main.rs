@@ -107,6 +107,7 @@ fn run(cli: Cli) -> Result<()> {
                     series.name,
                     image.display()
                 );
+                let initrd = vm::initramfs_for(&initrd, &image, series)?;
                 let took = vm::boot(series, &image, &initrd)?;
                 times.push(format!("{} {:.0}s", series.name, took.as_secs_f64()));
             }

@@ -30,8 +30,9 @@ pub fn ensure() -> Result<()> {
 }
 
 /// Debian packages for running the suite in other kernels: QEMU, a static
-/// busybox for the guest's userland, cpio for its initramfs.
-pub const VM_APT_PACKAGES: &[&str] = &["qemu-system-x86", "busybox-static", "cpio"];
+/// busybox for the guest's userland, cpio for its initramfs, xz for the
+/// kernel's modules.
+pub const VM_APT_PACKAGES: &[&str] = &["qemu-system-x86", "busybox-static", "cpio", "xz-utils"];
 
 /// Set-up for the test suite: the build's, the Debian packages, and for
 /// guest kernels the musl target (static test binaries) and QEMU.

@@ -108,7 +108,9 @@ pub fn kernel(series: Series) -> Result<PathBuf> {
         }
     };
     let dir = cache.join(&package);
-    if let Some(image) = find_image(&dir) {
+    if let Some(image) =
+        find_image(&dir).filter(|_| modules_dir(&dir).join(MODULES[MODULES.len() - 1]).exists())
+    {
         return Ok(image);
     }
     eprintln!("xtask: downloading {package}");
@@ -132,9 +134,78 @@ pub fn kernel(series: Series) -> Result<PathBuf> {
     fs::create_dir_all(&dir)?;
     let kept = dir.join(image.file_name().expect("file name"));
     fs::copy(&image, &kept)?;
+    extract_modules(&unpack, &modules_dir(&dir))?;
     let _ = fs::remove_dir_all(&unpack);
     let _ = fs::remove_dir_all(&download);
     Ok(kept)
+}
+
+/// Modules the guest loads, in order: sock_diag for TCP (`inet_diag`,
+/// `tcp_diag`) is a module in Debian's kernels, loaded on demand by modprobe
+/// on a normal system; the guest has no modprobe, so init insmods them.
+const MODULES: &[&str] = &["inet_diag.ko", "tcp_diag.ko"];
+
+fn modules_dir(kernel_dir: &Path) -> PathBuf {
+    kernel_dir.join("modules")
+}
+
+fn extract_modules(unpacked: &Path, to: &Path) -> Result<()> {
+    fs::create_dir_all(to)?;
+    let lib = unpacked.join("lib/modules");
+    let version = fs::read_dir(&lib)?
+        .flatten()
+        .next()
+        .context("no lib/modules/<version> in the package")?
+        .path();
+    for name in MODULES {
+        let xz = version.join("kernel/net/ipv4").join(format!("{name}.xz"));
+        let plain = version.join("kernel/net/ipv4").join(name);
+        let out = to.join(name);
+        if plain.exists() {
+            fs::copy(&plain, &out)?;
+        } else {
+            let data = Command::new("xz")
+                .arg("-dc")
+                .arg(&xz)
+                .output()
+                .with_context(|| format!("xz -dc {}", xz.display()))?;
+            if !data.status.success() {
+                bail!("xz -dc {} failed", xz.display());
+            }
+            fs::write(&out, data.stdout)?;
+        }
+    }
+    Ok(())
+}
+
+/// The series' initramfs: the common archive followed by one holding its
+/// kernel modules (the kernel unpacks concatenated cpio archives in order).
+pub fn initramfs_for(common: &Path, kernel_image: &Path, series: Series) -> Result<PathBuf> {
+    let kernel_dir = kernel_image
+        .parent()
+        .context("kernel image has a directory")?;
+    let staging = vm_dir().join(format!("modules-{}", series.name));
+    let _ = fs::remove_dir_all(&staging);
+    fs::create_dir_all(staging.join("modules"))?;
+    for (i, name) in MODULES.iter().enumerate() {
+        fs::copy(
+            modules_dir(kernel_dir).join(name),
+            staging.join("modules").join(format!("{i}-{name}")),
+        )?;
+    }
+    let image = vm_dir().join(format!("initramfs-{}.cpio", series.name));
+    let mut bytes = fs::read(common)?;
+    let modules = Command::new("sh")
+        .args(["-c", "find . | cpio --quiet -o -H newc -R 0:0"])
+        .current_dir(&staging)
+        .output()
+        .context("running cpio")?;
+    if !modules.status.success() {
+        bail!("cpio failed");
+    }
+    bytes.extend_from_slice(&modules.stdout);
+    fs::write(&image, bytes)?;
+    Ok(image)
 }
 
 fn find_image(dir: &Path) -> Option<PathBuf> {
@@ -173,6 +244,7 @@ mount -t devtmpfs dev /dev
 mount -t tmpfs tmp /tmp
 mount -t bpf bpf /sys/fs/bpf
 # tracefs is left unmounted on purpose: the tracer mounts it when needed.
+for m in /modules/*.ko; do insmod "$m" || echo "TRACER-VM: insmod $m failed"; done
 ip link set lo up
 echo "TRACER-VM: kernel $(uname -r)"
 status=0

@@ -4,9 +4,11 @@
 #![allow(dead_code)]
 
 use std::{
-    io::{Read, Write},
+    io::{BufRead, BufReader, Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
+    process::{Child, Command, Stdio},
     sync::atomic::{AtomicU16, Ordering},
+    sync::mpsc,
     thread,
     time::{Duration, Instant},
 };
@@ -240,4 +242,239 @@ pub fn conversation(addr: SocketAddr, hold: Duration, close: Ending) -> SocketAd
     }
     drop(listener);
     client_addr
+}
+
+/// What a forked server does with the connection it accepts.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum ServerMode {
+    /// Reads until the client's FIN, then closes (a passive close).
+    CloseAfterPeer,
+    /// Never closes: the socket stays in CLOSE_WAIT after the client's FIN.
+    NeverClose,
+}
+
+/// A server in a process of its own (forked), listening on 127.0.0.1:port
+/// and accepting one connection. Killed and reaped on drop.
+pub struct ForkedServer {
+    pub pid: u32,
+    /// The accepted connection's fd in the server, once it has accepted.
+    pub fd_rx: std::fs::File,
+}
+
+impl ForkedServer {
+    /// Forks the server. The child makes raw system calls only (no
+    /// allocation: the test harness is multi-threaded).
+    pub fn start(port: u16, mode: ServerMode) -> ForkedServer {
+        let mut pipe = [0i32; 2];
+        // SAFETY: plain syscalls; after fork the child uses only
+        // async-signal-safe calls on data prepared before the fork.
+        unsafe {
+            assert_eq!(libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC), 0);
+            let mut addr: libc::sockaddr_in = std::mem::zeroed();
+            addr.sin_family = libc::AF_INET as u16;
+            addr.sin_port = port.to_be();
+            addr.sin_addr.s_addr = u32::from_ne_bytes([127, 0, 0, 1]);
+            let pid = libc::fork();
+            assert!(pid >= 0, "fork");
+            if pid == 0 {
+                let one: libc::c_int = 1;
+                let s = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+                libc::setsockopt(
+                    s,
+                    libc::SOL_SOCKET,
+                    libc::SO_REUSEADDR,
+                    (&one as *const i32).cast(),
+                    4,
+                );
+                if libc::bind(
+                    s,
+                    (&addr as *const libc::sockaddr_in).cast(),
+                    size_of::<libc::sockaddr_in>() as u32,
+                ) != 0
+                    || libc::listen(s, 8) != 0
+                {
+                    libc::_exit(2);
+                }
+                let c = libc::accept(s, std::ptr::null_mut(), std::ptr::null_mut());
+                let fd = c as u32;
+                libc::write(pipe[1], (&fd as *const u32).cast(), 4);
+                let mut buf = [0u8; 64];
+                if mode == ServerMode::CloseAfterPeer {
+                    while libc::read(c, buf.as_mut_ptr().cast(), buf.len()) > 0 {}
+                    libc::close(c);
+                    libc::close(s);
+                }
+                loop {
+                    libc::pause();
+                }
+            }
+            libc::close(pipe[1]);
+            use std::os::fd::FromRawFd as _;
+            ForkedServer {
+                pid: pid as u32,
+                fd_rx: std::fs::File::from_raw_fd(pipe[0]),
+            }
+        }
+    }
+
+    /// Connects to the server, retrying until it listens (deadline).
+    pub fn connect(&self, port: u16) -> TcpStream {
+        let start = Instant::now();
+        loop {
+            match TcpStream::connect(("127.0.0.1", port)) {
+                Ok(s) => return s,
+                Err(e) if start.elapsed() < DEADLINE => {
+                    let _ = e;
+                    thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => panic!("the forked server never listened: {e}"),
+            }
+        }
+    }
+
+    /// The fd number of the accepted connection in the server.
+    pub fn accepted_fd(&mut self) -> u32 {
+        let mut b = [0u8; 4];
+        self.fd_rx
+            .read_exact(&mut b)
+            .expect("the server reports its fd");
+        u32::from_ne_bytes(b)
+    }
+}
+
+impl Drop for ForkedServer {
+    fn drop(&mut self) {
+        // SAFETY: our own child.
+        unsafe {
+            libc::kill(self.pid as i32, libc::SIGKILL);
+            libc::waitpid(self.pid as i32, std::ptr::null_mut(), 0);
+        }
+    }
+}
+
+/// Writes a sysctl of the calling thread's network namespace.
+/// (Network sysctls answer for the namespace of the task that opens them.)
+pub fn netns_sysctl(name: &str, value: &str) {
+    let path = format!("/proc/sys/{}", name.replace('.', "/"));
+    std::fs::write(&path, value).unwrap_or_else(|e| panic!("{path}: {e}"));
+}
+
+/// The `tracer` binary under test (TRACER_BIN overrides, for the guests).
+pub fn tracer() -> Command {
+    let bin =
+        std::env::var("TRACER_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_tracer").to_string());
+    let mut cmd = Command::new(bin);
+    cmd.env("RUST_BACKTRACE", "1");
+    cmd
+}
+
+/// A running tracer whose stdout and stderr lines arrive on channels.
+pub struct Running {
+    pub child: Child,
+    pub stdout: mpsc::Receiver<String>,
+    pub stderr: mpsc::Receiver<String>,
+}
+
+impl Running {
+    pub fn start(args: &[&str]) -> Running {
+        let mut child = tracer()
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn tracer");
+        let stdout = lines(child.stdout.take().unwrap());
+        let stderr = lines(child.stderr.take().unwrap());
+        Running {
+            child,
+            stdout,
+            stderr,
+        }
+    }
+
+    /// Waits for the agent to say it is attached (it logs that with -v).
+    pub fn wait_attached(&self) {
+        let start = Instant::now();
+        while start.elapsed() < DEADLINE {
+            match self.stderr.recv_timeout(Duration::from_millis(100)) {
+                Ok(line) if line.contains("attached") => return,
+                Ok(line) => eprintln!("tracer: {line}"),
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    panic!("tracer exited before attaching")
+                }
+            }
+        }
+        panic!("tracer did not attach within {DEADLINE:?}");
+    }
+
+    /// Collects stdout lines until `done` holds for them.
+    pub fn read_until(&self, got: &mut Vec<String>, what: &str, done: impl Fn(&[String]) -> bool) {
+        self.read_until_within(got, what, DEADLINE, done)
+    }
+
+    /// [`Running::read_until`] with a deadline of its own.
+    pub fn read_until_within(
+        &self,
+        got: &mut Vec<String>,
+        what: &str,
+        deadline: Duration,
+        done: impl Fn(&[String]) -> bool,
+    ) {
+        let start = Instant::now();
+        while !done(got) {
+            assert!(
+                start.elapsed() < deadline,
+                "timed out waiting for {what}; got:\n{}",
+                got.join("\n")
+            );
+            if let Ok(line) = self.stdout.recv_timeout(Duration::from_millis(50)) {
+                got.push(line);
+            }
+        }
+    }
+
+    pub fn interrupt(&self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+    }
+
+    /// Waits for exit and returns (status code, rest of stdout, stderr).
+    pub fn finish(mut self) -> (i32, Vec<String>, Vec<String>) {
+        let start = Instant::now();
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(start.elapsed() < DEADLINE, "tracer did not stop");
+            thread::sleep(Duration::from_millis(10));
+        };
+        let out: Vec<String> = self.stdout.iter().collect();
+        let err: Vec<String> = self.stderr.iter().collect();
+        (status.code().expect("exited normally"), out, err)
+    }
+}
+
+fn lines(r: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        for line in BufReader::new(r).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+pub fn json(line: &str) -> serde_json::Value {
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
+}
+
+pub fn of_type(lines: &[String], ty: &str) -> Vec<serde_json::Value> {
+    lines
+        .iter()
+        .map(|l| json(l))
+        .filter(|v| v["type"] == ty)
+        .collect()
 }

@@ -1,0 +1,361 @@
+//! The whole life of a connection, end to end with the `tracer` binary:
+//! owners that are processes (not softirq tasks), TIME_WAIT measured from
+//! timewait sockets (expired, reused, not created), and CLOSE_WAIT alerts
+//! that name the holding process and fd, including for sockets older than
+//! the tracer.
+
+mod common;
+
+use std::{
+    net::{SocketAddr, TcpListener, TcpStream},
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant},
+};
+
+use common::*;
+use serde_json::Value;
+
+fn records(lines: &[String]) -> Vec<Value> {
+    lines.iter().map(|l| json(l)).collect()
+}
+
+#[test]
+fn owners_are_processes_not_softirq_tasks() {
+    in_netns(|| {
+        let port = test_port();
+        let p = port.to_string();
+        let run = Running::start(&["--output", "json", "--events", "all", "--port", &p, "-v"]);
+        run.wait_attached();
+        let server = ForkedServer::start(port, ServerMode::CloseAfterPeer);
+        let client = server.connect(port);
+        drop(client);
+        let mut got = Vec::new();
+        run.read_until(
+            &mut got,
+            "the server's connection record and the client's CLOSE",
+            |l| {
+                let r = records(l);
+                r.iter()
+                    .any(|v| v["type"] == "connection" && v["lport"] == port)
+                    && r.iter().any(|v| v["rport"] == port && v["new"] == "CLOSE")
+            },
+        );
+        run.interrupt();
+        let (code, rest, _) = run.finish();
+        assert_eq!(code, 0);
+        got.extend(rest);
+        let me = std::process::id();
+        let mut softirq_seen = false;
+        for v in records(&got)
+            .iter()
+            .filter(|v| v["type"] == "transition" || v["type"] == "connection")
+        {
+            let expected = if v["lport"] == port { server.pid } else { me };
+            assert_eq!(v["pid"], expected, "owner of {v}");
+            assert!(v["comm"].is_string() && v["uid"] == 0, "{v}");
+            if v["type"] == "transition" && v["task_pid"] != v["pid"] {
+                softirq_seen = true;
+            }
+        }
+        // On loopback the server child's LISTEN -> SYN_RECV runs on the
+        // client's task: the owner must not be taken from there.
+        assert!(
+            softirq_seen,
+            "some transitions ran on another task: {got:#?}"
+        );
+    });
+}
+
+/// Runs `scenario` in a namespace of its own and keeps the namespace (and
+/// its timewait sockets) alive until `done` is signalled.
+fn in_netns_until(
+    scenario: impl FnOnce() + Send + 'static,
+) -> (mpsc::Sender<()>, thread::JoinHandle<()>) {
+    let (done_tx, done_rx) = mpsc::channel::<()>();
+    let (ready_tx, ready_rx) = mpsc::channel::<()>();
+    let handle = thread::spawn(move || {
+        in_netns(move || {
+            scenario();
+            ready_tx.send(()).unwrap();
+            let _ = done_rx.recv_timeout(Duration::from_secs(180));
+        })
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("scenario ran");
+    (done_tx, handle)
+}
+
+fn client_record(recs: &[Value], port: u16) -> Option<&Value> {
+    recs.iter()
+        .find(|v| v["type"] == "connection" && v["rport"] == port)
+}
+
+#[test]
+fn time_wait_expired_reused_and_not_created() {
+    require_root();
+    let (expire, reuse, overflow) = (test_port(), test_port(), test_port());
+    let ports: Vec<String> = [expire, reuse, overflow]
+        .iter()
+        .map(u16::to_string)
+        .collect();
+    let mut args = vec![
+        "--output",
+        "json",
+        "--events",
+        "all",
+        "--timewait-interval",
+        "250ms",
+        "-v",
+    ];
+    for p in &ports {
+        args.extend(["--port", p.as_str()]);
+    }
+    let run = Running::start(&args);
+    run.wait_attached();
+    let started = Instant::now();
+
+    // 1. A client closes first; its timewait socket lives its 60 s.
+    let a = in_netns_until(move || {
+        conversation(
+            SocketAddr::from(([127, 0, 0, 1], expire)),
+            Duration::ZERO,
+            Ending::ClientFirst,
+        );
+    });
+    // 2. The same, then the client reconnects from the same port after the
+    //    reuse delay: tcp_tw_reuse hands it the timewait socket's 4-tuple.
+    let reuse_gap = Duration::from_millis(2200);
+    let b = in_netns_until(move || {
+        netns_sysctl("net.ipv4.tcp_tw_reuse", "1");
+        let server = SocketAddr::from(([127, 0, 0, 1], reuse));
+        let listener = TcpListener::bind(server).unwrap();
+        let client_port = test_port();
+        let connect_from = |lport: u16| -> TcpStream {
+            let s =
+                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+            s.set_reuse_address(true).unwrap();
+            s.bind(&SocketAddr::from(([127, 0, 0, 1], lport)).into())
+                .unwrap();
+            s.connect(&server.into()).unwrap();
+            s.into()
+        };
+        let first = connect_from(client_port);
+        let (accepted, _) = listener.accept().unwrap();
+        drop(first);
+        let mut b = [0u8; 1];
+        assert_eq!(std::io::Read::read(&mut &accepted, &mut b).unwrap(), 0);
+        drop(accepted);
+        thread::sleep(reuse_gap);
+        let second = connect_from(client_port);
+        let (accepted, _) = listener.accept().unwrap();
+        drop(accepted);
+        drop(second);
+    });
+    // 3. No timewait socket can be created in this namespace.
+    let c = in_netns_until(move || {
+        netns_sysctl("net.ipv4.tcp_max_tw_buckets", "0");
+        conversation(
+            SocketAddr::from(([127, 0, 0, 1], overflow)),
+            Duration::ZERO,
+            Ending::ClientFirst,
+        );
+    });
+
+    let mut got = Vec::new();
+    run.read_until_within(
+        &mut got,
+        "records of the three active closes",
+        Duration::from_secs(90),
+        |l| {
+            let r = records(l);
+            client_record(&r, expire).is_some()
+                && client_record(&r, overflow).is_some()
+                && r.iter().any(|v| {
+                    v["type"] == "connection"
+                        && v["rport"] == reuse
+                        && v["time_wait_end"] == "reused"
+                })
+        },
+    );
+    let waited = started.elapsed();
+    for (tx, h) in [a, b, c] {
+        let _ = tx.send(());
+        h.join().unwrap();
+    }
+    run.interrupt();
+    let (code, rest, _) = run.finish();
+    assert_eq!(code, 0);
+    got.extend(rest);
+    let recs = records(&got);
+    let sums = |v: &Value| {
+        let sum: u64 = v["states"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|n| n.as_u64().unwrap())
+            .sum();
+        assert_eq!(sum, v["duration_ns"].as_u64().unwrap(), "{v}");
+    };
+
+    let expired = client_record(&recs, expire).unwrap();
+    assert_eq!(expired["time_wait_end"], "expired", "{expired}");
+    let tw_ns = expired["states"]["TIME_WAIT"]
+        .as_u64()
+        .expect("TIME_WAIT measured");
+    // Entry and expiry come from the kernel's timer, to its precision.
+    let precision = 10_000_000;
+    assert!(
+        tw_ns.abs_diff(60_000_000_000) <= precision,
+        "TIME_WAIT {tw_ns} ns"
+    );
+    assert!(
+        waited >= Duration::from_secs(59),
+        "the record waited for the socket ({waited:?})"
+    );
+    sums(expired);
+    let derived: Vec<&Value> = recs
+        .iter()
+        .filter(|v| v["type"] == "transition" && v["rport"] == expire && v["source"] == "sock_diag")
+        .collect();
+    let pairs: Vec<(&str, &str)> = derived
+        .iter()
+        .map(|v| (v["old"].as_str().unwrap(), v["new"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        pairs,
+        [("FIN_WAIT2", "TIME_WAIT"), ("TIME_WAIT", "CLOSE")],
+        "{derived:#?}"
+    );
+    assert_eq!(derived[1]["old_state_ns"].as_u64(), Some(tw_ns));
+    // The client enters TIME_WAIT when the server's FIN arrives: on loopback,
+    // microseconds after the server's CLOSE_WAIT -> LAST_ACK. The entry is
+    // dated from the timer's remaining time: one jiffy (4 ms at HZ=250)
+    // plus a truncated millisecond; allow 10 ms.
+    let server_fin = recs
+        .iter()
+        .find(|v| v["lport"] == expire && v["old"] == "CLOSE_WAIT" && v["new"] == "LAST_ACK")
+        .expect("the server's close");
+    let entry = derived[0]["mono_ns"].as_u64().unwrap();
+    let fin = server_fin["mono_ns"].as_u64().unwrap();
+    assert!(
+        entry.abs_diff(fin) <= precision,
+        "TIME_WAIT entry {entry} vs server FIN {fin}"
+    );
+
+    let reused = recs
+        .iter()
+        .find(|v| {
+            v["type"] == "connection" && v["rport"] == reuse && v["time_wait_end"] == "reused"
+        })
+        .unwrap();
+    let tw_ns = reused["states"]["TIME_WAIT"]
+        .as_u64()
+        .expect("TIME_WAIT measured");
+    // In TIME_WAIT from (about) the close until the reconnect.
+    assert!(
+        tw_ns >= reuse_gap.as_nanos() as u64 - 50_000_000
+            && tw_ns < reuse_gap.as_nanos() as u64 + 500_000_000,
+        "TIME_WAIT {tw_ns} ns for a reuse after {reuse_gap:?}"
+    );
+    sums(reused);
+    assert!(recs
+        .iter()
+        .any(|v| v["rport"] == reuse && v["new"] == "CLOSE" && v["source"] == "reuse"));
+
+    let not_created = client_record(&recs, overflow).unwrap();
+    assert_eq!(not_created["time_wait_end"], "not_created", "{not_created}");
+    assert!(not_created["states"].get("TIME_WAIT").is_none());
+    sums(not_created);
+
+    let stats = recs.last().unwrap();
+    assert_eq!(stats["type"], "stats");
+    assert_eq!(stats["lost"], 0);
+    assert!(stats["timewait_polls"].as_u64().unwrap() > 0);
+    assert_eq!(stats["diag_errors"], 0);
+}
+
+#[test]
+fn close_wait_names_the_process_and_fd_also_for_older_sockets() {
+    in_netns(|| {
+        let (old_port, new_port) = (test_port(), test_port());
+        // A socket left in CLOSE_WAIT before the tracer starts.
+        let mut old_server = ForkedServer::start(old_port, ServerMode::NeverClose);
+        drop(old_server.connect(old_port));
+        let old_fd = old_server.accepted_fd();
+        let (o, n) = (old_port.to_string(), new_port.to_string());
+        let threshold = Duration::from_secs(1);
+        let run = Running::start(&[
+            "--output",
+            "json",
+            "--events",
+            "none",
+            "--close-wait",
+            "1s",
+            "--port",
+            &o,
+            "--port",
+            &n,
+            "-v",
+        ]);
+        run.wait_attached();
+        let mut new_server = ForkedServer::start(new_port, ServerMode::NeverClose);
+        let client = new_server.connect(new_port);
+        let new_fd = new_server.accepted_fd();
+        drop(client);
+        let closed_at = Instant::now();
+        let mut got = Vec::new();
+        let alert = |l: &[String], port: u16| {
+            records(l)
+                .into_iter()
+                .find(|v| v["type"] == "close_wait" && v["lport"] == port && v["at_exit"] == false)
+        };
+        run.read_until(&mut got, "both CLOSE_WAIT alerts", |l| {
+            alert(l, old_port).is_some() && alert(l, new_port).is_some()
+        });
+        // Within the threshold plus one check interval (1 s), plus slack.
+        assert!(
+            closed_at.elapsed() < threshold + Duration::from_secs(2),
+            "{:?}",
+            closed_at.elapsed()
+        );
+
+        let new = alert(&got, new_port).unwrap();
+        assert_eq!(new["pid"], new_server.pid, "{new}");
+        assert_eq!(new["state"], "CLOSE_WAIT");
+        assert!(new["age_ns"].as_u64().unwrap() >= threshold.as_nanos() as u64);
+        assert_eq!(new["owners"].as_array().unwrap().len(), 1, "{new}");
+        assert_eq!(new["owners"][0]["pid"], new_server.pid);
+        assert_eq!(new["owners"][0]["fd"], new_fd);
+        assert_eq!(new["from_snapshot"], false);
+        assert_eq!(new["complete"], true);
+
+        let old = alert(&got, old_port).unwrap();
+        assert_eq!(old["owners"][0]["pid"], old_server.pid, "{old}");
+        assert_eq!(old["owners"][0]["fd"], old_fd);
+        assert_eq!(old["pid"], old_server.pid, "owner from /proc at start");
+        assert_eq!(
+            old["from_snapshot"], true,
+            "counted from when the tracer first saw it"
+        );
+        assert_eq!(old["complete"], false);
+
+        // Each is reported once; at exit both are listed with their ages.
+        run.interrupt();
+        let (code, rest, _) = run.finish();
+        assert_eq!(code, 0);
+        got.extend(rest);
+        let recs = records(&got);
+        for port in [old_port, new_port] {
+            let n = |at_exit: bool| {
+                recs.iter()
+                    .filter(|v| {
+                        v["type"] == "close_wait" && v["lport"] == port && v["at_exit"] == at_exit
+                    })
+                    .count()
+            };
+            assert_eq!((n(false), n(true)), (1, 1), "{recs:#?}");
+        }
+    });
+}

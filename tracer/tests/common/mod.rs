@@ -15,6 +15,7 @@ use std::{
 
 use tracer::{
     events::{decode, TcpState, Transition},
+    filters::Filters,
     loader::{self, CounterValues, LoadOptions, Probe},
 };
 
@@ -103,7 +104,10 @@ impl Collector {
     /// Only transitions on `port`, filtered in the kernel.
     pub fn on_port(port: u16) -> Self {
         Self::load(LoadOptions {
-            ports: vec![port],
+            filters: Filters {
+                ports: vec![port],
+                ..Default::default()
+            },
             ..Default::default()
         })
     }

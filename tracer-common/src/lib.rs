@@ -121,7 +121,9 @@ pub mod counter {
     /// state (an earlier transition was missed, or a stale entry of a freed
     /// socket whose address was reused): the duration is reported unknown.
     pub const TIMING_STALE: u32 = 4;
-    pub const COUNT: u32 = 5;
+    /// The owner filter's listener table was full.
+    pub const LISTENERS_FULL: u32 = 5;
+    pub const COUNT: u32 = 6;
 }
 
 /// Value of the per-socket timing map (`SOCK_TIMING`), keyed by socket
@@ -130,8 +132,20 @@ pub mod counter {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SockTiming {
     pub entered_ns: u64,
-    pub state: u32,
-    pub _pad: u32,
+    pub state: u8,
+    /// Non-zero when the socket's owner passed the `--pid`/`--comm` filter.
+    pub selected: u8,
+    pub _pad: [u8; 6],
+}
+
+/// Key of the kernel's listener table (`LISTENERS`): an accepted socket
+/// inherits the owner filter's verdict of its listener.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ListenerKey {
+    pub netns: u32,
+    pub port: u16,
+    pub _pad: u16,
 }
 
 /// Names of the globals the agent sets before load (`.rodata`).
@@ -140,6 +154,25 @@ pub mod global {
     pub const FILTER_FAMILY: &str = "FILTER_FAMILY";
     /// `u8`: non-zero when the `PORT_FILTER` map restricts ports.
     pub const FILTER_PORTS: &str = "FILTER_PORTS";
+    /// `u8`: non-zero when `LPORT_FILTER` restricts local ports.
+    pub const FILTER_LPORTS: &str = "FILTER_LPORTS";
+    /// `u8`: non-zero when `RPORT_FILTER` restricts remote ports.
+    pub const FILTER_RPORTS: &str = "FILTER_RPORTS";
+    /// `u8`: non-zero when `LADDR_FILTER` (an LPM trie) restricts local addresses.
+    pub const FILTER_LADDRS: &str = "FILTER_LADDRS";
+    /// `u8`: non-zero when `RADDR_FILTER` restricts remote addresses.
+    pub const FILTER_RADDRS: &str = "FILTER_RADDRS";
+    /// `u16`: bit per TCP state; a transition passes when its old or new
+    /// state has its bit. 0: every state.
+    pub const FILTER_STATES: &str = "FILTER_STATES";
+    /// `u32`: network namespace inode to keep; 0: every namespace.
+    pub const FILTER_NETNS: &str = "FILTER_NETNS";
+    /// `u8`: non-zero when the owner filter (`FILTER_PID`, `FILTER_COMM`) is on.
+    pub const FILTER_OWNER: &str = "FILTER_OWNER";
+    /// `u32`: owner tgid to keep; 0: any.
+    pub const FILTER_PID: &str = "FILTER_PID";
+    /// `[u8; 16]`: owner comm to keep (NUL-padded); all zero: any.
+    pub const FILTER_COMM: &str = "FILTER_COMM";
     /// `u32`: byte offset of `sock_common.skc_net.net` (from BTF), or
     /// [`super::OFFSET_UNKNOWN`].
     pub const OFF_SKC_NET: &str = "OFF_SKC_NET";
@@ -157,7 +190,17 @@ pub mod map {
     pub const COUNTERS: &str = "COUNTERS";
     pub const SOCK_TIMING: &str = "SOCK_TIMING";
     pub const PORT_FILTER: &str = "PORT_FILTER";
+    pub const LPORT_FILTER: &str = "LPORT_FILTER";
+    pub const RPORT_FILTER: &str = "RPORT_FILTER";
+    pub const LADDR_FILTER: &str = "LADDR_FILTER";
+    pub const RADDR_FILTER: &str = "RADDR_FILTER";
+    pub const LISTENERS: &str = "LISTENERS";
 }
+
+/// Prefixes one `--laddr`/`--raddr` filter may list.
+pub const MAX_FILTER_PREFIXES: u32 = 64;
+/// Listening sockets the kernel remembers for the owner filter.
+pub const MAX_LISTENERS: u32 = 4096;
 
 /// Name of the tracepoint program in the object file.
 pub const PROGRAM_NAME: &str = "inet_sock_set_state";
@@ -171,6 +214,7 @@ mod pod {
     // SAFETY: plain `#[repr(C)]` integers and byte arrays, no padding.
     unsafe impl aya::Pod for TransitionEvent {}
     unsafe impl aya::Pod for SockTiming {}
+    unsafe impl aya::Pod for ListenerKey {}
 }
 
 // No hidden padding: the sizes are the sums of the fields.
@@ -179,3 +223,4 @@ const _: () = assert!(core::mem::size_of::<EventHeader>() == 16);
 const _: () = assert!(core::mem::size_of::<TransitionEvent>() == 16 + 8 + 8 + 48 + 16 + 8 + 8);
 const _: () = assert!(core::mem::align_of::<TransitionEvent>() <= 8);
 const _: () = assert!(core::mem::size_of::<SockTiming>() == 16);
+const _: () = assert!(core::mem::size_of::<ListenerKey>() == 8);

@@ -8,23 +8,17 @@ use aya_ebpf::{
         generated,
     },
     macros::{map, tracepoint},
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{LruHashMap, PerCpuArray, RingBuf},
     programs::TracePointContext,
     EbpfContext as _, Global,
 };
 use aya_log_ebpf::warn;
+
+use crate::filter;
 use tracer_common::{
     counter, tcp_state, EventHeader, EventKind, InetSockSetStateRecord, SockTiming,
-    TransitionEvent, AF_INET6, FLAG_OLD_STATE_KNOWN, IPPROTO_TCP, MAX_FILTER_PORTS, OFFSET_UNKNOWN,
+    TransitionEvent, AF_INET6, FLAG_OLD_STATE_KNOWN, IPPROTO_TCP, OFFSET_UNKNOWN,
 };
-
-/// 0: both families; else only `AF_INET` or `AF_INET6`. Set by the agent.
-#[unsafe(no_mangle)]
-static FILTER_FAMILY: Global<u16> = Global::new(0);
-
-/// Non-zero: only transitions whose local or remote port is in `PORT_FILTER`.
-#[unsafe(no_mangle)]
-static FILTER_PORTS: Global<u8> = Global::new(0);
 
 /// Offsets of `sock_common.skc_net.net` and `net.ns.inum`, found by the
 /// agent in the kernel's BTF (Rust eBPF has no CO-RE relocations).
@@ -45,9 +39,6 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT
 /// cannot fill it up for good.
 #[map]
 static SOCK_TIMING: LruHashMap<u64, SockTiming> = LruHashMap::with_max_entries(65536, 0);
-
-#[map]
-static PORT_FILTER: HashMap<u16, u8> = HashMap::with_max_entries(MAX_FILTER_PORTS, 0);
 
 /// Why a transition produced no event. Every variant is counted.
 enum Skip {
@@ -93,15 +84,31 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), Skip> {
     let skaddr = rec!(ctx, skaddr: u64);
     let oldstate = rec!(ctx, oldstate: i32) as u8;
     let newstate = rec!(ctx, newstate: i32) as u8;
-
-    // Timing is kept for every socket, filtered or not, so that a duration
-    // is right even when the transition that started it was filtered out.
-    let old_state_ns = account_time(ctx, skaddr, oldstate, newstate, now);
-
     let family = rec!(ctx, family: u16);
     let sport = rec!(ctx, sport: u16);
     let dport = rec!(ctx, dport: u16);
-    if !passes_filters(family, sport, dport) {
+    let netns = netns_inum(skaddr);
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+
+    // Timing (and the owner filter's verdict) is kept for every socket,
+    // filtered or not, so a duration is right even when the transition
+    // that started it was filtered out.
+    let (old_state_ns, owner_selected) =
+        account_time(ctx, skaddr, oldstate, newstate, now, netns, sport, tgid);
+
+    let (saddr, daddr) = addresses(ctx, family);
+    let candidate = filter::Candidate {
+        family,
+        sport,
+        dport,
+        oldstate,
+        newstate,
+        netns,
+        saddr: as_v6(family, saddr),
+        daddr: as_v6(family, daddr),
+        owner_selected,
+    };
+    if !filter::passes(&candidate) {
         return Err(Skip::Filtered);
     }
 
@@ -131,11 +138,14 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), Skip> {
         (*ev).family = family;
         (*ev).oldstate = oldstate;
         (*ev).newstate = newstate;
-        (*ev).netns = netns_inum(skaddr);
+        (*ev).netns = netns;
         (*ev)._reserved = 0;
-    }
-    copy_addresses(ctx, family, ev);
-    unsafe {
+        let src = ptr::addr_of_mut!((*ev).saddr).cast::<u64>();
+        let dst = ptr::addr_of_mut!((*ev).daddr).cast::<u64>();
+        *src = saddr[0];
+        *src.add(1) = saddr[1];
+        *dst = daddr[0];
+        *dst.add(1) = daddr[1];
         // Writes straight into the ring buffer record; on failure the kernel
         // zeroes the buffer, which decodes as an empty comm.
         generated::bpf_get_current_comm(ptr::addr_of_mut!((*ev).comm).cast::<c_void>(), 16);
@@ -144,35 +154,69 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), Skip> {
     Ok(())
 }
 
-/// Records that `skaddr` entered `newstate` at `now` and returns how long it
-/// stayed in `oldstate`, if this program saw it enter that state.
+/// Transitions the kernel makes only inside the owner's own system calls
+/// (connect, listen, close/shutdown): the current task is the owner.
 #[inline(always)]
+fn in_owner_syscall(oldstate: u8, newstate: u8) -> bool {
+    use tcp_state::*;
+    matches!(
+        (oldstate, newstate),
+        (CLOSE, SYN_SENT) | (CLOSE, LISTEN) | (ESTABLISHED, FIN_WAIT1) | (CLOSE_WAIT, LAST_ACK)
+    )
+}
+
+/// Records that `skaddr` entered `newstate` at `now`. Returns how long it
+/// stayed in `oldstate` (if this program saw it enter that state) and
+/// whether its owner passes the owner filter (sticky once true; accepted
+/// sockets inherit their listener's verdict).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn account_time(
     ctx: &TracePointContext,
     skaddr: u64,
     oldstate: u8,
     newstate: u8,
     now: u64,
-) -> Option<u64> {
+    netns: u32,
+    sport: u16,
+    tgid: u32,
+) -> (Option<u64>, bool) {
     let entry = SOCK_TIMING.get_ptr_mut(&skaddr);
+    let mut selected = false;
     let elapsed = entry.and_then(|t| {
         let t = unsafe { &*t };
-        if t.state == oldstate as u32 {
+        if t.state == oldstate {
+            selected = t.selected != 0;
             Some(now.saturating_sub(t.entered_ns))
         } else {
             bump(counter::TIMING_STALE);
             None
         }
     });
+    if filter::owner_filter_on() {
+        if in_owner_syscall(oldstate, newstate) && filter::current_task_matches(tgid) {
+            selected = true;
+        }
+        if oldstate == tcp_state::LISTEN && newstate == tcp_state::SYN_RECV {
+            selected = filter::listener_selected(netns, sport);
+        }
+        if newstate == tcp_state::LISTEN && selected && !filter::remember_listener(netns, sport) {
+            bump(counter::LISTENERS_FULL);
+        }
+        if oldstate == tcp_state::LISTEN && newstate == tcp_state::CLOSE {
+            filter::forget_listener(netns, sport);
+        }
+    }
     if newstate == tcp_state::CLOSE {
         // Ignore the result: the entry may legitimately be absent.
         let _ = SOCK_TIMING.remove(&skaddr);
-        return elapsed;
+        return (elapsed, selected);
     }
     let timing = SockTiming {
         entered_ns: now,
-        state: newstate as u32,
-        _pad: 0,
+        state: newstate,
+        selected: selected as u8,
+        _pad: [0; 6],
     };
     match entry {
         Some(t) => unsafe { *t = timing },
@@ -183,7 +227,7 @@ fn account_time(
             }
         }
     }
-    elapsed
+    (elapsed, selected)
 }
 
 /// The socket's network namespace inode number, 0 if unknown.
@@ -200,49 +244,37 @@ fn netns_inum(skaddr: u64) -> u32 {
     unsafe { bpf_probe_read_kernel((net + off_inum as u64) as *const u32) }.unwrap_or(0)
 }
 
+/// The record's local and remote addresses as two 8-byte words each, read
+/// with 4- and 8-byte loads (IPv4 in the first 4 bytes).
 #[inline(always)]
-fn passes_filters(family: u16, sport: u16, dport: u16) -> bool {
-    let want_family = FILTER_FAMILY.load();
-    if want_family != 0 && want_family != family {
-        return false;
-    }
-    if FILTER_PORTS.load() != 0 {
-        let hit = unsafe { PORT_FILTER.get(&sport).is_some() || PORT_FILTER.get(&dport).is_some() };
-        if !hit {
-            return false;
-        }
-    }
-    true
-}
-
-/// Copies the record's addresses into the event (a valid ring buffer record)
-/// with 4- and 8-byte loads.
-#[inline(always)]
-fn copy_addresses(ctx: &TracePointContext, family: u16, ev: *mut TransitionEvent) {
-    let src = unsafe { ptr::addr_of_mut!((*ev).saddr) }.cast::<u64>();
-    let dst = unsafe { ptr::addr_of_mut!((*ev).daddr) }.cast::<u64>();
-    let (s0, s1, d0, d1) = if family == AF_INET6 {
+fn addresses(ctx: &TracePointContext, family: u16) -> ([u64; 2], [u64; 2]) {
+    if family == AF_INET6 {
         (
-            rec!(ctx, saddr_v6: u64),
-            rec!(ctx, saddr_v6: u64, + 8),
-            rec!(ctx, daddr_v6: u64),
-            rec!(ctx, daddr_v6: u64, + 8),
+            [rec!(ctx, saddr_v6: u64), rec!(ctx, saddr_v6: u64, + 8)],
+            [rec!(ctx, daddr_v6: u64), rec!(ctx, daddr_v6: u64, + 8)],
         )
     } else {
         // AF_INET: the tracepoint only fires for inet sockets.
         (
-            rec!(ctx, saddr: u32) as u64,
-            0,
-            rec!(ctx, daddr: u32) as u64,
-            0,
+            [rec!(ctx, saddr: u32) as u64, 0],
+            [rec!(ctx, daddr: u32) as u64, 0],
         )
-    };
-    unsafe {
-        *src = s0;
-        *src.add(1) = s1;
-        *dst = d0;
-        *dst.add(1) = d1;
     }
+}
+
+/// 16 address bytes for the CIDR filters: IPv4 as `::ffff:a.b.c.d`.
+#[inline(always)]
+fn as_v6(family: u16, a: [u64; 2]) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    if family == AF_INET6 {
+        out[..8].copy_from_slice(&a[0].to_ne_bytes());
+        out[8..].copy_from_slice(&a[1].to_ne_bytes());
+    } else {
+        out[10] = 0xff;
+        out[11] = 0xff;
+        out[12..].copy_from_slice(&(a[0] as u32).to_ne_bytes());
+    }
+    out
 }
 
 #[inline(always)]

@@ -129,6 +129,7 @@ impl<W: Write> Pipeline<W> {
             unreadable: self.unreadable,
             timing_map_full: kernel.timing_update_failed,
             timing_stale: kernel.timing_stale,
+            listeners_full: kernel.listeners_full,
             untracked: self.tracker.untracked,
             gaps: self.tracker.gaps,
             ..Default::default()
@@ -149,8 +150,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         _ => Endpoint::disabled(),
     };
     let opts = LoadOptions {
-        family: args.family(),
-        ports: args.ports.clone(),
+        filters: args.filters(),
         max_sockets: args.max_sockets,
         ringbuf_bytes: args.ringbuf_size,
     };

@@ -43,6 +43,43 @@ pub struct Args {
     #[arg(short = '6', long = "ipv6")]
     pub ipv6: bool,
 
+    /// Only connections with this local port (repeatable).
+    #[arg(long = "lport", value_name = "PORT", value_parser = parse_port)]
+    pub lports: Vec<u16>,
+
+    /// Only connections with this remote port (repeatable).
+    #[arg(long = "rport", value_name = "PORT", value_parser = parse_port)]
+    pub rports: Vec<u16>,
+
+    /// Only connections whose local address is in this prefix (CIDR or an
+    /// address; IPv4 or IPv6; repeatable).
+    #[arg(long = "laddr", value_name = "CIDR", value_parser = crate::filters::parse_cidr)]
+    pub laddrs: Vec<ipnet::IpNet>,
+
+    /// Only connections whose remote address is in this prefix (repeatable).
+    #[arg(long = "raddr", value_name = "CIDR", value_parser = crate::filters::parse_cidr)]
+    pub raddrs: Vec<ipnet::IpNet>,
+
+    /// Only transitions into or out of this state (e.g. CLOSE_WAIT;
+    /// repeatable). Timing stays right: the kernel times every state.
+    #[arg(long = "state", value_name = "STATE", value_parser = crate::filters::parse_state)]
+    pub states: Vec<crate::events::TcpState>,
+
+    /// Only sockets of this network namespace: a path (/proc/PID/ns/net,
+    /// /run/netns/NAME) or its inode number.
+    #[arg(long, value_name = "PATH|INODE", value_parser = crate::filters::parse_netns)]
+    pub netns: Option<u32>,
+
+    /// Only sockets owned by this process (the one that connects, listens,
+    /// accepts or closes them).
+    #[arg(long, value_name = "PID", value_parser = clap::value_parser!(u32).range(1..))]
+    pub pid: Option<u32>,
+
+    /// Only sockets owned by a process with this name (as in
+    /// /proc/PID/comm, at most 15 bytes).
+    #[arg(long, value_name = "NAME", value_parser = crate::filters::parse_comm)]
+    pub comm: Option<String>,
+
     /// How often timewait sockets are checked (sock_diag dumps, only while
     /// actively closed connections wait for theirs to end).
     #[arg(long, default_value = "1s", value_parser = parse_duration, value_name = "D")]
@@ -114,6 +151,22 @@ impl EventsMode {
 }
 
 impl Args {
+    /// The filters to set in the kernel.
+    pub fn filters(&self) -> crate::filters::Filters {
+        crate::filters::Filters {
+            family: self.family(),
+            ports: self.ports.clone(),
+            lports: self.lports.clone(),
+            rports: self.rports.clone(),
+            laddrs: self.laddrs.clone(),
+            raddrs: self.raddrs.clone(),
+            states: self.states.clone(),
+            netns: self.netns,
+            pid: self.pid,
+            comm: self.comm.clone(),
+        }
+    }
+
     /// Address family to keep: `None` for both.
     pub fn family(&self) -> Option<crate::events::Family> {
         use crate::events::Family;
@@ -261,6 +314,49 @@ mod tests {
         assert!(err.to_string().contains("out of range"), "{err}");
         assert!(parse(&["--port", "0"]).is_err());
         assert!(parse(&["--port", "http"]).is_err());
+    }
+
+    #[test]
+    fn kernel_filters_parse_and_reject_bad_values() {
+        let a = parse(&[
+            "--lport",
+            "80",
+            "--rport",
+            "5432",
+            "--laddr",
+            "10.0.0.0/8",
+            "--raddr",
+            "2001:db8::/32",
+            "--state",
+            "close_wait",
+            "--netns",
+            "/proc/self/ns/net",
+            "--pid",
+            "42",
+            "--comm",
+            "nginx",
+        ])
+        .unwrap();
+        let f = a.filters();
+        assert_eq!((f.lports, f.rports), (vec![80], vec![5432]));
+        assert_eq!(f.laddrs[0].to_string(), "10.0.0.0/8");
+        assert_eq!(f.states, vec![crate::events::TcpState::CloseWait]);
+        assert!(f.netns.is_some());
+        assert_eq!((f.pid, f.comm.as_deref()), (Some(42), Some("nginx")));
+        for bad in [
+            &["--lport", "70000"][..],
+            &["--raddr", "10.0.0.0/40"],
+            &["--state", "OPEN"],
+            &["--netns", "/nonexistent"],
+            &["--pid", "0"],
+            &["--comm", "much-too-long-a-name"],
+        ] {
+            assert_eq!(
+                parse(bad).unwrap_err().kind(),
+                ErrorKind::ValueValidation,
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]

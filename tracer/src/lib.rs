@@ -11,6 +11,7 @@ pub mod clock;
 pub mod diag;
 pub mod events;
 pub mod features;
+pub mod filters;
 pub mod group;
 pub mod lifecycle;
 pub mod loader;

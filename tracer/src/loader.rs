@@ -4,17 +4,21 @@
 use std::{ffi::CString, io, path::Path};
 
 use aya::{
-    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    maps::{
+        lpm_trie::{Key, LpmTrie},
+        HashMap, MapData, PerCpuArray, RingBuf,
+    },
     programs::TracePoint,
     Ebpf, EbpfLoader,
 };
 use thiserror::Error;
-use tracer_common::{counter, global, map, MAX_FILTER_PORTS, PROGRAM_NAME};
+use tracer_common::{counter, global, map, MAX_FILTER_PORTS, MAX_FILTER_PREFIXES, PROGRAM_NAME};
 
 use crate::{
     btf_offsets::{self, KernelOffsets},
     events::Family,
     features::{self, Capabilities},
+    filters::{self, Filters},
 };
 
 /// The kernel object built by `build.rs`.
@@ -39,8 +43,14 @@ pub enum LoadError {
     Tracefs(io::Error),
     #[error("this kernel has no BPF ring buffer (it needs Linux 5.8 or later)")]
     NoRingBuf,
-    #[error("at most {MAX_FILTER_PORTS} ports can be filtered, got {0}")]
+    #[error("at most {MAX_FILTER_PORTS} ports can be given to one port filter, got {0}")]
     TooManyPorts(usize),
+    #[error("at most {MAX_FILTER_PREFIXES} prefixes can be given to --laddr or --raddr, got {0}")]
+    TooManyPrefixes(usize),
+    #[error(
+        "--netns needs the kernel's BTF (/sys/kernel/btf/vmlinux) to find each socket's namespace"
+    )]
+    NetnsNeedsBtf,
     #[error("loading the eBPF object: {0}")]
     Ebpf(#[from] aya::EbpfError),
     #[error("eBPF program: {0}")]
@@ -53,8 +63,7 @@ pub enum LoadError {
 
 #[derive(Clone, Debug)]
 pub struct LoadOptions {
-    pub family: Option<Family>,
-    pub ports: Vec<u16>,
+    pub filters: Filters,
     pub max_sockets: u32,
     pub ringbuf_bytes: u32,
 }
@@ -62,8 +71,7 @@ pub struct LoadOptions {
 impl Default for LoadOptions {
     fn default() -> Self {
         LoadOptions {
-            family: None,
-            ports: Vec::new(),
+            filters: Filters::default(),
             max_sockets: 65536,
             ringbuf_bytes: 4 << 20,
         }
@@ -91,6 +99,7 @@ pub struct CounterValues {
     pub ringbuf_full: u64,
     pub timing_update_failed: u64,
     pub timing_stale: u64,
+    pub listeners_full: u64,
 }
 
 pub struct KernelCounters(PerCpuArray<MapData, u64>);
@@ -105,6 +114,7 @@ impl KernelCounters {
             ringbuf_full: sum(counter::RINGBUF_FULL)?,
             timing_update_failed: sum(counter::TIMING_UPDATE_FAILED)?,
             timing_stale: sum(counter::TIMING_STALE)?,
+            listeners_full: sum(counter::LISTENERS_FULL)?,
         })
     }
 }
@@ -211,8 +221,16 @@ fn refused_or(err: LoadError) -> LoadError {
 
 pub fn load(opts: &LoadOptions) -> Result<Probe, LoadError> {
     check_privileges()?;
-    if opts.ports.len() > MAX_FILTER_PORTS as usize {
-        return Err(LoadError::TooManyPorts(opts.ports.len()));
+    let f = &opts.filters;
+    for ports in [&f.ports, &f.lports, &f.rports] {
+        if ports.len() > MAX_FILTER_PORTS as usize {
+            return Err(LoadError::TooManyPorts(ports.len()));
+        }
+    }
+    for nets in [&f.laddrs, &f.raddrs] {
+        if nets.len() > MAX_FILTER_PREFIXES as usize {
+            return Err(LoadError::TooManyPrefixes(nets.len()));
+        }
     }
     ensure_tracefs()?;
     if !tracepoint_exists() {
@@ -226,8 +244,17 @@ pub fn load(opts: &LoadOptions) -> Result<Probe, LoadError> {
 }
 
 fn load_attached(opts: &LoadOptions) -> Result<Probe, LoadError> {
-    let family: u16 = opts.family.map_or(0, Family::af);
-    let filter_ports: u8 = u8::from(!opts.ports.is_empty());
+    let f = &opts.filters;
+    let family: u16 = f.family.map_or(0, Family::af);
+    let on = |v: bool| u8::from(v);
+    let (ports, lports, rports) = (
+        on(!f.ports.is_empty()),
+        on(!f.lports.is_empty()),
+        on(!f.rports.is_empty()),
+    );
+    let (laddrs, raddrs) = (on(!f.laddrs.is_empty()), on(!f.raddrs.is_empty()));
+    let (states, netns, owner) = (f.state_mask(), f.netns.unwrap_or(0), on(f.owner_filter()));
+    let (pid, comm) = (f.pid.unwrap_or(0), f.comm_bytes());
     let btf = features::kernel_btf();
     let offsets = match btf_offsets::from_sys_fs() {
         Ok(o) => o,
@@ -238,12 +265,24 @@ fn load_attached(opts: &LoadOptions) -> Result<Probe, LoadError> {
             KernelOffsets::UNKNOWN
         }
     };
+    if netns != 0 && !offsets.netns_known() {
+        return Err(LoadError::NetnsNeedsBtf);
+    }
     let mut ebpf = EbpfLoader::new()
         .btf(btf.as_ref())
         .override_global(global::OFF_SKC_NET, &offsets.skc_net, true)
         .override_global(global::OFF_NET_INUM, &offsets.net_inum, true)
         .override_global(global::FILTER_FAMILY, &family, true)
-        .override_global(global::FILTER_PORTS, &filter_ports, true)
+        .override_global(global::FILTER_PORTS, &ports, true)
+        .override_global(global::FILTER_LPORTS, &lports, true)
+        .override_global(global::FILTER_RPORTS, &rports, true)
+        .override_global(global::FILTER_LADDRS, &laddrs, true)
+        .override_global(global::FILTER_RADDRS, &raddrs, true)
+        .override_global(global::FILTER_STATES, &states, true)
+        .override_global(global::FILTER_NETNS, &netns, true)
+        .override_global(global::FILTER_OWNER, &owner, true)
+        .override_global(global::FILTER_PID, &pid, true)
+        .override_global(global::FILTER_COMM, &comm, true)
         .map_max_entries(map::SOCK_TIMING, opts.max_sockets)
         .map_max_entries(map::EVENTS, opts.ringbuf_bytes)
         .load(PROGRAM_OBJECT)?;
@@ -256,13 +295,36 @@ fn load_attached(opts: &LoadOptions) -> Result<Probe, LoadError> {
         }
     };
 
-    if !opts.ports.is_empty() {
-        let mut ports: HashMap<_, u16, u8> = HashMap::try_from(
-            ebpf.map_mut(map::PORT_FILTER)
-                .ok_or(LoadError::Missing("PORT_FILTER map"))?,
+    for (name, list) in [
+        (map::PORT_FILTER, &f.ports),
+        (map::LPORT_FILTER, &f.lports),
+        (map::RPORT_FILTER, &f.rports),
+    ] {
+        if list.is_empty() {
+            continue;
+        }
+        let mut m: HashMap<_, u16, u8> = HashMap::try_from(
+            ebpf.map_mut(name)
+                .ok_or(LoadError::Missing("port filter map"))?,
         )?;
-        for port in &opts.ports {
-            ports.insert(port, 1, 0)?;
+        for port in list {
+            m.insert(port, 1, 0)?;
+        }
+    }
+    for (name, nets) in [
+        (map::LADDR_FILTER, &f.laddrs),
+        (map::RADDR_FILTER, &f.raddrs),
+    ] {
+        if nets.is_empty() {
+            continue;
+        }
+        let mut trie: LpmTrie<_, [u8; 16], u8> = LpmTrie::try_from(
+            ebpf.map_mut(name)
+                .ok_or(LoadError::Missing("address filter map"))?,
+        )?;
+        for net in nets {
+            let (len, bytes) = filters::lpm_key(net);
+            trie.insert(&Key::new(len, bytes), 1, 0)?;
         }
     }
 

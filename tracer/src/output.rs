@@ -40,6 +40,8 @@ pub struct Stats {
     pub untracked: u64,
     /// Connections closed with a transition missing in between.
     pub gaps: u64,
+    /// Listening sockets the owner filter could not remember (table full).
+    pub listeners_full: u64,
     /// Timewait dumps (NETLINK_SOCK_DIAG) made, and their total cost.
     pub timewait_polls: u64,
     pub timewait_poll_ns: u64,
@@ -443,6 +445,7 @@ pub fn stats_line(s: &Stats) -> String {
     );
     for (n, what) in [
         (s.timing_map_full, "timing map full"),
+        (s.listeners_full, "listener table full"),
         (s.untracked, "untracked (tracker full)"),
         (s.gaps, "connections with gaps"),
         (s.diag_errors, "sock_diag errors"),

@@ -14,6 +14,7 @@ use std::{
 use common::*;
 use tracer::{
     events::{Family, TcpState::*, Transition},
+    filters::Filters,
     loader::LoadOptions,
     tracker::Tracker,
 };
@@ -296,8 +297,11 @@ fn kernel_filters_family_and_port() {
     in_netns(|| {
         let (keep, other) = (test_port(), test_port());
         let mut c = Collector::load(LoadOptions {
-            family: Some(Family::Ipv4),
-            ports: vec![keep],
+            filters: Filters {
+                family: Some(Family::Ipv4),
+                ports: vec![keep],
+                ..Default::default()
+            },
             ..Default::default()
         });
         for (ip, port) in [
@@ -341,7 +345,10 @@ fn full_ring_buffer_is_counted_not_silent() {
         let port = test_port();
         // One page holds about 30 records; 20 conversations make 240.
         let mut c = Collector::load(LoadOptions {
-            ports: vec![port],
+            filters: Filters {
+                ports: vec![port],
+                ..Default::default()
+            },
             ringbuf_bytes: 4096,
             ..Default::default()
         });

@@ -15,6 +15,7 @@ use std::{
 
 use tracer::{
     events::{decode, TcpState, Transition},
+    filters::Filters,
     loader::{self, CounterValues, LoadOptions, Probe},
 };
 
@@ -103,7 +104,10 @@ impl Collector {
     /// Only transitions on `port`, filtered in the kernel.
     pub fn on_port(port: u16) -> Self {
         Self::load(LoadOptions {
-            ports: vec![port],
+            filters: Filters {
+                ports: vec![port],
+                ..Default::default()
+            },
             ..Default::default()
         })
     }
@@ -253,18 +257,39 @@ pub enum ServerMode {
     NeverClose,
 }
 
+/// The comm of forked servers.
+pub const SERVER_COMM: &[u8] = b"tracer-srv\0";
+
 /// A server in a process of its own (forked), listening on 127.0.0.1:port
 /// and accepting one connection. Killed and reaped on drop.
 pub struct ForkedServer {
     pub pid: u32,
     /// The accepted connection's fd in the server, once it has accepted.
     pub fd_rx: std::fs::File,
+    go_tx: i32,
 }
 
 impl ForkedServer {
     /// Forks the server. The child makes raw system calls only (no
     /// allocation: the test harness is multi-threaded).
     pub fn start(port: u16, mode: ServerMode) -> ForkedServer {
+        let server = Self::prepare(port, mode);
+        server.go();
+        server
+    }
+
+    /// Tells a [`ForkedServer::prepare`]d server to listen.
+    pub fn go(&self) {
+        // SAFETY: writing one byte to our pipe.
+        unsafe { libc::write(self.go_tx, [1u8].as_ptr().cast(), 1) };
+    }
+
+    /// Forks the server, which waits for [`ForkedServer::go`] before it
+    /// listens (so a test can use its pid first).
+    pub fn prepare(port: u16, mode: ServerMode) -> ForkedServer {
+        let mut go = [0i32; 2];
+        // SAFETY: plain syscall.
+        unsafe { assert_eq!(libc::pipe2(go.as_mut_ptr(), libc::O_CLOEXEC), 0) };
         let mut pipe = [0i32; 2];
         // SAFETY: plain syscalls; after fork the child uses only
         // async-signal-safe calls on data prepared before the fork.
@@ -277,6 +302,10 @@ impl ForkedServer {
             let pid = libc::fork();
             assert!(pid >= 0, "fork");
             if pid == 0 {
+                // A name of its own, for the --comm filter's tests.
+                libc::prctl(libc::PR_SET_NAME, SERVER_COMM.as_ptr());
+                let mut b = [0u8; 1];
+                libc::read(go[0], b.as_mut_ptr().cast(), 1);
                 let one: libc::c_int = 1;
                 let s = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
                 libc::setsockopt(
@@ -309,10 +338,12 @@ impl ForkedServer {
                 }
             }
             libc::close(pipe[1]);
+            libc::close(go[0]);
             use std::os::fd::FromRawFd as _;
             ForkedServer {
                 pid: pid as u32,
                 fd_rx: std::fs::File::from_raw_fd(pipe[0]),
+                go_tx: go[1],
             }
         }
     }
@@ -346,6 +377,7 @@ impl Drop for ForkedServer {
     fn drop(&mut self) {
         // SAFETY: our own child.
         unsafe {
+            libc::close(self.go_tx);
             libc::kill(self.pid as i32, libc::SIGKILL);
             libc::waitpid(self.pid as i32, std::ptr::null_mut(), 0);
         }

@@ -1,0 +1,153 @@
+//! The filters users give on the command line, validated, and their
+//! in-kernel form (constants and small maps set before attach; see
+//! `tracer-ebpf/src/filter.rs`).
+
+use std::{net::IpAddr, os::unix::fs::MetadataExt as _};
+
+use ipnet::IpNet;
+
+use crate::events::{Family, TcpState};
+
+/// All filters; every one that is given must pass.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Filters {
+    pub family: Option<Family>,
+    /// Local or remote port.
+    pub ports: Vec<u16>,
+    pub lports: Vec<u16>,
+    pub rports: Vec<u16>,
+    pub laddrs: Vec<IpNet>,
+    pub raddrs: Vec<IpNet>,
+    /// Transitions into or out of these states.
+    pub states: Vec<TcpState>,
+    /// Network namespace inode.
+    pub netns: Option<u32>,
+    /// Owner pid (tgid) and comm.
+    pub pid: Option<u32>,
+    pub comm: Option<String>,
+}
+
+impl Filters {
+    pub fn state_mask(&self) -> u16 {
+        self.states.iter().fold(0, |m, s| m | (1 << (*s as u16)))
+    }
+
+    /// `--comm` as the kernel compares it: NUL-padded 16 bytes.
+    pub fn comm_bytes(&self) -> [u8; 16] {
+        let mut out = [0u8; 16];
+        if let Some(c) = &self.comm {
+            out[..c.len()].copy_from_slice(c.as_bytes());
+        }
+        out
+    }
+
+    pub fn owner_filter(&self) -> bool {
+        self.pid.is_some() || self.comm.is_some()
+    }
+}
+
+/// An LPM trie key for a prefix: 16 bytes, IPv4 as `::ffff:a.b.c.d/96+n`.
+pub fn lpm_key(net: &IpNet) -> (u32, [u8; 16]) {
+    match net {
+        IpNet::V4(n) => (
+            96 + u32::from(n.prefix_len()),
+            n.network().to_ipv6_mapped().octets(),
+        ),
+        IpNet::V6(n) => (u32::from(n.prefix_len()), n.network().octets()),
+    }
+}
+
+/// `10.0.0.0/8`, `2001:db8::/32`, or a bare address (a /32 or /128).
+pub fn parse_cidr(s: &str) -> Result<IpNet, String> {
+    if let Ok(net) = s.parse::<IpNet>() {
+        return Ok(net.trunc());
+    }
+    s.parse::<IpAddr>()
+        .map(IpNet::from)
+        .map_err(|_| format!("`{s}` is not an address or CIDR prefix (examples: 10.0.0.0/8, ::1)"))
+}
+
+/// A TCP state by its name (`CLOSE_WAIT`, case-insensitive).
+pub fn parse_state(s: &str) -> Result<TcpState, String> {
+    let up = s.to_ascii_uppercase().replace('-', "_");
+    TcpState::ALL
+        .into_iter()
+        .find(|st| st.name() == up)
+        .ok_or_else(|| {
+            let names: Vec<&str> = TcpState::ALL.iter().map(|s| s.name()).collect();
+            format!("unknown TCP state `{s}` (one of {})", names.join(", "))
+        })
+}
+
+/// A network namespace: a path (`/proc/<pid>/ns/net`, `/run/netns/NAME`)
+/// or an inode number.
+pub fn parse_netns(s: &str) -> Result<u32, String> {
+    if let Ok(ino) = s.parse::<u32>() {
+        return if ino == 0 {
+            Err("netns inode 0 does not exist".into())
+        } else {
+            Ok(ino)
+        };
+    }
+    let meta =
+        std::fs::metadata(s).map_err(|e| format!("cannot open network namespace `{s}`: {e}"))?;
+    u32::try_from(meta.ino())
+        .map_err(|_| format!("`{s}` has an inode beyond 32 bits; not a namespace"))
+}
+
+pub fn parse_comm(s: &str) -> Result<String, String> {
+    if s.is_empty() || s.len() > 15 {
+        return Err(format!(
+            "`{s}`: a comm has 1 to 15 bytes (the kernel truncates names to 15)"
+        ));
+    }
+    Ok(s.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidrs_and_their_trie_keys() {
+        let v4 = parse_cidr("10.1.2.3/8").unwrap();
+        assert_eq!(v4.to_string(), "10.0.0.0/8");
+        let (len, key) = lpm_key(&v4);
+        assert_eq!(len, 104);
+        assert_eq!(&key[10..13], &[0xff, 0xff, 10]);
+        let host = parse_cidr("::1").unwrap();
+        assert_eq!(lpm_key(&host).0, 128);
+        assert_eq!(lpm_key(&parse_cidr("127.0.0.1").unwrap()).0, 128);
+        assert!(parse_cidr("10.0.0.0/33").is_err());
+        assert!(parse_cidr("bogus").is_err());
+    }
+
+    #[test]
+    fn states_by_name() {
+        assert_eq!(parse_state("close_wait"), Ok(TcpState::CloseWait));
+        assert_eq!(parse_state("TIME-WAIT"), Ok(TcpState::TimeWait));
+        assert!(parse_state("OPEN").unwrap_err().contains("CLOSE_WAIT"));
+        let f = Filters {
+            states: vec![TcpState::Established, TcpState::Close],
+            ..Default::default()
+        };
+        assert_eq!(f.state_mask(), (1 << 1) | (1 << 7));
+    }
+
+    #[test]
+    fn namespaces_and_comms() {
+        assert!(parse_netns("/proc/self/ns/net").unwrap() > 0);
+        assert_eq!(parse_netns("4026531840"), Ok(4026531840));
+        assert!(parse_netns("/nonexistent/ns")
+            .unwrap_err()
+            .contains("cannot open"));
+        assert!(parse_netns("0").is_err());
+        assert!(parse_comm("a-name-longer-than-15").is_err());
+        let f = Filters {
+            comm: Some("nginx".into()),
+            ..Default::default()
+        };
+        assert_eq!(&f.comm_bytes()[..6], b"nginx\0");
+        assert!(f.owner_filter());
+    }
+}

@@ -109,9 +109,15 @@ impl<W: Write> Pipeline<W> {
     }
 }
 
+/// How often the agent drains the ring buffer without being woken.
+pub const DRAIN_INTERVAL: Duration = Duration::from_millis(50);
+
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let opts = LoadOptions {
         filters: args.filters(),
+        wakeup_bytes: args
+            .wakeup_bytes
+            .unwrap_or(u64::from(args.ringbuf_size) / 8),
         max_sockets: args.max_sockets,
         ringbuf_bytes: args.ringbuf_size,
     };
@@ -173,6 +179,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let mut tick = interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut last_lost = 0;
+    // Below the wake-up threshold the kernel does not wake us: drain often
+    // enough that live output stays live.
+    let mut drain_tick = interval(DRAIN_INTERVAL);
+    drain_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut timewait_tick = interval(args.timewait_interval);
     timewait_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
 
@@ -193,6 +203,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 _ = sigint.recv() => break,
                 _ = sigterm.recv() => break,
                 _ = &mut deadline => break,
+                _ = drain_tick.tick() => {
+                    pipeline.drain(ring.get_mut())?;
+                    pipeline.out.flush()?;
+                }
                 _ = timewait_tick.tick() => {
                     pipeline.poll_timewait(&mut lifecycle)?;
                     pipeline.out.flush()?;

@@ -173,6 +173,9 @@ pub mod global {
     pub const FILTER_PID: &str = "FILTER_PID";
     /// `[u8; 16]`: owner comm to keep (NUL-padded); all zero: any.
     pub const FILTER_COMM: &str = "FILTER_COMM";
+    /// `u64`: ring buffer fill (bytes) past which the agent is woken up;
+    /// below it the agent drains on a timer. 0: every event wakes it.
+    pub const WAKEUP_BYTES: &str = "WAKEUP_BYTES";
     /// `u32`: byte offset of `sock_common.skc_net.net` (from BTF), or
     /// [`super::OFFSET_UNKNOWN`].
     pub const OFF_SKC_NET: &str = "OFF_SKC_NET";

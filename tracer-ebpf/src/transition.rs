@@ -3,6 +3,7 @@
 use core::{ffi::c_void, mem::offset_of, ptr};
 
 use aya_ebpf::{
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_ktime_get_ns, bpf_probe_read_kernel,
         generated,
@@ -26,6 +27,13 @@ use tracer_common::{
 static OFF_SKC_NET: Global<u32> = Global::new(OFFSET_UNKNOWN);
 #[unsafe(no_mangle)]
 static OFF_NET_INUM: Global<u32> = Global::new(OFFSET_UNKNOWN);
+
+/// Wake the agent only once this many bytes wait in the ring buffer: a
+/// wake-up per event was the dominant cost of delivery (2-3 µs each in
+/// this VM, against ~0.6 µs without). The agent also drains on a timer.
+/// 0: wake up on every event.
+#[unsafe(no_mangle)]
+static WAKEUP_BYTES: Global<u64> = Global::new(0);
 
 /// Sized by the agent (`--ringbuf-size`) before load.
 #[map]
@@ -150,7 +158,13 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), Skip> {
         // zeroes the buffer, which decodes as an empty comm.
         generated::bpf_get_current_comm(ptr::addr_of_mut!((*ev).comm).cast::<c_void>(), 16);
     }
-    entry.submit(0);
+    let threshold = WAKEUP_BYTES.load();
+    let flags = if threshold == 0 || EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= threshold {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    entry.submit(flags as u64);
     Ok(())
 }
 

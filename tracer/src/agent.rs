@@ -137,6 +137,9 @@ impl<W: Write> Pipeline<W> {
     }
 }
 
+/// How often the agent drains the ring buffer without being woken.
+pub const DRAIN_INTERVAL: Duration = Duration::from_millis(50);
+
 pub async fn run(args: Args) -> anyhow::Result<()> {
     // Before "attached" is logged: a signal sent once it is must be handled.
     let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
@@ -151,6 +154,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     };
     let opts = LoadOptions {
         filters: args.filters(),
+        wakeup_bytes: args
+            .wakeup_bytes
+            .unwrap_or(u64::from(args.ringbuf_size) / 8),
         max_sockets: args.max_sockets,
         ringbuf_bytes: args.ringbuf_size,
     };
@@ -214,6 +220,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let mut tick = interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut last_lost = 0;
+    // Below the wake-up threshold the kernel does not wake us: drain often
+    // enough that live output stays live.
+    let mut drain_tick = interval(DRAIN_INTERVAL);
+    drain_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut timewait_tick = interval(args.timewait_interval);
     timewait_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
 
@@ -248,6 +258,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                     pipeline.drain(ring.get_mut())?;
                     pipeline.observers.refresh_metrics(&mut pipeline.tracker, counters.read().ok());
                     let _ = scrape.send(());
+                }
+                _ = drain_tick.tick() => {
+                    pipeline.drain(ring.get_mut())?;
+                    pipeline.out.flush()?;
                 }
                 _ = timewait_tick.tick() => {
                     pipeline.poll_timewait(&mut lifecycle)?;

@@ -105,6 +105,12 @@ pub struct Args {
     #[arg(long, default_value = "4M", value_parser = parse_ringbuf_size)]
     pub ringbuf_size: u32,
 
+    /// Ring buffer fill (bytes) that wakes the agent; below it the agent
+    /// drains every 50 ms. Fewer wake-ups cost the traced applications
+    /// less. Default: an eighth of --ringbuf-size; 0 wakes it per event.
+    #[arg(long, value_name = "BYTES")]
+    pub wakeup_bytes: Option<u64>,
+
     /// More diagnostics on stderr (repeat for debug output).
     #[arg(short, long, action = clap::ArgAction::Count)]
     pub verbose: u8,

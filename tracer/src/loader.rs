@@ -66,6 +66,9 @@ pub struct LoadOptions {
     pub filters: Filters,
     pub max_sockets: u32,
     pub ringbuf_bytes: u32,
+    /// Ring buffer fill that wakes the agent (0: every event). The agent
+    /// must also drain on a timer: below the threshold nothing wakes it.
+    pub wakeup_bytes: u64,
 }
 
 impl Default for LoadOptions {
@@ -74,6 +77,7 @@ impl Default for LoadOptions {
             filters: Filters::default(),
             max_sockets: 65536,
             ringbuf_bytes: 4 << 20,
+            wakeup_bytes: 0,
         }
     }
 }
@@ -273,6 +277,7 @@ fn load_attached(opts: &LoadOptions) -> Result<Probe, LoadError> {
         .override_global(global::OFF_SKC_NET, &offsets.skc_net, true)
         .override_global(global::OFF_NET_INUM, &offsets.net_inum, true)
         .override_global(global::FILTER_FAMILY, &family, true)
+        .override_global(global::WAKEUP_BYTES, &opts.wakeup_bytes, true)
         .override_global(global::FILTER_PORTS, &ports, true)
         .override_global(global::FILTER_LPORTS, &lports, true)
         .override_global(global::FILTER_RPORTS, &rports, true)

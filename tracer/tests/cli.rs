@@ -175,6 +175,19 @@ fn usage_errors_are_clap_errors() {
     assert_one_line_error(&out, 2, "invalid value");
     let out = run_to_end(tracer().args(["--duration", "soon"]));
     assert_one_line_error(&out, 2, "--duration");
+    for (args, needle) in [
+        (&["--laddr", "10.0.0.0/40"][..], "not an address or CIDR"),
+        (&["--state", "OPEN"], "unknown TCP state"),
+        (
+            &["--netns", "/nonexistent/ns"],
+            "cannot open network namespace",
+        ),
+        (&["--comm", "a-name-longer-than-fifteen"], "1 to 15 bytes"),
+        (&["--rport", "0"], "out of range"),
+    ] {
+        let out = run_to_end(tracer().args(args));
+        assert_one_line_error(&out, 2, needle);
+    }
 }
 
 #[test]

@@ -99,19 +99,42 @@ fn run(cli: Cli) -> Result<()> {
                 return Ok(());
             }
             let initrd = vm::build_initramfs(&cargo_stdout)?;
-            let mut times = Vec::new();
+            // Every kernel runs even if one fails: all differences at once.
+            let mut passed = Vec::new();
+            let mut failed = Vec::new();
             for series in guests {
-                let image = vm::kernel(series)?;
-                eprintln!(
-                    "xtask: integration tests on Linux {} ({}) under QEMU",
-                    series.name,
-                    image.display()
-                );
-                let initrd = vm::initramfs_for(&initrd, &image, series)?;
-                let took = vm::boot(series, &image, &initrd)?;
-                times.push(format!("{} {:.0}s", series.name, took.as_secs_f64()));
+                let run = || -> Result<std::time::Duration> {
+                    let image = vm::kernel(series)?;
+                    eprintln!(
+                        "xtask: integration tests on Linux {} ({}) under QEMU",
+                        series.name,
+                        image.display()
+                    );
+                    let initrd = vm::initramfs_for(&initrd, &image, series)?;
+                    vm::boot(series, &image, &initrd)
+                };
+                match run() {
+                    Ok(took) => passed.push(format!("{} {:.0}s", series.name, took.as_secs_f64())),
+                    Err(e) => {
+                        eprintln!("xtask: Linux {}: {e:#}", series.name);
+                        failed.push(series.name);
+                    }
+                }
             }
-            eprintln!("xtask: guest kernels passed: {}", times.join(", "));
+            eprintln!(
+                "xtask: guest kernels passed: {}",
+                if passed.is_empty() {
+                    "none".into()
+                } else {
+                    passed.join(", ")
+                }
+            );
+            if !failed.is_empty() {
+                bail!(
+                    "the integration suite failed on Linux {}",
+                    failed.join(", ")
+                );
+            }
             Ok(())
         }
     }

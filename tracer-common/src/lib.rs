@@ -70,7 +70,31 @@ pub struct EventHeader {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EventKind {
     Transition = 1,
+    /// A timewait socket died ([`TimewaitDeathEvent`]).
+    TimewaitDeath = 2,
 }
+
+/// A timewait socket ending (fentry on `inet_twsk_kill`, where the kernel
+/// allows fentry): its timer fired, or it was killed or reused. The
+/// portable path only sees that it is gone at the next sock_diag poll.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TimewaitDeathEvent {
+    pub header: EventHeader,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    pub family: u16,
+    pub _pad: u16,
+    pub netns: u32,
+    pub _reserved: u32,
+}
+
+/// Name of the fentry program on `inet_twsk_kill`.
+pub const TIMEWAIT_PROGRAM: &str = "timewait_kill";
+/// The kernel function it attaches to.
+pub const TIMEWAIT_FUNCTION: &str = "inet_twsk_kill";
 
 /// `TransitionEvent::flags`: the kernel saw the socket enter its old state,
 /// so `old_state_ns` is meaningful.
@@ -123,7 +147,9 @@ pub mod counter {
     pub const TIMING_STALE: u32 = 4;
     /// The owner filter's listener table was full.
     pub const LISTENERS_FULL: u32 = 5;
-    pub const COUNT: u32 = 6;
+    /// The timewait program could not read a dying timewait socket.
+    pub const TIMEWAIT_UNREADABLE: u32 = 6;
+    pub const COUNT: u32 = 7;
 }
 
 /// Value of the per-socket timing map (`SOCK_TIMING`), keyed by socket
@@ -176,6 +202,16 @@ pub mod global {
     /// `u64`: ring buffer fill (bytes) past which the agent is woken up;
     /// below it the agent drains on a timer. 0: every event wakes it.
     pub const WAKEUP_BYTES: &str = "WAKEUP_BYTES";
+    /// `u32`s: byte offsets in `struct sock_common` (from BTF) of
+    /// `skc_family`, `skc_num`, `skc_dport`, `skc_rcv_saddr`, `skc_daddr`,
+    /// `skc_v6_rcv_saddr`, `skc_v6_daddr`, for the timewait program.
+    pub const OFF_SKC_FAMILY: &str = "OFF_SKC_FAMILY";
+    pub const OFF_SKC_NUM: &str = "OFF_SKC_NUM";
+    pub const OFF_SKC_DPORT: &str = "OFF_SKC_DPORT";
+    pub const OFF_SKC_RCV_SADDR: &str = "OFF_SKC_RCV_SADDR";
+    pub const OFF_SKC_DADDR: &str = "OFF_SKC_DADDR";
+    pub const OFF_SKC_V6_RCV_SADDR: &str = "OFF_SKC_V6_RCV_SADDR";
+    pub const OFF_SKC_V6_DADDR: &str = "OFF_SKC_V6_DADDR";
     /// `u32`: byte offset of `sock_common.skc_net.net` (from BTF), or
     /// [`super::OFFSET_UNKNOWN`].
     pub const OFF_SKC_NET: &str = "OFF_SKC_NET";
@@ -218,6 +254,7 @@ mod pod {
     unsafe impl aya::Pod for TransitionEvent {}
     unsafe impl aya::Pod for SockTiming {}
     unsafe impl aya::Pod for ListenerKey {}
+    unsafe impl aya::Pod for TimewaitDeathEvent {}
 }
 
 // No hidden padding: the sizes are the sums of the fields.
@@ -227,3 +264,4 @@ const _: () = assert!(core::mem::size_of::<TransitionEvent>() == 16 + 8 + 8 + 48
 const _: () = assert!(core::mem::align_of::<TransitionEvent>() <= 8);
 const _: () = assert!(core::mem::size_of::<SockTiming>() == 16);
 const _: () = assert!(core::mem::size_of::<ListenerKey>() == 8);
+const _: () = assert!(core::mem::size_of::<TimewaitDeathEvent>() == 16 + 32 + 8 + 8);

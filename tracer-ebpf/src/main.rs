@@ -10,6 +10,7 @@
 
 mod filter;
 mod probes;
+mod timewait;
 mod transition;
 
 #[cfg(not(test))]

@@ -33,11 +33,11 @@ static OFF_NET_INUM: Global<u32> = Global::new(OFFSET_UNKNOWN);
 /// this VM, against ~0.6 µs without). The agent also drains on a timer.
 /// 0: wake up on every event.
 #[unsafe(no_mangle)]
-static WAKEUP_BYTES: Global<u64> = Global::new(0);
+pub(crate) static WAKEUP_BYTES: Global<u64> = Global::new(0);
 
 /// Sized by the agent (`--ringbuf-size`) before load.
 #[map]
-static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
+pub(crate) static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
@@ -246,7 +246,7 @@ fn account_time(
 
 /// The socket's network namespace inode number, 0 if unknown.
 #[inline(always)]
-fn netns_inum(skaddr: u64) -> u32 {
+pub(crate) fn netns_inum(skaddr: u64) -> u32 {
     let (off_net, off_inum) = (OFF_SKC_NET.load(), OFF_NET_INUM.load());
     if off_net == OFFSET_UNKNOWN || off_inum == OFFSET_UNKNOWN {
         return 0;
@@ -292,7 +292,7 @@ fn as_v6(family: u16, a: [u64; 2]) -> [u8; 16] {
 }
 
 #[inline(always)]
-fn bump(index: u32) {
+pub(crate) fn bump(index: u32) {
     if let Some(slot) = COUNTERS.get_ptr_mut(index) {
         unsafe { *slot += 1 };
     }

@@ -18,14 +18,14 @@ use tokio::{
 use crate::{
     cli::Args,
     clock::{monotonic_ns, WallClock},
-    events::{self, TcpState, Transition},
-    lifecycle::Lifecycle,
+    events::{self, Record, TcpState, TimewaitDeath, Transition},
+    lifecycle::{Lifecycle, EXPIRY_TOLERANCE_NS},
     loader::{self, CounterValues, LoadOptions},
     metrics::{Endpoint, Recorder},
     observe::Observers,
     output::{Output, Stats},
     summary::Summary,
-    tracker::{Connection, Owner, Tracker},
+    tracker::{Connection, Owner, Tracker, TupleKey},
 };
 
 /// Everything one decoded record goes through, kept apart from the loop so
@@ -41,8 +41,9 @@ pub struct Pipeline<W: Write> {
 
 impl<W: Write> Pipeline<W> {
     pub fn handle(&mut self, bytes: &[u8]) -> io::Result<()> {
-        let t = match events::decode(bytes) {
-            Ok(t) => t,
+        let t = match events::decode_record(bytes) {
+            Ok(Record::Transition(t)) => t,
+            Ok(Record::TimewaitDeath(d)) => return self.timewait_died(&d),
             Err(e) => {
                 self.unreadable += 1;
                 if self.unreadable == 1 {
@@ -75,6 +76,28 @@ impl<W: Write> Pipeline<W> {
     pub fn close(&mut self, conn: &Connection) -> io::Result<()> {
         self.observers.connection(conn);
         self.out.connection(conn)
+    }
+
+    /// A timewait socket died (fentry): ends its connection if tracked.
+    fn timewait_died(&mut self, d: &TimewaitDeath) -> io::Result<()> {
+        let key = TupleKey {
+            netns: d.netns,
+            family: d.family,
+            laddr: d.laddr,
+            lport: d.lport,
+            raddr: d.raddr,
+            rport: d.rport,
+        };
+        let outcome = self
+            .tracker
+            .timewait_died(&key, d.mono_ns, EXPIRY_TOLERANCE_NS);
+        for t in &outcome.derived {
+            self.emit(t, &outcome.owner)?;
+        }
+        for conn in &outcome.closed {
+            self.close(conn)?;
+        }
+        Ok(())
     }
 
     /// Ends timewait sockets that are gone (see `lifecycle.rs`).
@@ -130,6 +153,7 @@ impl<W: Write> Pipeline<W> {
             timing_map_full: kernel.timing_update_failed,
             timing_stale: kernel.timing_stale,
             listeners_full: kernel.listeners_full,
+            timewait_unreadable: kernel.timewait_unreadable,
             untracked: self.tracker.untracked,
             gaps: self.tracker.gaps,
             ..Default::default()
@@ -179,6 +203,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     // After attaching, so no socket falls between the snapshot and the events.
     let mut lifecycle = Lifecycle::new().context("opening NETLINK_SOCK_DIAG")?;
     capabilities.sock_diag = lifecycle.available;
+    lifecycle.fentry = capabilities.timewait_fentry;
     log::info!("{}", capabilities.describe());
     let existing = lifecycle.snapshot(&mut pipeline.tracker, netns_known);
     log::info!("snapshot: {existing} TCP sockets existed before the tracer");

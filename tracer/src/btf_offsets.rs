@@ -33,13 +33,33 @@ pub struct KernelOffsets {
     pub skc_net: u32,
     /// `struct net` → `ns.inum` (the namespace's inode number).
     pub net_inum: u32,
+    /// `struct sock_common` members the timewait program reads, in the
+    /// order of [`SOCK_COMMON_MEMBERS`].
+    pub sock_common: [u32; 7],
 }
+
+/// Members of `struct sock_common` read from timewait sockets.
+pub const SOCK_COMMON_MEMBERS: [&str; 7] = [
+    "skc_family",
+    "skc_num",
+    "skc_dport",
+    "skc_rcv_saddr",
+    "skc_daddr",
+    "skc_v6_rcv_saddr",
+    "skc_v6_daddr",
+];
 
 impl KernelOffsets {
     pub const UNKNOWN: KernelOffsets = KernelOffsets {
         skc_net: OFFSET_UNKNOWN,
         net_inum: OFFSET_UNKNOWN,
+        sock_common: [OFFSET_UNKNOWN; 7],
     };
+
+    /// Everything the timewait program needs is known.
+    pub fn timewait_known(&self) -> bool {
+        self.netns_known() && self.sock_common.iter().all(|&o| o != OFFSET_UNKNOWN)
+    }
 
     pub fn netns_known(&self) -> bool {
         self.skc_net != OFFSET_UNKNOWN && self.net_inum != OFFSET_UNKNOWN
@@ -56,6 +76,10 @@ pub fn from_sys_fs() -> Result<KernelOffsets, BtfError> {
         net_inum: btf
             .member_offset("net", "ns.inum")
             .unwrap_or(OFFSET_UNKNOWN),
+        sock_common: SOCK_COMMON_MEMBERS.map(|m| {
+            btf.member_offset("sock_common", m)
+                .unwrap_or(OFFSET_UNKNOWN)
+        }),
     })
 }
 
@@ -332,6 +356,8 @@ mod tests {
             ("net", "ns.inum"),
             ("sock_common", "skc_state"),
             ("sock_common", "skc_dport"),
+            ("sock_common", "skc_v6_daddr"),
+            ("sock_common", "skc_rcv_saddr"),
             ("sock", "sk_socket"),
             ("inet_timewait_sock", "tw_timer"),
             ("tcp_sock", "srtt_us"),

@@ -11,7 +11,8 @@ use std::{
 
 use thiserror::Error;
 use tracer_common::{
-    EventHeader, EventKind, TransitionEvent, AF_INET, AF_INET6, FLAG_OLD_STATE_KNOWN,
+    EventHeader, EventKind, TimewaitDeathEvent, TransitionEvent, AF_INET, AF_INET6,
+    FLAG_OLD_STATE_KNOWN,
 };
 
 /// A TCP state, numbered as in the kernel's `include/net/tcp_states.h`.
@@ -160,6 +161,9 @@ pub enum Source {
     /// Derived from a new connection on the same 4-tuple, which ends the
     /// old connection's timewait socket.
     Reuse,
+    /// The fentry program on `inet_twsk_kill`: the exact death of a
+    /// timewait socket.
+    Fentry,
 }
 
 impl Source {
@@ -168,6 +172,7 @@ impl Source {
             Source::Tracepoint => "tracepoint",
             Source::SockDiag => "sock_diag",
             Source::Reuse => "reuse",
+            Source::Fentry => "fentry",
         }
     }
 }
@@ -212,7 +217,57 @@ pub enum DecodeError {
     BadFamily(u16),
 }
 
-/// Decodes one ring buffer record.
+/// A timewait socket's death, seen by the fentry program.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TimewaitDeath {
+    pub mono_ns: u64,
+    pub family: Family,
+    pub laddr: IpAddr,
+    pub lport: u16,
+    pub raddr: IpAddr,
+    pub rport: u16,
+    pub netns: u32,
+}
+
+/// Any ring buffer record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Record {
+    Transition(Transition),
+    TimewaitDeath(TimewaitDeath),
+}
+
+/// Decodes one ring buffer record of any kind.
+pub fn decode_record(bytes: &[u8]) -> Result<Record, DecodeError> {
+    let header: EventHeader = read(bytes).ok_or(DecodeError::ShortHeader(bytes.len()))?;
+    if header.kind != EventKind::TimewaitDeath as u32 {
+        return decode(bytes).map(Record::Transition);
+    }
+    let want = size_of::<TimewaitDeathEvent>();
+    if bytes.len() < want || header.len as usize != want {
+        return Err(DecodeError::BadLength {
+            kind: header.kind,
+            got: bytes.len(),
+            want,
+        });
+    }
+    let ev: TimewaitDeathEvent = read(bytes).ok_or(DecodeError::ShortHeader(bytes.len()))?;
+    let family = match ev.family {
+        AF_INET => Family::Ipv4,
+        AF_INET6 => Family::Ipv6,
+        other => return Err(DecodeError::BadFamily(other)),
+    };
+    Ok(Record::TimewaitDeath(TimewaitDeath {
+        mono_ns: ev.header.ts_ns,
+        family,
+        laddr: addr(family, ev.saddr),
+        lport: ev.sport,
+        raddr: addr(family, ev.daddr),
+        rport: ev.dport,
+        netns: ev.netns,
+    }))
+}
+
+/// Decodes one transition record.
 pub fn decode(bytes: &[u8]) -> Result<Transition, DecodeError> {
     let header: EventHeader = read(bytes).ok_or(DecodeError::ShortHeader(bytes.len()))?;
     if header.kind != EventKind::Transition as u32 {
@@ -402,6 +457,44 @@ pub(crate) mod tests {
         let off = std::mem::offset_of!(TransitionEvent, family);
         bytes[off] = 1;
         assert_eq!(decode(&bytes), Err(DecodeError::BadFamily(1)));
+    }
+
+    #[test]
+    fn timewait_death_records_decode() {
+        let ev = TimewaitDeathEvent {
+            header: EventHeader {
+                ts_ns: 7,
+                kind: EventKind::TimewaitDeath as u32,
+                len: size_of::<TimewaitDeathEvent>() as u32,
+            },
+            saddr: [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            daddr: [127, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            sport: 40000,
+            dport: 80,
+            family: AF_INET,
+            netns: 9,
+            ..Default::default()
+        };
+        // SAFETY: repr(C), no padding.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(
+                (&ev as *const TimewaitDeathEvent).cast::<u8>(),
+                size_of::<TimewaitDeathEvent>(),
+            )
+        };
+        let Ok(Record::TimewaitDeath(d)) = decode_record(bytes) else {
+            panic!("not a death")
+        };
+        assert_eq!((d.mono_ns, d.lport, d.rport, d.netns), (7, 40000, 80, 9));
+        assert_eq!(d.raddr, "127.0.0.2".parse::<IpAddr>().unwrap());
+        assert!(matches!(
+            decode_record(&bytes[..40]),
+            Err(DecodeError::BadLength { .. })
+        ));
+        assert!(matches!(
+            decode_record(&encode(&sample())),
+            Ok(Record::Transition(_))
+        ));
     }
 
     #[test]

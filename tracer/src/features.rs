@@ -26,6 +26,9 @@ pub struct Capabilities {
     pub kprobe: bool,
     /// fentry/fexit programs (5.5+, x86; refused where ftrace is locked).
     pub fentry: bool,
+    /// The fentry program on `inet_twsk_kill` is attached: timewait
+    /// sockets' deaths are timed exactly (else at the next sock_diag poll).
+    pub timewait_fentry: bool,
     /// NETLINK_SOCK_DIAG for TCP (`inet_diag` + `tcp_diag`, built in or
     /// loaded): timewait sockets, socket inodes, the start-up snapshot.
     pub sock_diag: bool,
@@ -37,8 +40,10 @@ impl Capabilities {
         let yes = |b: bool| if b { "yes" } else { "no" };
         format!(
             "kernel: transitions via tracepoint sock:inet_sock_set_state, delivered by ring buffer; \
-             TIME_WAIT and socket owners via sock_diag={}; btf={} tp_btf={} iter/tcp={} kprobe={} fentry={}",
+             TIME_WAIT and socket owners via sock_diag={}, timewait deaths via {}; \
+             btf={} tp_btf={} iter/tcp={} kprobe={} fentry={}",
             yes(self.sock_diag),
+            if self.timewait_fentry { "fentry on inet_twsk_kill" } else { "sock_diag polls" },
             yes(self.btf),
             yes(self.tp_btf),
             yes(self.iter_tcp),

@@ -36,7 +36,7 @@ use crate::{
 /// the kernel) unless reused or killed.
 pub const TIMEWAIT_LEN_NS: u64 = 60_000_000_000;
 /// Timer precision: jiffies (4 ms at HZ=250) and idiag_expires' whole ms.
-const EXPIRY_TOLERANCE_NS: u64 = 10_000_000;
+pub const EXPIRY_TOLERANCE_NS: u64 = 10_000_000;
 
 #[derive(Default, Debug)]
 pub struct Counters {
@@ -47,6 +47,8 @@ pub struct Counters {
 
 pub struct Lifecycle {
     ns: Namespaces,
+    /// Timewait deaths arrive from the fentry program (exact times).
+    pub fentry: bool,
     /// The kernel answers sock_diag requests for TCP (`tcp_diag`).
     pub available: bool,
     /// Per namespace: TCPTimeWaitOverflow at the previous poll.
@@ -87,6 +89,7 @@ impl Lifecycle {
         };
         Ok(Lifecycle {
             ns,
+            fentry: false,
             available,
             overflows: HashMap::new(),
             counters: Counters::default(),
@@ -237,7 +240,7 @@ impl Lifecycle {
             dumps.insert(inum, by_tuple);
         }
         let now = monotonic_ns();
-        let mut ending: Vec<(TupleKey, u64, TimewaitEnd)> = Vec::new();
+        let mut ending: Vec<(TupleKey, u64, TimewaitEnd, Source)> = Vec::new();
         for c in tracker.timewait_mut() {
             let Some(found) = dumps.get(&c.netns) else {
                 continue;
@@ -275,24 +278,38 @@ impl Lifecycle {
                     c.timewait = Some(tw);
                 }
                 None => {
-                    let (at, end) = if tw.seen {
-                        match tw.expires_ns {
-                            Some(e) if now + EXPIRY_TOLERANCE_NS >= e => (e, TimewaitEnd::Expired),
-                            _ => (now, TimewaitEnd::Early),
-                        }
+                    let decided = if let Some(k) = tw.killed_ns {
+                        // Killed early, seen by fentry, and no reuse followed.
+                        Some((k, TimewaitEnd::Early, Source::Fentry))
+                    } else if self.fentry && tw.seen && tw.missing_polls == 0 {
+                        // Its death event may still wait in the ring buffer.
+                        None
+                    } else if tw.seen {
+                        Some(match tw.expires_ns {
+                            Some(e) if now + EXPIRY_TOLERANCE_NS >= e => {
+                                (e, TimewaitEnd::Expired, Source::SockDiag)
+                            }
+                            _ => (now, TimewaitEnd::Early, Source::SockDiag),
+                        })
                     } else if overflowed.get(&c.netns).copied().unwrap_or(false) {
-                        (tw.closed_ns, TimewaitEnd::NotCreated)
+                        Some((tw.closed_ns, TimewaitEnd::NotCreated, Source::SockDiag))
                     } else {
-                        (tw.closed_ns, TimewaitEnd::NotFound)
+                        Some((tw.closed_ns, TimewaitEnd::NotFound, Source::SockDiag))
                     };
-                    ending.push((c.key(), at, end));
+                    match decided {
+                        Some((at, end, source)) => ending.push((c.key(), at, end, source)),
+                        None => {
+                            tw.missing_polls += 1;
+                            c.timewait = Some(tw);
+                        }
+                    }
                 }
             }
         }
-        for (key, at, end) in ending {
+        for (key, at, end, source) in ending {
             result
                 .derived
-                .extend(tracker.end_timewait(&key, at, end, Source::SockDiag));
+                .extend(tracker.end_timewait(&key, at, end, source));
         }
         result.closed = tracker.take_timewait_ended();
         self.counters.polls += 1;

@@ -8,11 +8,14 @@ use aya::{
         lpm_trie::{Key, LpmTrie},
         HashMap, MapData, PerCpuArray, RingBuf,
     },
-    programs::TracePoint,
+    programs::{FEntry, TracePoint},
     Ebpf, EbpfLoader,
 };
 use thiserror::Error;
-use tracer_common::{counter, global, map, MAX_FILTER_PORTS, MAX_FILTER_PREFIXES, PROGRAM_NAME};
+use tracer_common::{
+    counter, global, map, MAX_FILTER_PORTS, MAX_FILTER_PREFIXES, PROGRAM_NAME, TIMEWAIT_FUNCTION,
+    TIMEWAIT_PROGRAM,
+};
 
 use crate::{
     btf_offsets::{self, KernelOffsets},
@@ -104,6 +107,7 @@ pub struct CounterValues {
     pub timing_update_failed: u64,
     pub timing_stale: u64,
     pub listeners_full: u64,
+    pub timewait_unreadable: u64,
 }
 
 pub struct KernelCounters(PerCpuArray<MapData, u64>);
@@ -119,6 +123,7 @@ impl KernelCounters {
             timing_update_failed: sum(counter::TIMING_UPDATE_FAILED)?,
             timing_stale: sum(counter::TIMING_STALE)?,
             listeners_full: sum(counter::LISTENERS_FULL)?,
+            timewait_unreadable: sum(counter::TIMEWAIT_UNREADABLE)?,
         })
     }
 }
@@ -223,6 +228,16 @@ fn refused_or(err: LoadError) -> LoadError {
     }
 }
 
+fn attach_timewait(ebpf: &mut Ebpf, btf: &aya::Btf) -> Result<(), LoadError> {
+    let program: &mut FEntry = ebpf
+        .program_mut(TIMEWAIT_PROGRAM)
+        .ok_or(LoadError::Missing("timewait program"))?
+        .try_into()?;
+    program.load(TIMEWAIT_FUNCTION, btf)?;
+    program.attach()?;
+    Ok(())
+}
+
 pub fn load(opts: &LoadOptions) -> Result<Probe, LoadError> {
     check_privileges()?;
     let f = &opts.filters;
@@ -278,6 +293,13 @@ fn load_attached(opts: &LoadOptions) -> Result<Probe, LoadError> {
         .override_global(global::OFF_NET_INUM, &offsets.net_inum, true)
         .override_global(global::FILTER_FAMILY, &family, true)
         .override_global(global::WAKEUP_BYTES, &opts.wakeup_bytes, true)
+        .override_global(global::OFF_SKC_FAMILY, &offsets.sock_common[0], true)
+        .override_global(global::OFF_SKC_NUM, &offsets.sock_common[1], true)
+        .override_global(global::OFF_SKC_DPORT, &offsets.sock_common[2], true)
+        .override_global(global::OFF_SKC_RCV_SADDR, &offsets.sock_common[3], true)
+        .override_global(global::OFF_SKC_DADDR, &offsets.sock_common[4], true)
+        .override_global(global::OFF_SKC_V6_RCV_SADDR, &offsets.sock_common[5], true)
+        .override_global(global::OFF_SKC_V6_DADDR, &offsets.sock_common[6], true)
         .override_global(global::FILTER_PORTS, &ports, true)
         .override_global(global::FILTER_LPORTS, &lports, true)
         .override_global(global::FILTER_RPORTS, &rports, true)
@@ -340,8 +362,18 @@ fn load_attached(opts: &LoadOptions) -> Result<Probe, LoadError> {
     program.load()?;
     program.attach("sock", "inet_sock_set_state")?;
 
-    let capabilities = features::probe(&mut ebpf, btf.as_ref());
+    let mut capabilities = features::probe(&mut ebpf, btf.as_ref());
     features::unload_probes(&mut ebpf);
+    // Where fentry works, time timewait deaths exactly; the sock_diag polls
+    // remain the portable path (and date the TIME_WAIT entry either way).
+    if let (true, true, Some(btf)) = (capabilities.fentry, offsets.timewait_known(), btf.as_ref()) {
+        match attach_timewait(&mut ebpf, btf) {
+            Ok(()) => capabilities.timewait_fentry = true,
+            Err(e) => log::info!(
+                "no fentry on {TIMEWAIT_FUNCTION} ({e}); timewait deaths from sock_diag polls"
+            ),
+        }
+    }
 
     let events = RingBuf::try_from(
         ebpf.take_map(map::EVENTS)

@@ -42,6 +42,8 @@ pub struct Stats {
     pub gaps: u64,
     /// Listening sockets the owner filter could not remember (table full).
     pub listeners_full: u64,
+    /// Dying timewait sockets the fentry program could not read.
+    pub timewait_unreadable: u64,
     /// Timewait dumps (NETLINK_SOCK_DIAG) made, and their total cost.
     pub timewait_polls: u64,
     pub timewait_poll_ns: u64,
@@ -446,6 +448,7 @@ pub fn stats_line(s: &Stats) -> String {
     for (n, what) in [
         (s.timing_map_full, "timing map full"),
         (s.listeners_full, "listener table full"),
+        (s.timewait_unreadable, "unreadable timewait sockets"),
         (s.untracked, "untracked (tracker full)"),
         (s.gaps, "connections with gaps"),
         (s.diag_errors, "sock_diag errors"),

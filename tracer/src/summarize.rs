@@ -240,6 +240,14 @@ fn state(name: &str) -> anyhow::Result<TcpState> {
         .ok_or_else(|| anyhow!("unknown TCP state `{name}`"))
 }
 
+/// Every [`Source`] (the test `every_source_is_read_back` keeps it whole).
+const SOURCES: [Source; 4] = [
+    Source::Tracepoint,
+    Source::SockDiag,
+    Source::Reuse,
+    Source::Fentry,
+];
+
 fn family(name: &str) -> anyhow::Result<Family> {
     match name {
         "ipv4" => Ok(Family::Ipv4),
@@ -273,10 +281,11 @@ impl Record {
         };
         let family = family(need(self.family.as_deref(), "family")?)?;
         let source = match self.source.as_deref() {
-            None | Some("tracepoint") => Source::Tracepoint,
-            Some("sock_diag") => Source::SockDiag,
-            Some("reuse") => Source::Reuse,
-            Some(other) => bail!("unknown source `{other}`"),
+            None => Source::Tracepoint,
+            Some(name) => SOURCES
+                .into_iter()
+                .find(|s| s.name() == name)
+                .ok_or_else(|| anyhow!("unknown source `{name}`"))?,
         };
         let t = Transition {
             mono_ns: need(self.mono_ns, "mono_ns")?,
@@ -610,6 +619,28 @@ mod tests {
         let (read, out) = replay(&cut, None);
         assert_eq!(read.transitions, 13);
         assert_eq!(out, live);
+    }
+
+    #[test]
+    fn every_source_is_read_back() {
+        for s in SOURCES {
+            // A new Source makes this match fail to compile: add it to SOURCES.
+            match s {
+                Source::Tracepoint | Source::SockDiag | Source::Reuse | Source::Fentry => {}
+            }
+        }
+        let (rec, _) = recording(&traffic(), EventsMode::Transitions, None);
+        for s in SOURCES {
+            let one = rec.lines().next().unwrap().replace(
+                r#""source":"tracepoint""#,
+                &format!(r#""source":"{}""#, s.name()),
+            );
+            let (t, _) = serde_json::from_str::<Record>(&one)
+                .unwrap()
+                .transition()
+                .unwrap();
+            assert_eq!(t.source, s);
+        }
     }
 
     #[test]

@@ -99,6 +99,10 @@ pub struct Timewait {
     /// When its timer fires, as of the last dump (CLOCK_MONOTONIC ns).
     pub expires_ns: Option<u64>,
     pub end: Option<TimewaitEnd>,
+    /// When the fentry program saw it die (kernels with fentry).
+    pub killed_ns: Option<u64>,
+    /// Polls that found it gone before its death event arrived.
+    pub missing_polls: u8,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -580,14 +584,42 @@ impl Tracker {
             return;
         }
         if let Some(mut old) = self.timewait.remove(&Self::key_of(t)) {
-            out.derived.extend(self.finish_timewait(
-                &mut old,
-                reuse_at,
-                TimewaitEnd::Reused,
-                Source::Reuse,
-            ));
+            // With fentry, the exact moment the kernel killed it.
+            let (at, source) = match old.timewait.and_then(|tw| tw.killed_ns) {
+                Some(k) => (k, Source::Fentry),
+                None => (reuse_at, Source::Reuse),
+            };
+            out.derived
+                .extend(self.finish_timewait(&mut old, at, TimewaitEnd::Reused, source));
             out.closed.push(old);
         }
+    }
+
+    /// The fentry program saw the timewait socket of `key` die at `at_ns`.
+    /// Past its scheduled expiry (less `tolerance_ns`) it expired, and ends
+    /// now; otherwise it was killed early: the time is kept until the next
+    /// transition (a reuse) or poll says which.
+    pub fn timewait_died(&mut self, key: &TupleKey, at_ns: u64, tolerance_ns: u64) -> Outcome {
+        let mut out = Outcome::default();
+        let Some(conn) = self.timewait.get_mut(key) else {
+            return out;
+        };
+        let in_time_wait = conn.state == TcpState::TimeWait;
+        let Some(tw) = conn.timewait.as_mut() else {
+            return out;
+        };
+        if in_time_wait && tw.expires_ns.is_some_and(|e| at_ns + tolerance_ns >= e) {
+            if let Some((d, owner)) =
+                self.end_timewait(key, at_ns, TimewaitEnd::Expired, Source::Fentry)
+            {
+                out.derived.push(d);
+                out.owner = owner;
+            }
+            out.closed = self.take_timewait_ended();
+        } else {
+            tw.killed_ns = Some(at_ns);
+        }
+        out
     }
 
     /// Ends a connection's timewait part at `at_ns`: returns the derived
@@ -857,6 +889,53 @@ mod tests {
         assert_eq!(o.derived[0].mono_ns, 1_500_000_000);
         assert_sums(old);
         assert!(!t.has_timewait());
+    }
+
+    #[test]
+    fn fentry_deaths_give_exact_expiry_and_reuse_times() {
+        let mut t = Tracker::new(8);
+        t.on_transition(&tr(0, Established, FinWait1, None));
+        t.on_transition(&tr(1, FinWait1, FinWait2, Some(1)));
+        t.on_transition(&tr(2, FinWait2, Close, Some(1)));
+        let key = t.timewait_mut().next().unwrap().key();
+        {
+            let c = t.timewait_mut().next().unwrap();
+            c.advance(TimeWait, 3_000_000);
+            c.timewait.as_mut().unwrap().expires_ns = Some(60_003_000_000);
+        }
+        // Killed early (no reuse seen yet): kept, not ended.
+        let o = t.timewait_died(&key, 500_000_000, 10_000_000);
+        assert!(o.closed.is_empty());
+        // The reusing connection then takes the exact kill time.
+        let again = |ms: u64, old, new, known| Transition {
+            sock: 2,
+            ..tr(ms, old, new, known)
+        };
+        let o = t.on_transition(&again(501, SynSent, Established, Some(1)));
+        assert_eq!(o.closed[0].timewait.unwrap().end, Some(TimewaitEnd::Reused));
+        assert_eq!(o.derived[0].source, Source::Fentry);
+        assert_eq!(o.derived[0].mono_ns, 500_000_000);
+
+        // A death at the timer (here 1.5 s late, the timer wheel) expires.
+        let mut t = Tracker::new(8);
+        t.on_transition(&tr(0, FinWait1, Closing, None));
+        t.on_transition(&tr(1, Closing, Close, Some(1)));
+        let key = t.timewait_mut().next().unwrap().key();
+        t.timewait_mut()
+            .next()
+            .unwrap()
+            .timewait
+            .as_mut()
+            .unwrap()
+            .expires_ns = Some(60_001_000_000);
+        let o = t.timewait_died(&key, 61_500_000_000, 10_000_000);
+        assert_eq!(o.closed.len(), 1);
+        assert_eq!(
+            o.closed[0].timewait.unwrap().end,
+            Some(TimewaitEnd::Expired)
+        );
+        assert_eq!(ms(&o.closed[0], TimeWait), Some(61_499));
+        assert_sums(&o.closed[0]);
     }
 
     #[test]

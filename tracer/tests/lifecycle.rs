@@ -199,6 +199,12 @@ fn time_wait_expired_reused_and_not_created() {
         assert_eq!(sum, v["duration_ns"].as_u64().unwrap(), "{v}");
     };
 
+    // Where fentry works (the Debian guests) the death of a timewait socket
+    // is timed exactly; elsewhere (this host) it comes from sock_diag. Both
+    // paths are checked, each where it runs.
+    let stats = recs.last().unwrap();
+    let fentry = stats["kernel"]["timewait_fentry"] == true;
+    let end_source = if fentry { "fentry" } else { "sock_diag" };
     let expired = client_record(&recs, expire).unwrap();
     assert_eq!(expired["time_wait_end"], "expired", "{expired}");
     let tw_ns = expired["states"]["TIME_WAIT"]
@@ -213,10 +219,21 @@ fn time_wait_expired_reused_and_not_created() {
         .and_then(|v| v.parse::<u64>().ok())
         .unwrap_or(10)
         * 1_000_000;
-    assert!(
-        tw_ns.abs_diff(60_000_000_000) <= precision,
-        "TIME_WAIT {tw_ns} ns"
-    );
+    if fentry {
+        // The real death: at the scheduled expiry or later, by up to an
+        // eighth of 60 s (the kernel's timer wheel), plus the precision.
+        assert!(
+            tw_ns + precision >= 60_000_000_000
+                && tw_ns <= 60_000_000_000 + 7_500_000_000 + precision,
+            "TIME_WAIT {tw_ns} ns (fentry)"
+        );
+    } else {
+        // The scheduled expiry.
+        assert!(
+            tw_ns.abs_diff(60_000_000_000) <= precision,
+            "TIME_WAIT {tw_ns} ns"
+        );
+    }
     assert!(
         waited >= Duration::from_secs(59),
         "the record waited for the socket ({waited:?})"
@@ -224,7 +241,9 @@ fn time_wait_expired_reused_and_not_created() {
     sums(expired);
     let derived: Vec<&Value> = recs
         .iter()
-        .filter(|v| v["type"] == "transition" && v["rport"] == expire && v["source"] == "sock_diag")
+        .filter(|v| {
+            v["type"] == "transition" && v["rport"] == expire && v["source"] != "tracepoint"
+        })
         .collect();
     let pairs: Vec<(&str, &str)> = derived
         .iter()
@@ -236,6 +255,11 @@ fn time_wait_expired_reused_and_not_created() {
         "{derived:#?}"
     );
     assert_eq!(derived[1]["old_state_ns"].as_u64(), Some(tw_ns));
+    assert_eq!(
+        derived[0]["source"], "sock_diag",
+        "the entry is dated by sock_diag on every kernel"
+    );
+    assert_eq!(derived[1]["source"], end_source);
     // The client enters TIME_WAIT when the server's FIN arrives: on loopback,
     // microseconds after the server's CLOSE_WAIT -> LAST_ACK. The entry is
     // dated from the timer's remaining time (see `precision`).
@@ -266,20 +290,21 @@ fn time_wait_expired_reused_and_not_created() {
         "TIME_WAIT {tw_ns} ns for a reuse after {reuse_gap:?}"
     );
     sums(reused);
+    let reuse_source = if fentry { "fentry" } else { "reuse" };
     assert!(recs
         .iter()
-        .any(|v| v["rport"] == reuse && v["new"] == "CLOSE" && v["source"] == "reuse"));
+        .any(|v| v["rport"] == reuse && v["new"] == "CLOSE" && v["source"] == reuse_source));
 
     let not_created = client_record(&recs, overflow).unwrap();
     assert_eq!(not_created["time_wait_end"], "not_created", "{not_created}");
     assert!(not_created["states"].get("TIME_WAIT").is_none());
     sums(not_created);
 
-    let stats = recs.last().unwrap();
     assert_eq!(stats["type"], "stats");
     assert_eq!(stats["lost"], 0);
     assert!(stats["timewait_polls"].as_u64().unwrap() > 0);
     assert_eq!(stats["diag_errors"], 0);
+    assert_eq!(stats["timewait_unreadable"], 0);
 }
 
 #[test]

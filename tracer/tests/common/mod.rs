@@ -14,7 +14,7 @@ use std::{
 };
 
 use tracer::{
-    events::{decode, TcpState, Transition},
+    events::{decode_record, Record, TcpState, Transition},
     filters::Filters,
     loader::{self, CounterValues, LoadOptions, Probe},
 };
@@ -114,8 +114,11 @@ impl Collector {
 
     pub fn poll(&mut self) {
         while let Some(item) = self.probe.events.next() {
-            self.events
-                .push(decode(&item).unwrap_or_else(|e| panic!("undecodable record: {e}")));
+            match decode_record(&item).unwrap_or_else(|e| panic!("undecodable record: {e}")) {
+                Record::Transition(t) => self.events.push(t),
+                // Kernels with fentry also report timewait deaths.
+                Record::TimewaitDeath(_) => {}
+            }
         }
     }
 

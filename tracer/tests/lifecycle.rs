@@ -205,7 +205,11 @@ fn time_wait_expired_reused_and_not_created() {
     let stats = recs.last().unwrap();
     let fentry = stats["kernel"]["timewait_fentry"] == true;
     if let Ok(expect) = std::env::var("TRACER_EXPECT_FENTRY") {
-        assert_eq!(fentry, expect == "1", "the fentry path is used where the kernel allows it");
+        assert_eq!(
+            fentry,
+            expect == "1",
+            "the fentry path is used where the kernel allows it"
+        );
     }
     let end_source = if fentry { "fentry" } else { "sock_diag" };
     let expired = client_record(&recs, expire).unwrap();

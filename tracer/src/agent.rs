@@ -207,6 +207,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     log::info!("{}", capabilities.describe());
     let existing = lifecycle.snapshot(&mut pipeline.tracker, netns_known);
     log::info!("snapshot: {existing} TCP sockets existed before the tracer");
+    // Loading parsed the kernel's BTF (tens of MB of short-lived heap):
+    // give it back to the system, so the idle agent stays small.
+    // SAFETY: malloc_trim only releases free memory.
+    unsafe { libc::malloc_trim(0) };
     if let Some(addr) = endpoint.local_addr {
         log::info!("serving Prometheus metrics at http://{addr}/metrics");
     }

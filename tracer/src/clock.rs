@@ -48,6 +48,11 @@ impl WallClock {
 
     /// RFC 3339, UTC, nanoseconds: `2026-11-23T20:15:01.123456789Z`.
     pub fn rfc3339(&self, mono_ns: u64) -> String {
-        humantime::format_rfc3339_nanos(self.to_system_time(mono_ns)).to_string()
+        self.rfc3339_display(mono_ns).to_string()
+    }
+
+    /// The same, as a `Display` value (no allocation).
+    pub fn rfc3339_display(&self, mono_ns: u64) -> humantime::Rfc3339Timestamp {
+        humantime::format_rfc3339_nanos(self.to_system_time(mono_ns))
     }
 }

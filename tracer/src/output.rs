@@ -65,6 +65,27 @@ pub struct Output<W: Write> {
     header_done: bool,
 }
 
+/// A `Display` value written straight into the JSON string (serde's
+/// `collect_str`): no `String` per field per event.
+struct Text<T>(T);
+
+impl<T: std::fmt::Display> Serialize for Text<T> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&self.0)
+    }
+}
+
+/// A socket address as `0x…`.
+struct Hex(u64);
+
+impl std::fmt::Display for Hex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:#x}", self.0)
+    }
+}
+
+type Time = Text<humantime::Rfc3339Timestamp>;
+
 /// Owner fields, `null` when the owner is unknown.
 #[derive(Serialize)]
 struct OwnerJson<'a> {
@@ -84,9 +105,9 @@ fn owner_json(o: &Option<Owner>) -> OwnerJson<'_> {
 #[derive(Serialize)]
 struct TransitionJson<'a> {
     r#type: &'static str,
-    time: String,
+    time: Time,
     mono_ns: u64,
-    sock: Option<String>,
+    sock: Option<Text<Hex>>,
     #[serde(flatten)]
     owner: OwnerJson<'a>,
     /// The task current when the tracepoint fired (often not the owner:
@@ -95,9 +116,9 @@ struct TransitionJson<'a> {
     task_tid: Option<u32>,
     task_comm: Option<Cow<'a, str>>,
     family: &'static str,
-    laddr: String,
+    laddr: IpAddr,
     lport: u16,
-    raddr: String,
+    raddr: IpAddr,
     rport: u16,
     old: &'static str,
     new: &'static str,
@@ -109,18 +130,18 @@ struct TransitionJson<'a> {
 /// Fields every connection-level record shares.
 #[derive(Serialize)]
 struct ConnFields<'a> {
-    sock: Option<String>,
+    sock: Option<Text<Hex>>,
     #[serde(flatten)]
     owner: OwnerJson<'a>,
     family: &'static str,
-    laddr: String,
+    laddr: IpAddr,
     lport: u16,
-    raddr: String,
+    raddr: IpAddr,
     rport: u16,
     netns: Option<u32>,
     /// When the tracer first saw it (the start-up snapshot for sockets
     /// that existed before it).
-    first_seen: String,
+    first_seen: Time,
     complete: bool,
     from_snapshot: bool,
 }
@@ -130,8 +151,8 @@ struct ConnectionJson<'a> {
     r#type: &'static str,
     #[serde(flatten)]
     conn: ConnFields<'a>,
-    start: String,
-    end: String,
+    start: Time,
+    end: Time,
     duration_ns: u64,
     states: StatesJson<'a>,
     /// How the timewait part of an actively closed connection ended; null
@@ -146,7 +167,7 @@ struct StuckJson<'a> {
     #[serde(flatten)]
     conn: ConnFields<'a>,
     state: &'static str,
-    since: String,
+    since: Time,
     age_ns: u64,
     owners: &'a [Holder],
     /// Listed when the tracer stopped rather than when it passed the
@@ -177,8 +198,8 @@ struct StatsJson<'a> {
 
 const TABLE_HEADER: &str = "TIME(UTC)        PID     COMM             LADDR:LPORT                 RADDR:RPORT                 TRANSITION                   MS";
 
-fn sock_hex(sock: u64) -> Option<String> {
-    (sock != 0).then(|| format!("{sock:#x}"))
+fn sock_hex(sock: u64) -> Option<Text<Hex>> {
+    (sock != 0).then_some(Text(Hex(sock)))
 }
 
 fn owner_cells(o: &Option<Owner>) -> (String, String) {
@@ -213,12 +234,12 @@ impl<W: Write> Output<W> {
             sock: sock_hex(c.sock),
             owner: owner_json(&c.owner),
             family: c.family.name(),
-            laddr: c.laddr.to_string(),
+            laddr: c.laddr,
             lport: c.lport,
-            raddr: c.raddr.to_string(),
+            raddr: c.raddr,
             rport: c.rport,
             netns: (c.netns != 0).then_some(c.netns),
-            first_seen: self.clock.rfc3339(c.first_seen_ns),
+            first_seen: self.time(c.first_seen_ns),
             complete: c.complete,
             from_snapshot: c.from_snapshot,
         }
@@ -239,7 +260,7 @@ impl<W: Write> Output<W> {
             Format::Json => {
                 let rec = TransitionJson {
                     r#type: "transition",
-                    time: self.clock.rfc3339(t.mono_ns),
+                    time: self.time(t.mono_ns),
                     mono_ns: t.mono_ns,
                     sock: sock_hex(t.sock),
                     owner: owner_json(owner),
@@ -247,9 +268,9 @@ impl<W: Write> Output<W> {
                     task_tid: from_kernel.then_some(t.tid),
                     task_comm: from_kernel.then(|| t.comm.as_str()),
                     family: t.family.name(),
-                    laddr: t.laddr.to_string(),
+                    laddr: t.laddr,
                     lport: t.lport,
-                    raddr: t.raddr.to_string(),
+                    raddr: t.raddr,
                     rport: t.rport,
                     old: t.old.name(),
                     new: t.new.name(),
@@ -302,8 +323,8 @@ impl<W: Write> Output<W> {
                 let rec = ConnectionJson {
                     r#type: "connection",
                     conn: self.conn_fields(c),
-                    start: self.clock.rfc3339(c.start_ns),
-                    end: self.clock.rfc3339(c.state_since_ns),
+                    start: self.time(c.start_ns),
+                    end: self.time(c.state_since_ns),
                     duration_ns: c.duration_ns(),
                     states: StatesJson(c),
                     time_wait_end,
@@ -361,7 +382,7 @@ impl<W: Write> Output<W> {
                     r#type: kind,
                     conn: self.conn_fields(c),
                     state: c.state.name(),
-                    since: self.clock.rfc3339(c.state_since_ns),
+                    since: self.time(c.state_since_ns),
                     age_ns: age,
                     owners,
                     at_exit,
@@ -423,6 +444,10 @@ impl<W: Write> Output<W> {
 
     pub fn flush(&mut self) -> io::Result<()> {
         self.out.flush()
+    }
+
+    fn time(&self, mono_ns: u64) -> Time {
+        Text(self.clock.rfc3339_display(mono_ns))
     }
 
     fn time_of_day(&self, mono_ns: u64) -> String {

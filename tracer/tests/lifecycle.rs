@@ -204,6 +204,13 @@ fn time_wait_expired_reused_and_not_created() {
     // paths are checked, each where it runs.
     let stats = recs.last().unwrap();
     let fentry = stats["kernel"]["timewait_fentry"] == true;
+    if let Ok(expect) = std::env::var("TRACER_EXPECT_FENTRY") {
+        assert_eq!(
+            fentry,
+            expect == "1",
+            "the fentry path is used where the kernel allows it"
+        );
+    }
     let end_source = if fentry { "fentry" } else { "sock_diag" };
     let expired = client_record(&recs, expire).unwrap();
     assert_eq!(expired["time_wait_end"], "expired", "{expired}");

@@ -209,8 +209,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     log::info!("snapshot: {existing} TCP sockets existed before the tracer");
     // Loading parsed the kernel's BTF (tens of MB of short-lived heap):
     // give it back to the system, so the idle agent stays small.
-    // SAFETY: malloc_trim only releases free memory.
-    unsafe { libc::malloc_trim(0) };
+    // SAFETY: malloc_trim only releases free memory. glibc only: musl (the
+    // QEMU guests' static build) has no malloc_trim.
+    #[cfg(target_env = "gnu")]
+    unsafe {
+        libc::malloc_trim(0)
+    };
     if let Some(addr) = endpoint.local_addr {
         log::info!("serving Prometheus metrics at http://{addr}/metrics");
     }

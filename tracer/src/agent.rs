@@ -205,7 +205,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     capabilities.sock_diag = lifecycle.available;
     lifecycle.fentry = capabilities.timewait_fentry;
     log::info!("{}", capabilities.describe());
-    let existing = lifecycle.snapshot(&mut pipeline.tracker, netns_known);
+    let existing = lifecycle.snapshot(&mut pipeline.tracker, netns_known, &opts.filters);
     log::info!("snapshot: {existing} TCP sockets existed before the tracer");
     // Loading parsed the kernel's BTF (tens of MB of short-lived heap):
     // give it back to the system, so the idle agent stays small.

@@ -46,6 +46,47 @@ impl Filters {
     }
 }
 
+impl Filters {
+    /// Does a socket found by the start-up snapshot (in namespace `inum`,
+    /// held by `holders`) pass the filters the kernel applies to events?
+    /// `--state` is left out: any socket may still make a transition into
+    /// or out of the given states.
+    pub fn keeps_socket(
+        &self,
+        key: &crate::tracker::TupleKey,
+        inum: u32,
+        holders: &[crate::procfs::Holder],
+    ) -> bool {
+        let in_nets = |nets: &[IpNet], a: IpAddr| {
+            nets.is_empty() || nets.iter().any(|n| n.contains(&unmap(a)))
+        };
+        let in_ports = |ports: &[u16], p: u16| ports.is_empty() || ports.contains(&p);
+        self.family.is_none_or(|f| f == key.family)
+            && (self.ports.is_empty()
+                || self.ports.contains(&key.lport)
+                || self.ports.contains(&key.rport))
+            && in_ports(&self.lports, key.lport)
+            && in_ports(&self.rports, key.rport)
+            && in_nets(&self.laddrs, key.laddr)
+            && in_nets(&self.raddrs, key.raddr)
+            && self.netns.is_none_or(|n| n == inum)
+            && self.pid.is_none_or(|p| holders.iter().any(|h| h.pid == p))
+            && self
+                .comm
+                .as_deref()
+                .is_none_or(|c| holders.iter().any(|h| h.comm == c))
+    }
+}
+
+/// IPv4-mapped IPv6 as IPv4, so that `10.0.0.0/8` matches `::ffff:10.0.0.1`
+/// as it does in the kernel's tries.
+fn unmap(a: IpAddr) -> IpAddr {
+    match a {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(a, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
 /// An LPM trie key for a prefix: 16 bytes, IPv4 as `::ffff:a.b.c.d/96+n`.
 pub fn lpm_key(net: &IpNet) -> (u32, [u8; 16]) {
     match net {
@@ -132,6 +173,73 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(f.state_mask(), (1 << 1) | (1 << 7));
+    }
+
+    #[test]
+    fn snapshot_sockets_pass_the_same_filters() {
+        use crate::{procfs::Holder, tracker::TupleKey};
+        let key = TupleKey {
+            netns: 7,
+            family: Family::Ipv4,
+            laddr: "10.0.0.1".parse().unwrap(),
+            lport: 80,
+            raddr: "192.0.2.9".parse().unwrap(),
+            rport: 40000,
+        };
+        let nginx = [Holder {
+            pid: 5,
+            comm: "nginx".into(),
+            fd: 3,
+        }];
+        assert!(Filters::default().keeps_socket(&key, 7, &[]));
+        let f = |f: Filters| f.keeps_socket(&key, 7, &nginx);
+        assert!(f(Filters {
+            ports: vec![80],
+            ..Default::default()
+        }));
+        assert!(!f(Filters {
+            ports: vec![81],
+            ..Default::default()
+        }));
+        assert!(!f(Filters {
+            rports: vec![80],
+            ..Default::default()
+        }));
+        assert!(f(Filters {
+            laddrs: vec![parse_cidr("10.0.0.0/8").unwrap()],
+            ..Default::default()
+        }));
+        assert!(!f(Filters {
+            raddrs: vec![parse_cidr("10.0.0.0/8").unwrap()],
+            ..Default::default()
+        }));
+        assert!(!f(Filters {
+            family: Some(Family::Ipv6),
+            ..Default::default()
+        }));
+        assert!(!f(Filters {
+            netns: Some(8),
+            ..Default::default()
+        }));
+        assert!(f(Filters {
+            pid: Some(5),
+            comm: Some("nginx".into()),
+            ..Default::default()
+        }));
+        assert!(!f(Filters {
+            comm: Some("curl".into()),
+            ..Default::default()
+        }));
+        let mapped = TupleKey {
+            family: Family::Ipv6,
+            laddr: "::ffff:10.0.0.1".parse().unwrap(),
+            ..key
+        };
+        assert!(Filters {
+            laddrs: vec![parse_cidr("10.0.0.0/8").unwrap()],
+            ..Default::default()
+        }
+        .keeps_socket(&mapped, 7, &[]));
     }
 
     #[test]

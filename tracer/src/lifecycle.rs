@@ -27,6 +27,7 @@ use crate::{
     clock::monotonic_ns,
     diag::{state_bit, DiagSocket, ALL_STATES, MAX_FILTER_TUPLES},
     events::{Comm, Family, Source, TcpState, Transition},
+    filters::Filters,
     netns::Namespaces,
     procfs::{self, Holder},
     tracker::{Connection, Owner, TimewaitEnd, Tracker, TupleKey},
@@ -99,7 +100,12 @@ impl Lifecycle {
     /// Every TCP socket of every namespace at start: listeners (for the
     /// owner of the sockets they will accept) and connections (for their
     /// later transitions and for CLOSE_WAIT alerts). Returns how many.
-    pub fn snapshot(&mut self, tracker: &mut Tracker, netns_known: bool) -> usize {
+    pub fn snapshot(
+        &mut self,
+        tracker: &mut Tracker,
+        netns_known: bool,
+        filters: &Filters,
+    ) -> usize {
         if !self.available {
             return 0;
         }
@@ -142,7 +148,7 @@ impl Lifecycle {
             .filter(|&i| i != 0)
             .collect();
         let holders = procfs::socket_holders(&inodes);
-        let count = found.len();
+        let mut count = 0;
         for (inum, s) in found {
             let Some(state) = s.state else { continue };
             let key = TupleKey {
@@ -154,10 +160,14 @@ impl Lifecycle {
                 raddr: s.raddr,
                 rport: s.rport,
             };
-            let owner = single_owner(
-                holders.get(&s.inode).map(Vec::as_slice).unwrap_or(&[]),
-                s.uid,
-            );
+            let held_by = holders.get(&s.inode).map(Vec::as_slice).unwrap_or(&[]);
+            // The kernel filters apply to events; the same filters, here,
+            // keep the snapshot to the sockets the user asked about.
+            if !filters.keeps_socket(&key, inum, held_by) {
+                continue;
+            }
+            count += 1;
+            let owner = single_owner(held_by, s.uid);
             tracker.add_snapshot(Connection::from_snapshot(key, state, now, s.inode, owner));
         }
         count
@@ -194,8 +204,15 @@ impl Lifecycle {
         let mut dumps: HashMap<u32, HashMap<Tuple, DiagSocket>> = HashMap::new();
         let mut overflowed: HashMap<u32, bool> = HashMap::new();
         for (inum, (families, hints)) in wanted {
+            let was_missing = self.ns.is_missing(inum);
             let Some(diag) = self.ns.diag(inum, &hints) else {
-                self.counters.errors += 1;
+                // The namespace is gone (nothing in /proc holds it), and
+                // its timewait sockets with it: resolve them as not found.
+                if !was_missing {
+                    log::info!("network namespace {inum} is gone; its timewait sockets with it");
+                }
+                dumps.insert(inum, HashMap::new());
+                overflowed.insert(inum, false);
                 continue;
             };
             let mut by_tuple = HashMap::new();

@@ -104,6 +104,11 @@ impl Namespaces {
         self.entries.get_mut(&inum).map(|e| &mut e.diag)
     }
 
+    /// Was `inum` searched for and not found?
+    pub fn is_missing(&self, inum: u32) -> bool {
+        self.missing.contains(&inum)
+    }
+
     /// Opens every namespace /proc shows (for the start-up snapshot).
     pub fn discover_all(&mut self) -> Vec<u32> {
         for (inum, path) in procfs::network_namespaces() {

@@ -82,10 +82,16 @@ pub fn socket_holders(inodes: &HashSet<u64>) -> HashMap<u64, Vec<Holder>> {
     found
 }
 
-/// Network namespace inode -> a /proc path that opens it. Threads are
-/// included: a thread can live in a namespace of its own.
+/// Network namespace inode -> a path that opens it. Threads are included
+/// (a thread can live in a namespace of its own), and so are namespaces
+/// kept by `ip netns` in /run/netns with no process in them.
 pub fn network_namespaces() -> HashMap<u32, PathBuf> {
     let mut out = HashMap::new();
+    for e in fs::read_dir("/run/netns").into_iter().flatten().flatten() {
+        if let Ok(m) = fs::metadata(e.path()) {
+            out.entry(m.ino() as u32).or_insert(e.path());
+        }
+    }
     for pid in pids() {
         let mut paths = vec![PathBuf::from(format!("/proc/{pid}/ns/net"))];
         if let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) {

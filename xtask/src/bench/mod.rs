@@ -332,7 +332,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
             s.n, s.median, s.min, s.max, f.median, f.min, f.max
         );
     }
-    println!("* bad dur: the tracer's own timing_stale + timing_map_full counters (no record-by-record check in this mode)");
+    if rows
+        .iter()
+        .any(|(_, r)| r.bad_durations.is_some_and(|(_, checked)| !checked))
+    {
+        println!("* bad dur: the tracer's own timing_stale + timing_map_full counters (its output in this mode has no per-transition records to check)");
+    }
     for n in &notes {
         println!("note: {n}");
     }
@@ -754,6 +759,80 @@ mod tests {
         let text = "cpu  100 5 50 800 20 1 4 0 0 0\ncpu0 50 2 25 400 10 0 2 0 0 0\nintr 1\n";
         assert_eq!(parse_proc_stat_cpu(text), Some((820, 980)));
         assert_eq!(parse_proc_stat_cpu("intr 1\n"), None);
+    }
+
+    fn record(subject: Subject, round: u32, conns: u64, delivered: u64) -> RunRecord {
+        RunRecord {
+            round,
+            subject,
+            load: Some(LoadResult {
+                connections: conns,
+                elapsed: Duration::from_secs(1),
+                expected_transitions: conns * 10,
+                expected_closed: conns * 2,
+                ..Default::default()
+            }),
+            held_check: None,
+            idle_before: None,
+            env: None,
+            measured: (subject != Subject::Baseline).then(|| Measured {
+                delivered: Some(delivered),
+                lost: Some(0),
+                cpu_run: Duration::from_millis(conns),
+                rss_idle_kib: Some(2048),
+                rss_peak_kib: Some(4096),
+                start: Duration::from_millis(70),
+                progs: vec![procfs::ProgStats {
+                    id: 1,
+                    name: None,
+                    run_time_ns: conns * 10 * 500,
+                    run_cnt: conns * 10,
+                    recursion_misses: 1,
+                }],
+                tracer_stats: Some(json!({"timing_stale": 1, "timing_map_full": 0})),
+                ..Default::default()
+            }),
+            error: None,
+        }
+    }
+
+    #[test]
+    fn rows_pair_each_run_with_its_neighbouring_baselines() {
+        use Subject::{Baseline as B, TracerNone as X};
+        let mut failed = record(X, 2, 1, 1);
+        failed.error = Some("boom".into());
+        let runs = vec![
+            record(B, 1, 100, 0),
+            record(X, 1, 80, 800),
+            record(B, 1, 120, 0),
+            record(X, 1, 90, 895),
+            record(B, 1, 100, 0),
+            // A new round: its first baseline is not the last one's neighbour.
+            record(B, 2, 1000, 0),
+            failed,
+            record(B, 2, 1000, 0),
+        ];
+        let base = summarize(B, &runs, true);
+        assert_eq!((base.runs, base.failed), (5, 0));
+        assert_eq!(base.rate.unwrap().median, 120.0);
+        let x = summarize(X, &runs, true);
+        assert_eq!((x.runs, x.failed), (3, 1));
+        let ratio = x.ratio.unwrap();
+        assert_eq!(ratio.n, 2);
+        assert!((ratio.min - 80.0 / 110.0).abs() < 1e-9);
+        assert!((ratio.max - 90.0 / 110.0).abs() < 1e-9);
+        assert_eq!((x.delivered, x.expected), (Some(1695), Some(1700)));
+        assert_eq!((x.lost, x.skipped), (Some(0), Some(2)));
+        assert_eq!(x.kernel_ns_per_event, Some(500.0));
+        // 170 ms of CPU over 1700 events.
+        assert!((x.agent_us_per_event.unwrap() - 100.0).abs() < 1e-9);
+        assert_eq!((x.rss_idle_mib, x.rss_peak_mib), (Some(2.0), Some(4.0)));
+        assert_eq!(x.bad_durations, Some((2, false)));
+        let no_stats = summarize(X, &runs, false);
+        assert_eq!(
+            (no_stats.kernel_ns_per_event, no_stats.skipped),
+            (None, None)
+        );
     }
 
     #[test]

@@ -263,7 +263,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             let r = start_trial(&plan, &ctx);
             match &r {
                 Ok((a, f)) => eprintln!(
-                    "xtask: bench: start trial {i}: spawn to attached {:.3} s, attached to first event {:.3} s",
+                    "xtask: bench: start trial {i}: spawn to attached {:.3} s, to first event {:.3} s",
                     a.as_secs_f64(),
                     f.as_secs_f64()
                 ),
@@ -288,6 +288,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
         .iter()
         .filter_map(|r| r.as_ref().ok())
         .map(|(_, f)| f.as_secs_f64())
+        .collect();
+    // Attached to first event (negative: the event was out before the line).
+    let after_attach_s: Vec<f64> = start_trials
+        .iter()
+        .filter_map(|r| r.as_ref().ok())
+        .map(|(a, f)| f.as_secs_f64() - a.as_secs_f64())
         .collect();
 
     let failed: Vec<&RunRecord> = runs.iter().filter(|r| !r.ok()).collect();
@@ -327,9 +333,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
     );
     if let Some(s) = Summary::of(&start_s) {
         let f = Summary::of(&first_s).expect("same trials");
+        let g = Summary::of(&after_attach_s).expect("same trials");
         println!(
-            "tracer start with the load running ({} trials): spawn to attached {:.3} s [{:.3}-{:.3}], attached to first event {:.3} s [{:.3}-{:.3}]",
-            s.n, s.median, s.min, s.max, f.median, f.min, f.max
+            "tracer started with the load running ({} trials, medians [min-max]): spawn to \"attached\" {:.3} s [{:.3}-{:.3}]; spawn to first event on stdout {:.3} s [{:.3}-{:.3}]; \"attached\" to first event {:+.1} ms [{:+.1}-{:+.1}]",
+            s.n, s.median, s.min, s.max, f.median, f.min, f.max,
+            g.median * 1e3, g.min * 1e3, g.max * 1e3
         );
     }
     if rows
@@ -366,7 +374,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
         },
         "summary": rows.iter().map(|(_, r)| r.to_json()).collect::<Vec<_>>(),
         "start_trials": start_trials.iter().map(|r| match r {
-            Ok((a, f)) => json!({"spawn_to_attached_s": a.as_secs_f64(), "attached_to_first_event_s": f.as_secs_f64()}),
+            Ok((a, f)) => json!({
+                "spawn_to_attached_s": a.as_secs_f64(),
+                "spawn_to_first_event_s": f.as_secs_f64(),
+                "attached_to_first_event_s": f.as_secs_f64() - a.as_secs_f64(),
+            }),
             Err(e) => json!({"error": format!("{e:#}")}),
         }).collect::<Vec<_>>(),
         "runs": runs.iter().map(RunRecord::to_json).collect::<Vec<_>>(),
@@ -509,7 +521,7 @@ fn run_one(plan: &Plan, ctx: &Ctx, round: u32, s: Subject, peer: Option<&PathBuf
 
 fn finish(rec: RunRecord) -> RunRecord {
     let mut line = format!(
-        "xtask: bench: round {} {:<18}",
+        "xtask: bench: round {} {:<19}",
         rec.round,
         rec.subject.name()
     );

@@ -249,7 +249,7 @@ mod tests {
     fn row_cells() {
         let rate = Summary::of(&[100.0, 90.0, 120.0]);
         let row = Row {
-            name: "tracer none".into(),
+            name: "tracer none+summary".into(),
             runs: 3,
             failed: 0,
             rate,

@@ -324,10 +324,11 @@ impl Running {
         let cpu_total = tv(usage.ru_utime) + tv(usage.ru_stime);
         m.cpu_startup = self.cpu_at_ready;
         m.cpu_run = cpu_total.saturating_sub(self.cpu_at_ready);
-        // ru_maxrss is the kernel's high-water mark (KiB) over its whole
-        // life, final drain included; VmHWM before SIGINT is the same but
-        // earlier.
-        m.rss_peak_kib = Some((usage.ru_maxrss as u64).max(hwm.unwrap_or(0)));
+        // VmHWM: the high-water mark of its own address space so far. Not
+        // ru_maxrss: that also counts the address space it was spawned
+        // from (the kernel carries the pre-exec maximum over), here the
+        // bench's own.
+        m.rss_peak_kib = hwm;
         m.exit = describe_status(status);
         m.stderr_tail = tail_lines(&self.stderr, 8);
         m.output_bytes = fs::metadata(&self.stdout).map(|x| x.len()).unwrap_or(0);

@@ -278,6 +278,9 @@ enum Reply {
 pub struct Ready {
     pub netns_inode: u64,
     pub hold_took: Duration,
+    /// The namespace thread's id: /proc/self/task/TID/net/ shows its
+    /// namespace.
+    pub tid: i32,
 }
 
 /// A network namespace with the load's listeners (and held sockets), on a
@@ -312,6 +315,7 @@ impl Env {
             ready: Ready {
                 netns_inode: 0,
                 hold_took: Duration::ZERO,
+                tid: 0,
             },
         };
         match ready {
@@ -334,6 +338,31 @@ impl Env {
         match self.reply.recv() {
             Ok(Reply::Done(r)) => Ok(r),
             _ => Err(anyhow!("the load's namespace thread died")),
+        }
+    }
+
+    /// Waits (at most `max`) until no socket of the load is in a state it
+    /// leaves by itself (SYN_SENT, SYN_RECV, FIN_WAIT1, CLOSING, LAST_ACK):
+    /// every transition the load caused has then happened. Never-close
+    /// clients wait in FIN_WAIT1 for the server's delayed ACK, sometimes
+    /// for longer than 300 ms. Returns how long it waited and how many
+    /// sockets were still on their way.
+    pub fn settle(&self, ports: &[u16], max: Duration) -> (Duration, u64) {
+        let t0 = Instant::now();
+        loop {
+            let pending: u64 = ["tcp", "tcp6"]
+                .iter()
+                .map(|f| {
+                    let path = format!("/proc/self/task/{}/net/{f}", self.ready.tid);
+                    fs::read_to_string(path)
+                        .map(|t| pending_sockets(&t, ports))
+                        .unwrap_or(0)
+                })
+                .sum();
+            if pending == 0 || t0.elapsed() >= max {
+                return (t0.elapsed(), pending);
+            }
+            thread::sleep(Duration::from_millis(20));
         }
     }
 
@@ -412,6 +441,8 @@ fn coordinator(cfg: LoadConfig, cmds: mpsc::Receiver<Cmd>, reply: mpsc::Sender<R
         Ok(Ready {
             netns_inode,
             hold_took: start.elapsed(),
+            // SAFETY: gettid cannot fail.
+            tid: unsafe { libc::gettid() },
         })
     })();
     let ok = ready.is_ok();
@@ -575,6 +606,29 @@ fn expect_eof(s: &mut TcpStream, who: &str) -> io::Result<()> {
             "{who} read {n} bytes where it expected the peer's FIN"
         ))),
     }
+}
+
+/// Sockets of `/proc/net/tcp{,6}` text on one of `ports` (local or
+/// remote) in a state they leave without the application: SYN_SENT (02),
+/// SYN_RECV (03), FIN_WAIT1 (04), LAST_ACK (09), CLOSING (0B).
+pub fn pending_sockets(text: &str, ports: &[u16]) -> u64 {
+    let port = |addr: &str| {
+        addr.rsplit_once(':')
+            .and_then(|(_, p)| u16::from_str_radix(p, 16).ok())
+    };
+    text.lines()
+        .skip(1)
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().take(4).collect();
+            if f.len() < 4 {
+                return false;
+            }
+            let ours = [f[1], f[2]]
+                .iter()
+                .any(|a| port(a).is_some_and(|p| ports.contains(&p)));
+            ours && matches!(f[3], "02" | "03" | "04" | "09" | "0B")
+        })
+        .count() as u64
 }
 
 /// The `i`th client address of connections whose server socket is kept.
@@ -893,6 +947,22 @@ mod tests {
         assert_eq!(client_addr(true, 0).to_string(), "fd00:b::1");
         assert_eq!(client_addr(true, 1_023).to_string(), "fd00:b::400");
         assert_eq!(client_addr(true, 1_024), client_addr(true, 0));
+    }
+
+    #[test]
+    fn pending_sockets_in_proc_net_tcp() {
+        let text = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n\
+   0: 0100007F:02BC 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1\n\
+   1: 0000017F:9C40 0100007F:02BC 04 00000000:00000000 00:00000000 00000000     0        0 0 1\n\
+   2: 0100007F:02BC 0000017F:9C40 08 00000000:00000000 00:00000000 00000000     0        0 2 1\n\
+   3: 0100007F:02BD 0000017F:9C41 09 00000000:00000000 00:00000000 00000000     0        0 3 1\n\
+   4: 0100007F:01F4 0000017F:9C42 04 00000000:00000000 00:00000000 00000000     0        0 4 1\n";
+        // 0x2BC = 700, 0x2BD = 701; 0x1F4 = 500 is a hold port.
+        assert_eq!(pending_sockets(text, &[700, 701]), 2);
+        assert_eq!(pending_sockets(text, &[700]), 1);
+        let v6 = "  sl  local_address remote_address st\n\
+   0: 00000000000000000000000001000000:02BC 000000000000000000000000B0000DFD:A000 03 x\n";
+        assert_eq!(pending_sockets(v6, &[700]), 1);
     }
 
     #[test]

@@ -83,9 +83,11 @@ pub struct BenchArgs {
 
 /// Ready to load: after the subject is ready, before the load starts.
 const SETTLE_BEFORE: Duration = Duration::from_millis(200);
-/// After the load, before stopping the subject: delayed ACKs (40-200 ms)
-/// complete the last connections' transitions.
-const SETTLE_AFTER: Duration = Duration::from_millis(300);
+/// After the load, before stopping the subject: at least this, and until
+/// no load socket is half-way (at most SETTLE_MAX): delayed ACKs complete
+/// the last connections' transitions.
+const SETTLE_AFTER: Duration = Duration::from_millis(200);
+const SETTLE_MAX: Duration = Duration::from_secs(10);
 /// Between runs: the kernel frees the previous run's namespace. Before
 /// each run the bench also waits (up to QUIET_MAX) for the CPUs to be
 /// mostly idle, and records how idle they were.
@@ -109,6 +111,9 @@ struct RunRecord {
     subject: Subject,
     load: Option<LoadResult>,
     held_check: Option<load::HeldCheck>,
+    /// How long the load's last transitions took to happen after it
+    /// stopped, and sockets still half-way when the subject was stopped.
+    settled: Option<(Duration, u64)>,
     /// Idle share of the CPUs just before the run, and how long the bench
     /// waited for it.
     idle_before: Option<(f64, Duration)>,
@@ -148,6 +153,8 @@ impl RunRecord {
             "held_sockets_at_teardown": self.held_check.map(|h| json!({
                 "held": h.held, "eof": h.eof, "other": h.other,
             })),
+            "settle_s": self.settled.map(|s| s.0.as_secs_f64()),
+            "sockets_pending_at_stop": self.settled.map(|s| s.1),
             "cpu_idle_before": self.idle_before.map(|i| i.0),
             "waited_for_quiet_s": self.idle_before.map(|i| i.1.as_secs_f64()),
             "netns_inode": self.env.map(|e| e.0),
@@ -302,6 +309,19 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "noisy: the spread of some rows is over {:.0}% (a shared 2-core machine: other builds and tests run beside the bench); compare medians, or rerun",
             stats::NOISY_SPREAD * 100.0
         ));
+    }
+    for (_, r) in &rows {
+        match r.unaccounted {
+            Some(n) if n > 0 => notes.push(format!(
+                "{}: {n} expected transitions were neither delivered nor counted as lost or skipped",
+                r.name
+            )),
+            Some(n) if n < 0 => notes.push(format!(
+                "{}: {} more events than the load caused (other TCP traffic on the machine: it is not filtered)",
+                r.name, -n
+            )),
+            _ => {}
+        }
     }
     for r in &failed {
         notes.push(format!(
@@ -471,6 +491,7 @@ fn run_one(plan: &Plan, ctx: &Ctx, round: u32, s: Subject, peer: Option<&PathBuf
         subject: s,
         load: None,
         held_check: None,
+        settled: None,
         idle_before: None,
         env: None,
         measured: None,
@@ -493,6 +514,8 @@ fn run_one(plan: &Plan, ctx: &Ctx, round: u32, s: Subject, peer: Option<&PathBuf
         thread::sleep(SETTLE_BEFORE);
         let load = env.run(Duration::from_secs_f64(plan.seconds));
         thread::sleep(SETTLE_AFTER);
+        let settled = env.settle(&ctx.ports, SETTLE_MAX);
+        rec.settled = Some((SETTLE_AFTER + settled.0, settled.1));
         let measured = running.map(|r| r.stop(ctx)).transpose();
         let load = load?;
         let load_errors = load.errors.clone();
@@ -538,6 +561,9 @@ fn finish(rec: RunRecord) -> RunRecord {
             line += &format!("  bad durations {}", d.bad());
         }
         line += &format!("  start {:.3} s", m.start.as_secs_f64());
+    }
+    if let Some((_, n)) = rec.settled.filter(|s| s.1 > 0) {
+        line += &format!("  ({n} load sockets still half-way when stopped)");
     }
     if let Some(e) = &rec.error {
         line += &format!("  FAILED: {e}");
@@ -611,6 +637,18 @@ fn summarize(s: Subject, runs: &[RunRecord], kernel_stats: bool) -> Row {
     row.skipped = kernel_stats
         .then(|| sum(&|_, m| Some(m.recursion_misses())))
         .flatten();
+    // One program run per transition: what neither arrived nor was
+    // counted as lost or skipped (not for tcplife: one line per socket).
+    if s != Subject::Tcplife {
+        if let (Some(e), Some(d)) = (row.expected, row.delivered) {
+            row.unaccounted = Some(
+                e as i64
+                    - d as i64
+                    - row.lost.unwrap_or(0) as i64
+                    - row.skipped.unwrap_or(0) as i64,
+            );
+        }
+    }
     row.bad_durations = measured
         .iter()
         .map(|(_, m)| m.bad_durations())
@@ -785,6 +823,7 @@ mod tests {
                 ..Default::default()
             }),
             held_check: None,
+            settled: None,
             idle_before: None,
             env: None,
             measured: (subject != Subject::Baseline).then(|| Measured {
@@ -835,6 +874,7 @@ mod tests {
         assert!((ratio.max - 90.0 / 110.0).abs() < 1e-9);
         assert_eq!((x.delivered, x.expected), (Some(1695), Some(1700)));
         assert_eq!((x.lost, x.skipped), (Some(0), Some(2)));
+        assert_eq!(x.unaccounted, Some(3));
         assert_eq!(x.kernel_ns_per_event, Some(500.0));
         // 170 ms of CPU over 1700 events.
         assert!((x.agent_us_per_event.unwrap() - 100.0).abs() < 1e-9);

@@ -17,6 +17,10 @@ pub struct Row {
     pub expected: Option<u64>,
     pub lost: Option<u64>,
     pub skipped: Option<u64>,
+    /// expected - delivered - lost - skipped: transitions neither
+    /// delivered nor counted anywhere (negative: more than the load made,
+    /// e.g. other traffic seen by an unfiltered peer).
+    pub unaccounted: Option<i64>,
     /// (count, checked record by record)
     pub bad_durations: Option<(u64, bool)>,
     pub kernel_ns_per_event: Option<f64>,
@@ -43,6 +47,7 @@ impl Row {
             "events_expected": self.expected,
             "lost": self.lost,
             "recursion_misses": self.skipped,
+            "unaccounted": self.unaccounted,
             "bad_durations": self.bad_durations.map(|(n, _)| n),
             "bad_durations_checked_per_record": self.bad_durations.map(|(_, c)| c),
             "kernel_ns_per_event": self.kernel_ns_per_event,
@@ -258,6 +263,7 @@ mod tests {
             expected: Some(12),
             lost: Some(2),
             skipped: Some(0),
+            unaccounted: Some(0),
             bad_durations: Some((0, false)),
             kernel_ns_per_event: Some(512.4),
             agent_us_per_event: Some(1.234),

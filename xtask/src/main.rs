@@ -5,7 +5,10 @@
 //! - `cargo xtask run -- <tracer args>`: set-up, release build, run.
 //! - `cargo xtask test`: set-up, unit tests, then the integration tests
 //!   that load the real program into the running kernel.
+//! - `cargo xtask bench`: what tracing costs the traced, against an
+//!   untraced baseline and libbpf-tools (`src/bench/`).
 
+mod bench;
 mod setup;
 mod vm;
 
@@ -37,6 +40,23 @@ enum Task {
         #[arg(long, default_value = "all", value_parser = ["host", "6.1", "6.12", "all"])]
         kernel: String,
     },
+    /// Benchmark: connections/s of a loopback load untraced and under the
+    /// tracer in each mode (and libbpf-tools when installed), with events
+    /// delivered, losses, CPU, memory and start time (root).
+    Bench(bench::BenchArgs),
+    /// Internal to `bench --hold`: holds sockets in CLOSE_WAIT in the
+    /// caller's network namespace.
+    #[command(name = "bench-hold", hide = true)]
+    BenchHold {
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        count: u64,
+        #[arg(long, default_value_t = 0)]
+        first_addr: u64,
+        #[arg(long)]
+        ipv6: bool,
+    },
 }
 
 fn main() {
@@ -49,6 +69,13 @@ fn main() {
 fn run(cli: Cli) -> Result<()> {
     match cli.task {
         Task::Setup => setup::ensure(),
+        Task::Bench(args) => bench::run(args),
+        Task::BenchHold {
+            port,
+            count,
+            first_addr,
+            ipv6,
+        } => bench::hold_helper(port, count, first_addr, ipv6),
         Task::Run { args } => {
             setup::ensure()?;
             cargo(&[

@@ -46,6 +46,15 @@ pub fn ensure_for_tests(guests: bool) -> Result<()> {
     ensure_apt_packages(&packages)
 }
 
+/// Debian packages the bench uses: libbpf-tools (`tcpstates`, `tcplife`,
+/// the reference it compares against) and bpftool (program names).
+pub const BENCH_APT_PACKAGES: &[&str] = &["libbpf-tools", "bpftool"];
+
+/// Set-up for `cargo xtask bench` beyond the build's (which it runs first).
+pub fn ensure_for_bench() -> Result<()> {
+    ensure_apt_packages(BENCH_APT_PACKAGES)
+}
+
 fn ensure_target(target: &str) -> Result<()> {
     let installed = output(Command::new("rustup").args(["target", "list", "--installed"]))?;
     if installed.lines().any(|l| l.trim() == target) {

@@ -1,0 +1,479 @@
+//! The things measured against the untraced baseline: the tracer in each
+//! output mode, and libbpf-tools' tcpstates and tcplife when installed.
+//! Each is started before the load and stopped after it; what it cost is
+//! read from /proc, from the kernel's statistics of the eBPF programs it
+//! holds, and from what it printed.
+
+use std::{
+    fs::{self, File},
+    io::{Read as _, Seek as _, SeekFrom},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+use serde_json::{json, Value};
+
+use super::{
+    procfs::{self, ProgStats},
+    verify,
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Subject {
+    Baseline,
+    /// `--events transitions`: every transition as JSON to a file.
+    TracerJson,
+    /// `--events connections`: one record per connection.
+    TracerConnections,
+    /// `--events none --summary`: only the aggregates (the per-state
+    /// summary at exit) and the final stats.
+    TracerNone,
+    Tcpstates,
+    Tcplife,
+}
+
+impl Subject {
+    pub const ALL: [Subject; 6] = [
+        Subject::Baseline,
+        Subject::TracerJson,
+        Subject::TracerConnections,
+        Subject::TracerNone,
+        Subject::Tcpstates,
+        Subject::Tcplife,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Subject::Baseline => "baseline",
+            Subject::TracerJson => "tracer json>file",
+            Subject::TracerConnections => "tracer connections",
+            Subject::TracerNone => "tracer none+summary",
+            Subject::Tcpstates => "libbpf tcpstates",
+            Subject::Tcplife => "libbpf tcplife",
+        }
+    }
+
+    /// Short key for the CLI (`--only`) and file names.
+    pub fn key(self) -> &'static str {
+        match self {
+            Subject::Baseline => "baseline",
+            Subject::TracerJson => "tracer-json",
+            Subject::TracerConnections => "tracer-connections",
+            Subject::TracerNone => "tracer-none",
+            Subject::Tcpstates => "tcpstates",
+            Subject::Tcplife => "tcplife",
+        }
+    }
+
+    pub fn from_key(key: &str) -> Option<Subject> {
+        Subject::ALL.into_iter().find(|s| s.key() == key)
+    }
+
+    pub fn is_tracer(self) -> bool {
+        matches!(
+            self,
+            Subject::TracerJson | Subject::TracerConnections | Subject::TracerNone
+        )
+    }
+
+    pub fn is_peer(self) -> bool {
+        matches!(self, Subject::Tcpstates | Subject::Tcplife)
+    }
+
+    fn tracer_events(self) -> &'static str {
+        match self {
+            Subject::TracerConnections => "connections",
+            Subject::TracerNone => "none",
+            _ => "transitions",
+        }
+    }
+
+    fn peer_binary(self) -> &'static str {
+        match self {
+            Subject::Tcplife => "tcplife",
+            _ => "tcpstates",
+        }
+    }
+}
+
+/// Where a libbpf-tools binary is (Debian puts them in /usr/sbin).
+pub fn find_peer(s: Subject) -> Option<PathBuf> {
+    let name = s.peer_binary();
+    let path = std::env::var("PATH").unwrap_or_default();
+    let found = path
+        .split(':')
+        .chain(["/usr/sbin", "/sbin", "/usr/local/sbin"])
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.is_file());
+    found
+}
+
+pub struct Ctx {
+    pub tracer: PathBuf,
+    pub out_dir: PathBuf,
+    /// The tracer's `--port` filter: the load's server ports.
+    pub ports: Vec<u16>,
+    /// Keep the tracer's JSON output files (they are large).
+    pub keep_output: bool,
+}
+
+pub struct Running {
+    subject: Subject,
+    pid: i32,
+    spawned: Instant,
+    /// Spawn to ready (tracer: its "attached" line; peers: program
+    /// attached and event buffer open).
+    pub start: Duration,
+    cpu_at_ready: Duration,
+    rss_idle_kib: Option<u64>,
+    stdout: PathBuf,
+    stderr: PathBuf,
+    /// Spawn to the first byte on its stdout, if seen while waiting.
+    first_output: Option<Duration>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Measured {
+    pub start: Duration,
+    pub cpu_startup: Duration,
+    /// CPU time after it was ready, up to its exit.
+    pub cpu_run: Duration,
+    pub rss_idle_kib: Option<u64>,
+    pub rss_peak_kib: Option<u64>,
+    pub progs: Vec<ProgStats>,
+    /// Events it delivered (tracer: its stats; peers: lines printed).
+    pub delivered: Option<u64>,
+    /// Events it says it lost.
+    pub lost: Option<u64>,
+    /// The tracer's final stats record.
+    pub tracer_stats: Option<Value>,
+    /// Records checked one by one (tracer JSON to a file).
+    pub durations: Option<verify::DurationCheck>,
+    pub output_bytes: u64,
+    pub exit: String,
+    pub stderr_tail: Vec<String>,
+}
+
+impl Measured {
+    pub fn kernel_run_time_ns(&self) -> u64 {
+        self.progs.iter().map(|p| p.run_time_ns).sum()
+    }
+    pub fn kernel_run_cnt(&self) -> u64 {
+        self.progs.iter().map(|p| p.run_cnt).sum()
+    }
+    pub fn recursion_misses(&self) -> u64 {
+        self.progs.iter().map(|p| p.recursion_misses).sum()
+    }
+
+    /// Wrong or missing durations: checked record by record (true), or
+    /// the tracer's own counters of stale/missing timings (false).
+    pub fn bad_durations(&self) -> Option<(u64, bool)> {
+        if let Some(d) = &self.durations {
+            return Some((d.bad(), true));
+        }
+        let s = self.tracer_stats.as_ref()?;
+        let n = |k: &str| s.get(k).and_then(Value::as_u64).unwrap_or(0);
+        Some((n("timing_stale") + n("timing_map_full"), false))
+    }
+
+    pub fn to_json(&self) -> Value {
+        json!({
+            "start_s": self.start.as_secs_f64(),
+            "cpu_startup_s": self.cpu_startup.as_secs_f64(),
+            "cpu_run_s": self.cpu_run.as_secs_f64(),
+            "rss_idle_kib": self.rss_idle_kib,
+            "rss_peak_kib": self.rss_peak_kib,
+            "programs": self.progs.iter().map(ProgStats::to_json).collect::<Vec<_>>(),
+            "kernel_run_time_ns": self.kernel_run_time_ns(),
+            "kernel_run_cnt": self.kernel_run_cnt(),
+            "recursion_misses": self.recursion_misses(),
+            "delivered": self.delivered,
+            "lost": self.lost,
+            "tracer_stats": self.tracer_stats,
+            "durations": self.durations.as_ref().map(verify::DurationCheck::to_json),
+            "output_bytes": self.output_bytes,
+            "exit": self.exit,
+            "stderr_tail": self.stderr_tail,
+        })
+    }
+}
+
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+const STOP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Starts `s` (not the baseline) and returns once it is ready.
+pub fn start(s: Subject, ctx: &Ctx, peer: Option<&Path>) -> Result<Running> {
+    fs::create_dir_all(&ctx.out_dir)
+        .with_context(|| format!("creating {}", ctx.out_dir.display()))?;
+    let stdout = ctx.out_dir.join(format!("{}.out", s.key()));
+    let stderr = ctx.out_dir.join(format!("{}.err", s.key()));
+    let mut cmd = if s.is_tracer() {
+        let mut c = Command::new(&ctx.tracer);
+        c.args(["--output", "json", "--events", s.tracer_events(), "-v"]);
+        if s == Subject::TracerNone {
+            c.arg("--summary");
+        }
+        for p in &ctx.ports {
+            c.args(["--port", &p.to_string()]);
+        }
+        c
+    } else if s.is_peer() {
+        Command::new(peer.context("peer binary not found")?)
+    } else {
+        bail!("the baseline runs nothing");
+    };
+    cmd.stdin(Stdio::null())
+        .stdout(File::create(&stdout).with_context(|| format!("creating {}", stdout.display()))?)
+        .stderr(File::create(&stderr).with_context(|| format!("creating {}", stderr.display()))?);
+    let spawned = Instant::now();
+    let child = cmd
+        .spawn()
+        .with_context(|| format!("starting {}", s.name()))?;
+    let pid = child.id() as i32;
+    // Reaped with wait4 below (for its rusage), never through `child`.
+    drop(child);
+    let mut r = Running {
+        subject: s,
+        pid,
+        spawned,
+        start: Duration::ZERO,
+        cpu_at_ready: Duration::ZERO,
+        rss_idle_kib: None,
+        stdout,
+        stderr,
+        first_output: None,
+    };
+    loop {
+        if r.first_output.is_none() && fs::metadata(&r.stdout).is_ok_and(|m| m.len() > 0) {
+            r.first_output = Some(spawned.elapsed());
+        }
+        if let Some((status, _)) = reap(pid, false) {
+            bail!(
+                "{} exited before it was ready ({}): {}",
+                s.name(),
+                describe_status(status),
+                last_line(&r.stderr)
+            );
+        }
+        let ready = if s.is_tracer() {
+            fs::read_to_string(&r.stderr)
+                .map(|t| t.contains("attached"))
+                .unwrap_or(false)
+        } else {
+            procfs::libbpf_tool_ready(pid)
+        };
+        if ready {
+            r.start = spawned.elapsed();
+            break;
+        }
+        if spawned.elapsed() > READY_TIMEOUT {
+            let _ = r.kill();
+            bail!(
+                "{} not ready after {:?}: {}",
+                s.name(),
+                READY_TIMEOUT,
+                last_line(&r.stderr)
+            );
+        }
+        thread::sleep(Duration::from_micros(500));
+    }
+    r.cpu_at_ready = procfs::cpu_time(pid).unwrap_or_default();
+    r.rss_idle_kib = procfs::memory_kib(pid).0;
+    Ok(r)
+}
+
+impl Running {
+    fn kill(&mut self) -> Option<(i32, libc::rusage)> {
+        // SAFETY: plain syscalls on our own child.
+        unsafe { libc::kill(self.pid, libc::SIGKILL) };
+        reap(self.pid, true)
+    }
+
+    /// Reads its program statistics and memory, stops it with SIGINT, and
+    /// reads what it printed.
+    pub fn stop(mut self, ctx: &Ctx) -> Result<Measured> {
+        let mut m = Measured {
+            start: self.start,
+            rss_idle_kib: self.rss_idle_kib,
+            ..Default::default()
+        };
+        // Programs are unloaded when it exits: read their statistics now.
+        m.progs = procfs::programs_of(self.pid);
+        let (_, hwm) = procfs::memory_kib(self.pid);
+        // SAFETY: plain syscall on our own child.
+        unsafe { libc::kill(self.pid, libc::SIGINT) };
+        let t0 = Instant::now();
+        let (status, usage) = loop {
+            if let Some(r) = reap(self.pid, false) {
+                break r;
+            }
+            if t0.elapsed() > STOP_TIMEOUT {
+                let _ = self.kill();
+                bail!(
+                    "{} did not stop within {:?} of SIGINT",
+                    self.subject.name(),
+                    STOP_TIMEOUT
+                );
+            }
+            thread::sleep(Duration::from_millis(2));
+        };
+        let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+        let cpu_total = tv(usage.ru_utime) + tv(usage.ru_stime);
+        m.cpu_startup = self.cpu_at_ready;
+        m.cpu_run = cpu_total.saturating_sub(self.cpu_at_ready);
+        // VmHWM: the high-water mark of its own address space so far. Not
+        // ru_maxrss: that also counts the address space it was spawned
+        // from (the kernel carries the pre-exec maximum over), here the
+        // bench's own.
+        m.rss_peak_kib = hwm;
+        m.exit = describe_status(status);
+        m.stderr_tail = tail_lines(&self.stderr, 8);
+        m.output_bytes = fs::metadata(&self.stdout).map(|x| x.len()).unwrap_or(0);
+        let clean = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
+        if self.subject.is_tracer() {
+            if !clean {
+                bail!(
+                    "{} exited with {}: {}",
+                    self.subject.name(),
+                    m.exit,
+                    last_line(&self.stderr)
+                );
+            }
+            let check = self.subject == Subject::TracerJson;
+            let scan = verify::scan(&self.stdout, check)?;
+            let stats = scan.stats.with_context(|| {
+                format!(
+                    "{} printed no stats record (last stderr line: {})",
+                    self.subject.name(),
+                    last_line(&self.stderr)
+                )
+            })?;
+            m.delivered = stats.get("events").and_then(Value::as_u64);
+            m.lost = stats.get("lost").and_then(Value::as_u64);
+            m.tracer_stats = Some(stats);
+            m.durations = scan.durations;
+        } else {
+            // One line per event after a header line; lost events are
+            // reported on stderr ("lost N events on CPU #k").
+            m.delivered = Some(count_lines(&self.stdout)?.saturating_sub(1));
+            m.lost = Some(lost_from_stderr(
+                &fs::read_to_string(&self.stderr).unwrap_or_default(),
+            ));
+        }
+        if !ctx.keep_output {
+            let _ = fs::remove_file(&self.stdout);
+        }
+        Ok(m)
+    }
+}
+
+/// Waits for the child (blocking or not); its status and rusage.
+fn reap(pid: i32, block: bool) -> Option<(i32, libc::rusage)> {
+    let mut status = 0;
+    // SAFETY: zeroed rusage is a valid out-parameter.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let flags = if block { 0 } else { libc::WNOHANG };
+    // SAFETY: valid pointers; pid is our child.
+    let r = unsafe { libc::wait4(pid, &mut status, flags, &mut usage) };
+    (r == pid).then_some((status, usage))
+}
+
+fn describe_status(status: i32) -> String {
+    if libc::WIFEXITED(status) {
+        format!("exit {}", libc::WEXITSTATUS(status))
+    } else if libc::WIFSIGNALED(status) {
+        format!("signal {}", libc::WTERMSIG(status))
+    } else {
+        format!("status {status:#x}")
+    }
+}
+
+fn tail_lines(path: &Path, n: usize) -> Vec<String> {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+}
+
+fn last_line(path: &Path) -> String {
+    tail_lines(path, 1)
+        .pop()
+        .unwrap_or_else(|| "(nothing on stderr)".into())
+}
+
+pub fn count_lines(path: &Path) -> Result<u64> {
+    let mut f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut n = 0u64;
+    loop {
+        let k = f.read(&mut buf)?;
+        if k == 0 {
+            break;
+        }
+        n += buf[..k].iter().filter(|&&b| b == b'\n').count() as u64;
+    }
+    Ok(n)
+}
+
+/// Sum of libbpf-tools' "lost N events on CPU #k" warnings.
+pub fn lost_from_stderr(text: &str) -> u64 {
+    text.lines()
+        .filter_map(|l| {
+            let rest = l.trim().strip_prefix("lost ")?;
+            let (n, tail) = rest.split_once(' ')?;
+            tail.starts_with("events").then(|| n.parse::<u64>().ok())?
+        })
+        .sum()
+}
+
+/// Attach-to-first-event: the tracer (JSON transitions to a file) is
+/// started while the load runs; returns (spawn to its "attached" line,
+/// spawn to the first event on its stdout). The event may come first: the
+/// agent drains the ring buffer as soon as its loop starts.
+pub fn time_to_first_event(ctx: &Ctx) -> Result<(Duration, Duration)> {
+    let r = start(Subject::TracerJson, ctx, None)?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut f = File::open(&r.stdout)?;
+    let first = match r.first_output {
+        Some(t) => Some(t),
+        None => loop {
+            if f.seek(SeekFrom::End(0))? > 0 {
+                break Some(r.spawned.elapsed());
+            }
+            if Instant::now() > deadline {
+                break None;
+            }
+            thread::sleep(Duration::from_micros(100));
+        },
+    };
+    let start = r.start;
+    r.stop(ctx)?;
+    let first = first.context("no event on the tracer's stdout within 10 s of attaching")?;
+    Ok((start, first))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_round_trip() {
+        for s in Subject::ALL {
+            assert_eq!(Subject::from_key(s.key()), Some(s));
+        }
+        assert_eq!(Subject::from_key("nope"), None);
+    }
+
+    #[test]
+    fn lost_lines_of_libbpf_tools() {
+        let err =
+            "lost 12 events on CPU #0\nsomething else\nlost 3 events on CPU #1\nlost x events\n";
+        assert_eq!(lost_from_stderr(err), 15);
+        assert_eq!(lost_from_stderr(""), 0);
+    }
+}

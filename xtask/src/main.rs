@@ -122,6 +122,20 @@ fn run(cli: Cli) -> Result<()> {
                     "--test-threads=1",
                 ])?;
             }
+            if kernel == "host" || kernel == "all" {
+                // A few seconds of the benchmark, to prove it runs; its
+                // ratios are reported, never judged here.
+                eprintln!("xtask: benchmark smoke run");
+                cargo(&[
+                    "run",
+                    "--quiet",
+                    "--package",
+                    "xtask",
+                    "--",
+                    "bench",
+                    "--smoke",
+                ])?;
+            }
             if guests.is_empty() {
                 return Ok(());
             }

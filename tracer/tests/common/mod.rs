@@ -53,6 +53,14 @@ pub fn in_netns<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> R 
     .unwrap_or_else(|e| std::panic::resume_unwind(e))
 }
 
+/// The calling thread's network namespace, if it is not the process's.
+pub fn own_netns() -> Option<u32> {
+    use std::os::unix::fs::MetadataExt as _;
+    let ino = |p: &str| std::fs::metadata(p).map(|m| m.ino() as u32).ok();
+    let (thread, process) = (ino("/proc/thread-self/ns/net")?, ino("/proc/self/ns/net")?);
+    (thread != process).then_some(thread)
+}
+
 fn loopback_up() {
     // SAFETY: ioctl on a socket we own with a zeroed, correctly sized ifreq.
     unsafe {
@@ -101,11 +109,13 @@ impl Collector {
         }
     }
 
-    /// Only transitions on `port`, filtered in the kernel.
+    /// Only transitions on `port` (and of this thread's namespace, when it
+    /// has its own), filtered in the kernel.
     pub fn on_port(port: u16) -> Self {
         Self::load(LoadOptions {
             filters: Filters {
                 ports: vec![port],
+                netns: own_netns(),
                 ..Default::default()
             },
             ..Default::default()
@@ -412,8 +422,15 @@ pub struct Running {
 
 impl Running {
     pub fn start(args: &[&str]) -> Running {
+        // Inside a test's own namespace, watch only that namespace: other
+        // namespaces' traffic (other tests, benchmarks) may use the same
+        // ports.
+        let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        if let Some(ns) = own_netns() {
+            args.extend(["--netns".to_string(), ns.to_string()]);
+        }
         let mut child = tracer()
-            .args(args)
+            .args(&args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

@@ -7,7 +7,6 @@
 use core::ptr;
 
 use aya_ebpf::{
-    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel},
     macros::fentry,
     programs::FEntryContext,
@@ -17,7 +16,7 @@ use tracer_common::{
     counter, EventHeader, EventKind, TimewaitDeathEvent, AF_INET6, OFFSET_UNKNOWN,
 };
 
-use crate::transition::{bump, netns_inum, EVENTS, WAKEUP_BYTES};
+use crate::transition::{bump, netns_inum, submit_flags, EVENTS};
 
 #[unsafe(no_mangle)]
 static OFF_SKC_FAMILY: Global<u32> = Global::new(OFFSET_UNKNOWN);
@@ -96,12 +95,6 @@ fn try_timewait_kill(ctx: &FEntryContext) -> Result<(), Skip> {
         (*ev).netns = netns;
         (*ev)._reserved = 0;
     }
-    let threshold = WAKEUP_BYTES.load();
-    let flags = if threshold == 0 || EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= threshold {
-        BPF_RB_FORCE_WAKEUP
-    } else {
-        BPF_RB_NO_WAKEUP
-    };
-    entry.submit(flags as u64);
+    entry.submit(submit_flags());
     Ok(())
 }

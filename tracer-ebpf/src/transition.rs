@@ -33,7 +33,7 @@ static OFF_NET_INUM: Global<u32> = Global::new(OFFSET_UNKNOWN);
 /// this VM, against ~0.6 µs without). The agent also drains on a timer.
 /// 0: wake up on every event.
 #[unsafe(no_mangle)]
-pub(crate) static WAKEUP_BYTES: Global<u64> = Global::new(0);
+static WAKEUP_BYTES: Global<u64> = Global::new(0);
 
 /// Sized by the agent (`--ringbuf-size`) before load.
 #[map]
@@ -158,14 +158,20 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), Skip> {
         // zeroes the buffer, which decodes as an empty comm.
         generated::bpf_get_current_comm(ptr::addr_of_mut!((*ev).comm).cast::<c_void>(), 16);
     }
+    entry.submit(submit_flags());
+    Ok(())
+}
+
+/// Ring buffer submit flags: wake the agent only past `WAKEUP_BYTES`.
+#[inline(always)]
+pub(crate) fn submit_flags() -> u64 {
     let threshold = WAKEUP_BYTES.load();
     let flags = if threshold == 0 || EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= threshold {
         BPF_RB_FORCE_WAKEUP
     } else {
         BPF_RB_NO_WAKEUP
     };
-    entry.submit(flags as u64);
-    Ok(())
+    flags as u64
 }
 
 /// Transitions the kernel makes only inside the owner's own system calls

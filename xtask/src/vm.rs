@@ -21,7 +21,7 @@ use std::{
 
 use anyhow::{anyhow, bail, Context as _, Result};
 
-use crate::workspace_root;
+use crate::{setup::output, workspace_root};
 
 pub const MUSL: &str = "x86_64-unknown-linux-musl";
 const PASS: &str = "TRACER-VM-RESULT: PASS";
@@ -54,17 +54,6 @@ pub fn series(name: &str) -> Option<Series> {
 
 fn vm_dir() -> PathBuf {
     workspace_root().join("target/vm")
-}
-
-fn output(cmd: &mut Command) -> Result<String> {
-    let out = cmd
-        .stderr(Stdio::inherit())
-        .output()
-        .with_context(|| format!("running {cmd:?}"))?;
-    if !out.status.success() {
-        bail!("{cmd:?} failed ({})", out.status);
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// The newest package of the series that apt knows.

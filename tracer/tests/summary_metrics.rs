@@ -63,8 +63,13 @@ struct Running {
 
 impl Running {
     fn start(args: &[&str]) -> Running {
+        // Inside a test's own namespace, watch only it (see common's Running).
+        let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        if let Some(ns) = own_netns() {
+            args.extend(["--netns".to_string(), ns.to_string()]);
+        }
         let mut child = tracer()
-            .args(args)
+            .args(&args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

@@ -323,6 +323,26 @@ pub fn run(args: BenchArgs) -> Result<()> {
             _ => {}
         }
     }
+    for &s in &subjects {
+        let untracked: u64 = runs
+            .iter()
+            .filter(|r| r.subject == s)
+            .filter_map(|r| {
+                r.measured
+                    .as_ref()?
+                    .tracer_stats
+                    .as_ref()?
+                    .get("untracked")?
+                    .as_u64()
+            })
+            .sum();
+        if untracked > 0 {
+            notes.push(format!(
+                "{}: {untracked} transitions of sockets the agent had no room to track (`untracked` in its stats)",
+                s.name()
+            ));
+        }
+    }
     for r in &failed {
         notes.push(format!(
             "round {} {}: {}",

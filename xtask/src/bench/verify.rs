@@ -5,9 +5,17 @@
 //! previous transition (the kernel program stores the timestamp of each
 //! transition and subtracts it at the next), so in a run where the tracer
 //! started before any load socket existed it can be checked exactly:
-//! - a socket's first transition (or its first after a `-> CLOSE`, when the
-//!   kernel reuses the address for a new socket) must have no duration;
+//! - a socket's first transition (`CLOSE -> …` on connect or listen,
+//!   `LISTEN -> SYN_RECV` for an accepted socket; the kernel reuses socket
+//!   addresses, so every such transition starts a new socket) must have no
+//!   duration;
 //! - every later one must have exactly `mono_ns - previous mono_ns`.
+//!
+//! When transitions were lost or skipped, some durations cannot be checked
+//! against what was delivered: one shorter than the time since the previous
+//! delivered transition (one in between is missing), or any duration of a
+//! socket whose first transition is missing. Those are counted apart
+//! (`unverifiable`), not as wrong.
 //!
 //! Transitions the agent derives from sock_diag (TIME_WAIT) are not kernel
 //! records and are left out.
@@ -27,6 +35,8 @@ pub struct Rec {
     pub mono_ns: u64,
     pub old_state_ns: Option<u64>,
     pub to_close: bool,
+    /// `CLOSE -> …` or `LISTEN -> SYN_RECV`: a new socket's first.
+    pub first: bool,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -36,6 +46,8 @@ pub struct DurationCheck {
     pub wrong: u64,
     /// No duration where the previous transition was delivered.
     pub missing: u64,
+    /// Not checkable: a transition before it was not delivered.
+    pub unverifiable: u64,
     /// A few of the bad ones, for the JSON report.
     pub examples: Vec<String>,
 }
@@ -50,6 +62,7 @@ impl DurationCheck {
             "checked": self.checked,
             "wrong": self.wrong,
             "missing": self.missing,
+            "unverifiable": self.unverifiable,
             "examples": self.examples,
         })
     }
@@ -62,23 +75,39 @@ pub fn check_durations(mut recs: Vec<Rec>) -> DurationCheck {
     let mut prev: Option<&Rec> = None;
     for r in &recs {
         c.checked += 1;
-        let expected = match prev {
-            Some(p) if p.sock == r.sock && !p.to_close => Some(r.mono_ns - p.mono_ns),
-            _ => None,
-        };
-        let bad = match (expected, r.old_state_ns) {
-            (None, None) => None,
-            (Some(e), Some(got)) if e == got => None,
-            (Some(_), None) => {
-                c.missing += 1;
-                Some("missing")
-            }
-            _ => {
+        let continues = prev.filter(|p| p.sock == r.sock && !p.to_close && !r.first);
+        let bad = match (continues, r.old_state_ns) {
+            // A new socket: nothing before it to time.
+            (None, None) if r.first => None,
+            (None, Some(_)) if r.first => {
                 c.wrong += 1;
-                Some("wrong")
+                Some(("wrong", None))
+            }
+            // Its beginning was not delivered.
+            (None, _) => {
+                c.unverifiable += 1;
+                None
+            }
+            (Some(p), got) => {
+                let e = r.mono_ns - p.mono_ns;
+                match got {
+                    Some(x) if x == e => None,
+                    Some(x) if x < e => {
+                        c.unverifiable += 1;
+                        None
+                    }
+                    Some(_) => {
+                        c.wrong += 1;
+                        Some(("wrong", Some(e)))
+                    }
+                    None => {
+                        c.missing += 1;
+                        Some(("missing", Some(e)))
+                    }
+                }
             }
         };
-        if let Some(kind) = bad {
+        if let Some((kind, expected)) = bad {
             if c.examples.len() < 5 {
                 c.examples.push(format!(
                     "{kind}: sock {:#x} at {} ns: old_state_ns {:?}, expected {:?}",
@@ -106,11 +135,14 @@ pub fn parse_transition(v: &Value) -> Option<Rec> {
     }
     let sock = v.get("sock")?.as_str()?;
     let sock = u64::from_str_radix(sock.trim_start_matches("0x"), 16).ok()?;
+    let old = v.get("old")?.as_str()?;
+    let new = v.get("new")?.as_str()?;
     Some(Rec {
         sock,
         mono_ns: v.get("mono_ns")?.as_u64()?,
         old_state_ns: v.get("old_state_ns").and_then(Value::as_u64),
-        to_close: v.get("new")?.as_str()? == "CLOSE",
+        to_close: new == "CLOSE",
+        first: old == "CLOSE" || (old == "LISTEN" && new == "SYN_RECV"),
     })
 }
 
@@ -168,34 +200,46 @@ mod tests {
             mono_ns,
             old_state_ns: old,
             to_close,
+            first: false,
+        }
+    }
+
+    fn first(sock: u64, mono_ns: u64, old: Option<u64>) -> Rec {
+        Rec {
+            first: true,
+            ..rec(sock, mono_ns, old, false)
         }
     }
 
     #[test]
     fn exact_durations_pass_in_any_order() {
         let c = check_durations(vec![
-            rec(2, 105, None, false),
-            rec(1, 100, None, false),
+            first(2, 105, None),
+            first(1, 100, None),
             rec(1, 150, Some(50), false),
             rec(2, 110, Some(5), true),
             rec(1, 151, Some(1), true),
             // Address reused for a new socket after CLOSE.
-            rec(1, 300, None, false),
-            rec(1, 310, Some(10), true),
+            first(1, 300, None),
+            rec(1, 310, Some(10), false),
+            // ... and again, its CLOSE never delivered (skipped).
+            first(1, 400, None),
         ]);
-        assert_eq!(c.checked, 7);
-        assert_eq!(c.bad(), 0, "{:?}", c.examples);
+        assert_eq!(c.checked, 8);
+        assert_eq!((c.bad(), c.unverifiable), (0, 0), "{:?}", c.examples);
     }
 
     #[test]
     fn wrong_missing_and_stale_durations_are_counted() {
         let c = check_durations(vec![
-            rec(1, 100, None, false),
-            rec(1, 150, Some(49), false), // wrong
+            first(1, 100, None),
+            rec(1, 150, Some(51), false), // wrong: longer than possible
             rec(1, 160, None, true),      // missing
-            rec(1, 300, Some(7), false),  // stale: a new socket has none
+            first(1, 300, Some(7)),       // stale: a new socket has none
+            rec(1, 350, Some(20), false), // one in between not delivered
+            rec(2, 500, Some(3), false),  // its beginning not delivered
         ]);
-        assert_eq!((c.wrong, c.missing), (2, 1));
+        assert_eq!((c.wrong, c.missing, c.unverifiable), (2, 1, 2));
         assert_eq!(c.examples.len(), 3);
     }
 
@@ -206,6 +250,14 @@ mod tests {
         assert_eq!(
             parse_transition(&v),
             Some(rec(0xffff888104e60940, 3140688563289, Some(4411390), true))
+        );
+        let connect = line
+            .replace("\"old\":\"FIN_WAIT2\"", "\"old\":\"CLOSE\"")
+            .replace("\"new\":\"CLOSE\"", "\"new\":\"SYN_SENT\"");
+        assert!(
+            parse_transition(&serde_json::from_str(&connect).unwrap())
+                .unwrap()
+                .first
         );
         let derived = line.replace("\"source\":\"tracepoint\"", "\"source\":\"sock_diag\"");
         assert_eq!(
@@ -229,9 +281,9 @@ mod tests {
         std::fs::write(
             &p,
             concat!(
-                r#"{"type":"transition","mono_ns":10,"sock":"0x1","new":"SYN_SENT","old_state_ns":null,"source":"tracepoint"}"#,
+                r#"{"type":"transition","mono_ns":10,"sock":"0x1","old":"CLOSE","new":"SYN_SENT","old_state_ns":null,"source":"tracepoint"}"#,
                 "\n",
-                r#"{"type":"transition","mono_ns":15,"sock":"0x1","new":"ESTABLISHED","old_state_ns":5,"source":"tracepoint"}"#,
+                r#"{"type":"transition","mono_ns":15,"sock":"0x1","old":"SYN_SENT","new":"ESTABLISHED","old_state_ns":5,"source":"tracepoint"}"#,
                 "\n",
                 r#"{"type":"connection","sock":"0x1"}"#,
                 "\n",

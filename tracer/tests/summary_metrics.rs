@@ -15,10 +15,10 @@ mod common;
 
 use std::{
     collections::BTreeMap,
-    io::{BufRead, BufReader, Read, Write},
+    io::{Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
     path::{Path, PathBuf},
-    process::{Child, Command, Output, Stdio},
+    process::{Command, Output, Stdio},
     sync::mpsc,
     thread,
     time::{Duration, Instant},
@@ -45,149 +45,6 @@ fn slack_ns() -> u64 {
 }
 /// HdrHistogram with 2 significant digits: at most 1/128 above.
 const HIST_ERROR: f64 = 1.0 / 128.0;
-
-fn tracer() -> Command {
-    let bin =
-        std::env::var("TRACER_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_tracer").to_string());
-    let mut cmd = Command::new(bin);
-    cmd.env("RUST_BACKTRACE", "1");
-    cmd
-}
-
-/// A running tracer whose stdout and stderr lines arrive on channels.
-struct Running {
-    child: Child,
-    stdout: mpsc::Receiver<String>,
-    stderr: mpsc::Receiver<String>,
-}
-
-impl Running {
-    fn start(args: &[&str]) -> Running {
-        // Inside a test's own namespace, watch only it (see common's Running).
-        let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-        if let Some(ns) = own_netns() {
-            args.extend(["--netns".to_string(), ns.to_string()]);
-        }
-        let mut child = tracer()
-            .args(&args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn tracer");
-        let stdout = lines(child.stdout.take().unwrap());
-        let stderr = lines(child.stderr.take().unwrap());
-        Running {
-            child,
-            stdout,
-            stderr,
-        }
-    }
-
-    /// Waits for the agent to say it is attached (it logs that with -v).
-    fn wait_attached(&self) {
-        let start = Instant::now();
-        while start.elapsed() < DEADLINE {
-            match self.stderr.recv_timeout(Duration::from_millis(100)) {
-                Ok(line) if line.contains("attached") => return,
-                Ok(line) => eprintln!("tracer: {line}"),
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    panic!("tracer exited before attaching")
-                }
-            }
-        }
-        panic!("tracer did not attach within {DEADLINE:?}");
-    }
-
-    fn signal(&self, sig: i32) {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, sig) };
-    }
-
-    /// Sends SIGUSR1 until the lines that follow satisfy `done`; every
-    /// line read is appended to `got`. Returns the lines read since the
-    /// last SIGUSR1.
-    fn summary_until(
-        &self,
-        got: &mut Vec<String>,
-        what: &str,
-        done: impl Fn(&[String]) -> bool,
-    ) -> Vec<String> {
-        let start = Instant::now();
-        loop {
-            assert!(
-                start.elapsed() < DEADLINE,
-                "timed out waiting for {what}; got:\n{}",
-                got.join("\n")
-            );
-            self.signal(libc::SIGUSR1);
-            let mut summary = Vec::new();
-            let asked = Instant::now();
-            while asked.elapsed() < Duration::from_secs(2) {
-                match self.stdout.recv_timeout(Duration::from_millis(50)) {
-                    Ok(line) => {
-                        got.push(line.clone());
-                        summary.push(line);
-                        if done(&summary) {
-                            return summary;
-                        }
-                    }
-                    Err(mpsc::RecvTimeoutError::Timeout) => {}
-                    Err(mpsc::RecvTimeoutError::Disconnected) => panic!("tracer exited"),
-                }
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// Waits for exit and returns (status code, rest of stdout, stderr).
-    fn finish(mut self) -> (i32, Vec<String>, Vec<String>) {
-        let start = Instant::now();
-        let status = loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                break status;
-            }
-            assert!(start.elapsed() < DEADLINE, "tracer did not stop");
-            thread::sleep(Duration::from_millis(10));
-        };
-        let out: Vec<String> = self.stdout.iter().collect();
-        let err: Vec<String> = self.stderr.iter().collect();
-        (status.code().expect("exited normally"), out, err)
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        // A failed test must not leave a tracer attached.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn lines(r: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        for line in BufReader::new(r).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    rx
-}
-
-fn json(line: &str) -> Value {
-    serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
-}
-
-fn of_type(lines: &[String], ty: &str) -> Vec<Value> {
-    lines
-        .iter()
-        .filter(|l| l.starts_with('{'))
-        .map(|l| json(l))
-        .filter(|v| v["type"] == ty)
-        .collect()
-}
 
 /// One connection per entry of `holds` to a listener on `addr`, all at
 /// once: the client holds it established for its time, then closes; the

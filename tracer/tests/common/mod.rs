@@ -487,8 +487,48 @@ impl Running {
     }
 
     pub fn interrupt(&self) {
+        self.signal(libc::SIGINT);
+    }
+
+    pub fn signal(&self, sig: i32) {
         // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
+    /// Sends SIGUSR1 until the lines that follow satisfy `done`; every
+    /// line read is appended to `got`. Returns the lines read since the
+    /// last SIGUSR1.
+    pub fn summary_until(
+        &self,
+        got: &mut Vec<String>,
+        what: &str,
+        done: impl Fn(&[String]) -> bool,
+    ) -> Vec<String> {
+        let start = Instant::now();
+        loop {
+            assert!(
+                start.elapsed() < DEADLINE,
+                "timed out waiting for {what}; got:\n{}",
+                got.join("\n")
+            );
+            self.signal(libc::SIGUSR1);
+            let mut summary = Vec::new();
+            let asked = Instant::now();
+            while asked.elapsed() < Duration::from_secs(2) {
+                match self.stdout.recv_timeout(Duration::from_millis(50)) {
+                    Ok(line) => {
+                        got.push(line.clone());
+                        summary.push(line);
+                        if done(&summary) {
+                            return summary;
+                        }
+                    }
+                    Err(mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(mpsc::RecvTimeoutError::Disconnected) => panic!("tracer exited"),
+                }
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Waits for exit and returns (status code, rest of stdout, stderr).
@@ -504,6 +544,14 @@ impl Running {
         let out: Vec<String> = self.stdout.iter().collect();
         let err: Vec<String> = self.stderr.iter().collect();
         (status.code().expect("exited normally"), out, err)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        // A failed test must not leave a tracer attached.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

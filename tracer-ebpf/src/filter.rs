@@ -9,7 +9,7 @@ use aya_ebpf::{
     maps::{lpm_trie::Key, HashMap, LpmTrie},
     Global,
 };
-use tracer_common::{ListenerKey, MAX_FILTER_PORTS, MAX_FILTER_PREFIXES, MAX_LISTENERS};
+use tracer_common::{ListenerKey, AF_INET6, MAX_FILTER_PORTS, MAX_FILTER_PREFIXES, MAX_LISTENERS};
 
 #[unsafe(no_mangle)]
 static FILTER_FAMILY: Global<u16> = Global::new(0);
@@ -59,9 +59,10 @@ pub struct Candidate {
     pub oldstate: u8,
     pub newstate: u8,
     pub netns: u32,
-    /// 16-byte addresses (IPv4 already mapped).
-    pub saddr: [u8; 16],
-    pub daddr: [u8; 16],
+    /// Addresses as the record holds them (IPv4 in the first 4 bytes); made
+    /// 16-byte keys only when an address filter is on.
+    pub saddr: [u64; 2],
+    pub daddr: [u64; 2],
     pub owner_selected: bool,
 }
 
@@ -96,10 +97,18 @@ pub fn passes(c: &Candidate) -> bool {
     if FILTER_RPORTS.load() != 0 && unsafe { RPORT_FILTER.get(&c.dport) }.is_none() {
         return false;
     }
-    if FILTER_LADDRS.load() != 0 && LADDR_FILTER.get(Key::new(128, c.saddr)).is_none() {
+    if FILTER_LADDRS.load() != 0
+        && LADDR_FILTER
+            .get(Key::new(128, as_v6(c.family, c.saddr)))
+            .is_none()
+    {
         return false;
     }
-    if FILTER_RADDRS.load() != 0 && RADDR_FILTER.get(Key::new(128, c.daddr)).is_none() {
+    if FILTER_RADDRS.load() != 0
+        && RADDR_FILTER
+            .get(Key::new(128, as_v6(c.family, c.daddr)))
+            .is_none()
+    {
         return false;
     }
     if FILTER_OWNER.load() != 0 && !c.owner_selected {
@@ -171,4 +180,19 @@ pub fn forget_listener(netns: u32, port: u16) {
         port,
         _pad: 0,
     });
+}
+
+/// 16 address bytes for the CIDR tries: IPv4 as `::ffff:a.b.c.d`.
+#[inline(always)]
+fn as_v6(family: u16, a: [u64; 2]) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    if family == AF_INET6 {
+        out[..8].copy_from_slice(&a[0].to_ne_bytes());
+        out[8..].copy_from_slice(&a[1].to_ne_bytes());
+    } else {
+        out[10] = 0xff;
+        out[11] = 0xff;
+        out[12..].copy_from_slice(&(a[0] as u32).to_ne_bytes());
+    }
+    out
 }

@@ -112,8 +112,8 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), Skip> {
         oldstate,
         newstate,
         netns,
-        saddr: as_v6(family, saddr),
-        daddr: as_v6(family, daddr),
+        saddr,
+        daddr,
         owner_selected,
     };
     if !filter::passes(&candidate) {
@@ -280,21 +280,6 @@ fn addresses(ctx: &TracePointContext, family: u16) -> ([u64; 2], [u64; 2]) {
             [rec!(ctx, daddr: u32) as u64, 0],
         )
     }
-}
-
-/// 16 address bytes for the CIDR filters: IPv4 as `::ffff:a.b.c.d`.
-#[inline(always)]
-fn as_v6(family: u16, a: [u64; 2]) -> [u8; 16] {
-    let mut out = [0u8; 16];
-    if family == AF_INET6 {
-        out[..8].copy_from_slice(&a[0].to_ne_bytes());
-        out[8..].copy_from_slice(&a[1].to_ne_bytes());
-    } else {
-        out[10] = 0xff;
-        out[11] = 0xff;
-        out[12..].copy_from_slice(&(a[0] as u32).to_ne_bytes());
-    }
-    out
 }
 
 #[inline(always)]

@@ -72,6 +72,8 @@ pub enum EventKind {
     Transition = 1,
     /// A timewait socket died ([`TimewaitDeathEvent`]).
     TimewaitDeath = 2,
+    /// Several transitions of one socket at once ([`BatchEvent`]).
+    Batch = 3,
 }
 
 /// A timewait socket ending (fentry on `inet_twsk_kill`, where the kernel
@@ -131,6 +133,77 @@ pub struct TransitionEvent {
     pub _reserved: u32,
 }
 
+/// Transitions one socket's batch holds (`--events connections|none` on
+/// the BTF path). A socket's life is 5 transitions in the common cases.
+pub const BATCH_STEPS: usize = 6;
+
+/// One transition in a batch. The socket's endpoints are the batch's.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Step {
+    /// `bpf_ktime_get_ns()` when it fired.
+    pub ts_ns: u64,
+    /// Time in `old`; valid with [`FLAG_OLD_STATE_KNOWN`] in `flags`.
+    pub old_state_ns: u64,
+    pub old: u8,
+    pub new: u8,
+    pub flags: u8,
+    /// 0: no task recorded; `n`: the task in `Batch::owners[n - 1]` (only
+    /// transitions that run in the owner's own system calls record one).
+    pub owner: u8,
+    pub _pad: u32,
+}
+
+/// The current task of a transition that runs in the owner's system call.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TaskSlot {
+    pub pid: u32,
+    pub tid: u32,
+    pub uid: u32,
+    pub _pad: u32,
+    pub comm: [u8; 16],
+}
+
+/// Transitions of one socket not yet delivered.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Batch {
+    pub steps: [Step; BATCH_STEPS],
+    pub owners: [TaskSlot; 2],
+    pub nsteps: u8,
+    pub nowners: u8,
+    pub _pad: [u8; 6],
+}
+
+/// Value of the BTF path's socket-local storage (`SOCK_STORE`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockState {
+    pub timing: SockTiming,
+    pub batch: Batch,
+}
+
+/// A socket's batch of transitions, delivered at its CLOSE, when a state
+/// the agent watches live is entered, or when the batch is full.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BatchEvent {
+    pub header: EventHeader,
+    pub skaddr: u64,
+    /// Endpoints when the batch was sent (the latest; a connecting socket's
+    /// local port is bound after its first transition).
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    pub family: u16,
+    pub _pad: u16,
+    pub netns: u32,
+    pub _reserved: u32,
+    pub batch: Batch,
+}
+
 /// Indices of the kernel program's per-CPU counters (`COUNTERS` map).
 pub mod counter {
     /// TCP transitions the program saw (before filters).
@@ -149,7 +222,15 @@ pub mod counter {
     pub const LISTENERS_FULL: u32 = 5;
     /// The timewait program could not read a dying timewait socket.
     pub const TIMEWAIT_UNREADABLE: u32 = 6;
-    pub const COUNT: u32 = 7;
+    /// Transitions added to a batch, less those sent or lost since: the
+    /// sum over CPUs is what still waits in sockets' batches (each CPU's
+    /// share wraps; the sum does not).
+    pub const BATCH_PENDING: u32 = 7;
+    /// Hits the second copy of the BTF program handled because the first
+    /// was running (and so skipped by the kernel): the first copy's
+    /// `recursion_misses` less these were lost.
+    pub const NESTED: u32 = 8;
+    pub const COUNT: u32 = 9;
 }
 
 /// Value of the per-socket timing map (`SOCK_TIMING`), keyed by socket
@@ -199,6 +280,12 @@ pub mod global {
     pub const FILTER_PID: &str = "FILTER_PID";
     /// `[u8; 16]`: owner comm to keep (NUL-padded); all zero: any.
     pub const FILTER_COMM: &str = "FILTER_COMM";
+    /// `u8`: non-zero to batch each socket's transitions (BTF path;
+    /// `--events connections|none`).
+    pub const BATCH: &str = "BATCH";
+    /// `u16`: bit per TCP state whose entry sends the socket's batch at
+    /// once (states the agent must see live).
+    pub const FLUSH_STATES: &str = "FLUSH_STATES";
     /// `u64`: ring buffer fill (bytes) past which the agent is woken up;
     /// below it the agent drains on a timer. 0: every event wakes it.
     pub const WAKEUP_BYTES: &str = "WAKEUP_BYTES";
@@ -212,6 +299,10 @@ pub mod global {
     pub const OFF_SKC_DADDR: &str = "OFF_SKC_DADDR";
     pub const OFF_SKC_V6_RCV_SADDR: &str = "OFF_SKC_V6_RCV_SADDR";
     pub const OFF_SKC_V6_DADDR: &str = "OFF_SKC_V6_DADDR";
+    /// `u32`s: byte offsets (from BTF) of `sock.sk_protocol` and
+    /// `inet_sock.inet_sport`, for the BTF tracepoint.
+    pub const OFF_SK_PROTOCOL: &str = "OFF_SK_PROTOCOL";
+    pub const OFF_INET_SPORT: &str = "OFF_INET_SPORT";
     /// `u32`: byte offset of `sock_common.skc_net.net` (from BTF), or
     /// [`super::OFFSET_UNKNOWN`].
     pub const OFF_SKC_NET: &str = "OFF_SKC_NET";
@@ -227,7 +318,10 @@ pub const OFFSET_UNKNOWN: u32 = u32::MAX;
 pub mod map {
     pub const EVENTS: &str = "EVENTS";
     pub const COUNTERS: &str = "COUNTERS";
+    /// The classic path's per-socket timing (LRU hash).
     pub const SOCK_TIMING: &str = "SOCK_TIMING";
+    /// The BTF path's per-socket timing (socket-local storage).
+    pub const SOCK_STORE: &str = "SOCK_STORE";
     pub const PORT_FILTER: &str = "PORT_FILTER";
     pub const LPORT_FILTER: &str = "LPORT_FILTER";
     pub const RPORT_FILTER: &str = "RPORT_FILTER";
@@ -241,11 +335,19 @@ pub const MAX_FILTER_PREFIXES: u32 = 64;
 /// Listening sockets the kernel remembers for the owner filter.
 pub const MAX_LISTENERS: u32 = 4096;
 
-/// Name of the tracepoint program in the object file.
+/// Name of the classic tracepoint program in the object file (the
+/// fallback path).
 pub const PROGRAM_NAME: &str = "inet_sock_set_state";
+/// Names of the two copies of the BTF tracepoint program (the main path):
+/// the second handles only the hits the first is skipped for.
+pub const BTF_PROGRAM: &str = "sock_set_state";
+pub const BTF_PROGRAM_NESTED: &str = "sock_set_state_nested";
 
-/// Ports a single `--port` filter may list (entries of `PORT_FILTER`).
+/// Ports a single `--port` filter may list.
 pub const MAX_FILTER_PORTS: u32 = 64;
+/// Words of a port filter's bitmap (`PORT_FILTER` and its kin): one bit
+/// per port.
+pub const PORT_BITMAP_WORDS: u32 = 65536 / 64;
 
 #[cfg(feature = "user")]
 mod pod {
@@ -255,6 +357,8 @@ mod pod {
     unsafe impl aya::Pod for SockTiming {}
     unsafe impl aya::Pod for ListenerKey {}
     unsafe impl aya::Pod for TimewaitDeathEvent {}
+    unsafe impl aya::Pod for BatchEvent {}
+    unsafe impl aya::Pod for SockState {}
 }
 
 // No hidden padding: the sizes are the sums of the fields.
@@ -265,3 +369,10 @@ const _: () = assert!(core::mem::align_of::<TransitionEvent>() <= 8);
 const _: () = assert!(core::mem::size_of::<SockTiming>() == 16);
 const _: () = assert!(core::mem::size_of::<ListenerKey>() == 8);
 const _: () = assert!(core::mem::size_of::<TimewaitDeathEvent>() == 16 + 32 + 8 + 8);
+const _: () = assert!(core::mem::size_of::<Step>() == 24);
+const _: () = assert!(core::mem::size_of::<TaskSlot>() == 32);
+const _: () = assert!(core::mem::size_of::<Batch>() == 24 * BATCH_STEPS + 64 + 8);
+const _: () = assert!(core::mem::size_of::<SockState>() == 16 + core::mem::size_of::<Batch>());
+const _: () =
+    assert!(core::mem::size_of::<BatchEvent>() == 16 + 8 + 32 + 16 + core::mem::size_of::<Batch>());
+const _: () = assert!(core::mem::align_of::<BatchEvent>() <= 8);

@@ -6,10 +6,12 @@
 use aya_ebpf::{
     helpers::bpf_get_current_comm,
     macros::map,
-    maps::{lpm_trie::Key, HashMap, LpmTrie},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie},
     Global,
 };
-use tracer_common::{ListenerKey, AF_INET6, MAX_FILTER_PORTS, MAX_FILTER_PREFIXES, MAX_LISTENERS};
+use tracer_common::{ListenerKey, AF_INET6, MAX_FILTER_PREFIXES, MAX_LISTENERS, PORT_BITMAP_WORDS};
+
+use crate::transition::Socket;
 
 #[unsafe(no_mangle)]
 static FILTER_FAMILY: Global<u16> = Global::new(0);
@@ -34,13 +36,21 @@ static FILTER_PID: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
 static FILTER_COMM: Global<[u8; 16]> = Global::new([0; 16]);
 
-/// Either side's port (`--port`).
+/// Port sets as bitmaps (bit `port % 64` of word `port / 64`): an array
+/// look-up is inlined by the verifier, where a hash look-up is a helper
+/// call and a hash. Either side's port (`--port`), local, remote.
 #[map]
-static PORT_FILTER: HashMap<u16, u8> = HashMap::with_max_entries(MAX_FILTER_PORTS, 0);
+static PORT_FILTER: Array<u64> = Array::with_max_entries(PORT_BITMAP_WORDS, 0);
 #[map]
-static LPORT_FILTER: HashMap<u16, u8> = HashMap::with_max_entries(MAX_FILTER_PORTS, 0);
+static LPORT_FILTER: Array<u64> = Array::with_max_entries(PORT_BITMAP_WORDS, 0);
 #[map]
-static RPORT_FILTER: HashMap<u16, u8> = HashMap::with_max_entries(MAX_FILTER_PORTS, 0);
+static RPORT_FILTER: Array<u64> = Array::with_max_entries(PORT_BITMAP_WORDS, 0);
+
+#[inline(always)]
+fn has_port(set: &Array<u64>, port: u16) -> bool {
+    set.get(u32::from(port >> 6))
+        .is_some_and(|w| w & (1u64 << (port & 63)) != 0)
+}
 /// CIDR prefixes over 16-byte addresses (IPv4 as `::ffff:a.b.c.d`).
 #[map]
 static LADDR_FILTER: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(MAX_FILTER_PREFIXES, 0);
@@ -51,18 +61,15 @@ static RADDR_FILTER: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(MAX_FILTE
 #[map]
 static LISTENERS: HashMap<ListenerKey, u8> = HashMap::with_max_entries(MAX_LISTENERS, 0);
 
-/// What the filters look at.
+/// What the filters look at, read before any filter runs: what the timing
+/// needs anyway. The namespace and the addresses are read only when a
+/// filter asks for them.
 pub struct Candidate {
     pub family: u16,
     pub sport: u16,
     pub dport: u16,
     pub oldstate: u8,
     pub newstate: u8,
-    pub netns: u32,
-    /// Addresses as the record holds them (IPv4 in the first 4 bytes); made
-    /// 16-byte keys only when an address filter is on.
-    pub saddr: [u64; 2],
-    pub daddr: [u64; 2],
     pub owner_selected: bool,
 }
 
@@ -70,8 +77,9 @@ pub fn owner_filter_on() -> bool {
     FILTER_OWNER.load() != 0
 }
 
+/// Cheapest tests first; `netns` is filled in if the namespace was read.
 #[inline(always)]
-pub fn passes(c: &Candidate) -> bool {
+pub fn passes<S: Socket>(s: &S, c: &Candidate, netns: &mut Option<u32>) -> bool {
     let family = FILTER_FAMILY.load();
     if family != 0 && family != c.family {
         return false;
@@ -80,39 +88,43 @@ pub fn passes(c: &Candidate) -> bool {
     if states != 0 && states & ((1u16 << (c.oldstate & 15)) | (1u16 << (c.newstate & 15))) == 0 {
         return false;
     }
-    let netns = FILTER_NETNS.load();
-    if netns != 0 && netns != c.netns {
+    if FILTER_OWNER.load() != 0 && !c.owner_selected {
         return false;
     }
     if FILTER_PORTS.load() != 0 {
-        let hit =
-            unsafe { PORT_FILTER.get(&c.sport).is_some() || PORT_FILTER.get(&c.dport).is_some() };
-        if !hit {
+        if !has_port(&PORT_FILTER, c.sport) && !has_port(&PORT_FILTER, c.dport) {
             return false;
         }
     }
-    if FILTER_LPORTS.load() != 0 && unsafe { LPORT_FILTER.get(&c.sport) }.is_none() {
+    if FILTER_LPORTS.load() != 0 && !has_port(&LPORT_FILTER, c.sport) {
         return false;
     }
-    if FILTER_RPORTS.load() != 0 && unsafe { RPORT_FILTER.get(&c.dport) }.is_none() {
+    if FILTER_RPORTS.load() != 0 && !has_port(&RPORT_FILTER, c.dport) {
         return false;
     }
-    if FILTER_LADDRS.load() != 0
-        && LADDR_FILTER
-            .get(Key::new(128, as_v6(c.family, c.saddr)))
-            .is_none()
-    {
-        return false;
+    let want_netns = FILTER_NETNS.load();
+    if want_netns != 0 {
+        let n = *netns.get_or_insert_with(|| s.netns());
+        if n != want_netns {
+            return false;
+        }
     }
-    if FILTER_RADDRS.load() != 0
-        && RADDR_FILTER
-            .get(Key::new(128, as_v6(c.family, c.daddr)))
-            .is_none()
-    {
-        return false;
-    }
-    if FILTER_OWNER.load() != 0 && !c.owner_selected {
-        return false;
+    if FILTER_LADDRS.load() != 0 || FILTER_RADDRS.load() != 0 {
+        let (saddr, daddr) = s.addresses(c.family);
+        if FILTER_LADDRS.load() != 0
+            && LADDR_FILTER
+                .get(Key::new(128, as_v6(c.family, saddr)))
+                .is_none()
+        {
+            return false;
+        }
+        if FILTER_RADDRS.load() != 0
+            && RADDR_FILTER
+                .get(Key::new(128, as_v6(c.family, daddr)))
+                .is_none()
+        {
+            return false;
+        }
     }
     true
 }
@@ -184,15 +196,17 @@ pub fn forget_listener(netns: u32, port: u16) {
 
 /// 16 address bytes for the CIDR tries: IPv4 as `::ffff:a.b.c.d`.
 #[inline(always)]
-fn as_v6(family: u16, a: [u64; 2]) -> [u8; 16] {
+fn as_v6(family: u16, a: [u32; 4]) -> [u8; 16] {
     let mut out = [0u8; 16];
     if family == AF_INET6 {
-        out[..8].copy_from_slice(&a[0].to_ne_bytes());
-        out[8..].copy_from_slice(&a[1].to_ne_bytes());
+        out[..4].copy_from_slice(&a[0].to_ne_bytes());
+        out[4..8].copy_from_slice(&a[1].to_ne_bytes());
+        out[8..12].copy_from_slice(&a[2].to_ne_bytes());
+        out[12..].copy_from_slice(&a[3].to_ne_bytes());
     } else {
         out[10] = 0xff;
         out[11] = 0xff;
-        out[12..].copy_from_slice(&(a[0] as u32).to_ne_bytes());
+        out[12..].copy_from_slice(&a[0].to_ne_bytes());
     }
     out
 }

@@ -1,14 +1,24 @@
-//! Kernel side of `tracer`: one classic tracepoint program on
-//! `sock:inet_sock_set_state` that times every TCP socket's stay in each
-//! state and streams the transitions to the agent through a ring buffer.
+//! Kernel side of `tracer`: the programs on the `inet_sock_set_state`
+//! tracepoint that time every TCP socket's stay in each state and stream
+//! the transitions to the agent through a ring buffer.
+//!
+//! - `btf.rs`: the main path, a BTF tracepoint with socket-local storage
+//!   (two copies, so that nested hits are not skipped);
+//! - `classic.rs`: the fallback, the classic tracepoint with an LRU hash;
+//! - `transition.rs`: what both do with a transition (timing, filters,
+//!   the record); `filter.rs`: the in-kernel filters;
+//! - `timewait.rs`: fentry on `inet_twsk_kill` where allowed;
+//! - `probes.rs`: feature probes the agent loads and unloads.
 //!
 //! Shape borrowed from libbpf-tools' `tcpstates.bpf.c`: filters are constants
-//! set before load, per-socket state lives in a bounded LRU hash and is
-//! deleted when the socket reaches CLOSE.
+//! set before load, per-socket state is reset when the socket reaches CLOSE.
 #![no_std]
 #![no_main]
 
+mod btf;
+mod classic;
 mod filter;
+mod offsets;
 mod probes;
 mod timewait;
 mod transition;

@@ -10,28 +10,16 @@ use aya_ebpf::{
     helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel},
     macros::fentry,
     programs::FEntryContext,
-    Global,
 };
-use tracer_common::{
-    counter, EventHeader, EventKind, TimewaitDeathEvent, AF_INET6, OFFSET_UNKNOWN,
+use tracer_common::{counter, EventHeader, EventKind, TimewaitDeathEvent, AF_INET6};
+
+use crate::{
+    offsets::{
+        netns_inum, OFF_SKC_DADDR, OFF_SKC_DPORT, OFF_SKC_FAMILY, OFF_SKC_NUM, OFF_SKC_RCV_SADDR,
+        OFF_SKC_V6_DADDR, OFF_SKC_V6_RCV_SADDR,
+    },
+    transition::{bump, submit_flags, EVENTS},
 };
-
-use crate::transition::{bump, netns_inum, submit_flags, EVENTS};
-
-#[unsafe(no_mangle)]
-static OFF_SKC_FAMILY: Global<u32> = Global::new(OFFSET_UNKNOWN);
-#[unsafe(no_mangle)]
-static OFF_SKC_NUM: Global<u32> = Global::new(OFFSET_UNKNOWN);
-#[unsafe(no_mangle)]
-static OFF_SKC_DPORT: Global<u32> = Global::new(OFFSET_UNKNOWN);
-#[unsafe(no_mangle)]
-static OFF_SKC_RCV_SADDR: Global<u32> = Global::new(OFFSET_UNKNOWN);
-#[unsafe(no_mangle)]
-static OFF_SKC_DADDR: Global<u32> = Global::new(OFFSET_UNKNOWN);
-#[unsafe(no_mangle)]
-static OFF_SKC_V6_RCV_SADDR: Global<u32> = Global::new(OFFSET_UNKNOWN);
-#[unsafe(no_mangle)]
-static OFF_SKC_V6_DADDR: Global<u32> = Global::new(OFFSET_UNKNOWN);
 
 enum Skip {
     Unreadable,
@@ -95,6 +83,6 @@ fn try_timewait_kill(ctx: &FEntryContext) -> Result<(), Skip> {
         (*ev).netns = netns;
         (*ev)._reserved = 0;
     }
-    entry.submit(submit_flags());
+    entry.submit(submit_flags(size_of::<TimewaitDeathEvent>() as u64));
     Ok(())
 }

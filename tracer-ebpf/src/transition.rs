@@ -1,32 +1,34 @@
-//! `sock:inet_sock_set_state`: one event per TCP state transition.
+//! What every TCP state transition goes through, whichever program saw it
+//! (the BTF tracepoint in `btf.rs`, or the classic tracepoint in
+//! `classic.rs`): timing, filters, and the record to the agent.
+//!
+//! The two programs differ in where they read the socket from (the typed
+//! `struct sock *`, or the tracepoint's record) and where they keep its
+//! timing (socket-local storage, or an LRU hash): the [`Socket`] trait.
 
-use core::{ffi::c_void, mem::offset_of, ptr};
+use core::{ffi::c_void, ptr};
 
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
-    helpers::{
-        bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_ktime_get_ns, bpf_probe_read_kernel,
-        generated,
-    },
-    macros::{map, tracepoint},
-    maps::{LruHashMap, PerCpuArray, RingBuf},
-    programs::TracePointContext,
-    EbpfContext as _, Global,
+    helpers::{bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_ktime_get_ns, generated},
+    macros::map,
+    maps::{PerCpuArray, RingBuf},
+    Global,
 };
-use aya_log_ebpf::warn;
 
 use crate::filter;
 use tracer_common::{
-    counter, tcp_state, EventHeader, EventKind, InetSockSetStateRecord, SockTiming,
-    TransitionEvent, AF_INET6, FLAG_OLD_STATE_KNOWN, IPPROTO_TCP, OFFSET_UNKNOWN,
+    counter, tcp_state, Batch, BatchEvent, EventHeader, EventKind, SockTiming, TransitionEvent,
+    BATCH_STEPS, FLAG_OLD_STATE_KNOWN,
 };
 
-/// Offsets of `sock_common.skc_net.net` and `net.ns.inum`, found by the
-/// agent in the kernel's BTF (Rust eBPF has no CO-RE relocations).
+/// Batch each socket's transitions (`--events connections|none`, where
+/// nobody reads them one by one); see [`Socket::batch`].
 #[unsafe(no_mangle)]
-static OFF_SKC_NET: Global<u32> = Global::new(OFFSET_UNKNOWN);
+static BATCH: Global<u8> = Global::new(0);
+/// Bit per state whose entry sends the batch at once.
 #[unsafe(no_mangle)]
-static OFF_NET_INUM: Global<u32> = Global::new(OFFSET_UNKNOWN);
+static FLUSH_STATES: Global<u16> = Global::new(0);
 
 /// Wake the agent only once this many bytes wait in the ring buffer: a
 /// wake-up per event was the dominant cost of delivery (2-3 µs each in
@@ -42,83 +44,104 @@ pub(crate) static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
 
-/// When each socket entered its current state. Sized by the agent
-/// (`--max-sockets`); LRU so that sockets freed without a CLOSE transition
-/// cannot fill it up for good.
-#[map]
-static SOCK_TIMING: LruHashMap<u64, SockTiming> = LruHashMap::with_max_entries(65536, 0);
+/// A TCP socket as one program sees it.
+pub(crate) trait Socket {
+    /// Kernel address: the socket's identity for the agent.
+    fn addr(&self) -> u64;
+    fn family(&self) -> u16;
+    /// (local, remote) port, host byte order.
+    fn ports(&self) -> (u16, u16);
+    /// (local, remote) address as four native-endian words (IPv4 in the
+    /// first).
+    fn addresses(&self, family: u16) -> ([u32; 4], [u32; 4]);
+    /// Namespace inode, 0 if unknown.
+    fn netns(&self) -> u32;
+    /// The socket's timing slot; `create` where the store can make one in
+    /// place.
+    fn timing(&self, create: bool) -> Option<*mut SockTiming>;
+    /// Stores `t` when [`Socket::timing`] gave no slot; false if it could
+    /// not.
+    fn insert_timing(&self, t: &SockTiming) -> bool;
+    /// The socket reached CLOSE: its timing ends.
+    fn forget_timing(&self, slot: Option<*mut SockTiming>);
+    /// The batch that goes with the timing `slot`, where the store keeps
+    /// one (socket-local storage: it is freed with the socket, so a batch
+    /// cannot outlive it unseen; an LRU entry could be evicted).
+    fn batch(&self, slot: *mut SockTiming) -> Option<*mut Batch>;
+}
 
-/// Why a transition produced no event. Every variant is counted.
-enum Skip {
+/// Why a transition produced no record. Every variant but `NotTcp` is
+/// counted.
+pub(crate) enum Skip {
     NotTcp,
     Filtered,
     RingBufFull,
 }
 
-#[tracepoint(category = "sock", name = "inet_sock_set_state")]
-pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
-    match try_inet_sock_set_state(&ctx) {
-        Ok(()) => {}
-        Err(Skip::NotTcp) => {}
+/// Counts what [`on_transition`] returned.
+#[inline(always)]
+pub(crate) fn count(result: Result<(), Skip>) {
+    match result {
+        Ok(()) | Err(Skip::NotTcp) => {}
         Err(Skip::Filtered) => bump(counter::FILTERED),
         Err(Skip::RingBufFull) => bump(counter::RINGBUF_FULL),
     }
-    0
 }
 
-/// Direct, aligned scalar load of a field of the tracepoint record. (A
-/// generic copy of an array field makes LLVM emit a `memmove` on the context
-/// pointer, which the verifier refuses.)
 #[inline(always)]
-unsafe fn field<T: Copy>(ctx: &TracePointContext, offset: usize) -> T {
-    unsafe { ptr::read_volatile(ctx.as_ptr().cast::<u8>().add(offset).cast::<T>()) }
-}
-
-macro_rules! rec {
-    ($ctx:expr, $field:ident : $ty:ty) => {
-        unsafe { field::<$ty>($ctx, offset_of!(InetSockSetStateRecord, $field)) }
-    };
-    ($ctx:expr, $field:ident : $ty:ty, + $extra:expr) => {
-        unsafe { field::<$ty>($ctx, offset_of!(InetSockSetStateRecord, $field) + $extra) }
-    };
-}
-
-fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), Skip> {
-    if rec!(ctx, protocol: u16) != IPPROTO_TCP {
-        return Err(Skip::NotTcp);
-    }
+pub(crate) fn on_transition<S: Socket>(s: &S, oldstate: u8, newstate: u8) -> Result<(), Skip> {
     bump(counter::SEEN);
     let now = unsafe { bpf_ktime_get_ns() };
-    let skaddr = rec!(ctx, skaddr: u64);
-    let oldstate = rec!(ctx, oldstate: i32) as u8;
-    let newstate = rec!(ctx, newstate: i32) as u8;
-    let family = rec!(ctx, family: u16);
-    let sport = rec!(ctx, sport: u16);
-    let dport = rec!(ctx, dport: u16);
-    let netns = netns_inum(skaddr);
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let (sport, dport) = s.ports();
+    let mut netns = None;
 
     // Timing (and the owner filter's verdict) is kept for every socket,
     // filtered or not, so a duration is right even when the transition
     // that started it was filtered out.
-    let (old_state_ns, owner_selected) =
-        account_time(ctx, skaddr, oldstate, newstate, now, netns, sport, tgid);
+    let (slot, old_state_ns, owner_selected) =
+        account_time(s, oldstate, newstate, now, sport, &mut netns);
 
-    let (saddr, daddr) = addresses(ctx, family);
+    let family = s.family();
     let candidate = filter::Candidate {
         family,
         sport,
         dport,
         oldstate,
         newstate,
-        netns,
-        saddr,
-        daddr,
         owner_selected,
     };
-    if !filter::passes(&candidate) {
+    if !filter::passes(s, &candidate, &mut netns) {
         return Err(Skip::Filtered);
     }
+    if BATCH.load() != 0 {
+        if let Some(batch) = slot.and_then(|t| s.batch(t)) {
+            let step = tracer_common::Step {
+                ts_ns: now,
+                old_state_ns: old_state_ns.unwrap_or(0),
+                old: oldstate,
+                new: newstate,
+                flags: if old_state_ns.is_some() {
+                    FLAG_OLD_STATE_KNOWN as u8
+                } else {
+                    0
+                },
+                owner: 0,
+                _pad: 0,
+            };
+            let at = Endpoints {
+                family,
+                sport,
+                dport,
+                netns,
+            };
+            return add_to_batch(s, unsafe { &mut *batch }, step, &at);
+        }
+    }
+    let netns = match netns {
+        Some(n) => n,
+        None => s.netns(),
+    };
+    let (saddr, daddr) = s.addresses(family);
 
     let mut entry = EVENTS
         .reserve::<TransitionEvent>(0)
@@ -131,7 +154,7 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), Skip> {
             kind: EventKind::Transition as u32,
             len: size_of::<TransitionEvent>() as u32,
         };
-        (*ev).skaddr = skaddr;
+        (*ev).skaddr = s.addr();
         (*ev).old_state_ns = old_state_ns.unwrap_or(0);
         (*ev).flags = if old_state_ns.is_some() {
             FLAG_OLD_STATE_KNOWN
@@ -148,25 +171,142 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), Skip> {
         (*ev).newstate = newstate;
         (*ev).netns = netns;
         (*ev)._reserved = 0;
-        let src = ptr::addr_of_mut!((*ev).saddr).cast::<u64>();
-        let dst = ptr::addr_of_mut!((*ev).daddr).cast::<u64>();
-        *src = saddr[0];
-        *src.add(1) = saddr[1];
-        *dst = daddr[0];
-        *dst.add(1) = daddr[1];
+        let src = ptr::addr_of_mut!((*ev).saddr).cast::<u32>();
+        let dst = ptr::addr_of_mut!((*ev).daddr).cast::<u32>();
+        let mut i = 0;
+        while i < 4 {
+            *src.add(i) = saddr[i];
+            *dst.add(i) = daddr[i];
+            i += 1;
+        }
         // Writes straight into the ring buffer record; on failure the kernel
         // zeroes the buffer, which decodes as an empty comm.
         generated::bpf_get_current_comm(ptr::addr_of_mut!((*ev).comm).cast::<c_void>(), 16);
     }
-    entry.submit(submit_flags());
+    entry.submit(submit_flags(size_of::<TransitionEvent>() as u64));
     Ok(())
 }
 
-/// Ring buffer submit flags: wake the agent only past `WAKEUP_BYTES`.
+/// What a batch record names besides its steps.
+struct Endpoints {
+    family: u16,
+    sport: u16,
+    dport: u16,
+    netns: Option<u32>,
+}
+
+/// Adds `step` to the socket's batch and sends the batch when the socket
+/// closes, enters a state in `FLUSH_STATES`, or the batch is full.
 #[inline(always)]
-pub(crate) fn submit_flags() -> u64 {
+fn add_to_batch<S: Socket>(
+    s: &S,
+    b: &mut Batch,
+    mut step: tracer_common::Step,
+    at: &Endpoints,
+) -> Result<(), Skip> {
+    let task = in_owner_syscall(step.old, step.new);
+    if task && b.nowners as usize >= b.owners.len() {
+        send_batch(s, b, at);
+    }
+    if task {
+        let i = b.nowners as usize;
+        if let Some(slot) = b.owners.get_mut(i) {
+            let pid_tgid = bpf_get_current_pid_tgid();
+            slot.pid = (pid_tgid >> 32) as u32;
+            slot.tid = pid_tgid as u32;
+            slot.uid = bpf_get_current_uid_gid() as u32;
+            unsafe {
+                generated::bpf_get_current_comm(ptr::addr_of_mut!(slot.comm).cast::<c_void>(), 16)
+            };
+            step.owner = i as u8 + 1;
+            b.nowners += 1;
+        }
+    }
+    let i = b.nsteps as usize;
+    if let Some(slot) = b.steps.get_mut(i) {
+        *slot = step;
+        b.nsteps += 1;
+        bump(counter::BATCH_PENDING);
+    }
+    let watched = FLUSH_STATES.load() & (1u16 << (step.new & 15)) != 0;
+    if step.new == tcp_state::CLOSE || watched || b.nsteps as usize >= BATCH_STEPS {
+        send_batch(s, b, at);
+    }
+    Ok(())
+}
+
+/// Sends the socket's batch and empties it; if the ring buffer is full,
+/// its transitions are counted lost.
+#[inline(always)]
+fn send_batch<S: Socket>(s: &S, b: &mut Batch, at: &Endpoints) {
+    let n = u64::from(b.nsteps);
+    if n == 0 {
+        return;
+    }
+    add(counter::BATCH_PENDING, n.wrapping_neg());
+    let reserved = EVENTS.reserve::<BatchEvent>(0);
+    let Some(mut entry) = reserved else {
+        b.nsteps = 0;
+        b.nowners = 0;
+        add(counter::RINGBUF_FULL, n);
+        return;
+    };
+    let ev = entry.as_mut_ptr();
+    let netns = match at.netns {
+        Some(n) => n,
+        None => s.netns(),
+    };
+    let (saddr, daddr) = s.addresses(at.family);
+    unsafe {
+        (*ev).header = EventHeader {
+            ts_ns: b.steps[0].ts_ns,
+            kind: EventKind::Batch as u32,
+            len: size_of::<BatchEvent>() as u32,
+        };
+        (*ev).skaddr = s.addr();
+        (*ev).sport = at.sport;
+        (*ev).dport = at.dport;
+        (*ev).family = at.family;
+        (*ev)._pad = 0;
+        (*ev).netns = netns;
+        (*ev)._reserved = 0;
+        let src = ptr::addr_of_mut!((*ev).saddr).cast::<u32>();
+        let dst = ptr::addr_of_mut!((*ev).daddr).cast::<u32>();
+        let mut i = 0;
+        while i < 4 {
+            *src.add(i) = saddr[i];
+            *dst.add(i) = daddr[i];
+            i += 1;
+        }
+        // Word by word: a struct copy could become a memcpy call.
+        let from = ptr::from_ref(b).cast::<u64>();
+        let to = ptr::addr_of_mut!((*ev).batch).cast::<u64>();
+        let mut w = 0;
+        while w < size_of::<Batch>() / 8 {
+            *to.add(w) = *from.add(w);
+            w += 1;
+        }
+    }
+    b.nsteps = 0;
+    b.nowners = 0;
+    entry.submit(submit_flags(size_of::<BatchEvent>() as u64));
+}
+
+/// Ring buffer submit flags for a record of `size` bytes: wake the agent
+/// only when this record takes the unread data past `WAKEUP_BYTES`. Once
+/// past it the agent is awake and draining; waking it again for every
+/// further record cost an inter-processor interrupt each (a third of the
+/// program's time in `cargo xtask bench`). A crossing missed between two
+/// CPUs is caught by the agent's periodic drain.
+#[inline(always)]
+pub(crate) fn submit_flags(size: u64) -> u64 {
     let threshold = WAKEUP_BYTES.load();
-    let flags = if threshold == 0 || EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= threshold {
+    if threshold == 0 {
+        return BPF_RB_FORCE_WAKEUP as u64;
+    }
+    // Includes this record: reserved, not yet submitted.
+    let unread = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
+    let flags = if unread >= threshold && unread < threshold + size + 8 {
         BPF_RB_FORCE_WAKEUP
     } else {
         BPF_RB_NO_WAKEUP
@@ -185,52 +325,56 @@ fn in_owner_syscall(oldstate: u8, newstate: u8) -> bool {
     )
 }
 
-/// Records that `skaddr` entered `newstate` at `now`. Returns how long it
-/// stayed in `oldstate` (if this program saw it enter that state) and
+/// Records that the socket entered `newstate` at `now`. Returns how long
+/// it stayed in `oldstate` (if this program saw it enter that state) and
 /// whether its owner passes the owner filter (sticky once true; accepted
 /// sockets inherit their listener's verdict).
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn account_time(
-    ctx: &TracePointContext,
-    skaddr: u64,
+fn account_time<S: Socket>(
+    s: &S,
     oldstate: u8,
     newstate: u8,
     now: u64,
-    netns: u32,
     sport: u16,
-    tgid: u32,
-) -> (Option<u64>, bool) {
-    let entry = SOCK_TIMING.get_ptr_mut(&skaddr);
+    netns: &mut Option<u32>,
+) -> (Option<*mut SockTiming>, Option<u64>, bool) {
+    let slot = s.timing(newstate != tcp_state::CLOSE);
     let mut selected = false;
-    let elapsed = entry.and_then(|t| {
+    let elapsed = slot.and_then(|t| {
         let t = unsafe { &*t };
         if t.state == oldstate {
             selected = t.selected != 0;
             Some(now.saturating_sub(t.entered_ns))
         } else {
-            bump(counter::TIMING_STALE);
+            // State 0: a slot just made, no timing yet.
+            if t.state != 0 {
+                bump(counter::TIMING_STALE);
+            }
             None
         }
     });
     if filter::owner_filter_on() {
+        let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
         if in_owner_syscall(oldstate, newstate) && filter::current_task_matches(tgid) {
             selected = true;
         }
-        if oldstate == tcp_state::LISTEN && newstate == tcp_state::SYN_RECV {
-            selected = filter::listener_selected(netns, sport);
-        }
-        if newstate == tcp_state::LISTEN && selected && !filter::remember_listener(netns, sport) {
-            bump(counter::LISTENERS_FULL);
-        }
-        if oldstate == tcp_state::LISTEN && newstate == tcp_state::CLOSE {
-            filter::forget_listener(netns, sport);
+        let listener = (oldstate == tcp_state::LISTEN) || (newstate == tcp_state::LISTEN);
+        if listener {
+            let ns = *netns.get_or_insert_with(|| s.netns());
+            if oldstate == tcp_state::LISTEN && newstate == tcp_state::SYN_RECV {
+                selected = filter::listener_selected(ns, sport);
+            }
+            if newstate == tcp_state::LISTEN && selected && !filter::remember_listener(ns, sport) {
+                bump(counter::LISTENERS_FULL);
+            }
+            if oldstate == tcp_state::LISTEN && newstate == tcp_state::CLOSE {
+                filter::forget_listener(ns, sport);
+            }
         }
     }
     if newstate == tcp_state::CLOSE {
-        // Ignore the result: the entry may legitimately be absent.
-        let _ = SOCK_TIMING.remove(&skaddr);
-        return (elapsed, selected);
+        s.forget_timing(slot);
+        return (slot, elapsed, selected);
     }
     let timing = SockTiming {
         entered_ns: now,
@@ -238,53 +382,26 @@ fn account_time(
         selected: selected as u8,
         _pad: [0; 6],
     };
-    match entry {
+    match slot {
         Some(t) => unsafe { *t = timing },
         None => {
-            if let Err(err) = SOCK_TIMING.insert(&skaddr, &timing, 0) {
+            if !s.insert_timing(&timing) {
                 bump(counter::TIMING_UPDATE_FAILED);
-                warn!(ctx, "SOCK_TIMING insert failed: {}", err);
             }
         }
     }
-    (elapsed, selected)
-}
-
-/// The socket's network namespace inode number, 0 if unknown.
-#[inline(always)]
-pub(crate) fn netns_inum(skaddr: u64) -> u32 {
-    let (off_net, off_inum) = (OFF_SKC_NET.load(), OFF_NET_INUM.load());
-    if off_net == OFFSET_UNKNOWN || off_inum == OFFSET_UNKNOWN {
-        return 0;
-    }
-    let net: u64 = match unsafe { bpf_probe_read_kernel((skaddr + off_net as u64) as *const u64) } {
-        Ok(p) => p,
-        Err(_) => return 0,
-    };
-    unsafe { bpf_probe_read_kernel((net + off_inum as u64) as *const u32) }.unwrap_or(0)
-}
-
-/// The record's local and remote addresses as two 8-byte words each, read
-/// with 4- and 8-byte loads (IPv4 in the first 4 bytes).
-#[inline(always)]
-fn addresses(ctx: &TracePointContext, family: u16) -> ([u64; 2], [u64; 2]) {
-    if family == AF_INET6 {
-        (
-            [rec!(ctx, saddr_v6: u64), rec!(ctx, saddr_v6: u64, + 8)],
-            [rec!(ctx, daddr_v6: u64), rec!(ctx, daddr_v6: u64, + 8)],
-        )
-    } else {
-        // AF_INET: the tracepoint only fires for inet sockets.
-        (
-            [rec!(ctx, saddr: u32) as u64, 0],
-            [rec!(ctx, daddr: u32) as u64, 0],
-        )
-    }
+    (slot, elapsed, selected)
 }
 
 #[inline(always)]
 pub(crate) fn bump(index: u32) {
+    add(index, 1);
+}
+
+/// Adds `n` (wrapping: per-CPU shares of `BATCH_PENDING` go below 0).
+#[inline(always)]
+fn add(index: u32, n: u64) {
     if let Some(slot) = COUNTERS.get_ptr_mut(index) {
-        unsafe { *slot += 1 };
+        unsafe { *slot = (*slot).wrapping_add(n) };
     }
 }

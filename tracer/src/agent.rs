@@ -41,17 +41,28 @@ pub struct Pipeline<W: Write> {
 
 impl<W: Write> Pipeline<W> {
     pub fn handle(&mut self, bytes: &[u8]) -> io::Result<()> {
-        let t = match events::decode_record(bytes) {
-            Ok(Record::Transition(t)) => t,
-            Ok(Record::TimewaitDeath(d)) => return self.timewait_died(&d),
+        match events::decode_record(bytes) {
+            Ok(Record::Transition(t)) => self.transition(&t),
+            Ok(Record::Batch(b)) => {
+                for t in b.transitions() {
+                    self.transition(t)?;
+                }
+                Ok(())
+            }
+            Ok(Record::TimewaitDeath(d)) => self.timewait_died(&d),
             Err(e) => {
                 self.unreadable += 1;
                 if self.unreadable == 1 {
                     log::warn!("unreadable record ({e}); counted in the stats");
                 }
-                return Ok(());
+                Ok(())
             }
-        };
+        }
+    }
+
+    /// One transition from the kernel, alone or from a batch.
+    fn transition(&mut self, t: &Transition) -> io::Result<()> {
+        let t = *t;
         self.events += 1;
         let outcome = self.tracker.on_transition(&t);
         for d in &outcome.derived {
@@ -154,11 +165,31 @@ impl<W: Write> Pipeline<W> {
             timing_stale: kernel.timing_stale,
             listeners_full: kernel.listeners_full,
             timewait_unreadable: kernel.timewait_unreadable,
+            skipped: kernel.skipped,
+            pending: kernel.batch_pending,
             untracked: self.tracker.untracked,
             gaps: self.tracker.gaps,
             ..Default::default()
         }
     }
+}
+
+/// States whose entry the agent must see at once when the kernel batches
+/// transitions: LISTEN (accepted sockets inherit their listener's owner),
+/// ESTABLISHED (a new connection on a timewait socket's 4-tuple ends it;
+/// live connection gauges), and the states watched for stuck connections.
+/// The other transitions of a socket (the open and close handshakes) reach
+/// the agent with the next of these, or at CLOSE.
+fn flush_states(args: &Args) -> u16 {
+    let bit = |s: TcpState| 1u16 << (s as u8);
+    let mut mask = bit(TcpState::Listen) | bit(TcpState::Established);
+    if !args.close_wait.is_zero() {
+        mask |= bit(TcpState::CloseWait);
+    }
+    if !args.fin_wait2.is_zero() {
+        mask |= bit(TcpState::FinWait2);
+    }
+    mask
 }
 
 /// How often the agent drains the ring buffer without being woken.
@@ -183,6 +214,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             .unwrap_or(u64::from(args.ringbuf_size) / 8),
         max_sockets: args.max_sockets,
         ringbuf_bytes: args.ringbuf_size,
+        attach: args.attach,
+        batch: !args.events.transitions(),
+        flush_states: flush_states(&args),
     };
     let probe = loader::load(&opts)?;
     let mut capabilities = probe.capabilities;
@@ -220,7 +254,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     // Tests and scripts wait for this line: everything is in place.
     log::info!(
-        "attached to sock:inet_sock_set_state; ring buffer {} KiB, {} sockets timed at most",
+        "attached to {}; ring buffer {} KiB, {} sockets timed at most",
+        match capabilities.transitions {
+            crate::features::TransitionPath::TpBtf => "tp_btf/inet_sock_set_state",
+            crate::features::TransitionPath::Tracepoint => "sock:inet_sock_set_state",
+        },
         args.ringbuf_size >> 10,
         args.max_sockets
     );

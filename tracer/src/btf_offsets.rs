@@ -36,6 +36,10 @@ pub struct KernelOffsets {
     /// `struct sock_common` members the timewait program reads, in the
     /// order of [`SOCK_COMMON_MEMBERS`].
     pub sock_common: [u32; 7],
+    /// `struct sock` → `sk_protocol` (a `u16` since 5.6).
+    pub sk_protocol: u32,
+    /// `struct inet_sock` → `inet_sport` (the local port, network order).
+    pub inet_sport: u32,
 }
 
 /// Members of `struct sock_common` read from timewait sockets.
@@ -54,7 +58,16 @@ impl KernelOffsets {
         skc_net: OFFSET_UNKNOWN,
         net_inum: OFFSET_UNKNOWN,
         sock_common: [OFFSET_UNKNOWN; 7],
+        sk_protocol: OFFSET_UNKNOWN,
+        inet_sport: OFFSET_UNKNOWN,
     };
+
+    /// Everything the BTF tracepoint program reads is known.
+    pub fn btf_path_known(&self) -> bool {
+        self.timewait_known()
+            && self.sk_protocol != OFFSET_UNKNOWN
+            && self.inet_sport != OFFSET_UNKNOWN
+    }
 
     /// Everything the timewait program needs is known.
     pub fn timewait_known(&self) -> bool {
@@ -80,6 +93,12 @@ pub fn from_sys_fs() -> Result<KernelOffsets, BtfError> {
             btf.member_offset("sock_common", m)
                 .unwrap_or(OFFSET_UNKNOWN)
         }),
+        sk_protocol: btf
+            .member_offset("sock", "sk_protocol")
+            .unwrap_or(OFFSET_UNKNOWN),
+        inet_sport: btf
+            .member_offset("inet_sock", "inet_sport")
+            .unwrap_or(OFFSET_UNKNOWN),
     })
 }
 
@@ -359,6 +378,8 @@ mod tests {
             ("sock_common", "skc_v6_daddr"),
             ("sock_common", "skc_rcv_saddr"),
             ("sock", "sk_socket"),
+            ("sock", "sk_protocol"),
+            ("inet_sock", "inet_sport"),
             ("inet_timewait_sock", "tw_timer"),
             ("tcp_sock", "srtt_us"),
         ] {

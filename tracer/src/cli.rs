@@ -111,6 +111,14 @@ pub struct Args {
     #[arg(long, value_name = "BYTES")]
     pub wakeup_bytes: Option<u64>,
 
+    /// Which kernel program receives the transitions: `tp-btf` (the BTF
+    /// tracepoint with socket-local storage: cheapest, no skipped runs),
+    /// `tracepoint` (the classic tracepoint with an LRU hash of
+    /// --max-sockets), or `auto`: tp-btf where the kernel allows it (BTF,
+    /// 5.11+), else tracepoint. `-v` says which runs.
+    #[arg(long, value_enum, default_value_t = crate::loader::Attach::Auto)]
+    pub attach: crate::loader::Attach,
+
     /// More diagnostics on stderr (repeat for debug output).
     #[arg(short, long, action = clap::ArgAction::Count)]
     pub verbose: u8,

@@ -11,8 +11,8 @@ use std::{
 
 use thiserror::Error;
 use tracer_common::{
-    EventHeader, EventKind, TimewaitDeathEvent, TransitionEvent, AF_INET, AF_INET6,
-    FLAG_OLD_STATE_KNOWN,
+    BatchEvent, EventHeader, EventKind, TimewaitDeathEvent, TransitionEvent, AF_INET, AF_INET6,
+    BATCH_STEPS, FLAG_OLD_STATE_KNOWN,
 };
 
 /// A TCP state, numbered as in the kernel's `include/net/tcp_states.h`.
@@ -215,6 +215,8 @@ pub enum DecodeError {
     BadState(u8),
     #[error("unknown address family {0}")]
     BadFamily(u16),
+    #[error("batch with bad step or task count {0}")]
+    BadSteps(u8),
 }
 
 /// A timewait socket's death, seen by the fentry program.
@@ -230,15 +232,35 @@ pub struct TimewaitDeath {
 }
 
 /// Any ring buffer record.
+// Decoded on the stack, one at a time: a large batch costs no allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Record {
     Transition(Transition),
     TimewaitDeath(TimewaitDeath),
+    /// Transitions of one socket, in order.
+    Batch(Batch),
+}
+
+/// Up to [`BATCH_STEPS`] transitions of one socket, decoded from a
+/// [`BatchEvent`] (no allocation).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Batch {
+    steps: [Option<Transition>; BATCH_STEPS],
+}
+
+impl Batch {
+    pub fn transitions(&self) -> impl Iterator<Item = &Transition> {
+        self.steps.iter().flatten()
+    }
 }
 
 /// Decodes one ring buffer record of any kind.
 pub fn decode_record(bytes: &[u8]) -> Result<Record, DecodeError> {
     let header: EventHeader = read(bytes).ok_or(DecodeError::ShortHeader(bytes.len()))?;
+    if header.kind == EventKind::Batch as u32 {
+        return decode_batch(bytes).map(Record::Batch);
+    }
     if header.kind != EventKind::TimewaitDeath as u32 {
         return decode(bytes).map(Record::Transition);
     }
@@ -265,6 +287,65 @@ pub fn decode_record(bytes: &[u8]) -> Result<Record, DecodeError> {
         rport: ev.dport,
         netns: ev.netns,
     }))
+}
+
+/// Decodes a batch: each step becomes the transition the kernel would have
+/// sent alone, with the batch's endpoints. Steps that ran in the owner's
+/// system call carry the task that was current; the others carry none
+/// (pid 0), which nothing reads in the modes that batch.
+pub fn decode_batch(bytes: &[u8]) -> Result<Batch, DecodeError> {
+    let want = size_of::<BatchEvent>();
+    let header: EventHeader = read(bytes).ok_or(DecodeError::ShortHeader(bytes.len()))?;
+    if bytes.len() < want || header.len as usize != want {
+        return Err(DecodeError::BadLength {
+            kind: header.kind,
+            got: bytes.len(),
+            want,
+        });
+    }
+    let ev: BatchEvent = read(bytes).ok_or(DecodeError::ShortHeader(bytes.len()))?;
+    let family = match ev.family {
+        AF_INET => Family::Ipv4,
+        AF_INET6 => Family::Ipv6,
+        other => return Err(DecodeError::BadFamily(other)),
+    };
+    let b = ev.batch;
+    let n = usize::from(b.nsteps);
+    if n == 0 || n > BATCH_STEPS {
+        return Err(DecodeError::BadSteps(b.nsteps));
+    }
+    let state = |n| TcpState::from_kernel(n).ok_or(DecodeError::BadState(n));
+    let mut steps = [None; BATCH_STEPS];
+    for (out, step) in steps.iter_mut().zip(&b.steps[..n]) {
+        let task = match step.owner {
+            0 => None,
+            k => Some(
+                *b.owners
+                    .get(usize::from(k) - 1)
+                    .ok_or(DecodeError::BadSteps(k))?,
+            ),
+        };
+        *out = Some(Transition {
+            mono_ns: step.ts_ns,
+            sock: ev.skaddr,
+            pid: task.map_or(0, |t| t.pid),
+            tid: task.map_or(0, |t| t.tid),
+            uid: task.map_or(0, |t| t.uid),
+            comm: Comm(task.map_or([0; 16], |t| t.comm)),
+            family,
+            laddr: addr(family, ev.saddr),
+            lport: ev.sport,
+            raddr: addr(family, ev.daddr),
+            rport: ev.dport,
+            old: state(step.old)?,
+            new: state(step.new)?,
+            old_state_ns: (u32::from(step.flags) & FLAG_OLD_STATE_KNOWN != 0)
+                .then_some(step.old_state_ns),
+            netns: ev.netns,
+            source: Source::Tracepoint,
+        });
+    }
+    Ok(Batch { steps })
 }
 
 /// Decodes one transition record.
@@ -420,6 +501,98 @@ pub(crate) mod tests {
             ..sample()
         };
         assert_eq!(decode(&encode(&t)), Ok(t));
+    }
+
+    /// A batch as the kernel builds it: a client's connect (task recorded),
+    /// its handshake (none), then an unknown-duration step.
+    fn batch_bytes(nsteps: u8) -> Vec<u8> {
+        use tracer_common::{Batch as RawBatch, Step, TaskSlot};
+        let mut b = RawBatch {
+            nsteps,
+            nowners: 1,
+            ..Default::default()
+        };
+        b.owners[0] = TaskSlot {
+            pid: 7,
+            tid: 8,
+            uid: 9,
+            comm: comm("client").0,
+            ..Default::default()
+        };
+        let step = |ts, old: TcpState, new: TcpState, ns, owner| Step {
+            ts_ns: ts,
+            old_state_ns: ns,
+            old: old as u8,
+            new: new as u8,
+            flags: if ns > 0 {
+                FLAG_OLD_STATE_KNOWN as u8
+            } else {
+                0
+            },
+            owner,
+            _pad: 0,
+        };
+        b.steps[0] = step(100, TcpState::Close, TcpState::SynSent, 0, 1);
+        b.steps[1] = step(160, TcpState::SynSent, TcpState::Established, 60, 0);
+        b.steps[2] = step(900, TcpState::FinWait1, TcpState::FinWait2, 0, 0);
+        let mut saddr = [0u8; 16];
+        saddr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        let ev = BatchEvent {
+            header: EventHeader {
+                ts_ns: 100,
+                kind: EventKind::Batch as u32,
+                len: size_of::<BatchEvent>() as u32,
+            },
+            skaddr: 0xabc,
+            saddr,
+            daddr: saddr,
+            sport: 40000,
+            dport: 80,
+            family: AF_INET,
+            netns: 5,
+            batch: b,
+            ..Default::default()
+        };
+        // SAFETY: `BatchEvent` is `#[repr(C)]` without padding.
+        unsafe {
+            std::slice::from_raw_parts(
+                (&ev as *const BatchEvent).cast::<u8>(),
+                size_of::<BatchEvent>(),
+            )
+        }
+        .to_vec()
+    }
+
+    #[test]
+    fn batch_decodes_into_the_transitions_sent_alone() {
+        let Ok(Record::Batch(b)) = decode_record(&batch_bytes(3)) else {
+            panic!("not a batch");
+        };
+        let ts: Vec<&Transition> = b.transitions().collect();
+        assert_eq!(ts.len(), 3);
+        assert_eq!((ts[0].old, ts[0].new), (TcpState::Close, TcpState::SynSent));
+        assert_eq!((ts[0].pid, ts[0].tid, ts[0].uid), (7, 8, 9));
+        assert_eq!(ts[0].comm, comm("client"));
+        assert_eq!(ts[0].old_state_ns, None);
+        assert_eq!(ts[1].pid, 0, "no task recorded outside the owner's calls");
+        assert_eq!(ts[1].old_state_ns, Some(60));
+        assert_eq!(ts[1].mono_ns, 160);
+        assert_eq!(ts[2].old_state_ns, None);
+        for t in &ts {
+            assert_eq!((t.sock, t.lport, t.rport, t.netns), (0xabc, 40000, 80, 5));
+            assert_eq!(t.laddr, "127.0.0.1".parse::<IpAddr>().unwrap());
+        }
+    }
+
+    #[test]
+    fn bad_batches_are_rejected() {
+        assert_eq!(decode_batch(&batch_bytes(0)), Err(DecodeError::BadSteps(0)));
+        assert_eq!(decode_batch(&batch_bytes(7)), Err(DecodeError::BadSteps(7)));
+        let bytes = batch_bytes(3);
+        assert!(matches!(
+            decode_record(&bytes[..bytes.len() - 8]),
+            Err(DecodeError::BadLength { .. })
+        ));
     }
 
     #[test]

@@ -32,6 +32,33 @@ pub struct Capabilities {
     /// NETLINK_SOCK_DIAG for TCP (`inet_diag` + `tcp_diag`, built in or
     /// loaded): timewait sockets, socket inodes, the start-up snapshot.
     pub sock_diag: bool,
+    /// Which program receives the transitions.
+    pub transitions: TransitionPath,
+}
+
+/// The program that receives the transitions, and where it keeps each
+/// socket's timing.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TransitionPath {
+    /// `tp_btf/inet_sock_set_state` (two copies), socket-local storage.
+    #[default]
+    TpBtf,
+    /// `sock:inet_sock_set_state`, an LRU hash of `--max-sockets`.
+    Tracepoint,
+}
+
+impl TransitionPath {
+    fn describe(self) -> &'static str {
+        match self {
+            TransitionPath::TpBtf => {
+                "tp_btf/inet_sock_set_state (BTF tracepoint, 2 copies), timing in socket storage"
+            }
+            TransitionPath::Tracepoint => {
+                "tracepoint sock:inet_sock_set_state (classic fallback), timing in an LRU hash"
+            }
+        }
+    }
 }
 
 impl Capabilities {
@@ -39,11 +66,16 @@ impl Capabilities {
     pub fn describe(&self) -> String {
         let yes = |b: bool| if b { "yes" } else { "no" };
         format!(
-            "kernel: transitions via tracepoint sock:inet_sock_set_state, delivered by ring buffer; \
+            "kernel: transitions via {}, delivered by ring buffer; \
              TIME_WAIT and socket owners via sock_diag={}, timewait deaths via {}; \
              btf={} tp_btf={} iter/tcp={} kprobe={} fentry={}",
+            self.transitions.describe(),
             yes(self.sock_diag),
-            if self.timewait_fentry { "fentry on inet_twsk_kill" } else { "sock_diag polls" },
+            if self.timewait_fentry {
+                "fentry on inet_twsk_kill"
+            } else {
+                "sock_diag polls"
+            },
             yes(self.btf),
             yes(self.tp_btf),
             yes(self.iter_tcp),

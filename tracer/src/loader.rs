@@ -6,15 +6,15 @@ use std::{ffi::CString, io, path::Path};
 use aya::{
     maps::{
         lpm_trie::{Key, LpmTrie},
-        HashMap, MapData, PerCpuArray, RingBuf,
+        Array, MapData, PerCpuArray, RingBuf,
     },
-    programs::{FEntry, TracePoint},
+    programs::{BtfTracePoint, FEntry, TracePoint},
     Ebpf, EbpfLoader,
 };
 use thiserror::Error;
 use tracer_common::{
-    counter, global, map, MAX_FILTER_PORTS, MAX_FILTER_PREFIXES, PROGRAM_NAME, TIMEWAIT_FUNCTION,
-    TIMEWAIT_PROGRAM,
+    counter, global, map, BTF_PROGRAM, BTF_PROGRAM_NESTED, MAX_FILTER_PORTS, MAX_FILTER_PREFIXES,
+    PROGRAM_NAME, TIMEWAIT_FUNCTION, TIMEWAIT_PROGRAM,
 };
 
 use crate::{
@@ -62,6 +62,22 @@ pub enum LoadError {
     Map(#[from] aya::maps::MapError),
     #[error("the eBPF object has no {0}")]
     Missing(&'static str),
+    #[error("--attach tp-btf: {0}")]
+    NoTpBtf(String),
+}
+
+/// Which program receives the transitions (`--attach`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Attach {
+    /// The BTF tracepoint where the kernel allows it, else the classic one.
+    #[default]
+    Auto,
+    /// `tp_btf/inet_sock_set_state` with socket-local storage; an error
+    /// where the kernel cannot.
+    TpBtf,
+    /// The classic `sock:inet_sock_set_state` tracepoint with an LRU hash
+    /// (the fallback; for comparison and tests).
+    Tracepoint,
 }
 
 #[derive(Clone, Debug)]
@@ -72,6 +88,12 @@ pub struct LoadOptions {
     /// Ring buffer fill that wakes the agent (0: every event). The agent
     /// must also drain on a timer: below the threshold nothing wakes it.
     pub wakeup_bytes: u64,
+    pub attach: Attach,
+    /// Batch each socket's transitions in the kernel (BTF path only):
+    /// for outputs that need no transition the moment it happens.
+    pub batch: bool,
+    /// States whose entry sends a socket's batch at once (bit per state).
+    pub flush_states: u16,
 }
 
 impl Default for LoadOptions {
@@ -81,6 +103,9 @@ impl Default for LoadOptions {
             max_sockets: 65536,
             ringbuf_bytes: 4 << 20,
             wakeup_bytes: 0,
+            attach: Attach::Auto,
+            batch: false,
+            flush_states: 0,
         }
     }
 }
@@ -108,15 +133,51 @@ pub struct CounterValues {
     pub timing_stale: u64,
     pub listeners_full: u64,
     pub timewait_unreadable: u64,
+    /// Program runs the kernel skipped because one was already running
+    /// on that CPU: transitions neither seen nor otherwise counted.
+    pub skipped: u64,
+    /// Transitions waiting in sockets' batches in the kernel.
+    pub batch_pending: u64,
 }
 
-pub struct KernelCounters(PerCpuArray<MapData, u64>);
+/// `recursion_misses` of a program's fdinfo (5.12+; 0 where absent).
+fn recursion_misses(fdinfo: &Path) -> u64 {
+    std::fs::read_to_string(fdinfo)
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find_map(|l| l.strip_prefix("recursion_misses:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// The fdinfo path of a loaded program.
+fn fdinfo_of(fd: &aya::programs::ProgramFd) -> std::path::PathBuf {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    Path::new("/proc/self/fdinfo").join(fd.as_fd().as_raw_fd().to_string())
+}
+
+pub struct KernelCounters {
+    map: PerCpuArray<MapData, u64>,
+    /// `/proc/self/fdinfo/N` of the program that receives transitions
+    /// first: the kernel counts the runs it skipped there
+    /// (`recursion_misses`).
+    fdinfo: Vec<std::path::PathBuf>,
+}
 
 impl KernelCounters {
     pub fn read(&self) -> Result<CounterValues, aya::maps::MapError> {
         let sum =
-            |i: u32| -> Result<u64, aya::maps::MapError> { Ok(self.0.get(&i, 0)?.iter().sum()) };
+            |i: u32| -> Result<u64, aya::maps::MapError> { Ok(self.map.get(&i, 0)?.iter().sum()) };
         Ok(CounterValues {
+            // The second BTF copy handled some of the first's misses.
+            skipped: self
+                .fdinfo
+                .iter()
+                .map(|p| recursion_misses(p))
+                .sum::<u64>()
+                .saturating_sub(sum(counter::NESTED)?),
             seen: sum(counter::SEEN)?,
             filtered: sum(counter::FILTERED)?,
             ringbuf_full: sum(counter::RINGBUF_FULL)?,
@@ -124,6 +185,11 @@ impl KernelCounters {
             timing_stale: sum(counter::TIMING_STALE)?,
             listeners_full: sum(counter::LISTENERS_FULL)?,
             timewait_unreadable: sum(counter::TIMEWAIT_UNREADABLE)?,
+            batch_pending: self
+                .map
+                .get(&counter::BATCH_PENDING, 0)?
+                .iter()
+                .fold(0u64, |a, &v| a.wrapping_add(v)),
         })
     }
 }
@@ -259,10 +325,67 @@ pub fn load(opts: &LoadOptions) -> Result<Probe, LoadError> {
     if !features::ringbuf_supported() {
         return Err(LoadError::NoRingBuf);
     }
-    load_attached(opts).map_err(refused_or)
+    let offsets = match btf_offsets::from_sys_fs() {
+        Ok(o) => o,
+        Err(e) => {
+            log::warn!(
+                "no kernel struct offsets ({e}); network namespaces will be reported unknown"
+            );
+            KernelOffsets::UNKNOWN
+        }
+    };
+    let btf = features::kernel_btf();
+    let btf_ready = btf.is_some() && offsets.btf_path_known();
+    match opts.attach {
+        Attach::Tracepoint => load_attached(opts, &btf, offsets, Route::Classic),
+        Attach::TpBtf if !btf_ready => Err(LoadError::NoTpBtf(
+            "the kernel's BTF (/sys/kernel/btf/vmlinux) or the struct sock offsets in it are missing"
+                .into(),
+        )),
+        Attach::TpBtf => load_attached(opts, &btf, offsets, Route::Btf).map_err(|e| match e {
+            LoadError::NotPrivileged => e,
+            e => LoadError::NoTpBtf(e.to_string()),
+        }),
+        Attach::Auto if !btf_ready => {
+            log::info!("no kernel BTF with struct sock offsets: the classic tracepoint runs");
+            load_attached(opts, &btf, offsets, Route::Classic)
+        }
+        Attach::Auto => match load_attached(opts, &btf, offsets, Route::Btf) {
+            Ok(probe) => Ok(probe),
+            Err(e) => {
+                // E.g. 5.8-5.10: tp_btf, but no socket storage in tracing programs.
+                log::info!("the BTF tracepoint path failed ({e}); the classic tracepoint runs");
+                load_attached(opts, &btf, offsets, Route::Classic)
+            }
+        },
+    }
+    .map_err(refused_or)
 }
 
-fn load_attached(opts: &LoadOptions) -> Result<Probe, LoadError> {
+/// The non-zero words of the kernel's port bitmap for `ports`.
+fn port_bitmap(ports: &[u16]) -> std::collections::BTreeMap<u32, u64> {
+    let mut words = std::collections::BTreeMap::new();
+    for &p in ports {
+        *words.entry(u32::from(p >> 6)).or_insert(0u64) |= 1 << (p & 63);
+    }
+    words
+}
+
+/// Which program set is loaded.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Route {
+    /// Two copies of the BTF tracepoint program, socket-local storage.
+    Btf,
+    /// The classic tracepoint program, LRU hash.
+    Classic,
+}
+
+fn load_attached(
+    opts: &LoadOptions,
+    btf: &Option<aya::Btf>,
+    offsets: KernelOffsets,
+    route: Route,
+) -> Result<Probe, LoadError> {
     let f = &opts.filters;
     let family: u16 = f.family.map_or(0, Family::af);
     let on = |v: bool| u8::from(v);
@@ -274,15 +397,11 @@ fn load_attached(opts: &LoadOptions) -> Result<Probe, LoadError> {
     let (laddrs, raddrs) = (on(!f.laddrs.is_empty()), on(!f.raddrs.is_empty()));
     let (states, netns, owner) = (f.state_mask(), f.netns.unwrap_or(0), on(f.owner_filter()));
     let (pid, comm) = (f.pid.unwrap_or(0), f.comm_bytes());
-    let btf = features::kernel_btf();
-    let offsets = match btf_offsets::from_sys_fs() {
-        Ok(o) => o,
-        Err(e) => {
-            log::warn!(
-                "no kernel struct offsets ({e}); network namespaces will be reported unknown"
-            );
-            KernelOffsets::UNKNOWN
-        }
+    // The LRU hash is preallocated: keep it minimal where it is unused.
+    let lru_entries = if route == Route::Classic {
+        opts.max_sockets
+    } else {
+        1
     };
     if netns != 0 && !offsets.netns_known() {
         return Err(LoadError::NetnsNeedsBtf);
@@ -300,6 +419,8 @@ fn load_attached(opts: &LoadOptions) -> Result<Probe, LoadError> {
         .override_global(global::OFF_SKC_DADDR, &offsets.sock_common[4], true)
         .override_global(global::OFF_SKC_V6_RCV_SADDR, &offsets.sock_common[5], true)
         .override_global(global::OFF_SKC_V6_DADDR, &offsets.sock_common[6], true)
+        .override_global(global::OFF_SK_PROTOCOL, &offsets.sk_protocol, true)
+        .override_global(global::OFF_INET_SPORT, &offsets.inet_sport, true)
         .override_global(global::FILTER_PORTS, &ports, true)
         .override_global(global::FILTER_LPORTS, &lports, true)
         .override_global(global::FILTER_RPORTS, &rports, true)
@@ -310,7 +431,9 @@ fn load_attached(opts: &LoadOptions) -> Result<Probe, LoadError> {
         .override_global(global::FILTER_OWNER, &owner, true)
         .override_global(global::FILTER_PID, &pid, true)
         .override_global(global::FILTER_COMM, &comm, true)
-        .map_max_entries(map::SOCK_TIMING, opts.max_sockets)
+        .override_global(global::BATCH, &u8::from(opts.batch), true)
+        .override_global(global::FLUSH_STATES, &opts.flush_states, true)
+        .map_max_entries(map::SOCK_TIMING, lru_entries)
         .map_max_entries(map::EVENTS, opts.ringbuf_bytes)
         .load(PROGRAM_OBJECT)?;
 
@@ -330,12 +453,12 @@ fn load_attached(opts: &LoadOptions) -> Result<Probe, LoadError> {
         if list.is_empty() {
             continue;
         }
-        let mut m: HashMap<_, u16, u8> = HashMap::try_from(
+        let mut bitmap: Array<_, u64> = Array::try_from(
             ebpf.map_mut(name)
                 .ok_or(LoadError::Missing("port filter map"))?,
         )?;
-        for port in list {
-            m.insert(port, 1, 0)?;
+        for (word, bits) in port_bitmap(list) {
+            bitmap.set(word, bits, 0)?;
         }
     }
     for (name, nets) in [
@@ -355,14 +478,46 @@ fn load_attached(opts: &LoadOptions) -> Result<Probe, LoadError> {
         }
     }
 
-    let program: &mut TracePoint = ebpf
-        .program_mut(PROGRAM_NAME)
-        .ok_or(LoadError::Missing("tracepoint program"))?
-        .try_into()?;
-    program.load()?;
-    program.attach("sock", "inet_sock_set_state")?;
+    let mut fdinfo = Vec::new();
+    match (route, btf.as_ref()) {
+        (Route::Btf, Some(btf)) => {
+            // Both loaded before either is attached: all or nothing.
+            for name in [BTF_PROGRAM, BTF_PROGRAM_NESTED] {
+                let program: &mut BtfTracePoint = ebpf
+                    .program_mut(name)
+                    .ok_or(LoadError::Missing("BTF tracepoint program"))?
+                    .try_into()?;
+                program.load("inet_sock_set_state", btf)?;
+                // The first copy's misses are what may be lost.
+                if name == BTF_PROGRAM {
+                    fdinfo.push(fdinfo_of(program.fd()?));
+                }
+            }
+            for name in [BTF_PROGRAM, BTF_PROGRAM_NESTED] {
+                let program: &mut BtfTracePoint = ebpf
+                    .program_mut(name)
+                    .ok_or(LoadError::Missing("BTF tracepoint program"))?
+                    .try_into()?;
+                program.attach()?;
+            }
+        }
+        _ => {
+            let program: &mut TracePoint = ebpf
+                .program_mut(PROGRAM_NAME)
+                .ok_or(LoadError::Missing("tracepoint program"))?
+                .try_into()?;
+            program.load()?;
+            program.attach("sock", "inet_sock_set_state")?;
+            fdinfo.push(fdinfo_of(program.fd()?));
+        }
+    }
 
     let mut capabilities = features::probe(&mut ebpf, btf.as_ref());
+    capabilities.transitions = if route == Route::Btf {
+        features::TransitionPath::TpBtf
+    } else {
+        features::TransitionPath::Tracepoint
+    };
     features::unload_probes(&mut ebpf);
     // Where fentry works, time timewait deaths exactly; the sock_diag polls
     // remain the portable path (and date the TIME_WAIT entry either way).
@@ -379,10 +534,13 @@ fn load_attached(opts: &LoadOptions) -> Result<Probe, LoadError> {
         ebpf.take_map(map::EVENTS)
             .ok_or(LoadError::Missing("EVENTS map"))?,
     )?;
-    let counters = KernelCounters(PerCpuArray::try_from(
-        ebpf.take_map(map::COUNTERS)
-            .ok_or(LoadError::Missing("COUNTERS map"))?,
-    )?);
+    let counters = KernelCounters {
+        map: PerCpuArray::try_from(
+            ebpf.take_map(map::COUNTERS)
+                .ok_or(LoadError::Missing("COUNTERS map"))?,
+        )?,
+        fdinfo,
+    };
     Ok(Probe {
         events,
         capabilities,
@@ -391,4 +549,19 @@ fn load_attached(opts: &LoadOptions) -> Result<Probe, LoadError> {
         logger,
         _ebpf: ebpf,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_bitmap_sets_one_bit_per_port() {
+        let words = port_bitmap(&[0, 63, 64, 8080, 65535]);
+        assert_eq!(words.get(&0), Some(&(1 | 1 << 63)));
+        assert_eq!(words.get(&1), Some(&1));
+        assert_eq!(words.get(&(8080 / 64)), Some(&(1 << (8080 % 64))));
+        assert_eq!(words.get(&1023), Some(&(1 << 63)));
+        assert_eq!(words.len(), 4);
+    }
 }

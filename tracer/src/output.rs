@@ -44,6 +44,12 @@ pub struct Stats {
     pub listeners_full: u64,
     /// Dying timewait sockets the fentry program could not read.
     pub timewait_unreadable: u64,
+    /// Transitions the kernel skipped because the program was already
+    /// running on that CPU (the programs' `recursion_misses`): lost.
+    pub skipped: u64,
+    /// Transitions still waiting in their socket's batch in the kernel at
+    /// exit (connections mid-way through a handshake; see the README).
+    pub pending: u64,
     /// Timewait dumps (NETLINK_SOCK_DIAG) made, and their total cost.
     pub timewait_polls: u64,
     pub timewait_poll_ns: u64,
@@ -471,6 +477,8 @@ pub fn stats_line(s: &Stats) -> String {
         s.events, s.lost, s.filtered, s.unreadable
     );
     for (n, what) in [
+        (s.skipped, "skipped (program already running on the CPU)"),
+        (s.pending, "pending in the kernel at exit"),
         (s.timing_map_full, "timing map full"),
         (s.listeners_full, "listener table full"),
         (s.timewait_unreadable, "unreadable timewait sockets"),

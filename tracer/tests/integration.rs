@@ -13,9 +13,10 @@ use std::{
 
 use common::*;
 use tracer::{
-    events::{Family, TcpState::*, Transition},
+    events::{Family, TcpState, TcpState::*, Transition},
+    features::TransitionPath,
     filters::Filters,
-    loader::LoadOptions,
+    loader::{Attach, LoadOptions},
     tracker::Tracker,
 };
 use tracer_common::InetSockSetStateRecord;
@@ -106,9 +107,19 @@ fn sockets(c: &Collector, port: u16, client: SocketAddr) -> Sockets {
 /// Runs one conversation in a fresh namespace and returns what the
 /// kernel program reported of it.
 fn observe(ip: IpAddr, hold: Duration, close: Ending) -> (Collector, Sockets) {
+    observe_with(ip, hold, close, LoadOptions::default())
+}
+
+/// [`observe`] with other load options: the classic path, batching.
+fn observe_with(
+    ip: IpAddr,
+    hold: Duration,
+    close: Ending,
+    opts: LoadOptions,
+) -> (Collector, Sockets) {
     in_netns(move || {
         let port = test_port();
-        let mut c = Collector::on_port(port);
+        let mut c = Collector::on_port_with(port, opts);
         let client = conversation(SocketAddr::new(ip, port), hold, close);
         // Client, child and listener all reach CLOSE.
         c.wait_closed(
@@ -162,7 +173,11 @@ fn check_common(c: &Collector, s: &Sockets, family: Family) {
 }
 
 fn client_closes_first(ip: IpAddr, family: Family) {
-    let (c, s) = observe(ip, Duration::ZERO, Ending::ClientFirst);
+    client_closes_first_with(ip, family, LoadOptions::default());
+}
+
+fn client_closes_first_with(ip: IpAddr, family: Family, opts: LoadOptions) {
+    let (c, s) = observe_with(ip, Duration::ZERO, Ending::ClientFirst, opts);
     assert_eq!(
         sequence(&c.of_sock(s.listener)),
         [(Close, Listen), (Listen, Close)]
@@ -202,6 +217,51 @@ fn ipv4_client_closes_first() {
 #[test]
 fn ipv6_client_closes_first() {
     client_closes_first("::1".parse().unwrap(), Family::Ipv6);
+}
+
+/// The fallback path (classic tracepoint, LRU hash) gives the same events.
+#[test]
+fn ipv4_client_closes_first_on_the_classic_tracepoint() {
+    let opts = LoadOptions {
+        attach: Attach::Tracepoint,
+        ..Default::default()
+    };
+    client_closes_first_with("127.0.0.1".parse().unwrap(), Family::Ipv4, opts);
+}
+
+#[test]
+fn ipv6_client_closes_first_on_the_classic_tracepoint() {
+    let opts = LoadOptions {
+        attach: Attach::Tracepoint,
+        ..Default::default()
+    };
+    client_closes_first_with("::1".parse().unwrap(), Family::Ipv6, opts);
+}
+
+/// Batched in the kernel (nothing flushed early: each socket's whole life
+/// arrives in one record at its CLOSE): the same transitions, durations
+/// and connection records.
+#[test]
+fn ipv4_client_closes_first_batched() {
+    let opts = LoadOptions {
+        attach: Attach::TpBtf,
+        batch: true,
+        ..Default::default()
+    };
+    client_closes_first_with("127.0.0.1".parse().unwrap(), Family::Ipv4, opts);
+}
+
+/// Batched with ESTABLISHED flushed early (as the agent does): a socket's
+/// life comes in two records, in order.
+#[test]
+fn ipv6_client_closes_first_batched_with_early_flush() {
+    let opts = LoadOptions {
+        attach: Attach::TpBtf,
+        batch: true,
+        flush_states: 1 << (TcpState::Established as u8),
+        ..Default::default()
+    };
+    client_closes_first_with("::1".parse().unwrap(), Family::Ipv6, opts);
 }
 
 #[test]
@@ -428,7 +488,19 @@ fn kernel_capabilities_are_probed() {
     // iter/tcp must be found.
     if caps.btf {
         assert!(caps.tp_btf && caps.iter_tcp, "{caps:?}");
+        // ... and socket storage in tracing programs (5.11): the BTF
+        // tracepoint path runs by default.
+        assert_eq!(caps.transitions, TransitionPath::TpBtf, "{caps:?}");
     }
+    drop(c);
+    let classic = Collector::load(LoadOptions {
+        attach: Attach::Tracepoint,
+        ..Default::default()
+    });
+    assert_eq!(
+        classic.probe.capabilities.transitions,
+        TransitionPath::Tracepoint
+    );
     // The kprobe PMU and the tracefs kprobe interface come with the same
     // config option; the probe must agree with tracefs.
     tracer::loader::ensure_tracefs().unwrap();

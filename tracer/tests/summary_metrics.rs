@@ -232,6 +232,132 @@ fn summary_percentiles_match_known_durations() {
     });
 }
 
+/// The kernel batches each socket's transitions when no output needs them
+/// one by one (`--events connections|none`). Two tracers on the same
+/// traffic, one per transition (`--events all`), one batched: the same
+/// connection records and the same summary, but for the few µs between
+/// the two programs' clock reads of one transition.
+#[test]
+fn batched_and_per_transition_modes_agree_on_the_same_traffic() {
+    in_netns(|| {
+        let port = test_port();
+        let p = port.to_string();
+        let start = |events: &str| {
+            Running::start(&[
+                "--summary",
+                "--output",
+                "json",
+                "--events",
+                events,
+                "--port",
+                &p,
+                "-v",
+            ])
+        };
+        let (per, batched) = (start("all"), start("connections"));
+        per.wait_attached();
+        batched.wait_attached();
+        let holds: Vec<Duration> = (0..8).map(|i| Duration::from_millis(3 * i)).collect();
+        held_connections(localhost(port), &holds);
+        // Every server-side connection record (the clients wait 60 s for
+        // their timewait sockets) and every stay (FIN_WAIT2 ends when a
+        // timewait poll sees the socket in TIME_WAIT).
+        let done = |s: &[String]| {
+            s.iter().any(|l| {
+                let v = json(l);
+                v["type"] == "summary"
+                    && v["states"]["LAST_ACK"]["count"] == 8
+                    && v["states"]["FIN_WAIT2"]["count"] == 8
+            })
+        };
+        let (mut got_per, mut got_batched) = (Vec::new(), Vec::new());
+        per.summary_until(&mut got_per, "every stay (per transition)", done);
+        batched.summary_until(&mut got_batched, "every stay (batched)", done);
+        for run in [&per, &batched] {
+            run.signal(libc::SIGINT);
+        }
+        let (code, rest, err) = per.finish();
+        assert_eq!(code, 0, "{err:#?}");
+        got_per.extend(rest);
+        let (code, rest, err) = batched.finish();
+        assert_eq!(code, 0, "{err:#?}");
+        got_batched.extend(rest);
+
+        // Each tracer's programs read the clock themselves: a few µs apart
+        // (more under emulation). FIN_WAIT2 ends at the TIME_WAIT entry
+        // each agent dates from its own sock_diag polls (ms, jiffies).
+        let tick = if in_guest() { 5 * MS } else { MS / 5 };
+        let close = |what: &str, a: u64, b: u64| {
+            let tolerance = if what.starts_with("FIN_WAIT2") {
+                slack_ns()
+            } else {
+                tick
+            };
+            assert!(a.abs_diff(b) <= tolerance, "{what}: {a} vs {b}");
+        };
+        let records = |got: &[String]| -> BTreeMap<u64, Value> {
+            of_type(got, "connection")
+                .into_iter()
+                .map(|c| (c["rport"].as_u64().unwrap(), c))
+                .collect()
+        };
+        let (a, b) = (records(&got_per), records(&got_batched));
+        assert_eq!(a.len(), 8, "server-side connection records: {a:#?}");
+        assert_eq!(
+            a.keys().collect::<Vec<_>>(),
+            b.keys().collect::<Vec<_>>(),
+            "the same connections"
+        );
+        for (rport, x) in &a {
+            let y = &b[rport];
+            for field in ["pid", "comm", "complete", "lport", "time_wait_end"] {
+                assert_eq!(x[field], y[field], "{field} of :{rport}");
+            }
+            let (xs, ys) = (
+                x["states"].as_object().unwrap(),
+                y["states"].as_object().unwrap(),
+            );
+            assert_eq!(
+                xs.keys().collect::<Vec<_>>(),
+                ys.keys().collect::<Vec<_>>(),
+                "states of :{rport}"
+            );
+            for (state, ns) in xs {
+                close(state, ns.as_u64().unwrap(), ys[state].as_u64().unwrap());
+            }
+            close("duration", ns(x, "duration_ns"), ns(y, "duration_ns"));
+        }
+        let (sa, sb) = (
+            of_type(&got_per, "summary").pop().unwrap(),
+            of_type(&got_batched, "summary").pop().unwrap(),
+        );
+        let (sa, sb) = (
+            sa["states"].as_object().unwrap(),
+            sb["states"].as_object().unwrap(),
+        );
+        assert_eq!(sa.keys().collect::<Vec<_>>(), sb.keys().collect::<Vec<_>>());
+        for (state, x) in sa {
+            let y = &sb[state];
+            assert_eq!(x["count"], y["count"], "{state} count");
+            for q in ["min_ns", "p50_ns", "max_ns"] {
+                close(&format!("{state} {q}"), ns(x, q), ns(y, q));
+            }
+        }
+        let (ta, tb) = (
+            json(got_per.last().unwrap()),
+            json(got_batched.last().unwrap()),
+        );
+        assert_eq!(ta["type"], "stats");
+        assert_eq!(ta["events"], tb["events"], "transitions delivered");
+        assert_eq!(ta["events"], 8 * 10 + 2);
+        for t in [&ta, &tb] {
+            assert_eq!(t["lost"], 0);
+            assert_eq!(t["skipped"], 0);
+            assert_eq!(t["pending"], 0);
+        }
+    });
+}
+
 #[test]
 fn table_summary_on_sigusr1_keeps_running_and_prints_again_at_exit() {
     in_netns(|| {

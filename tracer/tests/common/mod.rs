@@ -112,13 +112,18 @@ impl Collector {
     /// Only transitions on `port` (and of this thread's namespace, when it
     /// has its own), filtered in the kernel.
     pub fn on_port(port: u16) -> Self {
+        Self::on_port_with(port, LoadOptions::default())
+    }
+
+    /// [`Collector::on_port`] with other load options (path, batching).
+    pub fn on_port_with(port: u16, opts: LoadOptions) -> Self {
         Self::load(LoadOptions {
             filters: Filters {
                 ports: vec![port],
                 netns: own_netns(),
                 ..Default::default()
             },
-            ..Default::default()
+            ..opts
         })
     }
 
@@ -126,6 +131,7 @@ impl Collector {
         while let Some(item) = self.probe.events.next() {
             match decode_record(&item).unwrap_or_else(|e| panic!("undecodable record: {e}")) {
                 Record::Transition(t) => self.events.push(t),
+                Record::Batch(b) => self.events.extend(b.transitions().copied()),
                 // Kernels with fentry also report timewait deaths.
                 Record::TimewaitDeath(_) => {}
             }

@@ -79,6 +79,10 @@ pub struct BenchArgs {
     /// Keep the subjects' output in target/bench/run/ (it can be large).
     #[arg(long)]
     pub keep_output: bool,
+    /// Extra arguments for every tracer subject (e.g. `--tracer-arg=--attach
+    /// --tracer-arg=tracepoint` to measure the classic path).
+    #[arg(long = "tracer-arg", allow_hyphen_values = true)]
+    pub tracer_args: Vec<String>,
 }
 
 /// Ready to load: after the subject is ready, before the load starts.
@@ -194,6 +198,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         out_dir: out_dir.join("run"),
         ports: plan.load.load_ports(),
         keep_output: args.keep_output,
+        extra_args: args.tracer_args.clone(),
     };
 
     let mut subjects = Vec::new();
@@ -661,11 +666,13 @@ fn summarize(s: Subject, runs: &[RunRecord], kernel_stats: bool) -> Row {
     // counted as lost or skipped (not for tcplife: one line per socket).
     if s != Subject::Tcplife {
         if let (Some(e), Some(d)) = (row.expected, row.delivered) {
+            let pending: u64 = measured.iter().map(|(_, m)| m.pending()).sum();
             row.unaccounted = Some(
                 e as i64
                     - d as i64
                     - row.lost.unwrap_or(0) as i64
-                    - row.skipped.unwrap_or(0) as i64,
+                    - row.skipped.unwrap_or(0) as i64
+                    - pending as i64,
             );
         }
     }

@@ -118,6 +118,8 @@ pub struct Ctx {
     pub ports: Vec<u16>,
     /// Keep the tracer's JSON output files (they are large).
     pub keep_output: bool,
+    /// Appended to every tracer subject's arguments.
+    pub extra_args: Vec<String>,
 }
 
 pub struct Running {
@@ -164,8 +166,23 @@ impl Measured {
     pub fn kernel_run_cnt(&self) -> u64 {
         self.progs.iter().map(|p| p.run_cnt).sum()
     }
+    /// Transitions skipped because a program was already running on the
+    /// CPU. The tracer's own count where it gives one: on its BTF path a
+    /// second program copy handles what the first misses, so the
+    /// programs' summed `recursion_misses` would overstate the loss.
     pub fn recursion_misses(&self) -> u64 {
-        self.progs.iter().map(|p| p.recursion_misses).sum()
+        self.tracer_stat("skipped")
+            .unwrap_or_else(|| self.progs.iter().map(|p| p.recursion_misses).sum())
+    }
+
+    /// Transitions the tracer still held in the kernel at its exit
+    /// (batched, of connections mid-handshake); 0 for others.
+    pub fn pending(&self) -> u64 {
+        self.tracer_stat("pending").unwrap_or(0)
+    }
+
+    fn tracer_stat(&self, key: &str) -> Option<u64> {
+        self.tracer_stats.as_ref()?.get(key)?.as_u64()
     }
 
     /// Wrong or missing durations: checked record by record (true), or
@@ -219,6 +236,7 @@ pub fn start(s: Subject, ctx: &Ctx, peer: Option<&Path>) -> Result<Running> {
         for p in &ctx.ports {
             c.args(["--port", &p.to_string()]);
         }
+        c.args(&ctx.extra_args);
         c
     } else if s.is_peer() {
         Command::new(peer.context("peer binary not found")?)

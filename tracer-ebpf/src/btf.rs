@@ -1,0 +1,201 @@
+//! The main path: `tp_btf/inet_sock_set_state`, the same tracepoint as a
+//! BTF-typed raw tracepoint (`struct sock *sk, int oldstate, int
+//! newstate`). No perf record is built and no shared perf recursion guard
+//! applies; the socket is read with direct loads at offsets from BTF, and
+//! its timing, owner verdict and state live in socket-local storage
+//! (`BPF_MAP_TYPE_SK_STORAGE`, tracing programs since 5.11): no hash
+//! lookup, no capacity to fill, freed by the kernel with the socket.
+//!
+//! **Two copies, no skipped runs.** The kernel skips a program that is
+//! already running on the CPU (a transition in softirq on top of a
+//! `close()` in task context, or a preempted run) and only counts it in
+//! the program's `recursion_misses`. Two copies are attached: the first
+//! handles every hit it runs for and marks the CPU busy while it does; the
+//! second handles a hit only while that mark is set, i.e. exactly the hits
+//! that arrive while the first is running (and is therefore skipped). What
+//! both miss (three levels deep) is still counted by the kernel and
+//! reported as `skipped`.
+
+use core::{ffi::c_void, ptr};
+
+use aya_ebpf::{
+    bindings::BPF_SK_STORAGE_GET_F_CREATE,
+    btf_maps::SkStorage,
+    helpers::{bpf_probe_read_kernel, generated::bpf_sk_storage_get},
+    macros::{btf_map, btf_tracepoint, map},
+    maps::PerCpuArray,
+    programs::BtfTracePointContext,
+};
+
+use crate::{
+    offsets::{
+        OFF_INET_SPORT, OFF_NET_INUM, OFF_SKC_DADDR, OFF_SKC_DPORT, OFF_SKC_FAMILY, OFF_SKC_NET,
+        OFF_SKC_RCV_SADDR, OFF_SKC_V6_DADDR, OFF_SKC_V6_RCV_SADDR, OFF_SK_PROTOCOL,
+    },
+    transition::{bump, count, on_transition, Skip, Socket},
+};
+use tracer_common::{counter, Batch, SockState, SockTiming, AF_INET6, IPPROTO_TCP};
+
+/// Per-socket timing. aya-ebpf's `SkStorage` only takes a socket from a
+/// `sock_addr` context, so the helper is called directly with the map's
+/// address (what its private `as_ptr` returns).
+#[btf_map]
+static SOCK_STORE: SkStorage<SockState> = SkStorage::new();
+
+/// Per CPU: non-zero while the first copy runs.
+#[map]
+static FIRST_RUNNING: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn sock_set_state(ctx: BtfTracePointContext) -> i32 {
+    let mark = FIRST_RUNNING.get_ptr_mut(0);
+    if let Some(m) = mark {
+        unsafe { *m = 1 };
+    }
+    count(try_sock_set_state(&ctx));
+    if let Some(m) = mark {
+        unsafe { *m = 0 };
+    }
+    0
+}
+
+/// The second copy: only the hits the first was skipped for.
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn sock_set_state_nested(ctx: BtfTracePointContext) -> i32 {
+    match FIRST_RUNNING.get_ptr_mut(0) {
+        Some(m) if unsafe { *m } != 0 => {
+            bump(counter::NESTED);
+            count(try_sock_set_state(&ctx));
+        }
+        _ => {}
+    }
+    0
+}
+
+fn try_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), Skip> {
+    let sk: *const u8 = ctx.arg(0);
+    if sk.is_null() {
+        return Err(Skip::NotTcp);
+    }
+    let sock = Sock { sk };
+    if unsafe { load::<u16>(sk, OFF_SK_PROTOCOL.load()) } != IPPROTO_TCP {
+        return Err(Skip::NotTcp);
+    }
+    let oldstate: i32 = ctx.arg(1);
+    let newstate: i32 = ctx.arg(2);
+    on_transition(&sock, oldstate as u8, newstate as u8)
+}
+
+/// A fixed-offset load from a BTF-typed pointer (checked by the verifier
+/// against the type at that offset).
+#[inline(always)]
+unsafe fn load<T: Copy>(base: *const u8, off: u32) -> T {
+    unsafe { ptr::read_volatile(base.add(off as usize).cast::<T>()) }
+}
+
+struct Sock {
+    sk: *const u8,
+}
+
+impl Sock {
+    #[inline(always)]
+    fn word(&self, off: u32) -> u32 {
+        unsafe { load::<u32>(self.sk, off) }
+    }
+}
+
+impl Socket for Sock {
+    #[inline(always)]
+    fn addr(&self) -> u64 {
+        self.sk as u64
+    }
+
+    #[inline(always)]
+    fn family(&self) -> u16 {
+        unsafe { load::<u16>(self.sk, OFF_SKC_FAMILY.load()) }
+    }
+
+    #[inline(always)]
+    fn ports(&self) -> (u16, u16) {
+        // inet_sport lies beyond `struct sock` (in `struct inet_sock`),
+        // where the verifier allows no direct load.
+        let sport: u16 = unsafe {
+            bpf_probe_read_kernel(self.sk.add(OFF_INET_SPORT.load() as usize).cast::<u16>())
+        }
+        .unwrap_or(0);
+        let dport: u16 = unsafe { load(self.sk, OFF_SKC_DPORT.load()) };
+        (u16::from_be(sport), u16::from_be(dport))
+    }
+
+    #[inline(always)]
+    fn addresses(&self, family: u16) -> ([u32; 4], [u32; 4]) {
+        if family == AF_INET6 {
+            let (s, d) = (OFF_SKC_V6_RCV_SADDR.load(), OFF_SKC_V6_DADDR.load());
+            (
+                [
+                    self.word(s),
+                    self.word(s + 4),
+                    self.word(s + 8),
+                    self.word(s + 12),
+                ],
+                [
+                    self.word(d),
+                    self.word(d + 4),
+                    self.word(d + 8),
+                    self.word(d + 12),
+                ],
+            )
+        } else {
+            (
+                [self.word(OFF_SKC_RCV_SADDR.load()), 0, 0, 0],
+                [self.word(OFF_SKC_DADDR.load()), 0, 0, 0],
+            )
+        }
+    }
+
+    #[inline(always)]
+    fn netns(&self) -> u32 {
+        let net: *const u8 = unsafe { load(self.sk, OFF_SKC_NET.load()) };
+        if net.is_null() {
+            return 0;
+        }
+        unsafe { load::<u32>(net, OFF_NET_INUM.load()) }
+    }
+
+    #[inline(always)]
+    fn timing(&self, create: bool) -> Option<*mut SockTiming> {
+        let flags = if create {
+            BPF_SK_STORAGE_GET_F_CREATE as u64
+        } else {
+            0
+        };
+        let map = ptr::from_ref(&SOCK_STORE).cast_mut().cast::<c_void>();
+        let p =
+            unsafe { bpf_sk_storage_get(map, self.sk.cast_mut().cast(), ptr::null_mut(), flags) };
+        // `timing` is the first field of `SockState`.
+        let p = p.cast::<SockState>();
+        (!p.is_null()).then(|| unsafe { ptr::addr_of_mut!((*p).timing) })
+    }
+
+    #[inline(always)]
+    fn insert_timing(&self, _t: &SockTiming) -> bool {
+        // `timing(true)` could not make a slot (out of memory).
+        false
+    }
+
+    #[inline(always)]
+    fn batch(&self, slot: *mut SockTiming) -> Option<*mut Batch> {
+        let state = slot.cast::<SockState>();
+        Some(unsafe { ptr::addr_of_mut!((*state).batch) })
+    }
+
+    #[inline(always)]
+    fn forget_timing(&self, slot: Option<*mut SockTiming>) {
+        // The kernel frees the storage with the socket; a socket that is
+        // used again after CLOSE (connect, listen) starts untimed.
+        if let Some(t) = slot {
+            unsafe { (*t).state = 0 };
+            unsafe { (*t).selected = 0 };
+        }
+    }
+}

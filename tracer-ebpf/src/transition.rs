@@ -171,20 +171,38 @@ pub(crate) fn on_transition<S: Socket>(s: &S, oldstate: u8, newstate: u8) -> Res
         (*ev).newstate = newstate;
         (*ev).netns = netns;
         (*ev)._reserved = 0;
-        let src = ptr::addr_of_mut!((*ev).saddr).cast::<u32>();
-        let dst = ptr::addr_of_mut!((*ev).daddr).cast::<u32>();
-        let mut i = 0;
-        while i < 4 {
-            *src.add(i) = saddr[i];
-            *dst.add(i) = daddr[i];
-            i += 1;
-        }
+        write_addresses(
+            ptr::addr_of_mut!((*ev).saddr),
+            ptr::addr_of_mut!((*ev).daddr),
+            &saddr,
+            &daddr,
+        );
         // Writes straight into the ring buffer record; on failure the kernel
         // zeroes the buffer, which decodes as an empty comm.
         generated::bpf_get_current_comm(ptr::addr_of_mut!((*ev).comm).cast::<c_void>(), 16);
     }
     entry.submit(submit_flags(size_of::<TransitionEvent>() as u64));
     Ok(())
+}
+
+/// Writes both addresses into a record's `[u8; 16]` fields with word
+/// stores (no byte copy loop, no memcpy).
+#[inline(always)]
+unsafe fn write_addresses(
+    src: *mut [u8; 16],
+    dst: *mut [u8; 16],
+    saddr: &[u32; 4],
+    daddr: &[u32; 4],
+) {
+    let (src, dst) = (src.cast::<u32>(), dst.cast::<u32>());
+    let mut i = 0;
+    while i < 4 {
+        unsafe {
+            *src.add(i) = saddr[i];
+            *dst.add(i) = daddr[i];
+        }
+        i += 1;
+    }
 }
 
 /// What a batch record names besides its steps.
@@ -270,14 +288,12 @@ fn send_batch<S: Socket>(s: &S, b: &mut Batch, at: &Endpoints) {
         (*ev)._pad = 0;
         (*ev).netns = netns;
         (*ev)._reserved = 0;
-        let src = ptr::addr_of_mut!((*ev).saddr).cast::<u32>();
-        let dst = ptr::addr_of_mut!((*ev).daddr).cast::<u32>();
-        let mut i = 0;
-        while i < 4 {
-            *src.add(i) = saddr[i];
-            *dst.add(i) = daddr[i];
-            i += 1;
-        }
+        write_addresses(
+            ptr::addr_of_mut!((*ev).saddr),
+            ptr::addr_of_mut!((*ev).daddr),
+            &saddr,
+            &daddr,
+        );
         // Word by word: a struct copy could become a memcpy call.
         let from = ptr::from_ref(b).cast::<u64>();
         let to = ptr::addr_of_mut!((*ev).batch).cast::<u64>();

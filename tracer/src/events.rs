@@ -265,19 +265,9 @@ pub fn decode_record(bytes: &[u8]) -> Result<Record, DecodeError> {
         return decode(bytes).map(Record::Transition);
     }
     let want = size_of::<TimewaitDeathEvent>();
-    if bytes.len() < want || header.len as usize != want {
-        return Err(DecodeError::BadLength {
-            kind: header.kind,
-            got: bytes.len(),
-            want,
-        });
-    }
+    check_len(bytes, &header, want)?;
     let ev: TimewaitDeathEvent = read(bytes).ok_or(DecodeError::ShortHeader(bytes.len()))?;
-    let family = match ev.family {
-        AF_INET => Family::Ipv4,
-        AF_INET6 => Family::Ipv6,
-        other => return Err(DecodeError::BadFamily(other)),
-    };
+    let family = family_of(ev.family)?;
     Ok(Record::TimewaitDeath(TimewaitDeath {
         mono_ns: ev.header.ts_ns,
         family,
@@ -296,19 +286,9 @@ pub fn decode_record(bytes: &[u8]) -> Result<Record, DecodeError> {
 pub fn decode_batch(bytes: &[u8]) -> Result<Batch, DecodeError> {
     let want = size_of::<BatchEvent>();
     let header: EventHeader = read(bytes).ok_or(DecodeError::ShortHeader(bytes.len()))?;
-    if bytes.len() < want || header.len as usize != want {
-        return Err(DecodeError::BadLength {
-            kind: header.kind,
-            got: bytes.len(),
-            want,
-        });
-    }
+    check_len(bytes, &header, want)?;
     let ev: BatchEvent = read(bytes).ok_or(DecodeError::ShortHeader(bytes.len()))?;
-    let family = match ev.family {
-        AF_INET => Family::Ipv4,
-        AF_INET6 => Family::Ipv6,
-        other => return Err(DecodeError::BadFamily(other)),
-    };
+    let family = family_of(ev.family)?;
     let b = ev.batch;
     let n = usize::from(b.nsteps);
     if n == 0 || n > BATCH_STEPS {
@@ -355,19 +335,9 @@ pub fn decode(bytes: &[u8]) -> Result<Transition, DecodeError> {
         return Err(DecodeError::UnknownKind(header.kind));
     }
     let want = size_of::<TransitionEvent>();
-    if bytes.len() < want || header.len as usize != want {
-        return Err(DecodeError::BadLength {
-            kind: header.kind,
-            got: bytes.len(),
-            want,
-        });
-    }
+    check_len(bytes, &header, want)?;
     let ev: TransitionEvent = read(bytes).ok_or(DecodeError::ShortHeader(bytes.len()))?;
-    let family = match ev.family {
-        AF_INET => Family::Ipv4,
-        AF_INET6 => Family::Ipv6,
-        other => return Err(DecodeError::BadFamily(other)),
-    };
+    let family = family_of(ev.family)?;
     let state = |n| TcpState::from_kernel(n).ok_or(DecodeError::BadState(n));
     Ok(Transition {
         mono_ns: ev.header.ts_ns,
@@ -387,6 +357,26 @@ pub fn decode(bytes: &[u8]) -> Result<Transition, DecodeError> {
         netns: ev.netns,
         source: Source::Tracepoint,
     })
+}
+
+/// The record is exactly `want` bytes, and says so in its header.
+fn check_len(bytes: &[u8], header: &EventHeader, want: usize) -> Result<(), DecodeError> {
+    if bytes.len() < want || header.len as usize != want {
+        return Err(DecodeError::BadLength {
+            kind: header.kind,
+            got: bytes.len(),
+            want,
+        });
+    }
+    Ok(())
+}
+
+fn family_of(af: u16) -> Result<Family, DecodeError> {
+    match af {
+        AF_INET => Ok(Family::Ipv4),
+        AF_INET6 => Ok(Family::Ipv6),
+        other => Err(DecodeError::BadFamily(other)),
+    }
 }
 
 fn addr(family: Family, raw: [u8; 16]) -> IpAddr {

@@ -70,7 +70,12 @@ impl Filters {
             && in_nets(&self.laddrs, key.laddr)
             && in_nets(&self.raddrs, key.raddr)
             && self.netns.is_none_or(|n| n == inum)
-            && self.pid.is_none_or(|p| holders.iter().any(|h| h.pid == p))
+            && self.owner_matches(holders)
+    }
+
+    /// Does a socket held by `holders` pass `--pid`/`--comm`?
+    pub fn owner_matches(&self, holders: &[crate::procfs::Holder]) -> bool {
+        self.pid.is_none_or(|p| holders.iter().any(|h| h.pid == p))
             && self
                 .comm
                 .as_deref()

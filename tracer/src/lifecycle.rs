@@ -57,6 +57,17 @@ pub struct Lifecycle {
     pub counters: Counters,
 }
 
+/// What the start-up snapshot found.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// Sockets kept (those the filters select).
+    pub sockets: usize,
+    /// Listening sockets (netns as in events, local port) whose holder
+    /// passes `--pid`/`--comm`: the kernel must let the sockets they accept
+    /// pass from their first transition.
+    pub selected_listeners: Vec<(u32, u16)>,
+}
+
 /// What one poll produced, in output order.
 #[derive(Default)]
 pub struct PollResult {
@@ -99,15 +110,16 @@ impl Lifecycle {
 
     /// Every TCP socket of every namespace at start: listeners (for the
     /// owner of the sockets they will accept) and connections (for their
-    /// later transitions and for CLOSE_WAIT alerts). Returns how many.
+    /// later transitions and for CLOSE_WAIT alerts).
     pub fn snapshot(
         &mut self,
         tracker: &mut Tracker,
         netns_known: bool,
         filters: &Filters,
-    ) -> usize {
+    ) -> Snapshot {
+        let mut snap = Snapshot::default();
         if !self.available {
-            return 0;
+            return snap;
         }
         let now = monotonic_ns();
         let mut found: Vec<(u32, DiagSocket)> = Vec::new();
@@ -148,7 +160,6 @@ impl Lifecycle {
             .filter(|&i| i != 0)
             .collect();
         let holders = procfs::socket_holders(&inodes);
-        let mut count = 0;
         for (inum, s) in found {
             let Some(state) = s.state else { continue };
             let key = TupleKey {
@@ -161,16 +172,22 @@ impl Lifecycle {
                 rport: s.rport,
             };
             let held_by = holders.get(&s.inode).map(Vec::as_slice).unwrap_or(&[]);
+            // The owner filter's verdict on a listener goes to the kernel,
+            // whatever the other filters say of the listener itself.
+            if state == TcpState::Listen && filters.owner_filter() && filters.owner_matches(held_by)
+            {
+                snap.selected_listeners.push((key.netns, key.lport));
+            }
             // The kernel filters apply to events; the same filters, here,
             // keep the snapshot to the sockets the user asked about.
             if !filters.keeps_socket(&key, inum, held_by) {
                 continue;
             }
-            count += 1;
+            snap.sockets += 1;
             let owner = single_owner(held_by, s.uid);
             tracker.add_snapshot(Connection::from_snapshot(key, state, now, s.inode, owner));
         }
-        count
+        snap
     }
 
     /// One timewait poll: joins pending connections to their timewait

@@ -6,15 +6,15 @@ use std::{ffi::CString, io, path::Path};
 use aya::{
     maps::{
         lpm_trie::{Key, LpmTrie},
-        Array, MapData, PerCpuArray, RingBuf,
+        Array, HashMap, MapData, PerCpuArray, RingBuf,
     },
     programs::{BtfTracePoint, FEntry, TracePoint},
     Ebpf, EbpfLoader,
 };
 use thiserror::Error;
 use tracer_common::{
-    counter, global, map, BTF_PROGRAM, BTF_PROGRAM_NESTED, MAX_FILTER_PORTS, MAX_FILTER_PREFIXES,
-    PROGRAM_NAME, TIMEWAIT_FUNCTION, TIMEWAIT_PROGRAM,
+    counter, global, map, ListenerKey, BTF_PROGRAM, BTF_PROGRAM_NESTED, MAX_FILTER_PORTS,
+    MAX_FILTER_PREFIXES, PROGRAM_NAME, TIMEWAIT_FUNCTION, TIMEWAIT_PROGRAM,
 };
 
 use crate::{
@@ -118,6 +118,9 @@ pub struct Probe {
     /// Kernel offsets found in BTF (netns of each socket, when known).
     pub offsets: KernelOffsets,
     pub counters: KernelCounters,
+    /// The owner filter's listener table: the agent seeds it with the
+    /// listeners that predate the tracer.
+    pub listeners: Listeners,
     /// The kernel program's aya-log records (rare errors), if any.
     pub logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     _ebpf: Ebpf,
@@ -156,6 +159,22 @@ fn recursion_misses(fdinfo: &Path) -> u64 {
 fn fdinfo_of(fd: &aya::programs::ProgramFd) -> std::path::PathBuf {
     use std::os::fd::{AsFd as _, AsRawFd as _};
     Path::new("/proc/self/fdinfo").join(fd.as_fd().as_raw_fd().to_string())
+}
+
+/// The kernel's table of listeners whose owner passes the owner filter.
+pub struct Listeners(HashMap<MapData, ListenerKey, u8>);
+
+impl Listeners {
+    /// Lets the sockets accepted by the listener on (`netns`, `port`) pass
+    /// the owner filter. False when the table is full.
+    pub fn select(&mut self, netns: u32, port: u16) -> bool {
+        let key = ListenerKey {
+            netns,
+            port,
+            _pad: 0,
+        };
+        self.0.insert(key, 1, 0).is_ok()
+    }
 }
 
 pub struct KernelCounters {
@@ -541,8 +560,13 @@ fn load_attached(
         )?,
         fdinfo,
     };
+    let listeners = Listeners(HashMap::try_from(
+        ebpf.take_map(map::LISTENERS)
+            .ok_or(LoadError::Missing("LISTENERS map"))?,
+    )?);
     Ok(Probe {
         events,
+        listeners,
         capabilities,
         offsets,
         counters,

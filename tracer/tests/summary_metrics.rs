@@ -29,11 +29,6 @@ use serde_json::Value;
 
 const MS: u64 = 1_000_000;
 
-/// In a QEMU guest of `cargo xtask test`.
-fn in_guest() -> bool {
-    std::env::var_os("TRACER_GUEST").is_some()
-}
-
 /// Scheduling slack allowed on top of a connection's hold time: on this
 /// 2-core VM with 30 sockets sleeping at once, or under emulation.
 fn slack_ns() -> u64 {

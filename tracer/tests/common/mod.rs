@@ -22,6 +22,12 @@ use tracer::{
 /// How long a test waits for events it expects.
 pub const DEADLINE: Duration = Duration::from_secs(10);
 
+/// In a QEMU guest of `cargo xtask test` (software emulation: slower, and
+/// an interrupt between two programs' clock reads can take a millisecond).
+pub fn in_guest() -> bool {
+    std::env::var_os("TRACER_GUEST").is_some()
+}
+
 /// Integration tests load eBPF: without root they fail, loudly.
 pub fn require_root() {
     // SAFETY: geteuid cannot fail.

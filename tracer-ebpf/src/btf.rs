@@ -30,6 +30,7 @@ use aya_ebpf::{
 use crate::{
     offsets::{
         OFF_INET_SPORT, OFF_NET_INUM, OFF_SKC_DADDR, OFF_SKC_DPORT, OFF_SKC_FAMILY, OFF_SKC_NET,
+        OFF_SKC_NUM,
         OFF_SKC_RCV_SADDR, OFF_SKC_V6_DADDR, OFF_SKC_V6_RCV_SADDR, OFF_SK_PROTOCOL,
     },
     transition::{bump, count, on_transition, Skip, Socket},
@@ -117,13 +118,20 @@ impl Socket for Sock {
 
     #[inline(always)]
     fn ports(&self) -> (u16, u16) {
-        // inet_sport lies beyond `struct sock` (in `struct inet_sock`),
-        // where the verifier allows no direct load.
+        let dport: u16 = unsafe { load(self.sk, OFF_SKC_DPORT.load()) };
+        // The bound local port, host order; 0 on `-> CLOSE` (already
+        // released) and before connect() binds one.
+        let num: u16 = unsafe { load(self.sk, OFF_SKC_NUM.load()) };
+        if num != 0 {
+            return (num, u16::from_be(dport));
+        }
+        // What the tracepoint reports then: inet_sport, which lies beyond
+        // `struct sock` (in `struct inet_sock`), where the verifier allows
+        // no direct load.
         let sport: u16 = unsafe {
             bpf_probe_read_kernel(self.sk.add(OFF_INET_SPORT.load() as usize).cast::<u16>())
         }
         .unwrap_or(0);
-        let dport: u16 = unsafe { load(self.sk, OFF_SKC_DPORT.load()) };
         (u16::from_be(sport), u16::from_be(dport))
     }
 

@@ -90,6 +90,18 @@ impl Diag {
     /// Every TCP socket of `family` whose state is in `states` (a mask of
     /// [`state_bit`]s), timewait sockets included.
     pub fn dump(&mut self, family: Family, states: u32) -> io::Result<Vec<DiagSocket>> {
+        self.dump_with(family, states, &mut || {})
+    }
+
+    /// [`Diag::dump`], calling `between` after each chunk of the reply (a
+    /// large dump takes long enough for the caller to need to do work
+    /// meanwhile).
+    pub fn dump_with(
+        &mut self,
+        family: Family,
+        states: u32,
+        between: &mut dyn FnMut(),
+    ) -> io::Result<Vec<DiagSocket>> {
         let req = request(
             family,
             states,
@@ -98,7 +110,7 @@ impl Diag {
             self.next_seq(),
         );
         self.send(&req)?;
-        self.receive(true)
+        self.receive(true, between)
     }
 
     /// Like [`Diag::dump`], but the kernel itself keeps only sockets whose
@@ -111,6 +123,17 @@ impl Diag {
         states: u32,
         ports: &[(u16, u16)],
     ) -> io::Result<Vec<DiagSocket>> {
+        self.dump_ports_with(family, states, ports, &mut || {})
+    }
+
+    /// [`Diag::dump_ports`] with [`Diag::dump_with`]'s `between`.
+    pub fn dump_ports_with(
+        &mut self,
+        family: Family,
+        states: u32,
+        ports: &[(u16, u16)],
+        between: &mut dyn FnMut(),
+    ) -> io::Result<Vec<DiagSocket>> {
         let mut req = request(
             family,
             states,
@@ -120,7 +143,7 @@ impl Diag {
         );
         append_bytecode(&mut req, &port_filter(ports));
         self.send(&req)?;
-        self.receive(true)
+        self.receive(true, between)
     }
 
     /// The socket with this exact 4-tuple, if there is one.
@@ -138,7 +161,7 @@ impl Diag {
             self.next_seq(),
         );
         self.send(&req)?;
-        match self.receive(false) {
+        match self.receive(false, &mut || {}) {
             Ok(mut v) => Ok(v.pop()),
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
             Err(e) => Err(e),
@@ -170,7 +193,7 @@ impl Diag {
         Ok(())
     }
 
-    fn receive(&self, dump: bool) -> io::Result<Vec<DiagSocket>> {
+    fn receive(&self, dump: bool, between: &mut dyn FnMut()) -> io::Result<Vec<DiagSocket>> {
         let mut out = Vec::new();
         let mut buf = vec![0u8; 64 << 10];
         loop {
@@ -187,7 +210,7 @@ impl Diag {
             match parse_messages(&buf[..n as usize], &mut out)? {
                 Parsed::Done => return Ok(out),
                 Parsed::More if !dump => return Ok(out),
-                Parsed::More => {}
+                Parsed::More => between(),
             }
         }
     }

@@ -191,8 +191,13 @@ impl Lifecycle {
     }
 
     /// One timewait poll: joins pending connections to their timewait
-    /// sockets and ends those whose socket is gone.
-    pub fn poll_timewait(&mut self, tracker: &mut Tracker) -> PollResult {
+    /// sockets and ends those whose socket is gone. `between` runs between
+    /// chunks of the dumps (the agent keeps the ring buffer drained).
+    pub fn poll_timewait(
+        &mut self,
+        tracker: &mut Tracker,
+        between: &mut dyn FnMut(),
+    ) -> PollResult {
         let mut result = PollResult::default();
         if !tracker.has_timewait() {
             return result;
@@ -240,9 +245,9 @@ impl Lifecycle {
                 // Few connections pending: let the kernel drop the others.
                 let dumped = if ports.len() <= MAX_FILTER_TUPLES {
                     filtered = true;
-                    diag.dump_ports(family, states, &ports)
+                    diag.dump_ports_with(family, states, &ports, between)
                 } else {
-                    diag.dump(family, states)
+                    diag.dump_with(family, states, between)
                 };
                 match dumped {
                     Ok(socks) => {

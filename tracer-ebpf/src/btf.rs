@@ -8,13 +8,16 @@
 //!
 //! **Two copies, no skipped runs.** The kernel skips a program that is
 //! already running on the CPU (a transition in softirq on top of a
-//! `close()` in task context, or a preempted run) and only counts it in
-//! the program's `recursion_misses`. Two copies are attached: the first
-//! handles every hit it runs for and marks the CPU busy while it does; the
-//! second handles a hit only while that mark is set, i.e. exactly the hits
-//! that arrive while the first is running (and is therefore skipped). What
-//! both miss (three levels deep) is still counted by the kernel and
-//! reported as `skipped`.
+//! `close()` in task context) and only counts it in the program's
+//! `recursion_misses`. Two copies are attached; both run for every hit,
+//! the first before the second. The first handles every hit it runs for;
+//! the second handles a hit only if the socket's storage does not already
+//! show the hit's new state, i.e. exactly the hits the kernel skipped the
+//! first for. (The socket, not the CPU, decides: tracepoint callbacks may
+//! be preempted and migrate between the two copies. A per-CPU note of the
+//! first copy's hits was tried and handled 2-6 transitions twice per 5 s
+//! of load.) What both miss (three levels deep) is still counted, as
+//! `skipped`.
 
 use core::{ffi::c_void, ptr};
 
@@ -30,8 +33,7 @@ use aya_ebpf::{
 use crate::{
     offsets::{
         OFF_INET_SPORT, OFF_NET_INUM, OFF_SKC_DADDR, OFF_SKC_DPORT, OFF_SKC_FAMILY, OFF_SKC_NET,
-        OFF_SKC_NUM,
-        OFF_SKC_RCV_SADDR, OFF_SKC_V6_DADDR, OFF_SKC_V6_RCV_SADDR, OFF_SK_PROTOCOL,
+        OFF_SKC_NUM, OFF_SKC_RCV_SADDR, OFF_SKC_V6_DADDR, OFF_SKC_V6_RCV_SADDR, OFF_SK_PROTOCOL,
     },
     transition::{bump, count, on_transition, Skip, Socket},
 };
@@ -43,34 +45,41 @@ use tracer_common::{counter, Batch, SockState, SockTiming, AF_INET6, IPPROTO_TCP
 #[btf_map]
 static SOCK_STORE: SkStorage<SockState> = SkStorage::new();
 
-/// Per CPU: non-zero while the first copy runs.
-#[map]
-static FIRST_RUNNING: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
-
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn sock_set_state(ctx: BtfTracePointContext) -> i32 {
-    let mark = FIRST_RUNNING.get_ptr_mut(0);
-    if let Some(m) = mark {
-        unsafe { *m = 1 };
-    }
     count(try_sock_set_state(&ctx));
-    if let Some(m) = mark {
-        unsafe { *m = 0 };
-    }
     0
 }
 
 /// The second copy: only the hits the first was skipped for.
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn sock_set_state_nested(ctx: BtfTracePointContext) -> i32 {
-    match FIRST_RUNNING.get_ptr_mut(0) {
-        Some(m) if unsafe { *m } != 0 => {
-            bump(counter::NESTED);
-            count(try_sock_set_state(&ctx));
-        }
-        _ => {}
+    if !handled_by_first(&ctx) {
+        bump(counter::NESTED);
+        count(try_sock_set_state(&ctx));
     }
     0
+}
+
+/// Did the first copy handle this hit? It leaves every TCP socket it sees
+/// in the hit's new state (CLOSE included); a socket without storage, or
+/// in another state, was not handled. Hits that are not TCP count as
+/// handled: there is nothing to do.
+#[inline(always)]
+fn handled_by_first(ctx: &BtfTracePointContext) -> bool {
+    let sk: *const u8 = ctx.arg(0);
+    if sk.is_null() || unsafe { load::<u16>(sk, OFF_SK_PROTOCOL.load()) } != IPPROTO_TCP {
+        return true;
+    }
+    let newstate: i32 = ctx.arg(2);
+    let sock = Sock { sk };
+    match sock.timing(false) {
+        Some(t) => {
+            let state = unsafe { (*t).state };
+            state == newstate as u8
+        }
+        None => false,
+    }
 }
 
 fn try_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), Skip> {
@@ -199,10 +208,11 @@ impl Socket for Sock {
 
     #[inline(always)]
     fn forget_timing(&self, slot: Option<*mut SockTiming>) {
-        // The kernel frees the storage with the socket; a socket that is
-        // used again after CLOSE (connect, listen) starts untimed.
+        // The kernel frees the storage with the socket. CLOSE stays as the
+        // state (the second copy reads it), but times nothing: a socket
+        // used again (connect, listen) starts untimed.
         if let Some(t) = slot {
-            unsafe { (*t).state = 0 };
+            unsafe { (*t).state = tracer_common::tcp_state::CLOSE };
             unsafe { (*t).selected = 0 };
         }
     }

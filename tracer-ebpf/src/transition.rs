@@ -354,13 +354,16 @@ fn account_time<S: Socket>(
     sport: u16,
     netns: &mut Option<u32>,
 ) -> (Option<*mut SockTiming>, Option<u64>, bool) {
-    let slot = s.timing(newstate != tcp_state::CLOSE);
+    // Made even for a CLOSE (a socket older than the tracer closing): the
+    // second BTF copy reads the state it leaves.
+    let slot = s.timing(true);
     let mut selected = false;
     let elapsed = slot.and_then(|t| {
         let t = unsafe { &*t };
         if t.state == oldstate {
             selected = t.selected != 0;
-            Some(now.saturating_sub(t.entered_ns))
+            // The CLOSE before connect/listen is no part of a life.
+            (oldstate != tcp_state::CLOSE).then(|| now.saturating_sub(t.entered_ns))
         } else {
             // State 0: a slot just made, no timing yet.
             if t.state != 0 {

@@ -31,6 +31,7 @@ use crate::{
     netns::Namespaces,
     procfs::{self, Holder},
     tracker::{Connection, Owner, TimewaitEnd, Tracker, TupleKey},
+    FastMap,
 };
 
 /// TCP_TIMEWAIT_LEN: a timewait socket in TIME_WAIT lives 60 s (fixed in
@@ -223,7 +224,7 @@ impl Lifecycle {
             e.0.entry(c.family).or_default().push((c.lport, c.rport));
             e.1.extend(c.task_hint);
         }
-        let mut dumps: HashMap<u32, HashMap<Tuple, DiagSocket>> = HashMap::new();
+        let mut dumps: HashMap<u32, FastMap<Tuple, DiagSocket>> = HashMap::new();
         let mut overflowed: HashMap<u32, bool> = HashMap::new();
         for (inum, (families, hints)) in wanted {
             let was_missing = self.ns.is_missing(inum);
@@ -233,11 +234,11 @@ impl Lifecycle {
                 if !was_missing {
                     log::info!("network namespace {inum} is gone; its timewait sockets with it");
                 }
-                dumps.insert(inum, HashMap::new());
+                dumps.insert(inum, FastMap::default());
                 overflowed.insert(inum, false);
                 continue;
             };
-            let mut by_tuple = HashMap::new();
+            let mut by_tuple = FastMap::default();
             let mut ok = true;
             let mut filtered = false;
             for (family, ports) in families {

@@ -15,7 +15,7 @@
 //! whole, when it ends; if the connection turns out to have had no timewait
 //! socket, it is counted when its record says so.
 
-use std::{collections::HashMap, net::IpAddr};
+use std::net::IpAddr;
 
 use crate::{
     clock,
@@ -24,6 +24,7 @@ use crate::{
     metrics::Recorder,
     summary::Summary,
     tracker::{Connection, Owner, TimewaitEnd, Tracker, TupleKey},
+    FastMap as HashMap,
 };
 
 /// FIN_WAIT2 stays held at once, at most (one per connection waiting for
@@ -43,7 +44,7 @@ impl Observers {
         Observers {
             summary,
             metrics,
-            held: HashMap::new(),
+            held: HashMap::default(),
         }
     }
 

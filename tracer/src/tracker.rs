@@ -29,12 +29,12 @@
 //!   tracer, the process holding its inode in /proc at start. Otherwise
 //!   unknown (`None`), never the softirq's current task.
 
-use std::{
-    collections::{hash_map::Entry, HashMap},
-    net::IpAddr,
-};
+use std::{collections::hash_map::Entry, net::IpAddr};
 
-use crate::events::{Comm, Family, Source, TcpState, Transition};
+use crate::{
+    events::{Comm, Family, Source, TcpState, Transition},
+    FastMap as HashMap,
+};
 
 const STATES: usize = 13;
 
@@ -412,10 +412,10 @@ pub struct Tracker {
 impl Tracker {
     pub fn new(capacity: usize) -> Self {
         Tracker {
-            conns: HashMap::new(),
-            timewait: HashMap::new(),
-            snapshot: HashMap::new(),
-            listeners: HashMap::new(),
+            conns: HashMap::default(),
+            timewait: HashMap::default(),
+            snapshot: HashMap::default(),
+            listeners: HashMap::default(),
             capacity,
             untracked: 0,
             gaps: 0,

@@ -258,3 +258,58 @@ fn kernel_without_the_tracepoint_is_one_clear_line() {
     let out = run_to_end(cmd.args(["--duration", "1s"]));
     assert_one_line_error(&out, 1, "no sock:inet_sock_set_state tracepoint");
 }
+
+/// `--attach` picks the kernel program; `-v` and the stats record say
+/// which ran, and both paths deliver the same conversation.
+#[test]
+fn attach_picks_the_kernel_path_and_says_so() {
+    in_netns(|| {
+        for (attach, path, log) in [
+            ("tp-btf", "tp_btf", "tp_btf/inet_sock_set_state"),
+            (
+                "tracepoint",
+                "tracepoint",
+                "tracepoint sock:inet_sock_set_state",
+            ),
+        ] {
+            let port = test_port();
+            let p = port.to_string();
+            let run = Running::start(&[
+                "--output", "json", "--events", "all", "--port", &p, "--attach", attach, "-v",
+            ]);
+            let mut said = String::new();
+            let start = Instant::now();
+            while !said.contains("attached") {
+                assert!(start.elapsed() < DEADLINE, "{attach}: not attached: {said}");
+                if let Ok(line) = run.stderr.recv_timeout(Duration::from_millis(100)) {
+                    said.push_str(&line);
+                    said.push('\n');
+                }
+            }
+            assert!(said.contains(log), "{attach}: -v says {said}");
+            conversation(
+                SocketAddr::new("127.0.0.1".parse().unwrap(), port),
+                Duration::ZERO,
+                Ending::ServerFirst,
+            );
+            let mut got = Vec::new();
+            run.read_until(&mut got, "the client's record, the listener's close", |l| {
+                l.iter().any(|l| l.contains(r#""type":"connection""#))
+                    && l.iter()
+                        .any(|l| l.contains(r#""old":"LISTEN","new":"CLOSE""#))
+            });
+            run.interrupt();
+            let (code, rest, err) = run.finish();
+            assert_eq!(code, 0, "{err:#?}");
+            got.extend(rest);
+            let stats = json(got.last().unwrap());
+            assert_eq!(stats["kernel"]["transitions"], path, "{attach}");
+            assert_eq!(stats["skipped"], 0);
+            let from_kernel = of_type(&got, "transition")
+                .iter()
+                .filter(|t| t["source"] == "tracepoint")
+                .count();
+            assert_eq!(from_kernel, 12, "{attach}: {got:#?}");
+        }
+    });
+}

@@ -25,8 +25,7 @@ use aya_ebpf::{
     bindings::BPF_SK_STORAGE_GET_F_CREATE,
     btf_maps::SkStorage,
     helpers::{bpf_probe_read_kernel, generated::bpf_sk_storage_get},
-    macros::{btf_map, btf_tracepoint, map},
-    maps::PerCpuArray,
+    macros::{btf_map, btf_tracepoint},
     programs::BtfTracePointContext,
 };
 

@@ -113,6 +113,12 @@ pub(crate) fn on_transition<S: Socket>(s: &S, oldstate: u8, newstate: u8) -> Res
     if !filter::passes(s, &candidate, &mut netns) {
         return Err(Skip::Filtered);
     }
+    let at = Endpoints {
+        family,
+        sport,
+        dport,
+        netns,
+    };
     if BATCH.load() != 0 {
         if let Some(batch) = slot.and_then(|t| s.batch(t)) {
             let step = tracer_common::Step {
@@ -128,20 +134,10 @@ pub(crate) fn on_transition<S: Socket>(s: &S, oldstate: u8, newstate: u8) -> Res
                 owner: 0,
                 _pad: 0,
             };
-            let at = Endpoints {
-                family,
-                sport,
-                dport,
-                netns,
-            };
             return add_to_batch(s, unsafe { &mut *batch }, step, &at);
         }
     }
-    let netns = match netns {
-        Some(n) => n,
-        None => s.netns(),
-    };
-    let (saddr, daddr) = s.addresses(family);
+    let (netns, saddr, daddr) = at.read(s);
 
     let mut entry = EVENTS
         .reserve::<TransitionEvent>(0)
@@ -205,12 +201,26 @@ unsafe fn write_addresses(
     }
 }
 
-/// What a batch record names besides its steps.
+/// What a record names of its socket: read before the filters, the
+/// namespace only if a filter needed it.
 struct Endpoints {
     family: u16,
     sport: u16,
     dport: u16,
     netns: Option<u32>,
+}
+
+impl Endpoints {
+    /// The namespace and both addresses, read now (for a record).
+    #[inline(always)]
+    fn read<S: Socket>(&self, s: &S) -> (u32, [u32; 4], [u32; 4]) {
+        let netns = match self.netns {
+            Some(n) => n,
+            None => s.netns(),
+        };
+        let (saddr, daddr) = s.addresses(self.family);
+        (netns, saddr, daddr)
+    }
 }
 
 /// Adds `step` to the socket's batch and sends the batch when the socket
@@ -270,11 +280,7 @@ fn send_batch<S: Socket>(s: &S, b: &mut Batch, at: &Endpoints) {
         return;
     };
     let ev = entry.as_mut_ptr();
-    let netns = match at.netns {
-        Some(n) => n,
-        None => s.netns(),
-    };
-    let (saddr, daddr) = s.addresses(at.family);
+    let (netns, saddr, daddr) = at.read(s);
     unsafe {
         (*ev).header = EventHeader {
             ts_ns: b.steps[0].ts_ns,

@@ -118,17 +118,14 @@ impl<W: Write> Pipeline<W> {
     pub fn poll_timewait(
         &mut self,
         lifecycle: &mut Lifecycle,
-        ring: Option<&mut RingBuf<MapData>>,
+        ring: &mut RingBuf<MapData>,
     ) -> io::Result<()> {
         let mut spilled: Vec<Vec<u8>> = Vec::new();
-        let result = match ring {
-            Some(ring) => lifecycle.poll_timewait(&mut self.tracker, &mut || {
-                while let Some(item) = ring.next() {
-                    spilled.push(item.to_vec());
-                }
-            }),
-            None => lifecycle.poll_timewait(&mut self.tracker, &mut || {}),
-        };
+        let result = lifecycle.poll_timewait(&mut self.tracker, &mut || {
+            while let Some(item) = ring.next() {
+                spilled.push(item.to_vec());
+            }
+        });
         for (d, owner) in &result.derived {
             self.emit(d, owner)?;
         }
@@ -298,10 +295,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     // Tests and scripts wait for this line: everything is in place.
     log::info!(
         "attached to {}; ring buffer {} KiB, {} sockets timed at most",
-        match capabilities.transitions {
-            crate::features::TransitionPath::TpBtf => "tp_btf/inet_sock_set_state",
-            crate::features::TransitionPath::Tracepoint => "sock:inet_sock_set_state",
-        },
+        capabilities.transitions.attached_to(),
         args.ringbuf_size >> 10,
         args.max_sockets
     );
@@ -378,7 +372,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 }
                 _ = &mut timewait_due => {
                     let started = std::time::Instant::now();
-                    pipeline.poll_timewait(&mut lifecycle, Some(ring.get_mut()))?;
+                    pipeline.poll_timewait(&mut lifecycle, ring.get_mut())?;
                     pipeline.out.flush()?;
                     let next = timewait_interval(args.timewait_interval, started.elapsed());
                     timewait_due.as_mut().reset(tokio::time::Instant::now() + next);

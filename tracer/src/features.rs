@@ -49,6 +49,14 @@ pub enum TransitionPath {
 }
 
 impl TransitionPath {
+    /// The tracepoint as attached (for the "attached" line).
+    pub fn attached_to(self) -> &'static str {
+        match self {
+            TransitionPath::TpBtf => "tp_btf/inet_sock_set_state",
+            TransitionPath::Tracepoint => "sock:inet_sock_set_state",
+        }
+    }
+
     fn describe(self) -> &'static str {
         match self {
             TransitionPath::TpBtf => {

@@ -74,7 +74,67 @@ pub enum EventKind {
     TimewaitDeath = 2,
     /// Several transitions of one socket at once ([`BatchEvent`]).
     Batch = 3,
+    /// A TCP reset sent or received by a socket ([`ResetEvent`]).
+    Reset = 4,
 }
+
+/// Leading fields of the `tcp:tcp_send_reset` record
+/// (`/sys/kernel/tracing/events/tcp/tcp_send_reset/format`). Only this
+/// prefix is read: it is the same on every supported kernel (4.16+),
+/// while the fields after `state` changed (6.10 added `reason` and moved
+/// to `sockaddr` addresses). The integration test `reset_tracepoint_formats`
+/// checks these offsets against the running kernel's format file.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TcpSendResetRecord {
+    pub common_type: u16,
+    pub common_flags: u8,
+    pub common_preempt_count: u8,
+    pub common_pid: i32,
+    pub skbaddr: u64,
+    /// The socket that sends the reset; NULL when none matched the segment
+    /// (a SYN to a closed port: nothing to join it to).
+    pub skaddr: u64,
+    pub state: i32,
+    /// `reason` since 6.10, `sport`/`dport` before: not read.
+    pub _kernel_specific: [u8; 4],
+}
+
+/// Leading fields of the `tcp:tcp_receive_reset` record
+/// (`/sys/kernel/tracing/events/tcp/tcp_receive_reset/format`, the
+/// `tcp_event_sk` class, unchanged since 4.16).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TcpReceiveResetRecord {
+    pub common_type: u16,
+    pub common_flags: u8,
+    pub common_preempt_count: u8,
+    pub common_pid: i32,
+    pub skaddr: u64,
+}
+
+/// [`ResetEvent::direction`].
+pub const RESET_SENT: u8 = 1;
+pub const RESET_RECEIVED: u8 = 2;
+
+/// A reset sent or received by a socket; the agent joins it to the
+/// socket's connection by `skaddr`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ResetEvent {
+    pub header: EventHeader,
+    pub skaddr: u64,
+    /// [`RESET_SENT`] or [`RESET_RECEIVED`].
+    pub direction: u8,
+    /// The socket's TCP state when a reset was sent (0 when received: the
+    /// tracepoint does not say).
+    pub state: u8,
+    pub _pad: [u8; 6],
+}
+
+/// Names of the reset programs and their tracepoints (category `tcp`).
+pub const SEND_RESET_PROGRAM: &str = "tcp_send_reset";
+pub const RECEIVE_RESET_PROGRAM: &str = "tcp_receive_reset";
 
 /// A timewait socket ending (fentry on `inet_twsk_kill`, where the kernel
 /// allows fentry): its timer fired, or it was killed or reused. The
@@ -230,7 +290,10 @@ pub mod counter {
     /// was running (and so skipped by the kernel): the first copy's
     /// `recursion_misses` less these were lost.
     pub const NESTED: u32 = 8;
-    pub const COUNT: u32 = 9;
+    /// Resets sent for a segment no socket matched (a SYN or segment to a
+    /// closed port): counted, not sent to the agent.
+    pub const RESET_NO_SOCKET: u32 = 9;
+    pub const COUNT: u32 = 10;
 }
 
 /// Value of the per-socket timing map (`SOCK_TIMING`), keyed by socket
@@ -359,6 +422,7 @@ mod pod {
     unsafe impl aya::Pod for TimewaitDeathEvent {}
     unsafe impl aya::Pod for BatchEvent {}
     unsafe impl aya::Pod for SockState {}
+    unsafe impl aya::Pod for ResetEvent {}
 }
 
 // No hidden padding: the sizes are the sums of the fields.
@@ -376,3 +440,7 @@ const _: () = assert!(core::mem::size_of::<SockState>() == 16 + core::mem::size_
 const _: () =
     assert!(core::mem::size_of::<BatchEvent>() == 16 + 8 + 32 + 16 + core::mem::size_of::<Batch>());
 const _: () = assert!(core::mem::align_of::<BatchEvent>() <= 8);
+const _: () = assert!(core::mem::size_of::<ResetEvent>() == 16 + 8 + 8);
+const _: () = assert!(core::mem::size_of::<TcpSendResetRecord>() == 8 + 8 + 8 + 4 + 4);
+const _: () = assert!(core::mem::offset_of!(TcpSendResetRecord, state) == 24);
+const _: () = assert!(core::mem::size_of::<TcpReceiveResetRecord>() == 16);

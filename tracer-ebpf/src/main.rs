@@ -8,6 +8,8 @@
 //! - `transition.rs`: what both do with a transition (timing, filters,
 //!   the record); `filter.rs`: the in-kernel filters;
 //! - `timewait.rs`: fentry on `inet_twsk_kill` where allowed;
+//! - `reset.rs`: resets sent and received, joined to connections by the
+//!   agent;
 //! - `probes.rs`: feature probes the agent loads and unloads.
 //!
 //! Shape borrowed from libbpf-tools' `tcpstates.bpf.c`: filters are constants
@@ -20,6 +22,7 @@ mod classic;
 mod filter;
 mod offsets;
 mod probes;
+mod reset;
 mod timewait;
 mod transition;
 

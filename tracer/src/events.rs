@@ -11,8 +11,8 @@ use std::{
 
 use thiserror::Error;
 use tracer_common::{
-    BatchEvent, EventHeader, EventKind, TimewaitDeathEvent, TransitionEvent, AF_INET, AF_INET6,
-    BATCH_STEPS, FLAG_OLD_STATE_KNOWN,
+    BatchEvent, EventHeader, EventKind, ResetEvent, TimewaitDeathEvent, TransitionEvent, AF_INET,
+    AF_INET6, BATCH_STEPS, FLAG_OLD_STATE_KNOWN, RESET_RECEIVED, RESET_SENT,
 };
 
 /// A TCP state, numbered as in the kernel's `include/net/tcp_states.h`.
@@ -217,6 +217,26 @@ pub enum DecodeError {
     BadFamily(u16),
     #[error("batch with bad step or task count {0}")]
     BadSteps(u8),
+    #[error("reset record with unknown direction {0}")]
+    BadDirection(u8),
+}
+
+/// Who sent a reset, from the socket's point of view.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ResetDirection {
+    Sent,
+    Received,
+}
+
+/// A reset sent or received by a socket (`tcp:tcp_send_reset`,
+/// `tcp:tcp_receive_reset`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Reset {
+    pub mono_ns: u64,
+    pub sock: u64,
+    pub direction: ResetDirection,
+    /// The socket's state when it sent the reset (None when received).
+    pub state: Option<TcpState>,
 }
 
 /// A timewait socket's death, seen by the fentry program.
@@ -240,6 +260,7 @@ pub enum Record {
     TimewaitDeath(TimewaitDeath),
     /// Transitions of one socket, in order.
     Batch(Batch),
+    Reset(Reset),
 }
 
 /// Up to [`BATCH_STEPS`] transitions of one socket, decoded from a
@@ -261,6 +282,9 @@ pub fn decode_record(bytes: &[u8]) -> Result<Record, DecodeError> {
     if header.kind == EventKind::Batch as u32 {
         return decode_batch(bytes).map(Record::Batch);
     }
+    if header.kind == EventKind::Reset as u32 {
+        return decode_reset(bytes).map(Record::Reset);
+    }
     if header.kind != EventKind::TimewaitDeath as u32 {
         return decode(bytes).map(Record::Transition);
     }
@@ -277,6 +301,23 @@ pub fn decode_record(bytes: &[u8]) -> Result<Record, DecodeError> {
         rport: ev.dport,
         netns: ev.netns,
     }))
+}
+
+pub fn decode_reset(bytes: &[u8]) -> Result<Reset, DecodeError> {
+    let header: EventHeader = read(bytes).ok_or(DecodeError::ShortHeader(bytes.len()))?;
+    check_len(bytes, &header, size_of::<ResetEvent>())?;
+    let ev: ResetEvent = read(bytes).ok_or(DecodeError::ShortHeader(bytes.len()))?;
+    let direction = match ev.direction {
+        RESET_SENT => ResetDirection::Sent,
+        RESET_RECEIVED => ResetDirection::Received,
+        d => return Err(DecodeError::BadDirection(d)),
+    };
+    Ok(Reset {
+        mono_ns: ev.header.ts_ns,
+        sock: ev.skaddr,
+        direction,
+        state: TcpState::from_kernel(ev.state),
+    })
 }
 
 /// Decodes a batch: each step becomes the transition the kernel would have
@@ -620,6 +661,51 @@ pub(crate) mod tests {
         let off = std::mem::offset_of!(TransitionEvent, family);
         bytes[off] = 1;
         assert_eq!(decode(&bytes), Err(DecodeError::BadFamily(1)));
+    }
+
+    #[test]
+    fn reset_records_decode() {
+        let ev = ResetEvent {
+            header: EventHeader {
+                ts_ns: 11,
+                kind: EventKind::Reset as u32,
+                len: size_of::<ResetEvent>() as u32,
+            },
+            skaddr: 0xfeed,
+            direction: RESET_SENT,
+            state: TcpState::Established as u8,
+            _pad: [0; 6],
+        };
+        // SAFETY: repr(C), no padding.
+        let mut bytes = unsafe {
+            std::slice::from_raw_parts(
+                (&ev as *const ResetEvent).cast::<u8>(),
+                size_of::<ResetEvent>(),
+            )
+        }
+        .to_vec();
+        assert_eq!(
+            decode_record(&bytes),
+            Ok(Record::Reset(Reset {
+                mono_ns: 11,
+                sock: 0xfeed,
+                direction: ResetDirection::Sent,
+                state: Some(TcpState::Established),
+            }))
+        );
+        let dir = std::mem::offset_of!(ResetEvent, direction);
+        bytes[dir] = RESET_RECEIVED;
+        bytes[dir + 1] = 0;
+        let Ok(Record::Reset(r)) = decode_record(&bytes) else {
+            panic!("not a reset")
+        };
+        assert_eq!((r.direction, r.state), (ResetDirection::Received, None));
+        bytes[dir] = 3;
+        assert_eq!(decode_record(&bytes), Err(DecodeError::BadDirection(3)));
+        assert!(matches!(
+            decode_record(&bytes[..20]),
+            Err(DecodeError::BadLength { .. })
+        ));
     }
 
     #[test]

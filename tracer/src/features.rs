@@ -32,6 +32,9 @@ pub struct Capabilities {
     /// NETLINK_SOCK_DIAG for TCP (`inet_diag` + `tcp_diag`, built in or
     /// loaded): timewait sockets, socket inodes, the start-up snapshot.
     pub sock_diag: bool,
+    /// `tcp:tcp_send_reset` and `tcp:tcp_receive_reset` are attached:
+    /// connection records count the resets of each connection.
+    pub resets: bool,
     /// Which program receives the transitions.
     pub transitions: TransitionPath,
 }
@@ -75,8 +78,8 @@ impl Capabilities {
         let yes = |b: bool| if b { "yes" } else { "no" };
         format!(
             "kernel: transitions via {}, delivered by ring buffer; \
-             TIME_WAIT and socket owners via sock_diag={}, timewait deaths via {}; \
-             btf={} tp_btf={} iter/tcp={} kprobe={} fentry={}",
+             TIME_WAIT and socket owners via sock_diag={}, timewait deaths via {}, \
+             resets via tcp:tcp_send_reset/tcp_receive_reset={}; btf={} tp_btf={} iter/tcp={} kprobe={} fentry={}",
             self.transitions.describe(),
             yes(self.sock_diag),
             if self.timewait_fentry {
@@ -84,6 +87,7 @@ impl Capabilities {
             } else {
                 "sock_diag polls"
             },
+            yes(self.resets),
             yes(self.btf),
             yes(self.tp_btf),
             yes(self.iter_tcp),

@@ -14,7 +14,8 @@ use aya::{
 use thiserror::Error;
 use tracer_common::{
     counter, global, map, ListenerKey, BTF_PROGRAM, BTF_PROGRAM_NESTED, MAX_FILTER_PORTS,
-    MAX_FILTER_PREFIXES, PROGRAM_NAME, TIMEWAIT_FUNCTION, TIMEWAIT_PROGRAM,
+    MAX_FILTER_PREFIXES, PROGRAM_NAME, RECEIVE_RESET_PROGRAM, SEND_RESET_PROGRAM,
+    TIMEWAIT_FUNCTION, TIMEWAIT_PROGRAM,
 };
 
 use crate::{
@@ -62,6 +63,8 @@ pub enum LoadError {
     Map(#[from] aya::maps::MapError),
     #[error("the eBPF object has no {0}")]
     Missing(&'static str),
+    #[error("the kernel has no {0} tracepoint")]
+    NoResetTracepoint(&'static str),
     #[error("--attach tp-btf: {0}")]
     NoTpBtf(String),
 }
@@ -141,6 +144,8 @@ pub struct CounterValues {
     pub skipped: u64,
     /// Transitions waiting in sockets' batches in the kernel.
     pub batch_pending: u64,
+    /// Resets sent for segments no socket matched (closed ports).
+    pub resets_no_socket: u64,
 }
 
 /// `recursion_misses` of a program's fdinfo (5.12+; 0 where absent).
@@ -204,6 +209,7 @@ impl KernelCounters {
             timing_stale: sum(counter::TIMING_STALE)?,
             listeners_full: sum(counter::LISTENERS_FULL)?,
             timewait_unreadable: sum(counter::TIMEWAIT_UNREADABLE)?,
+            resets_no_socket: sum(counter::RESET_NO_SOCKET)?,
             batch_pending: self
                 .map
                 .get(&counter::BATCH_PENDING, 0)?
@@ -320,6 +326,39 @@ fn attach_timewait(ebpf: &mut Ebpf, btf: &aya::Btf) -> Result<(), LoadError> {
         .try_into()?;
     program.load(TIMEWAIT_FUNCTION, btf)?;
     program.attach()?;
+    Ok(())
+}
+
+/// Attaches the reset programs (`tcp:tcp_send_reset`,
+/// `tcp:tcp_receive_reset`); an error names what is missing. Both or
+/// neither: one direction alone would misname how connections ended.
+fn attach_resets(ebpf: &mut Ebpf) -> Result<(), LoadError> {
+    for name in [SEND_RESET_PROGRAM, RECEIVE_RESET_PROGRAM] {
+        let exists = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
+            .iter()
+            .any(|base| Path::new(base).join("events/tcp").join(name).is_dir());
+        if !exists {
+            return Err(LoadError::NoResetTracepoint(
+                if name == SEND_RESET_PROGRAM {
+                    "tcp:tcp_send_reset"
+                } else {
+                    "tcp:tcp_receive_reset"
+                },
+            ));
+        }
+        let program: &mut TracePoint = ebpf
+            .program_mut(name)
+            .ok_or(LoadError::Missing("reset program"))?
+            .try_into()?;
+        program.load()?;
+    }
+    for name in [SEND_RESET_PROGRAM, RECEIVE_RESET_PROGRAM] {
+        let program: &mut TracePoint = ebpf
+            .program_mut(name)
+            .ok_or(LoadError::Missing("reset program"))?
+            .try_into()?;
+        program.attach("tcp", name)?;
+    }
     Ok(())
 }
 
@@ -547,6 +586,13 @@ fn load_attached(
                 "no fentry on {TIMEWAIT_FUNCTION} ({e}); timewait deaths from sock_diag polls"
             ),
         }
+    }
+
+    match attach_resets(&mut ebpf) {
+        Ok(()) => capabilities.resets = true,
+        Err(e) => log::info!(
+            "no reset tracepoints ({e}): connection records say nothing of resets (\"rst\": null)"
+        ),
     }
 
     let events = RingBuf::try_from(

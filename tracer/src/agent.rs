@@ -18,12 +18,14 @@ use tokio::{
 use crate::{
     cli::Args,
     clock::{monotonic_ns, WallClock},
+    close::classify,
     events::{self, Record, TcpState, TimewaitDeath, Transition},
     lifecycle::{Lifecycle, EXPIRY_TOLERANCE_NS},
     loader::{self, CounterValues, LoadOptions},
     metrics::{Endpoint, Recorder},
     observe::Observers,
     output::{Output, Stats},
+    resets::Resets,
     summary::Summary,
     tracker::{Connection, Owner, Tracker, TupleKey},
 };
@@ -37,6 +39,9 @@ pub struct Pipeline<W: Write> {
     pub unreadable: u64,
     /// Aggregations fed by every transition (--summary, --metrics).
     pub observers: Observers,
+    /// Resets joined to connections; closed connections wait there for
+    /// an abort's reset (see `resets.rs`).
+    pub resets: Resets,
 }
 
 impl<W: Write> Pipeline<W> {
@@ -50,6 +55,10 @@ impl<W: Write> Pipeline<W> {
                 Ok(())
             }
             Ok(Record::TimewaitDeath(d)) => self.timewait_died(&d),
+            Ok(Record::Reset(r)) => {
+                self.resets.reset(&r, &mut self.tracker);
+                Ok(())
+            }
             Err(e) => {
                 self.unreadable += 1;
                 if self.unreadable == 1 {
@@ -69,7 +78,7 @@ impl<W: Write> Pipeline<W> {
             self.emit(d, &outcome.owner_of_derived())?;
         }
         self.emit(&t, &outcome.owner)?;
-        for conn in &outcome.closed {
+        for conn in outcome.closed {
             self.close(conn)?;
         }
         Ok(())
@@ -83,10 +92,37 @@ impl<W: Write> Pipeline<W> {
         self.out.transition(t, owner)
     }
 
-    /// A connection's record, to the output and the observers.
-    pub fn close(&mut self, conn: &Connection) -> io::Result<()> {
-        self.observers.connection(conn);
-        self.out.connection(conn)
+    /// A connection that ended: its record is written now, or once no
+    /// reset of its own can still arrive.
+    pub fn close(&mut self, conn: Connection) -> io::Result<()> {
+        match self.resets.closed(conn) {
+            Some(c) => self.write_connection(&c),
+            None => Ok(()),
+        }
+    }
+
+    /// A connection's record, with how it closed, to the output and the
+    /// observers.
+    pub fn write_connection(&mut self, conn: &Connection) -> io::Result<()> {
+        let close = classify(&conn.close, self.resets.enabled);
+        self.observers.connection(conn, &close);
+        self.out.connection(conn, &close)
+    }
+
+    /// Writes the held records whose reset grace is over.
+    fn release_held(&mut self, drain_start_ns: u64) -> io::Result<()> {
+        for c in self.resets.release(drain_start_ns) {
+            self.write_connection(&c)?;
+        }
+        Ok(())
+    }
+
+    /// At exit: every held record.
+    pub fn release_all(&mut self) -> io::Result<()> {
+        for c in self.resets.release_all() {
+            self.write_connection(&c)?;
+        }
+        Ok(())
     }
 
     /// A timewait socket died (fentry): ends its connection if tracked.
@@ -105,7 +141,7 @@ impl<W: Write> Pipeline<W> {
         for t in &outcome.derived {
             self.emit(t, &outcome.owner)?;
         }
-        for conn in &outcome.closed {
+        for conn in outcome.closed {
             self.close(conn)?;
         }
         Ok(())
@@ -129,7 +165,7 @@ impl<W: Write> Pipeline<W> {
         for (d, owner) in &result.derived {
             self.emit(d, owner)?;
         }
-        for conn in &result.closed {
+        for conn in result.closed {
             self.close(conn)?;
         }
         for record in &spilled {
@@ -146,10 +182,22 @@ impl<W: Write> Pipeline<W> {
     ) -> io::Result<()> {
         for &(state, threshold) in thresholds {
             for (conn, holders) in lifecycle.stuck(&mut self.tracker, state, threshold) {
-                self.out.stuck(&conn, monotonic_ns(), &holders, false)?;
+                self.stuck(&conn, &holders, false)?;
             }
         }
         Ok(())
+    }
+
+    /// A stuck connection's alert, with its close so far.
+    pub fn stuck(
+        &mut self,
+        conn: &Connection,
+        holders: &[crate::procfs::Holder],
+        at_exit: bool,
+    ) -> io::Result<()> {
+        let close = crate::close::so_far(&conn.close, self.resets.enabled);
+        self.out
+            .stuck(conn, monotonic_ns(), holders, at_exit, &close)
     }
 
     /// The summary so far, on the output (--summary; on SIGUSR1 and at exit).
@@ -161,12 +209,14 @@ impl<W: Write> Pipeline<W> {
         Ok(())
     }
 
-    /// Reads every record the ring buffer holds now.
+    /// Reads every record the ring buffer holds now, then writes the held
+    /// records whose resets would have been in it.
     pub fn drain(&mut self, ring: &mut RingBuf<MapData>) -> io::Result<()> {
+        let start = monotonic_ns();
         while let Some(item) = ring.next() {
             self.handle(&item)?;
         }
-        Ok(())
+        self.release_held(start)
     }
 
     pub fn stats(&self, kernel: CounterValues) -> Stats {
@@ -180,6 +230,8 @@ impl<W: Write> Pipeline<W> {
             timing_stale: kernel.timing_stale,
             listeners_full: kernel.listeners_full,
             timewait_unreadable: kernel.timewait_unreadable,
+            resets_no_socket: kernel.resets_no_socket,
+            resets_unmatched: self.resets.unmatched,
             skipped: kernel.skipped,
             pending: kernel.batch_pending,
             untracked: self.tracker.untracked,
@@ -248,6 +300,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     };
     let probe = loader::load(&opts)?;
     let mut capabilities = probe.capabilities;
+    let mut metrics = metrics;
+    if let (Some(m), true) = (&mut metrics, capabilities.resets) {
+        m.enable_resets();
+    }
     let netns_known = probe.offsets.netns_known();
     let counters = probe.counters;
     let mut pipeline = Pipeline {
@@ -261,6 +317,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         events: 0,
         unreadable: 0,
         observers: Observers::new(Summary::from_args(&args.summary), metrics),
+        resets: Resets::new(probe.capabilities.resets),
     };
     // After attaching, so no socket falls between the snapshot and the events.
     let mut lifecycle = Lifecycle::new().context("opening NETLINK_SOCK_DIAG")?;
@@ -395,10 +452,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         }
         // What the kernel submitted before we stopped.
         pipeline.drain(ring.get_mut())?;
+        pipeline.release_all()?;
         // The connections still stuck, with their ages.
         for &(state, _) in &thresholds {
             for (conn, holders) in lifecycle.still_in(&mut pipeline.tracker, state) {
-                pipeline.out.stuck(&conn, monotonic_ns(), &holders, true)?;
+                pipeline.stuck(&conn, &holders, true)?;
             }
         }
         pipeline.write_summary(args.output)?;

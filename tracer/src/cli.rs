@@ -149,7 +149,11 @@ pub enum EventsMode {
     Transitions,
     /// One record per connection, when it reaches CLOSE.
     Connections,
-    /// Both.
+    /// One line per finished connection showing its close: who closed,
+    /// the handshake with the time of each step, resets (JSON: the
+    /// connection record, which carries the same `close` object).
+    Closes,
+    /// Both transitions and connections.
     All,
     /// Neither (only the final stats).
     None,
@@ -160,7 +164,10 @@ impl EventsMode {
         matches!(self, EventsMode::Transitions | EventsMode::All)
     }
     pub fn connections(self) -> bool {
-        matches!(self, EventsMode::Connections | EventsMode::All)
+        matches!(
+            self,
+            EventsMode::Connections | EventsMode::Closes | EventsMode::All
+        )
     }
 }
 

@@ -38,6 +38,7 @@ use tokio::{
 };
 
 use crate::{
+    close::{CloseBy, Rst},
     events::{Family, TcpState, Transition},
     group::{BoundedKeys, GroupBy, Slot},
     summary::stay,
@@ -148,6 +149,9 @@ pub struct Recorder {
     connections: IntGaugeVec,
     close_wait_stuck: IntGauge,
     events_lost: IntCounter,
+    resets: IntCounterVec,
+    /// `closes_total` per class, in `CloseBy::ALL` order.
+    close_cells: Vec<IntCounter>,
     label: Option<Label>,
     /// Series created so far: [slot][old][new][family] and [slot][state].
     transition_cells: Vec<Option<IntCounter>>,
@@ -221,9 +225,31 @@ impl Recorder {
             "Transitions the kernel could not deliver to the tracer (ring buffer full).",
         )
         .expect("valid metric");
+        let closes = IntCounterVec::new(
+            Opts::new(
+                name("closes_total"),
+                "Connections that ended, by how they closed: local, peer or both (who sent the first FIN of a finished handshake), reset_received, reset_sent, abort, refused, timeout, unknown.",
+            ),
+            &["by"],
+        )
+        .expect("valid metric");
+        let resets = IntCounterVec::new(
+            Opts::new(
+                name("resets_total"),
+                "TCP resets of the connections that ended, by direction (sent, received); absent when the kernel's reset tracepoints are not attached.",
+            ),
+            &["direction"],
+        )
+        .expect("valid metric");
+        let close_cells = CloseBy::ALL
+            .iter()
+            .map(|b| closes.with_label_values(&[b.name()]))
+            .collect();
         let registry = Registry::new();
         for c in [
-            Box::new(transitions.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(closes.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(resets.clone()),
+            Box::new(transitions.clone()),
             Box::new(durations.clone()),
             Box::new(connections.clone()),
             Box::new(close_wait_stuck.clone()),
@@ -244,6 +270,8 @@ impl Recorder {
             connections,
             close_wait_stuck,
             events_lost,
+            resets,
+            close_cells,
             label: label.map(|(by, cap)| Label {
                 by,
                 keys: BoundedKeys::new(cap),
@@ -266,6 +294,33 @@ impl Recorder {
 
     pub fn registry(&self) -> &Registry {
         &self.registry
+    }
+
+    /// The kernel's reset tracepoints are attached: export the reset
+    /// counters from the start (at 0).
+    pub fn enable_resets(&mut self) {
+        for d in ["sent", "received"] {
+            self.resets.with_label_values(&[d]);
+        }
+    }
+
+    /// A connection ended as `by`, with its resets where known.
+    pub fn closed(&mut self, by: CloseBy, rst: Option<Rst>) {
+        if let Some(i) = CloseBy::ALL.iter().position(|&b| b == by) {
+            self.close_cells[i].inc();
+        }
+        if let Some(r) = rst {
+            if r.sent > 0 {
+                self.resets
+                    .with_label_values(&["sent"])
+                    .inc_by(u64::from(r.sent));
+            }
+            if r.received > 0 {
+                self.resets
+                    .with_label_values(&["received"])
+                    .inc_by(u64::from(r.received));
+            }
+        }
     }
 
     /// Counts transition `t` and observes the stay it ended; `owner` is its

@@ -19,6 +19,7 @@ use std::net::IpAddr;
 
 use crate::{
     clock,
+    close::{Close, CloseBy, Rst},
     events::{Family, Source, TcpState, Transition},
     loader::CounterValues,
     metrics::Recorder,
@@ -87,10 +88,27 @@ impl Observers {
     }
 
     /// A connection's record was written: if it had no timewait socket
-    /// after all, its held FIN_WAIT2 stay ended at the hand-over.
-    pub fn connection(&mut self, c: &Connection) {
+    /// after all, its held FIN_WAIT2 stay ended at the hand-over; and its
+    /// close is counted by class.
+    pub fn connection(&mut self, c: &Connection, close: &Close) {
         let end = c.timewait.and_then(|tw| tw.end);
         self.timewait_ended(&c.key(), end, c.owner.as_ref());
+        if !c.listener {
+            self.closed(&c.key(), close.by, close.rst, c.owner.as_ref());
+        }
+    }
+
+    /// A connection closed as `by` (also from a recorded connection
+    /// record's `close`).
+    pub fn closed(&mut self, key: &TupleKey, by: CloseBy, rst: Option<Rst>, owner: Option<&Owner>) {
+        if let Some(m) = &mut self.metrics {
+            m.closed(by, rst);
+        }
+        if let Some(s) = &mut self.summary {
+            s.close(by, rst, |g| {
+                g.key_of(key.lport, key.rport, key.raddr, owner)
+            });
+        }
     }
 
     /// The same from a recorded connection record's fields.

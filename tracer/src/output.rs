@@ -14,6 +14,7 @@ use serde::Serialize;
 use crate::{
     cli::{EventsMode, Format},
     clock::WallClock,
+    close::{Close, FirstFin, Rst},
     events::{Source, TcpState, Transition},
     procfs::Holder,
     tracker::{Connection, Owner},
@@ -50,6 +51,12 @@ pub struct Stats {
     /// Transitions still waiting in their socket's batch in the kernel at
     /// exit (connections mid-way through a handshake; see the README).
     pub pending: u64,
+    /// Resets sent for segments no socket matched (e.g. a SYN to a closed
+    /// port): counted in the kernel, joined to nothing.
+    pub resets_no_socket: u64,
+    /// Resets of sockets never joined to a reported connection (filtered
+    /// out, untracked, or never closed while the tracer ran).
+    pub resets_unmatched: u64,
     /// Timewait dumps (NETLINK_SOCK_DIAG) made, and their total cost.
     pub timewait_polls: u64,
     pub timewait_poll_ns: u64,
@@ -164,6 +171,95 @@ struct ConnectionJson<'a> {
     /// How the timewait part of an actively closed connection ended; null
     /// for connections that did not close actively.
     time_wait_end: Option<&'static str>,
+    close: CloseJson<'a>,
+}
+
+/// How a connection closed (see `close.rs`).
+#[derive(Serialize)]
+struct CloseJson<'a> {
+    by: &'static str,
+    first_fin: Option<FirstFin>,
+    fin_to_close_ns: Option<u64>,
+    handshake: Vec<String>,
+    /// Time of each handshake step since the first, ns.
+    handshake_at_ns: Vec<u64>,
+    rst: Option<&'a Rst>,
+}
+
+impl<'a> CloseJson<'a> {
+    fn new(c: &'a Close) -> Self {
+        CloseJson {
+            by: c.by.name(),
+            first_fin: c.first_fin,
+            fin_to_close_ns: c.fin_to_close_ns,
+            handshake: c
+                .handshake
+                .iter()
+                .map(|s| format!("{}>{}", s.old.name(), s.new.name()))
+                .collect(),
+            handshake_at_ns: (0..c.handshake.len()).map(|i| c.at_ns(i)).collect(),
+            rst: c.rst.as_ref(),
+        }
+    }
+}
+
+/// The close handshake for people: `local FIN  FIN_WAIT1 40.0µs > FIN_WAIT2
+/// 4.40ms > TIME_WAIT 60.0s (expired)`: who closed, then each state the
+/// close went through with the time spent in it.
+pub fn close_summary(c: &Close, time_wait_end: Option<&str>) -> String {
+    use crate::{close::CloseBy, events::TcpState, summary::duration};
+    let mut s = match c.by {
+        CloseBy::Local | CloseBy::Peer | CloseBy::Both => format!("{} FIN ", c.by.name()),
+        other => format!("{} ", other.name()),
+    };
+    let steps = &c.handshake;
+    let clean = matches!(c.by, CloseBy::Local | CloseBy::Peer | CloseBy::Both);
+    if let (false, Some(first)) = (clean, steps.first()) {
+        s.push(' ');
+        s.push_str(first.old.name());
+        s.push_str(" >");
+    }
+    for (i, step) in steps.iter().enumerate() {
+        let last = i + 1 == steps.len();
+        // A clean close's final CLOSE is implied.
+        if last && clean && step.new == TcpState::Close {
+            break;
+        }
+        s.push(' ');
+        s.push_str(step.new.name());
+        if let Some(next) = steps.get(i + 1) {
+            s.push(' ');
+            s.push_str(&duration(next.at_ns.saturating_sub(step.at_ns)));
+        }
+        if step.new == TcpState::TimeWait {
+            if let Some(end) = time_wait_end {
+                s.push_str(&format!(" ({end})"));
+            }
+        }
+        if !last {
+            s.push_str(" >");
+        }
+    }
+    if s.ends_with(" >") {
+        s.truncate(s.len() - 2);
+    }
+    if let Some(r) = c.rst {
+        if r.sent > 0 {
+            s.push_str(&format!("  RST sent{}", count_suffix(r.sent)));
+        }
+        if r.received > 0 {
+            s.push_str(&format!("  RST received{}", count_suffix(r.received)));
+        }
+    }
+    s
+}
+
+fn count_suffix(n: u32) -> String {
+    if n > 1 {
+        format!(" x{n}")
+    } else {
+        String::new()
+    }
 }
 
 /// A connection stuck in a state (`close_wait`, or `stuck` for others).
@@ -179,6 +275,8 @@ struct StuckJson<'a> {
     /// Listed when the tracer stopped rather than when it passed the
     /// threshold.
     at_exit: bool,
+    /// The close so far (`by`: `unfinished`).
+    close: CloseJson<'a>,
 }
 
 /// A connection's per-state times as a JSON object, in life order.
@@ -201,6 +299,8 @@ struct StatsJson<'a> {
     #[serde(flatten)]
     stats: &'a Stats,
 }
+
+const CLOSES_HEADER: &str = "TIME(UTC)        PID     COMM             LADDR:LPORT                 RADDR:RPORT                 CLOSE";
 
 const TABLE_HEADER: &str = "TIME(UTC)        PID     COMM             LADDR:LPORT                 RADDR:RPORT                 TRANSITION                   MS";
 
@@ -319,11 +419,28 @@ impl<W: Write> Output<W> {
 
     /// The record of a connection that ended. Listening sockets are not
     /// connections and get none.
-    pub fn connection(&mut self, c: &Connection) -> io::Result<()> {
+    pub fn connection(&mut self, c: &Connection, close: &Close) -> io::Result<()> {
         if !self.events.connections() || c.listener {
             return Ok(());
         }
         let time_wait_end = c.timewait.and_then(|tw| tw.end).map(|e| e.name());
+        if self.events == EventsMode::Closes && self.format == Format::Table {
+            if !self.header_done {
+                writeln!(self.out, "{CLOSES_HEADER}")?;
+                self.header_done = true;
+            }
+            let (pid, comm) = owner_cells(&c.owner);
+            return writeln!(
+                self.out,
+                "{:<16} {:<7} {:<16} {:<27} {:<27} {}",
+                self.time_of_day(c.state_since_ns),
+                pid,
+                comm,
+                endpoint(c.laddr, c.lport),
+                endpoint(c.raddr, c.rport),
+                close_summary(close, time_wait_end)
+            );
+        }
         match self.format {
             Format::Json => {
                 let rec = ConnectionJson {
@@ -334,6 +451,7 @@ impl<W: Write> Output<W> {
                     duration_ns: c.duration_ns(),
                     states: StatesJson(c),
                     time_wait_end,
+                    close: CloseJson::new(close),
                 };
                 self.json_line(&rec)
             }
@@ -375,6 +493,7 @@ impl<W: Write> Output<W> {
         now_ns: u64,
         owners: &[Holder],
         at_exit: bool,
+        close: &Close,
     ) -> io::Result<()> {
         let age = now_ns.saturating_sub(c.state_since_ns);
         let kind = if c.state == TcpState::CloseWait {
@@ -392,6 +511,7 @@ impl<W: Write> Output<W> {
                     age_ns: age,
                     owners,
                     at_exit,
+                    close: CloseJson::new(close),
                 };
                 self.json_line(&rec)
             }
@@ -607,6 +727,10 @@ mod tests {
         assert!(lines[2].ends_with(" -"));
     }
 
+    fn close_of(c: &Connection) -> Close {
+        crate::close::classify(&c.close, true)
+    }
+
     fn closed() -> Connection {
         let mut tr = Tracker::new(4);
         let t = |ms: u64, old, new, known: Option<u64>| Transition {
@@ -628,7 +752,7 @@ mod tests {
     fn connection_json() {
         let mut o = out(Format::Json, EventsMode::Connections);
         o.transition(&sample(), &owner()).unwrap(); // not printed in this mode
-        o.connection(&closed()).unwrap();
+        o.connection(&closed(), &close_of(&closed())).unwrap();
         let s = text(o);
         assert_eq!(s.lines().count(), 1);
         let v: serde_json::Value = serde_json::from_str(s.trim_end()).unwrap();
@@ -651,7 +775,7 @@ mod tests {
     #[test]
     fn connection_table_line() {
         let mut o = out(Format::Table, EventsMode::Connections);
-        o.connection(&closed()).unwrap();
+        o.connection(&closed(), &close_of(&closed())).unwrap();
         let s = text(o);
         assert!(
             s.contains("CONNECTION 201.000ms SYN_SENT=1.000ms ESTABLISHED=200.000ms"),
@@ -662,10 +786,10 @@ mod tests {
     #[test]
     fn json_states_are_in_life_order_and_listeners_get_no_record() {
         let mut o = out(Format::Json, EventsMode::Connections);
-        o.connection(&closed()).unwrap();
+        o.connection(&closed(), &close_of(&closed())).unwrap();
         let mut listener = closed();
         listener.listener = true;
-        o.connection(&listener).unwrap();
+        o.connection(&listener, &close_of(&listener)).unwrap();
         let s = text(o);
         assert_eq!(s.lines().count(), 1);
         assert!(
@@ -685,7 +809,8 @@ mod tests {
             fd: 5,
         }];
         let mut o = out(Format::Json, EventsMode::None);
-        o.stuck(&c, 31_000_000_000, &holders, false).unwrap();
+        o.stuck(&c, 31_000_000_000, &holders, false, &close_of(&c))
+            .unwrap();
         let v: serde_json::Value = serde_json::from_str(text(o).trim_end()).unwrap();
         assert_eq!(v["type"], "close_wait");
         assert_eq!(v["age_ns"], 30_000_000_000u64);
@@ -695,7 +820,8 @@ mod tests {
         assert_eq!(v["owners"][0]["comm"], "server");
         assert_eq!(v["at_exit"], false);
         let mut o = out(Format::Table, EventsMode::None);
-        o.stuck(&c, 31_000_000_000, &holders, true).unwrap();
+        o.stuck(&c, 31_000_000_000, &holders, true, &close_of(&c))
+            .unwrap();
         let s = text(o);
         assert!(s.starts_with("STILL CLOSE_WAIT for 30.0s"), "{s}");
         assert!(s.contains("pid 7 (server) fd 5"), "{s}");

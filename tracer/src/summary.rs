@@ -30,6 +30,7 @@ use serde::Serialize;
 
 use crate::{
     cli::Format,
+    close::{CloseBy, Rst},
     events::{TcpState, Transition},
     group::{GroupBy, GroupKey},
     tracker::Owner,
@@ -243,11 +244,57 @@ fn log2_bounds(i: usize) -> (u64, u64) {
     }
 }
 
+/// Connections by how they closed, and their resets (see `close.rs`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CloseCounts {
+    /// Per [`CloseBy`], in `CloseBy::ALL` order.
+    pub by: [u64; CloseBy::ALL.len()],
+    pub rst_sent: u64,
+    pub rst_received: u64,
+    /// Connections whose resets were known (the reset tracepoints ran).
+    pub rst_known: u64,
+}
+
+impl CloseCounts {
+    pub fn add(&mut self, by: CloseBy, rst: Option<Rst>) {
+        if let Some(i) = CloseBy::ALL.iter().position(|&b| b == by) {
+            self.by[i] += 1;
+        }
+        if let Some(r) = rst {
+            self.rst_known += 1;
+            self.rst_sent += u64::from(r.sent);
+            self.rst_received += u64::from(r.received);
+        }
+    }
+
+    fn merge(&mut self, o: &CloseCounts) {
+        for (a, b) in self.by.iter_mut().zip(o.by) {
+            *a += b;
+        }
+        self.rst_sent += o.rst_sent;
+        self.rst_received += o.rst_received;
+        self.rst_known += o.rst_known;
+    }
+
+    pub fn total(&self) -> u64 {
+        self.by.iter().sum()
+    }
+
+    /// Classes with at least one connection, in `CloseBy::ALL` order.
+    pub fn nonzero(&self) -> impl Iterator<Item = (CloseBy, u64)> + '_ {
+        CloseBy::ALL
+            .into_iter()
+            .zip(self.by)
+            .filter(|&(_, n)| n > 0)
+    }
+}
+
 /// Every state's distribution, for one group.
 #[derive(Clone)]
 pub struct GroupStats {
     states: [Option<StateStats>; STATES],
     stays: u64,
+    pub closes: CloseCounts,
 }
 
 impl Default for GroupStats {
@@ -255,6 +302,7 @@ impl Default for GroupStats {
         GroupStats {
             states: std::array::from_fn(|_| None),
             stays: 0,
+            closes: CloseCounts::default(),
         }
     }
 }
@@ -269,6 +317,7 @@ impl GroupStats {
 
     fn merge(&mut self, other: &GroupStats) {
         self.stays += other.stays;
+        self.closes.merge(&other.closes);
         for (mine, theirs) in self.states.iter_mut().zip(&other.states) {
             if let Some(theirs) = theirs {
                 mine.get_or_insert_with(StateStats::new).merge(theirs);
@@ -279,6 +328,7 @@ impl GroupStats {
     /// Empties it, keeping the allocations.
     fn reset(&mut self) {
         self.stays = 0;
+        self.closes = CloseCounts::default();
         for s in self.states.iter_mut().flatten() {
             s.reset();
         }
@@ -362,6 +412,15 @@ impl Groups {
         slot.weight += 1;
         slot.stats.record(state, ns);
     }
+
+    /// The stats of `key` if followed, else "other" (closes do not take
+    /// a place among the groups: stays decide which are followed).
+    fn stats_mut(&mut self, key: &GroupKey) -> &mut GroupStats {
+        match self.index.get(key) {
+            Some(&i) => &mut self.slots[i].stats,
+            None => &mut self.other,
+        }
+    }
 }
 
 /// One group of a report.
@@ -428,6 +487,14 @@ impl Summary {
         }
     }
 
+    /// A connection's close; `key` is only called with --group-by.
+    pub fn close(&mut self, by: CloseBy, rst: Option<Rst>, key: impl FnOnce(GroupBy) -> GroupKey) {
+        match self.by {
+            None => self.all.closes.add(by, rst),
+            Some(g) => self.groups.stats_mut(&key(g)).closes.add(by, rst),
+        }
+    }
+
     /// Stays recorded in all.
     pub fn stays(&self) -> u64 {
         match self.by {
@@ -453,7 +520,7 @@ impl Summary {
             .groups
             .slots
             .iter()
-            .filter(|s| s.stats.stays > 0)
+            .filter(|s| s.stats.stays > 0 || s.stats.closes.total() > 0)
             .collect();
         order.sort_by_key(|s| std::cmp::Reverse(s.stats.stays));
         let shown = order.len().min(self.top);
@@ -468,7 +535,7 @@ impl Summary {
         for s in &order[shown..] {
             other.merge(&s.stats);
         }
-        if other.stays > 0 {
+        if other.stays > 0 || other.closes.total() > 0 {
             out.push(ReportGroup {
                 group: Some((by, None)),
                 stats: Cow::Owned(other),
@@ -495,6 +562,11 @@ impl Summary {
                     other: key.is_none().then_some(true),
                 }),
                 states: StatesJson(&g.stats),
+                closes: ClosesJson(&g.stats.closes),
+                rst: (g.stats.closes.rst_known > 0).then(|| RstJson {
+                    sent: g.stats.closes.rst_sent,
+                    received: g.stats.closes.rst_received,
+                }),
             };
             serde_json::to_writer(&mut *w, &rec)?;
             w.write_all(b"\n")?;
@@ -532,6 +604,23 @@ impl Summary {
                     duration(s.quantile_ns(0.99)),
                     duration(s.max),
                 )?;
+            }
+            let c = &g.stats.closes;
+            if c.total() > 0 {
+                let classes: Vec<String> = c
+                    .nonzero()
+                    .map(|(by, n)| format!("{} {n}", by.name()))
+                    .collect();
+                write!(
+                    w,
+                    "\nConnections closed: {} ({})",
+                    c.total(),
+                    classes.join(", ")
+                )?;
+                if c.rst_known > 0 {
+                    write!(w, "; RSTs sent {}, received {}", c.rst_sent, c.rst_received)?;
+                }
+                writeln!(w)?;
             }
             for (state, s) in g.stats.states() {
                 writeln!(w)?;
@@ -626,6 +715,30 @@ struct SummaryJson<'a> {
     r#type: &'static str,
     group: Option<GroupJson>,
     states: StatesJson<'a>,
+    /// Connections by close class (`{"local": 3, ...}`, classes with none
+    /// left out).
+    closes: ClosesJson<'a>,
+    /// Resets of those connections; null when none had its resets traced.
+    rst: Option<RstJson>,
+}
+
+struct ClosesJson<'a>(&'a CloseCounts);
+
+impl Serialize for ClosesJson<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = s.serialize_map(None)?;
+        for (by, n) in self.0.nonzero() {
+            map.serialize_entry(by.name(), &n)?;
+        }
+        map.end()
+    }
+}
+
+#[derive(Serialize)]
+struct RstJson {
+    sent: u64,
+    received: u64,
 }
 
 #[derive(Serialize)]

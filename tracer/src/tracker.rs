@@ -32,6 +32,7 @@
 use std::{collections::hash_map::Entry, net::IpAddr};
 
 use crate::{
+    close::ClosePath,
     events::{Comm, Family, Source, TcpState, Transition},
     FastMap as HashMap,
 };
@@ -143,6 +144,8 @@ pub struct Connection {
     /// Set once an alert about it being stuck in its state was printed.
     pub stuck_reported: bool,
     pub timewait: Option<Timewait>,
+    /// Its close steps and resets (see `close.rs`).
+    pub close: ClosePath,
 }
 
 impl Connection {
@@ -177,7 +180,9 @@ impl Connection {
             task_hint: None,
             stuck_reported: false,
             timewait: None,
+            close: ClosePath::default(),
         };
+        c.close.push(t.old, t.new, t.mono_ns);
         // Only a state the kernel timed counts: a child's LISTEN belongs to
         // its listener, and the CLOSE before connect/listen is no part of
         // the connection's life.
@@ -219,6 +224,7 @@ impl Connection {
             task_hint: None,
             stuck_reported: false,
             timewait: None,
+            close: ClosePath::default(),
         }
     }
 
@@ -247,6 +253,7 @@ impl Connection {
                 self.credit(t.old, old_ns);
             }
         }
+        self.close.push(t.old, t.new, now);
         self.state = t.new;
         self.state_since_ns = now;
         self.update_endpoints(t);
@@ -258,6 +265,7 @@ impl Connection {
     pub fn advance(&mut self, state: TcpState, at_ns: u64) {
         let at = at_ns.max(self.state_since_ns);
         self.credit(self.state, at - self.state_since_ns);
+        self.close.push(self.state, state, at);
         self.state = state;
         self.state_since_ns = at;
     }
@@ -551,6 +559,13 @@ impl Tracker {
                     } else {
                         TcpState::FinWait2
                     };
+                    // The hand-over is no step of the close; CLOSING's
+                    // is its entry into TIME_WAIT.
+                    conn.close.pop();
+                    if t.old == TcpState::Closing {
+                        conn.close
+                            .push(TcpState::Closing, TcpState::TimeWait, t.mono_ns);
+                    }
                     conn.timewait = Some(Timewait {
                         closed_ns: t.mono_ns,
                         ..Default::default()
@@ -638,7 +653,10 @@ impl Tracker {
         }
         match end {
             // No timewait socket: the connection ended at the tracepoint's CLOSE.
-            TimewaitEnd::NotCreated | TimewaitEnd::NotFound | TimewaitEnd::Unknown => None,
+            TimewaitEnd::NotCreated | TimewaitEnd::NotFound | TimewaitEnd::Unknown => {
+                conn.close.push(conn.state, TcpState::Close, tw.closed_ns);
+                None
+            }
             _ => {
                 let old = conn.state;
                 let in_state = at_ns.saturating_sub(conn.state_since_ns);
@@ -727,6 +745,10 @@ impl Tracker {
 
     pub fn get(&self, sock: u64) -> Option<&Connection> {
         self.conns.get(&sock)
+    }
+
+    pub fn get_mut(&mut self, sock: u64) -> Option<&mut Connection> {
+        self.conns.get_mut(&sock)
     }
 }
 

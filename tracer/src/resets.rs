@@ -1,0 +1,263 @@
+//! Joins the kernel's reset records to connections, by socket address.
+//!
+//! In: resets (`tcp:tcp_send_reset`, `tcp:tcp_receive_reset`) and the
+//! connections the tracker closes. Out: connections with their resets
+//! counted, released once no reset of theirs can still be on its way.
+//!
+//! Ordering: a received reset comes before the `-> CLOSE` it causes, but
+//! the reset an abort sends (`SO_LINGER` 0, `close()` with unread data)
+//! comes just after it. So a connection closed by the tracepoint is held
+//! for [`RESET_GRACE_NS`] and released by the first drain of the ring
+//! buffer that began after that: the reset was in the buffer by then. A
+//! reset for a socket the agent does not know yet (a batched connect
+//! refused: the batch comes with the CLOSE) waits in a small table until
+//! the connection closes; what stays there unclaimed for
+//! [`PENDING_TTL_NS`] (a filtered connection's, or a socket the tracker had
+//! no room for) is counted as `resets_unmatched`.
+
+use std::collections::VecDeque;
+
+use crate::{
+    close::RESET_GRACE_NS,
+    events::{Reset, ResetDirection},
+    tracker::{Connection, Tracker},
+    FastMap as HashMap,
+};
+
+/// Resets of unknown sockets remembered at once; more are counted
+/// unmatched.
+pub const MAX_PENDING: usize = 4096;
+/// How long a reset of an unknown socket waits for its connection.
+pub const PENDING_TTL_NS: u64 = 5_000_000_000;
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Pending {
+    sent: u32,
+    received: u32,
+    first_ns: u64,
+}
+
+#[derive(Default)]
+pub struct Resets {
+    /// The reset tracepoints are attached (else nothing is held).
+    pub enabled: bool,
+    held: VecDeque<(Connection, u64)>,
+    pending: HashMap<u64, Pending>,
+    /// Resets of sockets never joined to a connection the tracer reports.
+    pub unmatched: u64,
+    /// Resets joined to a connection.
+    pub joined: u64,
+}
+
+fn add(sent: &mut u32, received: &mut u32, r: &Reset) {
+    match r.direction {
+        ResetDirection::Sent => *sent = sent.saturating_add(1),
+        ResetDirection::Received => *received = received.saturating_add(1),
+    }
+}
+
+impl Resets {
+    pub fn new(enabled: bool) -> Self {
+        Resets {
+            enabled,
+            ..Default::default()
+        }
+    }
+
+    /// A reset from the kernel: to its connection if known, else kept
+    /// until its connection closes.
+    pub fn reset(&mut self, r: &Reset, tracker: &mut Tracker) {
+        let conn = match self.held.iter_mut().find(|(c, _)| c.sock == r.sock) {
+            Some((c, _)) => Some(c),
+            None => tracker.get_mut(r.sock),
+        };
+        if let Some(c) = conn {
+            add(&mut c.close.rst_sent, &mut c.close.rst_received, r);
+            self.joined += 1;
+            return;
+        }
+        if !self.pending.contains_key(&r.sock) && self.pending.len() >= MAX_PENDING {
+            self.unmatched += 1;
+            return;
+        }
+        let p = self.pending.entry(r.sock).or_insert(Pending {
+            first_ns: r.mono_ns,
+            ..Default::default()
+        });
+        add(&mut p.sent, &mut p.received, r);
+    }
+
+    /// A connection the tracker closed: returns it if it can be written
+    /// now, or holds it (see the module doc).
+    pub fn closed(&mut self, mut conn: Connection) -> Option<Connection> {
+        if !self.enabled {
+            return Some(conn);
+        }
+        if let Some(p) = self.pending.remove(&conn.sock) {
+            // A reset older than the connection was another socket's at
+            // the same address.
+            if p.first_ns >= conn.first_seen_ns.min(conn.start_ns) {
+                conn.close.rst_sent += p.sent;
+                conn.close.rst_received += p.received;
+                self.joined += u64::from(p.sent + p.received);
+            } else {
+                self.unmatched += u64::from(p.sent + p.received);
+            }
+        }
+        // Ended by a timewait socket (or never by the tracepoint): no
+        // reset follows.
+        if conn.sock == 0 || conn.timewait.is_some() {
+            return Some(conn);
+        }
+        let release = conn.state_since_ns + RESET_GRACE_NS;
+        self.held.push_back((conn, release));
+        None
+    }
+
+    /// Held connections whose grace ended before `drain_start_ns` (the
+    /// start of a drain that emptied the ring buffer), in close order; and
+    /// resets of unknown sockets past their time are counted unmatched.
+    pub fn release(&mut self, drain_start_ns: u64) -> Vec<Connection> {
+        let mut out = Vec::new();
+        while self.held.front().is_some_and(|(_, r)| *r <= drain_start_ns) {
+            if let Some((c, _)) = self.held.pop_front() {
+                out.push(c);
+            }
+        }
+        if !self.pending.is_empty() {
+            let before = self.pending.len();
+            let mut dropped = 0u64;
+            self.pending.retain(|_, p| {
+                let keep = p.first_ns + PENDING_TTL_NS > drain_start_ns;
+                if !keep {
+                    dropped += u64::from(p.sent + p.received);
+                }
+                keep
+            });
+            if self.pending.len() != before {
+                self.unmatched += dropped;
+            }
+        }
+        out
+    }
+
+    /// Everything held, at exit.
+    pub fn release_all(&mut self) -> Vec<Connection> {
+        self.held.drain(..).map(|(c, _)| c).collect()
+    }
+
+    pub fn held(&self) -> usize {
+        self.held.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::{tests::sample, TcpState::*, Transition};
+
+    const MS: u64 = 1_000_000;
+
+    fn tr(
+        ms: u64,
+        sock: u64,
+        old: crate::events::TcpState,
+        new: crate::events::TcpState,
+    ) -> Transition {
+        Transition {
+            mono_ns: ms * MS,
+            sock,
+            old,
+            new,
+            old_state_ns: None,
+            ..sample()
+        }
+    }
+
+    fn reset(ms: u64, sock: u64, direction: ResetDirection) -> Reset {
+        Reset {
+            mono_ns: ms * MS,
+            sock,
+            direction,
+            state: None,
+        }
+    }
+
+    #[test]
+    fn an_abort_reset_after_the_close_joins_the_held_record() {
+        let mut t = Tracker::new(8);
+        let mut r = Resets::new(true);
+        t.on_transition(&tr(0, 1, Close, SynSent));
+        t.on_transition(&tr(1, 1, SynSent, Established));
+        let c = t
+            .on_transition(&tr(10, 1, Established, Close))
+            .closed
+            .pop()
+            .unwrap();
+        assert!(r.closed(c).is_none(), "held for its grace");
+        r.reset(&reset(10, 1, ResetDirection::Sent), &mut t);
+        assert!(r.release(15 * MS).is_empty(), "grace not over");
+        let out = r.release(31 * MS);
+        assert_eq!(out.len(), 1);
+        assert_eq!((out[0].close.rst_sent, out[0].close.rst_received), (1, 0));
+        assert_eq!((r.joined, r.unmatched), (1, 0));
+    }
+
+    #[test]
+    fn a_reset_before_the_connection_is_known_waits_for_it() {
+        let mut t = Tracker::new(8);
+        let mut r = Resets::new(true);
+        // Refused connect in batch mode: the reset comes first.
+        r.reset(&reset(2, 7, ResetDirection::Received), &mut t);
+        t.on_transition(&tr(1, 7, Close, SynSent));
+        let c = t
+            .on_transition(&tr(2, 7, SynSent, Close))
+            .closed
+            .pop()
+            .unwrap();
+        assert!(r.closed(c).is_none());
+        let out = r.release_all();
+        assert_eq!(out[0].close.rst_received, 1);
+        // A live connection gets its reset directly.
+        t.on_transition(&tr(5, 8, Close, SynSent));
+        r.reset(&reset(6, 8, ResetDirection::Sent), &mut t);
+        assert_eq!(t.get(8).unwrap().close.rst_sent, 1);
+    }
+
+    #[test]
+    fn unclaimed_and_stale_resets_are_counted_unmatched() {
+        let mut t = Tracker::new(8);
+        let mut r = Resets::new(true);
+        r.reset(&reset(1, 99, ResetDirection::Sent), &mut t);
+        assert!(r.release(2 * MS).is_empty());
+        assert_eq!(r.unmatched, 0);
+        r.release(MS + PENDING_TTL_NS);
+        assert_eq!(r.unmatched, 1);
+        // Older than the connection at the same address: not its reset.
+        r.reset(&reset(1, 5, ResetDirection::Received), &mut t);
+        t.on_transition(&tr(100, 5, Close, SynSent));
+        let c = t
+            .on_transition(&tr(101, 5, SynSent, Close))
+            .closed
+            .pop()
+            .unwrap();
+        r.closed(c);
+        assert_eq!(r.release_all()[0].close.rst_received, 0);
+        assert_eq!(r.unmatched, 2);
+    }
+
+    #[test]
+    fn disabled_or_timewait_ended_records_pass_at_once() {
+        let mut t = Tracker::new(8);
+        t.on_transition(&tr(0, 1, Close, SynSent));
+        let c = t
+            .on_transition(&tr(1, 1, SynSent, Close))
+            .closed
+            .pop()
+            .unwrap();
+        assert!(Resets::new(false).closed(c.clone()).is_some());
+        let mut tw = c;
+        tw.timewait = Some(Default::default());
+        assert!(Resets::new(true).closed(tw).is_some());
+    }
+}

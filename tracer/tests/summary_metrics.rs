@@ -1034,6 +1034,45 @@ fn metric_family(name: &str, types: &BTreeMap<String, String>) -> String {
     name.to_string()
 }
 
+/// The panels' expressions are PromQL that Prometheus' own parser (`promtool
+/// check rules`) accepts, once Grafana's variables are replaced by values
+/// of their kind.
+fn promql_check(queries: &[(String, String)]) {
+    if in_guest() {
+        eprintln!("QEMU guest: no promtool here; the dashboard's PromQL is checked on the host");
+        return;
+    }
+    let mut rules = String::from("groups:\n  - name: dashboard\n    rules:\n");
+    for (i, (place, expr)) in queries.iter().enumerate() {
+        let expr = expr
+            .replace("$__rate_interval", "1m")
+            .replace("$instance", ".*")
+            .replace("$state", ".*");
+        assert!(
+            !expr.contains('$'),
+            "{place}: an unknown variable in {expr:?}"
+        );
+        // JSON strings are YAML strings: no quoting of our own to get wrong.
+        rules.push_str(&format!(
+            "      - record: dashboard:query{i}\n        expr: {}\n",
+            Value::from(expr)
+        ));
+    }
+    let file = TempFile::new("dashboard-rules.yml");
+    std::fs::write(file.path(), &rules).unwrap();
+    let out = Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(file.path())
+        .output()
+        .expect("promtool (Debian package prometheus) is needed: run `cargo xtask test`, which installs it");
+    assert!(
+        out.status.success(),
+        "promtool check rules on the dashboard's queries: {}{}\n{rules}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Every panel of the dashboard, those inside (collapsed) rows included.
 fn dashboard_panels(dashboard: &Value) -> Vec<&Value> {
     let mut out = Vec::new();
@@ -1122,6 +1161,7 @@ fn grafana_dashboard_queries_only_exported_metrics() {
         }
     }
     assert!(panels.len() >= 8, "{} panels", panels.len());
+    promql_check(&queries);
     for v in vars.iter().filter(|v| v["type"] == "query") {
         let q = v["query"]["query"]
             .as_str()

@@ -964,3 +964,301 @@ fn bad_input_is_one_line_and_a_non_zero_exit() {
     assert_one_line_error(&out, 1, &format!("cannot listen on {addr} for --metrics"));
     assert_eq!(String::from_utf8_lossy(&out.stderr).lines().count(), 1);
 }
+
+/// The Grafana dashboard (`deploy/grafana/tracer.json`), embedded at build
+/// time so that the QEMU guests, which have no checkout, check it too.
+const DASHBOARD: &str = include_str!("../../deploy/grafana/tracer.json");
+
+/// The metric names (`tracer_…`) a PromQL expression refers to: the
+/// identifiers outside string literals, Grafana variables (`$instance`,
+/// `$__rate_interval`) skipped. Series names are kept as written
+/// (`…_bucket`, `…_count`): that is what a scrape has too.
+fn promql_metric_names(expr: &str) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    let mut chars = expr.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            // A label value or a regex may mention `tracer_…`: not a metric.
+            '"' | '\'' | '`' => {
+                while let Some(d) = chars.next() {
+                    if d == '\\' && c != '`' {
+                        chars.next();
+                    } else if d == c {
+                        break;
+                    }
+                }
+            }
+            '$' | 'a'..='z' | 'A'..='Z' | '_' | ':' => {
+                let mut word = String::from(c);
+                while let Some(&d) = chars.peek() {
+                    if d.is_ascii_alphanumeric() || d == '_' || d == ':' {
+                        word.push(d);
+                        chars.next();
+                    } else {
+                        break;
+                    }
+                }
+                if word.starts_with("tracer_") {
+                    names.insert(word);
+                }
+            }
+            // A number's digits cannot start a name; skip them with it.
+            '0'..='9' => {
+                while chars
+                    .peek()
+                    .is_some_and(|d| d.is_ascii_alphanumeric() || *d == '.')
+                {
+                    chars.next();
+                }
+            }
+            _ => {}
+        }
+    }
+    names
+}
+
+/// The metric family of a series name: `name` without a `_bucket`, `_sum`
+/// or `_count` suffix if the scrape declares that stem a histogram (or
+/// summary), else `name` itself (a counter may end in `_count`).
+fn metric_family(name: &str, types: &BTreeMap<String, String>) -> String {
+    for suffix in ["_bucket", "_sum", "_count"] {
+        if let Some(stem) = name.strip_suffix(suffix) {
+            if types
+                .get(stem)
+                .is_some_and(|t| t == "histogram" || (t == "summary" && suffix != "_bucket"))
+            {
+                return stem.to_string();
+            }
+        }
+    }
+    name.to_string()
+}
+
+/// The panels' expressions are PromQL that Prometheus' own parser (`promtool
+/// check rules`) accepts, once Grafana's variables are replaced by values
+/// of their kind.
+fn promql_check(queries: &[(String, String)]) {
+    if in_guest() {
+        eprintln!("QEMU guest: no promtool here; the dashboard's PromQL is checked on the host");
+        return;
+    }
+    let mut rules = String::from("groups:\n  - name: dashboard\n    rules:\n");
+    for (i, (place, expr)) in queries.iter().enumerate() {
+        let expr = expr
+            .replace("$__rate_interval", "1m")
+            .replace("$instance", ".*")
+            .replace("$state", ".*");
+        assert!(
+            !expr.contains('$'),
+            "{place}: an unknown variable in {expr:?}"
+        );
+        // JSON strings are YAML strings: no quoting of our own to get wrong.
+        rules.push_str(&format!(
+            "      - record: dashboard:query{i}\n        expr: {}\n",
+            Value::from(expr)
+        ));
+    }
+    let file = TempFile::new("dashboard-rules.yml");
+    std::fs::write(file.path(), &rules).unwrap();
+    let out = Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(file.path())
+        .output()
+        .expect("promtool (Debian package prometheus) is needed: run `cargo xtask test`, which installs it");
+    assert!(
+        out.status.success(),
+        "promtool check rules on the dashboard's queries: {}{}\n{rules}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Every panel of the dashboard, those inside (collapsed) rows included.
+fn dashboard_panels(dashboard: &Value) -> Vec<&Value> {
+    let mut out = Vec::new();
+    for p in dashboard["panels"].as_array().into_iter().flatten() {
+        out.push(p);
+        out.extend(p["panels"].as_array().into_iter().flatten());
+    }
+    out
+}
+
+#[test]
+fn promql_metric_names_are_the_metrics_an_expression_reads() {
+    let names = |e: &str| promql_metric_names(e).into_iter().collect::<Vec<_>>();
+    assert_eq!(
+        names(
+            r#"histogram_quantile(0.99, sum by (state, le) (rate(tracer_tcp_state_duration_seconds_bucket{instance=~"$instance", job="tracer_x"}[$__rate_interval])))"#
+        ),
+        ["tracer_tcp_state_duration_seconds_bucket"]
+    );
+    assert_eq!(
+        names("tracer_a_total / ignoring(x) tracer_b_count + 1e3 + $tracer_var"),
+        ["tracer_a_total", "tracer_b_count"]
+    );
+    assert!(names(r#"up{job=~"tracer_.*\"tracer_y"}"#).is_empty());
+    let types: BTreeMap<String, String> = [
+        ("tracer_h".to_string(), "histogram".to_string()),
+        ("tracer_c_count".to_string(), "counter".to_string()),
+    ]
+    .into();
+    assert_eq!(metric_family("tracer_h_bucket", &types), "tracer_h");
+    assert_eq!(metric_family("tracer_h_count", &types), "tracer_h");
+    assert_eq!(metric_family("tracer_c_count", &types), "tracer_c_count");
+    assert_eq!(metric_family("tracer_g_sum", &types), "tracer_g_sum");
+}
+
+/// The dashboard only queries what the tracer exports: every `tracer_…`
+/// name in a panel's (or template variable's) query is a series of a real
+/// scrape after real traffic (closed by either side, reset, refused), and
+/// every panel reads the `DS_PROMETHEUS` datasource variable so that the
+/// dashboard imports into any Grafana.
+#[test]
+fn grafana_dashboard_queries_only_exported_metrics() {
+    let dashboard: Value = serde_json::from_str(DASHBOARD)
+        .unwrap_or_else(|e| panic!("deploy/grafana/tracer.json is not JSON: {e}"));
+    assert!(
+        dashboard["schemaVersion"].as_u64().is_some_and(|v| v >= 39),
+        "schemaVersion of a current Grafana (11 or later): {}",
+        dashboard["schemaVersion"]
+    );
+    let vars = dashboard["templating"]["list"]
+        .as_array()
+        .expect("templating.list");
+    let var = |name: &str| vars.iter().find(|v| v["name"] == name);
+    assert_eq!(
+        var("DS_PROMETHEUS").map(|v| (&v["type"], &v["query"])),
+        Some((&Value::from("datasource"), &Value::from("prometheus"))),
+        "a datasource variable DS_PROMETHEUS of type prometheus"
+    );
+    assert!(var("instance").is_some(), "an instance template variable");
+    let uses_variable =
+        |ds: &Value| ds["uid"] == "${DS_PROMETHEUS}" || ds.as_str() == Some("${DS_PROMETHEUS}");
+
+    let panels = dashboard_panels(&dashboard);
+    let mut queries: Vec<(String, String)> = Vec::new();
+    for p in &panels {
+        let title = p["title"].as_str().unwrap_or("(untitled)");
+        if p["type"] == "row" {
+            continue;
+        }
+        assert!(
+            uses_variable(&p["datasource"]),
+            "panel {title:?}: datasource is {}, not the ${{DS_PROMETHEUS}} variable",
+            p["datasource"]
+        );
+        let targets = p["targets"].as_array().filter(|t| !t.is_empty());
+        for t in targets.unwrap_or_else(|| panic!("panel {title:?} has no targets")) {
+            assert!(
+                t["datasource"].is_null() || uses_variable(&t["datasource"]),
+                "panel {title:?}: a target's datasource is {}",
+                t["datasource"]
+            );
+            let expr = t["expr"]
+                .as_str()
+                .unwrap_or_else(|| panic!("panel {title:?}: a target without expr"));
+            queries.push((format!("panel {title:?}"), expr.to_string()));
+        }
+    }
+    assert!(panels.len() >= 8, "{} panels", panels.len());
+    promql_check(&queries);
+    for v in vars.iter().filter(|v| v["type"] == "query") {
+        let q = v["query"]["query"]
+            .as_str()
+            .or(v["query"].as_str())
+            .unwrap_or_default();
+        queries.push((format!("variable {}", v["name"]), q.to_string()));
+    }
+    let mut wanted: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (place, expr) in &queries {
+        let names = promql_metric_names(expr);
+        assert!(!names.is_empty(), "{place}: no tracer_ metric in {expr:?}");
+        for n in names {
+            wanted.entry(n).or_default().push(place.clone());
+        }
+    }
+    eprintln!(
+        "dashboard: {} panels, {} queries, metrics {:?}",
+        panels.len(),
+        queries.len(),
+        wanted.keys().collect::<Vec<_>>()
+    );
+
+    in_netns(move || {
+        let port = test_port();
+        let metrics = localhost(test_port());
+        let (p, m) = (port.to_string(), metrics.to_string());
+        let run = Running::start(&[
+            "--metrics",
+            &m,
+            "--events",
+            "none",
+            "--close-wait",
+            "0",
+            "--port",
+            &p,
+            "-v",
+        ]);
+        run.wait_attached();
+        // Every way a connection ends that the close and reset metrics tell
+        // apart: closed by the client, by the server, reset by the client,
+        // and refused (the kernel answers a SYN to a closed port with a RST).
+        for ending in [
+            Ending::ClientFirst,
+            Ending::ServerFirst,
+            Ending::ClientReset,
+        ] {
+            conversation(localhost(port), Duration::ZERO, ending);
+        }
+        let refused = TcpStream::connect(localhost(port));
+        assert!(refused.is_err(), "nothing listens on {port} any more");
+
+        // The histogram and the counters have a series once a transition
+        // was counted; wait for all the names (or the deadline: the
+        // assertion below then names the missing ones).
+        let start = Instant::now();
+        let (text, series) = loop {
+            let (status, head, text) = http_get(metrics, "/metrics");
+            assert_eq!(status, 200, "{head}");
+            let series: std::collections::BTreeSet<String> =
+                samples(&text).into_iter().map(|(n, _, _)| n).collect();
+            if wanted.keys().all(|n| series.contains(n)) || start.elapsed() > DEADLINE {
+                break (text, series);
+            }
+            thread::sleep(Duration::from_millis(50));
+        };
+        let types: BTreeMap<String, String> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split_once(' '))
+            .map(|(n, t)| (n.to_string(), t.to_string()))
+            .collect();
+        let mut missing = Vec::new();
+        for (name, places) in &wanted {
+            let family = metric_family(name, &types);
+            if !series.contains(name) {
+                let hint = match types.get(name.as_str()).map(String::as_str) {
+                    Some("histogram") => " (a histogram: query its _bucket, _sum or _count series)",
+                    _ => "",
+                };
+                missing.push(format!("{name}{hint}, used by {}", places.join(", ")));
+            } else if name.ends_with("_bucket")
+                && types.get(&family).map(String::as_str) != Some("histogram")
+            {
+                missing.push(format!(
+                    "{name} is not the _bucket series of a histogram, used by {}",
+                    places.join(", ")
+                ));
+            } else {
+                eprintln!("{name}: exported (family {family}, {})", types[&family]);
+            }
+        }
+        assert!(
+            missing.is_empty(),
+            "the dashboard queries metrics the tracer does not export:\n  {}\nscrape:\n{text}",
+            missing.join("\n  ")
+        );
+        run.signal(libc::SIGTERM);
+        assert_eq!(run.finish().0, 0);
+    });
+}

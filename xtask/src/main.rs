@@ -3,12 +3,14 @@
 //!
 //! - `cargo xtask setup`: installs what building needs (idempotent).
 //! - `cargo xtask run -- <tracer args>`: set-up, release build, run.
-//! - `cargo xtask test`: set-up, unit tests, then the integration tests
-//!   that load the real program into the running kernel.
+//! - `cargo xtask test`: set-up, unit tests, the deployment files'
+//!   check (`src/deploy.rs`), then the integration tests that load the
+//!   real program into the running kernel.
 //! - `cargo xtask bench`: what tracing costs the traced, against an
 //!   untraced baseline and libbpf-tools (`src/bench/`).
 
 mod bench;
+mod deploy;
 mod setup;
 mod vm;
 
@@ -40,6 +42,9 @@ enum Task {
         #[arg(long, default_value = "all", value_parser = ["host", "6.1", "6.12", "all"])]
         kernel: String,
     },
+    /// Validate deploy/kubernetes/daemonset.yaml against the Kubernetes
+    /// schemas and its privileges against the README (also run by `test`).
+    CheckDeploy,
     /// Benchmark: connections/s of a loopback load untraced and under the
     /// tracer in each mode (and libbpf-tools when installed), with events
     /// delivered, losses, CPU, memory and start time (root).
@@ -69,6 +74,7 @@ fn main() {
 fn run(cli: Cli) -> Result<()> {
     match cli.task {
         Task::Setup => setup::ensure(),
+        Task::CheckDeploy => deploy::check(),
         Task::Bench(args) => bench::run(args),
         Task::BenchHold {
             port,
@@ -110,6 +116,9 @@ fn run(cli: Cli) -> Result<()> {
                 "--lib",
                 "--bins",
             ])?;
+            // Kernel-independent, and quick: before the long part.
+            eprintln!("xtask: deploy/ manifests");
+            deploy::check()?;
             if kernel == "host" || kernel == "all" {
                 eprintln!("xtask: integration tests on the host kernel (real eBPF program)");
                 cargo(&[

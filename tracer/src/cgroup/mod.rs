@@ -1,0 +1,8 @@
+//! Names for a socket owner's cgroup: the kernel program records
+//! `bpf_get_current_cgroup_id()`, which is the inode number of the cgroup's
+//! directory in the v2 hierarchy; this module turns that number into the
+//! cgroup's path and what the path says (container, pod, systemd unit).
+
+mod path;
+
+pub use path::{parse, Container, Parsed, Runtime};

@@ -3,6 +3,8 @@
 //! directory in the v2 hierarchy; this module turns that number into the
 //! cgroup's path and what the path says (container, pod, systemd unit).
 
+mod mount;
 mod path;
 
+pub use mount::{cgroup2 as cgroup2_mount, Mount};
 pub use path::{parse, Container, Parsed, Runtime};

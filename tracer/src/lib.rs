@@ -11,6 +11,7 @@ pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomS
 
 pub mod agent;
 pub mod btf_offsets;
+pub mod cgroup;
 pub mod cli;
 pub mod clock;
 pub mod close;

@@ -19,7 +19,7 @@ use std::collections::VecDeque;
 
 use crate::{
     close::RESET_GRACE_NS,
-    events::{Reset, ResetDirection},
+    events::{Reset, ResetDirection, TcpState},
     tracker::{Connection, Tracker},
     FastMap as HashMap,
 };
@@ -65,13 +65,21 @@ impl Resets {
     }
 
     /// A reset from the kernel: to its connection if known, else kept
-    /// until its connection closes.
+    /// until its connection closes. Only a reset sent by a socket already
+    /// in CLOSE (an abort's) belongs to a held connection: any other comes
+    /// from a live socket, which may have taken a held one's address.
     pub fn reset(&mut self, r: &Reset, tracker: &mut Tracker) {
-        let conn = match self.held.iter_mut().find(|(c, _)| c.sock == r.sock) {
-            Some((c, _)) => Some(c),
-            None => tracker.get_mut(r.sock),
+        let after_close = r.direction == ResetDirection::Sent && r.state == Some(TcpState::Close);
+        let held = if after_close {
+            self.held
+                .iter_mut()
+                .rev()
+                .find(|(c, _)| c.sock == r.sock)
+                .map(|(c, _)| c)
+        } else {
+            None
         };
-        if let Some(c) = conn {
+        if let Some(c) = held.or_else(|| tracker.get_mut(r.sock)) {
             add(&mut c.close.rst_sent, &mut c.close.rst_received, r);
             self.joined += 1;
             return;
@@ -179,7 +187,8 @@ mod tests {
             mono_ns: ms * MS,
             sock,
             direction,
-            state: None,
+            // An abort's reset goes out after the socket's CLOSE.
+            state: (direction == ResetDirection::Sent).then_some(Close),
         }
     }
 
@@ -222,6 +231,33 @@ mod tests {
         t.on_transition(&tr(5, 8, Close, SynSent));
         r.reset(&reset(6, 8, ResetDirection::Sent), &mut t);
         assert_eq!(t.get(8).unwrap().close.rst_sent, 1);
+    }
+
+    #[test]
+    fn a_live_socket_at_a_held_ones_address_gets_its_own_reset() {
+        let mut t = Tracker::new(8);
+        let mut r = Resets::new(true);
+        t.on_transition(&tr(0, 3, Close, SynSent));
+        t.on_transition(&tr(1, 3, SynSent, Established));
+        let c = t
+            .on_transition(&tr(10, 3, Established, Close))
+            .closed
+            .pop()
+            .unwrap();
+        assert!(r.closed(c).is_none());
+        // Address 3 is reused by a connect that is refused (batched: the
+        // agent does not know the socket yet).
+        r.reset(&reset(11, 3, ResetDirection::Received), &mut t);
+        t.on_transition(&tr(11, 3, Close, SynSent));
+        let c = t
+            .on_transition(&tr(11, 3, SynSent, Close))
+            .closed
+            .pop()
+            .unwrap();
+        assert!(r.closed(c).is_none());
+        let out = r.release_all();
+        assert_eq!(out[0].close.rst_received, 0, "the held one received none");
+        assert_eq!(out[1].close.rst_received, 1);
     }
 
     #[test]

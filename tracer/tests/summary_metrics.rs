@@ -1262,3 +1262,105 @@ fn grafana_dashboard_queries_only_exported_metrics() {
         assert_eq!(run.finish().0, 0);
     });
 }
+
+/// Closes by class and resets, by value, in `/metrics` and in the summary:
+/// two refused connects, an abort (one RST each way) and a client-first
+/// close (the server's passive side; the client's record waits for its
+/// timewait socket).
+#[test]
+fn closes_and_resets_are_counted_by_class() {
+    in_netns(|| {
+        let (port, refused) = (test_port(), test_port());
+        let metrics = localhost(test_port());
+        let (p, r, m) = (port.to_string(), refused.to_string(), metrics.to_string());
+        let run = Running::start(&[
+            "--metrics",
+            &m,
+            "--summary",
+            "--output",
+            "json",
+            "--events",
+            "none",
+            "--close-wait",
+            "0",
+            "--port",
+            &p,
+            "--port",
+            &r,
+            "-v",
+        ]);
+        run.wait_attached();
+        let scrape = scrape_until(metrics, "the close series", |t| {
+            t.contains("tracer_tcp_closes_total")
+        });
+        for by in [
+            "local",
+            "peer",
+            "both",
+            "reset_received",
+            "reset_sent",
+            "abort",
+            "refused",
+            "timeout",
+            "unknown",
+        ] {
+            assert_eq!(
+                sum_of(&scrape, "tracer_tcp_closes_total", |l| l["by"] == by),
+                0.0,
+                "every class exported from the start, at 0: {by}"
+            );
+        }
+        for d in ["sent", "received"] {
+            assert!(
+                samples(&scrape)
+                    .iter()
+                    .any(|(n, l, _)| n == "tracer_tcp_resets_total" && l["direction"] == d),
+                "{d}: {scrape}"
+            );
+        }
+        for _ in 0..2 {
+            assert!(TcpStream::connect(localhost(refused)).is_err());
+        }
+        conversation(localhost(port), Duration::ZERO, Ending::ClientReset);
+        conversation(localhost(port), Duration::ZERO, Ending::ClientFirst);
+        let want = [
+            ("refused", 2.0),
+            ("reset_sent", 1.0),
+            ("reset_received", 1.0),
+            ("peer", 1.0),
+        ];
+        let text = scrape_until(metrics, "the closes by class", |t| {
+            want.iter()
+                .all(|&(by, n)| sum_of(t, "tracer_tcp_closes_total", |l| l["by"] == by) == n)
+        });
+        let total = sum_of(&text, "tracer_tcp_closes_total", |_| true);
+        assert_eq!(total, 5.0, "{text}");
+        assert_eq!(
+            sum_of(&text, "tracer_tcp_resets_total", |l| l["direction"]
+                == "sent"),
+            1.0
+        );
+        assert_eq!(
+            sum_of(&text, "tracer_tcp_resets_total", |l| l["direction"]
+                == "received"),
+            3.0,
+            "two refused connects and the abort: {text}"
+        );
+        promtool_check(&text);
+        run.interrupt();
+        let (code, out, _) = run.finish();
+        assert_eq!(code, 0);
+        let summary = of_type(&out, "summary");
+        assert_eq!(summary.len(), 1, "{out:?}");
+        assert_eq!(
+            summary[0]["closes"],
+            serde_json::json!({"peer": 1, "reset_received": 1, "reset_sent": 1, "refused": 2}),
+            "{}",
+            summary[0]
+        );
+        assert_eq!(
+            summary[0]["rst"],
+            serde_json::json!({"sent": 1, "received": 3})
+        );
+    });
+}

@@ -442,12 +442,17 @@ impl Running {
         if let Some(ns) = own_netns() {
             args.extend(["--netns".to_string(), ns.to_string()]);
         }
-        let mut child = tracer()
+        let child = tracer()
             .args(&args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn tracer");
+        Running::from_child(child)
+    }
+
+    /// A tracer spawned by the caller with piped stdout and stderr.
+    pub fn from_child(mut child: Child) -> Running {
         let stdout = lines(child.stdout.take().unwrap());
         let stderr = lines(child.stderr.take().unwrap());
         Running {
@@ -459,11 +464,21 @@ impl Running {
 
     /// Waits for the agent to say it is attached (it logs that with -v).
     pub fn wait_attached(&self) {
+        self.wait_attached_saying();
+    }
+
+    /// [`Running::wait_attached`], returning what it said before.
+    pub fn wait_attached_saying(&self) -> String {
         let start = Instant::now();
+        let mut said = String::new();
         while start.elapsed() < DEADLINE {
             match self.stderr.recv_timeout(Duration::from_millis(100)) {
-                Ok(line) if line.contains("attached") => return,
-                Ok(line) => eprintln!("tracer: {line}"),
+                Ok(line) if line.contains("attached") => return said,
+                Ok(line) => {
+                    eprintln!("tracer: {line}");
+                    said.push_str(&line);
+                    said.push('\n');
+                }
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
                     panic!("tracer exited before attaching")

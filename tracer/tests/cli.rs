@@ -184,6 +184,10 @@ fn usage_errors_are_clap_errors() {
         ),
         (&["--comm", "a-name-longer-than-fifteen"], "1 to 15 bytes"),
         (&["--rport", "0"], "out of range"),
+        (
+            &["--events", "bogus"],
+            "possible values: transitions, connections, closes, all, none",
+        ),
     ] {
         let out = run_to_end(tracer().args(args));
         assert_one_line_error(&out, 2, needle);

@@ -395,23 +395,16 @@ impl<W: Write> Output<W> {
                     Some(ns) => format!("{:.3}", ns as f64 / 1e6),
                     None => "-".to_string(),
                 };
-                let (pid, comm) = owner_cells(owner);
                 let how = if from_kernel {
                     String::new()
                 } else {
                     format!("  ({})", t.source.name())
                 };
+                let lead = self.lead(t.mono_ns, owner, (t.laddr, t.lport), (t.raddr, t.rport));
                 writeln!(
                     self.out,
-                    "{:<16} {:<7} {:<16} {:<27} {:<27} {:<28} {:>8}{}",
-                    self.time_of_day(t.mono_ns),
-                    pid,
-                    comm,
-                    endpoint(t.laddr, t.lport),
-                    endpoint(t.raddr, t.rport),
-                    format!("{} -> {}", t.old, t.new),
-                    ms,
-                    how
+                    "{lead} {:<28} {ms:>8}{how}",
+                    format!("{} -> {}", t.old, t.new)
                 )
             }
         }
@@ -429,17 +422,8 @@ impl<W: Write> Output<W> {
                 writeln!(self.out, "{CLOSES_HEADER}")?;
                 self.header_done = true;
             }
-            let (pid, comm) = owner_cells(&c.owner);
-            return writeln!(
-                self.out,
-                "{:<16} {:<7} {:<16} {:<27} {:<27} {}",
-                self.time_of_day(c.state_since_ns),
-                pid,
-                comm,
-                endpoint(c.laddr, c.lport),
-                endpoint(c.raddr, c.rport),
-                close_summary(close, time_wait_end)
-            );
+            let lead = self.conn_lead(c);
+            return writeln!(self.out, "{lead} {}", close_summary(close, time_wait_end));
         }
         match self.format {
             Format::Json => {
@@ -460,7 +444,6 @@ impl<W: Write> Output<W> {
                     .states()
                     .map(|(s, ns)| format!("{}={:.3}ms", s.name(), ns as f64 / 1e6))
                     .collect();
-                let (pid, comm) = owner_cells(&c.owner);
                 let mut notes = String::new();
                 if !c.complete {
                     notes.push_str(" (opening not seen)");
@@ -470,12 +453,8 @@ impl<W: Write> Output<W> {
                 }
                 writeln!(
                     self.out,
-                    "{:<16} {:<7} {:<16} {:<27} {:<27} CONNECTION {:.3}ms {}{}",
-                    self.time_of_day(c.state_since_ns),
-                    pid,
-                    comm,
-                    endpoint(c.laddr, c.lport),
-                    endpoint(c.raddr, c.rport),
+                    "{} CONNECTION {:.3}ms {}{}",
+                    self.conn_lead(c),
                     c.duration_ns() as f64 / 1e6,
                     states.join(" "),
                     notes
@@ -574,6 +553,35 @@ impl<W: Write> Output<W> {
 
     fn time(&self, mono_ns: u64) -> Time {
         Text(self.clock.rfc3339_display(mono_ns))
+    }
+
+    /// The first columns of a table line: time, owner, both endpoints.
+    fn lead(
+        &self,
+        at_ns: u64,
+        owner: &Option<Owner>,
+        local: (IpAddr, u16),
+        remote: (IpAddr, u16),
+    ) -> String {
+        let (pid, comm) = owner_cells(owner);
+        format!(
+            "{:<16} {:<7} {:<16} {:<27} {:<27}",
+            self.time_of_day(at_ns),
+            pid,
+            comm,
+            endpoint(local.0, local.1),
+            endpoint(remote.0, remote.1)
+        )
+    }
+
+    /// [`Output::lead`] of a connection at its end.
+    fn conn_lead(&self, c: &Connection) -> String {
+        self.lead(
+            c.state_since_ns,
+            &c.owner,
+            (c.laddr, c.lport),
+            (c.raddr, c.rport),
+        )
     }
 
     fn time_of_day(&self, mono_ns: u64) -> String {

@@ -6,7 +6,6 @@
 mod common;
 
 use std::{
-    ffi::CString,
     net::SocketAddr,
     os::unix::process::CommandExt,
     process::{Command, Output, Stdio},
@@ -217,48 +216,12 @@ fn kernel_without_the_tracepoint_is_one_clear_line() {
     require_root();
     // Show the tracer a tracefs without the tracepoint: an empty tmpfs over
     // it, in a private mount namespace of the child only.
-    let tracing = CString::new("/sys/kernel/tracing").unwrap();
-    let debug = CString::new("/sys/kernel/debug").unwrap();
-    let events = CString::new("/sys/kernel/tracing/events").unwrap();
-    let root = CString::new("/").unwrap();
-    let tmpfs = CString::new("tmpfs").unwrap();
     let mut cmd = tracer();
-    // SAFETY: only async-signal-safe syscalls on pre-allocated strings.
-    unsafe {
-        cmd.pre_exec(move || {
-            let check = |rc: i32| {
-                if rc == 0 {
-                    Ok(())
-                } else {
-                    Err(std::io::Error::last_os_error())
-                }
-            };
-            check(libc::unshare(libc::CLONE_NEWNS))?;
-            check(libc::mount(
-                std::ptr::null(),
-                root.as_ptr(),
-                std::ptr::null(),
-                libc::MS_REC | libc::MS_PRIVATE,
-                std::ptr::null(),
-            ))?;
-            check(libc::mount(
-                tmpfs.as_ptr(),
-                tracing.as_ptr(),
-                tmpfs.as_ptr(),
-                0,
-                std::ptr::null(),
-            ))?;
-            check(libc::mount(
-                tmpfs.as_ptr(),
-                debug.as_ptr(),
-                tmpfs.as_ptr(),
-                0,
-                std::ptr::null(),
-            ))?;
-            check(libc::mkdir(events.as_ptr(), 0o755))?;
-            Ok(())
-        });
-    }
+    hide_with_tmpfs(
+        &mut cmd,
+        &["/sys/kernel/tracing", "/sys/kernel/debug"],
+        &["/sys/kernel/tracing/events"],
+    );
     let out = run_to_end(cmd.args(["--duration", "1s"]));
     assert_one_line_error(&out, 1, "no sock:inet_sock_set_state tracepoint");
 }

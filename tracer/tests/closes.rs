@@ -7,10 +7,8 @@
 mod common;
 
 use std::{
-    ffi::CString,
     io::{ErrorKind, Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
-    os::unix::process::CommandExt as _,
     process::Stdio,
     thread,
     time::{Duration, Instant},
@@ -47,6 +45,13 @@ fn eof(mut s: &TcpStream) {
     }
 }
 
+/// `first` closes; `second` reads its FIN and closes 20 ms later.
+fn close_in_turn(first: TcpStream, second: TcpStream) {
+    drop(first);
+    eof(&second);
+    thread::sleep(Duration::from_millis(20));
+}
+
 /// Both ends shut down before either reads the other's FIN: the client's
 /// FIN waits behind data the server's full receive window holds back, so
 /// the server's FIN reaches a client already in FIN_WAIT1 (CLOSING).
@@ -68,10 +73,16 @@ fn simultaneous(client: &TcpStream, server: &TcpStream) {
     eof(client);
 }
 
-/// The connection records (`type` connection) by (lport, rport).
-fn record<'a>(recs: &'a [Value], lport: u16, rport: u16) -> Option<&'a Value> {
-    recs.iter()
-        .find(|v| v["type"] == "connection" && v["lport"] == lport && v["rport"] == rport)
+/// The connection record of (lport, rport) that started before `before`
+/// (RFC 3339, as the records write times): a later connection may reuse
+/// the 4-tuple, and its record may come first.
+fn record<'a>(recs: &'a [Value], lport: u16, rport: u16, before: &str) -> Option<&'a Value> {
+    recs.iter().find(|v| {
+        v["type"] == "connection"
+            && v["lport"] == lport
+            && v["rport"] == rport
+            && v["start"].as_str().is_some_and(|s| s < before)
+    })
 }
 
 fn steps(v: &Value) -> Vec<String> {
@@ -160,17 +171,11 @@ fn every_close_class_for_real() {
         // Client first: the server closes 20 ms after the client's FIN.
         let c = connect_from(c_first, server);
         let (s, _) = listener.accept().unwrap();
-        drop(c);
-        eof(&s);
-        thread::sleep(Duration::from_millis(20));
-        drop(s);
+        close_in_turn(c, s);
         // Server first.
         let c = connect_from(s_first, server);
         let (s, _) = listener.accept().unwrap();
-        drop(s);
-        eof(&c);
-        thread::sleep(Duration::from_millis(20));
-        drop(c);
+        close_in_turn(s, c);
         // Simultaneous.
         let c = connect_from(simul, server);
         let (s, _) = listener.accept().unwrap();
@@ -209,6 +214,9 @@ fn every_close_class_for_real() {
         // (tcp_tw_reuse on the client side; a new SYN on the server's),
         // aborted so that it leaves none.
         thread::sleep(Duration::from_millis(2200).saturating_sub(timed_out));
+        let reconnect_at =
+            humantime::format_rfc3339_nanos(std::time::SystemTime::now()).to_string();
+        let before = reconnect_at.as_str();
         for p in [c_first, s_first, simul] {
             let c = connect_from(p, server);
             let (s, _) = listener.accept().unwrap();
@@ -229,13 +237,12 @@ fn every_close_class_for_real() {
         ];
         let done = |l: &[String]| {
             let recs: Vec<Value> = l.iter().map(|l| json(l)).collect();
-            pairs.iter().all(|&(a, b)| {
-                // The first connection of each 4-tuple (the reconnection's
-                // record may come too).
-                record(&recs, a, b).is_some()
-            }) && recs
+            pairs
                 .iter()
-                .any(|v| v["type"] == "connection" && v["rport"] == refused)
+                .all(|&(a, b)| record(&recs, a, b, before).is_some())
+                && recs
+                    .iter()
+                    .any(|v| v["type"] == "connection" && v["rport"] == refused)
                 && recs
                     .iter()
                     .any(|v| v["type"] == "connection" && v["lport"] == timeout_lport)
@@ -269,7 +276,8 @@ fn every_close_class_for_real() {
 
         let recs: Vec<Value> = got.iter().map(|l| json(l)).collect();
         let each_recs: Vec<Value> = got_each.iter().map(|l| json(l)).collect();
-        let get = |a: u16, b: u16| record(&recs, a, b).unwrap_or_else(|| panic!("no {a}->{b}"));
+        let get =
+            |a: u16, b: u16| record(&recs, a, b, before).unwrap_or_else(|| panic!("no {a}->{b}"));
         let active = [
             "ESTABLISHED>FIN_WAIT1",
             "FIN_WAIT1>FIN_WAIT2",
@@ -358,10 +366,12 @@ fn every_close_class_for_real() {
             None,
             (0, 1),
         );
-        let refused_rec = recs
-            .iter()
-            .find(|v| v["type"] == "connection" && v["rport"] == refused)
-            .unwrap();
+        let on = |key: &str, port: u16| {
+            recs.iter()
+                .find(|v| v["type"] == "connection" && v[key] == port)
+                .unwrap_or_else(|| panic!("no record with {key} {port}"))
+        };
+        let refused_rec = on("rport", refused);
         check(
             refused_rec,
             "refused",
@@ -370,10 +380,7 @@ fn every_close_class_for_real() {
             None,
             (0, 1),
         );
-        let timeout_rec = recs
-            .iter()
-            .find(|v| v["type"] == "connection" && v["lport"] == timeout_lport)
-            .unwrap();
+        let timeout_rec = on("lport", timeout_lport);
         check(
             timeout_rec,
             "timeout",
@@ -403,7 +410,7 @@ fn every_close_class_for_real() {
             (MS, 10 * MS)
         };
         for &(a, b) in &pairs {
-            let (x, y) = (get(a, b), record(&each_recs, a, b).unwrap());
+            let (x, y) = (get(a, b), record(&each_recs, a, b, before).unwrap());
             let (cx, cy) = (&x["close"], &y["close"]);
             for k in ["by", "first_fin", "handshake", "rst"] {
                 assert_eq!(cx[k], cy[k], "{a}->{b} {k}: {x} vs {y}");
@@ -562,10 +569,6 @@ fn without_reset_tracepoints_rst_is_null() {
     in_netns(|| {
         let port = test_port();
         let ns = own_netns().expect("own namespace").to_string();
-        let tcp_events = CString::new("/sys/kernel/tracing/events/tcp").unwrap();
-        let debug = CString::new("/sys/kernel/debug").unwrap();
-        let root = CString::new("/").unwrap();
-        let tmpfs = CString::new("tmpfs").unwrap();
         let mut cmd = tracer();
         cmd.args([
             "--output",
@@ -580,36 +583,11 @@ fn without_reset_tracepoints_rst_is_null() {
         ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-        // SAFETY: only async-signal-safe syscalls on pre-allocated strings.
-        unsafe {
-            cmd.pre_exec(move || {
-                let check = |rc: i32| {
-                    if rc == 0 {
-                        Ok(())
-                    } else {
-                        Err(std::io::Error::last_os_error())
-                    }
-                };
-                check(libc::unshare(libc::CLONE_NEWNS))?;
-                check(libc::mount(
-                    std::ptr::null(),
-                    root.as_ptr(),
-                    std::ptr::null(),
-                    libc::MS_REC | libc::MS_PRIVATE,
-                    std::ptr::null(),
-                ))?;
-                for target in [&tcp_events, &debug] {
-                    check(libc::mount(
-                        tmpfs.as_ptr(),
-                        target.as_ptr(),
-                        tmpfs.as_ptr(),
-                        0,
-                        std::ptr::null(),
-                    ))?;
-                }
-                Ok(())
-            });
-        }
+        hide_with_tmpfs(
+            &mut cmd,
+            &["/sys/kernel/tracing/events/tcp", "/sys/kernel/debug"],
+            &[],
+        );
         let run = Running::from_child(cmd.spawn().expect("spawn tracer"));
         let said = run.wait_attached_saying();
         assert!(said.contains("no reset tracepoints"), "-v says why: {said}");

@@ -672,26 +672,32 @@ fn promtool_check(text: &str) {
     );
 }
 
+/// A quiet tracer serving metrics, on a port of the test's own; attached.
+/// `--close-wait 0`: no alerts (on stdout) about the machine's other
+/// sockets, which the start-up snapshot finds in every namespace.
+fn metrics_tracer() -> (Running, u16, SocketAddr) {
+    let port = test_port();
+    let metrics = localhost(test_port());
+    let (p, m) = (port.to_string(), metrics.to_string());
+    let run = Running::start(&[
+        "--metrics",
+        &m,
+        "--events",
+        "none",
+        "--close-wait",
+        "0",
+        "--port",
+        &p,
+        "-v",
+    ]);
+    run.wait_attached();
+    (run, port, metrics)
+}
+
 #[test]
 fn metrics_endpoint_counts_the_traffic_and_passes_promtool() {
     in_netns(|| {
-        let port = test_port();
-        let metrics = localhost(test_port());
-        let (p, m) = (port.to_string(), metrics.to_string());
-        // --close-wait 0: no alerts (on stdout) about the machine's other
-        // sockets, which the start-up snapshot finds in every namespace.
-        let run = Running::start(&[
-            "--metrics",
-            &m,
-            "--events",
-            "none",
-            "--close-wait",
-            "0",
-            "--port",
-            &p,
-            "-v",
-        ]);
-        run.wait_attached();
+        let (run, port, metrics) = metrics_tracer();
         let (status, _, body) = http_get(metrics, "/nowhere");
         assert_eq!(status, 404, "{body}");
         // The gauges count those other sockets too (the port filter is the
@@ -1185,21 +1191,7 @@ fn grafana_dashboard_queries_only_exported_metrics() {
     );
 
     in_netns(move || {
-        let port = test_port();
-        let metrics = localhost(test_port());
-        let (p, m) = (port.to_string(), metrics.to_string());
-        let run = Running::start(&[
-            "--metrics",
-            &m,
-            "--events",
-            "none",
-            "--close-wait",
-            "0",
-            "--port",
-            &p,
-            "-v",
-        ]);
-        run.wait_attached();
+        let (run, port, metrics) = metrics_tracer();
         // Every way a connection ends that the close and reset metrics tell
         // apart: closed by the client, by the server, reset by the client,
         // and refused (the kernel answers a SYN to a closed port with a RST).

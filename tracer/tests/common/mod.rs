@@ -606,3 +606,47 @@ pub fn of_type(lines: &[String], ty: &str) -> Vec<serde_json::Value> {
         .filter(|v| v["type"] == ty)
         .collect()
 }
+
+/// Makes the child see an empty tmpfs over each of `targets` (then makes
+/// the directories in `mkdirs`), in a private mount namespace of its own:
+/// a kernel without some of tracefs, for the child alone.
+pub fn hide_with_tmpfs(cmd: &mut Command, targets: &[&str], mkdirs: &[&str]) {
+    use std::{ffi::CString, os::unix::process::CommandExt as _};
+    let c = |p: &str| CString::new(p).unwrap();
+    let targets: Vec<CString> = targets.iter().map(|p| c(p)).collect();
+    let mkdirs: Vec<CString> = mkdirs.iter().map(|p| c(p)).collect();
+    let (root, tmpfs) = (c("/"), c("tmpfs"));
+    // SAFETY: only async-signal-safe syscalls on pre-allocated strings.
+    unsafe {
+        cmd.pre_exec(move || {
+            let check = |rc: i32| {
+                if rc == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            };
+            check(libc::unshare(libc::CLONE_NEWNS))?;
+            check(libc::mount(
+                std::ptr::null(),
+                root.as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            ))?;
+            for t in &targets {
+                check(libc::mount(
+                    tmpfs.as_ptr(),
+                    t.as_ptr(),
+                    tmpfs.as_ptr(),
+                    0,
+                    std::ptr::null(),
+                ))?;
+            }
+            for d in &mkdirs {
+                check(libc::mkdir(d.as_ptr(), 0o755))?;
+            }
+            Ok(())
+        });
+    }
+}

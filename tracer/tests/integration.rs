@@ -19,21 +19,18 @@ use tracer::{
     loader::{Attach, LoadOptions},
     tracker::Tracker,
 };
-use tracer_common::InetSockSetStateRecord;
+use tracer_common::{InetSockSetStateRecord, TcpReceiveResetRecord, TcpSendResetRecord};
 
 /// Scheduling slack allowed on top of a 200 ms hold (loaded CI machines).
 const HOLD_SLACK: Duration = Duration::from_millis(100);
 
-#[test]
-fn tracepoint_format_matches_record_layout() {
-    require_root();
+/// Fields of a tracepoint's format file: name -> (offset, size).
+fn format_fields(event: &str) -> BTreeMap<String, (usize, usize)> {
     tracer::loader::ensure_tracefs().expect("tracefs");
     let format = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
         .iter()
-        .find_map(|b| {
-            std::fs::read_to_string(format!("{b}/events/sock/inet_sock_set_state/format")).ok()
-        })
-        .expect("format file of sock/inet_sock_set_state");
+        .find_map(|b| std::fs::read_to_string(format!("{b}/events/{event}/format")).ok())
+        .unwrap_or_else(|| panic!("format file of {event}"));
     // field:__u16 sport;	offset:24;	size:2;	signed:0;
     let mut fields = BTreeMap::new();
     for line in format
@@ -57,15 +54,27 @@ fn tracepoint_format_matches_record_layout() {
             (num(parts[1], "offset:"), num(parts[2], "size:")),
         );
     }
-    macro_rules! check {
-        ($($f:ident),*) => {$(
-            let (off, size) = fields[stringify!($f)];
-            assert_eq!(std::mem::offset_of!(InetSockSetStateRecord, $f), off, "offset of {}", stringify!($f));
-            let rec = InetSockSetStateRecord::default();
-            assert_eq!(std::mem::size_of_val(&rec.$f), size, "size of {}", stringify!($f));
-        )*};
-    }
-    check!(
+    fields
+}
+
+/// Checks the offset and size of each named field of `$record` against
+/// the format file's `$fields`.
+macro_rules! check_fields {
+    ($fields:expr, $record:ty, $($f:ident),*) => {$(
+        let (off, size) = $fields[stringify!($f)];
+        assert_eq!(std::mem::offset_of!($record, $f), off, "offset of {}", stringify!($f));
+        let rec = <$record>::default();
+        assert_eq!(std::mem::size_of_val(&rec.$f), size, "size of {}", stringify!($f));
+    )*};
+}
+
+#[test]
+fn tracepoint_format_matches_record_layout() {
+    require_root();
+    let fields = format_fields("sock/inet_sock_set_state");
+    check_fields!(
+        fields,
+        InetSockSetStateRecord,
         common_type,
         common_flags,
         common_preempt_count,
@@ -86,6 +95,36 @@ fn tracepoint_format_matches_record_layout() {
         fields.len(),
         15,
         "the format has fields the record does not know: {fields:?}"
+    );
+}
+
+/// The reset tracepoints' records are read only up to `state` (send) and
+/// `skaddr` (receive): those leading fields must be where the structs say,
+/// on every kernel (what follows them differs between kernels).
+#[test]
+fn reset_tracepoint_formats() {
+    require_root();
+    let send = format_fields("tcp/tcp_send_reset");
+    check_fields!(
+        send,
+        TcpSendResetRecord,
+        common_type,
+        common_flags,
+        common_preempt_count,
+        common_pid,
+        skbaddr,
+        skaddr,
+        state
+    );
+    let receive = format_fields("tcp/tcp_receive_reset");
+    check_fields!(
+        receive,
+        TcpReceiveResetRecord,
+        common_type,
+        common_flags,
+        common_preempt_count,
+        common_pid,
+        skaddr
     );
 }
 

@@ -157,14 +157,18 @@ fn every_close_class_for_real() {
             a.extend(extra);
             a
         };
-        let batched = Running::start(&with(&["--events", "closes"]));
-        let each = Running::start(&with(&["--events", "all"]));
+        // One after the other: loading is CPU-bound (BTF), and the
+        // emulated guests are slow.
+        let attached = |args: &[&str]| {
+            let r = Running::start(args);
+            r.wait_attached();
+            r
+        };
+        let batched = attached(&with(&["--events", "closes"]));
+        let each = attached(&with(&["--events", "all"]));
         let mut table_args = with(&["--events", "closes"]);
         table_args.retain(|a| *a != "json" && *a != "--output");
-        let table = Running::start(&table_args);
-        for r in [&batched, &each, &table] {
-            r.wait_attached();
-        }
+        let table = attached(&table_args);
 
         let listener = TcpListener::bind(local(port)).unwrap();
         let server = local(port);

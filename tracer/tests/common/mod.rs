@@ -22,6 +22,17 @@ use tracer::{
 /// How long a test waits for events it expects.
 pub const DEADLINE: Duration = Duration::from_secs(10);
 
+/// How long a tracer may take to attach: loading parses the kernel's BTF,
+/// CPU-bound work that runs 3-9 times slower in the emulated guests, where
+/// several tests start tracers at once.
+pub fn attach_deadline() -> Duration {
+    if in_guest() {
+        DEADLINE * 3
+    } else {
+        DEADLINE
+    }
+}
+
 /// In a QEMU guest of `cargo xtask test` (software emulation: slower, and
 /// an interrupt between two programs' clock reads can take a millisecond).
 pub fn in_guest() -> bool {
@@ -471,7 +482,7 @@ impl Running {
     pub fn wait_attached_saying(&self) -> String {
         let start = Instant::now();
         let mut said = String::new();
-        while start.elapsed() < DEADLINE {
+        while start.elapsed() < attach_deadline() {
             match self.stderr.recv_timeout(Duration::from_millis(100)) {
                 Ok(line) if line.contains("attached") => return said,
                 Ok(line) => {
@@ -485,7 +496,7 @@ impl Running {
                 }
             }
         }
-        panic!("tracer did not attach within {DEADLINE:?}");
+        panic!("tracer did not attach within {:?}", attach_deadline());
     }
 
     /// Collects stdout lines until `done` holds for them.

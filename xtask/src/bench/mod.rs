@@ -8,12 +8,17 @@
 //! medians and min/max are reported, and wide spreads are flagged. It is a
 //! benchmark, not a test: it fails only when it cannot measure.
 
+mod env;
+mod hold;
 mod load;
+mod netns;
 mod procfs;
 mod report;
+mod sockets;
 mod stats;
 mod subject;
 mod verify;
+mod workers;
 
 use std::{
     fs, io,
@@ -27,7 +32,7 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use serde_json::{json, Value};
 
-pub use load::hold_helper;
+pub use hold::hold_helper;
 use load::{LoadConfig, LoadResult, Mode};
 use report::Row;
 use stats::Summary;
@@ -114,7 +119,7 @@ struct RunRecord {
     round: u32,
     subject: Subject,
     load: Option<LoadResult>,
-    held_check: Option<load::HeldCheck>,
+    held_check: Option<hold::HeldCheck>,
     /// How long the load's last transitions took to happen after it
     /// stopped, and sockets still half-way when the subject was stopped.
     settled: Option<(Duration, u64)>,
@@ -523,7 +528,7 @@ fn run_one(plan: &Plan, ctx: &Ctx, round: u32, s: Subject, peer: Option<&PathBuf
         error: None,
     };
     rec.idle_before = wait_quiet();
-    let mut env = match load::Env::setup(&plan.load) {
+    let mut env = match env::Env::setup(&plan.load) {
         Ok(e) => e,
         Err(e) => {
             rec.error = Some(format!("load set-up: {e:#}"));
@@ -601,7 +606,7 @@ fn finish(rec: RunRecord) -> RunRecord {
 /// attached to its first event on stdout.
 fn start_trial(plan: &Plan, ctx: &Ctx) -> Result<(Duration, Duration)> {
     wait_quiet();
-    let mut env = load::Env::setup(&plan.load)?;
+    let mut env = env::Env::setup(&plan.load)?;
     let result = thread::scope(|sc| {
         let load = sc.spawn(|| env.run(Duration::from_secs(3)));
         thread::sleep(Duration::from_millis(300));

@@ -7,31 +7,49 @@
 //! neighbouring baselines, so drift of a shared machine cancels out;
 //! medians and min/max are reported, and wide spreads are flagged. It is a
 //! benchmark, not a test: it fails only when it cannot measure.
+//!
+//! This file: the command line (`BenchArgs`), the timing of a run and
+//! `run`, which plans (`plan.rs`), runs each subject and baseline in turn
+//! (`runs.rs`, the load in `load.rs`, the subjects in `subject.rs`),
+//! summarizes the runs into rows (`summarize.rs`), prints the table and
+//! notes (`report.rs`) and writes target/bench/bench-STAMP.json (each run
+//! as a `RunRecord`, `record.rs`; the host and git state, `host.rs`).
 
+mod env;
+mod hold;
+mod host;
 mod load;
+mod netns;
+mod plan;
 mod procfs;
+mod record;
 mod report;
+mod runs;
+mod sockets;
 mod stats;
 mod subject;
+mod summarize;
 mod verify;
+mod workers;
 
 use std::{
-    fs, io,
-    os::fd::{FromRawFd as _, OwnedFd},
-    path::PathBuf,
-    process::Command,
-    thread,
+    fs, thread,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{bail, Context as _, Result};
-use serde_json::{json, Value};
+use serde_json::json;
 
-pub use load::hold_helper;
-use load::{LoadConfig, LoadResult, Mode};
+pub use hold::hold_helper;
+use host::{enable_bpf_stats, git_json, host_json, raise_nofile_limit};
+use load::Mode;
+use plan::plan;
+use record::RunRecord;
 use report::Row;
+use runs::{run_one, start_trial};
 use stats::Summary;
-use subject::{Ctx, Measured, Subject};
+use subject::{Ctx, Subject};
+use summarize::summarize;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchArgs {
@@ -99,75 +117,6 @@ const COOL_DOWN: Duration = Duration::from_millis(300);
 const QUIET_MAX: Duration = Duration::from_secs(3);
 /// Idle share of all CPUs over 100 ms that counts as quiet.
 const QUIET_IDLE: f64 = 0.80;
-
-struct Plan {
-    seconds: f64,
-    rounds: u32,
-    load: LoadConfig,
-    subjects: Vec<Subject>,
-    start_trials: u32,
-    kernel_stats: bool,
-    smoke: bool,
-}
-
-struct RunRecord {
-    round: u32,
-    subject: Subject,
-    load: Option<LoadResult>,
-    held_check: Option<load::HeldCheck>,
-    /// How long the load's last transitions took to happen after it
-    /// stopped, and sockets still half-way when the subject was stopped.
-    settled: Option<(Duration, u64)>,
-    /// Idle share of the CPUs just before the run, and how long the bench
-    /// waited for it.
-    idle_before: Option<(f64, Duration)>,
-    /// (namespace inode, time to set up the held sockets)
-    env: Option<(u64, Duration)>,
-    measured: Option<Measured>,
-    error: Option<String>,
-}
-
-impl RunRecord {
-    fn ok(&self) -> bool {
-        self.error.is_none()
-    }
-
-    fn rate(&self) -> Option<f64> {
-        self.ok()
-            .then(|| self.load.as_ref().map(LoadResult::per_second))
-            .flatten()
-    }
-
-    fn expected(&self) -> Option<u64> {
-        let l = self.load.as_ref()?;
-        Some(if self.subject == Subject::Tcplife {
-            l.expected_closed
-        } else {
-            l.expected_transitions
-        })
-    }
-
-    fn to_json(&self) -> Value {
-        json!({
-            "round": self.round,
-            "subject": self.subject.name(),
-            "ok": self.ok(),
-            "error": self.error,
-            "load": self.load.as_ref().map(LoadResult::to_json),
-            "held_sockets_at_teardown": self.held_check.map(|h| json!({
-                "held": h.held, "eof": h.eof, "other": h.other,
-            })),
-            "settle_s": self.settled.map(|s| s.0.as_secs_f64()),
-            "sockets_pending_at_stop": self.settled.map(|s| s.1),
-            "cpu_idle_before": self.idle_before.map(|i| i.0),
-            "waited_for_quiet_s": self.idle_before.map(|i| i.1.as_secs_f64()),
-            "netns_inode": self.env.map(|e| e.0),
-            "hold_setup_s": self.env.map(|e| e.1.as_secs_f64()),
-            "expected_events": self.expected(),
-            "subject_measured": self.measured.as_ref().map(Measured::to_json),
-        })
-    }
-}
 
 pub fn run(args: BenchArgs) -> Result<()> {
     let mut notes: Vec<String> = Vec::new();
@@ -456,480 +405,4 @@ pub fn run(args: BenchArgs) -> Result<()> {
         }
     }
     Ok(())
-}
-
-fn plan(args: &BenchArgs) -> Result<Plan> {
-    let mut subjects: Vec<Subject> = if args.only.is_empty() {
-        Subject::ALL[1..].to_vec()
-    } else {
-        let mut v = Vec::new();
-        for k in &args.only {
-            let s = Subject::from_key(k.trim()).with_context(|| {
-                format!(
-                    "--only: unknown subject {k:?} (one of: {})",
-                    Subject::ALL[1..]
-                        .iter()
-                        .map(|s| s.key())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )
-            })?;
-            if s != Subject::Baseline && !v.contains(&s) {
-                v.push(s);
-            }
-        }
-        v
-    };
-    if args.no_peers || (args.smoke && args.only.is_empty()) {
-        subjects.retain(|s| !s.is_peer());
-    }
-    let load = LoadConfig {
-        threads: args.threads,
-        mode: args.mode,
-        ipv6: args.ipv6,
-        rate: args.rate,
-        hold: args.hold,
-    };
-    load.check()?;
-    let (seconds, rounds, start_trials) = if args.smoke {
-        (1.0, 1, args.start_trials.min(1))
-    } else {
-        (args.seconds, args.rounds, args.start_trials)
-    };
-    if seconds.is_nan() || seconds <= 0.0 || rounds == 0 {
-        bail!("--seconds and --rounds must be positive");
-    }
-    Ok(Plan {
-        seconds,
-        rounds,
-        load,
-        subjects,
-        start_trials,
-        kernel_stats: !args.no_kernel_stats,
-        smoke: args.smoke,
-    })
-}
-
-fn run_one(plan: &Plan, ctx: &Ctx, round: u32, s: Subject, peer: Option<&PathBuf>) -> RunRecord {
-    let mut rec = RunRecord {
-        round,
-        subject: s,
-        load: None,
-        held_check: None,
-        settled: None,
-        idle_before: None,
-        env: None,
-        measured: None,
-        error: None,
-    };
-    rec.idle_before = wait_quiet();
-    let mut env = match load::Env::setup(&plan.load) {
-        Ok(e) => e,
-        Err(e) => {
-            rec.error = Some(format!("load set-up: {e:#}"));
-            return finish(rec);
-        }
-    };
-    rec.env = Some((env.ready.netns_inode, env.ready.hold_took));
-    let outcome = (|| -> Result<()> {
-        let running = match s {
-            Subject::Baseline => None,
-            _ => Some(subject::start(s, ctx, peer.map(PathBuf::as_path))?),
-        };
-        thread::sleep(SETTLE_BEFORE);
-        let load = env.run(Duration::from_secs_f64(plan.seconds));
-        thread::sleep(SETTLE_AFTER);
-        let settled = env.settle(&ctx.ports, SETTLE_MAX);
-        rec.settled = Some((SETTLE_AFTER + settled.0, settled.1));
-        let measured = running.map(|r| r.stop(ctx)).transpose();
-        let load = load?;
-        let load_errors = load.errors.clone();
-        rec.load = Some(load);
-        rec.measured = measured?;
-        if let Some(e) = load_errors.first() {
-            bail!("load: {e}");
-        }
-        Ok(())
-    })();
-    rec.held_check = Some(env.teardown());
-    if let Err(e) = outcome {
-        rec.error = Some(format!("{e:#}"));
-    }
-    if let Some(h) = rec.held_check {
-        if rec.ok() && h.other > 0 {
-            rec.error = Some(format!(
-                "load: {} of {} held sockets were not in CLOSE_WAIT at the end",
-                h.other, h.held
-            ));
-        }
-    }
-    thread::sleep(COOL_DOWN);
-    finish(rec)
-}
-
-fn finish(rec: RunRecord) -> RunRecord {
-    let mut line = format!(
-        "xtask: bench: round {} {:<19}",
-        rec.round,
-        rec.subject.name()
-    );
-    if let Some(l) = &rec.load {
-        line += &format!(" {:>8.0} conn/s", l.per_second());
-    }
-    if let (Some(m), Some(e)) = (&rec.measured, rec.expected()) {
-        line += &format!(
-            "  events {}/{}",
-            m.delivered.map_or("-".into(), |d| d.to_string()),
-            e
-        );
-        if let Some(d) = &m.durations {
-            line += &format!("  bad durations {}", d.bad());
-        }
-        line += &format!("  start {:.3} s", m.start.as_secs_f64());
-    }
-    if let Some((_, n)) = rec.settled.filter(|s| s.1 > 0) {
-        line += &format!("  ({n} load sockets still half-way when stopped)");
-    }
-    if let Some(e) = &rec.error {
-        line += &format!("  FAILED: {e}");
-    }
-    eprintln!("{line}");
-    rec
-}
-
-/// The tracer started while the load already runs: spawn to attached,
-/// attached to its first event on stdout.
-fn start_trial(plan: &Plan, ctx: &Ctx) -> Result<(Duration, Duration)> {
-    wait_quiet();
-    let mut env = load::Env::setup(&plan.load)?;
-    let result = thread::scope(|sc| {
-        let load = sc.spawn(|| env.run(Duration::from_secs(3)));
-        thread::sleep(Duration::from_millis(300));
-        let r = subject::time_to_first_event(ctx);
-        let _ = load.join();
-        r
-    });
-    env.teardown();
-    result
-}
-
-fn summarize(s: Subject, runs: &[RunRecord], kernel_stats: bool) -> Row {
-    let mine: Vec<(usize, &RunRecord)> = runs
-        .iter()
-        .enumerate()
-        .filter(|(_, r)| r.subject == s)
-        .collect();
-    let ok: Vec<&RunRecord> = mine.iter().map(|(_, r)| *r).filter(|r| r.ok()).collect();
-    let rates: Vec<f64> = ok.iter().filter_map(|r| r.rate()).collect();
-    let mut row = Row {
-        name: s.name().to_string(),
-        runs: mine.len(),
-        failed: mine.len() - ok.len(),
-        rate: Summary::of(&rates),
-        ..Default::default()
-    };
-    if s == Subject::Baseline {
-        return row;
-    }
-    let neighbour = |i: usize, before: bool| -> Option<f64> {
-        let j = if before { i.checked_sub(1)? } else { i + 1 };
-        let r = runs.get(j)?;
-        (r.subject == Subject::Baseline && r.round == runs[i].round)
-            .then(|| r.rate())
-            .flatten()
-    };
-    let ratios: Vec<f64> = mine
-        .iter()
-        .filter(|(_, r)| r.ok())
-        .filter_map(|&(i, r)| {
-            stats::paired_ratio(r.rate()?, neighbour(i, true), neighbour(i, false))
-        })
-        .collect();
-    row.ratio = Summary::of(&ratios);
-    let measured: Vec<(&RunRecord, &Measured)> = ok
-        .iter()
-        .filter_map(|r| Some((*r, r.measured.as_ref()?)))
-        .collect();
-    if measured.is_empty() {
-        return row;
-    }
-    let sum = |f: &dyn Fn(&RunRecord, &Measured) -> Option<u64>| -> Option<u64> {
-        measured.iter().map(|(r, m)| f(r, m)).sum()
-    };
-    row.delivered = sum(&|_, m| m.delivered);
-    row.expected = sum(&|r, _| r.expected());
-    row.lost = sum(&|_, m| m.lost);
-    row.skipped = kernel_stats
-        .then(|| sum(&|_, m| Some(m.recursion_misses())))
-        .flatten();
-    // One program run per transition: what neither arrived nor was
-    // counted as lost or skipped (not for tcplife: one line per socket).
-    if s != Subject::Tcplife {
-        if let (Some(e), Some(d)) = (row.expected, row.delivered) {
-            let pending: u64 = measured.iter().map(|(_, m)| m.pending()).sum();
-            row.unaccounted = Some(
-                e as i64
-                    - d as i64
-                    - row.lost.unwrap_or(0) as i64
-                    - row.skipped.unwrap_or(0) as i64
-                    - pending as i64,
-            );
-        }
-    }
-    row.bad_durations = measured
-        .iter()
-        .map(|(_, m)| m.bad_durations())
-        .try_fold((0, true), |(n, all), b| b.map(|(k, c)| (n + k, all && c)));
-    let transitions: u64 = measured
-        .iter()
-        .filter_map(|(r, _)| r.load.as_ref().map(|l| l.expected_transitions))
-        .sum();
-    if transitions > 0 {
-        if kernel_stats {
-            let ns: u64 = measured.iter().map(|(_, m)| m.kernel_run_time_ns()).sum();
-            row.kernel_ns_per_event = Some(ns as f64 / transitions as f64);
-        }
-        let cpu: f64 = measured.iter().map(|(_, m)| m.cpu_run.as_secs_f64()).sum();
-        row.agent_us_per_event = Some(cpu * 1e6 / transitions as f64);
-    }
-    let mib = |k: u64| k as f64 / 1024.0;
-    row.rss_idle_mib = Summary::of(
-        &measured
-            .iter()
-            .filter_map(|(_, m)| m.rss_idle_kib.map(mib))
-            .collect::<Vec<_>>(),
-    )
-    .map(|s| s.median);
-    row.rss_peak_mib = measured
-        .iter()
-        .filter_map(|(_, m)| m.rss_peak_kib.map(mib))
-        .reduce(f64::max);
-    row.start_s = Summary::of(
-        &measured
-            .iter()
-            .map(|(_, m)| m.start.as_secs_f64())
-            .collect::<Vec<_>>(),
-    );
-    row
-}
-
-/// Waits until the CPUs are mostly idle (the previous run's namespace
-/// freed, nobody else busy), at most QUIET_MAX; the last idle share seen.
-fn wait_quiet() -> Option<(f64, Duration)> {
-    let t0 = std::time::Instant::now();
-    let mut prev = cpu_times()?;
-    loop {
-        thread::sleep(Duration::from_millis(100));
-        let now = cpu_times()?;
-        let (idle, total) = (now.0 - prev.0, now.1 - prev.1);
-        let share = if total > 0 {
-            idle as f64 / total as f64
-        } else {
-            1.0
-        };
-        if share >= QUIET_IDLE || t0.elapsed() >= QUIET_MAX {
-            return Some((share, t0.elapsed()));
-        }
-        prev = now;
-    }
-}
-
-/// (idle + iowait, total) jiffies of all CPUs, from /proc/stat.
-fn cpu_times() -> Option<(u64, u64)> {
-    let text = fs::read_to_string("/proc/stat").ok()?;
-    parse_proc_stat_cpu(&text)
-}
-
-fn parse_proc_stat_cpu(text: &str) -> Option<(u64, u64)> {
-    let line = text.lines().find(|l| l.starts_with("cpu "))?;
-    let v: Vec<u64> = line
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    if v.len() < 5 {
-        return None;
-    }
-    // user nice system idle iowait irq softirq steal (guest is in user).
-    let total: u64 = v.iter().take(8).sum();
-    Some((v[3] + v[4], total))
-}
-
-/// Turns on the kernel's run-time statistics of every eBPF program
-/// (run_time_ns, run_cnt) for as long as the returned fd is open.
-fn enable_bpf_stats() -> io::Result<OwnedFd> {
-    const BPF_ENABLE_STATS: libc::c_long = 32;
-    const BPF_STATS_RUN_TIME: u32 = 0;
-    #[repr(C)]
-    struct EnableStatsAttr {
-        type_: u32,
-    }
-    let attr = EnableStatsAttr {
-        type_: BPF_STATS_RUN_TIME,
-    };
-    // SAFETY: bpf(2) reads `size` bytes of a valid attr; the kernel
-    // returns a new fd or -1.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_ENABLE_STATS,
-            &attr as *const EnableStatsAttr,
-            std::mem::size_of::<EnableStatsAttr>() as libc::c_uint,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a new fd the kernel just gave us.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
-}
-
-/// Never-close keeps as many sockets as it has descriptors for: raise the
-/// soft limit to the hard one (raising the hard limit needs
-/// CAP_SYS_RESOURCE, which this machine's root does not have).
-fn raise_nofile_limit() {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: valid pointers.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
-    }
-}
-
-fn host_json() -> Value {
-    let read = |p: &str| fs::read_to_string(p).unwrap_or_default().trim().to_string();
-    json!({
-        "kernel": read("/proc/sys/kernel/osrelease"),
-        "cpus": thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-        "model": read("/proc/cpuinfo").lines().find_map(|l| l.strip_prefix("model name")
-            .and_then(|v| v.split_once(':')).map(|(_, v)| v.trim().to_string())),
-    })
-}
-
-fn git_json(root: &std::path::Path) -> Value {
-    let run = |args: &[&str]| {
-        Command::new("git")
-            .args(args)
-            .current_dir(root)
-            .output()
-            .ok()
-            .filter(|o| o.status.success())
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-    };
-    json!({
-        "commit": run(&["rev-parse", "HEAD"]),
-        "dirty": run(&["status", "--porcelain"]).map(|s| !s.is_empty()),
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn proc_stat_cpu_line() {
-        let text = "cpu  100 5 50 800 20 1 4 0 0 0\ncpu0 50 2 25 400 10 0 2 0 0 0\nintr 1\n";
-        assert_eq!(parse_proc_stat_cpu(text), Some((820, 980)));
-        assert_eq!(parse_proc_stat_cpu("intr 1\n"), None);
-    }
-
-    fn record(subject: Subject, round: u32, conns: u64, delivered: u64) -> RunRecord {
-        RunRecord {
-            round,
-            subject,
-            load: Some(LoadResult {
-                connections: conns,
-                elapsed: Duration::from_secs(1),
-                expected_transitions: conns * 10,
-                expected_closed: conns * 2,
-                ..Default::default()
-            }),
-            held_check: None,
-            settled: None,
-            idle_before: None,
-            env: None,
-            measured: (subject != Subject::Baseline).then(|| Measured {
-                delivered: Some(delivered),
-                lost: Some(0),
-                cpu_run: Duration::from_millis(conns),
-                rss_idle_kib: Some(2048),
-                rss_peak_kib: Some(4096),
-                start: Duration::from_millis(70),
-                progs: vec![procfs::ProgStats {
-                    id: 1,
-                    name: None,
-                    run_time_ns: conns * 10 * 500,
-                    run_cnt: conns * 10,
-                    recursion_misses: 1,
-                }],
-                tracer_stats: Some(json!({"timing_stale": 1, "timing_map_full": 0})),
-                ..Default::default()
-            }),
-            error: None,
-        }
-    }
-
-    #[test]
-    fn rows_pair_each_run_with_its_neighbouring_baselines() {
-        use Subject::{Baseline as B, TracerNone as X};
-        let mut failed = record(X, 2, 1, 1);
-        failed.error = Some("boom".into());
-        let runs = vec![
-            record(B, 1, 100, 0),
-            record(X, 1, 80, 800),
-            record(B, 1, 120, 0),
-            record(X, 1, 90, 895),
-            record(B, 1, 100, 0),
-            // A new round: its first baseline is not the last one's neighbour.
-            record(B, 2, 1000, 0),
-            failed,
-            record(B, 2, 1000, 0),
-        ];
-        let base = summarize(B, &runs, true);
-        assert_eq!((base.runs, base.failed), (5, 0));
-        assert_eq!(base.rate.unwrap().median, 120.0);
-        let x = summarize(X, &runs, true);
-        assert_eq!((x.runs, x.failed), (3, 1));
-        let ratio = x.ratio.unwrap();
-        assert_eq!(ratio.n, 2);
-        assert!((ratio.min - 80.0 / 110.0).abs() < 1e-9);
-        assert!((ratio.max - 90.0 / 110.0).abs() < 1e-9);
-        assert_eq!((x.delivered, x.expected), (Some(1695), Some(1700)));
-        assert_eq!((x.lost, x.skipped), (Some(0), Some(2)));
-        assert_eq!(x.unaccounted, Some(3));
-        assert_eq!(x.kernel_ns_per_event, Some(500.0));
-        // 170 ms of CPU over 1700 events.
-        assert!((x.agent_us_per_event.unwrap() - 100.0).abs() < 1e-9);
-        assert_eq!((x.rss_idle_mib, x.rss_peak_mib), (Some(2.0), Some(4.0)));
-        assert_eq!(x.bad_durations, Some((2, false)));
-        let no_stats = summarize(X, &runs, false);
-        assert_eq!(
-            (no_stats.kernel_ns_per_event, no_stats.skipped),
-            (None, None)
-        );
-    }
-
-    #[test]
-    fn smoke_is_short_and_leaves_out_peers() {
-        use clap::Parser as _;
-        #[derive(clap::Parser)]
-        struct Cli {
-            #[command(flatten)]
-            bench: BenchArgs,
-        }
-        let p = plan(&Cli::parse_from(["x", "--smoke"]).bench).unwrap();
-        assert_eq!((p.seconds, p.rounds, p.start_trials), (1.0, 1, 1));
-        assert!(p.subjects.iter().all(|s| s.is_tracer()));
-        let p = plan(&Cli::parse_from(["x", "--only", "tcplife,tracer-none"]).bench).unwrap();
-        assert_eq!(p.subjects, vec![Subject::Tcplife, Subject::TracerNone]);
-        assert!(plan(&Cli::parse_from(["x", "--only", "perf"]).bench).is_err());
-        let p = plan(&Cli::parse_from(["x"]).bench).unwrap();
-        assert_eq!(p.subjects.len(), 5);
-        assert_eq!((p.seconds, p.rounds), (5.0, 3));
-    }
 }

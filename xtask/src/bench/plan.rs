@@ -1,0 +1,96 @@
+//! What the bench will do, from its command line.
+//!
+//! In: the `BenchArgs`. Out: a `Plan` (run length, rounds, the load's
+//! configuration, the subjects in order, start trials, kernel stats), or
+//! an error for arguments it cannot run with (`--smoke` shortens it and
+//! leaves the peers out).
+
+use anyhow::{bail, Context as _, Result};
+
+use super::{load::LoadConfig, subject::Subject, BenchArgs};
+
+pub(super) struct Plan {
+    pub(super) seconds: f64,
+    pub(super) rounds: u32,
+    pub(super) load: LoadConfig,
+    pub(super) subjects: Vec<Subject>,
+    pub(super) start_trials: u32,
+    pub(super) kernel_stats: bool,
+    pub(super) smoke: bool,
+}
+
+pub(super) fn plan(args: &BenchArgs) -> Result<Plan> {
+    let mut subjects: Vec<Subject> = if args.only.is_empty() {
+        Subject::ALL[1..].to_vec()
+    } else {
+        let mut v = Vec::new();
+        for k in &args.only {
+            let s = Subject::from_key(k.trim()).with_context(|| {
+                format!(
+                    "--only: unknown subject {k:?} (one of: {})",
+                    Subject::ALL[1..]
+                        .iter()
+                        .map(|s| s.key())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            })?;
+            if s != Subject::Baseline && !v.contains(&s) {
+                v.push(s);
+            }
+        }
+        v
+    };
+    if args.no_peers || (args.smoke && args.only.is_empty()) {
+        subjects.retain(|s| !s.is_peer());
+    }
+    let load = LoadConfig {
+        threads: args.threads,
+        mode: args.mode,
+        ipv6: args.ipv6,
+        rate: args.rate,
+        hold: args.hold,
+    };
+    load.check()?;
+    let (seconds, rounds, start_trials) = if args.smoke {
+        (1.0, 1, args.start_trials.min(1))
+    } else {
+        (args.seconds, args.rounds, args.start_trials)
+    };
+    if seconds.is_nan() || seconds <= 0.0 || rounds == 0 {
+        bail!("--seconds and --rounds must be positive");
+    }
+    Ok(Plan {
+        seconds,
+        rounds,
+        load,
+        subjects,
+        start_trials,
+        kernel_stats: !args.no_kernel_stats,
+        smoke: args.smoke,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn smoke_is_short_and_leaves_out_peers() {
+        use clap::Parser as _;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            bench: BenchArgs,
+        }
+        let p = plan(&Cli::parse_from(["x", "--smoke"]).bench).unwrap();
+        assert_eq!((p.seconds, p.rounds, p.start_trials), (1.0, 1, 1));
+        assert!(p.subjects.iter().all(|s| s.is_tracer()));
+        let p = plan(&Cli::parse_from(["x", "--only", "tcplife,tracer-none"]).bench).unwrap();
+        assert_eq!(p.subjects, vec![Subject::Tcplife, Subject::TracerNone]);
+        assert!(plan(&Cli::parse_from(["x", "--only", "perf"]).bench).is_err());
+        let p = plan(&Cli::parse_from(["x"]).bench).unwrap();
+        assert_eq!(p.subjects.len(), 5);
+        assert_eq!((p.seconds, p.rounds), (5.0, 3));
+    }
+}

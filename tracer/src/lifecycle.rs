@@ -426,6 +426,8 @@ fn single_owner(holders: &[Holder], uid: u32) -> Option<Owner> {
         pid: first.pid,
         comm: Comm::from_name(&first.comm),
         uid,
+        cgroup: crate::containers::id_of_pid(first.pid),
+        container: None,
     })
 }
 

@@ -390,6 +390,52 @@ mod tests {
         assert!(parse_container("zz").is_err());
     }
 
+    /// The records' fields, the table cell and the group keys from a tree
+    /// shaped like a hierarchy (no root needed).
+    #[test]
+    fn owners_are_named_from_the_hierarchy() {
+        use std::os::unix::fs::MetadataExt as _;
+        let id = "3f".repeat(32);
+        let root = std::env::temp_dir().join(format!("tracer-containers-{}", std::process::id()));
+        let ctr = root.join(format!("system.slice/docker-{id}.scope"));
+        fs::create_dir_all(&ctr).unwrap();
+        let ino = |p: &Path| fs::metadata(p).unwrap().ino();
+        let owner = |cgroup| {
+            Some(Owner {
+                pid: 1,
+                cgroup,
+                ..Default::default()
+            })
+        };
+        let mut c = Cgroups::new(Resolver::at(&root, &root.join("no-pods")), true);
+        let j = c.json(&owner(ino(&ctr)));
+        assert_eq!(
+            j.cgroup.as_deref(),
+            Some(format!("/system.slice/docker-{id}.scope").as_str())
+        );
+        assert_eq!(
+            j.container.as_ref().map(|c| c.runtime),
+            Some(Runtime::Docker)
+        );
+        assert!(j.pod.is_none());
+        assert_eq!(c.cell(&owner(ino(&ctr))), "docker:3f3f3f3f3f3f");
+        let plain = root.join("system.slice");
+        assert_eq!(c.cell(&owner(ino(&plain))), "/system.slice");
+        let enriched = c.enrich(&owner(ino(&ctr))).unwrap();
+        assert_eq!(enriched.container.map(|k| k.id()), Some(id.clone()));
+        // Group keys print their path once an owner in it was enriched.
+        assert_eq!(label(ino(&plain)), format!("cgroup {}", ino(&plain)));
+        c.enrich(&owner(ino(&plain)));
+        assert_eq!(label(ino(&plain)), "/system.slice");
+        // Unknown owners and ids: null fields, one count per record.
+        assert!(c.json(&None).cgroup.is_none());
+        assert_eq!(c.unresolved, 0);
+        assert!(c.json(&owner(u64::MAX)).cgroup.is_none());
+        assert_eq!(c.cell(&owner(u64::MAX)), "-");
+        assert_eq!(c.unresolved, 2);
+        fs::remove_dir_all(&root).unwrap();
+    }
+
     #[test]
     fn unknown_ids_print_as_numbers() {
         assert_eq!(label(u64::MAX - 1), format!("cgroup {}", u64::MAX - 1));

@@ -199,4 +199,33 @@ mod tests {
         assert_eq!(k.slot(GroupKey::Port(3)), Slot::Other);
         assert_eq!(k.slot(GroupKey::Port(2)), Slot::Known(1));
     }
+
+    #[test]
+    fn cgroup_and_container_keys_come_from_the_owner() {
+        let id = "ab".repeat(32);
+        let container = crate::containers::key_of(&id, "docker");
+        let o = Owner {
+            pid: 5,
+            cgroup: 77,
+            container,
+            ..Default::default()
+        };
+        let t = crate::events::tests::sample();
+        assert_eq!(GroupBy::Cgroup.key(&t, Some(&o)), GroupKey::Cgroup(77));
+        let k = GroupBy::Container.key(&t, Some(&o));
+        assert_eq!(k.to_json(), serde_json::Value::from(id));
+        assert_eq!(k.to_string(), "docker:abababababab");
+        let bare = Owner {
+            container: None,
+            cgroup: 0,
+            ..o
+        };
+        assert_eq!(
+            GroupBy::Container.key(&t, Some(&bare)),
+            GroupKey::NoContainer
+        );
+        assert_eq!(GroupKey::NoContainer.to_string(), "none");
+        assert_eq!(GroupBy::Cgroup.key(&t, Some(&bare)), GroupKey::NoOwner);
+        assert_eq!(GroupBy::Cgroup.key(&t, None), GroupKey::NoOwner);
+    }
 }

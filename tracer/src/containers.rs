@@ -125,7 +125,16 @@ pub struct Cgroups {
     pub unresolved: u64,
     /// Group keys or metric labels need owners' containers ([`Cgroups::enrich`]).
     keys: bool,
+    /// Ids the resolver could not name yet, named from their owner's
+    /// `/proc/PID/cgroup` (or known not to be: `None`). The resolver walks
+    /// at most once a second, so a container started within a second of
+    /// the last walk would otherwise be null for up to a second. Bounded:
+    /// cleared when full.
+    recent: HashMap<u64, Option<Resolved>>,
 }
+
+/// Ids [`Cgroups`] names from `/proc` between walks.
+const RECENT: usize = 256;
 
 impl Cgroups {
     /// `keys`: `--group-by cgroup|container` or `--metrics-label
@@ -135,6 +144,7 @@ impl Cgroups {
             resolver,
             unresolved: 0,
             keys,
+            recent: HashMap::new(),
         }
     }
 
@@ -150,11 +160,20 @@ impl Cgroups {
     /// `count`: an id that cannot be named counts in `unresolved` (once
     /// per record: the output's calls count, the observers' do not).
     fn resolve(&mut self, owner: &Option<Owner>, count: bool) -> Option<&Resolved> {
-        let id = owner.as_ref().map_or(0, |o| o.cgroup);
+        let (id, pid) = owner.as_ref().map_or((0, 0), |o| (o.cgroup, o.pid));
         if id == 0 || self.resolver.why().is_some() {
             return None;
         }
-        let found = self.resolver.resolve(id);
+        if self.resolver.resolve(id).is_some() {
+            return self.resolver.resolve(id);
+        }
+        if !self.recent.contains_key(&id) {
+            if self.recent.len() >= RECENT {
+                self.recent.clear();
+            }
+            self.recent.insert(id, named_by_pid(pid, id));
+        }
+        let found = self.recent.get(&id).and_then(Option::as_ref);
         if found.is_none() && count {
             self.unresolved += 1;
         }
@@ -197,6 +216,25 @@ impl Cgroups {
             None => "-".into(),
         }
     }
+}
+
+/// What cgroup `id` names, if process `pid` is still in it.
+fn named_by_pid(pid: u32, id: u64) -> Option<Resolved> {
+    let mount = v2_mount()?;
+    let path = path_of_pid(pid)?;
+    let dir = dir_of(&mount, &path)?;
+    if cgroup::id_of_path(&dir).ok()? != id {
+        return None;
+    }
+    let parsed = cgroup::parse(&path);
+    Some(Resolved {
+        pod: parsed
+            .pod_uid
+            .map(|uid| cgroup::find_pod(&uid, Path::new(cgroup::POD_LOG_ROOT))),
+        container: parsed.container,
+        unit: parsed.unit,
+        path,
+    })
 }
 
 /// The cgroup v2 path of process `pid` (its `0::` line in

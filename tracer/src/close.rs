@@ -216,7 +216,9 @@ pub fn classify(path: &ClosePath, resets_known: bool) -> Close {
     let refused_or_timeout = last.is_some_and(|s| s.old == SynSent && s.new == Close);
     let entered_time_wait = path.steps().find(|s| s.new == TimeWait).copied();
     let finished = entered_time_wait.is_some()
-        || last.is_some_and(|s| s.new == Close && matches!(s.old, LastAck | FinWait2));
+        || last.is_some_and(|s| {
+            s.new == Close && matches!(s.old, LastAck | FinWait2)
+        });
     let by = if resets_known && refused_or_timeout && path.rst_received > 0 {
         CloseBy::Refused
     } else if resets_known && path.rst_received > 0 {

@@ -119,9 +119,8 @@ pub struct CgroupJson {
 /// Names the owners' cgroups for the output.
 pub struct Cgroups {
     resolver: Resolver,
-    /// Records whose owner had a cgroup id the resolver could not name
-    /// (gone before it was ever resolved, or created within the last
-    /// walk's second and not yet walked).
+    /// Records whose owner had a cgroup id that could not be named: not
+    /// walked yet, and the owner no longer in it (gone, or moved).
     pub unresolved: u64,
     /// Group keys or metric labels need owners' containers ([`Cgroups::enrich`]).
     keys: bool,

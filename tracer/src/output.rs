@@ -59,7 +59,8 @@ pub struct Stats {
     /// out, untracked, or never closed while the tracer ran).
     pub resets_unmatched: u64,
     /// Records whose owner's cgroup id could not be named (`cgroup`
-    /// null): gone before the tracer looked, or too new for the last walk.
+    /// null): the cgroup and its process were gone before the agent
+    /// named them.
     pub cgroups_unresolved: u64,
     /// Timewait dumps (NETLINK_SOCK_DIAG) made, and their total cost.
     pub timewait_polls: u64,

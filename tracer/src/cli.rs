@@ -207,6 +207,7 @@ impl Args {
                 .chain(&self.containers)
                 .cloned()
                 .collect(),
+            under_cgroups: Default::default(),
         }
     }
 

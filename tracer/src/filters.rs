@@ -27,6 +27,11 @@ pub struct Filters {
     pub comm: Option<String>,
     /// Owner's cgroup, or one below it (`--cgroup`, `--container`).
     pub cgroups: Vec<crate::containers::Selected>,
+    /// The start-up snapshot's verdicts on `cgroups` per holder pid: one
+    /// look-up per process, not per socket (each is a read of /proc and a
+    /// stat per level). Only the snapshot asks, so pids are not reused
+    /// meanwhile.
+    pub under_cgroups: std::cell::RefCell<std::collections::HashMap<u32, bool>>,
 }
 
 impl Filters {
@@ -90,9 +95,13 @@ impl Filters {
                 .as_deref()
                 .is_none_or(|c| holders.iter().any(|h| h.comm == c))
             && (ids.is_empty()
-                || holders
-                    .iter()
-                    .any(|h| crate::containers::pid_under(h.pid, &ids)))
+                || holders.iter().any(|h| {
+                    *self
+                        .under_cgroups
+                        .borrow_mut()
+                        .entry(h.pid)
+                        .or_insert_with(|| crate::containers::pid_under(h.pid, &ids))
+                }))
     }
 }
 

@@ -170,6 +170,10 @@ pub struct TransitionEvent {
     pub skaddr: u64,
     /// Nanoseconds spent in `oldstate`; valid with [`FLAG_OLD_STATE_KNOWN`].
     pub old_state_ns: u64,
+    /// cgroup v2 id of the current task (`bpf_get_current_cgroup_id()`),
+    /// taken only on transitions that run in the owner's own system calls,
+    /// where the current task is the owner; 0 on the others.
+    pub cgroup: u64,
     /// Source (local) address: IPv4 in the first 4 bytes, or IPv6.
     pub saddr: [u8; 16],
     /// Destination (remote) address, same encoding.
@@ -223,6 +227,8 @@ pub struct TaskSlot {
     pub uid: u32,
     pub _pad: u32,
     pub comm: [u8; 16],
+    /// The task's cgroup v2 id (`bpf_get_current_cgroup_id()`).
+    pub cgroup: u64,
 }
 
 /// Transitions of one socket not yet delivered.
@@ -343,6 +349,10 @@ pub mod global {
     pub const FILTER_PID: &str = "FILTER_PID";
     /// `[u8; 16]`: owner comm to keep (NUL-padded); all zero: any.
     pub const FILTER_COMM: &str = "FILTER_COMM";
+    /// `u32`: bit per cgroup v2 level (root = 0) at which a cgroup of
+    /// `CGROUP_FILTER` sits; the owner passes when its ancestor at one of
+    /// these levels is in the map. 0: any cgroup.
+    pub const FILTER_CGROUP_LEVELS: &str = "FILTER_CGROUP_LEVELS";
     /// `u8`: non-zero to batch each socket's transitions (BTF path;
     /// `--events connections|none`).
     pub const BATCH: &str = "BATCH";
@@ -391,12 +401,19 @@ pub mod map {
     pub const LADDR_FILTER: &str = "LADDR_FILTER";
     pub const RADDR_FILTER: &str = "RADDR_FILTER";
     pub const LISTENERS: &str = "LISTENERS";
+    /// cgroup v2 ids selected by `--cgroup`/`--container` (hash, u64 -> u8).
+    pub const CGROUP_FILTER: &str = "CGROUP_FILTER";
 }
 
 /// Prefixes one `--laddr`/`--raddr` filter may list.
 pub const MAX_FILTER_PREFIXES: u32 = 64;
 /// Listening sockets the kernel remembers for the owner filter.
 pub const MAX_LISTENERS: u32 = 4096;
+/// cgroups `--cgroup`/`--container` may select (the kernel's map size).
+pub const MAX_FILTER_CGROUPS: u32 = 64;
+/// Deepest cgroup v2 level a filter can name (bits of
+/// `FILTER_CGROUP_LEVELS`; the kernel walks at most this many ancestors).
+pub const MAX_CGROUP_LEVEL: u32 = 32;
 
 /// Name of the classic tracepoint program in the object file (the
 /// fallback path).
@@ -428,14 +445,15 @@ mod pod {
 // No hidden padding: the sizes are the sums of the fields.
 const _: () = assert!(core::mem::size_of::<InetSockSetStateRecord>() == 72);
 const _: () = assert!(core::mem::size_of::<EventHeader>() == 16);
-const _: () = assert!(core::mem::size_of::<TransitionEvent>() == 16 + 8 + 8 + 48 + 16 + 8 + 8);
+const _: () =
+    assert!(core::mem::size_of::<TransitionEvent>() == 16 + 8 + 8 + 8 + 48 + 16 + 8 + 8);
 const _: () = assert!(core::mem::align_of::<TransitionEvent>() <= 8);
 const _: () = assert!(core::mem::size_of::<SockTiming>() == 16);
 const _: () = assert!(core::mem::size_of::<ListenerKey>() == 8);
 const _: () = assert!(core::mem::size_of::<TimewaitDeathEvent>() == 16 + 32 + 8 + 8);
 const _: () = assert!(core::mem::size_of::<Step>() == 24);
-const _: () = assert!(core::mem::size_of::<TaskSlot>() == 32);
-const _: () = assert!(core::mem::size_of::<Batch>() == 24 * BATCH_STEPS + 64 + 8);
+const _: () = assert!(core::mem::size_of::<TaskSlot>() == 40);
+const _: () = assert!(core::mem::size_of::<Batch>() == 24 * BATCH_STEPS + 2 * 40 + 8);
 const _: () = assert!(core::mem::size_of::<SockState>() == 16 + core::mem::size_of::<Batch>());
 const _: () =
     assert!(core::mem::size_of::<BatchEvent>() == 16 + 8 + 32 + 16 + core::mem::size_of::<Batch>());

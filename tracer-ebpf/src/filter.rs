@@ -4,12 +4,15 @@
 //! constant test, which the verifier removes.
 
 use aya_ebpf::{
-    helpers::bpf_get_current_comm,
+    helpers::{bpf_get_current_comm, generated::bpf_get_current_ancestor_cgroup_id},
     macros::map,
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie},
     Global,
 };
-use tracer_common::{ListenerKey, AF_INET6, MAX_FILTER_PREFIXES, MAX_LISTENERS, PORT_BITMAP_WORDS};
+use tracer_common::{
+    ListenerKey, AF_INET6, MAX_CGROUP_LEVEL, MAX_FILTER_CGROUPS, MAX_FILTER_PREFIXES,
+    MAX_LISTENERS, PORT_BITMAP_WORDS,
+};
 
 use crate::transition::Socket;
 
@@ -35,6 +38,8 @@ static FILTER_OWNER: Global<u8> = Global::new(0);
 static FILTER_PID: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
 static FILTER_COMM: Global<[u8; 16]> = Global::new([0; 16]);
+#[unsafe(no_mangle)]
+static FILTER_CGROUP_LEVELS: Global<u32> = Global::new(0);
 
 /// Port sets as bitmaps (bit `port % 64` of word `port / 64`): an array
 /// look-up is inlined by the verifier, where a hash look-up is a helper
@@ -60,6 +65,11 @@ static RADDR_FILTER: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(MAX_FILTE
 /// port: the sockets they accept pass too.
 #[map]
 static LISTENERS: HashMap<ListenerKey, u8> = HashMap::with_max_entries(MAX_LISTENERS, 0);
+
+/// cgroup v2 ids of `--cgroup`/`--container`. Filled before attach and
+/// never changed; the agent refuses more than `MAX_FILTER_CGROUPS`.
+#[map]
+static CGROUP_FILTER: HashMap<u64, u8> = HashMap::with_max_entries(MAX_FILTER_CGROUPS, 0);
 
 /// What the filters look at, read before any filter runs: what the timing
 /// needs anyway. The namespace and the addresses are read only when a
@@ -137,6 +147,10 @@ pub fn current_task_matches(tgid: u32) -> bool {
     if pid != 0 && pid != tgid {
         return false;
     }
+    let levels = FILTER_CGROUP_LEVELS.load();
+    if levels != 0 && !current_cgroup_selected(levels) {
+        return false;
+    }
     let want = FILTER_COMM.load();
     if want[0] == 0 {
         return true;
@@ -157,6 +171,26 @@ pub fn current_task_matches(tgid: u32) -> bool {
         }
         Err(_) => false,
     }
+}
+
+/// Is the current task in a selected cgroup or below one? Its ancestor at
+/// each level where a selected cgroup sits is looked up (one hash look-up
+/// per such level, not per ancestor): a task in a pod's container is under
+/// the pod's slice. `bpf_get_current_ancestor_cgroup_id` (tracing programs
+/// since 5.17) returns 0 past the task's own level, which no cgroup has.
+#[inline(always)]
+fn current_cgroup_selected(levels: u32) -> bool {
+    let mut level = 0;
+    while level < MAX_CGROUP_LEVEL {
+        if levels & (1 << level) != 0 {
+            let id = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
+            if id != 0 && unsafe { CGROUP_FILTER.get(&id) }.is_some() {
+                return true;
+            }
+        }
+        level += 1;
+    }
+    false
 }
 
 pub fn listener_selected(netns: u32, port: u16) -> bool {

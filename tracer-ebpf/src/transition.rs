@@ -10,7 +10,10 @@ use core::{ffi::c_void, ptr};
 
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
-    helpers::{bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_ktime_get_ns, generated},
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_ktime_get_ns,
+        generated::{self, bpf_get_current_cgroup_id},
+    },
     macros::map,
     maps::{PerCpuArray, RingBuf},
     Global,
@@ -152,6 +155,13 @@ pub(crate) fn on_transition<S: Socket>(s: &S, oldstate: u8, newstate: u8) -> Res
         };
         (*ev).skaddr = s.addr();
         (*ev).old_state_ns = old_state_ns.unwrap_or(0);
+        // Only where the current task is the owner: elsewhere it is any
+        // task the softirq interrupted, and the helper call would be waste.
+        (*ev).cgroup = if in_owner_syscall(oldstate, newstate) {
+            bpf_get_current_cgroup_id()
+        } else {
+            0
+        };
         (*ev).flags = if old_state_ns.is_some() {
             FLAG_OLD_STATE_KNOWN
         } else {
@@ -243,6 +253,7 @@ fn add_to_batch<S: Socket>(
             slot.pid = (pid_tgid >> 32) as u32;
             slot.tid = pid_tgid as u32;
             slot.uid = bpf_get_current_uid_gid() as u32;
+            slot.cgroup = unsafe { bpf_get_current_cgroup_id() };
             unsafe {
                 generated::bpf_get_current_comm(ptr::addr_of_mut!(slot.comm).cast::<c_void>(), 16)
             };

@@ -16,9 +16,11 @@ use tokio::{
 };
 
 use crate::{
+    cgroup::Resolver,
     cli::Args,
     clock::{monotonic_ns, WallClock},
     close::classify,
+    containers::Cgroups,
     events::{self, Record, TcpState, TimewaitDeath, Transition},
     lifecycle::{Lifecycle, EXPIRY_TOLERANCE_NS},
     loader::{self, CounterValues, LoadOptions},
@@ -88,7 +90,11 @@ impl<W: Write> Pipeline<W> {
     /// with the owner the output names; `tracer summarize` feeds the
     /// observers the same pairs read back from a recording.
     pub fn emit(&mut self, t: &Transition, owner: &Option<Owner>) -> io::Result<()> {
-        self.observers.transition(t, owner);
+        match self.out.cgroups() {
+            // The owner's container, for group keys and metric labels.
+            Some(c) if c.keys() => self.observers.transition(t, &c.enrich(owner)),
+            _ => self.observers.transition(t, owner),
+        }
         self.out.transition(t, owner)
     }
 
@@ -105,7 +111,14 @@ impl<W: Write> Pipeline<W> {
     /// observers.
     pub fn write_connection(&mut self, conn: &Connection) -> io::Result<()> {
         let close = classify(&conn.close, self.resets.enabled);
-        self.observers.connection(conn, &close);
+        match self.out.cgroups() {
+            Some(c) if c.keys() => {
+                let mut enriched = conn.clone();
+                enriched.owner = c.enrich(&conn.owner);
+                self.observers.connection(&enriched, &close);
+            }
+            _ => self.observers.connection(conn, &close),
+        }
         self.out.connection(conn, &close)
     }
 
@@ -259,6 +272,15 @@ fn flush_states(args: &Args) -> u16 {
     mask
 }
 
+/// Do summaries or metrics group by the owner's cgroup or container?
+fn wants_container_keys(args: &Args) -> bool {
+    use crate::{group::GroupBy, metrics::MetricsLabel};
+    matches!(
+        args.summary.group_by,
+        Some(GroupBy::Cgroup | GroupBy::Container)
+    ) || args.metrics.metrics_label == Some(MetricsLabel::Container)
+}
+
 /// Share of one CPU the timewait polls may take: under heavy connection
 /// churn a dump walks tens of thousands of timewait sockets (0.1-0.2 s for
 /// 60,000 here, three quarters of the agent's CPU at one poll a second).
@@ -306,6 +328,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     let netns_known = probe.offsets.netns_known();
     let counters = probe.counters;
+    let cgroups = Cgroups::new(Resolver::new(), wants_container_keys(&args));
+    match cgroups.why() {
+        Some(why) => log::info!("cgroups: {why}; records carry null cgroup, container and pod"),
+        None => log::debug!("cgroups: naming owners' cgroups from the v2 hierarchy"),
+    }
     let mut pipeline = Pipeline {
         tracker: Tracker::new(args.max_sockets as usize),
         out: Output::new(
@@ -313,7 +340,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             args.output,
             args.events,
             WallClock::now(),
-        ),
+        )
+        .with_cgroups(cgroups, args.wide),
         events: 0,
         unreadable: 0,
         observers: Observers::new(Summary::from_args(&args.summary), metrics),
@@ -477,6 +505,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     stats.timewait_poll_ns = lifecycle.counters.poll_ns;
     stats.diag_errors = lifecycle.counters.errors;
     stats.timewait_pending = pipeline.tracker.timewait_pending() as u64;
+    stats.cgroups_unresolved = pipeline.out.cgroups().map_or(0, |c| c.unresolved);
     match pipeline.out.stats(&stats) {
         Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
         other => other.context("writing output"),

@@ -80,6 +80,22 @@ pub struct Args {
     #[arg(long, value_name = "NAME", value_parser = crate::filters::parse_comm)]
     pub comm: Option<String>,
 
+    /// Only sockets owned by a process in this cgroup v2 directory or
+    /// below it (e.g. /sys/fs/cgroup/system.slice/nginx.service; repeatable).
+    #[arg(long = "cgroup", value_name = "PATH", value_parser = crate::containers::parse_cgroup)]
+    pub cgroups: Vec<crate::containers::Selected>,
+
+    /// Only sockets owned by a process of this container (its id, or a
+    /// prefix of it as `docker ps` shows; found in the cgroup v2
+    /// hierarchy; repeatable).
+    #[arg(long = "container", value_name = "ID", value_parser = crate::containers::parse_container)]
+    pub containers: Vec<crate::containers::Selected>,
+
+    /// Tables: add a CGROUP column (the owner's container, else its
+    /// cgroup path).
+    #[arg(short, long)]
+    pub wide: bool,
+
     /// How often timewait sockets are checked (sock_diag dumps, only while
     /// actively closed connections wait for theirs to end).
     #[arg(long, default_value = "1s", value_parser = parse_duration, value_name = "D")]
@@ -185,6 +201,13 @@ impl Args {
             netns: self.netns,
             pid: self.pid,
             comm: self.comm.clone(),
+            cgroups: self
+                .cgroups
+                .iter()
+                .chain(&self.containers)
+                .cloned()
+                .collect(),
+            under_cgroups: Default::default(),
         }
     }
 
@@ -371,6 +394,9 @@ mod tests {
             &["--netns", "/nonexistent"],
             &["--pid", "0"],
             &["--comm", "much-too-long-a-name"],
+            &["--cgroup", "/no/such"],
+            &["--cgroup", "/proc"],
+            &["--container", "not-hex"],
         ] {
             assert_eq!(
                 parse(bad).unwrap_err().kind(),

@@ -200,6 +200,9 @@ pub struct Transition {
     pub old_state_ns: Option<u64>,
     /// Inode number of the socket's network namespace; 0 if unknown.
     pub netns: u32,
+    /// cgroup v2 id of the current task, on transitions that run in the
+    /// owner's own system calls (the kernel takes it only there); else 0.
+    pub cgroup: u64,
     pub source: Source,
 }
 
@@ -363,6 +366,7 @@ pub fn decode_batch(bytes: &[u8]) -> Result<Batch, DecodeError> {
             old_state_ns: (u32::from(step.flags) & FLAG_OLD_STATE_KNOWN != 0)
                 .then_some(step.old_state_ns),
             netns: ev.netns,
+            cgroup: task.map_or(0, |t| t.cgroup),
             source: Source::Tracepoint,
         });
     }
@@ -396,6 +400,7 @@ pub fn decode(bytes: &[u8]) -> Result<Transition, DecodeError> {
         new: state(ev.newstate)?,
         old_state_ns: (ev.flags & FLAG_OLD_STATE_KNOWN != 0).then_some(ev.old_state_ns),
         netns: ev.netns,
+        cgroup: ev.cgroup,
         source: Source::Tracepoint,
     })
 }
@@ -454,6 +459,7 @@ pub fn encode(t: &Transition) -> Vec<u8> {
         },
         skaddr: t.sock,
         old_state_ns: t.old_state_ns.unwrap_or(0),
+        cgroup: t.cgroup,
         saddr,
         daddr,
         comm: t.comm.0,
@@ -510,6 +516,7 @@ pub(crate) mod tests {
             new: TcpState::Established,
             old_state_ns: Some(1234),
             netns: 4026531840,
+            cgroup: 0x1234,
             source: Source::Tracepoint,
         }
     }
@@ -548,6 +555,7 @@ pub(crate) mod tests {
             tid: 8,
             uid: 9,
             comm: comm("client").0,
+            cgroup: 77,
             ..Default::default()
         };
         let step = |ts, old: TcpState, new: TcpState, ns, owner| Step {
@@ -603,6 +611,8 @@ pub(crate) mod tests {
         assert_eq!(ts.len(), 3);
         assert_eq!((ts[0].old, ts[0].new), (TcpState::Close, TcpState::SynSent));
         assert_eq!((ts[0].pid, ts[0].tid, ts[0].uid), (7, 8, 9));
+        assert_eq!(ts[0].cgroup, 77, "the owner's cgroup travels with its task");
+        assert_eq!(ts[1].cgroup, 0);
         assert_eq!(ts[0].comm, comm("client"));
         assert_eq!(ts[0].old_state_ns, None);
         assert_eq!(ts[1].pid, 0, "no task recorded outside the owner's calls");

@@ -25,6 +25,13 @@ pub struct Filters {
     /// Owner pid (tgid) and comm.
     pub pid: Option<u32>,
     pub comm: Option<String>,
+    /// Owner's cgroup, or one below it (`--cgroup`, `--container`).
+    pub cgroups: Vec<crate::containers::Selected>,
+    /// The start-up snapshot's verdicts on `cgroups` per holder pid: one
+    /// look-up per process, not per socket (each is a read of /proc and a
+    /// stat per level). Only the snapshot asks, so pids are not reused
+    /// meanwhile.
+    pub under_cgroups: std::cell::RefCell<std::collections::HashMap<u32, bool>>,
 }
 
 impl Filters {
@@ -42,7 +49,13 @@ impl Filters {
     }
 
     pub fn owner_filter(&self) -> bool {
-        self.pid.is_some() || self.comm.is_some()
+        self.pid.is_some() || self.comm.is_some() || !self.cgroups.is_empty()
+    }
+
+    /// Bit per hierarchy level of a selected cgroup (the kernel's
+    /// `FILTER_CGROUP_LEVELS`).
+    pub fn cgroup_levels(&self) -> u32 {
+        self.cgroups.iter().fold(0, |m, c| m | (1 << c.level))
     }
 }
 
@@ -73,13 +86,22 @@ impl Filters {
             && self.owner_matches(holders)
     }
 
-    /// Does a socket held by `holders` pass `--pid`/`--comm`?
+    /// Does a socket held by `holders` pass `--pid`/`--comm`/`--cgroup`?
     pub fn owner_matches(&self, holders: &[crate::procfs::Holder]) -> bool {
+        let ids: Vec<u64> = self.cgroups.iter().map(|c| c.id).collect();
         self.pid.is_none_or(|p| holders.iter().any(|h| h.pid == p))
             && self
                 .comm
                 .as_deref()
                 .is_none_or(|c| holders.iter().any(|h| h.comm == c))
+            && (ids.is_empty()
+                || holders.iter().any(|h| {
+                    *self
+                        .under_cgroups
+                        .borrow_mut()
+                        .entry(h.pid)
+                        .or_insert_with(|| crate::containers::pid_under(h.pid, &ids))
+                }))
     }
 }
 

@@ -7,6 +7,7 @@ use std::{collections::HashMap, fmt, net::IpAddr};
 use clap::ValueEnum;
 
 use crate::{
+    containers::ContainerKey,
     events::{Comm, Transition},
     tracker::Owner,
 };
@@ -24,6 +25,10 @@ pub enum GroupBy {
     Comm,
     /// Owner's process id.
     Pid,
+    /// Owner's cgroup v2 path.
+    Cgroup,
+    /// Owner's container id.
+    Container,
 }
 
 impl GroupBy {
@@ -34,6 +39,8 @@ impl GroupBy {
             GroupBy::Raddr => "raddr",
             GroupBy::Comm => "comm",
             GroupBy::Pid => "pid",
+            GroupBy::Cgroup => "cgroup",
+            GroupBy::Container => "container",
         }
     }
 
@@ -50,7 +57,14 @@ impl GroupBy {
             (GroupBy::Raddr, _) => GroupKey::Addr(raddr),
             (GroupBy::Comm, Some(o)) => GroupKey::Comm(o.comm),
             (GroupBy::Pid, Some(o)) => GroupKey::Pid(o.pid),
-            (GroupBy::Comm | GroupBy::Pid, None) => GroupKey::NoOwner,
+            (GroupBy::Cgroup, Some(o)) if o.cgroup != 0 => GroupKey::Cgroup(o.cgroup),
+            (GroupBy::Container, Some(o)) => match o.container {
+                Some(c) => GroupKey::Container(c),
+                None => GroupKey::NoContainer,
+            },
+            (GroupBy::Comm | GroupBy::Pid | GroupBy::Cgroup | GroupBy::Container, _) => {
+                GroupKey::NoOwner
+            }
         }
     }
 }
@@ -62,7 +76,13 @@ pub enum GroupKey {
     Addr(IpAddr),
     Comm(Comm),
     Pid(u32),
-    /// `comm` or `pid` of a socket whose owner is not known.
+    /// A cgroup v2 id (printed as its path, `containers::label`).
+    Cgroup(u64),
+    Container(ContainerKey),
+    /// An owner in no container.
+    NoContainer,
+    /// `comm`, `pid`, `cgroup` or `container` of a socket whose owner
+    /// (or its cgroup) is not known.
     NoOwner,
 }
 
@@ -75,7 +95,9 @@ impl GroupKey {
             GroupKey::Pid(p) => (*p).into(),
             GroupKey::Addr(a) => a.to_string().into(),
             GroupKey::Comm(c) => c.as_str().into(),
-            GroupKey::NoOwner => serde_json::Value::Null,
+            GroupKey::Cgroup(id) => crate::containers::label(*id).into(),
+            GroupKey::Container(c) => c.id().into(),
+            GroupKey::NoOwner | GroupKey::NoContainer => serde_json::Value::Null,
         }
     }
 }
@@ -87,6 +109,9 @@ impl fmt::Display for GroupKey {
             GroupKey::Pid(p) => write!(f, "{p}"),
             GroupKey::Addr(a) => write!(f, "{a}"),
             GroupKey::Comm(c) => f.write_str(&c.as_str()),
+            GroupKey::Cgroup(id) => f.write_str(&crate::containers::label(*id)),
+            GroupKey::Container(c) => write!(f, "{c}"),
+            GroupKey::NoContainer => f.write_str("none"),
             GroupKey::NoOwner => f.write_str("unknown"),
         }
     }
@@ -147,6 +172,7 @@ mod tests {
             pid: 7,
             comm: comm("nginx"),
             uid: 0,
+            ..Default::default()
         };
         let o = Some(&nginx);
         assert_eq!(GroupBy::Lport.key(&t, None), GroupKey::Port(43210));
@@ -172,5 +198,34 @@ mod tests {
         assert_eq!(k.slot(GroupKey::Port(1)), Slot::Known(0));
         assert_eq!(k.slot(GroupKey::Port(3)), Slot::Other);
         assert_eq!(k.slot(GroupKey::Port(2)), Slot::Known(1));
+    }
+
+    #[test]
+    fn cgroup_and_container_keys_come_from_the_owner() {
+        let id = "ab".repeat(32);
+        let container = crate::containers::key_of(&id, "docker");
+        let o = Owner {
+            pid: 5,
+            cgroup: 77,
+            container,
+            ..Default::default()
+        };
+        let t = crate::events::tests::sample();
+        assert_eq!(GroupBy::Cgroup.key(&t, Some(&o)), GroupKey::Cgroup(77));
+        let k = GroupBy::Container.key(&t, Some(&o));
+        assert_eq!(k.to_json(), serde_json::Value::from(id));
+        assert_eq!(k.to_string(), "docker:abababababab");
+        let bare = Owner {
+            container: None,
+            cgroup: 0,
+            ..o
+        };
+        assert_eq!(
+            GroupBy::Container.key(&t, Some(&bare)),
+            GroupKey::NoContainer
+        );
+        assert_eq!(GroupKey::NoContainer.to_string(), "none");
+        assert_eq!(GroupBy::Cgroup.key(&t, Some(&bare)), GroupKey::NoOwner);
+        assert_eq!(GroupBy::Cgroup.key(&t, None), GroupKey::NoOwner);
     }
 }

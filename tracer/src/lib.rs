@@ -15,6 +15,7 @@ pub mod cgroup;
 pub mod cli;
 pub mod clock;
 pub mod close;
+pub mod containers;
 pub mod diag;
 pub mod events;
 pub mod features;

@@ -161,6 +161,16 @@ impl Lifecycle {
             .filter(|&i| i != 0)
             .collect();
         let holders = procfs::socket_holders(&inodes);
+        // Once per process, not per socket: a stat and a read of /proc each
+        // (2,000 sockets of one process cost 0.24 s before).
+        let cgroups: HashMap<u32, u64> = holders
+            .values()
+            .flatten()
+            .map(|h| h.pid)
+            .collect::<HashSet<u32>>()
+            .into_iter()
+            .map(|pid| (pid, crate::containers::id_of_pid(pid)))
+            .collect();
         for (inum, s) in found {
             let Some(state) = s.state else { continue };
             let key = TupleKey {
@@ -185,7 +195,7 @@ impl Lifecycle {
                 continue;
             }
             snap.sockets += 1;
-            let owner = single_owner(held_by, s.uid);
+            let owner = single_owner(held_by, s.uid, &cgroups);
             tracker.add_snapshot(Connection::from_snapshot(key, state, now, s.inode, owner));
         }
         snap
@@ -420,12 +430,14 @@ impl Lifecycle {
 
 /// The owner of a socket held by exactly one process; `None` when several
 /// processes hold it (no guessing).
-fn single_owner(holders: &[Holder], uid: u32) -> Option<Owner> {
+fn single_owner(holders: &[Holder], uid: u32, cgroups: &HashMap<u32, u64>) -> Option<Owner> {
     let first = holders.first()?;
     holders.iter().all(|h| h.pid == first.pid).then(|| Owner {
         pid: first.pid,
         comm: Comm::from_name(&first.comm),
         uid,
+        cgroup: cgroups.get(&first.pid).copied().unwrap_or(0),
+        container: None,
     })
 }
 
@@ -441,10 +453,11 @@ mod tests {
             fd,
         };
         assert_eq!(
-            single_owner(&[h(5, 3), h(5, 4)], 7).map(|o| (o.pid, o.uid)),
-            Some((5, 7))
+            single_owner(&[h(5, 3), h(5, 4)], 7, &HashMap::from([(5, 9)]))
+                .map(|o| (o.pid, o.uid, o.cgroup)),
+            Some((5, 7, 9))
         );
-        assert_eq!(single_owner(&[h(5, 3), h(6, 3)], 7), None);
-        assert_eq!(single_owner(&[], 7), None);
+        assert_eq!(single_owner(&[h(5, 3), h(6, 3)], 7, &HashMap::new()), None);
+        assert_eq!(single_owner(&[], 7, &HashMap::new()), None);
     }
 }

@@ -13,8 +13,8 @@ use aya::{
 };
 use thiserror::Error;
 use tracer_common::{
-    counter, global, map, ListenerKey, BTF_PROGRAM, BTF_PROGRAM_NESTED, MAX_FILTER_PORTS,
-    MAX_FILTER_PREFIXES, PROGRAM_NAME, RECEIVE_RESET_PROGRAM, SEND_RESET_PROGRAM,
+    counter, global, map, ListenerKey, BTF_PROGRAM, BTF_PROGRAM_NESTED, MAX_FILTER_CGROUPS,
+    MAX_FILTER_PORTS, MAX_FILTER_PREFIXES, PROGRAM_NAME, RECEIVE_RESET_PROGRAM, SEND_RESET_PROGRAM,
     TIMEWAIT_FUNCTION, TIMEWAIT_PROGRAM,
 };
 
@@ -51,6 +51,10 @@ pub enum LoadError {
     TooManyPorts(usize),
     #[error("at most {MAX_FILTER_PREFIXES} prefixes can be given to --laddr or --raddr, got {0}")]
     TooManyPrefixes(usize),
+    #[error(
+        "at most {MAX_FILTER_CGROUPS} cgroups can be given to --cgroup and --container, got {0}"
+    )]
+    TooManyCgroups(usize),
     #[error(
         "--netns needs the kernel's BTF (/sys/kernel/btf/vmlinux) to find each socket's namespace"
     )]
@@ -375,6 +379,9 @@ pub fn load(opts: &LoadOptions) -> Result<Probe, LoadError> {
             return Err(LoadError::TooManyPrefixes(nets.len()));
         }
     }
+    if f.cgroups.len() > MAX_FILTER_CGROUPS as usize {
+        return Err(LoadError::TooManyCgroups(f.cgroups.len()));
+    }
     ensure_tracefs()?;
     if !tracepoint_exists() {
         return Err(LoadError::NoTracepoint);
@@ -455,6 +462,7 @@ fn load_attached(
     let (laddrs, raddrs) = (on(!f.laddrs.is_empty()), on(!f.raddrs.is_empty()));
     let (states, netns, owner) = (f.state_mask(), f.netns.unwrap_or(0), on(f.owner_filter()));
     let (pid, comm) = (f.pid.unwrap_or(0), f.comm_bytes());
+    let cgroup_levels = f.cgroup_levels();
     // The LRU hash is preallocated: keep it minimal where it is unused.
     let lru_entries = if route == Route::Classic {
         opts.max_sockets
@@ -489,6 +497,7 @@ fn load_attached(
         .override_global(global::FILTER_OWNER, &owner, true)
         .override_global(global::FILTER_PID, &pid, true)
         .override_global(global::FILTER_COMM, &comm, true)
+        .override_global(global::FILTER_CGROUP_LEVELS, &cgroup_levels, true)
         .override_global(global::BATCH, &u8::from(opts.batch), true)
         .override_global(global::FLUSH_STATES, &opts.flush_states, true)
         .map_max_entries(map::SOCK_TIMING, lru_entries)
@@ -533,6 +542,16 @@ fn load_attached(
         for net in nets {
             let (len, bytes) = filters::lpm_key(net);
             trie.insert(&Key::new(len, bytes), 1, 0)?;
+        }
+    }
+
+    if !f.cgroups.is_empty() {
+        let mut selected: HashMap<_, u64, u8> = HashMap::try_from(
+            ebpf.map_mut(map::CGROUP_FILTER)
+                .ok_or(LoadError::Missing("cgroup filter map"))?,
+        )?;
+        for c in &f.cgroups {
+            selected.insert(c.id, 1, 0)?;
         }
     }
 

@@ -112,6 +112,8 @@ pub enum MetricsLabel {
     Rport,
     /// Owner's command name.
     Comm,
+    /// Owner's container (`docker:0123456789ab`; `none` outside one).
+    Container,
 }
 
 impl MetricsLabel {
@@ -120,6 +122,7 @@ impl MetricsLabel {
             MetricsLabel::Lport => GroupBy::Lport,
             MetricsLabel::Rport => GroupBy::Rport,
             MetricsLabel::Comm => GroupBy::Comm,
+            MetricsLabel::Container => GroupBy::Container,
         }
     }
 }
@@ -574,6 +577,7 @@ mod tests {
             pid: 1,
             comm: comm("curl"),
             uid: 0,
+            ..Default::default()
         }
     }
 

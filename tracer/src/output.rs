@@ -15,6 +15,7 @@ use crate::{
     cli::{EventsMode, Format},
     clock::WallClock,
     close::{Close, FirstFin, Rst},
+    containers::{CgroupJson, Cgroups},
     events::{Source, TcpState, Transition},
     procfs::Holder,
     tracker::{Connection, Owner},
@@ -57,6 +58,10 @@ pub struct Stats {
     /// Resets of sockets never joined to a reported connection (filtered
     /// out, untracked, or never closed while the tracer ran).
     pub resets_unmatched: u64,
+    /// Records whose owner's cgroup id could not be named (`cgroup`
+    /// null): the cgroup and its process were gone before the agent
+    /// named them.
+    pub cgroups_unresolved: u64,
     /// Timewait dumps (NETLINK_SOCK_DIAG) made, and their total cost.
     pub timewait_polls: u64,
     pub timewait_poll_ns: u64,
@@ -76,6 +81,11 @@ pub struct Output<W: Write> {
     events: EventsMode,
     clock: WallClock,
     header_done: bool,
+    /// Names the owners' cgroups (`cgroup`, `container`, `pod`); without
+    /// it those fields are null.
+    cgroups: Option<Cgroups>,
+    /// `-w`: a CGROUP column in tables.
+    wide: bool,
 }
 
 /// A `Display` value written straight into the JSON string (serde's
@@ -123,6 +133,8 @@ struct TransitionJson<'a> {
     sock: Option<Text<Hex>>,
     #[serde(flatten)]
     owner: OwnerJson<'a>,
+    #[serde(flatten)]
+    cgroup: CgroupJson,
     /// The task current when the tracepoint fired (often not the owner:
     /// softirq work runs on whatever task was interrupted).
     task_pid: Option<u32>,
@@ -146,6 +158,8 @@ struct ConnFields<'a> {
     sock: Option<Text<Hex>>,
     #[serde(flatten)]
     owner: OwnerJson<'a>,
+    #[serde(flatten)]
+    cgroup: CgroupJson,
     family: &'static str,
     laddr: IpAddr,
     lport: u16,
@@ -323,6 +337,52 @@ impl<W: Write> Output<W> {
             events,
             clock,
             header_done: false,
+            cgroups: None,
+            wide: false,
+        }
+    }
+
+    /// Names owners' cgroups with `cgroups`; `wide` adds the table column.
+    pub fn with_cgroups(mut self, cgroups: Cgroups, wide: bool) -> Self {
+        self.cgroups = Some(cgroups);
+        self.wide = wide;
+        self
+    }
+
+    pub fn cgroups(&mut self) -> Option<&mut Cgroups> {
+        self.cgroups.as_mut()
+    }
+
+    fn cgroup_json(&mut self, owner: &Option<Owner>) -> CgroupJson {
+        self.cgroups
+            .as_mut()
+            .map_or_else(CgroupJson::default, |c| c.json(owner))
+    }
+
+    /// PID and COMM cells; with `-w` the COMM cell carries the CGROUP
+    /// column after it.
+    fn owner_cells(&mut self, o: &Option<Owner>) -> (String, String) {
+        let (pid, comm) = owner_cells(o);
+        if !self.wide {
+            return (pid, comm);
+        }
+        let cell = self
+            .cgroups
+            .as_mut()
+            .map_or_else(|| "-".into(), |c| c.cell(o));
+        (pid, format!("{comm:<16} {cell:<24}"))
+    }
+
+    /// A table header, with the CGROUP column under `-w`.
+    fn header(&self, header: &str) -> String {
+        if self.wide {
+            header.replacen(
+                "COMM             ",
+                "COMM             CGROUP                   ",
+                1,
+            )
+        } else {
+            header.to_string()
         }
     }
 
@@ -335,10 +395,11 @@ impl<W: Write> Output<W> {
         &mut self.out
     }
 
-    fn conn_fields<'a>(&self, c: &'a Connection) -> ConnFields<'a> {
+    fn conn_fields<'a>(&mut self, c: &'a Connection) -> ConnFields<'a> {
         ConnFields {
             sock: sock_hex(c.sock),
             owner: owner_json(&c.owner),
+            cgroup: self.cgroup_json(&c.owner),
             family: c.family.name(),
             laddr: c.laddr,
             lport: c.lport,
@@ -370,6 +431,7 @@ impl<W: Write> Output<W> {
                     mono_ns: t.mono_ns,
                     sock: sock_hex(t.sock),
                     owner: owner_json(owner),
+                    cgroup: self.cgroup_json(owner),
                     task_pid: from_kernel.then_some(t.pid),
                     task_tid: from_kernel.then_some(t.tid),
                     task_comm: from_kernel.then(|| t.comm.as_str()),
@@ -388,7 +450,8 @@ impl<W: Write> Output<W> {
             }
             Format::Table => {
                 if !self.header_done {
-                    writeln!(self.out, "{TABLE_HEADER}")?;
+                    let header = self.header(TABLE_HEADER);
+                    writeln!(self.out, "{header}")?;
                     self.header_done = true;
                 }
                 let ms = match t.old_state_ns {
@@ -419,7 +482,8 @@ impl<W: Write> Output<W> {
         let time_wait_end = c.timewait.and_then(|tw| tw.end).map(|e| e.name());
         if self.events == EventsMode::Closes && self.format == Format::Table {
             if !self.header_done {
-                writeln!(self.out, "{CLOSES_HEADER}")?;
+                let header = self.header(CLOSES_HEADER);
+                writeln!(self.out, "{header}")?;
                 self.header_done = true;
             }
             let lead = self.conn_lead(c);
@@ -451,10 +515,10 @@ impl<W: Write> Output<W> {
                 if let Some(end) = time_wait_end {
                     notes.push_str(&format!(" time_wait_end={end}"));
                 }
+                let lead = self.conn_lead(c);
                 writeln!(
                     self.out,
-                    "{} CONNECTION {:.3}ms {}{}",
-                    self.conn_lead(c),
+                    "{lead} CONNECTION {:.3}ms {}{}",
                     c.duration_ns() as f64 / 1e6,
                     states.join(" "),
                     notes
@@ -557,13 +621,13 @@ impl<W: Write> Output<W> {
 
     /// The first columns of a table line: time, owner, both endpoints.
     fn lead(
-        &self,
+        &mut self,
         at_ns: u64,
         owner: &Option<Owner>,
         local: (IpAddr, u16),
         remote: (IpAddr, u16),
     ) -> String {
-        let (pid, comm) = owner_cells(owner);
+        let (pid, comm) = self.owner_cells(owner);
         format!(
             "{:<16} {:<7} {:<16} {:<27} {:<27}",
             self.time_of_day(at_ns),
@@ -575,7 +639,7 @@ impl<W: Write> Output<W> {
     }
 
     /// [`Output::lead`] of a connection at its end.
-    fn conn_lead(&self, c: &Connection) -> String {
+    fn conn_lead(&mut self, c: &Connection) -> String {
         self.lead(
             c.state_since_ns,
             &c.owner,
@@ -650,6 +714,7 @@ mod tests {
             pid: 42,
             comm: comm("curl"),
             uid: 1000,
+            ..Default::default()
         })
     }
 

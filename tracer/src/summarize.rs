@@ -222,12 +222,22 @@ struct Record {
     new: Option<String>,
     old_state_ns: Option<u64>,
     netns: Option<u32>,
+    /// The owner's cgroup path and container (recordings from before
+    /// them have none).
+    cgroup: Option<String>,
+    container: Option<ContainerRecord>,
     source: Option<String>,
     states: Option<BTreeMap<String, u64>>,
     time_wait_end: Option<String>,
     /// How a connection closed (recordings from before the close classes
     /// have none).
     close: Option<CloseRecord>,
+}
+
+#[derive(Deserialize)]
+struct ContainerRecord {
+    id: String,
+    runtime: String,
 }
 
 #[derive(Deserialize)]
@@ -295,6 +305,15 @@ impl Record {
             pid: self.pid?,
             comm: comm(self.comm.as_deref()?),
             uid: self.uid.unwrap_or(0),
+            // As `--group-by cgroup` keys them live: a number per path.
+            cgroup: self
+                .cgroup
+                .as_deref()
+                .map_or(0, crate::containers::id_for_label),
+            container: self
+                .container
+                .as_ref()
+                .and_then(|c| crate::containers::key_of(&c.id, &c.runtime)),
         })
     }
 
@@ -328,6 +347,7 @@ impl Record {
             new: state(need(self.new.as_deref(), "new")?)?,
             old_state_ns: self.old_state_ns,
             netns: self.netns.unwrap_or(0),
+            cgroup: 0,
             source,
         };
         Ok((t, self.owner()))

@@ -1143,6 +1143,7 @@ mod tests {
                 pid: 1,
                 comm: comm("nginx"),
                 uid: 0,
+                ..Default::default()
             }),
         );
         let mut out = Vec::new();

@@ -40,11 +40,16 @@ use crate::{
 const STATES: usize = 13;
 
 /// The process that owns a socket.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Owner {
     pub pid: u32,
     pub comm: Comm,
     pub uid: u32,
+    /// Its cgroup v2 id (0: unknown), taken with the pid.
+    pub cgroup: u64,
+    /// Its container, as the agent resolved `cgroup` when it named the
+    /// owner in a record (`containers.rs`); the tracker leaves it `None`.
+    pub container: Option<crate::containers::ContainerKey>,
 }
 
 /// A connection's identity once its socket is gone: namespace and 4-tuple.
@@ -276,6 +281,8 @@ impl Connection {
                 pid: t.pid,
                 comm: t.comm,
                 uid: t.uid,
+                cgroup: t.cgroup,
+                container: None,
             });
             self.task_hint = Some((t.pid, t.tid));
         }
@@ -329,11 +336,7 @@ impl Connection {
         old_state_ns: Option<u64>,
         source: Source,
     ) -> Transition {
-        let owner = self.owner.unwrap_or(Owner {
-            pid: 0,
-            comm: Comm::default(),
-            uid: 0,
-        });
+        let owner = self.owner.unwrap_or_default();
         Transition {
             mono_ns: at_ns,
             sock: self.sock,
@@ -350,6 +353,8 @@ impl Connection {
             new,
             old_state_ns,
             netns: self.netns,
+            // The task's, and a derived transition has none.
+            cgroup: 0,
             source,
         }
     }
@@ -984,6 +989,7 @@ mod tests {
             pid: 99,
             comm: comm("server"),
             uid: 0,
+            ..Default::default()
         };
         let key = Tracker::key_of(&first);
         t.add_snapshot(Connection::from_snapshot(

@@ -233,6 +233,9 @@ mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 mount -t tmpfs tmp /tmp
 mount -t bpf bpf /sys/fs/bpf
+# The whole cgroup v2 hierarchy, as systemd mounts it: tests/cgroups.rs
+# makes cgroups in it (it finds the mount in /proc/self/mountinfo).
+mount -t cgroup2 none /sys/fs/cgroup
 # tracefs is left unmounted on purpose: the tracer mounts it when needed.
 for m in /modules/*.ko; do insmod "$m" || echo "TRACER-VM: insmod $m failed"; done
 ip link set lo up

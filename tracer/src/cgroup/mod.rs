@@ -232,7 +232,7 @@ fn describe(path: String, pods: &HashMap<String, (String, String)>) -> Resolved 
 
 /// Every directory under `mount_point` (itself included), breadth first:
 /// (inode, hierarchy path). A directory removed meanwhile is skipped.
-fn walk(mount_point: &Path, prefix: &str) -> Vec<(u64, String)> {
+pub(crate) fn walk(mount_point: &Path, prefix: &str) -> Vec<(u64, String)> {
     let mut found = Vec::new();
     let Ok(root) = fs::metadata(mount_point) else {
         return found;

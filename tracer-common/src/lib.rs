@@ -445,8 +445,7 @@ mod pod {
 // No hidden padding: the sizes are the sums of the fields.
 const _: () = assert!(core::mem::size_of::<InetSockSetStateRecord>() == 72);
 const _: () = assert!(core::mem::size_of::<EventHeader>() == 16);
-const _: () =
-    assert!(core::mem::size_of::<TransitionEvent>() == 16 + 8 + 8 + 8 + 48 + 16 + 8 + 8);
+const _: () = assert!(core::mem::size_of::<TransitionEvent>() == 16 + 8 + 8 + 8 + 48 + 16 + 8 + 8);
 const _: () = assert!(core::mem::align_of::<TransitionEvent>() <= 8);
 const _: () = assert!(core::mem::size_of::<SockTiming>() == 16);
 const _: () = assert!(core::mem::size_of::<ListenerKey>() == 8);

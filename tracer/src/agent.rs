@@ -438,6 +438,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 _ = sigusr1.recv() => {
                     if pipeline.observers.summary.is_some() {
                         pipeline.drain(ring.get_mut())?;
+                        // Connections that ended just now wait for a
+                        // reset (at most RESET_GRACE_NS): the summary
+                        // counts them, as the one at exit does.
+                        if let Some(at) = pipeline.resets.last_release_ns() {
+                            sleep(Duration::from_nanos(at.saturating_sub(monotonic_ns()))).await;
+                            pipeline.drain(ring.get_mut())?;
+                        }
                         pipeline.out.flush()?;
                         pipeline.write_summary(args.output)?;
                     } else {

@@ -157,6 +157,11 @@ impl Resets {
     pub fn held(&self) -> usize {
         self.held.len()
     }
+
+    /// When the last held connection may be written (CLOCK_MONOTONIC).
+    pub fn last_release_ns(&self) -> Option<u64> {
+        self.held.back().map(|&(_, at)| at)
+    }
 }
 
 #[cfg(test)]

@@ -9,8 +9,8 @@ use std::{
 };
 
 use tracer::{
-    diag::{state_bit, Diag},
-    events::{Family, TcpState},
+    kernel::events::{Family, TcpState},
+    track::diag::{state_bit, Diag},
 };
 
 fn sysctl(name: &str, value: &str) {

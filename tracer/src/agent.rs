@@ -16,20 +16,20 @@ use tokio::{
 };
 
 use crate::{
-    cgroup::Resolver,
     cli::Args,
     clock::{monotonic_ns, WallClock},
-    close::classify,
-    containers::Cgroups,
-    events::{self, Record, TcpState, TimewaitDeath, Transition},
-    lifecycle::{Lifecycle, EXPIRY_TOLERANCE_NS},
-    loader::{self, CounterValues, LoadOptions},
-    metrics::{Endpoint, Recorder},
-    observe::Observers,
-    output::{Output, Stats},
-    resets::Resets,
-    summary::Summary,
-    tracker::{Connection, Owner, Tracker, TupleKey},
+    kernel::events::{self, Record, TcpState, TimewaitDeath, Transition},
+    kernel::loader::{self, CounterValues, LoadOptions},
+    report::metrics::{Endpoint, Recorder},
+    report::observe::Observers,
+    report::output::{Output, Stats},
+    report::summary::Summary,
+    track::cgroup::Resolver,
+    track::close::classify,
+    track::containers::Cgroups,
+    track::lifecycle::{Lifecycle, EXPIRY_TOLERANCE_NS},
+    track::resets::Resets,
+    track::tracker::{Connection, Owner, Tracker, TupleKey},
 };
 
 /// Everything one decoded record goes through, kept apart from the loop so
@@ -205,16 +205,16 @@ impl<W: Write> Pipeline<W> {
     pub fn stuck(
         &mut self,
         conn: &Connection,
-        holders: &[crate::procfs::Holder],
+        holders: &[crate::track::procfs::Holder],
         at_exit: bool,
     ) -> io::Result<()> {
-        let close = crate::close::so_far(&conn.close, self.resets.enabled);
+        let close = crate::track::close::so_far(&conn.close, self.resets.enabled);
         self.out
             .stuck(conn, monotonic_ns(), holders, at_exit, &close)
     }
 
     /// The summary so far, on the output (--summary; on SIGUSR1 and at exit).
-    pub fn write_summary(&mut self, format: crate::cli::Format) -> io::Result<()> {
+    pub fn write_summary(&mut self, format: crate::report::format::Format) -> io::Result<()> {
         if let Some(s) = &self.observers.summary {
             s.write(self.out.writer(), format)?;
             self.out.flush()?;
@@ -274,7 +274,7 @@ fn flush_states(args: &Args) -> u16 {
 
 /// Do summaries or metrics group by the owner's cgroup or container?
 fn wants_container_keys(args: &Args) -> bool {
-    use crate::{group::GroupBy, metrics::MetricsLabel};
+    use crate::{report::group::GroupBy, report::metrics::MetricsLabel};
     matches!(
         args.summary.group_by,
         Some(GroupBy::Cgroup | GroupBy::Container)

@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
+
+use crate::report::format::{EventsMode, Format};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -53,21 +55,21 @@ pub struct Args {
 
     /// Only connections whose local address is in this prefix (CIDR or an
     /// address; IPv4 or IPv6; repeatable).
-    #[arg(long = "laddr", value_name = "CIDR", value_parser = crate::filters::parse_cidr)]
+    #[arg(long = "laddr", value_name = "CIDR", value_parser = crate::kernel::filters::parse_cidr)]
     pub laddrs: Vec<ipnet::IpNet>,
 
     /// Only connections whose remote address is in this prefix (repeatable).
-    #[arg(long = "raddr", value_name = "CIDR", value_parser = crate::filters::parse_cidr)]
+    #[arg(long = "raddr", value_name = "CIDR", value_parser = crate::kernel::filters::parse_cidr)]
     pub raddrs: Vec<ipnet::IpNet>,
 
     /// Only transitions into or out of this state (e.g. CLOSE_WAIT;
     /// repeatable). Timing stays right: the kernel times every state.
-    #[arg(long = "state", value_name = "STATE", value_parser = crate::filters::parse_state)]
-    pub states: Vec<crate::events::TcpState>,
+    #[arg(long = "state", value_name = "STATE", value_parser = crate::kernel::filters::parse_state)]
+    pub states: Vec<crate::kernel::events::TcpState>,
 
     /// Only sockets of this network namespace: a path (/proc/PID/ns/net,
     /// /run/netns/NAME) or its inode number.
-    #[arg(long, value_name = "PATH|INODE", value_parser = crate::filters::parse_netns)]
+    #[arg(long, value_name = "PATH|INODE", value_parser = crate::kernel::filters::parse_netns)]
     pub netns: Option<u32>,
 
     /// Only sockets owned by this process (the one that connects, listens,
@@ -77,19 +79,19 @@ pub struct Args {
 
     /// Only sockets owned by a process with this name (as in
     /// /proc/PID/comm, at most 15 bytes).
-    #[arg(long, value_name = "NAME", value_parser = crate::filters::parse_comm)]
+    #[arg(long, value_name = "NAME", value_parser = crate::kernel::filters::parse_comm)]
     pub comm: Option<String>,
 
     /// Only sockets owned by a process in this cgroup v2 directory or
     /// below it (e.g. /sys/fs/cgroup/system.slice/nginx.service; repeatable).
-    #[arg(long = "cgroup", value_name = "PATH", value_parser = crate::containers::parse_cgroup)]
-    pub cgroups: Vec<crate::containers::Selected>,
+    #[arg(long = "cgroup", value_name = "PATH", value_parser = crate::track::containers::parse_cgroup)]
+    pub cgroups: Vec<crate::track::containers::Selected>,
 
     /// Only sockets owned by a process of this container (its id, or a
     /// prefix of it as `docker ps` shows; found in the cgroup v2
     /// hierarchy; repeatable).
-    #[arg(long = "container", value_name = "ID", value_parser = crate::containers::parse_container)]
-    pub containers: Vec<crate::containers::Selected>,
+    #[arg(long = "container", value_name = "ID", value_parser = crate::track::containers::parse_container)]
+    pub containers: Vec<crate::track::containers::Selected>,
 
     /// Tables: add a CGROUP column (the owner's container, else its
     /// cgroup path).
@@ -132,65 +134,31 @@ pub struct Args {
     /// `tracepoint` (the classic tracepoint with an LRU hash of
     /// --max-sockets), or `auto`: tp-btf where the kernel allows it (BTF,
     /// 5.11+), else tracepoint. `-v` says which runs.
-    #[arg(long, value_enum, default_value_t = crate::loader::Attach::Auto)]
-    pub attach: crate::loader::Attach,
+    #[arg(long, value_enum, default_value_t = crate::kernel::loader::Attach::Auto)]
+    pub attach: crate::kernel::loader::Attach,
 
     /// More diagnostics on stderr (repeat for debug output).
     #[arg(short, long, action = clap::ArgAction::Count)]
     pub verbose: u8,
 
     #[command(flatten)]
-    pub summary: crate::summary::SummaryArgs,
+    pub summary: crate::report::summary::SummaryArgs,
 
     #[command(flatten)]
-    pub metrics: crate::metrics::MetricsArgs,
+    pub metrics: crate::report::metrics::MetricsArgs,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Print the summary (as --summary) of a recording made with
     /// `--output json`; needs no privileges.
-    Summarize(crate::summarize::SummarizeArgs),
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Format {
-    Table,
-    Json,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum EventsMode {
-    /// One record per state transition.
-    Transitions,
-    /// One record per connection, when it reaches CLOSE.
-    Connections,
-    /// One line per finished connection showing its close: who closed,
-    /// the handshake with the time of each step, resets (JSON: the
-    /// connection record, which carries the same `close` object).
-    Closes,
-    /// Both transitions and connections.
-    All,
-    /// Neither (only the final stats).
-    None,
-}
-
-impl EventsMode {
-    pub fn transitions(self) -> bool {
-        matches!(self, EventsMode::Transitions | EventsMode::All)
-    }
-    pub fn connections(self) -> bool {
-        matches!(
-            self,
-            EventsMode::Connections | EventsMode::Closes | EventsMode::All
-        )
-    }
+    Summarize(crate::report::summarize::SummarizeArgs),
 }
 
 impl Args {
     /// The filters to set in the kernel.
-    pub fn filters(&self) -> crate::filters::Filters {
-        crate::filters::Filters {
+    pub fn filters(&self) -> crate::kernel::filters::Filters {
+        crate::kernel::filters::Filters {
             family: self.family(),
             ports: self.ports.clone(),
             lports: self.lports.clone(),
@@ -212,8 +180,8 @@ impl Args {
     }
 
     /// Address family to keep: `None` for both.
-    pub fn family(&self) -> Option<crate::events::Family> {
-        use crate::events::Family;
+    pub fn family(&self) -> Option<crate::kernel::events::Family> {
+        use crate::kernel::events::Family;
         match (self.ipv4, self.ipv6) {
             (true, _) => Some(Family::Ipv4),
             (_, true) => Some(Family::Ipv6),
@@ -328,7 +296,7 @@ mod tests {
         assert!(a.events.transitions() && a.events.connections());
         assert_eq!(a.duration, Some(Duration::from_millis(250)));
         assert_eq!(a.ports, vec![80, 443]);
-        assert_eq!(a.family(), Some(crate::events::Family::Ipv6));
+        assert_eq!(a.family(), Some(crate::kernel::events::Family::Ipv6));
     }
 
     #[test]
@@ -384,7 +352,7 @@ mod tests {
         let f = a.filters();
         assert_eq!((f.lports, f.rports), (vec![80], vec![5432]));
         assert_eq!(f.laddrs[0].to_string(), "10.0.0.0/8");
-        assert_eq!(f.states, vec![crate::events::TcpState::CloseWait]);
+        assert_eq!(f.states, vec![crate::kernel::events::TcpState::CloseWait]);
         assert!(f.netns.is_some());
         assert_eq!((f.pid, f.comm.as_deref()), (Some(42), Some("nginx")));
         for bad in [

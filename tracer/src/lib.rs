@@ -3,32 +3,24 @@
 //!
 //! The binary is `src/main.rs`; the library exists so the integration tests
 //! and benchmarks drive the same loader, decoder and tracker.
+//!
+//! One transition's path: [`kernel`] loads the eBPF program and decodes
+//! what it sends through the ring buffer; [`track`] accounts it to its
+//! connection (states, owner, close, timewait socket, resets); [`report`]
+//! writes the records and feeds the summary and the metrics; [`agent`]
+//! runs the loop that drives them, [`cli`] turns the flags into options.
 
 /// The hash map of the per-event path: foldhash instead of SipHash (a
 /// third of the time of a look-up by socket or 4-tuple), still seeded per
 /// process, so remote peers cannot aim collisions at it.
 pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
+// The path of one event, in order: the kernel's records are decoded in
+// `kernel`, accounted per connection in `track`, and written, summed and
+// exported in `report`; `agent` runs the loop, `cli` parses the flags.
 pub mod agent;
-pub mod btf_offsets;
-pub mod cgroup;
 pub mod cli;
 pub mod clock;
-pub mod close;
-pub mod containers;
-pub mod diag;
-pub mod events;
-pub mod features;
-pub mod filters;
-pub mod group;
-pub mod lifecycle;
-pub mod loader;
-pub mod metrics;
-pub mod netns;
-pub mod observe;
-pub mod output;
-pub mod procfs;
-pub mod resets;
-pub mod summarize;
-pub mod summary;
-pub mod tracker;
+pub mod kernel;
+pub mod report;
+pub mod track;

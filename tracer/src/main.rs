@@ -4,7 +4,7 @@ use clap::Parser as _;
 use tracer::{
     agent,
     cli::{Args, Command},
-    summarize,
+    report::summarize,
 };
 
 fn main() -> ExitCode {

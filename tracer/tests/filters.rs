@@ -17,9 +17,9 @@ use std::{
 
 use common::*;
 use tracer::{
-    events::{TcpState, Transition},
-    filters::{parse_cidr, Filters},
-    loader::LoadOptions,
+    kernel::events::{TcpState, Transition},
+    kernel::filters::{parse_cidr, Filters},
+    kernel::loader::LoadOptions,
 };
 
 fn with(filters: Filters) -> Collector {

@@ -13,11 +13,11 @@ use std::{
 
 use common::*;
 use tracer::{
-    events::{Family, TcpState, TcpState::*, Transition},
-    features::TransitionPath,
-    filters::Filters,
-    loader::{Attach, LoadOptions},
-    tracker::Tracker,
+    kernel::events::{Family, TcpState, TcpState::*, Transition},
+    kernel::features::TransitionPath,
+    kernel::filters::Filters,
+    kernel::loader::{Attach, LoadOptions},
+    track::tracker::Tracker,
 };
 use tracer_common::{InetSockSetStateRecord, TcpReceiveResetRecord, TcpSendResetRecord};
 
@@ -26,7 +26,7 @@ const HOLD_SLACK: Duration = Duration::from_millis(100);
 
 /// Fields of a tracepoint's format file: name -> (offset, size).
 fn format_fields(event: &str) -> BTreeMap<String, (usize, usize)> {
-    tracer::loader::ensure_tracefs().expect("tracefs");
+    tracer::kernel::loader::ensure_tracefs().expect("tracefs");
     let format = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
         .iter()
         .find_map(|b| std::fs::read_to_string(format!("{b}/events/{event}/format")).ok())
@@ -542,7 +542,7 @@ fn kernel_capabilities_are_probed() {
     );
     // The kprobe PMU and the tracefs kprobe interface come with the same
     // config option; the probe must agree with tracefs.
-    tracer::loader::ensure_tracefs().unwrap();
+    tracer::kernel::loader::ensure_tracefs().unwrap();
     let tracefs_kprobes = std::path::Path::new("/sys/kernel/tracing/kprobe_events").exists();
     assert_eq!(caps.kprobe, tracefs_kprobes, "{caps:?}");
     // Whether fentry loads depends on the kernel's lockdown of ftrace; the

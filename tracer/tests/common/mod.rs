@@ -14,9 +14,9 @@ use std::{
 };
 
 use tracer::{
-    events::{decode_record, Record, TcpState, Transition},
-    filters::Filters,
-    loader::{self, CounterValues, LoadOptions, Probe},
+    kernel::events::{decode_record, Record, TcpState, Transition},
+    kernel::filters::Filters,
+    kernel::loader::{self, CounterValues, LoadOptions, Probe},
 };
 
 /// How long a test waits for events it expects.

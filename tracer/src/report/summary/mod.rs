@@ -29,11 +29,11 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 
 use crate::{
-    cli::Format,
-    close::{CloseBy, Rst},
-    events::{TcpState, Transition},
-    group::{GroupBy, GroupKey},
-    tracker::Owner,
+    kernel::events::{TcpState, Transition},
+    report::format::Format,
+    report::group::{GroupBy, GroupKey},
+    track::close::{CloseBy, Rst},
+    track::tracker::Owner,
 };
 
 /// HdrHistogram precision: values are kept to within 1/128 of themselves.
@@ -804,7 +804,7 @@ struct BucketJson {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::events::tests::{comm, sample};
+    use crate::kernel::events::tests::{comm, sample};
     use TcpState::*;
 
     const MS: u64 = 1_000_000;

@@ -22,13 +22,13 @@ use anyhow::{anyhow, bail, Context as _};
 use serde::Deserialize;
 
 use crate::{
-    cli::Format,
-    close::{CloseBy, Rst},
-    events::{Comm, Family, Source, TcpState, Transition},
-    group::GroupBy,
-    observe::{key_of, Observers},
-    summary::Summary,
-    tracker::{Owner, TimewaitEnd, TupleKey},
+    kernel::events::{Comm, Family, Source, TcpState, Transition},
+    report::format::Format,
+    report::group::GroupBy,
+    report::observe::{key_of, Observers},
+    report::summary::Summary,
+    track::close::{CloseBy, Rst},
+    track::tracker::{Owner, TimewaitEnd, TupleKey},
 };
 
 #[derive(Debug, Clone, clap::Args)]
@@ -309,11 +309,11 @@ impl Record {
             cgroup: self
                 .cgroup
                 .as_deref()
-                .map_or(0, crate::containers::id_for_label),
+                .map_or(0, crate::track::containers::id_for_label),
             container: self
                 .container
                 .as_ref()
-                .and_then(|c| crate::containers::key_of(&c.id, &c.runtime)),
+                .and_then(|c| crate::track::containers::key_of(&c.id, &c.runtime)),
         })
     }
 
@@ -407,9 +407,9 @@ impl Record {
 mod tests {
     use super::*;
     use crate::{
-        cli::EventsMode,
-        events::tests::{comm as c, sample},
-        summary::SummaryArgs,
+        kernel::events::tests::{comm as c, sample},
+        report::format::EventsMode,
+        report::summary::SummaryArgs,
     };
     use TcpState::*;
 
@@ -477,7 +477,8 @@ mod tests {
     /// live summary records.
     fn recording(events: &[Transition], mode: EventsMode, by: Option<GroupBy>) -> (String, String) {
         use crate::{
-            agent::Pipeline, clock::WallClock, events::encode, output::Output, tracker::Tracker,
+            agent::Pipeline, clock::WallClock, kernel::events::encode, report::output::Output,
+            track::tracker::Tracker,
         };
         let args = SummaryArgs {
             summary: true,
@@ -490,7 +491,7 @@ mod tests {
             events: 0,
             unreadable: 0,
             observers: Observers::new(Summary::from_args(&args), None),
-            resets: crate::resets::Resets::new(true),
+            resets: crate::track::resets::Resets::new(true),
         };
         for t in events {
             p.handle(&encode(t)).unwrap();

@@ -6,7 +6,7 @@ use std::{net::IpAddr, os::unix::fs::MetadataExt as _};
 
 use ipnet::IpNet;
 
-use crate::events::{Family, TcpState};
+use crate::kernel::events::{Family, TcpState};
 
 /// All filters; every one that is given must pass.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -26,7 +26,7 @@ pub struct Filters {
     pub pid: Option<u32>,
     pub comm: Option<String>,
     /// Owner's cgroup, or one below it (`--cgroup`, `--container`).
-    pub cgroups: Vec<crate::containers::Selected>,
+    pub cgroups: Vec<crate::track::containers::Selected>,
     /// The start-up snapshot's verdicts on `cgroups` per holder pid: one
     /// look-up per process, not per socket (each is a read of /proc and a
     /// stat per level). Only the snapshot asks, so pids are not reused
@@ -66,9 +66,9 @@ impl Filters {
     /// or out of the given states.
     pub fn keeps_socket(
         &self,
-        key: &crate::tracker::TupleKey,
+        key: &crate::track::tracker::TupleKey,
         inum: u32,
-        holders: &[crate::procfs::Holder],
+        holders: &[crate::track::procfs::Holder],
     ) -> bool {
         let in_nets = |nets: &[IpNet], a: IpAddr| {
             nets.is_empty() || nets.iter().any(|n| n.contains(&unmap(a)))
@@ -87,7 +87,7 @@ impl Filters {
     }
 
     /// Does a socket held by `holders` pass `--pid`/`--comm`/`--cgroup`?
-    pub fn owner_matches(&self, holders: &[crate::procfs::Holder]) -> bool {
+    pub fn owner_matches(&self, holders: &[crate::track::procfs::Holder]) -> bool {
         let ids: Vec<u64> = self.cgroups.iter().map(|c| c.id).collect();
         self.pid.is_none_or(|p| holders.iter().any(|h| h.pid == p))
             && self
@@ -100,7 +100,7 @@ impl Filters {
                         .under_cgroups
                         .borrow_mut()
                         .entry(h.pid)
-                        .or_insert_with(|| crate::containers::pid_under(h.pid, &ids))
+                        .or_insert_with(|| crate::track::containers::pid_under(h.pid, &ids))
                 }))
     }
 }
@@ -204,7 +204,7 @@ mod tests {
 
     #[test]
     fn snapshot_sockets_pass_the_same_filters() {
-        use crate::{procfs::Holder, tracker::TupleKey};
+        use crate::{track::procfs::Holder, track::tracker::TupleKey};
         let key = TupleKey {
             netns: 7,
             family: Family::Ipv4,

@@ -10,7 +10,7 @@ use std::{
     path::Path,
 };
 
-use crate::{diag::Diag, procfs};
+use crate::{track::diag::Diag, track::procfs};
 
 struct Entry {
     ns: File,

@@ -19,10 +19,10 @@ use tracer_common::{
 };
 
 use crate::{
-    btf_offsets::{self, KernelOffsets},
-    events::Family,
-    features::{self, Capabilities},
-    filters::{self, Filters},
+    kernel::btf_offsets::{self, KernelOffsets},
+    kernel::events::Family,
+    kernel::features::{self, Capabilities},
+    kernel::filters::{self, Filters},
 };
 
 /// The kernel object built by `build.rs`.

@@ -12,13 +12,13 @@ use std::{
 use serde::Serialize;
 
 use crate::{
-    cli::{EventsMode, Format},
     clock::WallClock,
-    close::{Close, FirstFin, Rst},
-    containers::{CgroupJson, Cgroups},
-    events::{Source, TcpState, Transition},
-    procfs::Holder,
-    tracker::{Connection, Owner},
+    kernel::events::{Source, TcpState, Transition},
+    report::format::{EventsMode, Format},
+    track::close::{Close, FirstFin, Rst},
+    track::containers::{CgroupJson, Cgroups},
+    track::procfs::Holder,
+    track::tracker::{Connection, Owner},
 };
 
 /// Counters reported when the agent stops.
@@ -72,7 +72,7 @@ pub struct Stats {
     pub timewait_pending: u64,
     /// What the kernel offers, as probed at start.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub kernel: Option<crate::features::Capabilities>,
+    pub kernel: Option<crate::kernel::features::Capabilities>,
 }
 
 pub struct Output<W: Write> {
@@ -221,7 +221,7 @@ impl<'a> CloseJson<'a> {
 /// 4.40ms > TIME_WAIT 60.0s (expired)`: who closed, then each state the
 /// close went through with the time spent in it.
 pub fn close_summary(c: &Close, time_wait_end: Option<&str>) -> String {
-    use crate::{close::CloseBy, events::TcpState, summary::duration};
+    use crate::{kernel::events::TcpState, report::summary::duration, track::close::CloseBy};
     let mut s = match c.by {
         CloseBy::Local | CloseBy::Peer | CloseBy::Both => format!("{} FIN ", c.by.name()),
         other => format!("{} ", other.name()),
@@ -689,11 +689,11 @@ pub fn stats_line(s: &Stats) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::events::{
+    use crate::kernel::events::{
         tests::{comm, sample},
         Family, TcpState,
     };
-    use crate::tracker::Tracker;
+    use crate::track::tracker::Tracker;
 
     fn out(format: Format, events: EventsMode) -> Output<Vec<u8>> {
         // Monotonic 0 is 2026-11-23T00:00:00Z.
@@ -801,7 +801,7 @@ mod tests {
     }
 
     fn close_of(c: &Connection) -> Close {
-        crate::close::classify(&c.close, true)
+        crate::track::close::classify(&c.close, true)
     }
 
     fn closed() -> Connection {

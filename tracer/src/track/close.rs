@@ -25,7 +25,7 @@
 
 use serde::Serialize;
 
-use crate::events::TcpState;
+use crate::kernel::events::TcpState;
 
 /// Close steps kept per connection. A close is 2-4 steps; the rest is
 /// dropped (and `truncated` set) rather than grown.
@@ -246,7 +246,7 @@ pub fn classify(path: &ClosePath, resets_known: bool) -> Close {
         };
         Some(end.saturating_sub(at))
     });
-    crate::close::Close {
+    crate::track::close::Close {
         by,
         first_fin: fin.map(|(side, _)| side),
         fin_to_close_ns,

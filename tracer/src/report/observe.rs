@@ -19,12 +19,12 @@ use std::net::IpAddr;
 
 use crate::{
     clock,
-    close::{Close, CloseBy, Rst},
-    events::{Family, Source, TcpState, Transition},
-    loader::CounterValues,
-    metrics::Recorder,
-    summary::Summary,
-    tracker::{Connection, Owner, TimewaitEnd, Tracker, TupleKey},
+    kernel::events::{Family, Source, TcpState, Transition},
+    kernel::loader::CounterValues,
+    report::metrics::Recorder,
+    report::summary::Summary,
+    track::close::{Close, CloseBy, Rst},
+    track::tracker::{Connection, Owner, TimewaitEnd, Tracker, TupleKey},
     FastMap as HashMap,
 };
 
@@ -168,7 +168,7 @@ pub fn key_of(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::events::tests::sample;
+    use crate::kernel::events::tests::sample;
     use TcpState::*;
 
     const MS: u64 = 1_000_000;

@@ -7,9 +7,9 @@ use std::{collections::HashMap, fmt, net::IpAddr};
 use clap::ValueEnum;
 
 use crate::{
-    containers::ContainerKey,
-    events::{Comm, Transition},
-    tracker::Owner,
+    kernel::events::{Comm, Transition},
+    track::containers::ContainerKey,
+    track::tracker::Owner,
 };
 
 /// A field of a connection to split summaries by.
@@ -95,7 +95,7 @@ impl GroupKey {
             GroupKey::Pid(p) => (*p).into(),
             GroupKey::Addr(a) => a.to_string().into(),
             GroupKey::Comm(c) => c.as_str().into(),
-            GroupKey::Cgroup(id) => crate::containers::label(*id).into(),
+            GroupKey::Cgroup(id) => crate::track::containers::label(*id).into(),
             GroupKey::Container(c) => c.id().into(),
             GroupKey::NoOwner | GroupKey::NoContainer => serde_json::Value::Null,
         }
@@ -109,7 +109,7 @@ impl fmt::Display for GroupKey {
             GroupKey::Pid(p) => write!(f, "{p}"),
             GroupKey::Addr(a) => write!(f, "{a}"),
             GroupKey::Comm(c) => f.write_str(&c.as_str()),
-            GroupKey::Cgroup(id) => f.write_str(&crate::containers::label(*id)),
+            GroupKey::Cgroup(id) => f.write_str(&crate::track::containers::label(*id)),
             GroupKey::Container(c) => write!(f, "{c}"),
             GroupKey::NoContainer => f.write_str("none"),
             GroupKey::NoOwner => f.write_str("unknown"),
@@ -163,7 +163,7 @@ impl BoundedKeys {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::events::tests::{comm, sample};
+    use crate::kernel::events::tests::{comm, sample};
 
     #[test]
     fn keys_come_from_the_transition_or_the_owner() {
@@ -203,14 +203,14 @@ mod tests {
     #[test]
     fn cgroup_and_container_keys_come_from_the_owner() {
         let id = "ab".repeat(32);
-        let container = crate::containers::key_of(&id, "docker");
+        let container = crate::track::containers::key_of(&id, "docker");
         let o = Owner {
             pid: 5,
             cgroup: 77,
             container,
             ..Default::default()
         };
-        let t = crate::events::tests::sample();
+        let t = crate::kernel::events::tests::sample();
         assert_eq!(GroupBy::Cgroup.key(&t, Some(&o)), GroupKey::Cgroup(77));
         let k = GroupBy::Container.key(&t, Some(&o));
         assert_eq!(k.to_json(), serde_json::Value::from(id));

@@ -18,9 +18,9 @@
 use std::collections::VecDeque;
 
 use crate::{
-    close::RESET_GRACE_NS,
-    events::{Reset, ResetDirection, TcpState},
-    tracker::{Connection, Tracker},
+    kernel::events::{Reset, ResetDirection, TcpState},
+    track::close::RESET_GRACE_NS,
+    track::tracker::{Connection, Tracker},
     FastMap as HashMap,
 };
 
@@ -167,15 +167,15 @@ impl Resets {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::events::{tests::sample, TcpState::*, Transition};
+    use crate::kernel::events::{tests::sample, TcpState::*, Transition};
 
     const MS: u64 = 1_000_000;
 
     fn tr(
         ms: u64,
         sock: u64,
-        old: crate::events::TcpState,
-        new: crate::events::TcpState,
+        old: crate::kernel::events::TcpState,
+        new: crate::kernel::events::TcpState,
     ) -> Transition {
         Transition {
             mono_ns: ms * MS,

@@ -25,12 +25,12 @@ use std::{
 
 use crate::{
     clock::monotonic_ns,
-    diag::{state_bit, DiagSocket, ALL_STATES, MAX_FILTER_TUPLES},
-    events::{Comm, Family, Source, TcpState, Transition},
-    filters::Filters,
-    netns::Namespaces,
-    procfs::{self, Holder},
-    tracker::{Connection, Owner, TimewaitEnd, Tracker, TupleKey},
+    kernel::events::{Comm, Family, Source, TcpState, Transition},
+    kernel::filters::Filters,
+    track::diag::{state_bit, DiagSocket, ALL_STATES, MAX_FILTER_TUPLES},
+    track::netns::Namespaces,
+    track::procfs::{self, Holder},
+    track::tracker::{Connection, Owner, TimewaitEnd, Tracker, TupleKey},
     FastMap,
 };
 
@@ -169,7 +169,7 @@ impl Lifecycle {
             .map(|h| h.pid)
             .collect::<HashSet<u32>>()
             .into_iter()
-            .map(|pid| (pid, crate::containers::id_of_pid(pid)))
+            .map(|pid| (pid, crate::track::containers::id_of_pid(pid)))
             .collect();
         for (inum, s) in found {
             let Some(state) = s.state else { continue };

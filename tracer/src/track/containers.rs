@@ -18,8 +18,8 @@ use std::{
 use serde::Serialize;
 
 use crate::{
-    cgroup::{self, Container, Pod, Resolved, Resolver, Runtime},
-    tracker::Owner,
+    track::cgroup::{self, Container, Pod, Resolved, Resolver, Runtime},
+    track::tracker::Owner,
 };
 
 /// A container as a small `Copy` value (group keys allocate nothing): the

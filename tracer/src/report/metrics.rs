@@ -38,11 +38,11 @@ use tokio::{
 };
 
 use crate::{
-    close::{CloseBy, Rst},
-    events::{Family, TcpState, Transition},
-    group::{BoundedKeys, GroupBy, Slot},
-    summary::stay,
-    tracker::{Owner, Tracker},
+    kernel::events::{Family, TcpState, Transition},
+    report::group::{BoundedKeys, GroupBy, Slot},
+    report::summary::stay,
+    track::close::{CloseBy, Rst},
+    track::tracker::{Owner, Tracker},
 };
 
 /// Prefix of every metric name.
@@ -559,7 +559,7 @@ async fn respond(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::events::tests::{comm, sample};
+    use crate::kernel::events::tests::{comm, sample};
     use TcpState::*;
 
     fn tr(sock: u64, old: TcpState, new: TcpState, ns: Option<u64>) -> Transition {

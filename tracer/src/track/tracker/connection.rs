@@ -1,0 +1,321 @@
+//! One connection: its endpoints, owner, time in each state, close path
+//! and timewait part, updated transition by transition (the rules are in
+//! `mod.rs`).
+
+use std::net::IpAddr;
+
+use super::owners::{runs_in_owner_syscall, Owner};
+use crate::{
+    kernel::events::{Family, Source, TcpState, Transition},
+    track::close::ClosePath,
+};
+
+pub(super) const STATES: usize = 13;
+
+/// A connection's identity once its socket is gone: namespace and 4-tuple.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct TupleKey {
+    pub netns: u32,
+    pub family: Family,
+    pub laddr: IpAddr,
+    pub lport: u16,
+    pub raddr: IpAddr,
+    pub rport: u16,
+}
+
+/// How the timewait part of an actively closed connection ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TimewaitEnd {
+    /// The timewait socket lived until its timer.
+    Expired,
+    /// A new connection on the same 4-tuple took it over (`tcp_tw_reuse`,
+    /// or a new SYN to a server in TIME_WAIT).
+    Reused,
+    /// It disappeared before its timer (e.g. killed by a RST).
+    Early,
+    /// None was created: `tcp_max_tw_buckets` was full.
+    NotCreated,
+    /// None was found, and the namespace reported no overflow: the
+    /// connection ended without one (or it ended within one poll).
+    NotFound,
+    /// The kernel offers no sock_diag for TCP: nothing can be known.
+    Unknown,
+}
+
+impl TimewaitEnd {
+    pub fn name(self) -> &'static str {
+        match self {
+            TimewaitEnd::Expired => "expired",
+            TimewaitEnd::Reused => "reused",
+            TimewaitEnd::Early => "early",
+            TimewaitEnd::NotCreated => "not_created",
+            TimewaitEnd::NotFound => "not_found",
+            TimewaitEnd::Unknown => "unknown",
+        }
+    }
+}
+
+/// What the tracer knows of a connection's timewait socket.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Timewait {
+    /// When the tracepoint reported the full socket's CLOSE.
+    pub closed_ns: u64,
+    /// A dump has shown the timewait socket.
+    pub seen: bool,
+    /// When its timer fires, as of the last dump (CLOCK_MONOTONIC ns).
+    pub expires_ns: Option<u64>,
+    pub end: Option<TimewaitEnd>,
+    /// When the fentry program saw it die (kernels with fentry).
+    pub killed_ns: Option<u64>,
+    /// Polls that found it gone before its death event arrived.
+    pub missing_polls: u8,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Connection {
+    /// Kernel socket address; 0 for a socket known only from the start-up
+    /// snapshot.
+    pub sock: u64,
+    pub owner: Option<Owner>,
+    pub netns: u32,
+    pub family: Family,
+    pub laddr: IpAddr,
+    pub lport: u16,
+    pub raddr: IpAddr,
+    pub rport: u16,
+    /// CLOCK_MONOTONIC ns when the tracer first saw it.
+    pub first_seen_ns: u64,
+    /// CLOCK_MONOTONIC ns of the start of the first timed state.
+    pub start_ns: u64,
+    /// Current state and since when.
+    pub state: TcpState,
+    pub state_since_ns: u64,
+    /// Nanoseconds per state index ([`TcpState::index`]).
+    states_ns: [u64; STATES],
+    /// Bit per state index: passed through it.
+    visited: u16,
+    pub complete: bool,
+    /// A transition was missing between two that were seen.
+    pub gap: bool,
+    /// A listening socket (it entered LISTEN), not a connection.
+    pub listener: bool,
+    /// Known from the start-up snapshot (it existed before the tracer).
+    pub from_snapshot: bool,
+    /// Inode of its socket file, when learnt (snapshot or sock_diag).
+    pub inode: u64,
+    /// (pid, tid) of the last task seen in the owner's own system call: a
+    /// task in the socket's namespace, used to reach that namespace.
+    pub task_hint: Option<(u32, u32)>,
+    /// Set once an alert about it being stuck in its state was printed.
+    pub stuck_reported: bool,
+    pub timewait: Option<Timewait>,
+    /// Its close steps and resets (see `close.rs`).
+    pub close: ClosePath,
+}
+
+impl Connection {
+    pub(super) fn new(t: &Transition, owner: Option<Owner>) -> Self {
+        let start_ns = t.mono_ns - t.old_state_ns.unwrap_or(0).min(t.mono_ns);
+        let complete = matches!(
+            (t.old, t.new),
+            (TcpState::Close, TcpState::SynSent)
+                | (TcpState::Close, TcpState::Listen)
+                | (TcpState::Listen, TcpState::SynRecv)
+        );
+        let mut c = Connection {
+            sock: t.sock,
+            owner,
+            netns: t.netns,
+            family: t.family,
+            laddr: t.laddr,
+            lport: t.lport,
+            raddr: t.raddr,
+            rport: t.rport,
+            first_seen_ns: t.mono_ns,
+            start_ns,
+            state: t.new,
+            state_since_ns: t.mono_ns,
+            states_ns: [0; STATES],
+            visited: 0,
+            complete,
+            gap: false,
+            listener: t.new == TcpState::Listen,
+            from_snapshot: false,
+            inode: 0,
+            task_hint: None,
+            stuck_reported: false,
+            timewait: None,
+            close: ClosePath::default(),
+        };
+        c.close.push(t.old, t.new, t.mono_ns);
+        // Only a state the kernel timed counts: a child's LISTEN belongs to
+        // its listener, and the CLOSE before connect/listen is no part of
+        // the connection's life.
+        if let Some(ns) = t.old_state_ns {
+            c.credit(t.old, ns.min(t.mono_ns));
+        }
+        c.note_owner_syscall(t);
+        c
+    }
+
+    /// A socket found by the start-up snapshot, in `state` at `now_ns`.
+    pub fn from_snapshot(
+        key: TupleKey,
+        state: TcpState,
+        now_ns: u64,
+        inode: u64,
+        owner: Option<Owner>,
+    ) -> Self {
+        Connection {
+            sock: 0,
+            owner,
+            netns: key.netns,
+            family: key.family,
+            laddr: key.laddr,
+            lport: key.lport,
+            raddr: key.raddr,
+            rport: key.rport,
+            first_seen_ns: now_ns,
+            start_ns: now_ns,
+            state,
+            state_since_ns: now_ns,
+            states_ns: [0; STATES],
+            visited: 0,
+            complete: false,
+            gap: false,
+            listener: state == TcpState::Listen,
+            from_snapshot: true,
+            inode,
+            task_hint: None,
+            stuck_reported: false,
+            timewait: None,
+            close: ClosePath::default(),
+        }
+    }
+
+    pub fn key(&self) -> TupleKey {
+        TupleKey {
+            netns: self.netns,
+            family: self.family,
+            laddr: self.laddr,
+            lport: self.lport,
+            raddr: self.raddr,
+            rport: self.rport,
+        }
+    }
+
+    pub(super) fn apply(&mut self, t: &Transition) {
+        let now = t.mono_ns.max(self.state_since_ns);
+        if t.old == self.state {
+            self.credit(self.state, now - self.state_since_ns);
+        } else {
+            // Missed at least one transition: the kernel's timing of the old
+            // state is exact; the rest of the gap goes to the last known state.
+            self.gap = true;
+            let old_ns = t.old_state_ns.unwrap_or(0).min(now - self.state_since_ns);
+            self.credit(self.state, now - self.state_since_ns - old_ns);
+            if t.old_state_ns.is_some() {
+                self.credit(t.old, old_ns);
+            }
+        }
+        self.close.push(t.old, t.new, now);
+        self.state = t.new;
+        self.state_since_ns = now;
+        self.update_endpoints(t);
+        self.note_owner_syscall(t);
+    }
+
+    /// Moves the connection to `state` at `at_ns` (a transition the
+    /// tracepoint cannot see), crediting the time in the current state.
+    pub fn advance(&mut self, state: TcpState, at_ns: u64) {
+        let at = at_ns.max(self.state_since_ns);
+        self.credit(self.state, at - self.state_since_ns);
+        self.close.push(self.state, state, at);
+        self.state = state;
+        self.state_since_ns = at;
+    }
+
+    fn note_owner_syscall(&mut self, t: &Transition) {
+        if t.source == Source::Tracepoint && runs_in_owner_syscall(t.old, t.new) {
+            self.owner = Some(Owner {
+                pid: t.pid,
+                comm: t.comm,
+                uid: t.uid,
+                cgroup: t.cgroup,
+                container: None,
+            });
+            self.task_hint = Some((t.pid, t.tid));
+        }
+    }
+
+    fn credit(&mut self, state: TcpState, ns: u64) {
+        self.states_ns[state.index()] += ns;
+        self.visited |= 1 << state.index();
+    }
+
+    /// Ports and addresses can be zero early (the local port of a connecting
+    /// socket is bound after `CLOSE -> SYN_SENT`); keep the latest non-zero.
+    fn update_endpoints(&mut self, t: &Transition) {
+        if t.lport != 0 {
+            self.lport = t.lport;
+        }
+        if t.rport != 0 {
+            self.rport = t.rport;
+        }
+        if !t.laddr.is_unspecified() {
+            self.laddr = t.laddr;
+        }
+        if !t.raddr.is_unspecified() {
+            self.raddr = t.raddr;
+        }
+    }
+
+    /// Time in each state the connection passed through, in life order.
+    pub fn states(&self) -> impl Iterator<Item = (TcpState, u64)> + '_ {
+        TcpState::LIFE_ORDER
+            .into_iter()
+            .filter(|s| self.visited & (1 << s.index()) != 0)
+            .map(|s| (s, self.states_ns[s.index()]))
+    }
+
+    pub fn state_ns(&self, state: TcpState) -> Option<u64> {
+        (self.visited & (1 << state.index()) != 0).then(|| self.states_ns[state.index()])
+    }
+
+    /// From `start_ns` to the last transition (the end, for ended ones).
+    pub fn duration_ns(&self) -> u64 {
+        self.state_since_ns - self.start_ns
+    }
+
+    /// A transition of this connection that the tracepoint could not report.
+    pub fn derived(
+        &self,
+        old: TcpState,
+        new: TcpState,
+        at_ns: u64,
+        old_state_ns: Option<u64>,
+        source: Source,
+    ) -> Transition {
+        let owner = self.owner.unwrap_or_default();
+        Transition {
+            mono_ns: at_ns,
+            sock: self.sock,
+            pid: owner.pid,
+            tid: 0,
+            uid: owner.uid,
+            comm: owner.comm,
+            family: self.family,
+            laddr: self.laddr,
+            lport: self.lport,
+            raddr: self.raddr,
+            rport: self.rport,
+            old,
+            new,
+            old_state_ns,
+            netns: self.netns,
+            // The task's, and a derived transition has none.
+            cgroup: 0,
+            source,
+        }
+    }
+}

@@ -1,0 +1,389 @@
+//! The tracker's rules, on synthetic transitions (no root needed).
+use std::net::IpAddr;
+
+use super::*;
+use crate::kernel::events::tests::{comm, sample};
+use TcpState::*;
+
+/// A transition of socket 1 at `ms` milliseconds.
+fn tr(ms: u64, old: TcpState, new: TcpState, known: Option<u64>) -> Transition {
+    Transition {
+        mono_ns: ms * 1_000_000,
+        sock: 1,
+        old,
+        new,
+        old_state_ns: known.map(|m| m * 1_000_000),
+        ..sample()
+    }
+}
+
+/// Feeds `steps` as one socket's life and returns its record.
+fn life(steps: &[Transition]) -> Connection {
+    let mut tr = Tracker::new(16);
+    let (last, init) = steps.split_last().unwrap();
+    for t in init {
+        let o = tr.on_transition(t);
+        assert!(o.closed.is_empty() && !o.untracked);
+    }
+    let mut o = tr.on_transition(last);
+    assert_eq!(o.closed.len(), 1, "expected a closed connection: {o:?}");
+    assert!(tr.is_empty());
+    o.closed.pop().unwrap()
+}
+
+fn ms(c: &Connection, s: TcpState) -> Option<u64> {
+    c.state_ns(s).map(|n| n / 1_000_000)
+}
+
+fn assert_sums(c: &Connection) {
+    assert_eq!(c.states().map(|(_, n)| n).sum::<u64>(), c.duration_ns());
+}
+
+#[test]
+fn passive_close_of_accepted_child() {
+    let c = life(&[
+        tr(10, Listen, SynRecv, None),
+        tr(11, SynRecv, Established, Some(1)),
+        tr(50, Established, CloseWait, Some(39)),
+        tr(70, CloseWait, LastAck, Some(20)),
+        tr(71, LastAck, Close, Some(1)),
+    ]);
+    assert!(c.complete);
+    assert_eq!(
+        ms(&c, Listen),
+        None,
+        "the listener's LISTEN is not the child's"
+    );
+    assert_eq!(ms(&c, CloseWait), Some(20));
+    assert_eq!(ms(&c, LastAck), Some(1));
+    assert_eq!(c.duration_ns(), 61_000_000);
+    assert!(c.timewait.is_none());
+    assert_sums(&c);
+}
+
+#[test]
+fn reset_while_established() {
+    let c = life(&[
+        tr(0, Close, SynSent, None),
+        tr(2, SynSent, Established, Some(2)),
+        tr(9, Established, Close, Some(7)),
+    ]);
+    assert_eq!(ms(&c, Established), Some(7));
+    assert_eq!(c.duration_ns(), 9_000_000);
+    assert_sums(&c);
+}
+
+#[test]
+fn active_close_waits_for_its_timewait_socket() {
+    let mut t = Tracker::new(8);
+    for step in [
+        tr(100, Close, SynSent, None),
+        tr(101, SynSent, Established, Some(1)),
+        tr(301, Established, FinWait1, Some(200)),
+        tr(302, FinWait1, FinWait2, Some(1)),
+    ] {
+        t.on_transition(&step);
+    }
+    let o = t.on_transition(&tr(305, FinWait2, Close, Some(3)));
+    assert!(
+        o.closed.is_empty(),
+        "not reported before its timewait socket ends"
+    );
+    assert!(t.has_timewait());
+    let mut conn = t.timewait_mut().next().unwrap().clone();
+    assert_eq!(conn.state, FinWait2);
+    assert_eq!(conn.timewait.unwrap().closed_ns, 305_000_000);
+    // Peer's FIN at 400 ms: TIME_WAIT; the timer fires 60 s later.
+    conn.advance(TimeWait, 400_000_000);
+    let derived = t
+        .finish_timewait(
+            &mut conn,
+            60_400_000_000,
+            TimewaitEnd::Expired,
+            Source::SockDiag,
+        )
+        .unwrap();
+    assert_eq!(
+        (derived.old, derived.new, derived.source),
+        (TimeWait, Close, Source::SockDiag)
+    );
+    assert_eq!(derived.old_state_ns, Some(60_000_000_000));
+    assert_eq!(ms(&conn, FinWait2), Some(98));
+    assert_eq!(ms(&conn, TimeWait), Some(60_000));
+    assert_eq!(conn.duration_ns(), 60_300_000_000);
+    assert_sums(&conn);
+}
+
+#[test]
+fn closing_goes_straight_to_time_wait() {
+    let mut t = Tracker::new(8);
+    t.on_transition(&tr(0, Established, FinWait1, None));
+    t.on_transition(&tr(1, FinWait1, Closing, Some(1)));
+    assert!(t
+        .on_transition(&tr(2, Closing, Close, Some(1)))
+        .closed
+        .is_empty());
+    assert_eq!(t.timewait_mut().next().unwrap().state, TimeWait);
+}
+
+#[test]
+fn a_new_connection_on_the_same_tuple_ends_the_timewait() {
+    let mut t = Tracker::new(8);
+    t.on_transition(&tr(0, Close, SynSent, None));
+    t.on_transition(&tr(1, SynSent, Established, Some(1)));
+    t.on_transition(&tr(5, Established, FinWait1, Some(4)));
+    t.on_transition(&tr(6, FinWait1, FinWait2, Some(1)));
+    t.on_transition(&tr(7, FinWait2, Close, Some(1)));
+    t.timewait_mut()
+        .next()
+        .unwrap()
+        .advance(TimeWait, 8_000_000);
+    // Socket 2 connects on the same 4-tuple at 1500 ms, established at 1501.
+    let again = |ms: u64, old, new, known| Transition {
+        sock: 2,
+        ..tr(ms, old, new, known)
+    };
+    t.on_transition(&again(1500, Close, SynSent, None));
+    let o = t.on_transition(&again(1501, SynSent, Established, Some(1)));
+    assert_eq!(o.closed.len(), 1);
+    let old = &o.closed[0];
+    assert_eq!(old.sock, 1);
+    assert_eq!(old.timewait.unwrap().end, Some(TimewaitEnd::Reused));
+    assert_eq!(ms(old, TimeWait), Some(1492));
+    assert_eq!(o.derived.len(), 1);
+    assert_eq!(
+        (o.derived[0].old, o.derived[0].new, o.derived[0].source),
+        (TimeWait, Close, Source::Reuse)
+    );
+    assert_eq!(o.derived[0].mono_ns, 1_500_000_000);
+    assert_sums(old);
+    assert!(!t.has_timewait());
+}
+
+#[test]
+fn fentry_deaths_give_exact_expiry_and_reuse_times() {
+    let mut t = Tracker::new(8);
+    t.on_transition(&tr(0, Established, FinWait1, None));
+    t.on_transition(&tr(1, FinWait1, FinWait2, Some(1)));
+    t.on_transition(&tr(2, FinWait2, Close, Some(1)));
+    let key = t.timewait_mut().next().unwrap().key();
+    {
+        let c = t.timewait_mut().next().unwrap();
+        c.advance(TimeWait, 3_000_000);
+        c.timewait.as_mut().unwrap().expires_ns = Some(60_003_000_000);
+    }
+    // Killed early (no reuse seen yet): kept, not ended.
+    let o = t.timewait_died(&key, 500_000_000, 10_000_000);
+    assert!(o.closed.is_empty());
+    // The reusing connection then takes the exact kill time.
+    let again = |ms: u64, old, new, known| Transition {
+        sock: 2,
+        ..tr(ms, old, new, known)
+    };
+    let o = t.on_transition(&again(501, SynSent, Established, Some(1)));
+    assert_eq!(o.closed[0].timewait.unwrap().end, Some(TimewaitEnd::Reused));
+    assert_eq!(o.derived[0].source, Source::Fentry);
+    assert_eq!(o.derived[0].mono_ns, 500_000_000);
+
+    // A death at the timer (here 1.5 s late, the timer wheel) expires.
+    let mut t = Tracker::new(8);
+    t.on_transition(&tr(0, FinWait1, Closing, None));
+    t.on_transition(&tr(1, Closing, Close, Some(1)));
+    let key = t.timewait_mut().next().unwrap().key();
+    t.timewait_mut()
+        .next()
+        .unwrap()
+        .timewait
+        .as_mut()
+        .unwrap()
+        .expires_ns = Some(60_001_000_000);
+    let o = t.timewait_died(&key, 61_500_000_000, 10_000_000);
+    assert_eq!(o.closed.len(), 1);
+    assert_eq!(
+        o.closed[0].timewait.unwrap().end,
+        Some(TimewaitEnd::Expired)
+    );
+    assert_eq!(ms(&o.closed[0], TimeWait), Some(61_499));
+    assert_sums(&o.closed[0]);
+}
+
+#[test]
+fn first_seen_mid_life_is_incomplete() {
+    // Established before the tracer started: the kernel never timed it.
+    let c = life(&[
+        tr(500, Established, CloseWait, None),
+        tr(501, CloseWait, LastAck, Some(1)),
+        tr(502, LastAck, Close, Some(1)),
+    ]);
+    assert!(!c.complete);
+    assert_eq!(c.first_seen_ns, 500_000_000);
+    assert_eq!(c.start_ns, 500_000_000);
+    assert_eq!(ms(&c, Established), None);
+    assert_eq!(c.duration_ns(), 2_000_000);
+    assert_sums(&c);
+}
+
+#[test]
+fn snapshot_sockets_count_from_the_snapshot() {
+    let mut t = Tracker::new(8);
+    let first = tr(0, CloseWait, Close, None);
+    let owner = Owner {
+        pid: 99,
+        comm: comm("server"),
+        uid: 0,
+        ..Default::default()
+    };
+    let key = Tracker::key_of(&first);
+    t.add_snapshot(Connection::from_snapshot(
+        key,
+        CloseWait,
+        100_000_000,
+        555,
+        Some(owner),
+    ));
+    assert_eq!(t.in_state_mut(CloseWait).count(), 1);
+    // A reset ends it in softirq: the owner stays the snapshot's.
+    let mut softirq = tr(900, CloseWait, Close, None);
+    softirq.pid = 0;
+    let mut o = t.on_transition(&softirq);
+    assert_eq!(o.owner.unwrap().pid, 99);
+    let c = o.closed.pop().unwrap();
+    assert!(c.from_snapshot && !c.complete);
+    assert_eq!(c.inode, 555);
+    assert_eq!(ms(&c, CloseWait), Some(800));
+    assert_eq!(c.duration_ns(), 800_000_000);
+    assert_sums(&c);
+}
+
+#[test]
+fn a_birth_is_new_even_if_the_snapshot_saw_it() {
+    let mut t = Tracker::new(8);
+    let child = tr(10, Listen, SynRecv, None);
+    t.add_snapshot(Connection::from_snapshot(
+        Tracker::key_of(&child),
+        Established,
+        5_000_000,
+        9,
+        None,
+    ));
+    t.on_transition(&child);
+    let c = t.get(1).unwrap();
+    assert!(c.complete && !c.from_snapshot);
+    assert_eq!(t.len(), 1, "the snapshot's copy is dropped");
+}
+
+#[test]
+fn first_seen_with_kernel_timing_starts_earlier() {
+    // The kernel timed ESTABLISHED (its entry was filtered in the kernel).
+    let c = life(&[
+        tr(500, Established, CloseWait, Some(300)),
+        tr(510, CloseWait, LastAck, Some(10)),
+        tr(511, LastAck, Close, Some(1)),
+    ]);
+    assert_eq!(c.start_ns, 200_000_000);
+    assert_eq!(ms(&c, Established), Some(300));
+    assert_eq!(c.duration_ns(), 311_000_000);
+    assert_sums(&c);
+}
+
+#[test]
+fn missing_transition_is_a_gap_and_still_sums() {
+    let c = life(&[
+        tr(0, Close, SynSent, None),
+        tr(1, SynSent, Established, Some(1)),
+        // ESTABLISHED -> CLOSE_WAIT at 100 was lost.
+        tr(130, CloseWait, LastAck, Some(30)),
+        tr(131, LastAck, Close, Some(1)),
+    ]);
+    assert!(c.gap);
+    assert_eq!(ms(&c, Established), Some(99));
+    assert_eq!(ms(&c, CloseWait), Some(30));
+    assert_sums(&c);
+}
+
+#[test]
+fn owner_is_never_the_softirq_task() {
+    let mut t = Tracker::new(8);
+    let mut softirq = tr(500, Established, CloseWait, None);
+    softirq.pid = 0;
+    softirq.comm = comm("swapper/1");
+    assert_eq!(t.on_transition(&softirq).owner, None);
+    let mut close = tr(510, CloseWait, LastAck, Some(10));
+    close.pid = 8;
+    close.comm = comm("server");
+    assert_eq!(t.on_transition(&close).owner.unwrap().pid, 8);
+}
+
+#[test]
+fn accepted_socket_inherits_its_listeners_owner() {
+    let mut t = Tracker::new(8);
+    let listen = Transition {
+        sock: 10,
+        pid: 8,
+        comm: comm("server"),
+        lport: 80,
+        ..tr(0, Close, Listen, None)
+    };
+    t.on_transition(&listen);
+    // The child is created in softirq on the client's task.
+    let child = Transition {
+        sock: 11,
+        pid: 7,
+        comm: comm("client"),
+        lport: 80,
+        ..tr(1, Listen, SynRecv, None)
+    };
+    let o = t.on_transition(&child);
+    assert_eq!(o.owner.unwrap().pid, 8);
+    // A second listener of another process on the port: unknown.
+    t.on_transition(&Transition {
+        sock: 12,
+        pid: 9,
+        lport: 80,
+        ..tr(2, Close, Listen, None)
+    });
+    let o = t.on_transition(&Transition {
+        sock: 13,
+        pid: 7,
+        lport: 80,
+        ..tr(3, Listen, SynRecv, None)
+    });
+    assert_eq!(o.owner, None);
+}
+
+#[test]
+fn endpoints_fill_in_when_bound() {
+    let mut connect = tr(0, Close, SynSent, None);
+    connect.lport = 0;
+    connect.laddr = "0.0.0.0".parse().unwrap();
+    let c = life(&[connect, tr(1, SynSent, Close, Some(1))]);
+    assert_eq!(c.lport, 43210);
+    assert_eq!(c.laddr, "127.0.0.1".parse::<IpAddr>().unwrap());
+}
+
+#[test]
+fn socket_reused_after_close_starts_a_new_connection() {
+    let mut tr_ = Tracker::new(4);
+    tr_.on_transition(&tr(0, Close, SynSent, None));
+    assert_eq!(
+        tr_.on_transition(&tr(5, SynSent, Close, Some(5)))
+            .closed
+            .len(),
+        1
+    );
+    tr_.on_transition(&tr(10, Close, SynSent, None));
+    assert_eq!(tr_.get(1).unwrap().start_ns, 10_000_000);
+}
+
+#[test]
+fn full_tracker_counts_untracked() {
+    let mut t = Tracker::new(1);
+    t.on_transition(&tr(0, Close, SynSent, None));
+    let other = Transition {
+        sock: 2,
+        ..tr(1, Close, SynSent, None)
+    };
+    assert!(t.on_transition(&other).untracked);
+    assert_eq!(t.untracked, 1);
+    assert_eq!(t.len(), 1);
+}

@@ -3,6 +3,8 @@
 //! (`--events closes`), a per-transition one (`--events all`) and the
 //! table view, all watching the same traffic; a half-closed connection
 //! that never finishes; and a kernel without the reset tracepoints.
+//!
+//! Over 600 lines on purpose: one test per close class would repeat the traffic and three tracers; they share one run, checked field by field.
 
 mod common;
 

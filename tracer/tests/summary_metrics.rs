@@ -10,6 +10,8 @@
 //! and only there, the promtool and Prometheus server checks are skipped
 //! (they do not depend on the kernel), and time slack is wider (software
 //! emulation).
+//!
+//! Over 600 lines on purpose: the summary and metrics tests share their scrape, parse and promtool helpers, kept beside them.
 
 mod common;
 

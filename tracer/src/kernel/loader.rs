@@ -1,5 +1,7 @@
 //! Loads the embedded kernel program, sets its filters and map sizes, and
 //! attaches it to `sock:inet_sock_set_state`.
+//!
+//! Over 600 lines on purpose: loading is one sequence (checks, globals, maps, programs per route, optional programs) that reads best top to bottom in one file.
 
 use std::{ffi::CString, io, path::Path};
 

@@ -303,7 +303,7 @@ fn append_bytecode(req: &mut Vec<u8>, bc: &[u8]) {
     req.extend_from_slice(&(attr_len as u16).to_ne_bytes());
     req.extend_from_slice(&INET_DIAG_REQ_BYTECODE.to_ne_bytes());
     req.extend_from_slice(bc);
-    while req.len() % 4 != 0 {
+    while !req.len().is_multiple_of(4) {
         req.push(0);
     }
     let len = req.len() as u32;

@@ -1,6 +1,8 @@
 //! Shared helpers of the integration tests: root check, a network namespace
 //! per test, a collector that waits for events up to a deadline, and
 //! scripted TCP conversations.
+//!
+//! Over 600 lines on purpose: every integration test binary includes this one module of helpers.
 #![allow(dead_code)]
 
 use std::{

@@ -1,0 +1,183 @@
+//! The JSON Lines records' shapes (serde), written by `mod.rs`: field
+//! names and order are the contract the README lists.
+
+use std::{borrow::Cow, net::IpAddr};
+
+use serde::Serialize;
+
+use super::Stats;
+use crate::{
+    track::containers::CgroupJson,
+    track::{
+        close::{Close, FirstFin, Rst},
+        procfs::Holder,
+        tracker::{Connection, Owner},
+    },
+};
+
+/// A `Display` value written straight into the JSON string (serde's
+/// `collect_str`): no `String` per field per event.
+pub(super) struct Text<T>(pub(super) T);
+
+impl<T: std::fmt::Display> Serialize for Text<T> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&self.0)
+    }
+}
+
+/// A socket address as `0x…`.
+pub(super) struct Hex(pub(super) u64);
+
+impl std::fmt::Display for Hex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:#x}", self.0)
+    }
+}
+
+pub(super) type Time = Text<humantime::Rfc3339Timestamp>;
+
+/// Owner fields, `null` when the owner is unknown.
+#[derive(Serialize)]
+pub(super) struct OwnerJson<'a> {
+    pub(super) pid: Option<u32>,
+    pub(super) comm: Option<Cow<'a, str>>,
+    pub(super) uid: Option<u32>,
+}
+
+pub(super) fn owner_json(o: &Option<Owner>) -> OwnerJson<'_> {
+    OwnerJson {
+        pid: o.as_ref().map(|o| o.pid),
+        comm: o.as_ref().map(|o| o.comm.as_str()),
+        uid: o.as_ref().map(|o| o.uid),
+    }
+}
+
+#[derive(Serialize)]
+pub(super) struct TransitionJson<'a> {
+    pub(super) r#type: &'static str,
+    pub(super) time: Time,
+    pub(super) mono_ns: u64,
+    pub(super) sock: Option<Text<Hex>>,
+    #[serde(flatten)]
+    pub(super) owner: OwnerJson<'a>,
+    #[serde(flatten)]
+    pub(super) cgroup: CgroupJson,
+    /// The task current when the tracepoint fired (often not the owner:
+    /// softirq work runs on whatever task was interrupted).
+    pub(super) task_pid: Option<u32>,
+    pub(super) task_tid: Option<u32>,
+    pub(super) task_comm: Option<Cow<'a, str>>,
+    pub(super) family: &'static str,
+    pub(super) laddr: IpAddr,
+    pub(super) lport: u16,
+    pub(super) raddr: IpAddr,
+    pub(super) rport: u16,
+    pub(super) old: &'static str,
+    pub(super) new: &'static str,
+    pub(super) old_state_ns: Option<u64>,
+    pub(super) netns: Option<u32>,
+    pub(super) source: &'static str,
+}
+
+/// Fields every connection-level record shares.
+#[derive(Serialize)]
+pub(super) struct ConnFields<'a> {
+    pub(super) sock: Option<Text<Hex>>,
+    #[serde(flatten)]
+    pub(super) owner: OwnerJson<'a>,
+    #[serde(flatten)]
+    pub(super) cgroup: CgroupJson,
+    pub(super) family: &'static str,
+    pub(super) laddr: IpAddr,
+    pub(super) lport: u16,
+    pub(super) raddr: IpAddr,
+    pub(super) rport: u16,
+    pub(super) netns: Option<u32>,
+    /// When the tracer first saw it (the start-up snapshot for sockets
+    /// that existed before it).
+    pub(super) first_seen: Time,
+    pub(super) complete: bool,
+    pub(super) from_snapshot: bool,
+}
+
+#[derive(Serialize)]
+pub(super) struct ConnectionJson<'a> {
+    pub(super) r#type: &'static str,
+    #[serde(flatten)]
+    pub(super) conn: ConnFields<'a>,
+    pub(super) start: Time,
+    pub(super) end: Time,
+    pub(super) duration_ns: u64,
+    pub(super) states: StatesJson<'a>,
+    /// How the timewait part of an actively closed connection ended; null
+    /// for connections that did not close actively.
+    pub(super) time_wait_end: Option<&'static str>,
+    pub(super) close: CloseJson<'a>,
+}
+
+/// How a connection closed (see `close.rs`).
+#[derive(Serialize)]
+pub(super) struct CloseJson<'a> {
+    pub(super) by: &'static str,
+    pub(super) first_fin: Option<FirstFin>,
+    pub(super) fin_to_close_ns: Option<u64>,
+    pub(super) handshake: Vec<String>,
+    /// Time of each handshake step since the first, ns.
+    pub(super) handshake_at_ns: Vec<u64>,
+    pub(super) rst: Option<&'a Rst>,
+}
+
+impl<'a> CloseJson<'a> {
+    pub(super) fn new(c: &'a Close) -> Self {
+        CloseJson {
+            by: c.by.name(),
+            first_fin: c.first_fin,
+            fin_to_close_ns: c.fin_to_close_ns,
+            handshake: c
+                .handshake
+                .iter()
+                .map(|s| format!("{}>{}", s.old.name(), s.new.name()))
+                .collect(),
+            handshake_at_ns: (0..c.handshake.len()).map(|i| c.at_ns(i)).collect(),
+            rst: c.rst.as_ref(),
+        }
+    }
+}
+
+/// A connection stuck in a state (`close_wait`, or `stuck` for others).
+#[derive(Serialize)]
+pub(super) struct StuckJson<'a> {
+    pub(super) r#type: &'static str,
+    #[serde(flatten)]
+    pub(super) conn: ConnFields<'a>,
+    pub(super) state: &'static str,
+    pub(super) since: Time,
+    pub(super) age_ns: u64,
+    pub(super) owners: &'a [Holder],
+    /// Listed when the tracer stopped rather than when it passed the
+    /// threshold.
+    pub(super) at_exit: bool,
+    /// The close so far (`by`: `unfinished`).
+    pub(super) close: CloseJson<'a>,
+}
+
+/// A connection's per-state times as a JSON object, in life order.
+pub(super) struct StatesJson<'a>(pub(super) &'a Connection);
+
+impl Serialize for StatesJson<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = s.serialize_map(None)?;
+        for (state, ns) in self.0.states() {
+            map.serialize_entry(state.name(), &ns)?;
+        }
+        map.end()
+    }
+}
+
+#[derive(Serialize)]
+pub(super) struct StatsJson<'a> {
+    pub(super) r#type: &'static str,
+    #[serde(flatten)]
+    pub(super) stats: &'a Stats,
+}

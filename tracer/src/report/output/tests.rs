@@ -1,0 +1,231 @@
+//! Unit tests of `output` (no root needed).
+use super::*;
+use crate::kernel::events::{
+    tests::{comm, sample},
+    Family, TcpState,
+};
+use crate::track::tracker::Tracker;
+
+fn out(format: Format, events: EventsMode) -> Output<Vec<u8>> {
+    // Monotonic 0 is 2026-11-23T00:00:00Z.
+    Output::new(
+        Vec::new(),
+        format,
+        events,
+        WallClock::with_offset_ns(1_795_392_000_000_000_000),
+    )
+}
+
+fn text(o: Output<Vec<u8>>) -> String {
+    String::from_utf8(o.into_inner()).unwrap()
+}
+
+fn owner() -> Option<Owner> {
+    Some(Owner {
+        pid: 42,
+        comm: comm("curl"),
+        uid: 1000,
+        ..Default::default()
+    })
+}
+
+#[test]
+fn transition_json_has_the_contract_fields() {
+    let mut o = out(Format::Json, EventsMode::Transitions);
+    o.transition(&sample(), &owner()).unwrap();
+    let s = text(o);
+    let v: serde_json::Value = serde_json::from_str(s.trim_end()).unwrap();
+    assert_eq!(v["type"], "transition");
+    assert_eq!(v["time"], "2026-11-23T00:00:01.000000123Z");
+    assert_eq!(v["mono_ns"], 1_000_000_123u64);
+    assert_eq!(v["sock"], "0xffff888012345678");
+    assert_eq!(v["pid"], 42);
+    assert_eq!(v["comm"], "curl");
+    assert_eq!(v["uid"], 1000);
+    assert_eq!(v["task_pid"], 42);
+    assert_eq!(v["task_tid"], 43);
+    assert_eq!(v["family"], "ipv4");
+    assert_eq!(v["laddr"], "127.0.0.1");
+    assert_eq!(v["lport"], 43210);
+    assert_eq!(v["raddr"], "10.1.2.3");
+    assert_eq!(v["rport"], 80);
+    assert_eq!(v["old"], "SYN_SENT");
+    assert_eq!(v["new"], "ESTABLISHED");
+    assert_eq!(v["old_state_ns"], 1234);
+    assert_eq!(v["netns"], 4026531840u64);
+    assert_eq!(v["source"], "tracepoint");
+}
+
+#[test]
+fn unknown_owner_and_duration_are_null_and_derived_has_no_task() {
+    let mut o = out(Format::Json, EventsMode::All);
+    let t = Transition {
+        old_state_ns: None,
+        source: Source::SockDiag,
+        ..sample()
+    };
+    o.transition(&t, &None).unwrap();
+    let v: serde_json::Value = serde_json::from_str(text(o).trim_end()).unwrap();
+    assert!(v["old_state_ns"].is_null());
+    assert!(v["pid"].is_null() && v["comm"].is_null());
+    assert!(v["task_pid"].is_null() && v["task_comm"].is_null());
+    assert_eq!(v["source"], "sock_diag");
+}
+
+#[test]
+fn table_has_header_and_brackets_ipv6() {
+    let mut o = out(Format::Table, EventsMode::Transitions);
+    let t = Transition {
+        family: Family::Ipv6,
+        laddr: "::1".parse().unwrap(),
+        raddr: "2001:db8::1".parse().unwrap(),
+        ..sample()
+    };
+    o.transition(&t, &owner()).unwrap();
+    o.transition(
+        &Transition {
+            old_state_ns: None,
+            ..t
+        },
+        &None,
+    )
+    .unwrap();
+    let s = text(o);
+    let lines: Vec<&str> = s.lines().collect();
+    assert_eq!(lines.len(), 3);
+    assert!(lines[0].starts_with("TIME(UTC)"));
+    assert!(
+        lines[1].starts_with("00:00:01.000000  42      curl"),
+        "{}",
+        lines[1]
+    );
+    assert!(lines[1].contains("[::1]:43210"));
+    assert!(lines[1].contains("[2001:db8::1]:80"));
+    assert!(lines[1].contains("SYN_SENT -> ESTABLISHED"));
+    assert!(lines[1].ends_with("0.001"), "{}", lines[1]);
+    assert!(
+        lines[2].starts_with("00:00:01.000000  -       -"),
+        "{}",
+        lines[2]
+    );
+    assert!(lines[2].ends_with(" -"));
+}
+
+fn close_of(c: &Connection) -> Close {
+    crate::track::close::classify(&c.close, true)
+}
+
+fn closed() -> Connection {
+    let mut tr = Tracker::new(4);
+    let t = |ms: u64, old, new, known: Option<u64>| Transition {
+        mono_ns: ms * 1_000_000,
+        old,
+        new,
+        old_state_ns: known.map(|k| k * 1_000_000),
+        ..sample()
+    };
+    tr.on_transition(&t(1000, TcpState::Close, TcpState::SynSent, None));
+    tr.on_transition(&t(1001, TcpState::SynSent, TcpState::Established, Some(1)));
+    tr.on_transition(&t(1201, TcpState::Established, TcpState::Close, Some(200)))
+        .closed
+        .pop()
+        .unwrap()
+}
+
+#[test]
+fn connection_json() {
+    let mut o = out(Format::Json, EventsMode::Connections);
+    o.transition(&sample(), &owner()).unwrap(); // not printed in this mode
+    o.connection(&closed(), &close_of(&closed())).unwrap();
+    let s = text(o);
+    assert_eq!(s.lines().count(), 1);
+    let v: serde_json::Value = serde_json::from_str(s.trim_end()).unwrap();
+    assert_eq!(v["type"], "connection");
+    assert_eq!(v["start"], "2026-11-23T00:00:01.000000000Z");
+    assert_eq!(v["duration_ns"], 201_000_000u64);
+    assert_eq!(v["states"]["SYN_SENT"], 1_000_000u64);
+    assert_eq!(v["states"]["ESTABLISHED"], 200_000_000u64);
+    assert_eq!(v["states"].as_object().unwrap().len(), 2);
+    assert_eq!(v["complete"], true);
+    assert_eq!(v["pid"], 42, "connect() ran in the owner");
+    assert!(v["time_wait_end"].is_null());
+    for k in [
+        "sock", "pid", "comm", "family", "laddr", "lport", "raddr", "rport",
+    ] {
+        assert!(!v[k].is_null(), "{k}");
+    }
+}
+
+#[test]
+fn connection_table_line() {
+    let mut o = out(Format::Table, EventsMode::Connections);
+    o.connection(&closed(), &close_of(&closed())).unwrap();
+    let s = text(o);
+    assert!(
+        s.contains("CONNECTION 201.000ms SYN_SENT=1.000ms ESTABLISHED=200.000ms"),
+        "{s}"
+    );
+}
+
+#[test]
+fn json_states_are_in_life_order_and_listeners_get_no_record() {
+    let mut o = out(Format::Json, EventsMode::Connections);
+    o.connection(&closed(), &close_of(&closed())).unwrap();
+    let mut listener = closed();
+    listener.listener = true;
+    o.connection(&listener, &close_of(&listener)).unwrap();
+    let s = text(o);
+    assert_eq!(s.lines().count(), 1);
+    assert!(
+        s.contains(r#""states":{"SYN_SENT":1000000,"ESTABLISHED":200000000}"#),
+        "{s}"
+    );
+}
+
+#[test]
+fn close_wait_alert_names_the_holders() {
+    let mut c = closed();
+    c.state = TcpState::CloseWait;
+    c.state_since_ns = 1_000_000_000;
+    let holders = [Holder {
+        pid: 7,
+        comm: "server".into(),
+        fd: 5,
+    }];
+    let mut o = out(Format::Json, EventsMode::None);
+    o.stuck(&c, 31_000_000_000, &holders, false, &close_of(&c))
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(text(o).trim_end()).unwrap();
+    assert_eq!(v["type"], "close_wait");
+    assert_eq!(v["age_ns"], 30_000_000_000u64);
+    assert_eq!(v["since"], "2026-11-23T00:00:01.000000000Z");
+    assert_eq!(v["owners"][0]["pid"], 7);
+    assert_eq!(v["owners"][0]["fd"], 5);
+    assert_eq!(v["owners"][0]["comm"], "server");
+    assert_eq!(v["at_exit"], false);
+    let mut o = out(Format::Table, EventsMode::None);
+    o.stuck(&c, 31_000_000_000, &holders, true, &close_of(&c))
+        .unwrap();
+    let s = text(o);
+    assert!(s.starts_with("STILL CLOSE_WAIT for 30.0s"), "{s}");
+    assert!(s.contains("pid 7 (server) fd 5"), "{s}");
+}
+
+#[test]
+fn stats_json_and_line() {
+    let stats = Stats {
+        events: 10,
+        lost: 2,
+        ..Default::default()
+    };
+    let mut o = out(Format::Json, EventsMode::None);
+    o.stats(&stats).unwrap();
+    let v: serde_json::Value = serde_json::from_str(text(o).trim_end()).unwrap();
+    assert_eq!(v["type"], "stats");
+    assert_eq!(v["events"], 10);
+    assert_eq!(v["lost"], 2);
+    assert_eq!(
+        stats_line(&stats),
+        "tracer: 10 events, 2 lost, 0 filtered in kernel, 0 unreadable"
+    );
+}

@@ -341,6 +341,16 @@ impl ForkedServer {
             let pid = libc::fork();
             assert!(pid >= 0, "fork");
             if pid == 0 {
+                // Keep only our two pipe ends (as fds 3 and 4): the fork
+                // copied every fd of the test process, including sockets
+                // of tests running on other threads, which would then
+                // count this server among their holders.
+                let go_rx = libc::fcntl(go[0], libc::F_DUPFD, 1000);
+                let fd_tx = libc::fcntl(pipe[1], libc::F_DUPFD, 1000);
+                libc::dup2(go_rx, 3);
+                libc::dup2(fd_tx, 4);
+                libc::syscall(libc::SYS_close_range, 5u32, u32::MAX, 0u32);
+                let (go, pipe) = ([3, -1], [-1, 4]);
                 // A name of its own, for the --comm filter's tests.
                 libc::prctl(libc::PR_SET_NAME, SERVER_COMM.as_ptr());
                 let mut b = [0u8; 1];

@@ -290,9 +290,11 @@ fn time_wait_expired_reused_and_not_created() {
     let tw_ns = reused["states"]["TIME_WAIT"]
         .as_u64()
         .expect("TIME_WAIT measured");
-    // In TIME_WAIT from (about) the close until the reconnect.
+    // In TIME_WAIT from (about) the close until the reconnect; its entry is
+    // dated from the timer's jiffies (`precision`: in the emulated guests
+    // they lag the clock, and the entry comes out late, TIME_WAIT short).
     assert!(
-        tw_ns >= reuse_gap.as_nanos() as u64 - 50_000_000
+        tw_ns >= reuse_gap.as_nanos() as u64 - precision.max(50_000_000)
             && tw_ns < reuse_gap.as_nanos() as u64 + 500_000_000,
         "TIME_WAIT {tw_ns} ns for a reuse after {reuse_gap:?}"
     );

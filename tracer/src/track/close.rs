@@ -161,6 +161,40 @@ pub struct Rst {
     pub received: u32,
 }
 
+/// Up to [`MAX_STEPS`] steps, inline (a close is classified per
+/// connection: no allocation for it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Steps {
+    items: [Step; MAX_STEPS],
+    n: u8,
+}
+
+impl std::ops::Deref for Steps {
+    type Target = [Step];
+    fn deref(&self) -> &[Step] {
+        &self.items[..usize::from(self.n)]
+    }
+}
+
+impl FromIterator<Step> for Steps {
+    fn from_iter<I: IntoIterator<Item = Step>>(iter: I) -> Self {
+        let filler = Step {
+            old: TcpState::Close,
+            new: TcpState::Close,
+            at_ns: 0,
+        };
+        let mut s = Steps {
+            items: [filler; MAX_STEPS],
+            n: 0,
+        };
+        for (slot, step) in s.items.iter_mut().zip(iter) {
+            *slot = step;
+            s.n += 1;
+        }
+        s
+    }
+}
+
 /// How one connection closed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Close {
@@ -170,7 +204,7 @@ pub struct Close {
     /// TIME_WAIT on the side that closed first, CLOSE otherwise.
     pub fin_to_close_ns: Option<u64>,
     /// The close steps, in order, with their times since the first.
-    pub handshake: Vec<Step>,
+    pub handshake: Steps,
     /// None when the kernel's reset tracepoints are not attached.
     pub rst: Option<Rst>,
 }

@@ -121,9 +121,9 @@ pub(super) struct CloseJson<'a> {
     pub(super) by: &'static str,
     pub(super) first_fin: Option<FirstFin>,
     pub(super) fin_to_close_ns: Option<u64>,
-    pub(super) handshake: Vec<String>,
+    pub(super) handshake: HandshakeJson<'a>,
     /// Time of each handshake step since the first, ns.
-    pub(super) handshake_at_ns: Vec<u64>,
+    pub(super) handshake_at_ns: HandshakeAtJson<'a>,
     pub(super) rst: Option<&'a Rst>,
 }
 
@@ -133,12 +133,8 @@ impl<'a> CloseJson<'a> {
             by: c.by.name(),
             first_fin: c.first_fin,
             fin_to_close_ns: c.fin_to_close_ns,
-            handshake: c
-                .handshake
-                .iter()
-                .map(|s| format!("{}>{}", s.old.name(), s.new.name()))
-                .collect(),
-            handshake_at_ns: (0..c.handshake.len()).map(|i| c.at_ns(i)).collect(),
+            handshake: HandshakeJson(c),
+            handshake_at_ns: HandshakeAtJson(c),
             rst: c.rst.as_ref(),
         }
     }
@@ -180,4 +176,36 @@ pub(super) struct StatsJson<'a> {
     pub(super) r#type: &'static str,
     #[serde(flatten)]
     pub(super) stats: &'a Stats,
+}
+
+/// `["ESTABLISHED>FIN_WAIT1", ...]`, written straight from the steps.
+pub(super) struct HandshakeJson<'a>(pub(super) &'a Close);
+
+impl Serialize for HandshakeJson<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        let mut seq = s.serialize_seq(Some(self.0.handshake.len()))?;
+        for step in self.0.handshake.iter() {
+            seq.serialize_element(&Text(format_args!(
+                "{}>{}",
+                step.old.name(),
+                step.new.name()
+            )))?;
+        }
+        seq.end()
+    }
+}
+
+/// Each handshake step's time since the first, ns.
+pub(super) struct HandshakeAtJson<'a>(pub(super) &'a Close);
+
+impl Serialize for HandshakeAtJson<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        let mut seq = s.serialize_seq(Some(self.0.handshake.len()))?;
+        for i in 0..self.0.handshake.len() {
+            seq.serialize_element(&self.0.at_ns(i))?;
+        }
+        seq.end()
+    }
 }

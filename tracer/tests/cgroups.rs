@@ -402,17 +402,3 @@ fn bad_cgroup_arguments_are_usage_errors() {
         );
     }
 }
-
-/// Waits until a socket of this thread's namespace listens on `port`.
-fn wait_listening(port: u16) {
-    let needle = format!(":{port:04X} 00000000:0000 0A");
-    let start = std::time::Instant::now();
-    while start.elapsed() < DEADLINE {
-        let tcp = std::fs::read_to_string("/proc/thread-self/net/tcp").unwrap_or_default();
-        if tcp.contains(&needle) {
-            return;
-        }
-        thread::sleep(Duration::from_millis(5));
-    }
-    panic!("nothing listens on {port}");
-}

@@ -7,11 +7,11 @@
 //!
 //! - `format.rs`: the output format and record selection, shared by the
 //!   command line and every writer;
-//! - `output.rs`: the records; `observe.rs`: what feeds the summary and the
+//! - `output/`: the records; `observe.rs`: what feeds the summary and the
 //!   metrics;
 //! - `summary/` (aggregation in `mod.rs`, rendering in `render.rs`) and
-//!   `group.rs`: `--summary`, `--group-by`; `summarize.rs`: the subcommand;
-//! - `metrics.rs`: Prometheus.
+//!   `group.rs`: `--summary`, `--group-by`; `summarize/`: the subcommand;
+//! - `metrics/`: Prometheus.
 
 pub mod format;
 pub mod group;

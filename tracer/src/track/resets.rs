@@ -101,7 +101,13 @@ impl Resets {
         if !self.enabled {
             return Some(conn);
         }
-        if let Some(p) = self.pending.remove(&conn.sock) {
+        // Almost always empty: no hash of the socket per connection then.
+        let pending = if self.pending.is_empty() {
+            None
+        } else {
+            self.pending.remove(&conn.sock)
+        };
+        if let Some(p) = pending {
             // A reset older than the connection was another socket's at
             // the same address.
             if p.first_ns >= conn.first_seen_ns.min(conn.start_ns) {

@@ -29,7 +29,7 @@ use crate::{
     track::containers::Cgroups,
     track::lifecycle::{Lifecycle, EXPIRY_TOLERANCE_NS},
     track::resets::Resets,
-    track::tracker::{Connection, Owner, Tracker, TupleKey},
+    track::tracker::{Connection, Owner, SlotId, Tracker, TupleKey},
 };
 
 /// Everything one decoded record goes through, kept apart from the loop so
@@ -52,7 +52,7 @@ impl<W: Write> Pipeline<W> {
             Ok(Record::Transition(t)) => self.transition(&t),
             Ok(Record::Batch(b)) => {
                 for t in b.transitions() {
-                    self.transition(t)?;
+                    self.transition(&t)?;
                 }
                 Ok(())
             }
@@ -73,15 +73,14 @@ impl<W: Write> Pipeline<W> {
 
     /// One transition from the kernel, alone or from a batch.
     fn transition(&mut self, t: &Transition) -> io::Result<()> {
-        let t = *t;
         self.events += 1;
-        let outcome = self.tracker.on_transition(&t);
-        for d in &outcome.derived {
-            self.emit(d, &outcome.owner_of_derived())?;
+        let outcome = self.tracker.on_transition(t);
+        if let Some((d, owner)) = &outcome.derived {
+            self.emit(d, owner)?;
         }
-        self.emit(&t, &outcome.owner)?;
-        for conn in outcome.closed {
-            self.close(conn)?;
+        self.emit(t, &outcome.owner)?;
+        for &id in &outcome.closed {
+            self.close(id)?;
         }
         Ok(())
     }
@@ -98,42 +97,46 @@ impl<W: Write> Pipeline<W> {
         self.out.transition(t, owner)
     }
 
-    /// A connection that ended: its record is written now, or once no
-    /// reset of its own can still arrive.
-    pub fn close(&mut self, conn: Connection) -> io::Result<()> {
-        match self.resets.closed(conn) {
-            Some(c) => self.write_connection(&c),
-            None => Ok(()),
+    /// A connection that ended (its slot): its record is written now, or
+    /// once no reset of its own can still arrive.
+    pub fn close(&mut self, id: SlotId) -> io::Result<()> {
+        if self.resets.closed(id, &mut self.tracker) {
+            self.write_connection(id)?;
         }
+        Ok(())
     }
 
     /// A connection's record, with how it closed, to the output and the
-    /// observers.
-    pub fn write_connection(&mut self, conn: &Connection) -> io::Result<()> {
+    /// observers; then its slot is freed.
+    pub fn write_connection(&mut self, id: SlotId) -> io::Result<()> {
+        let conn = self.tracker.conn(id);
         let close = classify(&conn.close, self.resets.enabled);
         match self.out.cgroups() {
             Some(c) if c.keys() => {
-                let mut enriched = conn.clone();
+                let mut enriched = *conn;
                 enriched.owner = c.enrich(&conn.owner);
                 self.observers.connection(&enriched, &close);
             }
             _ => self.observers.connection(conn, &close),
         }
-        self.out.connection(conn, &close)
+        let written = self.out.connection(conn, &close);
+        self.tracker.release(id);
+        written
     }
 
     /// Writes the held records whose reset grace is over.
     fn release_held(&mut self, drain_start_ns: u64) -> io::Result<()> {
-        for c in self.resets.release(drain_start_ns) {
-            self.write_connection(&c)?;
+        while let Some(id) = self.resets.pop_due(drain_start_ns) {
+            self.write_connection(id)?;
         }
+        self.resets.expire_pending(drain_start_ns);
         Ok(())
     }
 
     /// At exit: every held record.
     pub fn release_all(&mut self) -> io::Result<()> {
-        for c in self.resets.release_all() {
-            self.write_connection(&c)?;
+        while let Some(id) = self.resets.pop_any() {
+            self.write_connection(id)?;
         }
         Ok(())
     }
@@ -151,11 +154,11 @@ impl<W: Write> Pipeline<W> {
         let outcome = self
             .tracker
             .timewait_died(&key, d.mono_ns, EXPIRY_TOLERANCE_NS);
-        for t in &outcome.derived {
-            self.emit(t, &outcome.owner)?;
+        if let Some((t, owner)) = &outcome.derived {
+            self.emit(t, owner)?;
         }
-        for conn in outcome.closed {
-            self.close(conn)?;
+        for &id in &outcome.closed {
+            self.close(id)?;
         }
         Ok(())
     }
@@ -178,8 +181,8 @@ impl<W: Write> Pipeline<W> {
         for (d, owner) in &result.derived {
             self.emit(d, owner)?;
         }
-        for conn in result.closed {
-            self.close(conn)?;
+        for id in result.closed {
+            self.close(id)?;
         }
         for record in &spilled {
             self.handle(record)?;

@@ -194,7 +194,9 @@ fn check_common(c: &Collector, s: &Sockets, family: Family) {
     let mut tracker = Tracker::new(16);
     let mut closed = Vec::new();
     for t in &c.events {
-        closed.extend(tracker.on_transition(t).closed);
+        for id in tracker.on_transition(t).closed {
+            closed.push(tracker.take(id));
+        }
     }
     // The active closer (if any) waits for its timewait socket.
     assert_eq!(closed.len() + tracker.timewait_pending(), 3);
@@ -500,11 +502,12 @@ fn durations_are_known_only_for_states_the_kernel_saw_entered() {
             "FIN_WAIT1 began under the tracer"
         );
         let mut tracker = Tracker::new(8);
-        let closed: Vec<_> = c
-            .events
-            .iter()
-            .flat_map(|t| tracker.on_transition(t).closed)
-            .collect();
+        let mut closed = Vec::new();
+        for t in &c.events {
+            for id in tracker.on_transition(t).closed {
+                closed.push(tracker.take(id));
+            }
+        }
         assert_eq!(closed.len() + tracker.timewait_pending(), 3);
         assert!(
             closed.iter().all(|conn| !conn.complete),

@@ -30,7 +30,7 @@ use crate::{
     track::diag::{state_bit, DiagSocket, ALL_STATES, MAX_FILTER_TUPLES},
     track::netns::Namespaces,
     track::procfs::{self, Holder},
-    track::tracker::{Connection, Owner, TimewaitEnd, Tracker, TupleKey},
+    track::tracker::{Connection, Owner, SlotId, TimewaitEnd, Tracker, TupleKey},
     FastMap,
 };
 
@@ -73,7 +73,8 @@ pub struct Snapshot {
 #[derive(Default)]
 pub struct PollResult {
     pub derived: Vec<(Transition, Option<Owner>)>,
-    pub closed: Vec<Connection>,
+    /// Connections ended (their slots, to write and release).
+    pub closed: Vec<SlotId>,
 }
 
 type Tuple = (Family, IpAddr, u16, IpAddr, u16);
@@ -214,14 +215,14 @@ impl Lifecycle {
             return result;
         }
         if !self.available {
-            let keys: Vec<(TupleKey, u64)> = tracker
+            let ids: Vec<(SlotId, u64)> = tracker
                 .timewait_mut()
-                .map(|c| (c.key(), c.timewait.map_or(0, |t| t.closed_ns)))
+                .map(|(id, c)| (id, c.timewait.map_or(0, |t| t.closed_ns)))
                 .collect();
-            for (key, closed) in keys {
-                tracker.end_timewait(&key, closed, TimewaitEnd::Unknown, Source::SockDiag);
+            for (id, closed) in ids {
+                tracker.end_timewait(id, closed, TimewaitEnd::Unknown, Source::SockDiag);
+                result.closed.push(id);
             }
-            result.closed = tracker.take_timewait_ended();
             return result;
         }
         let started = Instant::now();
@@ -229,7 +230,7 @@ impl Lifecycle {
         // connections.
         type Wanted = (HashMap<Family, Vec<(u16, u16)>>, Vec<(u32, u32)>);
         let mut wanted: HashMap<u32, Wanted> = HashMap::new();
-        for c in tracker.timewait_mut() {
+        for (_, c) in tracker.timewait_mut() {
             let e = wanted.entry(c.netns).or_default();
             e.0.entry(c.family).or_default().push((c.lport, c.rport));
             e.1.extend(c.task_hint);
@@ -290,8 +291,8 @@ impl Lifecycle {
             dumps.insert(inum, by_tuple);
         }
         let now = monotonic_ns();
-        let mut ending: Vec<(TupleKey, u64, TimewaitEnd, Source)> = Vec::new();
-        for c in tracker.timewait_mut() {
+        let mut ending: Vec<(SlotId, u64, TimewaitEnd, Source)> = Vec::new();
+        for (id, c) in tracker.timewait_mut() {
             let Some(found) = dumps.get(&c.netns) else {
                 continue;
             };
@@ -347,7 +348,7 @@ impl Lifecycle {
                         Some((tw.closed_ns, TimewaitEnd::NotFound, Source::SockDiag))
                     };
                     match decided {
-                        Some((at, end, source)) => ending.push((c.key(), at, end, source)),
+                        Some((at, end, source)) => ending.push((id, at, end, source)),
                         None => {
                             tw.missing_polls += 1;
                             c.timewait = Some(tw);
@@ -356,12 +357,12 @@ impl Lifecycle {
                 }
             }
         }
-        for (key, at, end, source) in ending {
-            result
-                .derived
-                .extend(tracker.end_timewait(&key, at, end, source));
+        for (id, at, end, source) in ending {
+            if let Some(d) = tracker.end_timewait(id, at, end, source) {
+                result.derived.push((d, tracker.conn(id).owner));
+            }
+            result.closed.push(id);
         }
-        result.closed = tracker.take_timewait_ended();
         self.counters.polls += 1;
         self.counters.poll_ns += started.elapsed().as_nanos() as u64;
         result
@@ -378,10 +379,10 @@ impl Lifecycle {
         let now = monotonic_ns();
         let limit = threshold.as_nanos() as u64;
         let mut due: Vec<Connection> = Vec::new();
-        for c in tracker.in_state_mut(state) {
+        for (_, c) in tracker.in_state_mut(state) {
             if !c.stuck_reported && now.saturating_sub(c.state_since_ns) >= limit {
                 c.stuck_reported = true;
-                due.push(c.clone());
+                due.push(*c);
             }
         }
         self.with_holders(due)
@@ -393,7 +394,7 @@ impl Lifecycle {
         tracker: &mut Tracker,
         state: TcpState,
     ) -> Vec<(Connection, Vec<Holder>)> {
-        let all: Vec<Connection> = tracker.in_state_mut(state).map(|c| c.clone()).collect();
+        let all: Vec<Connection> = tracker.in_state_mut(state).map(|(_, c)| *c).collect();
         self.with_holders(all)
     }
 

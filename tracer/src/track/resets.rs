@@ -20,7 +20,7 @@ use std::collections::VecDeque;
 use crate::{
     kernel::events::{Reset, ResetDirection, TcpState},
     track::close::RESET_GRACE_NS,
-    track::tracker::{Connection, Tracker},
+    track::tracker::{SlotId, Tracker},
     FastMap as HashMap,
 };
 
@@ -41,7 +41,9 @@ struct Pending {
 pub struct Resets {
     /// The reset tracepoints are attached (else nothing is held).
     pub enabled: bool,
-    held: VecDeque<(Connection, u64)>,
+    /// Ended connections (their slots in the tracker) and when they may
+    /// be written, in close order.
+    held: VecDeque<(SlotId, u64)>,
     pending: HashMap<u64, Pending>,
     /// Resets of sockets never joined to a connection the tracer reports.
     pub unmatched: u64,
@@ -67,19 +69,25 @@ impl Resets {
     /// A reset from the kernel: to its connection if known, else kept
     /// until its connection closes. Only a reset sent by a socket already
     /// in CLOSE (an abort's) belongs to a held connection: any other comes
-    /// from a live socket, which may have taken a held one's address.
+    /// from a live socket, which may have taken a held one's address. An
+    /// abort's reset follows its CLOSE at once, so the search from the
+    /// newest held record ends within a few.
     pub fn reset(&mut self, r: &Reset, tracker: &mut Tracker) {
         let after_close = r.direction == ResetDirection::Sent && r.state == Some(TcpState::Close);
         let held = if after_close {
             self.held
-                .iter_mut()
+                .iter()
                 .rev()
-                .find(|(c, _)| c.sock == r.sock)
-                .map(|(c, _)| c)
+                .find(|(id, _)| tracker.conn(*id).sock == r.sock)
+                .map(|&(id, _)| id)
         } else {
             None
         };
-        if let Some(c) = held.or_else(|| tracker.get_mut(r.sock)) {
+        let conn = match held {
+            Some(id) => Some(tracker.conn_mut(id)),
+            None => tracker.get_mut(r.sock),
+        };
+        if let Some(c) = conn {
             add(&mut c.close.rst_sent, &mut c.close.rst_received, r);
             self.joined += 1;
             return;
@@ -95,12 +103,13 @@ impl Resets {
         add(&mut p.sent, &mut p.received, r);
     }
 
-    /// A connection the tracker closed: returns it if it can be written
-    /// now, or holds it (see the module doc).
-    pub fn closed(&mut self, mut conn: Connection) -> Option<Connection> {
+    /// A connection the tracker ended (slot `id`): true if it can be
+    /// written now, false if it is held (see the module doc).
+    pub fn closed(&mut self, id: SlotId, tracker: &mut Tracker) -> bool {
         if !self.enabled {
-            return Some(conn);
+            return true;
         }
+        let conn = tracker.conn_mut(id);
         // Almost always empty: no hash of the socket per connection then.
         let pending = if self.pending.is_empty() {
             None
@@ -121,43 +130,41 @@ impl Resets {
         // Ended by a timewait socket (or never by the tracepoint): no
         // reset follows.
         if conn.sock == 0 || conn.timewait.is_some() {
-            return Some(conn);
+            return true;
         }
         let release = conn.state_since_ns + RESET_GRACE_NS;
-        self.held.push_back((conn, release));
+        self.held.push_back((id, release));
+        false
+    }
+
+    /// The next held connection whose grace ended before `drain_start_ns`
+    /// (the start of a drain that emptied the ring buffer), in close order.
+    pub fn pop_due(&mut self, drain_start_ns: u64) -> Option<SlotId> {
+        if self.held.front().is_some_and(|(_, r)| *r <= drain_start_ns) {
+            return self.held.pop_front().map(|(id, _)| id);
+        }
         None
     }
 
-    /// Held connections whose grace ended before `drain_start_ns` (the
-    /// start of a drain that emptied the ring buffer), in close order; and
-    /// resets of unknown sockets past their time are counted unmatched.
-    pub fn release(&mut self, drain_start_ns: u64) -> Vec<Connection> {
-        let mut out = Vec::new();
-        while self.held.front().is_some_and(|(_, r)| *r <= drain_start_ns) {
-            if let Some((c, _)) = self.held.pop_front() {
-                out.push(c);
-            }
+    /// Resets of unknown sockets past their time are counted unmatched.
+    pub fn expire_pending(&mut self, drain_start_ns: u64) {
+        if self.pending.is_empty() {
+            return;
         }
-        if !self.pending.is_empty() {
-            let before = self.pending.len();
-            let mut dropped = 0u64;
-            self.pending.retain(|_, p| {
-                let keep = p.first_ns + PENDING_TTL_NS > drain_start_ns;
-                if !keep {
-                    dropped += u64::from(p.sent + p.received);
-                }
-                keep
-            });
-            if self.pending.len() != before {
-                self.unmatched += dropped;
+        let mut dropped = 0u64;
+        self.pending.retain(|_, p| {
+            let keep = p.first_ns + PENDING_TTL_NS > drain_start_ns;
+            if !keep {
+                dropped += u64::from(p.sent + p.received);
             }
-        }
-        out
+            keep
+        });
+        self.unmatched += dropped;
     }
 
-    /// Everything held, at exit.
-    pub fn release_all(&mut self) -> Vec<Connection> {
-        self.held.drain(..).map(|(c, _)| c).collect()
+    /// The next held connection, whatever its grace (at exit).
+    pub fn pop_any(&mut self) -> Option<SlotId> {
+        self.held.pop_front().map(|(id, _)| id)
     }
 
     pub fn held(&self) -> usize {
@@ -193,6 +200,29 @@ mod tests {
         }
     }
 
+    /// The connection the transition ended.
+    fn ended(t: &mut Tracker, tr: &Transition) -> SlotId {
+        t.on_transition(tr).closed[0]
+    }
+
+    /// What `pop_due` releases at `at`, copied out.
+    fn due(r: &mut Resets, t: &mut Tracker, at: u64) -> Vec<crate::track::tracker::Connection> {
+        let mut out = Vec::new();
+        while let Some(id) = r.pop_due(at) {
+            out.push(t.take(id));
+        }
+        r.expire_pending(at);
+        out
+    }
+
+    fn all(r: &mut Resets, t: &mut Tracker) -> Vec<crate::track::tracker::Connection> {
+        let mut out = Vec::new();
+        while let Some(id) = r.pop_any() {
+            out.push(t.take(id));
+        }
+        out
+    }
+
     fn reset(ms: u64, sock: u64, direction: ResetDirection) -> Reset {
         Reset {
             mono_ns: ms * MS,
@@ -209,15 +239,11 @@ mod tests {
         let mut r = Resets::new(true);
         t.on_transition(&tr(0, 1, Close, SynSent));
         t.on_transition(&tr(1, 1, SynSent, Established));
-        let c = t
-            .on_transition(&tr(10, 1, Established, Close))
-            .closed
-            .pop()
-            .unwrap();
-        assert!(r.closed(c).is_none(), "held for its grace");
+        let c = ended(&mut t, &tr(10, 1, Established, Close));
+        assert!(!r.closed(c, &mut t), "held for its grace");
         r.reset(&reset(10, 1, ResetDirection::Sent), &mut t);
-        assert!(r.release(15 * MS).is_empty(), "grace not over");
-        let out = r.release(31 * MS);
+        assert!(due(&mut r, &mut t, 15 * MS).is_empty(), "grace not over");
+        let out = due(&mut r, &mut t, 31 * MS);
         assert_eq!(out.len(), 1);
         assert_eq!((out[0].close.rst_sent, out[0].close.rst_received), (1, 0));
         assert_eq!((r.joined, r.unmatched), (1, 0));
@@ -230,13 +256,9 @@ mod tests {
         // Refused connect in batch mode: the reset comes first.
         r.reset(&reset(2, 7, ResetDirection::Received), &mut t);
         t.on_transition(&tr(1, 7, Close, SynSent));
-        let c = t
-            .on_transition(&tr(2, 7, SynSent, Close))
-            .closed
-            .pop()
-            .unwrap();
-        assert!(r.closed(c).is_none());
-        let out = r.release_all();
+        let c = ended(&mut t, &tr(2, 7, SynSent, Close));
+        assert!(!r.closed(c, &mut t));
+        let out = all(&mut r, &mut t);
         assert_eq!(out[0].close.rst_received, 1);
         // A live connection gets its reset directly.
         t.on_transition(&tr(5, 8, Close, SynSent));
@@ -250,23 +272,15 @@ mod tests {
         let mut r = Resets::new(true);
         t.on_transition(&tr(0, 3, Close, SynSent));
         t.on_transition(&tr(1, 3, SynSent, Established));
-        let c = t
-            .on_transition(&tr(10, 3, Established, Close))
-            .closed
-            .pop()
-            .unwrap();
-        assert!(r.closed(c).is_none());
+        let c = ended(&mut t, &tr(10, 3, Established, Close));
+        assert!(!r.closed(c, &mut t));
         // Address 3 is reused by a connect that is refused (batched: the
         // agent does not know the socket yet).
         r.reset(&reset(11, 3, ResetDirection::Received), &mut t);
         t.on_transition(&tr(11, 3, Close, SynSent));
-        let c = t
-            .on_transition(&tr(11, 3, SynSent, Close))
-            .closed
-            .pop()
-            .unwrap();
-        assert!(r.closed(c).is_none());
-        let out = r.release_all();
+        let c = ended(&mut t, &tr(11, 3, SynSent, Close));
+        assert!(!r.closed(c, &mut t));
+        let out = all(&mut r, &mut t);
         assert_eq!(out[0].close.rst_received, 0, "the held one received none");
         assert_eq!(out[1].close.rst_received, 1);
     }
@@ -276,20 +290,16 @@ mod tests {
         let mut t = Tracker::new(8);
         let mut r = Resets::new(true);
         r.reset(&reset(1, 99, ResetDirection::Sent), &mut t);
-        assert!(r.release(2 * MS).is_empty());
+        assert!(due(&mut r, &mut t, 2 * MS).is_empty());
         assert_eq!(r.unmatched, 0);
-        r.release(MS + PENDING_TTL_NS);
+        due(&mut r, &mut t, MS + PENDING_TTL_NS);
         assert_eq!(r.unmatched, 1);
         // Older than the connection at the same address: not its reset.
         r.reset(&reset(1, 5, ResetDirection::Received), &mut t);
         t.on_transition(&tr(100, 5, Close, SynSent));
-        let c = t
-            .on_transition(&tr(101, 5, SynSent, Close))
-            .closed
-            .pop()
-            .unwrap();
-        r.closed(c);
-        assert_eq!(r.release_all()[0].close.rst_received, 0);
+        let c = ended(&mut t, &tr(101, 5, SynSent, Close));
+        r.closed(c, &mut t);
+        assert_eq!(all(&mut r, &mut t)[0].close.rst_received, 0);
         assert_eq!(r.unmatched, 2);
     }
 
@@ -297,14 +307,9 @@ mod tests {
     fn disabled_or_timewait_ended_records_pass_at_once() {
         let mut t = Tracker::new(8);
         t.on_transition(&tr(0, 1, Close, SynSent));
-        let c = t
-            .on_transition(&tr(1, 1, SynSent, Close))
-            .closed
-            .pop()
-            .unwrap();
-        assert!(Resets::new(false).closed(c.clone()).is_some());
-        let mut tw = c;
-        tw.timewait = Some(Default::default());
-        assert!(Resets::new(true).closed(tw).is_some());
+        let c = ended(&mut t, &tr(1, 1, SynSent, Close));
+        assert!(Resets::new(false).closed(c, &mut t));
+        t.conn_mut(c).timewait = Some(Default::default());
+        assert!(Resets::new(true).closed(c, &mut t));
     }
 }

@@ -150,7 +150,7 @@ impl Collector {
         while let Some(item) = self.probe.events.next() {
             match decode_record(&item).unwrap_or_else(|e| panic!("undecodable record: {e}")) {
                 Record::Transition(t) => self.events.push(t),
-                Record::Batch(b) => self.events.extend(b.transitions().copied()),
+                Record::Batch(b) => self.events.extend(b.transitions()),
                 // Kernels with fentry also report timewait deaths; resets
                 // are checked through the binary (tests/closes.rs).
                 Record::TimewaitDeath(_) | Record::Reset(_) => {}

@@ -9,10 +9,13 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
+use std::mem::offset_of;
+
 use thiserror::Error;
 use tracer_common::{
-    BatchEvent, EventHeader, EventKind, ResetEvent, TimewaitDeathEvent, TransitionEvent, AF_INET,
-    AF_INET6, BATCH_STEPS, FLAG_OLD_STATE_KNOWN, RESET_RECEIVED, RESET_SENT,
+    BatchEvent, EventHeader, EventKind, ResetEvent, Step, TaskSlot, TimewaitDeathEvent,
+    TransitionEvent, AF_INET, AF_INET6, BATCH_STEPS, FLAG_OLD_STATE_KNOWN, RESET_RECEIVED,
+    RESET_SENT,
 };
 
 /// A TCP state, numbered as in the kernel's `include/net/tcp_states.h`.
@@ -254,33 +257,96 @@ pub struct TimewaitDeath {
     pub netns: u32,
 }
 
-/// Any ring buffer record.
-// Decoded on the stack, one at a time: a large batch costs no allocation.
-#[allow(clippy::large_enum_variant)]
+/// Any ring buffer record. A batch is a view of the record's bytes,
+/// decoded step by step as it is read: no copy of the batch, no large
+/// value moved per record.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Record {
+pub enum Record<'a> {
     Transition(Transition),
     TimewaitDeath(TimewaitDeath),
     /// Transitions of one socket, in order.
-    Batch(Batch),
+    Batch(BatchView<'a>),
     Reset(Reset),
 }
 
-/// Up to [`BATCH_STEPS`] transitions of one socket, decoded from a
-/// [`BatchEvent`] (no allocation).
+/// A validated [`BatchEvent`] in the ring buffer: up to [`BATCH_STEPS`]
+/// transitions of one socket with the batch's endpoints.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Batch {
-    steps: [Option<Transition>; BATCH_STEPS],
+pub struct BatchView<'a> {
+    bytes: &'a [u8],
+    mono_ns: u64,
+    sock: u64,
+    family: Family,
+    laddr: IpAddr,
+    lport: u16,
+    raddr: IpAddr,
+    rport: u16,
+    netns: u32,
+    steps: usize,
 }
 
-impl Batch {
-    pub fn transitions(&self) -> impl Iterator<Item = &Transition> {
-        self.steps.iter().flatten()
+const STEPS_AT: usize = offset_of!(BatchEvent, batch) + offset_of!(tracer_common::Batch, steps);
+const OWNERS_AT: usize = offset_of!(BatchEvent, batch) + offset_of!(tracer_common::Batch, owners);
+
+impl<'a> BatchView<'a> {
+    fn step(&self, i: usize) -> Option<Step> {
+        read_at(self.bytes, STEPS_AT + i * size_of::<Step>())
+    }
+
+    fn task(&self, k: u8) -> Option<TaskSlot> {
+        let i = usize::from(k.checked_sub(1)?);
+        (i < tracer_common::Batch::default().owners.len())
+            .then(|| read_at(self.bytes, OWNERS_AT + i * size_of::<TaskSlot>()))
+            .flatten()
+    }
+
+    /// When the batch's first transition fired.
+    pub fn mono_ns(&self) -> u64 {
+        self.mono_ns
+    }
+
+    pub fn len(&self) -> usize {
+        self.steps
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.steps == 0
+    }
+
+    /// Each step as the transition the kernel would have sent alone, with
+    /// the batch's endpoints. Steps that ran in the owner's system call
+    /// carry the task that was current; the others carry none (pid 0),
+    /// which nothing reads in the modes that batch.
+    pub fn transitions(&self) -> impl Iterator<Item = Transition> + '_ {
+        (0..self.steps).filter_map(move |i| {
+            let step = self.step(i)?;
+            let task = self.task(step.owner);
+            Some(Transition {
+                mono_ns: step.ts_ns,
+                sock: self.sock,
+                pid: task.map_or(0, |t| t.pid),
+                tid: task.map_or(0, |t| t.tid),
+                uid: task.map_or(0, |t| t.uid),
+                comm: Comm(task.map_or([0; 16], |t| t.comm)),
+                family: self.family,
+                laddr: self.laddr,
+                lport: self.lport,
+                raddr: self.raddr,
+                rport: self.rport,
+                old: TcpState::from_kernel(step.old)?,
+                new: TcpState::from_kernel(step.new)?,
+                old_state_ns: (u32::from(step.flags) & FLAG_OLD_STATE_KNOWN != 0)
+                    .then_some(step.old_state_ns),
+                netns: self.netns,
+                cgroup: task.map_or(0, |t| t.cgroup),
+                source: Source::Tracepoint,
+            })
+        })
     }
 }
 
 /// Decodes one ring buffer record of any kind.
-pub fn decode_record(bytes: &[u8]) -> Result<Record, DecodeError> {
+pub fn decode_record(bytes: &[u8]) -> Result<Record<'_>, DecodeError> {
     let header: EventHeader = read(bytes).ok_or(DecodeError::ShortHeader(bytes.len()))?;
     if header.kind == EventKind::Batch as u32 {
         return decode_batch(bytes).map(Record::Batch);
@@ -323,55 +389,69 @@ pub fn decode_reset(bytes: &[u8]) -> Result<Reset, DecodeError> {
     })
 }
 
-/// Decodes a batch: each step becomes the transition the kernel would have
-/// sent alone, with the batch's endpoints. Steps that ran in the owner's
-/// system call carry the task that was current; the others carry none
-/// (pid 0), which nothing reads in the modes that batch.
-pub fn decode_batch(bytes: &[u8]) -> Result<Batch, DecodeError> {
+/// Checks a batch record (its length, family, step count, every step's
+/// states and task index) and returns a view of it.
+pub fn decode_batch(bytes: &[u8]) -> Result<BatchView<'_>, DecodeError> {
     let want = size_of::<BatchEvent>();
     let header: EventHeader = read(bytes).ok_or(DecodeError::ShortHeader(bytes.len()))?;
     check_len(bytes, &header, want)?;
-    let ev: BatchEvent = read(bytes).ok_or(DecodeError::ShortHeader(bytes.len()))?;
-    let family = family_of(ev.family)?;
-    let b = ev.batch;
-    let n = usize::from(b.nsteps);
+    let short = || DecodeError::ShortHeader(bytes.len());
+    let prefix: BatchPrefix = read(bytes).ok_or_else(short)?;
+    let family = family_of(prefix.family)?;
+    let counts: [u8; 2] = read_at(
+        bytes,
+        offset_of!(BatchEvent, batch) + offset_of!(tracer_common::Batch, nsteps),
+    )
+    .ok_or_else(short)?;
+    let n = usize::from(counts[0]);
     if n == 0 || n > BATCH_STEPS {
-        return Err(DecodeError::BadSteps(b.nsteps));
+        return Err(DecodeError::BadSteps(counts[0]));
     }
-    let state = |n| TcpState::from_kernel(n).ok_or(DecodeError::BadState(n));
-    let mut steps = [None; BATCH_STEPS];
-    for (out, step) in steps.iter_mut().zip(&b.steps[..n]) {
-        let task = match step.owner {
-            0 => None,
-            k => Some(
-                *b.owners
-                    .get(usize::from(k) - 1)
-                    .ok_or(DecodeError::BadSteps(k))?,
-            ),
-        };
-        *out = Some(Transition {
-            mono_ns: step.ts_ns,
-            sock: ev.skaddr,
-            pid: task.map_or(0, |t| t.pid),
-            tid: task.map_or(0, |t| t.tid),
-            uid: task.map_or(0, |t| t.uid),
-            comm: Comm(task.map_or([0; 16], |t| t.comm)),
-            family,
-            laddr: addr(family, ev.saddr),
-            lport: ev.sport,
-            raddr: addr(family, ev.daddr),
-            rport: ev.dport,
-            old: state(step.old)?,
-            new: state(step.new)?,
-            old_state_ns: (u32::from(step.flags) & FLAG_OLD_STATE_KNOWN != 0)
-                .then_some(step.old_state_ns),
-            netns: ev.netns,
-            cgroup: task.map_or(0, |t| t.cgroup),
-            source: Source::Tracepoint,
-        });
+    let view = BatchView {
+        bytes,
+        mono_ns: prefix.header.ts_ns,
+        sock: prefix.skaddr,
+        family,
+        laddr: addr(family, prefix.saddr),
+        lport: prefix.sport,
+        raddr: addr(family, prefix.daddr),
+        rport: prefix.dport,
+        netns: prefix.netns,
+        steps: n,
+    };
+    for i in 0..n {
+        let step = view.step(i).ok_or_else(short)?;
+        for st in [step.old, step.new] {
+            TcpState::from_kernel(st).ok_or(DecodeError::BadState(st))?;
+        }
+        if step.owner != 0 && view.task(step.owner).is_none() {
+            return Err(DecodeError::BadSteps(step.owner));
+        }
     }
-    Ok(Batch { steps })
+    Ok(view)
 }
+
+/// The fields of a [`BatchEvent`] before its batch (the same layout; the
+/// decoder reads them without copying the batch).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct BatchPrefix {
+    header: EventHeader,
+    skaddr: u64,
+    saddr: [u8; 16],
+    daddr: [u8; 16],
+    sport: u16,
+    dport: u16,
+    family: u16,
+    _pad: u16,
+    netns: u32,
+    _reserved: u32,
+}
+
+const _: () = assert!(size_of::<BatchPrefix>() == offset_of!(BatchEvent, batch));
+const _: () = assert!(offset_of!(BatchPrefix, netns) == offset_of!(BatchEvent, netns));
+// SAFETY: integers and byte arrays, no padding (sizes checked above).
+unsafe impl Wire for BatchPrefix {}
 
 /// Decodes one transition record.
 pub fn decode(bytes: &[u8]) -> Result<Transition, DecodeError> {
@@ -432,12 +512,36 @@ fn addr(family: Family, raw: [u8; 16]) -> IpAddr {
     }
 }
 
+/// Types the kernel writes into the ring buffer, readable from any bytes.
+///
+/// # Safety
+/// Implementors are `#[repr(C)]` structs of integers and byte arrays
+/// without padding: every bit pattern is a valid value (no `bool`, no enum,
+/// no reference).
+unsafe trait Wire: Copy {}
+
+// SAFETY: tracer-common's record types satisfy `Wire`'s contract (its
+// layout asserts check they have no padding).
+unsafe impl Wire for EventHeader {}
+unsafe impl Wire for TransitionEvent {}
+unsafe impl Wire for BatchEvent {}
+unsafe impl Wire for ResetEvent {}
+unsafe impl Wire for TimewaitDeathEvent {}
+unsafe impl Wire for Step {}
+unsafe impl Wire for TaskSlot {}
+unsafe impl Wire for [u8; 2] {}
+
 /// Reads a `T` from the front of `bytes`, if it is long enough.
-fn read<T: Copy>(bytes: &[u8]) -> Option<T> {
-    (bytes.len() >= size_of::<T>())
-        // SAFETY: length checked; `T` is a plain-old-data tracer-common type
-        // and the read is unaligned.
-        .then(|| unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
+fn read<T: Wire>(bytes: &[u8]) -> Option<T> {
+    read_at(bytes, 0)
+}
+
+/// Reads a `T` at byte `at` of `bytes`, if it lies within.
+fn read_at<T: Wire>(bytes: &[u8], at: usize) -> Option<T> {
+    let b = bytes.get(at..at.checked_add(size_of::<T>())?)?;
+    // SAFETY: `b` holds `size_of::<T>()` bytes; any bytes are a valid `T`
+    // (`Wire`); the read is unaligned.
+    Some(unsafe { std::ptr::read_unaligned(b.as_ptr().cast::<T>()) })
 }
 
 /// Encodes a transition the way the kernel program does. Used by tests and

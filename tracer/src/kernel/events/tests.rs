@@ -112,10 +112,11 @@ fn batch_bytes(nsteps: u8) -> Vec<u8> {
 
 #[test]
 fn batch_decodes_into_the_transitions_sent_alone() {
-    let Ok(Record::Batch(b)) = decode_record(&batch_bytes(3)) else {
+    let bytes = batch_bytes(3);
+    let Ok(Record::Batch(b)) = decode_record(&bytes) else {
         panic!("not a batch");
     };
-    let ts: Vec<&Transition> = b.transitions().collect();
+    let ts: Vec<Transition> = b.transitions().collect();
     assert_eq!(ts.len(), 3);
     assert_eq!((ts[0].old, ts[0].new), (TcpState::Close, TcpState::SynSent));
     assert_eq!((ts[0].pid, ts[0].tid, ts[0].uid), (7, 8, 9));

@@ -400,7 +400,7 @@ impl Recorder {
         let stuck_ns = self.close_wait_stuck_ns;
         let stuck = tracker
             .in_state_mut(TcpState::CloseWait)
-            .filter(|c| now_ns.saturating_sub(c.state_since_ns) > stuck_ns)
+            .filter(|(_, c)| now_ns.saturating_sub(c.state_since_ns) > stuck_ns)
             .count() as i64;
         for s in TcpState::ALL {
             let i = s.index();

@@ -126,10 +126,10 @@ fn closed() -> Connection {
     };
     tr.on_transition(&t(1000, TcpState::Close, TcpState::SynSent, None));
     tr.on_transition(&t(1001, TcpState::SynSent, TcpState::Established, Some(1)));
-    tr.on_transition(&t(1201, TcpState::Established, TcpState::Close, Some(200)))
-        .closed
-        .pop()
-        .unwrap()
+    let id = tr
+        .on_transition(&t(1201, TcpState::Established, TcpState::Close, Some(200)))
+        .closed[0];
+    tr.take(id)
 }
 
 #[test]

@@ -91,20 +91,17 @@ fn recording(events: &[Transition], mode: EventsMode, by: Option<GroupBy>) -> (S
         p.handle(&encode(t)).unwrap();
     }
     // ... whose FIN_WAIT2 goes on there until it enters TIME_WAIT.
-    let conn = p.tracker.timewait_mut().next().expect("client in timewait");
-    let key = conn.key();
+    let (id, conn) = p.tracker.timewait_mut().next().expect("client in timewait");
     conn.advance(TimeWait, 356 * MS);
     let d = conn.derived(FinWait2, TimeWait, 356 * MS, Some(MS), Source::SockDiag);
     let owner = conn.owner;
     p.emit(&d, &owner).unwrap();
-    let (d, owner) = p
+    let d = p
         .tracker
-        .end_timewait(&key, 60_356 * MS, TimewaitEnd::Expired, Source::SockDiag)
+        .end_timewait(id, 60_356 * MS, TimewaitEnd::Expired, Source::SockDiag)
         .unwrap();
     p.emit(&d, &owner).unwrap();
-    for conn in p.tracker.take_timewait_ended() {
-        p.close(conn).unwrap();
-    }
+    p.close(id).unwrap();
     p.release_all().unwrap();
     let mut live = Vec::new();
     p.observers

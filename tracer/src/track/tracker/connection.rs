@@ -71,7 +71,7 @@ pub struct Timewait {
     pub missing_polls: u8,
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Connection {
     /// Kernel socket address; 0 for a socket known only from the start-up
     /// snapshot.
@@ -285,6 +285,32 @@ impl Connection {
     /// From `start_ns` to the last transition (the end, for ended ones).
     pub fn duration_ns(&self) -> u64 {
         self.state_since_ns - self.start_ns
+    }
+
+    /// Ends the timewait part at `at_ns` as `end`: returns the derived
+    /// `-> CLOSE` transition when there was a timewait socket to end.
+    pub fn finish_timewait(
+        &mut self,
+        at_ns: u64,
+        end: TimewaitEnd,
+        source: Source,
+    ) -> Option<Transition> {
+        let tw = self.timewait.get_or_insert_with(Timewait::default);
+        tw.end = Some(end);
+        let closed_ns = tw.closed_ns;
+        match end {
+            // No timewait socket: the connection ended at the tracepoint's CLOSE.
+            TimewaitEnd::NotCreated | TimewaitEnd::NotFound | TimewaitEnd::Unknown => {
+                self.close.push(self.state, TcpState::Close, closed_ns);
+                None
+            }
+            _ => {
+                let old = self.state;
+                let in_state = at_ns.saturating_sub(self.state_since_ns);
+                self.advance(TcpState::Close, at_ns);
+                Some(self.derived(old, TcpState::Close, at_ns, Some(in_state), source))
+            }
+        }
     }
 
     /// A transition of this connection that the tracepoint could not report.

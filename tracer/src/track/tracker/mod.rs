@@ -24,24 +24,33 @@
 //!   seen; `gaps` counts such connections.
 //! - Owner: see `owners.rs`.
 //!
-//! `connection.rs` is one connection; this file is the table of them.
+//! `connection.rs` is one connection, `slab.rs` where connections live;
+//! this file is the table of them: one index look-up per transition (by
+//! socket address), and 4-tuple indexes only for the connections that
+//! need them (waiting for their timewait socket, or known from the
+//! start-up snapshot).
 
 mod connection;
 mod owners;
+mod slab;
 #[cfg(test)]
 mod tests;
 
 use std::collections::hash_map::Entry;
 
+use arrayvec::ArrayVec;
+
 pub use connection::{Connection, Timewait, TimewaitEnd, TupleKey};
 use owners::Listeners;
 pub use owners::Owner;
+pub use slab::{Phase, SlotId};
 
 use crate::{
     kernel::events::{Source, TcpState, Transition},
     FastMap as HashMap,
 };
 use connection::STATES;
+use slab::Slab;
 
 /// Was this `-> CLOSE` an active close that leaves a timewait socket?
 fn leaves_timewait(old: TcpState) -> bool {
@@ -51,34 +60,33 @@ fn leaves_timewait(old: TcpState) -> bool {
     )
 }
 
+/// Connections one transition can end: its own, and an older one whose
+/// timewait socket it reused.
+pub type Closed = ArrayVec<SlotId, 2>;
+
 /// What one transition did to the tracker.
 #[derive(Debug, Default, PartialEq)]
 pub struct Outcome {
     /// The socket's owner, as known after this transition.
     pub owner: Option<Owner>,
-    /// Connections that ended: this one at CLOSE, or an older one whose
-    /// timewait socket this connection reused.
-    pub closed: Vec<Connection>,
-    /// Transitions the tracepoint could not report (the reused timewait's).
-    pub derived: Vec<Transition>,
+    /// Connections that ended (in [`Phase::Ended`]: the caller writes and
+    /// frees them with [`Tracker::release`]).
+    pub closed: Closed,
+    /// A transition the tracepoint could not report (the reused
+    /// timewait's end), with the owner of its connection.
+    pub derived: Option<(Transition, Option<Owner>)>,
     /// The tracker is full; this socket is not tracked (counted).
     pub untracked: bool,
 }
 
-impl Outcome {
-    /// Owner for the derived transitions: those of the connection they
-    /// ended.
-    pub fn owner_of_derived(&self) -> Option<Owner> {
-        self.closed.first().and_then(|c| c.owner)
-    }
-}
-
 pub struct Tracker {
-    conns: HashMap<u64, Connection>,
+    slab: Slab,
+    /// Live sockets by kernel address.
+    by_sock: HashMap<u64, SlotId>,
     /// Actively closed connections whose timewait socket is not resolved.
-    timewait: HashMap<TupleKey, Connection>,
+    timewait: HashMap<TupleKey, SlotId>,
     /// Sockets from the start-up snapshot not yet seen in a transition.
-    snapshot: HashMap<TupleKey, Connection>,
+    snapshot: HashMap<TupleKey, SlotId>,
     /// Listening sockets, for accepted sockets' owner.
     listeners: Listeners,
     capacity: usize,
@@ -91,7 +99,8 @@ pub struct Tracker {
 impl Tracker {
     pub fn new(capacity: usize) -> Self {
         Tracker {
-            conns: HashMap::default(),
+            slab: Slab::default(),
+            by_sock: HashMap::default(),
             timewait: HashMap::default(),
             snapshot: HashMap::default(),
             listeners: Listeners::default(),
@@ -102,7 +111,7 @@ impl Tracker {
     }
 
     fn full(&self) -> bool {
-        self.conns.len() + self.timewait.len() + self.snapshot.len() >= self.capacity
+        self.len() >= self.capacity
     }
 
     /// Registers a socket found by the start-up snapshot.
@@ -114,12 +123,16 @@ impl Tracker {
         if conn.listener {
             self.listeners
                 .add(conn.netns, conn.lport, 0, conn.laddr, conn.owner);
-        } else {
-            self.snapshot.insert(conn.key(), conn);
+            return;
+        }
+        let key = conn.key();
+        let id = self.slab.insert(Phase::Snapshot, conn);
+        if let Some(old) = self.snapshot.insert(key, id) {
+            self.slab.free(old);
         }
     }
 
-    fn key_of(t: &Transition) -> TupleKey {
+    pub fn key_of(t: &Transition) -> TupleKey {
         TupleKey {
             netns: t.netns,
             family: t.family,
@@ -133,10 +146,19 @@ impl Tracker {
     pub fn on_transition(&mut self, t: &Transition) -> Outcome {
         let mut out = Outcome::default();
         self.end_reused_timewait(t, &mut out);
-        match self.conns.entry(t.sock) {
-            Entry::Occupied(e) => e.into_mut().apply(t),
-            Entry::Vacant(_) => {
-                if self.conns.len() + self.timewait.len() + self.snapshot.len() >= self.capacity {
+        let closing = t.new == TcpState::Close;
+        let full = self.full();
+        let id = match self.by_sock.entry(t.sock) {
+            Entry::Occupied(e) => {
+                let id = *e.get();
+                if closing {
+                    e.remove();
+                }
+                self.slab.get_mut(id).apply(t);
+                id
+            }
+            Entry::Vacant(v) => {
+                if full {
                     self.untracked += 1;
                     out.untracked = true;
                     return out;
@@ -152,26 +174,34 @@ impl Tracker {
                 } else {
                     self.snapshot.remove(&Self::key_of(t))
                 };
-                let conn = match known.filter(|_| !birth) {
-                    Some(mut known) => {
+                let id = match known {
+                    Some(id) if !birth => {
                         // Existed before the tracer: time counts from the snapshot.
-                        known.sock = t.sock;
-                        known.apply(t);
-                        known
+                        let c = self.slab.get_mut(id);
+                        c.sock = t.sock;
+                        c.apply(t);
+                        self.slab.set_phase(id, Phase::Live);
+                        id
                     }
-                    None => {
+                    other => {
+                        if let Some(stale) = other {
+                            self.slab.free(stale);
+                        }
                         let inherited = (t.old == TcpState::Listen && t.new == TcpState::SynRecv)
                             .then(|| self.listeners.owner_of(t))
                             .flatten();
-                        Connection::new(t, inherited)
+                        self.slab.insert(Phase::Live, Connection::new(t, inherited))
                     }
                 };
-                self.conns.insert(t.sock, conn);
+                if !closing {
+                    v.insert(id);
+                }
+                id
             }
-        }
+        };
         match (t.old, t.new) {
             (_, TcpState::Listen) => {
-                let owner = self.conns.get(&t.sock).and_then(|c| c.owner);
+                let owner = self.slab.get(id).owner;
                 self.listeners.add(t.netns, t.lport, t.sock, t.laddr, owner);
             }
             (TcpState::Listen, TcpState::Close) => {
@@ -182,37 +212,48 @@ impl Tracker {
         if !self.snapshot.is_empty() && t.new == TcpState::Established {
             // A socket born after attach but before the snapshot was taken
             // is in both: the tracked one wins.
-            self.snapshot.remove(&Self::key_of(t));
+            if let Some(stale) = self.snapshot.remove(&Self::key_of(t)) {
+                self.slab.free(stale);
+            }
         }
-        out.owner = self.conns.get(&t.sock).and_then(|c| c.owner);
-        if t.new == TcpState::Close {
-            if let Some(mut conn) = self.conns.remove(&t.sock) {
-                if leaves_timewait(t.old) && !conn.listener {
-                    // The connection goes on in a timewait socket: in
-                    // TIME_WAIT at once after CLOSING, else in FIN_WAIT2.
-                    conn.state = if t.old == TcpState::Closing {
-                        TcpState::TimeWait
-                    } else {
-                        TcpState::FinWait2
-                    };
-                    // The hand-over is no step of the close; CLOSING's
-                    // is its entry into TIME_WAIT.
-                    conn.close.pop();
-                    if t.old == TcpState::Closing {
-                        conn.close
-                            .push(TcpState::Closing, TcpState::TimeWait, t.mono_ns);
-                    }
-                    conn.timewait = Some(Timewait {
-                        closed_ns: t.mono_ns,
-                        ..Default::default()
-                    });
-                    self.timewait.insert(conn.key(), conn);
+        let conn = self.slab.get_mut(id);
+        out.owner = conn.owner;
+        if closing {
+            if leaves_timewait(t.old) && !conn.listener {
+                // The connection goes on in a timewait socket: in
+                // TIME_WAIT at once after CLOSING, else in FIN_WAIT2.
+                conn.state = if t.old == TcpState::Closing {
+                    TcpState::TimeWait
                 } else {
-                    if conn.gap {
-                        self.gaps += 1;
-                    }
-                    out.closed.push(conn);
+                    TcpState::FinWait2
+                };
+                // The hand-over is no step of the close; CLOSING's
+                // is its entry into TIME_WAIT.
+                conn.close.pop();
+                if t.old == TcpState::Closing {
+                    conn.close
+                        .push(TcpState::Closing, TcpState::TimeWait, t.mono_ns);
                 }
+                conn.timewait = Some(Timewait {
+                    closed_ns: t.mono_ns,
+                    ..Default::default()
+                });
+                let key = conn.key();
+                self.slab.set_phase(id, Phase::Timewait);
+                if let Some(old) = self.timewait.insert(key, id) {
+                    // Two connections on one 4-tuple both waiting: the
+                    // older one's timewait socket gave way to this one.
+                    self.end_timewait_slot(old, t.mono_ns, TimewaitEnd::Reused, Source::Reuse);
+                    if out.closed.try_push(old).is_err() {
+                        self.slab.free(old);
+                    }
+                }
+            } else {
+                if conn.gap {
+                    self.gaps += 1;
+                }
+                self.slab.set_phase(id, Phase::Ended);
+                let _ = out.closed.try_push(id);
             }
         }
         out
@@ -234,15 +275,15 @@ impl Tracker {
         if self.timewait.is_empty() {
             return;
         }
-        if let Some(mut old) = self.timewait.remove(&Self::key_of(t)) {
+        if let Some(id) = self.timewait.remove(&Self::key_of(t)) {
             // With fentry, the exact moment the kernel killed it.
-            let (at, source) = match old.timewait.and_then(|tw| tw.killed_ns) {
+            let (at, source) = match self.slab.get(id).timewait.and_then(|tw| tw.killed_ns) {
                 Some(k) => (k, Source::Fentry),
                 None => (reuse_at, Source::Reuse),
             };
-            out.derived
-                .extend(self.finish_timewait(&mut old, at, TimewaitEnd::Reused, source));
-            out.closed.push(old);
+            let derived = self.end_timewait_slot(id, at, TimewaitEnd::Reused, source);
+            out.derived = derived.map(|d| (d, self.slab.get(id).owner));
+            let _ = out.closed.try_push(id);
         }
     }
 
@@ -252,76 +293,70 @@ impl Tracker {
     /// transition (a reuse) or poll says which.
     pub fn timewait_died(&mut self, key: &TupleKey, at_ns: u64, tolerance_ns: u64) -> Outcome {
         let mut out = Outcome::default();
-        let Some(conn) = self.timewait.get_mut(key) else {
+        let Some(&id) = self.timewait.get(key) else {
             return out;
         };
+        let conn = self.slab.get_mut(id);
         let in_time_wait = conn.state == TcpState::TimeWait;
         let Some(tw) = conn.timewait.as_mut() else {
             return out;
         };
         if in_time_wait && tw.expires_ns.is_some_and(|e| at_ns + tolerance_ns >= e) {
-            if let Some((d, owner)) =
-                self.end_timewait(key, at_ns, TimewaitEnd::Expired, Source::Fentry)
-            {
-                out.derived.push(d);
-                out.owner = owner;
+            if let Some(d) = self.end_timewait(id, at_ns, TimewaitEnd::Expired, Source::Fentry) {
+                out.derived = Some((d, self.slab.get(id).owner));
             }
-            out.closed = self.take_timewait_ended();
+            out.owner = self.slab.get(id).owner;
+            let _ = out.closed.try_push(id);
         } else {
             tw.killed_ns = Some(at_ns);
         }
         out
     }
 
-    /// Ends a connection's timewait part at `at_ns`: returns the derived
-    /// `-> CLOSE` transition and leaves `conn` ready to be reported.
-    pub fn finish_timewait(
+    /// Ends the timewait part of connection `id` (waiting in the timewait
+    /// table) at `at_ns`: returns the derived `-> CLOSE` transition, if
+    /// there was a timewait socket, and leaves the connection
+    /// [`Phase::Ended`] for the caller to write and release.
+    pub fn end_timewait(
         &mut self,
-        conn: &mut Connection,
+        id: SlotId,
         at_ns: u64,
         end: TimewaitEnd,
         source: Source,
     ) -> Option<Transition> {
-        let tw = conn.timewait.get_or_insert_with(Timewait::default);
-        tw.end = Some(end);
-        if conn.gap {
-            self.gaps += 1;
+        let key = self.slab.get(id).key();
+        if self.timewait.get(&key) == Some(&id) {
+            self.timewait.remove(&key);
         }
-        match end {
-            // No timewait socket: the connection ended at the tracepoint's CLOSE.
-            TimewaitEnd::NotCreated | TimewaitEnd::NotFound | TimewaitEnd::Unknown => {
-                conn.close.push(conn.state, TcpState::Close, tw.closed_ns);
-                None
-            }
-            _ => {
-                let old = conn.state;
-                let in_state = at_ns.saturating_sub(conn.state_since_ns);
-                conn.advance(TcpState::Close, at_ns);
-                Some(conn.derived(old, TcpState::Close, at_ns, Some(in_state), source))
-            }
-        }
+        self.end_timewait_slot(id, at_ns, end, source)
     }
 
-    /// Ends the timewait part of the pending connection `key` (see
-    /// [`Tracker::finish_timewait`]); it is taken by
-    /// [`Tracker::take_timewait_ended`].
-    pub fn end_timewait(
+    fn end_timewait_slot(
         &mut self,
-        key: &TupleKey,
+        id: SlotId,
         at_ns: u64,
         end: TimewaitEnd,
         source: Source,
-    ) -> Option<(Transition, Option<Owner>)> {
-        let mut conn = self.timewait.remove(key)?;
-        let derived = self.finish_timewait(&mut conn, at_ns, end, source);
-        let owner = conn.owner;
-        self.timewait.insert(*key, conn);
-        derived.map(|d| (d, owner))
+    ) -> Option<Transition> {
+        self.slab.set_phase(id, Phase::Ended);
+        let conn = self.slab.get_mut(id);
+        if conn.gap {
+            self.gaps += 1;
+        }
+        conn.finish_timewait(at_ns, end, source)
     }
 
     /// Connections waiting for their timewait socket to be resolved.
-    pub fn timewait_mut(&mut self) -> impl Iterator<Item = &mut Connection> {
-        self.timewait.values_mut()
+    pub fn timewait_mut(&mut self) -> impl Iterator<Item = (SlotId, &mut Connection)> {
+        self.slab
+            .iter_mut()
+            .filter(|(_, p, _)| *p == Phase::Timewait)
+            .map(|(id, _, c)| (id, c))
+    }
+
+    /// The connection waiting for the timewait socket of `key`.
+    pub fn timewait_of(&self, key: &TupleKey) -> Option<SlotId> {
+        self.timewait.get(key).copied()
     }
 
     pub fn timewait_pending(&self) -> usize {
@@ -332,47 +367,35 @@ impl Tracker {
         !self.timewait.is_empty()
     }
 
-    /// Takes the connections whose timewait part has ended.
-    pub fn take_timewait_ended(&mut self) -> Vec<Connection> {
-        let ended: Vec<TupleKey> = self
-            .timewait
-            .iter()
-            .filter(|(_, c)| c.timewait.is_some_and(|tw| tw.end.is_some()))
-            .map(|(k, _)| *k)
-            .collect();
-        ended
-            .into_iter()
-            .filter_map(|k| self.timewait.remove(&k))
-            .collect()
-    }
-
     /// Live connections (tracked or from the snapshot) in `state`.
-    pub fn in_state_mut(&mut self, state: TcpState) -> impl Iterator<Item = &mut Connection> {
-        self.conns
-            .values_mut()
-            .chain(self.snapshot.values_mut())
-            .filter(move |c| c.state == state && !c.listener)
+    pub fn in_state_mut(
+        &mut self,
+        state: TcpState,
+    ) -> impl Iterator<Item = (SlotId, &mut Connection)> {
+        self.slab
+            .iter_mut()
+            .filter(move |(_, p, c)| {
+                matches!(p, Phase::Live | Phase::Snapshot) && c.state == state && !c.listener
+            })
+            .map(|(id, _, c)| (id, c))
     }
 
     /// Live connections per current state (timewait ones included), for
     /// gauges.
     pub fn count_by_state(&self) -> [u64; STATES] {
         let mut counts = [0u64; STATES];
-        for c in self
-            .conns
-            .values()
-            .chain(self.snapshot.values())
-            .chain(self.timewait.values())
-        {
-            if !c.listener {
+        for (_, p, c) in self.slab.iter() {
+            if matches!(p, Phase::Live | Phase::Snapshot | Phase::Timewait) && !c.listener {
                 counts[c.state.index()] += 1;
             }
         }
         counts
     }
 
+    /// Connections tracked (live, from the snapshot, or waiting for their
+    /// timewait socket); ended ones waiting to be written are not counted.
     pub fn len(&self) -> usize {
-        self.conns.len() + self.timewait.len() + self.snapshot.len()
+        self.by_sock.len() + self.timewait.len() + self.snapshot.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -380,10 +403,47 @@ impl Tracker {
     }
 
     pub fn get(&self, sock: u64) -> Option<&Connection> {
-        self.conns.get(&sock)
+        self.by_sock.get(&sock).map(|&id| self.slab.get(id))
     }
 
     pub fn get_mut(&mut self, sock: u64) -> Option<&mut Connection> {
-        self.conns.get_mut(&sock)
+        let id = *self.by_sock.get(&sock)?;
+        Some(self.slab.get_mut(id))
+    }
+
+    /// The connection in slot `id`.
+    pub fn conn(&self, id: SlotId) -> &Connection {
+        self.slab.get(id)
+    }
+
+    pub fn conn_mut(&mut self, id: SlotId) -> &mut Connection {
+        self.slab.get_mut(id)
+    }
+
+    pub fn phase(&self, id: SlotId) -> Phase {
+        self.slab.phase(id)
+    }
+
+    /// Frees an ended connection's slot (once written).
+    pub fn release(&mut self, id: SlotId) {
+        debug_assert_eq!(self.slab.phase(id), Phase::Ended);
+        self.slab.free(id);
+    }
+
+    /// Copies an ended connection out and frees its slot.
+    pub fn take(&mut self, id: SlotId) -> Connection {
+        let c = *self.slab.get(id);
+        self.release(id);
+        c
+    }
+
+    /// Bytes the table holds (slots and indexes), for `-v` and the bench.
+    pub fn memory_bytes(&self) -> usize {
+        let slot = size_of::<(Phase, Connection)>();
+        let index = |cap: usize, entry: usize| cap * (entry + 1);
+        self.slab.allocated() * slot
+            + index(self.by_sock.capacity(), size_of::<(u64, SlotId)>())
+            + index(self.timewait.capacity(), size_of::<(TupleKey, SlotId)>())
+            + index(self.snapshot.capacity(), size_of::<(TupleKey, SlotId)>())
     }
 }

@@ -25,10 +25,15 @@ fn life(steps: &[Transition]) -> Connection {
         let o = tr.on_transition(t);
         assert!(o.closed.is_empty() && !o.untracked);
     }
-    let mut o = tr.on_transition(last);
+    let o = tr.on_transition(last);
     assert_eq!(o.closed.len(), 1, "expected a closed connection: {o:?}");
     assert!(tr.is_empty());
-    o.closed.pop().unwrap()
+    tr.take(o.closed[0])
+}
+
+/// The only connection waiting for its timewait socket.
+fn waiting(t: &mut Tracker) -> (SlotId, &mut Connection) {
+    t.timewait_mut().next().expect("a connection in timewait")
 }
 
 fn ms(c: &Connection, s: TcpState) -> Option<u64> {
@@ -90,19 +95,16 @@ fn active_close_waits_for_its_timewait_socket() {
         "not reported before its timewait socket ends"
     );
     assert!(t.has_timewait());
-    let mut conn = t.timewait_mut().next().unwrap().clone();
+    let (id, conn) = waiting(&mut t);
     assert_eq!(conn.state, FinWait2);
     assert_eq!(conn.timewait.unwrap().closed_ns, 305_000_000);
     // Peer's FIN at 400 ms: TIME_WAIT; the timer fires 60 s later.
     conn.advance(TimeWait, 400_000_000);
     let derived = t
-        .finish_timewait(
-            &mut conn,
-            60_400_000_000,
-            TimewaitEnd::Expired,
-            Source::SockDiag,
-        )
+        .end_timewait(id, 60_400_000_000, TimewaitEnd::Expired, Source::SockDiag)
         .unwrap();
+    assert!(!t.has_timewait());
+    let conn = t.take(id);
     assert_eq!(
         (derived.old, derived.new, derived.source),
         (TimeWait, Close, Source::SockDiag)
@@ -123,7 +125,7 @@ fn closing_goes_straight_to_time_wait() {
         .on_transition(&tr(2, Closing, Close, Some(1)))
         .closed
         .is_empty());
-    assert_eq!(t.timewait_mut().next().unwrap().state, TimeWait);
+    assert_eq!(waiting(&mut t).1.state, TimeWait);
 }
 
 #[test]
@@ -134,10 +136,7 @@ fn a_new_connection_on_the_same_tuple_ends_the_timewait() {
     t.on_transition(&tr(5, Established, FinWait1, Some(4)));
     t.on_transition(&tr(6, FinWait1, FinWait2, Some(1)));
     t.on_transition(&tr(7, FinWait2, Close, Some(1)));
-    t.timewait_mut()
-        .next()
-        .unwrap()
-        .advance(TimeWait, 8_000_000);
+    waiting(&mut t).1.advance(TimeWait, 8_000_000);
     // Socket 2 connects on the same 4-tuple at 1500 ms, established at 1501.
     let again = |ms: u64, old, new, known| Transition {
         sock: 2,
@@ -146,16 +145,13 @@ fn a_new_connection_on_the_same_tuple_ends_the_timewait() {
     t.on_transition(&again(1500, Close, SynSent, None));
     let o = t.on_transition(&again(1501, SynSent, Established, Some(1)));
     assert_eq!(o.closed.len(), 1);
-    let old = &o.closed[0];
+    let old = &t.take(o.closed[0]);
     assert_eq!(old.sock, 1);
     assert_eq!(old.timewait.unwrap().end, Some(TimewaitEnd::Reused));
     assert_eq!(ms(old, TimeWait), Some(1492));
-    assert_eq!(o.derived.len(), 1);
-    assert_eq!(
-        (o.derived[0].old, o.derived[0].new, o.derived[0].source),
-        (TimeWait, Close, Source::Reuse)
-    );
-    assert_eq!(o.derived[0].mono_ns, 1_500_000_000);
+    let (d, _) = o.derived.unwrap();
+    assert_eq!((d.old, d.new, d.source), (TimeWait, Close, Source::Reuse));
+    assert_eq!(d.mono_ns, 1_500_000_000);
     assert_sums(old);
     assert!(!t.has_timewait());
 }
@@ -166,9 +162,9 @@ fn fentry_deaths_give_exact_expiry_and_reuse_times() {
     t.on_transition(&tr(0, Established, FinWait1, None));
     t.on_transition(&tr(1, FinWait1, FinWait2, Some(1)));
     t.on_transition(&tr(2, FinWait2, Close, Some(1)));
-    let key = t.timewait_mut().next().unwrap().key();
+    let key = waiting(&mut t).1.key();
     {
-        let c = t.timewait_mut().next().unwrap();
+        let c = waiting(&mut t).1;
         c.advance(TimeWait, 3_000_000);
         c.timewait.as_mut().unwrap().expires_ns = Some(60_003_000_000);
     }
@@ -181,30 +177,26 @@ fn fentry_deaths_give_exact_expiry_and_reuse_times() {
         ..tr(ms, old, new, known)
     };
     let o = t.on_transition(&again(501, SynSent, Established, Some(1)));
-    assert_eq!(o.closed[0].timewait.unwrap().end, Some(TimewaitEnd::Reused));
-    assert_eq!(o.derived[0].source, Source::Fentry);
-    assert_eq!(o.derived[0].mono_ns, 500_000_000);
+    assert_eq!(
+        t.conn(o.closed[0]).timewait.unwrap().end,
+        Some(TimewaitEnd::Reused)
+    );
+    let (d, _) = o.derived.unwrap();
+    assert_eq!(d.source, Source::Fentry);
+    assert_eq!(d.mono_ns, 500_000_000);
 
     // A death at the timer (here 1.5 s late, the timer wheel) expires.
     let mut t = Tracker::new(8);
     t.on_transition(&tr(0, FinWait1, Closing, None));
     t.on_transition(&tr(1, Closing, Close, Some(1)));
-    let key = t.timewait_mut().next().unwrap().key();
-    t.timewait_mut()
-        .next()
-        .unwrap()
-        .timewait
-        .as_mut()
-        .unwrap()
-        .expires_ns = Some(60_001_000_000);
+    let key = waiting(&mut t).1.key();
+    waiting(&mut t).1.timewait.as_mut().unwrap().expires_ns = Some(60_001_000_000);
     let o = t.timewait_died(&key, 61_500_000_000, 10_000_000);
     assert_eq!(o.closed.len(), 1);
-    assert_eq!(
-        o.closed[0].timewait.unwrap().end,
-        Some(TimewaitEnd::Expired)
-    );
-    assert_eq!(ms(&o.closed[0], TimeWait), Some(61_499));
-    assert_sums(&o.closed[0]);
+    let c = t.take(o.closed[0]);
+    assert_eq!(c.timewait.unwrap().end, Some(TimewaitEnd::Expired));
+    assert_eq!(ms(&c, TimeWait), Some(61_499));
+    assert_sums(&c);
 }
 
 #[test]
@@ -245,9 +237,9 @@ fn snapshot_sockets_count_from_the_snapshot() {
     // A reset ends it in softirq: the owner stays the snapshot's.
     let mut softirq = tr(900, CloseWait, Close, None);
     softirq.pid = 0;
-    let mut o = t.on_transition(&softirq);
+    let o = t.on_transition(&softirq);
     assert_eq!(o.owner.unwrap().pid, 99);
-    let c = o.closed.pop().unwrap();
+    let c = t.take(o.closed[0]);
     assert!(c.from_snapshot && !c.complete);
     assert_eq!(c.inode, 555);
     assert_eq!(ms(&c, CloseWait), Some(800));

@@ -1,0 +1,111 @@
+//! The connections' storage: fixed-size slots in chunks that never move,
+//! addressed by a [`SlotId`]. A connection is written once into its slot
+//! and updated in place; closing one moves nothing (its id moves from one
+//! index to another), and a freed slot is reused before a new one is made.
+//! Chunks are allocated as the table grows and kept: no reallocation copies
+//! the table, and memory stays at its peak, never above `capacity` slots.
+
+use super::connection::Connection;
+
+/// A connection's place in the [`Slab`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SlotId(u32);
+
+/// Slots per chunk: 1024 connections, about a third of a megabyte.
+const CHUNK: usize = 1024;
+
+/// Where a slot's connection stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    Free,
+    /// A socket the tracepoint reports, indexed by its address.
+    Live,
+    /// A socket from the start-up snapshot, indexed by its 4-tuple until
+    /// its first transition.
+    Snapshot,
+    /// Actively closed: waiting for its timewait socket, indexed by its
+    /// 4-tuple.
+    Timewait,
+    /// Ended, in no index: waiting to be written (and freed).
+    Ended,
+}
+
+#[derive(Default)]
+pub(super) struct Slab {
+    chunks: Vec<Vec<(Phase, Connection)>>,
+    free: Vec<SlotId>,
+}
+
+impl Slab {
+    pub(super) fn insert(&mut self, phase: Phase, conn: Connection) -> SlotId {
+        if let Some(id) = self.free.pop() {
+            *self.entry_mut(id) = (phase, conn);
+            return id;
+        }
+        if self.chunks.last().is_none_or(|c| c.len() == CHUNK) {
+            self.chunks.push(Vec::with_capacity(CHUNK));
+        }
+        let n = self.chunks.len() - 1;
+        let chunk = &mut self.chunks[n];
+        chunk.push((phase, conn));
+        SlotId((n * CHUNK + chunk.len() - 1) as u32)
+    }
+
+    fn entry(&self, id: SlotId) -> &(Phase, Connection) {
+        let i = id.0 as usize;
+        &self.chunks[i / CHUNK][i % CHUNK]
+    }
+
+    fn entry_mut(&mut self, id: SlotId) -> &mut (Phase, Connection) {
+        let i = id.0 as usize;
+        &mut self.chunks[i / CHUNK][i % CHUNK]
+    }
+
+    pub(super) fn get(&self, id: SlotId) -> &Connection {
+        &self.entry(id).1
+    }
+
+    pub(super) fn get_mut(&mut self, id: SlotId) -> &mut Connection {
+        &mut self.entry_mut(id).1
+    }
+
+    pub(super) fn phase(&self, id: SlotId) -> Phase {
+        self.entry(id).0
+    }
+
+    pub(super) fn set_phase(&mut self, id: SlotId, phase: Phase) {
+        self.entry_mut(id).0 = phase;
+    }
+
+    pub(super) fn free(&mut self, id: SlotId) {
+        let e = self.entry_mut(id);
+        if e.0 != Phase::Free {
+            e.0 = Phase::Free;
+            self.free.push(id);
+        }
+    }
+
+    /// Every slot in use, in slot order.
+    pub(super) fn iter(&self) -> impl Iterator<Item = (SlotId, Phase, &Connection)> {
+        self.chunks
+            .iter()
+            .flatten()
+            .enumerate()
+            .filter(|(_, (p, _))| *p != Phase::Free)
+            .map(|(i, (p, c))| (SlotId(i as u32), *p, c))
+    }
+
+    pub(super) fn iter_mut(&mut self) -> impl Iterator<Item = (SlotId, Phase, &mut Connection)> {
+        self.chunks
+            .iter_mut()
+            .flatten()
+            .enumerate()
+            .filter(|(_, (p, _))| *p != Phase::Free)
+            .map(|(i, (p, c))| (SlotId(i as u32), *p, c))
+    }
+
+    /// Slots allocated (in use or free), for memory accounting.
+    pub(super) fn allocated(&self) -> usize {
+        self.chunks.len() * CHUNK
+    }
+}

@@ -41,8 +41,13 @@ impl WallClock {
         WallClock { offset_ns }
     }
 
+    /// Wall-clock nanoseconds since the epoch of `mono_ns` (0 before it).
+    pub fn wall_ns(&self, mono_ns: u64) -> u64 {
+        (mono_ns as i128 + self.offset_ns).clamp(0, u64::MAX as i128) as u64
+    }
+
     pub fn to_system_time(&self, mono_ns: u64) -> SystemTime {
-        let ns = (mono_ns as i128 + self.offset_ns).max(0) as u128;
+        let ns = u128::from(self.wall_ns(mono_ns));
         UNIX_EPOCH + Duration::new((ns / 1_000_000_000) as u64, (ns % 1_000_000_000) as u32)
     }
 

@@ -116,8 +116,14 @@ pub struct CgroupJson {
     pub pod: Option<Pod>,
 }
 
+/// The cgroup fields of a record whose owner's cgroup is unknown.
+pub const NULL_CGROUP_FIELDS: &str = r#""cgroup":null,"container":null,"pod":null"#;
+
 /// Names the owners' cgroups for the output.
 pub struct Cgroups {
+    /// The JSON fields (`"cgroup":…,"container":…,"pod":…`) of each id
+    /// named so far, written once and spliced into every record after.
+    fields: crate::FastMap<u64, Box<str>>,
     resolver: Resolver,
     /// Records whose owner had a cgroup id that could not be named: not
     /// walked yet, and the owner no longer in it (gone, or moved).
@@ -140,6 +146,7 @@ impl Cgroups {
     /// container` is on.
     pub fn new(resolver: Resolver, keys: bool) -> Cgroups {
         Cgroups {
+            fields: Default::default(),
             resolver,
             unresolved: 0,
             keys,
@@ -191,6 +198,30 @@ impl Cgroups {
             o.container = r.container.as_ref().and_then(ContainerKey::of);
         }
         Some(o)
+    }
+
+    /// The owner's cgroup fields as JSON (see [`NULL_CGROUP_FIELDS`]).
+    pub fn json_fields(&mut self, owner: &Option<Owner>) -> &str {
+        let id = owner.as_ref().map_or(0, |o| o.cgroup);
+        if id == 0 {
+            return NULL_CGROUP_FIELDS;
+        }
+        if !self.fields.contains_key(&id) {
+            let json = self.json(owner);
+            if json.cgroup.is_none() {
+                return NULL_CGROUP_FIELDS;
+            }
+            let text = serde_json::to_string(&json).unwrap_or_default();
+            // `{…}` without its braces.
+            let inner = text
+                .get(1..text.len().saturating_sub(1))
+                .unwrap_or_default();
+            if self.fields.len() >= cgroup::CAPACITY {
+                self.fields.clear();
+            }
+            self.fields.insert(id, inner.into());
+        }
+        self.fields.get(&id).map_or(NULL_CGROUP_FIELDS, |f| f)
     }
 
     pub fn json(&mut self, owner: &Option<Owner>) -> CgroupJson {

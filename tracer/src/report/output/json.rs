@@ -52,6 +52,8 @@ pub(super) fn owner_json(o: &Option<Owner>) -> OwnerJson<'_> {
     }
 }
 
+/// The reference for the hand-written writer (`line.rs`); tests only.
+#[cfg(test)]
 #[derive(Serialize)]
 pub(super) struct TransitionJson<'a> {
     pub(super) r#type: &'static str,
@@ -100,6 +102,8 @@ pub(super) struct ConnFields<'a> {
     pub(super) from_snapshot: bool,
 }
 
+/// The reference for the hand-written writer (`line.rs`); tests only.
+#[cfg(test)]
 #[derive(Serialize)]
 pub(super) struct ConnectionJson<'a> {
     pub(super) r#type: &'static str,
@@ -158,8 +162,10 @@ pub(super) struct StuckJson<'a> {
 }
 
 /// A connection's per-state times as a JSON object, in life order.
+#[cfg(test)]
 pub(super) struct StatesJson<'a>(pub(super) &'a Connection);
 
+#[cfg(test)]
 impl Serialize for StatesJson<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeMap;

@@ -79,6 +79,10 @@ pub struct Output<W: Write> {
     format: Format,
     events: EventsMode,
     clock: WallClock,
+    /// Wall-clock timestamps of JSON records, the second cached.
+    times: line::Times,
+    /// The record being written (reused: no allocation per record).
+    scratch: Vec<u8>,
     header_done: bool,
     /// Names the owners' cgroups (`cgroup`, `container`, `pod`); without
     /// it those fields are null.
@@ -109,6 +113,8 @@ impl<W: Write> Output<W> {
             format,
             events,
             clock,
+            times: line::Times::new(clock),
+            scratch: Vec::with_capacity(4096),
             header_done: false,
             cgroups: None,
             wide: false,
@@ -198,28 +204,39 @@ impl<W: Write> Output<W> {
         let from_kernel = t.source == Source::Tracepoint;
         match self.format {
             Format::Json => {
-                let rec = TransitionJson {
-                    r#type: "transition",
-                    time: self.time(t.mono_ns),
-                    mono_ns: t.mono_ns,
-                    sock: sock_hex(t.sock),
-                    owner: owner_json(owner),
-                    cgroup: self.cgroup_json(owner),
-                    task_pid: from_kernel.then_some(t.pid),
-                    task_tid: from_kernel.then_some(t.tid),
-                    task_comm: from_kernel.then(|| t.comm.as_str()),
-                    family: t.family.name(),
-                    laddr: t.laddr,
-                    lport: t.lport,
-                    raddr: t.raddr,
-                    rport: t.rport,
-                    old: t.old.name(),
-                    new: t.new.name(),
-                    old_state_ns: t.old_state_ns,
-                    netns: (t.netns != 0).then_some(t.netns),
-                    source: t.source.name(),
-                };
-                self.json_line(&rec)
+                let mut buf = std::mem::take(&mut self.scratch);
+                buf.clear();
+                let mut l = line::Line::new(&mut buf);
+                l.plain("type", "transition");
+                self.times.time(&mut l, "time", t.mono_ns);
+                l.u64("mono_ns", t.mono_ns);
+                l.hex("sock", t.sock);
+                owner_fields(&mut l, owner);
+                l.fields(cgroup_fields(&mut self.cgroups, owner));
+                if from_kernel {
+                    l.u64("task_pid", t.pid.into());
+                    l.u64("task_tid", t.tid.into());
+                    l.str("task_comm", &t.comm.as_str());
+                } else {
+                    l.null("task_pid");
+                    l.null("task_tid");
+                    l.null("task_comm");
+                }
+                l.plain("family", t.family.name());
+                l.ip("laddr", t.laddr);
+                l.u64("lport", t.lport.into());
+                l.ip("raddr", t.raddr);
+                l.u64("rport", t.rport.into());
+                l.plain("old", t.old.name());
+                l.plain("new", t.new.name());
+                l.opt_u64("old_state_ns", t.old_state_ns);
+                l.opt_u64("netns", (t.netns != 0).then_some(t.netns.into()));
+                l.plain("source", t.source.name());
+                l.end();
+                buf.push(b'\n');
+                let r = self.out.write_all(&buf);
+                self.scratch = buf;
+                r
             }
             Format::Table => {
                 if !self.header_done {
@@ -264,17 +281,31 @@ impl<W: Write> Output<W> {
         }
         match self.format {
             Format::Json => {
-                let rec = ConnectionJson {
-                    r#type: "connection",
-                    conn: self.conn_fields(c),
-                    start: self.time(c.start_ns),
-                    end: self.time(c.state_since_ns),
-                    duration_ns: c.duration_ns(),
-                    states: StatesJson(c),
-                    time_wait_end,
-                    close: CloseJson::new(close),
-                };
-                self.json_line(&rec)
+                let mut buf = std::mem::take(&mut self.scratch);
+                buf.clear();
+                let mut l = line::Line::new(&mut buf);
+                l.plain("type", "connection");
+                conn_fields(
+                    &mut l,
+                    c,
+                    cgroup_fields(&mut self.cgroups, &c.owner),
+                    &mut self.times,
+                );
+                self.times.time(&mut l, "start", c.start_ns);
+                self.times.time(&mut l, "end", c.state_since_ns);
+                l.u64("duration_ns", c.duration_ns());
+                let mut states = l.object("states");
+                for (state, ns) in c.states() {
+                    states.u64(state.name(), ns);
+                }
+                states.end();
+                l.opt_plain("time_wait_end", time_wait_end);
+                close_fields(l.object("close"), close);
+                l.end();
+                buf.push(b'\n');
+                let r = self.out.write_all(&buf);
+                self.scratch = buf;
+                r
             }
             Format::Table => {
                 let states: Vec<String> = c
@@ -459,8 +490,84 @@ pub fn stats_line(s: &Stats) -> String {
     line
 }
 
+/// `pid`, `comm`, `uid` of the owner, null when unknown.
+fn owner_fields(l: &mut line::Line<'_>, owner: &Option<Owner>) {
+    match owner {
+        Some(o) => {
+            l.u64("pid", o.pid.into());
+            l.str("comm", &o.comm.as_str());
+            l.u64("uid", o.uid.into());
+        }
+        None => {
+            l.null("pid");
+            l.null("comm");
+            l.null("uid");
+        }
+    }
+}
+
+/// The owner's `cgroup`, `container` and `pod` fields (null when unknown).
+fn cgroup_fields<'a>(cgroups: &'a mut Option<Cgroups>, owner: &Option<Owner>) -> &'a str {
+    match cgroups {
+        Some(c) => c.json_fields(owner),
+        None => crate::track::containers::NULL_CGROUP_FIELDS,
+    }
+}
+
+/// The fields every connection-level record shares (`ConnFields`).
+fn conn_fields(l: &mut line::Line<'_>, c: &Connection, cgroup: &str, times: &mut line::Times) {
+    l.hex("sock", c.sock);
+    owner_fields(l, &c.owner);
+    l.fields(cgroup);
+    l.plain("family", c.family.name());
+    l.ip("laddr", c.laddr);
+    l.u64("lport", c.lport.into());
+    l.ip("raddr", c.raddr);
+    l.u64("rport", c.rport.into());
+    l.opt_u64("netns", (c.netns != 0).then_some(c.netns.into()));
+    times.time(l, "first_seen", c.first_seen_ns);
+    l.bool("complete", c.complete);
+    l.bool("from_snapshot", c.from_snapshot);
+}
+
+/// The `close` object (`CloseJson`).
+fn close_fields(mut l: line::Line<'_>, c: &Close) {
+    use crate::track::close::FirstFin;
+    l.plain("by", c.by.name());
+    l.opt_plain(
+        "first_fin",
+        c.first_fin.map(|f| match f {
+            FirstFin::Local => "local",
+            FirstFin::Peer => "peer",
+            FirstFin::Both => "both",
+        }),
+    );
+    l.opt_u64("fin_to_close_ns", c.fin_to_close_ns);
+    l.array("handshake", c.handshake.iter(), |buf, step| {
+        buf.push(b'"');
+        buf.extend_from_slice(step.old.name().as_bytes());
+        buf.push(b'>');
+        buf.extend_from_slice(step.new.name().as_bytes());
+        buf.push(b'"');
+    });
+    l.array("handshake_at_ns", 0..c.handshake.len(), |buf, i| {
+        buf.extend_from_slice(itoa::Buffer::new().format(c.at_ns(i)).as_bytes());
+    });
+    match c.rst {
+        Some(r) => {
+            let mut o = l.object("rst");
+            o.u64("sent", r.sent.into());
+            o.u64("received", r.received.into());
+            o.end();
+        }
+        None => l.null("rst"),
+    }
+    l.end();
+}
+
 mod closes;
 mod json;
+mod line;
 #[cfg(test)]
 mod tests;
 

@@ -229,3 +229,95 @@ fn stats_json_and_line() {
         "tracer: 10 events, 2 lost, 0 filtered in kernel, 0 unreadable"
     );
 }
+
+/// What serde_json wrote for a transition before the hand-written writer
+/// (the shapes of `json.rs`), for the byte-for-byte comparison.
+fn serde_transition(o: &mut Output<Vec<u8>>, t: &Transition, owner: &Option<Owner>) -> String {
+    let from_kernel = t.source == Source::Tracepoint;
+    let rec = TransitionJson {
+        r#type: "transition",
+        time: o.time(t.mono_ns),
+        mono_ns: t.mono_ns,
+        sock: sock_hex(t.sock),
+        owner: owner_json(owner),
+        cgroup: o.cgroup_json(owner),
+        task_pid: from_kernel.then_some(t.pid),
+        task_tid: from_kernel.then_some(t.tid),
+        task_comm: from_kernel.then(|| t.comm.as_str()),
+        family: t.family.name(),
+        laddr: t.laddr,
+        lport: t.lport,
+        raddr: t.raddr,
+        rport: t.rport,
+        old: t.old.name(),
+        new: t.new.name(),
+        old_state_ns: t.old_state_ns,
+        netns: (t.netns != 0).then_some(t.netns),
+        source: t.source.name(),
+    };
+    serde_json::to_string(&rec).unwrap() + "\n"
+}
+
+fn serde_connection(o: &mut Output<Vec<u8>>, c: &Connection, close: &Close) -> String {
+    let rec = ConnectionJson {
+        r#type: "connection",
+        conn: o.conn_fields(c),
+        start: o.time(c.start_ns),
+        end: o.time(c.state_since_ns),
+        duration_ns: c.duration_ns(),
+        states: StatesJson(c),
+        time_wait_end: c.timewait.and_then(|tw| tw.end).map(|e| e.name()),
+        close: CloseJson::new(close),
+    };
+    serde_json::to_string(&rec).unwrap() + "\n"
+}
+
+#[test]
+fn hand_written_json_is_byte_for_byte_serdes() {
+    use crate::track::tracker::{Timewait, TimewaitEnd};
+    let mut transitions = vec![sample()];
+    let mut t = sample();
+    t.laddr = "fd00::1".parse().unwrap();
+    t.raddr = "::ffff:10.0.0.1".parse().unwrap();
+    t.family = Family::Ipv6;
+    t.netns = 0;
+    t.old_state_ns = None;
+    t.sock = 0;
+    t.comm = crate::kernel::events::Comm::new(*b"we\"ird\\\n\x01\xffna\0\0\0\0");
+    transitions.push(t);
+    let mut d = sample();
+    d.source = Source::SockDiag;
+    d.mono_ns = 59_999_999_999_999;
+    transitions.push(d);
+    for t in &transitions {
+        for owner in [owner(), None] {
+            let mut o = out(Format::Json, EventsMode::All);
+            o.transition(t, &owner).unwrap();
+            let mut reference = out(Format::Json, EventsMode::All);
+            let want = serde_transition(&mut reference, t, &owner);
+            assert_eq!(text(o), want);
+        }
+    }
+    let mut conns = vec![closed()];
+    let mut c = closed();
+    c.owner = owner();
+    c.timewait = Some(Timewait {
+        end: Some(TimewaitEnd::Expired),
+        ..Default::default()
+    });
+    c.close.rst_sent = 2;
+    conns.push(c);
+    let mut c = closed();
+    c.close = Default::default();
+    c.netns = 0;
+    conns.push(c);
+    for c in &conns {
+        for resets in [true, false] {
+            let close = crate::track::close::classify(&c.close, resets);
+            let mut o = out(Format::Json, EventsMode::Connections);
+            o.connection(c, &close).unwrap();
+            let mut reference = out(Format::Json, EventsMode::Connections);
+            assert_eq!(text(o), serde_connection(&mut reference, c, &close));
+        }
+    }
+}

@@ -1,0 +1,311 @@
+//! JSON Lines written by hand, straight into a reused buffer: the records
+//! of the per-event path (`transition`, `connection`). Byte for byte what
+//! serde_json writes for the shapes in `json.rs` (a test compares them),
+//! without serde's per-field machinery, `flatten`'s intermediate maps or a
+//! formatted timestamp per record: the wall-clock second is formatted once
+//! and reused while records fall in it.
+
+use std::net::IpAddr;
+
+use crate::clock::WallClock;
+
+/// A JSON object being written into `buf`.
+pub(super) struct Line<'a> {
+    buf: &'a mut Vec<u8>,
+    first: bool,
+}
+
+impl<'a> Line<'a> {
+    pub(super) fn new(buf: &'a mut Vec<u8>) -> Self {
+        buf.push(b'{');
+        Line { buf, first: true }
+    }
+
+    fn key(&mut self, k: &str) {
+        if !self.first {
+            self.buf.push(b',');
+        }
+        self.first = false;
+        self.buf.push(b'"');
+        self.buf.extend_from_slice(k.as_bytes());
+        self.buf.extend_from_slice(b"\":");
+    }
+
+    /// A key whose name needs no escaping, and a string value that does.
+    pub(super) fn str(&mut self, k: &str, v: &str) {
+        self.key(k);
+        escape(self.buf, v);
+    }
+
+    /// A string value known to need no escaping (names, numbers).
+    pub(super) fn plain(&mut self, k: &str, v: &str) {
+        self.key(k);
+        self.buf.push(b'"');
+        self.buf.extend_from_slice(v.as_bytes());
+        self.buf.push(b'"');
+    }
+
+    pub(super) fn opt_plain(&mut self, k: &str, v: Option<&str>) {
+        match v {
+            Some(v) => self.plain(k, v),
+            None => self.null(k),
+        }
+    }
+
+    pub(super) fn u64(&mut self, k: &str, v: u64) {
+        self.key(k);
+        self.buf
+            .extend_from_slice(itoa::Buffer::new().format(v).as_bytes());
+    }
+
+    pub(super) fn opt_u64(&mut self, k: &str, v: Option<u64>) {
+        match v {
+            Some(v) => self.u64(k, v),
+            None => self.null(k),
+        }
+    }
+
+    pub(super) fn bool(&mut self, k: &str, v: bool) {
+        self.key(k);
+        self.buf
+            .extend_from_slice(if v { b"true" } else { b"false" });
+    }
+
+    pub(super) fn null(&mut self, k: &str) {
+        self.key(k);
+        self.buf.extend_from_slice(b"null");
+    }
+
+    /// `"0x…"`, or null for 0.
+    pub(super) fn hex(&mut self, k: &str, v: u64) {
+        if v == 0 {
+            return self.null(k);
+        }
+        self.key(k);
+        self.buf.extend_from_slice(b"\"0x");
+        let digits = (64 - v.leading_zeros()).div_ceil(4);
+        for i in (0..digits).rev() {
+            self.buf
+                .push(b"0123456789abcdef"[((v >> (4 * i)) & 0xf) as usize]);
+        }
+        self.buf.push(b'"');
+    }
+
+    pub(super) fn ip(&mut self, k: &str, a: IpAddr) {
+        self.key(k);
+        self.buf.push(b'"');
+        match a {
+            IpAddr::V4(v4) => {
+                for (i, o) in v4.octets().iter().enumerate() {
+                    if i > 0 {
+                        self.buf.push(b'.');
+                    }
+                    self.buf
+                        .extend_from_slice(itoa::Buffer::new().format(*o).as_bytes());
+                }
+            }
+            IpAddr::V6(v6) => {
+                use std::io::Write as _;
+                let _ = write!(self.buf, "{v6}");
+            }
+        }
+        self.buf.push(b'"');
+    }
+
+    /// Fields written elsewhere (`"k":v,...`), spliced in as they are.
+    pub(super) fn fields(&mut self, json: &str) {
+        if json.is_empty() {
+            return;
+        }
+        if !self.first {
+            self.buf.push(b',');
+        }
+        self.first = false;
+        self.buf.extend_from_slice(json.as_bytes());
+    }
+
+    /// A nested object under `k`.
+    pub(super) fn object(&mut self, k: &str) -> Line<'_> {
+        self.key(k);
+        Line::new(self.buf)
+    }
+
+    /// A nested array under `k`: `items` writes each element's JSON.
+    pub(super) fn array<I>(
+        &mut self,
+        k: &str,
+        items: I,
+        mut each: impl FnMut(&mut Vec<u8>, I::Item),
+    ) where
+        I: IntoIterator,
+    {
+        self.key(k);
+        self.buf.push(b'[');
+        for (i, item) in items.into_iter().enumerate() {
+            if i > 0 {
+                self.buf.push(b',');
+            }
+            each(self.buf, item);
+        }
+        self.buf.push(b']');
+    }
+
+    pub(super) fn end(self) {
+        self.buf.push(b'}');
+    }
+}
+
+/// `v` as a JSON string, escaped as serde_json does: `"` and `\`, the
+/// short escapes `\b \f \n \r \t`, other control characters as `\u00XX`;
+/// everything else as it is.
+pub(super) fn escape(buf: &mut Vec<u8>, v: &str) {
+    buf.push(b'"');
+    let bytes = v.as_bytes();
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let short = match b {
+            b'"' => b'"',
+            b'\\' => b'\\',
+            0x08 => b'b',
+            0x0c => b'f',
+            b'\n' => b'n',
+            b'\r' => b'r',
+            b'\t' => b't',
+            0..=0x1f => b'u',
+            _ => continue,
+        };
+        buf.extend_from_slice(&bytes[start..i]);
+        buf.push(b'\\');
+        buf.push(short);
+        if short == b'u' {
+            buf.extend_from_slice(b"00");
+            buf.push(b"0123456789abcdef"[usize::from(b >> 4)]);
+            buf.push(b"0123456789abcdef"[usize::from(b & 0xf)]);
+        }
+        start = i + 1;
+    }
+    buf.extend_from_slice(&bytes[start..]);
+    buf.push(b'"');
+}
+
+/// RFC 3339 timestamps with nanoseconds, UTC (`2026-11-23T20:15:01.123456789Z`,
+/// as `humantime` formats them), with the second's text cached.
+pub(super) struct Times {
+    clock: WallClock,
+    /// The wall-clock second of `prefix`, and `YYYY-MM-DDTHH:MM:SS.`.
+    second: Option<u64>,
+    prefix: [u8; 20],
+}
+
+impl Times {
+    pub(super) fn new(clock: WallClock) -> Self {
+        Times {
+            clock,
+            second: None,
+            prefix: [0; 20],
+        }
+    }
+
+    /// The timestamp of `mono_ns`, quoted, into `buf`.
+    pub(super) fn write(&mut self, buf: &mut Vec<u8>, mono_ns: u64) {
+        let ns = self.clock.wall_ns(mono_ns);
+        let (sec, frac) = (ns / 1_000_000_000, (ns % 1_000_000_000) as u32);
+        if self.second != Some(sec) {
+            let text = humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH + std::time::Duration::from_secs(sec),
+            )
+            .to_string();
+            // "YYYY-MM-DDTHH:MM:SSZ": keep all but the Z, add the point.
+            match text.as_bytes().get(..19) {
+                Some(head) => {
+                    self.prefix[..19].copy_from_slice(head);
+                    self.prefix[19] = b'.';
+                    self.second = Some(sec);
+                }
+                None => {
+                    // Years past 9999: no cache, the full form.
+                    use std::io::Write as _;
+                    let _ = write!(buf, "\"{}\"", self.clock.rfc3339_display(mono_ns));
+                    return;
+                }
+            }
+        }
+        buf.push(b'"');
+        buf.extend_from_slice(&self.prefix);
+        let mut digits = [b'0'; 9];
+        let mut f = frac;
+        for d in digits.iter_mut().rev() {
+            *d = b'0' + (f % 10) as u8;
+            f /= 10;
+        }
+        buf.extend_from_slice(&digits);
+        buf.extend_from_slice(b"Z\"");
+    }
+
+    pub(super) fn time(&mut self, l: &mut Line<'_>, k: &str, mono_ns: u64) {
+        l.key(k);
+        self.write(l.buf, mono_ns);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strings_are_escaped_as_serde_json_does() {
+        let mut all = String::new();
+        for c in 0u8..0x80 {
+            all.push(c as char);
+        }
+        all.push_str("é漢\u{fffd}");
+        for s in [all.as_str(), "", "plain", "a\"b\\c\n", "\u{7f}\u{1f}"] {
+            let mut buf = Vec::new();
+            escape(&mut buf, s);
+            assert_eq!(
+                String::from_utf8(buf).unwrap(),
+                serde_json::to_string(s).unwrap()
+            );
+        }
+    }
+
+    #[test]
+    fn timestamps_are_humantimes_with_the_second_cached() {
+        let clock = WallClock::with_offset_ns(1_795_392_000_000_000_000);
+        let mut t = Times::new(clock);
+        for mono in [
+            0,
+            1,
+            999_999_999,
+            1_000_000_000,
+            1_000_000_123,
+            86_399_999_999_999,
+        ] {
+            let mut buf = Vec::new();
+            t.write(&mut buf, mono);
+            assert_eq!(
+                String::from_utf8(buf).unwrap(),
+                format!("\"{}\"", clock.rfc3339(mono))
+            );
+        }
+    }
+
+    #[test]
+    fn numbers_addresses_and_hex() {
+        let mut buf = Vec::new();
+        let mut l = Line::new(&mut buf);
+        l.u64("a", u64::MAX);
+        l.hex("s", 0xffff_8880_1234_5678);
+        l.hex("z", 0);
+        l.hex("one", 1);
+        l.ip("v4", "10.0.255.1".parse().unwrap());
+        l.ip("v6", "fd00::1".parse().unwrap());
+        l.bool("b", true);
+        l.opt_u64("n", None);
+        l.end();
+        assert_eq!(
+            String::from_utf8(buf).unwrap(),
+            r#"{"a":18446744073709551615,"s":"0xffff888012345678","z":null,"one":"0x1","v4":"10.0.255.1","v6":"fd00::1","b":true,"n":null}"#
+        );
+    }
+}

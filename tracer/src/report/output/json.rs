@@ -11,7 +11,7 @@ use crate::{
     track::{
         close::{Close, FirstFin, Rst},
         procfs::Holder,
-        tracker::{Connection, Owner},
+        tracker::Owner,
     },
 };
 
@@ -163,7 +163,7 @@ pub(super) struct StuckJson<'a> {
 
 /// A connection's per-state times as a JSON object, in life order.
 #[cfg(test)]
-pub(super) struct StatesJson<'a>(pub(super) &'a Connection);
+pub(super) struct StatesJson<'a>(pub(super) &'a crate::track::tracker::Connection);
 
 #[cfg(test)]
 impl Serialize for StatesJson<'_> {

@@ -1,11 +1,7 @@
 //! The agent's event loop: drains the ring buffer, feeds the tracker and
 //! the output, and stops on Ctrl-C, SIGTERM or `--duration`.
 
-use std::{
-    io::{self, BufWriter, Write},
-    pin::pin,
-    time::Duration,
-};
+use std::{io, pin::pin, time::Duration};
 
 use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
@@ -22,7 +18,7 @@ use crate::{
     kernel::loader::{self, CounterValues, LoadOptions},
     report::metrics::{Endpoint, Recorder},
     report::observe::Observers,
-    report::output::{Output, Stats},
+    report::output::{Output, RecordWrite, Sink, Stats},
     report::summary::Summary,
     track::cgroup::Resolver,
     track::close::classify,
@@ -34,7 +30,7 @@ use crate::{
 
 /// Everything one decoded record goes through, kept apart from the loop so
 /// tests and benchmarks can drive it.
-pub struct Pipeline<W: Write> {
+pub struct Pipeline<W: RecordWrite> {
     pub tracker: Tracker,
     pub out: Output<W>,
     pub events: u64,
@@ -46,7 +42,7 @@ pub struct Pipeline<W: Write> {
     pub resets: Resets,
 }
 
-impl<W: Write> Pipeline<W> {
+impl<W: RecordWrite> Pipeline<W> {
     pub fn handle(&mut self, bytes: &[u8]) -> io::Result<()> {
         match events::decode_record(bytes) {
             Ok(Record::Transition(t)) => self.transition(&t),
@@ -220,6 +216,7 @@ impl<W: Write> Pipeline<W> {
     pub fn write_summary(&mut self, format: crate::report::format::Format) -> io::Result<()> {
         if let Some(s) = &self.observers.summary {
             s.write(self.out.writer(), format)?;
+            self.out.record_done();
             self.out.flush()?;
         }
         Ok(())
@@ -297,6 +294,10 @@ fn timewait_interval(configured: Duration, last_poll: Duration) -> Duration {
     configured.max(last_poll * TIMEWAIT_POLL_BUDGET)
 }
 
+/// How long the agent waits at exit for stdout's reader to take the last
+/// records.
+const EXIT_OUTPUT_WAIT: Duration = Duration::from_secs(1);
+
 /// How often the agent drains the ring buffer without being woken.
 pub const DRAIN_INTERVAL: Duration = Duration::from_millis(50);
 
@@ -339,7 +340,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let mut pipeline = Pipeline {
         tracker: Tracker::new(args.max_sockets as usize),
         out: Output::new(
-            BufWriter::with_capacity(64 << 10, io::stdout()),
+            Sink::new(io::stdout()).context("starting the output thread")?,
             args.output,
             args.events,
             WallClock::now(),
@@ -516,9 +517,25 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     stats.diag_errors = lifecycle.counters.errors;
     stats.timewait_pending = pipeline.tracker.timewait_pending() as u64;
     stats.cgroups_unresolved = pipeline.out.cgroups().map_or(0, |c| c.unresolved);
-    match pipeline.out.stats(&stats) {
+    stats.output_dropped = pipeline.out.dropped();
+    if stats.output_dropped > 0 {
+        eprintln!(
+            "tracer: warning: {} records dropped: stdout's reader fell behind by more than {} MiB",
+            stats.output_dropped,
+            (crate::report::output::sink::MAX_CHUNKS * crate::report::output::sink::CHUNK_BYTES)
+                >> 20
+        );
+    }
+    match pipeline.out.stats(&stats, EXIT_OUTPUT_WAIT) {
         Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
-        other => other.context("writing output"),
+        Ok(false) => {
+            eprintln!(
+                "tracer: warning: stdout's reader took nothing for {:?}; the last records and the stats were not written",
+                EXIT_OUTPUT_WAIT
+            );
+            Ok(())
+        }
+        other => other.map(|_| ()).context("writing output"),
     }
     // Dropping the ring buffer and the probe detaches the program.
 }

@@ -3,10 +3,7 @@
 //! Output is buffered and flushed after each batch of events the agent
 //! drains, not per line.
 
-use std::{
-    io::{self, Write},
-    net::IpAddr,
-};
+use std::{io, net::IpAddr};
 
 use serde::Serialize;
 
@@ -69,12 +66,15 @@ pub struct Stats {
     /// Actively closed connections still in their timewait socket at exit
     /// (no connection record was printed for them).
     pub timewait_pending: u64,
+    /// Records not written because stdout's reader fell behind by more
+    /// than the output's buffer (4 MiB).
+    pub output_dropped: u64,
     /// What the kernel offers, as probed at start.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kernel: Option<crate::kernel::features::Capabilities>,
 }
 
-pub struct Output<W: Write> {
+pub struct Output<W: RecordWrite> {
     out: W,
     format: Format,
     events: EventsMode,
@@ -106,7 +106,7 @@ fn owner_cells(o: &Option<Owner>) -> (String, String) {
     }
 }
 
-impl<W: Write> Output<W> {
+impl<W: RecordWrite> Output<W> {
     pub fn new(out: W, format: Format, events: EventsMode, clock: WallClock) -> Self {
         Output {
             out,
@@ -193,11 +193,19 @@ impl<W: Write> Output<W> {
 
     fn json_line(&mut self, rec: &impl Serialize) -> io::Result<()> {
         serde_json::to_writer(&mut self.out, rec)?;
-        self.out.write_all(b"\n")
+        self.out.write_all(b"\n")?;
+        self.out.record_done();
+        Ok(())
     }
 
     /// A transition, with the socket's owner as the tracker knows it.
     pub fn transition(&mut self, t: &Transition, owner: &Option<Owner>) -> io::Result<()> {
+        let written = self.write_transition(t, owner);
+        self.out.record_done();
+        written
+    }
+
+    fn write_transition(&mut self, t: &Transition, owner: &Option<Owner>) -> io::Result<()> {
         if !self.events.transitions() {
             return Ok(());
         }
@@ -266,6 +274,12 @@ impl<W: Write> Output<W> {
     /// The record of a connection that ended. Listening sockets are not
     /// connections and get none.
     pub fn connection(&mut self, c: &Connection, close: &Close) -> io::Result<()> {
+        let written = self.write_connection(c, close);
+        self.out.record_done();
+        written
+    }
+
+    fn write_connection(&mut self, c: &Connection, close: &Close) -> io::Result<()> {
         if !self.events.connections() || c.listener {
             return Ok(());
         }
@@ -342,6 +356,19 @@ impl<W: Write> Output<W> {
         at_exit: bool,
         close: &Close,
     ) -> io::Result<()> {
+        let written = self.write_stuck(c, now_ns, owners, at_exit, close);
+        self.out.record_done();
+        written
+    }
+
+    fn write_stuck(
+        &mut self,
+        c: &Connection,
+        now_ns: u64,
+        owners: &[Holder],
+        at_exit: bool,
+        close: &Close,
+    ) -> io::Result<()> {
         let age = now_ns.saturating_sub(c.state_since_ns);
         let kind = if c.state == TcpState::CloseWait {
             "close_wait"
@@ -397,26 +424,36 @@ impl<W: Write> Output<W> {
         }
     }
 
-    /// The final record: JSON on stdout, or one line on stderr for tables.
-    pub fn stats(&mut self, stats: &Stats) -> io::Result<()> {
-        match self.format {
-            Format::Json => {
-                self.json_line(&StatsJson {
-                    r#type: "stats",
-                    stats,
-                })?;
-                self.out.flush()
-            }
-            Format::Table => {
-                self.out.flush()?;
-                eprintln!("{}", stats_line(stats));
-                Ok(())
-            }
+    /// The final record, then everything written out (waiting at most
+    /// `within` for a slow reader): JSON on stdout, or for tables one line
+    /// on stderr once the table is out. False if the reader did not take
+    /// it all in time.
+    pub fn stats(&mut self, stats: &Stats, within: std::time::Duration) -> io::Result<bool> {
+        if self.format == Format::Json {
+            self.json_line(&StatsJson {
+                r#type: "stats",
+                stats,
+            })?;
         }
+        let done = self.out.finish(within)?;
+        if self.format == Format::Table {
+            eprintln!("{}", stats_line(stats));
+        }
+        Ok(done)
     }
 
     pub fn flush(&mut self) -> io::Result<()> {
         self.out.flush()
+    }
+
+    /// Records dropped because stdout's reader was too slow.
+    pub fn dropped(&self) -> u64 {
+        self.out.dropped()
+    }
+
+    /// A record written through [`Output::writer`] is complete.
+    pub fn record_done(&mut self) {
+        self.out.record_done();
     }
 
     fn time(&self, mono_ns: u64) -> Time {
@@ -482,6 +519,10 @@ pub fn stats_line(s: &Stats) -> String {
         (s.gaps, "connections with gaps"),
         (s.diag_errors, "sock_diag errors"),
         (s.timewait_pending, "still in TIME_WAIT at exit"),
+        (
+            s.output_dropped,
+            "records dropped (stdout's reader too slow)",
+        ),
     ] {
         if n > 0 {
             line.push_str(&format!(", {n} {what}"));
@@ -568,6 +609,9 @@ fn close_fields(mut l: line::Line<'_>, c: &Close) {
 mod closes;
 mod json;
 mod line;
+pub mod sink;
+
+pub use sink::{RecordWrite, Sink};
 #[cfg(test)]
 mod tests;
 

@@ -219,7 +219,7 @@ fn stats_json_and_line() {
         ..Default::default()
     };
     let mut o = out(Format::Json, EventsMode::None);
-    o.stats(&stats).unwrap();
+    o.stats(&stats, std::time::Duration::from_secs(1)).unwrap();
     let v: serde_json::Value = serde_json::from_str(text(o).trim_end()).unwrap();
     assert_eq!(v["type"], "stats");
     assert_eq!(v["events"], 10);

@@ -23,9 +23,10 @@ use crate::{
     track::cgroup::Resolver,
     track::close::classify,
     track::containers::Cgroups,
-    track::lifecycle::{Lifecycle, EXPIRY_TOLERANCE_NS},
+    track::lifecycle::{Lifecycle, PollResult, TimewaitPoll, EXPIRY_TOLERANCE_NS},
     track::resets::Resets,
     track::tracker::{Connection, Owner, SlotId, Tracker, TupleKey},
+    track::worker::{Done, Job, Worker},
 };
 
 /// Everything one decoded record goes through, kept apart from the loop so
@@ -40,6 +41,8 @@ pub struct Pipeline<W: RecordWrite> {
     /// Resets joined to connections; closed connections wait there for
     /// an abort's reset (see `resets.rs`).
     pub resets: Resets,
+    /// When the first slice of a drain not finished yet began.
+    pub drain_began: Option<u64>,
 }
 
 impl<W: RecordWrite> Pipeline<W> {
@@ -159,43 +162,14 @@ impl<W: RecordWrite> Pipeline<W> {
         Ok(())
     }
 
-    /// Ends timewait sockets that are gone (see `lifecycle.rs`). A dump of
-    /// tens of thousands of timewait sockets takes 0.1-0.2 s: meanwhile the
-    /// ring buffer is copied out between the dump's chunks (else it fills
-    /// up under load), and what was copied is handled after the poll.
-    pub fn poll_timewait(
-        &mut self,
-        lifecycle: &mut Lifecycle,
-        ring: &mut RingBuf<MapData>,
-    ) -> io::Result<()> {
-        let mut spilled: Vec<Vec<u8>> = Vec::new();
-        let result = lifecycle.poll_timewait(&mut self.tracker, &mut || {
-            while let Some(item) = ring.next() {
-                spilled.push(item.to_vec());
-            }
-        });
+    /// A timewait poll's answer (see `lifecycle.rs`): the transitions it
+    /// derived and the connections it ended.
+    pub fn timewait_polled(&mut self, result: PollResult) -> io::Result<()> {
         for (d, owner) in &result.derived {
             self.emit(d, owner)?;
         }
         for id in result.closed {
             self.close(id)?;
-        }
-        for record in &spilled {
-            self.handle(record)?;
-        }
-        Ok(())
-    }
-
-    /// Alerts for connections stuck past their threshold.
-    pub fn check_stuck(
-        &mut self,
-        lifecycle: &mut Lifecycle,
-        thresholds: &[(TcpState, Duration)],
-    ) -> io::Result<()> {
-        for &(state, threshold) in thresholds {
-            for (conn, holders) in lifecycle.stuck(&mut self.tracker, state, threshold) {
-                self.stuck(&conn, &holders, false)?;
-            }
         }
         Ok(())
     }
@@ -222,14 +196,31 @@ impl<W: RecordWrite> Pipeline<W> {
         Ok(())
     }
 
-    /// Reads every record the ring buffer holds now, then writes the held
-    /// records whose resets would have been in it.
-    pub fn drain(&mut self, ring: &mut RingBuf<MapData>) -> io::Result<()> {
+    /// Handles the records the ring buffer holds, for at most
+    /// [`DRAIN_SLICE`] (the loop then looks at signals, timers and the
+    /// worker's answers before it goes on). Once a drain has emptied the
+    /// ring buffer, the held records whose resets would have been in it
+    /// are written. True when it emptied it.
+    pub fn drain(&mut self, ring: &mut RingBuf<MapData>) -> io::Result<bool> {
         let start = monotonic_ns();
-        while let Some(item) = ring.next() {
+        // Every record submitted before the first slice of this drain
+        // began has been read once one of its slices empties the buffer.
+        let began = *self.drain_began.get_or_insert(start);
+        let deadline = start + DRAIN_SLICE.as_nanos() as u64;
+        let mut n = 0u32;
+        loop {
+            let Some(item) = ring.next() else {
+                self.drain_began = None;
+                self.release_held(began)?;
+                return Ok(true);
+            };
             self.handle(&item)?;
+            drop(item);
+            n += 1;
+            if n.is_multiple_of(256) && monotonic_ns() >= deadline {
+                return Ok(false);
+            }
         }
-        self.release_held(start)
     }
 
     pub fn stats(&self, kernel: CounterValues) -> Stats {
@@ -281,10 +272,10 @@ fn wants_container_keys(args: &Args) -> bool {
     ) || args.metrics.metrics_label == Some(MetricsLabel::Container)
 }
 
-/// Share of one CPU the timewait polls may take: under heavy connection
-/// churn a dump walks tens of thousands of timewait sockets (0.1-0.2 s for
-/// 60,000 here, three quarters of the agent's CPU at one poll a second).
-const TIMEWAIT_POLL_BUDGET: u32 = 20; // 1/20 = 5%
+/// Share of one CPU the timewait polls may take (the worker's CPU time):
+/// under heavy connection churn a dump walks tens of thousands of
+/// timewait sockets (about 20 ms of CPU for 64,000 here).
+const TIMEWAIT_POLL_BUDGET: u32 = 50; // 1/50 = 2%
 
 /// The wait before the next timewait poll: `--timewait-interval`, longer
 /// when the last poll took more than the budget. TIME_WAIT entries and
@@ -293,6 +284,14 @@ const TIMEWAIT_POLL_BUDGET: u32 = 20; // 1/20 = 5%
 fn timewait_interval(configured: Duration, last_poll: Duration) -> Duration {
     configured.max(last_poll * TIMEWAIT_POLL_BUDGET)
 }
+
+/// The longest the drain loop works before it looks at signals, timers
+/// and the worker's answers.
+pub const DRAIN_SLICE: Duration = Duration::from_millis(20);
+
+/// How long the agent waits at exit for the worker's list of stuck
+/// connections' holders.
+const EXIT_HOLDERS_WAIT: Duration = Duration::from_millis(500);
 
 /// How long the agent waits at exit for stdout's reader to take the last
 /// records.
@@ -331,7 +330,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         m.enable_resets();
     }
     let netns_known = probe.offsets.netns_known();
-    let counters = probe.counters;
+    let mut counters = probe.counters;
+    let programs = probe.programs;
     let cgroups = Cgroups::new(Resolver::new(), wants_container_keys(&args));
     match cgroups.why() {
         Some(why) => log::info!("cgroups: {why}; records carry null cgroup, container and pod"),
@@ -350,6 +350,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         unreadable: 0,
         observers: Observers::new(Summary::from_args(&args.summary), metrics),
         resets: Resets::new(probe.capabilities.resets),
+        drain_began: None,
     };
     // After attaching, so no socket falls between the snapshot and the events.
     let mut lifecycle = Lifecycle::new().context("opening NETLINK_SOCK_DIAG")?;
@@ -361,6 +362,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         "snapshot: {} TCP sockets existed before the tracer",
         snapshot.sockets
     );
+    // The blocking work (dumps, look-ups, /proc scans) from here on runs on
+    // the worker thread, with the namespaces the snapshot opened.
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (namespaces, overflows) = lifecycle
+        .take_namespaces()
+        .context("the namespaces were opened once")?;
+    let worker =
+        Worker::start(namespaces, overflows, done_tx).context("starting the worker thread")?;
     // Before "attached": `--pid`/`--comm` select the accepted sockets of a
     // server already running from its first connection after start.
     let mut listeners = probe.listeners;
@@ -428,10 +437,30 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             tokio::select! {
                 guard = ring.readable_mut() => {
                     let mut guard = guard?;
-                    pipeline.drain(guard.get_inner_mut())?;
-                    guard.clear_ready();
+                    // Not emptied: readiness stays, the loop comes back.
+                    if pipeline.drain(guard.get_inner_mut())? {
+                        guard.clear_ready();
+                    }
                     pipeline.out.flush()?;
                 }
+                done = done_rx.recv() => match done {
+                    Some(Done::Timewait(dump)) => {
+                        let cpu = Duration::from_nanos(dump.cpu_ns);
+                        let result = lifecycle.apply_timewait(&mut pipeline.tracker, dump);
+                        pipeline.timewait_polled(result)?;
+                        pipeline.out.flush()?;
+                        let next = timewait_interval(args.timewait_interval, cpu);
+                        timewait_due.as_mut().reset(tokio::time::Instant::now() + next);
+                    }
+                    Some(Done::Holders { found, errors, .. }) => {
+                        lifecycle.counters.errors += errors;
+                        for (conn, holders) in &found {
+                            pipeline.stuck(conn, holders, false)?;
+                        }
+                        pipeline.out.flush()?;
+                    }
+                    None => {}
+                },
                 guard = async { logger.as_mut().expect("guarded").readable_mut().await }, if logger.is_some() => {
                     let mut guard = guard?;
                     guard.get_inner_mut().flush();
@@ -467,15 +496,33 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                     pipeline.out.flush()?;
                 }
                 _ = &mut timewait_due => {
-                    let started = std::time::Instant::now();
-                    pipeline.poll_timewait(&mut lifecycle, ring.get_mut())?;
-                    pipeline.out.flush()?;
-                    let next = timewait_interval(args.timewait_interval, started.elapsed());
-                    timewait_due.as_mut().reset(tokio::time::Instant::now() + next);
+                    // Until the answer sets the next one.
+                    timewait_due.as_mut().reset(tokio::time::Instant::now() + args.timewait_interval);
+                    match lifecycle.timewait_poll(&mut pipeline.tracker) {
+                        TimewaitPoll::Nothing => {}
+                        TimewaitPoll::Resolved(result) => {
+                            pipeline.timewait_polled(result)?;
+                            pipeline.out.flush()?;
+                        }
+                        TimewaitPoll::Ask(query) => {
+                            if !worker.send(Job::Timewait(query)) {
+                                lifecycle.polling = false;
+                            }
+                        }
+                    }
                 }
                 _ = tick.tick() => {
-                    pipeline.check_stuck(&mut lifecycle, &thresholds)?;
-                    pipeline.out.flush()?;
+                    let due: Vec<Connection> = thresholds
+                        .iter()
+                        .flat_map(|&(state, t)| lifecycle.due_stuck(&mut pipeline.tracker, state, t))
+                        .collect();
+                    if !due.is_empty() && !worker.send(Job::Holders { conns: due.clone(), at_exit: false }) {
+                        log::debug!("worker busy: stuck connections reported without their holders");
+                        for conn in &due {
+                            pipeline.stuck(conn, &[], false)?;
+                        }
+                        pipeline.out.flush()?;
+                    }
                     if let Ok(c) = counters.read() {
                         if c.ringbuf_full > last_lost {
                             eprintln!(
@@ -489,13 +536,38 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 }
             }
         }
-        // What the kernel submitted before we stopped.
-        pipeline.drain(ring.get_mut())?;
+        // No event after this: what the kernel submitted is finite. The
+        // skipped runs are read before the programs go.
+        counters.freeze();
+        drop(programs);
+        while !pipeline.drain(ring.get_mut())? {}
         pipeline.release_all()?;
-        // The connections still stuck, with their ages.
-        for &(state, _) in &thresholds {
-            for (conn, holders) in lifecycle.still_in(&mut pipeline.tracker, state) {
-                pipeline.stuck(&conn, &holders, true)?;
+        // The connections still stuck, with their ages and holders.
+        let stuck: Vec<Connection> = thresholds
+            .iter()
+            .flat_map(|&(state, _)| Lifecycle::still_in(&mut pipeline.tracker, state))
+            .collect();
+        if !stuck.is_empty() {
+            let found = if worker.send(Job::Holders { conns: stuck.clone(), at_exit: true }) {
+                let wait = tokio::time::timeout(EXIT_HOLDERS_WAIT, async {
+                    loop {
+                        match done_rx.recv().await {
+                            Some(Done::Holders { found, at_exit: true, .. }) => return Some(found),
+                            Some(_) => continue,
+                            None => return None,
+                        }
+                    }
+                });
+                wait.await.ok().flatten()
+            } else {
+                None
+            };
+            let found = found.unwrap_or_else(|| {
+                log::warn!("the holders of stuck connections could not be listed in time");
+                stuck.into_iter().map(|c| (c, Vec::new())).collect()
+            });
+            for (conn, holders) in &found {
+                pipeline.stuck(conn, holders, true)?;
             }
         }
         pipeline.write_summary(args.output)?;
@@ -549,7 +621,7 @@ mod tests {
         let second = Duration::from_secs(1);
         assert_eq!(timewait_interval(second, Duration::from_millis(2)), second);
         assert_eq!(
-            timewait_interval(second, Duration::from_millis(150)),
+            timewait_interval(second, Duration::from_millis(60)),
             Duration::from_secs(3)
         );
     }

@@ -132,7 +132,8 @@ pub struct Probe {
     pub listeners: Listeners,
     /// The kernel program's aya-log records (rare errors), if any.
     pub logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
-    _ebpf: Ebpf,
+    /// The loaded programs: dropping it detaches them all.
+    pub programs: Ebpf,
 }
 
 /// Sums of the kernel program's per-CPU counters.
@@ -194,19 +195,29 @@ pub struct KernelCounters {
     /// first: the kernel counts the runs it skipped there
     /// (`recursion_misses`).
     fdinfo: Vec<std::path::PathBuf>,
+    /// The programs' skipped runs as read by [`KernelCounters::freeze`].
+    frozen_misses: Option<u64>,
 }
 
 impl KernelCounters {
+    fn recursion_misses(&self) -> u64 {
+        self.frozen_misses
+            .unwrap_or_else(|| self.fdinfo.iter().map(|p| recursion_misses(p)).sum())
+    }
+
+    /// Reads the programs' skipped runs now and keeps them: they are read
+    /// from the programs' fds, which go when the programs are detached.
+    pub fn freeze(&mut self) {
+        self.frozen_misses = Some(self.recursion_misses());
+    }
+
     pub fn read(&self) -> Result<CounterValues, aya::maps::MapError> {
         let sum =
             |i: u32| -> Result<u64, aya::maps::MapError> { Ok(self.map.get(&i, 0)?.iter().sum()) };
         Ok(CounterValues {
             // The second BTF copy handled some of the first's misses.
             skipped: self
-                .fdinfo
-                .iter()
-                .map(|p| recursion_misses(p))
-                .sum::<u64>()
+                .recursion_misses()
                 .saturating_sub(sum(counter::NESTED)?),
             seen: sum(counter::SEEN)?,
             filtered: sum(counter::FILTERED)?,
@@ -626,6 +637,7 @@ fn load_attached(
                 .ok_or(LoadError::Missing("COUNTERS map"))?,
         )?,
         fdinfo,
+        frozen_misses: None,
     };
     let listeners = Listeners(HashMap::try_from(
         ebpf.take_map(map::LISTENERS)
@@ -638,7 +650,7 @@ fn load_attached(
         offsets,
         counters,
         logger,
-        _ebpf: ebpf,
+        programs: ebpf,
     })
 }
 

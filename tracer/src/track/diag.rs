@@ -46,6 +46,10 @@ pub struct DiagSocket {
     pub uid: u32,
     /// Inode of the socket's file; 0 when it has none (timewait, orphans).
     pub inode: u64,
+    /// CLOCK_MONOTONIC ns when the reply holding it was read (the kernel
+    /// fills a dump's replies as they are read): `expires_ms` counts from
+    /// about then.
+    pub read_ns: u64,
 }
 
 impl DiagSocket {
@@ -207,7 +211,13 @@ impl Diag {
                 }
                 return Err(err);
             }
-            match parse_messages(&buf[..n as usize], &mut out)? {
+            let first = out.len();
+            let parsed = parse_messages(&buf[..n as usize], &mut out)?;
+            let now = crate::clock::monotonic_ns();
+            for s in &mut out[first..] {
+                s.read_ns = now;
+            }
+            match parsed {
                 Parsed::Done => return Ok(out),
                 Parsed::More if !dump => return Ok(out),
                 Parsed::More => between(),
@@ -392,6 +402,7 @@ fn parse_msg(p: &[u8]) -> Option<DiagSocket> {
         expires_ms: ne_u32(p, 52)?,
         uid: ne_u32(p, 64)?,
         inode: u64::from(ne_u32(p, 68)?),
+        read_ns: 0,
     })
 }
 

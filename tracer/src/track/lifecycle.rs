@@ -16,22 +16,26 @@
 //!   through the socket's inode (sock_diag) in /proc.
 //! - **Sockets older than the tracer**, from a sock_diag snapshot of every
 //!   namespace at start.
+//!
+//! The dumps, look-ups and `/proc` scans run on the worker thread
+//! (`worker.rs`); this file decides what to ask it, from the connection
+//! table, and what its answers do to the table. A poll's answer judges only
+//! the connections that were waiting when it was asked.
 
 use std::{
     collections::{HashMap, HashSet},
-    net::IpAddr,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use crate::{
     clock::monotonic_ns,
     kernel::events::{Comm, Family, Source, TcpState, Transition},
     kernel::filters::Filters,
-    track::diag::{state_bit, DiagSocket, ALL_STATES, MAX_FILTER_TUPLES},
+    track::diag::{state_bit, DiagSocket, ALL_STATES},
     track::netns::Namespaces,
     track::procfs::{self, Holder},
     track::tracker::{Connection, Owner, SlotId, TimewaitEnd, Tracker, TupleKey},
-    FastMap,
+    track::worker::{NetnsDump, NetnsQuery, TimewaitDump, TimewaitQuery},
 };
 
 /// TCP_TIMEWAIT_LEN: a timewait socket in TIME_WAIT lives 60 s (fixed in
@@ -43,18 +47,24 @@ pub const EXPIRY_TOLERANCE_NS: u64 = 10_000_000;
 #[derive(Default, Debug)]
 pub struct Counters {
     pub polls: u64,
+    /// CPU time the worker spent on the polls.
     pub poll_ns: u64,
     pub errors: u64,
 }
 
 pub struct Lifecycle {
-    ns: Namespaces,
+    /// The namespaces opened at start, until the worker takes them.
+    ns: Option<Namespaces>,
+    /// Per namespace: TCPTimeWaitOverflow at start, for the worker.
+    overflows: HashMap<u32, u64>,
     /// Timewait deaths arrive from the fentry program (exact times).
     pub fentry: bool,
     /// The kernel answers sock_diag requests for TCP (`tcp_diag`).
     pub available: bool,
-    /// Per namespace: TCPTimeWaitOverflow at the previous poll.
-    overflows: HashMap<u32, u64>,
+    /// A timewait poll was asked and not answered yet.
+    pub polling: bool,
+    /// Polls asked so far: the number of the one in flight.
+    poll: u32,
     pub counters: Counters,
 }
 
@@ -69,7 +79,7 @@ pub struct Snapshot {
     pub selected_listeners: Vec<(u32, u16)>,
 }
 
-/// What one poll produced, in output order.
+/// What one poll's answer produced, in output order.
 #[derive(Default)]
 pub struct PollResult {
     pub derived: Vec<(Transition, Option<Owner>)>,
@@ -77,10 +87,14 @@ pub struct PollResult {
     pub closed: Vec<SlotId>,
 }
 
-type Tuple = (Family, IpAddr, u16, IpAddr, u16);
-
-fn tuple_of(k: &TupleKey) -> Tuple {
-    (k.family, k.laddr, k.lport, k.raddr, k.rport)
+/// What a timewait poll needs.
+pub enum TimewaitPoll {
+    /// Nothing is waiting, or a poll is in flight.
+    Nothing,
+    /// sock_diag is unavailable: everything waiting ended, unknown how.
+    Resolved(PollResult),
+    /// Ask the worker.
+    Ask(TimewaitQuery),
 }
 
 impl Lifecycle {
@@ -102,17 +116,27 @@ impl Lifecycle {
             None => false,
         };
         Ok(Lifecycle {
-            ns,
+            ns: Some(ns),
+            overflows: HashMap::new(),
             fentry: false,
             available,
-            overflows: HashMap::new(),
+            polling: false,
+            poll: 0,
             counters: Counters::default(),
         })
     }
 
+    /// The namespaces opened so far and their overflow counters at start,
+    /// for the worker thread (once).
+    pub fn take_namespaces(&mut self) -> Option<(Namespaces, HashMap<u32, u64>)> {
+        let ns = self.ns.take()?;
+        Some((ns, std::mem::take(&mut self.overflows)))
+    }
+
     /// Every TCP socket of every namespace at start: listeners (for the
     /// owner of the sockets they will accept) and connections (for their
-    /// later transitions and for CLOSE_WAIT alerts).
+    /// later transitions and for CLOSE_WAIT alerts). Runs before the event
+    /// loop, on the namespaces the worker will take.
     pub fn snapshot(
         &mut self,
         tracker: &mut Tracker,
@@ -120,23 +144,23 @@ impl Lifecycle {
         filters: &Filters,
     ) -> Snapshot {
         let mut snap = Snapshot::default();
-        if !self.available {
+        let Some(ns) = self.ns.as_mut().filter(|_| self.available) else {
             return snap;
-        }
+        };
         let now = monotonic_ns();
         let mut found: Vec<(u32, DiagSocket)> = Vec::new();
         // Without the kernel's netns numbers only our own namespace can be
         // joined to events.
         let namespaces = if netns_known {
-            self.ns.discover_all()
+            ns.discover_all()
         } else {
-            vec![self.ns.own()]
+            vec![ns.own()]
         };
         for inum in namespaces {
-            if let (Some(v), _) = self.ns.timewait_limits(inum) {
+            if let (Some(v), _) = ns.timewait_limits(inum) {
                 self.overflows.insert(inum, v);
             }
-            let Some(diag) = self.ns.diag(inum, &[]) else {
+            let Some(diag) = ns.diag(inum, &[]) else {
                 continue;
             };
             for family in [Family::Ipv4, Family::Ipv6] {
@@ -202,19 +226,14 @@ impl Lifecycle {
         snap
     }
 
-    /// One timewait poll: joins pending connections to their timewait
-    /// sockets and ends those whose socket is gone. `between` runs between
-    /// chunks of the dumps (the agent keeps the ring buffer drained).
-    pub fn poll_timewait(
-        &mut self,
-        tracker: &mut Tracker,
-        between: &mut dyn FnMut(),
-    ) -> PollResult {
-        let mut result = PollResult::default();
-        if !tracker.has_timewait() {
-            return result;
+    /// The next timewait poll: what to ask the worker about the
+    /// connections waiting for their timewait socket.
+    pub fn timewait_poll(&mut self, tracker: &mut Tracker) -> TimewaitPoll {
+        if self.polling || !tracker.has_timewait() {
+            return TimewaitPoll::Nothing;
         }
         if !self.available {
+            let mut result = PollResult::default();
             let ids: Vec<(SlotId, u64)> = tracker
                 .timewait_mut()
                 .map(|(id, c)| (id, c.timewait.map_or(0, |t| t.closed_ns)))
@@ -223,137 +242,136 @@ impl Lifecycle {
                 tracker.end_timewait(id, closed, TimewaitEnd::Unknown, Source::SockDiag);
                 result.closed.push(id);
             }
-            return result;
+            return TimewaitPoll::Resolved(result);
         }
-        let started = Instant::now();
-        // Namespace -> (family -> port pairs, task hints) of the pending
-        // connections.
-        type Wanted = (HashMap<Family, Vec<(u16, u16)>>, Vec<(u32, u32)>);
-        let mut wanted: HashMap<u32, Wanted> = HashMap::new();
+        let mut by_netns: HashMap<u32, NetnsQuery> = HashMap::new();
         for (_, c) in tracker.timewait_mut() {
-            let e = wanted.entry(c.netns).or_default();
-            e.0.entry(c.family).or_default().push((c.lport, c.rport));
-            e.1.extend(c.task_hint);
-        }
-        let mut dumps: HashMap<u32, FastMap<Tuple, DiagSocket>> = HashMap::new();
-        let mut overflowed: HashMap<u32, bool> = HashMap::new();
-        for (inum, (families, hints)) in wanted {
-            let was_missing = self.ns.is_missing(inum);
-            let Some(diag) = self.ns.diag(inum, &hints) else {
-                // The namespace is gone (nothing in /proc holds it), and
-                // its timewait sockets with it: resolve them as not found.
-                if !was_missing {
-                    log::info!("network namespace {inum} is gone; its timewait sockets with it");
+            let q = by_netns.entry(c.netns).or_insert_with(|| NetnsQuery {
+                inum: c.netns,
+                ..Default::default()
+            });
+            let family = usize::from(c.family == Family::Ipv6);
+            q.ports[family].push((c.lport, c.rport));
+            if let Some(h) = c.task_hint {
+                if q.hints.len() < 8 && !q.hints.contains(&h) {
+                    q.hints.push(h);
                 }
-                dumps.insert(inum, FastMap::default());
-                overflowed.insert(inum, false);
-                continue;
-            };
-            let mut by_tuple = FastMap::default();
-            let mut ok = true;
-            let mut filtered = false;
-            for (family, ports) in families {
-                let states = state_bit(TcpState::TimeWait) | state_bit(TcpState::FinWait2);
-                // Few connections pending: let the kernel drop the others.
-                let dumped = if ports.len() <= MAX_FILTER_TUPLES {
-                    filtered = true;
-                    diag.dump_ports_with(family, states, &ports, between)
-                } else {
-                    diag.dump_with(family, states, between)
-                };
-                match dumped {
-                    Ok(socks) => {
-                        for s in socks.into_iter().filter(DiagSocket::is_timewait) {
-                            by_tuple.insert((s.family, s.laddr, s.lport, s.raddr, s.rport), s);
+            }
+        }
+        self.polling = true;
+        self.poll = self.poll.wrapping_add(1);
+        TimewaitPoll::Ask(TimewaitQuery {
+            asked_ns: monotonic_ns(),
+            namespaces: by_netns.into_values().collect(),
+        })
+    }
+
+    /// Applies a poll's answer: joins the connections that were waiting
+    /// to their timewait sockets (dating their entry into TIME_WAIT) and
+    /// ends those whose socket is gone.
+    pub fn apply_timewait(&mut self, tracker: &mut Tracker, dump: TimewaitDump) -> PollResult {
+        self.polling = false;
+        self.counters.polls += 1;
+        self.counters.poll_ns += dump.cpu_ns;
+        self.counters.errors += dump.errors;
+        let poll = self.poll;
+        let mut result = PollResult::default();
+        // Namespaces answered, and whether each counted an overflow.
+        let mut answered: HashMap<u32, bool> = HashMap::new();
+        for (inum, d) in dump.namespaces {
+            match d {
+                NetnsDump::Failed => {}
+                NetnsDump::Gone => {
+                    answered.insert(inum, false);
+                }
+                NetnsDump::Dumped {
+                    sockets,
+                    overflowed,
+                } => {
+                    answered.insert(inum, overflowed);
+                    for s in &sockets {
+                        let key = TupleKey {
+                            netns: inum,
+                            family: s.family,
+                            laddr: s.laddr,
+                            lport: s.lport,
+                            raddr: s.raddr,
+                            rport: s.rport,
+                        };
+                        let Some(id) = tracker.timewait_of(&key) else {
+                            continue;
+                        };
+                        let c = tracker.conn_mut(id);
+                        let Some(mut tw) = c.timewait else { continue };
+                        if tw.closed_ns > dump.asked_ns {
+                            continue;
                         }
-                    }
-                    Err(e) => {
-                        ok = false;
-                        self.counters.errors += 1;
-                        log::warn!("timewait dump of netns {inum}: {e}");
+                        tw.seen = true;
+                        tw.found_in_poll = poll;
+                        let expiry = s.expires_ns;
+                        if s.state == Some(TcpState::TimeWait) {
+                            if c.state != TcpState::TimeWait {
+                                // Entered TIME_WAIT when its 60 s timer was armed.
+                                let entered =
+                                    expiry.saturating_sub(TIMEWAIT_LEN_NS).max(c.state_since_ns);
+                                let old = c.state;
+                                let in_old = entered - c.state_since_ns;
+                                c.advance(TcpState::TimeWait, entered);
+                                let d = c.derived(
+                                    old,
+                                    TcpState::TimeWait,
+                                    entered,
+                                    Some(in_old),
+                                    Source::SockDiag,
+                                );
+                                result.derived.push((d, c.owner));
+                                tw.expires_ns = Some(expiry);
+                            } else if tw.expires_ns.is_none() {
+                                tw.expires_ns = Some(expiry);
+                            }
+                            // Once known, the scheduled expiry is kept: a timer
+                            // that fires late (timer wheel) reports 0 ms left.
+                        } else {
+                            tw.expires_ns = Some(expiry); // the FIN_WAIT2 timeout
+                        }
+                        c.timewait = Some(tw);
                     }
                 }
             }
-            if !ok {
-                continue; // decide nothing on partial data
-            }
-            // No timewait socket was created if the namespace counted an
-            // overflow since the last poll, or is at its limit now.
-            let (now_overflows, max_buckets) = self.ns.timewait_limits(inum);
-            let before = self.overflows.get(&inum).copied();
-            let counted = matches!((before, now_overflows), (Some(b), Some(n)) if n > b);
-            let at_limit =
-                max_buckets.is_some_and(|m| m == 0 || (!filtered && by_tuple.len() as u64 >= m));
-            overflowed.insert(inum, counted || at_limit);
-            if let Some(n) = now_overflows {
-                self.overflows.insert(inum, n);
-            }
-            dumps.insert(inum, by_tuple);
         }
-        let now = monotonic_ns();
+        let now = dump.done_ns;
         let mut ending: Vec<(SlotId, u64, TimewaitEnd, Source)> = Vec::new();
         for (id, c) in tracker.timewait_mut() {
-            let Some(found) = dumps.get(&c.netns) else {
+            let Some(&overflowed) = answered.get(&c.netns) else {
                 continue;
             };
             let Some(mut tw) = c.timewait else { continue };
-            match found.get(&tuple_of(&c.key())) {
-                Some(s) => {
-                    tw.seen = true;
-                    let expiry = now + u64::from(s.expires_ms) * 1_000_000;
-                    if s.state == Some(TcpState::TimeWait) {
-                        if c.state != TcpState::TimeWait {
-                            // Entered TIME_WAIT when its 60 s timer was armed.
-                            let entered =
-                                expiry.saturating_sub(TIMEWAIT_LEN_NS).max(c.state_since_ns);
-                            let old = c.state;
-                            let in_old = entered - c.state_since_ns;
-                            c.advance(TcpState::TimeWait, entered);
-                            let d = c.derived(
-                                old,
-                                TcpState::TimeWait,
-                                entered,
-                                Some(in_old),
-                                Source::SockDiag,
-                            );
-                            result.derived.push((d, c.owner));
-                            tw.expires_ns = Some(expiry);
-                        } else if tw.expires_ns.is_none() {
-                            tw.expires_ns = Some(expiry);
-                        }
-                        // Once known, the scheduled expiry is kept: a timer
-                        // that fires late (timer wheel) reports 0 ms left.
-                    } else {
-                        tw.expires_ns = Some(expiry); // the FIN_WAIT2 timeout
+            if tw.closed_ns > dump.asked_ns || tw.found_in_poll == poll {
+                continue;
+            }
+            let decided = if let Some(k) = tw.killed_ns {
+                // Killed early, seen by fentry, and no reuse followed.
+                Some((k, TimewaitEnd::Early, Source::Fentry))
+            } else if self.fentry && tw.seen && tw.missing_polls == 0 {
+                // Its death event may still wait in the ring buffer.
+                None
+            } else if tw.seen {
+                Some(match tw.expires_ns {
+                    Some(e) if now + EXPIRY_TOLERANCE_NS >= e => {
+                        (e, TimewaitEnd::Expired, Source::SockDiag)
                     }
-                    c.timewait = Some(tw);
-                }
+                    _ => (now, TimewaitEnd::Early, Source::SockDiag),
+                })
+            } else if overflowed {
+                Some((tw.closed_ns, TimewaitEnd::NotCreated, Source::SockDiag))
+            } else {
+                Some((tw.closed_ns, TimewaitEnd::NotFound, Source::SockDiag))
+            };
+            match decided {
+                Some((at, end, source)) => ending.push((id, at, end, source)),
                 None => {
-                    let decided = if let Some(k) = tw.killed_ns {
-                        // Killed early, seen by fentry, and no reuse followed.
-                        Some((k, TimewaitEnd::Early, Source::Fentry))
-                    } else if self.fentry && tw.seen && tw.missing_polls == 0 {
-                        // Its death event may still wait in the ring buffer.
-                        None
-                    } else if tw.seen {
-                        Some(match tw.expires_ns {
-                            Some(e) if now + EXPIRY_TOLERANCE_NS >= e => {
-                                (e, TimewaitEnd::Expired, Source::SockDiag)
-                            }
-                            _ => (now, TimewaitEnd::Early, Source::SockDiag),
-                        })
-                    } else if overflowed.get(&c.netns).copied().unwrap_or(false) {
-                        Some((tw.closed_ns, TimewaitEnd::NotCreated, Source::SockDiag))
-                    } else {
-                        Some((tw.closed_ns, TimewaitEnd::NotFound, Source::SockDiag))
-                    };
-                    match decided {
-                        Some((at, end, source)) => ending.push((id, at, end, source)),
-                        None => {
-                            tw.missing_polls += 1;
-                            c.timewait = Some(tw);
-                        }
-                    }
+                    tw.missing_polls += 1;
+                    c.timewait = Some(tw);
                 }
             }
         }
@@ -363,69 +381,32 @@ impl Lifecycle {
             }
             result.closed.push(id);
         }
-        self.counters.polls += 1;
-        self.counters.poll_ns += started.elapsed().as_nanos() as u64;
         result
     }
 
     /// Connections in `state` for at least `threshold` and not reported
-    /// yet, with every process and fd holding each. Marks them reported.
-    pub fn stuck(
+    /// yet (marked reported now): the worker is to find their holders.
+    pub fn due_stuck(
         &mut self,
         tracker: &mut Tracker,
         state: TcpState,
         threshold: Duration,
-    ) -> Vec<(Connection, Vec<Holder>)> {
+    ) -> Vec<Connection> {
         let now = monotonic_ns();
         let limit = threshold.as_nanos() as u64;
-        let mut due: Vec<Connection> = Vec::new();
+        let mut due = Vec::new();
         for (_, c) in tracker.in_state_mut(state) {
             if !c.stuck_reported && now.saturating_sub(c.state_since_ns) >= limit {
                 c.stuck_reported = true;
                 due.push(*c);
             }
         }
-        self.with_holders(due)
+        due
     }
 
     /// Every connection in `state` now (for the list printed at exit).
-    pub fn still_in(
-        &mut self,
-        tracker: &mut Tracker,
-        state: TcpState,
-    ) -> Vec<(Connection, Vec<Holder>)> {
-        let all: Vec<Connection> = tracker.in_state_mut(state).map(|(_, c)| *c).collect();
-        self.with_holders(all)
-    }
-
-    fn with_holders(&mut self, mut conns: Vec<Connection>) -> Vec<(Connection, Vec<Holder>)> {
-        if conns.is_empty() {
-            return Vec::new();
-        }
-        for c in &mut conns {
-            if c.inode == 0 && self.available {
-                let hints: Vec<(u32, u32)> = c.task_hint.into_iter().collect();
-                if let Some(diag) = self.ns.diag(c.netns, &hints) {
-                    match diag.lookup(c.family, (c.laddr, c.lport), (c.raddr, c.rport)) {
-                        Ok(Some(s)) => c.inode = s.inode,
-                        Ok(None) => {}
-                        Err(e) => {
-                            self.counters.errors += 1;
-                            log::debug!("sock_diag look-up: {e}");
-                        }
-                    }
-                }
-            }
-        }
-        let inodes: HashSet<u64> = conns.iter().map(|c| c.inode).filter(|&i| i != 0).collect();
-        let holders = procfs::socket_holders(&inodes);
-        conns
-            .into_iter()
-            .map(|c| {
-                let h = holders.get(&c.inode).cloned().unwrap_or_default();
-                (c, h)
-            })
-            .collect()
+    pub fn still_in(tracker: &mut Tracker, state: TcpState) -> Vec<Connection> {
+        tracker.in_state_mut(state).map(|(_, c)| *c).collect()
     }
 }
 

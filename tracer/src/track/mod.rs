@@ -11,8 +11,8 @@
 //! - `close.rs`: who closed and how; `resets.rs`: resets joined to
 //!   connections;
 //! - `lifecycle.rs`: timewait sockets, stuck connections, the start-up
-//!   snapshot, with `diag.rs` (NETLINK_SOCK_DIAG), `netns.rs` and
-//!   `procfs.rs` below it;
+//!   snapshot; `worker.rs`: the thread that does their blocking work, with
+//!   `diag.rs` (NETLINK_SOCK_DIAG), `netns.rs` and `procfs.rs` below it;
 //! - `containers.rs` and `cgroup/`: owners' cgroups, containers and pods.
 
 pub mod cgroup;
@@ -24,3 +24,4 @@ pub mod netns;
 pub mod procfs;
 pub mod resets;
 pub mod tracker;
+pub mod worker;

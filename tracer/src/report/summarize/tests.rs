@@ -86,6 +86,7 @@ fn recording(events: &[Transition], mode: EventsMode, by: Option<GroupBy>) -> (S
         unreadable: 0,
         observers: Observers::new(Summary::from_args(&args), None),
         resets: crate::track::resets::Resets::new(true),
+        drain_began: None,
     };
     for t in events {
         p.handle(&encode(t)).unwrap();

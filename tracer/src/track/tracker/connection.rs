@@ -69,6 +69,8 @@ pub struct Timewait {
     pub killed_ns: Option<u64>,
     /// Polls that found it gone before its death event arrived.
     pub missing_polls: u8,
+    /// The last timewait poll that found it (see `lifecycle.rs`).
+    pub found_in_poll: u32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]

@@ -1,0 +1,286 @@
+//! The agent's blocking work, on a thread of its own: NETLINK_SOCK_DIAG
+//! dumps and look-ups (one socket per network namespace, opened from a
+//! short-lived thread that joins it), `/proc` scans for the processes that
+//! hold a socket, and the namespaces' timewait counters. The thread that
+//! drains the ring buffer sends it [`Job`]s and goes on; answers come back
+//! as [`Done`] messages that the event loop handles like any other event.
+//! Nothing here touches the connection table: the drain side asks with
+//! copies of what it needs and applies the answers (`lifecycle.rs`).
+
+use std::{
+    collections::{HashMap, HashSet},
+    io,
+    net::IpAddr,
+    sync::mpsc,
+    thread,
+};
+
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::{
+    clock::monotonic_ns,
+    kernel::events::{Family, TcpState},
+    track::diag::{state_bit, DiagSocket, MAX_FILTER_TUPLES},
+    track::netns::Namespaces,
+    track::procfs::{self, Holder},
+    track::tracker::Connection,
+};
+
+/// Jobs queued at once; the drain side sends one timewait poll at a time
+/// and one batch of stuck connections a second, so this is never reached
+/// in practice (a full queue drops the job, which is asked again later).
+const QUEUE: usize = 16;
+
+/// The timewait sockets the drain side is waiting for, by namespace.
+#[derive(Debug, Default)]
+pub struct TimewaitQuery {
+    /// CLOCK_MONOTONIC ns when asked: connections closed after it are not
+    /// judged by the answer.
+    pub asked_ns: u64,
+    pub namespaces: Vec<NetnsQuery>,
+}
+
+#[derive(Debug, Default)]
+pub struct NetnsQuery {
+    /// Namespace inode as events carry it (0: unknown, the agent's own).
+    pub inum: u32,
+    /// (local, remote) ports of the pending connections, per family (IPv4,
+    /// IPv6): few enough ones let the kernel filter the dump.
+    pub ports: [Vec<(u16, u16)>; 2],
+    /// (pid, tid) of tasks seen in the namespace, to open it by.
+    pub hints: Vec<(u32, u32)>,
+}
+
+/// One timewait socket of a dump.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TimewaitSocket {
+    pub family: Family,
+    pub laddr: IpAddr,
+    pub lport: u16,
+    pub raddr: IpAddr,
+    pub rport: u16,
+    /// FIN_WAIT2 (waiting for the peer's FIN) or TIME_WAIT.
+    pub state: Option<TcpState>,
+    /// CLOCK_MONOTONIC ns when its timer fires, as of the dump.
+    pub expires_ns: u64,
+}
+
+#[derive(Debug)]
+pub enum NetnsDump {
+    /// Nothing holds the namespace any more: its sockets are gone.
+    Gone,
+    /// A dump failed: decide nothing on partial data.
+    Failed,
+    Dumped {
+        sockets: Vec<TimewaitSocket>,
+        /// Active closes got no timewait socket since the last poll
+        /// (`TCPTimeWaitOverflow` grew, or the namespace is at
+        /// `tcp_max_tw_buckets`).
+        overflowed: bool,
+    },
+}
+
+#[derive(Debug, Default)]
+pub struct TimewaitDump {
+    pub asked_ns: u64,
+    /// When the dumps were done (CLOCK_MONOTONIC ns).
+    pub done_ns: u64,
+    pub namespaces: Vec<(u32, NetnsDump)>,
+    /// CPU time the worker spent on it.
+    pub cpu_ns: u64,
+    pub errors: u64,
+}
+
+pub enum Job {
+    Timewait(TimewaitQuery),
+    /// The processes and fds holding each connection's socket.
+    Holders {
+        conns: Vec<Connection>,
+        at_exit: bool,
+    },
+}
+
+pub enum Done {
+    Timewait(TimewaitDump),
+    Holders {
+        found: Vec<(Connection, Vec<Holder>)>,
+        at_exit: bool,
+        errors: u64,
+    },
+}
+
+/// The drain side's handle on the worker thread.
+pub struct Worker {
+    jobs: mpsc::SyncSender<Job>,
+}
+
+impl Worker {
+    /// Starts the thread with the namespaces (and their sock_diag
+    /// sockets) opened at start and their overflow counters then; answers
+    /// go to `done`.
+    pub fn start(
+        ns: Namespaces,
+        overflows: HashMap<u32, u64>,
+        done: UnboundedSender<Done>,
+    ) -> io::Result<Worker> {
+        let (jobs, queue) = mpsc::sync_channel(QUEUE);
+        let mut state = State { ns, overflows };
+        thread::Builder::new()
+            .name("tracer-worker".into())
+            .spawn(move || {
+                for job in queue {
+                    let answer = match job {
+                        Job::Timewait(q) => Done::Timewait(state.timewait(&q)),
+                        Job::Holders { conns, at_exit } => {
+                            let (found, errors) = state.holders(conns);
+                            Done::Holders {
+                                found,
+                                at_exit,
+                                errors,
+                            }
+                        }
+                    };
+                    if done.send(answer).is_err() {
+                        return;
+                    }
+                }
+            })?;
+        Ok(Worker { jobs })
+    }
+
+    /// Queues `job`; false if the queue is full or the worker is gone.
+    pub fn send(&self, job: Job) -> bool {
+        self.jobs.try_send(job).is_ok()
+    }
+}
+
+struct State {
+    ns: Namespaces,
+    /// Per namespace: TCPTimeWaitOverflow at the previous poll.
+    overflows: HashMap<u32, u64>,
+}
+
+/// This thread's CPU time, ns.
+fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid pointer; the clock always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+impl State {
+    fn timewait(&mut self, q: &TimewaitQuery) -> TimewaitDump {
+        let cpu = thread_cpu_ns();
+        let mut out = TimewaitDump {
+            asked_ns: q.asked_ns,
+            ..Default::default()
+        };
+        for n in &q.namespaces {
+            let dump = self.dump_netns(n, &mut out.errors);
+            out.namespaces.push((n.inum, dump));
+        }
+        out.done_ns = monotonic_ns();
+        out.cpu_ns = thread_cpu_ns().saturating_sub(cpu);
+        out
+    }
+
+    fn dump_netns(&mut self, n: &NetnsQuery, errors: &mut u64) -> NetnsDump {
+        let inum = n.inum;
+        let was_missing = self.ns.is_missing(inum);
+        let Some(diag) = self.ns.diag(inum, &n.hints) else {
+            if !was_missing {
+                log::info!("network namespace {inum} is gone; its timewait sockets with it");
+            }
+            return NetnsDump::Gone;
+        };
+        let states = state_bit(TcpState::TimeWait) | state_bit(TcpState::FinWait2);
+        let mut sockets = Vec::new();
+        let mut filtered = false;
+        for (family, ports) in [Family::Ipv4, Family::Ipv6].into_iter().zip(&n.ports) {
+            if ports.is_empty() {
+                continue;
+            }
+            // Few connections pending: let the kernel drop the others.
+            let dumped = if ports.len() <= MAX_FILTER_TUPLES {
+                filtered = true;
+                diag.dump_ports(family, states, ports)
+            } else {
+                diag.dump(family, states)
+            };
+            match dumped {
+                Ok(socks) => sockets.extend(
+                    socks
+                        .iter()
+                        .filter(|s| s.is_timewait())
+                        .map(timewait_socket),
+                ),
+                Err(e) => {
+                    *errors += 1;
+                    log::warn!("timewait dump of netns {inum}: {e}");
+                    return NetnsDump::Failed;
+                }
+            }
+        }
+        // No timewait socket was created if the namespace counted an
+        // overflow since the last poll, or is at its limit now.
+        let (now_overflows, max_buckets) = self.ns.timewait_limits(inum);
+        let before = self.overflows.get(&inum).copied();
+        let counted = matches!((before, now_overflows), (Some(b), Some(n)) if n > b);
+        let at_limit =
+            max_buckets.is_some_and(|m| m == 0 || (!filtered && sockets.len() as u64 >= m));
+        if let Some(v) = now_overflows {
+            self.overflows.insert(inum, v);
+        }
+        NetnsDump::Dumped {
+            sockets,
+            overflowed: counted || at_limit,
+        }
+    }
+
+    /// Each connection with every process and fd holding its socket,
+    /// found by the socket's inode (looked up by 4-tuple when not known).
+    fn holders(&mut self, mut conns: Vec<Connection>) -> (Vec<(Connection, Vec<Holder>)>, u64) {
+        let mut errors = 0;
+        for c in &mut conns {
+            if c.inode != 0 {
+                continue;
+            }
+            let hints: Vec<(u32, u32)> = c.task_hint.into_iter().collect();
+            if let Some(diag) = self.ns.diag(c.netns, &hints) {
+                match diag.lookup(c.family, (c.laddr, c.lport), (c.raddr, c.rport)) {
+                    Ok(Some(s)) => c.inode = s.inode,
+                    Ok(None) => {}
+                    Err(e) => {
+                        errors += 1;
+                        log::debug!("sock_diag look-up: {e}");
+                    }
+                }
+            }
+        }
+        let inodes: HashSet<u64> = conns.iter().map(|c| c.inode).filter(|&i| i != 0).collect();
+        let holders = procfs::socket_holders(&inodes);
+        let found = conns
+            .into_iter()
+            .map(|c| {
+                let h = holders.get(&c.inode).cloned().unwrap_or_default();
+                (c, h)
+            })
+            .collect();
+        (found, errors)
+    }
+}
+
+fn timewait_socket(s: &DiagSocket) -> TimewaitSocket {
+    TimewaitSocket {
+        family: s.family,
+        laddr: s.laddr,
+        lport: s.lport,
+        raddr: s.raddr,
+        rport: s.rport,
+        state: s.state,
+        expires_ns: s.read_ns + u64::from(s.expires_ms) * 1_000_000,
+    }
+}

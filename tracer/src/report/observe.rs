@@ -15,7 +15,7 @@
 //! whole, when it ends; if the connection turns out to have had no timewait
 //! socket, it is counted when its record says so.
 
-use std::net::IpAddr;
+use std::{hash::BuildHasher as _, net::IpAddr};
 
 use crate::{
     clock,
@@ -36,8 +36,11 @@ const MAX_HELD: usize = 65536;
 pub struct Observers {
     pub summary: Option<Summary>,
     pub metrics: Option<Recorder>,
-    /// FIN_WAIT2 time before the hand-over, per connection in timewait.
-    held: HashMap<TupleKey, u64>,
+    /// FIN_WAIT2 time before the hand-over, per connection in timewait,
+    /// by a 64-bit hash of its namespace and 4-tuple (a compact table of
+    /// up to 65,536 entries looked up twice per active close).
+    held: HashMap<u64, u64>,
+    tuples: foldhash::fast::RandomState,
 }
 
 impl Observers {
@@ -46,6 +49,7 @@ impl Observers {
             summary,
             metrics,
             held: HashMap::default(),
+            tuples: Default::default(),
         }
     }
 
@@ -71,7 +75,9 @@ impl Observers {
         if t.old != TcpState::FinWait2 {
             return t;
         }
-        let key = key_of(t.netns, t.family, t.laddr, t.lport, t.raddr, t.rport);
+        let key = self.tuples.hash_one(key_of(
+            t.netns, t.family, t.laddr, t.lport, t.raddr, t.rport,
+        ));
         if t.source == Source::Tracepoint && t.new == TcpState::Close {
             if let Some(ns) = t.old_state_ns {
                 if self.held.len() < MAX_HELD {
@@ -121,7 +127,7 @@ impl Observers {
         if !matches!(end, Some(TimewaitEnd::NotCreated | TimewaitEnd::NotFound)) {
             return;
         }
-        let Some(ns) = self.held.remove(key) else {
+        let Some(ns) = self.held.remove(&self.tuples.hash_one(key)) else {
             return;
         };
         if let Some(m) = &mut self.metrics {

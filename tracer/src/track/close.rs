@@ -39,14 +39,29 @@ pub struct Step {
     pub at_ns: u64,
 }
 
-/// A connection's close steps and resets, as they arrive.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// A connection's close steps and resets, as they arrive. Packed (times
+/// apart from states): it is part of every connection the tracker holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ClosePath {
-    steps: [Option<Step>; MAX_STEPS],
+    at_ns: [u64; MAX_STEPS],
+    states: [(TcpState, TcpState); MAX_STEPS],
     n: u8,
     pub truncated: bool,
     pub rst_sent: u32,
     pub rst_received: u32,
+}
+
+impl Default for ClosePath {
+    fn default() -> Self {
+        ClosePath {
+            at_ns: [0; MAX_STEPS],
+            states: [(TcpState::Close, TcpState::Close); MAX_STEPS],
+            n: 0,
+            truncated: false,
+            rst_sent: 0,
+            rst_received: 0,
+        }
+    }
 }
 
 /// Steps that belong to the close: everything after ESTABLISHED, and the
@@ -66,33 +81,44 @@ impl ClosePath {
         if !is_close_step(old, new) {
             return;
         }
-        match self.steps.get_mut(usize::from(self.n)) {
-            Some(slot) => {
-                *slot = Some(Step { old, new, at_ns });
-                self.n += 1;
-            }
-            None => self.truncated = true,
+        let i = usize::from(self.n);
+        if i < MAX_STEPS {
+            self.at_ns[i] = at_ns;
+            self.states[i] = (old, new);
+            self.n += 1;
+        } else {
+            self.truncated = true;
         }
     }
 
     /// Drops the last step (the kernel's hand-over to a timewait socket:
     /// the connection goes on).
     pub fn pop(&mut self) -> Option<Step> {
-        let i = usize::from(self.n.checked_sub(1)?);
+        let last = self.last()?;
         self.n -= 1;
-        self.steps[i].take()
+        Some(last)
     }
 
-    pub fn steps(&self) -> impl Iterator<Item = &Step> {
-        self.steps[..usize::from(self.n)].iter().flatten()
+    fn step(&self, i: usize) -> Step {
+        let (old, new) = self.states[i];
+        Step {
+            old,
+            new,
+            at_ns: self.at_ns[i],
+        }
     }
 
-    pub fn last(&self) -> Option<&Step> {
-        self.steps().last()
+    pub fn steps(&self) -> impl Iterator<Item = Step> + '_ {
+        (0..usize::from(self.n)).map(|i| self.step(i))
+    }
+
+    pub fn last(&self) -> Option<Step> {
+        let n = usize::from(self.n);
+        (n > 0).then(|| self.step(n - 1))
     }
 
     fn any(&self, f: impl Fn(&Step) -> bool) -> bool {
-        self.steps().any(f)
+        self.steps().any(|s| f(&s))
     }
 }
 
@@ -246,9 +272,9 @@ fn first_fin(path: &ClosePath) -> Option<(FirstFin, u64)> {
 pub fn classify(path: &ClosePath, resets_known: bool) -> Close {
     use TcpState::*;
     let fin = first_fin(path);
-    let last = path.last().copied();
+    let last = path.last();
     let refused_or_timeout = last.is_some_and(|s| s.old == SynSent && s.new == Close);
-    let entered_time_wait = path.steps().find(|s| s.new == TimeWait).copied();
+    let entered_time_wait = path.steps().find(|s| s.new == TimeWait);
     let finished = entered_time_wait.is_some()
         || last.is_some_and(|s| s.new == Close && matches!(s.old, LastAck | FinWait2));
     let by = if resets_known && refused_or_timeout && path.rst_received > 0 {
@@ -284,7 +310,7 @@ pub fn classify(path: &ClosePath, resets_known: bool) -> Close {
         by,
         first_fin: fin.map(|(side, _)| side),
         fin_to_close_ns,
-        handshake: path.steps().copied().collect(),
+        handshake: path.steps().collect(),
         rst: resets_known.then_some(Rst {
             sent: path.rst_sent,
             received: path.rst_received,

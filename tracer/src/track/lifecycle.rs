@@ -31,11 +31,11 @@ use crate::{
     clock::monotonic_ns,
     kernel::events::{Comm, Family, Source, TcpState, Transition},
     kernel::filters::Filters,
-    track::diag::{state_bit, DiagSocket, ALL_STATES},
+    track::diag::{state_bit, DiagSocket, ALL_STATES, MAX_FILTER_TUPLES},
     track::netns::Namespaces,
     track::procfs::{self, Holder},
     track::tracker::{Connection, Owner, SlotId, TimewaitEnd, Tracker, TupleKey},
-    track::worker::{NetnsDump, NetnsQuery, TimewaitDump, TimewaitQuery},
+    track::worker::{NetnsDump, NetnsQuery, TimewaitDump, TimewaitQuery, Wanted},
 };
 
 /// TCP_TIMEWAIT_LEN: a timewait socket in TIME_WAIT lives 60 s (fixed in
@@ -63,8 +63,6 @@ pub struct Lifecycle {
     pub available: bool,
     /// A timewait poll was asked and not answered yet.
     pub polling: bool,
-    /// Polls asked so far: the number of the one in flight.
-    poll: u32,
     pub counters: Counters,
 }
 
@@ -121,9 +119,21 @@ impl Lifecycle {
             fentry: false,
             available,
             polling: false,
-            poll: 0,
             counters: Counters::default(),
         })
+    }
+
+    /// A lifecycle without namespaces (the decisions only), for tests.
+    #[cfg(test)]
+    pub fn detached() -> Self {
+        Lifecycle {
+            ns: None,
+            overflows: HashMap::new(),
+            fentry: false,
+            available: true,
+            polling: false,
+            counters: Counters::default(),
+        }
     }
 
     /// The namespaces opened so far and their overflow counters at start,
@@ -244,25 +254,53 @@ impl Lifecycle {
             }
             return TimewaitPoll::Resolved(result);
         }
-        let mut by_netns: HashMap<u32, NetnsQuery> = HashMap::new();
-        for (_, c) in tracker.timewait_mut() {
-            let q = by_netns.entry(c.netns).or_insert_with(|| NetnsQuery {
-                inum: c.netns,
-                ..Default::default()
+        // Per namespace and family: how many wait, and the first few
+        // (their ports let the kernel filter the dump; their tasks open
+        // the namespace).
+        type Pending = (NetnsQuery, [usize; 2], [Vec<SlotId>; 2]);
+        let mut by_netns: HashMap<u32, Pending> = HashMap::new();
+        for e in tracker.timewait_entries() {
+            let (_, counts, first) = by_netns.entry(e.netns).or_insert_with(|| {
+                let q = NetnsQuery {
+                    inum: e.netns,
+                    ..Default::default()
+                };
+                (q, [0; 2], Default::default())
             });
-            let family = usize::from(c.family == Family::Ipv6);
-            q.ports[family].push((c.lport, c.rport));
-            if let Some(h) = c.task_hint {
-                if q.hints.len() < 8 && !q.hints.contains(&h) {
-                    q.hints.push(h);
-                }
+            let f = usize::from(e.family == Family::Ipv6);
+            counts[f] += 1;
+            if first[f].len() < MAX_FILTER_TUPLES {
+                first[f].push(e.id);
             }
         }
+        let mut namespaces = Vec::with_capacity(by_netns.len());
+        for (_, (mut q, counts, first)) in by_netns {
+            for (f, &n) in counts.iter().enumerate() {
+                q.families[f] = match n {
+                    0 => Wanted::Nothing,
+                    n if n <= MAX_FILTER_TUPLES => Wanted::Ports(Vec::with_capacity(n)),
+                    _ => Wanted::All,
+                };
+            }
+            for id in first.into_iter().flatten() {
+                let c = tracker.conn(id);
+                let f = usize::from(c.family == Family::Ipv6);
+                if let Wanted::Ports(ports) = &mut q.families[f] {
+                    ports.push((c.lport, c.rport));
+                }
+                if let Some(h) = c.task_hint {
+                    if q.hints.len() < 8 && !q.hints.contains(&h) {
+                        q.hints.push(h);
+                    }
+                }
+            }
+            namespaces.push(q);
+        }
         self.polling = true;
-        self.poll = self.poll.wrapping_add(1);
         TimewaitPoll::Ask(TimewaitQuery {
+            poll: tracker.begin_poll(),
             asked_ns: monotonic_ns(),
-            namespaces: by_netns.into_values().collect(),
+            namespaces,
         })
     }
 
@@ -274,7 +312,7 @@ impl Lifecycle {
         self.counters.polls += 1;
         self.counters.poll_ns += dump.cpu_ns;
         self.counters.errors += dump.errors;
-        let poll = self.poll;
+        let poll = dump.poll;
         let mut result = PollResult::default();
         // Namespaces answered, and whether each counted an overflow.
         let mut answered: HashMap<u32, bool> = HashMap::new();
@@ -298,17 +336,14 @@ impl Lifecycle {
                             raddr: s.raddr,
                             rport: s.rport,
                         };
-                        let Some(id) = tracker.timewait_of(&key) else {
+                        let Some(id) = tracker.timewait_sighted(&key, poll) else {
                             continue;
                         };
                         let c = tracker.conn_mut(id);
                         let Some(mut tw) = c.timewait else { continue };
-                        if tw.closed_ns > dump.asked_ns {
-                            continue;
-                        }
                         tw.seen = true;
-                        tw.found_in_poll = poll;
                         let expiry = s.expires_ns;
+                        let mut settled = false;
                         if s.state == Some(TcpState::TimeWait) {
                             if c.state != TcpState::TimeWait {
                                 // Entered TIME_WAIT when its 60 s timer was armed.
@@ -325,30 +360,30 @@ impl Lifecycle {
                                     Source::SockDiag,
                                 );
                                 result.derived.push((d, c.owner));
-                                tw.expires_ns = Some(expiry);
-                            } else if tw.expires_ns.is_none() {
-                                tw.expires_ns = Some(expiry);
                             }
                             // Once known, the scheduled expiry is kept: a timer
                             // that fires late (timer wheel) reports 0 ms left.
+                            tw.expires_ns.get_or_insert(expiry);
+                            settled = true;
                         } else {
                             tw.expires_ns = Some(expiry); // the FIN_WAIT2 timeout
                         }
                         c.timewait = Some(tw);
+                        if settled {
+                            tracker.timewait_settled(&key);
+                        }
                     }
                 }
             }
         }
         let now = dump.done_ns;
         let mut ending: Vec<(SlotId, u64, TimewaitEnd, Source)> = Vec::new();
-        for (id, c) in tracker.timewait_mut() {
+        for id in tracker.timewait_unsighted(poll) {
+            let c = tracker.conn_mut(id);
             let Some(&overflowed) = answered.get(&c.netns) else {
                 continue;
             };
             let Some(mut tw) = c.timewait else { continue };
-            if tw.closed_ns > dump.asked_ns || tw.found_in_poll == poll {
-                continue;
-            }
             let decided = if let Some(k) = tw.killed_ns {
                 // Killed early, seen by fentry, and no reuse followed.
                 Some((k, TimewaitEnd::Early, Source::Fentry))
@@ -426,6 +461,163 @@ fn single_owner(holders: &[Holder], uid: u32, cgroups: &HashMap<u32, u64>) -> Op
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernel::events::tests::sample;
+    use crate::track::worker::TimewaitSocket;
+    use TcpState::*;
+
+    const MS: u64 = 1_000_000;
+
+    /// Socket `sock` (local port `port`) closes actively at `ms`.
+    fn active_close(t: &mut Tracker, sock: u64, port: u16, ms: u64) -> TupleKey {
+        let tr = |at: u64, old, new| Transition {
+            mono_ns: at * MS,
+            sock,
+            lport: port,
+            old,
+            new,
+            old_state_ns: None,
+            ..sample()
+        };
+        t.on_transition(&tr(ms - 3, Close, SynSent));
+        t.on_transition(&tr(ms - 2, SynSent, Established));
+        t.on_transition(&tr(ms - 1, Established, FinWait1));
+        t.on_transition(&tr(ms - 1, FinWait1, FinWait2));
+        assert!(t.on_transition(&tr(ms, FinWait2, Close)).closed.is_empty());
+        Tracker::key_of(&tr(ms, FinWait2, Close))
+    }
+
+    fn found(key: &TupleKey, state: TcpState, expires_ns: u64) -> TimewaitSocket {
+        TimewaitSocket {
+            family: key.family,
+            laddr: key.laddr,
+            lport: key.lport,
+            raddr: key.raddr,
+            rport: key.rport,
+            state: Some(state),
+            expires_ns,
+        }
+    }
+
+    fn ask(l: &mut Lifecycle, t: &mut Tracker) -> TimewaitQuery {
+        match l.timewait_poll(t) {
+            TimewaitPoll::Ask(q) => q,
+            _ => panic!("expected a query"),
+        }
+    }
+
+    fn answer(
+        q: &TimewaitQuery,
+        sockets: Vec<TimewaitSocket>,
+        overflowed: bool,
+        at_ms: u64,
+    ) -> TimewaitDump {
+        TimewaitDump {
+            poll: q.poll,
+            asked_ns: q.asked_ns,
+            done_ns: at_ms * MS,
+            namespaces: vec![(
+                q.namespaces[0].inum,
+                NetnsDump::Dumped {
+                    sockets,
+                    overflowed,
+                },
+            )],
+            cpu_ns: 0,
+            errors: 0,
+        }
+    }
+
+    #[test]
+    fn a_poll_dates_time_wait_and_ends_what_it_does_not_find() {
+        let mut t = Tracker::new(64);
+        let mut l = Lifecycle::detached();
+        let a = active_close(&mut t, 1, 1001, 100);
+        let b = active_close(&mut t, 2, 1002, 100);
+        let q = ask(&mut l, &mut t);
+        assert!(
+            matches!(l.timewait_poll(&mut t), TimewaitPoll::Nothing),
+            "one poll at a time"
+        );
+        assert_eq!(q.namespaces.len(), 1);
+        let Wanted::Ports(mut ports) = q.namespaces[0].families[0].clone() else {
+            panic!("few enough for a filtered dump");
+        };
+        ports.sort();
+        assert_eq!(ports, vec![(1001, 80), (1002, 80)]);
+        // Closed while the poll was in flight: not judged by it.
+        let c = active_close(&mut t, 3, 1003, 150);
+        // `a` entered TIME_WAIT at 120 ms (its timer fires 60 s later);
+        // `b` and `c` are not in the dump.
+        let r = l.apply_timewait(
+            &mut t,
+            answer(&q, vec![found(&a, TimeWait, 60_120 * MS)], false, 200),
+        );
+        assert_eq!(r.derived.len(), 1);
+        let (d, _) = r.derived[0];
+        assert_eq!((d.old, d.new, d.mono_ns), (FinWait2, TimeWait, 120 * MS));
+        assert_eq!(d.old_state_ns, Some(20 * MS));
+        assert_eq!(r.closed.len(), 1);
+        let ended = t.take(r.closed[0]);
+        assert_eq!(ended.key(), b);
+        assert_eq!(ended.timewait.unwrap().end, Some(TimewaitEnd::NotFound));
+        assert_eq!(
+            t.timewait_pending(),
+            2,
+            "a waits out its TIME_WAIT; c is not judged yet"
+        );
+
+        // Next poll: `a` still there (nothing new), `c` gone in an
+        // overflowing namespace: no timewait socket was made for it.
+        let q = ask(&mut l, &mut t);
+        let r = l.apply_timewait(
+            &mut t,
+            answer(&q, vec![found(&a, TimeWait, 60_120 * MS)], true, 1200),
+        );
+        assert!(r.derived.is_empty());
+        assert_eq!(r.closed.len(), 1);
+        let ended = t.take(r.closed[0]);
+        assert_eq!(ended.key(), c);
+        assert_eq!(ended.timewait.unwrap().end, Some(TimewaitEnd::NotCreated));
+
+        // After its expiry `a` is gone: it expired at its timer.
+        let q = ask(&mut l, &mut t);
+        let r = l.apply_timewait(&mut t, answer(&q, vec![], false, 61_000));
+        assert_eq!(r.closed.len(), 1);
+        let ended = t.take(r.closed[0]);
+        assert_eq!(ended.timewait.unwrap().end, Some(TimewaitEnd::Expired));
+        assert_eq!(ended.state_ns(TimeWait), Some(60_000 * MS));
+        assert_eq!(r.derived[0].0.mono_ns, 60_120 * MS);
+        assert!(!t.has_timewait());
+    }
+
+    #[test]
+    fn gone_before_its_timer_is_an_early_end_and_many_are_dumped_whole() {
+        let mut t = Tracker::new(64);
+        let mut l = Lifecycle::detached();
+        let keys: Vec<TupleKey> = (0..20)
+            .map(|i| active_close(&mut t, 10 + i, 2000 + i as u16, 100))
+            .collect();
+        let q = ask(&mut l, &mut t);
+        assert_eq!(q.namespaces[0].families[0], Wanted::All);
+        let all = keys
+            .iter()
+            .map(|k| found(k, FinWait2, 60_100 * MS))
+            .collect();
+        let r = l.apply_timewait(&mut t, answer(&q, all, false, 150));
+        assert!(r.closed.is_empty() && r.derived.is_empty());
+        let q = ask(&mut l, &mut t);
+        let rest = keys[1..]
+            .iter()
+            .map(|k| found(k, TimeWait, 60_300 * MS))
+            .collect();
+        let r = l.apply_timewait(&mut t, answer(&q, rest, false, 1_000));
+        let entered = r.derived.iter().filter(|(d, _)| d.new == TimeWait).count();
+        assert_eq!(entered, 19, "19 entered TIME_WAIT");
+        assert_eq!(r.closed.len(), 1);
+        let ended = t.take(r.closed[0]);
+        assert_eq!(ended.key(), keys[0]);
+        assert_eq!(ended.timewait.unwrap().end, Some(TimewaitEnd::Early));
+    }
 
     #[test]
     fn one_holder_is_the_owner_several_are_not_guessed() {

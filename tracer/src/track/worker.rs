@@ -20,7 +20,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use crate::{
     clock::monotonic_ns,
     kernel::events::{Family, TcpState},
-    track::diag::{state_bit, DiagSocket, MAX_FILTER_TUPLES},
+    track::diag::{state_bit, DiagSocket},
     track::netns::Namespaces,
     track::procfs::{self, Holder},
     track::tracker::Connection,
@@ -34,8 +34,9 @@ const QUEUE: usize = 16;
 /// The timewait sockets the drain side is waiting for, by namespace.
 #[derive(Debug, Default)]
 pub struct TimewaitQuery {
-    /// CLOCK_MONOTONIC ns when asked: connections closed after it are not
-    /// judged by the answer.
+    /// The poll's number (see the tracker's timewait index).
+    pub poll: u32,
+    /// CLOCK_MONOTONIC ns when asked.
     pub asked_ns: u64,
     pub namespaces: Vec<NetnsQuery>,
 }
@@ -44,11 +45,22 @@ pub struct TimewaitQuery {
 pub struct NetnsQuery {
     /// Namespace inode as events carry it (0: unknown, the agent's own).
     pub inum: u32,
-    /// (local, remote) ports of the pending connections, per family (IPv4,
-    /// IPv6): few enough ones let the kernel filter the dump.
-    pub ports: [Vec<(u16, u16)>; 2],
+    /// What to dump, per family (IPv4, IPv6).
+    pub families: [Wanted; 2],
     /// (pid, tid) of tasks seen in the namespace, to open it by.
     pub hints: Vec<(u32, u32)>,
+}
+
+/// The timewait sockets a poll dumps in one family of a namespace.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub enum Wanted {
+    #[default]
+    Nothing,
+    /// Those with these (local, remote) ports, at most
+    /// `diag::MAX_FILTER_TUPLES`: the kernel filters the dump.
+    Ports(Vec<(u16, u16)>),
+    /// All of them (more are waiting than a filter takes).
+    All,
 }
 
 /// One timewait socket of a dump.
@@ -82,6 +94,7 @@ pub enum NetnsDump {
 
 #[derive(Debug, Default)]
 pub struct TimewaitDump {
+    pub poll: u32,
     pub asked_ns: u64,
     /// When the dumps were done (CLOCK_MONOTONIC ns).
     pub done_ns: u64,
@@ -175,6 +188,7 @@ impl State {
     fn timewait(&mut self, q: &TimewaitQuery) -> TimewaitDump {
         let cpu = thread_cpu_ns();
         let mut out = TimewaitDump {
+            poll: q.poll,
             asked_ns: q.asked_ns,
             ..Default::default()
         };
@@ -199,16 +213,15 @@ impl State {
         let states = state_bit(TcpState::TimeWait) | state_bit(TcpState::FinWait2);
         let mut sockets = Vec::new();
         let mut filtered = false;
-        for (family, ports) in [Family::Ipv4, Family::Ipv6].into_iter().zip(&n.ports) {
-            if ports.is_empty() {
-                continue;
-            }
+        for (family, wanted) in [Family::Ipv4, Family::Ipv6].into_iter().zip(&n.families) {
             // Few connections pending: let the kernel drop the others.
-            let dumped = if ports.len() <= MAX_FILTER_TUPLES {
-                filtered = true;
-                diag.dump_ports(family, states, ports)
-            } else {
-                diag.dump(family, states)
+            let dumped = match wanted {
+                Wanted::Nothing => continue,
+                Wanted::Ports(ports) => {
+                    filtered = true;
+                    diag.dump_ports(family, states, ports)
+                }
+                Wanted::All => diag.dump(family, states),
             };
             match dumped {
                 Ok(socks) => sockets.extend(

@@ -35,6 +35,7 @@ mod owners;
 mod slab;
 #[cfg(test)]
 mod tests;
+mod timewait;
 
 use std::collections::hash_map::Entry;
 
@@ -44,6 +45,8 @@ pub use connection::{Connection, Timewait, TimewaitEnd, TupleKey};
 use owners::Listeners;
 pub use owners::Owner;
 pub use slab::{Phase, SlotId};
+use timewait::TimewaitIndex;
+pub use timewait::TwEntry;
 
 use crate::{
     kernel::events::{Source, TcpState, Transition},
@@ -84,7 +87,7 @@ pub struct Tracker {
     /// Live sockets by kernel address.
     by_sock: HashMap<u64, SlotId>,
     /// Actively closed connections whose timewait socket is not resolved.
-    timewait: HashMap<TupleKey, SlotId>,
+    timewait: TimewaitIndex,
     /// Sockets from the start-up snapshot not yet seen in a transition.
     snapshot: HashMap<TupleKey, SlotId>,
     /// Listening sockets, for accepted sockets' owner.
@@ -101,7 +104,7 @@ impl Tracker {
         Tracker {
             slab: Slab::default(),
             by_sock: HashMap::default(),
-            timewait: HashMap::default(),
+            timewait: TimewaitIndex::default(),
             snapshot: HashMap::default(),
             listeners: Listeners::default(),
             capacity,
@@ -240,7 +243,7 @@ impl Tracker {
                 });
                 let key = conn.key();
                 self.slab.set_phase(id, Phase::Timewait);
-                if let Some(old) = self.timewait.insert(key, id) {
+                if let Some(old) = self.timewait.insert(&key, id) {
                     // Two connections on one 4-tuple both waiting: the
                     // older one's timewait socket gave way to this one.
                     self.end_timewait_slot(old, t.mono_ns, TimewaitEnd::Reused, Source::Reuse);
@@ -275,7 +278,11 @@ impl Tracker {
         if self.timewait.is_empty() {
             return;
         }
-        if let Some(id) = self.timewait.remove(&Self::key_of(t)) {
+        let key = Self::key_of(t);
+        let Some(id) = self.timewait.get(&key).map(|e| e.id) else {
+            return;
+        };
+        if self.slab.get(id).key() == key && self.timewait.remove(&key, id) {
             // With fentry, the exact moment the kernel killed it.
             let (at, source) = match self.slab.get(id).timewait.and_then(|tw| tw.killed_ns) {
                 Some(k) => (k, Source::Fentry),
@@ -293,10 +300,13 @@ impl Tracker {
     /// transition (a reuse) or poll says which.
     pub fn timewait_died(&mut self, key: &TupleKey, at_ns: u64, tolerance_ns: u64) -> Outcome {
         let mut out = Outcome::default();
-        let Some(&id) = self.timewait.get(key) else {
+        let Some(id) = self.timewait.get(key).map(|e| e.id) else {
             return out;
         };
         let conn = self.slab.get_mut(id);
+        if conn.key() != *key {
+            return out;
+        }
         let in_time_wait = conn.state == TcpState::TimeWait;
         let Some(tw) = conn.timewait.as_mut() else {
             return out;
@@ -325,9 +335,7 @@ impl Tracker {
         source: Source,
     ) -> Option<Transition> {
         let key = self.slab.get(id).key();
-        if self.timewait.get(&key) == Some(&id) {
-            self.timewait.remove(&key);
-        }
+        self.timewait.remove(&key, id);
         self.end_timewait_slot(id, at_ns, end, source)
     }
 
@@ -354,9 +362,58 @@ impl Tracker {
             .map(|(id, _, c)| (id, c))
     }
 
-    /// The connection waiting for the timewait socket of `key`.
-    pub fn timewait_of(&self, key: &TupleKey) -> Option<SlotId> {
-        self.timewait.get(key).copied()
+    /// Starts a timewait poll: its number. Connections that begin to wait
+    /// from now on are judged only by later polls.
+    pub fn begin_poll(&mut self) -> u32 {
+        self.timewait.poll = self.timewait.poll.wrapping_add(1);
+        self.timewait.poll
+    }
+
+    /// The waiting connections' index entries (namespace, family, polls).
+    pub fn timewait_entries(&self) -> impl Iterator<Item = &TwEntry> {
+        self.timewait.entries()
+    }
+
+    /// Poll `poll` found the timewait socket of `key`: the waiting
+    /// connection it belongs to, if the poll judges it and it is not yet
+    /// known to be in TIME_WAIT (else nothing is left to learn from it).
+    pub fn timewait_sighted(&mut self, key: &TupleKey, poll: u32) -> Option<SlotId> {
+        let e = self.timewait.get_mut(key)?;
+        if e.born_in >= poll {
+            return None;
+        }
+        e.found_in = poll;
+        if e.in_time_wait {
+            return None;
+        }
+        let id = e.id;
+        let conn = self.slab.get(id);
+        if conn.key() != *key {
+            return None;
+        }
+        if conn.state == TcpState::TimeWait {
+            if let Some(e) = self.timewait.get_mut(key) {
+                e.in_time_wait = true;
+            }
+        }
+        Some(id)
+    }
+
+    /// Marks the connection of `key` as dated in TIME_WAIT (see
+    /// [`Tracker::timewait_sighted`]).
+    pub fn timewait_settled(&mut self, key: &TupleKey) {
+        if let Some(e) = self.timewait.get_mut(key) {
+            e.in_time_wait = true;
+        }
+    }
+
+    /// Waiting connections that poll `poll` judges and did not find.
+    pub fn timewait_unsighted(&self, poll: u32) -> Vec<SlotId> {
+        self.timewait
+            .entries()
+            .filter(|e| e.born_in < poll && e.found_in != poll)
+            .map(|e| e.id)
+            .collect()
     }
 
     pub fn timewait_pending(&self) -> usize {
@@ -443,7 +500,7 @@ impl Tracker {
         let index = |cap: usize, entry: usize| cap * (entry + 1);
         self.slab.allocated() * slot
             + index(self.by_sock.capacity(), size_of::<(u64, SlotId)>())
-            + index(self.timewait.capacity(), size_of::<(TupleKey, SlotId)>())
+            + index(self.timewait.capacity(), size_of::<(u64, TwEntry)>())
             + index(self.snapshot.capacity(), size_of::<(TupleKey, SlotId)>())
     }
 }

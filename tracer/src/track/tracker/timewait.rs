@@ -32,21 +32,12 @@ pub struct TwEntry {
     pub in_time_wait: bool,
 }
 
+#[derive(Default)]
 pub struct TimewaitIndex {
     map: FastMap<u64, TwEntry>,
     hasher: foldhash::fast::RandomState,
     /// Polls asked so far: the number of the one in flight.
     pub poll: u32,
-}
-
-impl Default for TimewaitIndex {
-    fn default() -> Self {
-        TimewaitIndex {
-            map: FastMap::default(),
-            hasher: foldhash::fast::RandomState::default(),
-            poll: 0,
-        }
-    }
 }
 
 impl TimewaitIndex {

@@ -162,6 +162,13 @@ pub const TIMEWAIT_FUNCTION: &str = "inet_twsk_kill";
 /// so `old_state_ns` is meaningful.
 pub const FLAG_OLD_STATE_KNOWN: u32 = 1 << 0;
 
+/// `TransitionEvent::flags`: `pid`, `tid`, `uid`, `comm` and `cgroup`
+/// hold the current task. The kernel records it only on the transitions
+/// that run in the socket owner's own system calls (connect, listen,
+/// close/shutdown): elsewhere the current task is whichever one the
+/// softirq interrupted, and the fields are 0.
+pub const FLAG_TASK: u32 = 1 << 1;
+
 /// One TCP state transition, as submitted to the ring buffer.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -178,7 +185,8 @@ pub struct TransitionEvent {
     pub saddr: [u8; 16],
     /// Destination (remote) address, same encoding.
     pub daddr: [u8; 16],
-    /// `comm` of the task that was current when the transition fired.
+    /// `comm` of the task that was current when the transition fired
+    /// (with [`FLAG_TASK`], as the fields below).
     pub comm: [u8; 16],
     /// tgid of the current task (the user-visible pid).
     pub pid: u32,

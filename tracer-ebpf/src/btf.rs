@@ -34,15 +34,22 @@ use crate::{
         OFF_INET_SPORT, OFF_NET_INUM, OFF_SKC_DADDR, OFF_SKC_DPORT, OFF_SKC_FAMILY, OFF_SKC_NET,
         OFF_SKC_NUM, OFF_SKC_RCV_SADDR, OFF_SKC_V6_DADDR, OFF_SKC_V6_RCV_SADDR, OFF_SK_PROTOCOL,
     },
-    transition::{bump, count, on_transition, Skip, Socket},
+    transition::{batching, bump, count, on_transition, Skip, Socket},
 };
 use tracer_common::{counter, Batch, SockState, SockTiming, AF_INET6, IPPROTO_TCP};
 
-/// Per-socket timing. aya-ebpf's `SkStorage` only takes a socket from a
-/// `sock_addr` context, so the helper is called directly with the map's
-/// address (what its private `as_ptr` returns).
+/// Per-socket timing and batch (`--events connections|none`). aya-ebpf's
+/// `SkStorage` only takes a socket from a `sock_addr` context, so the
+/// helper is called directly with the map's address (what its private
+/// `as_ptr` returns).
 #[btf_map]
 static SOCK_STORE: SkStorage<SockState> = SkStorage::new();
+
+/// Per-socket timing alone, where transitions are sent one by one: 16
+/// bytes a socket instead of the batch's 250 (the storage is allocated
+/// for every socket the kernel creates, and zeroed).
+#[btf_map]
+static SOCK_TIMING_STORE: SkStorage<SockTiming> = SkStorage::new();
 
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn sock_set_state(ctx: BtfTracePointContext) -> i32 {
@@ -185,12 +192,19 @@ impl Socket for Sock {
         } else {
             0
         };
-        let map = ptr::from_ref(&SOCK_STORE).cast_mut().cast::<c_void>();
+        // `timing` is the first field of `SockState`: the same pointer in
+        // either map.
+        let map = if batching() {
+            ptr::from_ref(&SOCK_STORE).cast_mut().cast::<c_void>()
+        } else {
+            ptr::from_ref(&SOCK_TIMING_STORE)
+                .cast_mut()
+                .cast::<c_void>()
+        };
         let p =
             unsafe { bpf_sk_storage_get(map, self.sk.cast_mut().cast(), ptr::null_mut(), flags) };
-        // `timing` is the first field of `SockState`.
-        let p = p.cast::<SockState>();
-        (!p.is_null()).then(|| unsafe { ptr::addr_of_mut!((*p).timing) })
+        let p = p.cast::<SockTiming>();
+        (!p.is_null()).then_some(p)
     }
 
     #[inline(always)]
@@ -201,6 +215,9 @@ impl Socket for Sock {
 
     #[inline(always)]
     fn batch(&self, slot: *mut SockTiming) -> Option<*mut Batch> {
+        if !batching() {
+            return None;
+        }
         let state = slot.cast::<SockState>();
         Some(unsafe { ptr::addr_of_mut!((*state).batch) })
     }

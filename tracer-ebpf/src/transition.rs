@@ -22,7 +22,7 @@ use aya_ebpf::{
 use crate::filter;
 use tracer_common::{
     counter, tcp_state, Batch, BatchEvent, EventHeader, EventKind, SockTiming, TransitionEvent,
-    BATCH_STEPS, FLAG_OLD_STATE_KNOWN,
+    BATCH_STEPS, FLAG_OLD_STATE_KNOWN, FLAG_TASK,
 };
 
 /// Batch each socket's transitions (`--events connections|none`, where
@@ -46,6 +46,12 @@ pub(crate) static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+/// Are transitions batched per socket (set before load)?
+#[inline(always)]
+pub(crate) fn batching() -> bool {
+    BATCH.load() != 0
+}
 
 /// A TCP socket as one program sees it.
 pub(crate) trait Socket {
@@ -122,7 +128,7 @@ pub(crate) fn on_transition<S: Socket>(s: &S, oldstate: u8, newstate: u8) -> Res
         dport,
         netns,
     };
-    if BATCH.load() != 0 {
+    if batching() {
         if let Some(batch) = slot.and_then(|t| s.batch(t)) {
             let step = tracer_common::Step {
                 ts_ns: now,
@@ -146,7 +152,14 @@ pub(crate) fn on_transition<S: Socket>(s: &S, oldstate: u8, newstate: u8) -> Res
         .reserve::<TransitionEvent>(0)
         .ok_or(Skip::RingBufFull)?;
     let ev = entry.as_mut_ptr();
-    let pid_tgid = bpf_get_current_pid_tgid();
+    // The task only where it is the owner: elsewhere it is whichever task
+    // the softirq interrupted, and the helper calls would be waste.
+    let task = in_owner_syscall(oldstate, newstate);
+    let mut flags = if old_state_ns.is_some() {
+        FLAG_OLD_STATE_KNOWN
+    } else {
+        0
+    };
     unsafe {
         (*ev).header = EventHeader {
             ts_ns: now,
@@ -155,21 +168,26 @@ pub(crate) fn on_transition<S: Socket>(s: &S, oldstate: u8, newstate: u8) -> Res
         };
         (*ev).skaddr = s.addr();
         (*ev).old_state_ns = old_state_ns.unwrap_or(0);
-        // Only where the current task is the owner: elsewhere it is any
-        // task the softirq interrupted, and the helper call would be waste.
-        (*ev).cgroup = if in_owner_syscall(oldstate, newstate) {
-            bpf_get_current_cgroup_id()
+        if task {
+            flags |= FLAG_TASK;
+            let pid_tgid = bpf_get_current_pid_tgid();
+            (*ev).pid = (pid_tgid >> 32) as u32;
+            (*ev).tid = pid_tgid as u32;
+            (*ev).uid = bpf_get_current_uid_gid() as u32;
+            (*ev).cgroup = bpf_get_current_cgroup_id();
+            // Straight into the record; on failure the kernel zeroes it,
+            // which decodes as an empty comm.
+            generated::bpf_get_current_comm(ptr::addr_of_mut!((*ev).comm).cast::<c_void>(), 16);
         } else {
-            0
-        };
-        (*ev).flags = if old_state_ns.is_some() {
-            FLAG_OLD_STATE_KNOWN
-        } else {
-            0
-        };
-        (*ev).pid = (pid_tgid >> 32) as u32;
-        (*ev).tid = pid_tgid as u32;
-        (*ev).uid = bpf_get_current_uid_gid() as u32;
+            (*ev).pid = 0;
+            (*ev).tid = 0;
+            (*ev).uid = 0;
+            (*ev).cgroup = 0;
+            let comm = ptr::addr_of_mut!((*ev).comm).cast::<u64>();
+            *comm = 0;
+            *comm.add(1) = 0;
+        }
+        (*ev).flags = flags;
         (*ev).sport = sport;
         (*ev).dport = dport;
         (*ev).family = family;
@@ -183,9 +201,6 @@ pub(crate) fn on_transition<S: Socket>(s: &S, oldstate: u8, newstate: u8) -> Res
             &saddr,
             &daddr,
         );
-        // Writes straight into the ring buffer record; on failure the kernel
-        // zeroes the buffer, which decodes as an empty comm.
-        generated::bpf_get_current_comm(ptr::addr_of_mut!((*ev).comm).cast::<c_void>(), 16);
     }
     entry.submit(submit_flags(size_of::<TransitionEvent>() as u64));
     Ok(())

@@ -14,8 +14,8 @@ use std::mem::offset_of;
 use thiserror::Error;
 use tracer_common::{
     BatchEvent, EventHeader, EventKind, ResetEvent, Step, TaskSlot, TimewaitDeathEvent,
-    TransitionEvent, AF_INET, AF_INET6, BATCH_STEPS, FLAG_OLD_STATE_KNOWN, RESET_RECEIVED,
-    RESET_SENT,
+    TransitionEvent, AF_INET, AF_INET6, BATCH_STEPS, FLAG_OLD_STATE_KNOWN, FLAG_TASK,
+    RESET_RECEIVED, RESET_SENT,
 };
 
 /// A TCP state, numbered as in the kernel's `include/net/tcp_states.h`.
@@ -187,6 +187,9 @@ pub struct Transition {
     pub mono_ns: u64,
     /// Kernel address of the socket: its identity while it lives.
     pub sock: u64,
+    /// The current task's fields below hold it: the kernel records the
+    /// task only on transitions that run in the owner's own system calls.
+    pub task: bool,
     /// Current task when the transition fired (not always the owner).
     pub pid: u32,
     pub tid: u32,
@@ -324,6 +327,7 @@ impl<'a> BatchView<'a> {
             Some(Transition {
                 mono_ns: step.ts_ns,
                 sock: self.sock,
+                task: task.is_some(),
                 pid: task.map_or(0, |t| t.pid),
                 tid: task.map_or(0, |t| t.tid),
                 uid: task.map_or(0, |t| t.uid),
@@ -467,6 +471,7 @@ pub fn decode(bytes: &[u8]) -> Result<Transition, DecodeError> {
     Ok(Transition {
         mono_ns: ev.header.ts_ns,
         sock: ev.skaddr,
+        task: ev.flags & FLAG_TASK != 0,
         pid: ev.pid,
         tid: ev.tid,
         uid: ev.uid,
@@ -574,7 +579,7 @@ pub fn encode(t: &Transition) -> Vec<u8> {
             FLAG_OLD_STATE_KNOWN
         } else {
             0
-        },
+        } | if t.task { FLAG_TASK } else { 0 },
         sport: t.lport,
         dport: t.rport,
         family: t.family.af(),

@@ -11,6 +11,7 @@ pub(crate) fn sample() -> Transition {
     Transition {
         mono_ns: 1_000_000_123,
         sock: 0xffff_8880_1234_5678,
+        task: true,
         pid: 42,
         tid: 43,
         uid: 1000,

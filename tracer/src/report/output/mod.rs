@@ -221,7 +221,7 @@ impl<W: RecordWrite> Output<W> {
                 l.hex("sock", t.sock);
                 owner_fields(&mut l, owner);
                 l.fields(cgroup_fields(&mut self.cgroups, owner));
-                if from_kernel {
+                if t.task {
                     l.u64("task_pid", t.pid.into());
                     l.u64("task_tid", t.tid.into());
                     l.str("task_comm", &t.comm.as_str());

@@ -62,6 +62,7 @@ fn unknown_owner_and_duration_are_null_and_derived_has_no_task() {
     let t = Transition {
         old_state_ns: None,
         source: Source::SockDiag,
+        task: false,
         ..sample()
     };
     o.transition(&t, &None).unwrap();
@@ -233,7 +234,7 @@ fn stats_json_and_line() {
 /// What serde_json wrote for a transition before the hand-written writer
 /// (the shapes of `json.rs`), for the byte-for-byte comparison.
 fn serde_transition(o: &mut Output<Vec<u8>>, t: &Transition, owner: &Option<Owner>) -> String {
-    let from_kernel = t.source == Source::Tracepoint;
+    let from_kernel = t.task;
     let rec = TransitionJson {
         r#type: "transition",
         time: o.time(t.mono_ns),

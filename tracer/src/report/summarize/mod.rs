@@ -334,6 +334,7 @@ impl Record {
         let t = Transition {
             mono_ns: need(self.mono_ns, "mono_ns")?,
             sock,
+            task: self.task_pid.is_some(),
             pid: self.task_pid.unwrap_or(0),
             tid: self.task_tid.unwrap_or(0),
             uid: 0,

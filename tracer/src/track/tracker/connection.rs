@@ -328,6 +328,7 @@ impl Connection {
         Transition {
             mono_ns: at_ns,
             sock: self.sock,
+            task: false,
             pid: owner.pid,
             tid: 0,
             uid: owner.uid,

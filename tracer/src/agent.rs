@@ -43,6 +43,19 @@ pub struct Pipeline<W: RecordWrite> {
     pub resets: Resets,
     /// When the first slice of a drain not finished yet began.
     pub drain_began: Option<u64>,
+    /// Records waiting for their owner's cgroup to be named.
+    pub deferred: std::collections::VecDeque<Deferred>,
+}
+
+/// A record that waits for its owner's cgroup to be named (see
+/// [`Pipeline::write_deferred`]).
+pub enum Deferred {
+    Emit(Transition, Option<Owner>),
+    /// An ended connection, in its slot until written.
+    Connection(SlotId),
+    /// A stuck connection's alert: the connection, its holders, when it
+    /// was due, at exit.
+    Stuck(Box<(Connection, Vec<crate::track::procfs::Holder>, u64, bool)>),
 }
 
 impl<W: RecordWrite> Pipeline<W> {
@@ -88,6 +101,14 @@ impl<W: RecordWrite> Pipeline<W> {
     /// with the owner the output names; `tracer summarize` feeds the
     /// observers the same pairs read back from a recording.
     pub fn emit(&mut self, t: &Transition, owner: &Option<Owner>) -> io::Result<()> {
+        if !self.deferred.is_empty() || !self.named(owner) {
+            self.deferred.push_back(Deferred::Emit(*t, *owner));
+            return Ok(());
+        }
+        self.emit_now(t, owner)
+    }
+
+    fn emit_now(&mut self, t: &Transition, owner: &Option<Owner>) -> io::Result<()> {
         match self.out.cgroups() {
             // The owner's container, for group keys and metric labels.
             Some(c) if c.keys() => self.observers.transition(t, &c.enrich(owner)),
@@ -108,6 +129,15 @@ impl<W: RecordWrite> Pipeline<W> {
     /// A connection's record, with how it closed, to the output and the
     /// observers; then its slot is freed.
     pub fn write_connection(&mut self, id: SlotId) -> io::Result<()> {
+        let owner = self.tracker.conn(id).owner;
+        if !self.deferred.is_empty() || !self.named(&owner) {
+            self.deferred.push_back(Deferred::Connection(id));
+            return Ok(());
+        }
+        self.write_connection_now(id)
+    }
+
+    fn write_connection_now(&mut self, id: SlotId) -> io::Result<()> {
         let conn = self.tracker.conn(id);
         let close = classify(&conn.close, self.resets.enabled);
         match self.out.cgroups() {
@@ -181,9 +211,57 @@ impl<W: RecordWrite> Pipeline<W> {
         holders: &[crate::track::procfs::Holder],
         at_exit: bool,
     ) -> io::Result<()> {
+        let now = monotonic_ns();
+        if !self.deferred.is_empty() || !self.named(&conn.owner) {
+            let alert = Box::new((*conn, holders.to_vec(), now, at_exit));
+            self.deferred.push_back(Deferred::Stuck(alert));
+            return Ok(());
+        }
+        self.stuck_now(conn, holders, now, at_exit)
+    }
+
+    fn stuck_now(
+        &mut self,
+        conn: &Connection,
+        holders: &[crate::track::procfs::Holder],
+        now_ns: u64,
+        at_exit: bool,
+    ) -> io::Result<()> {
         let close = crate::track::close::so_far(&conn.close, self.resets.enabled);
-        self.out
-            .stuck(conn, monotonic_ns(), holders, at_exit, &close)
+        self.out.stuck(conn, now_ns, holders, at_exit, &close)
+    }
+
+    /// Is the cgroup of `owner` named, or known not to be? If not, its
+    /// naming is under way: records of it wait (in order, with every
+    /// record after them) in `deferred`.
+    fn named(&mut self, owner: &Option<Owner>) -> bool {
+        self.out.cgroups().is_none_or(|c| c.ready(owner))
+    }
+
+    /// Writes the records that waited for their owner's cgroup to be
+    /// named, in order, as far as the names are there (or have waited
+    /// long enough: they are then written without).
+    pub fn write_deferred(&mut self) -> io::Result<()> {
+        while let Some(front) = self.deferred.front() {
+            let owner = match front {
+                Deferred::Emit(_, o) => *o,
+                Deferred::Connection(id) => self.tracker.conn(*id).owner,
+                Deferred::Stuck(a) => a.0.owner,
+            };
+            if !self.named(&owner) {
+                break;
+            }
+            match self.deferred.pop_front() {
+                Some(Deferred::Emit(t, o)) => self.emit_now(&t, &o)?,
+                Some(Deferred::Connection(id)) => self.write_connection_now(id)?,
+                Some(Deferred::Stuck(a)) => {
+                    let (conn, holders, now, at_exit) = *a;
+                    self.stuck_now(&conn, &holders, now, at_exit)?
+                }
+                None => break,
+            }
+        }
+        Ok(())
     }
 
     /// The summary so far, on the output (--summary; on SIGUSR1 and at exit).
@@ -212,12 +290,14 @@ impl<W: RecordWrite> Pipeline<W> {
             let Some(item) = ring.next() else {
                 self.drain_began = None;
                 self.release_held(began)?;
+                self.write_deferred()?;
                 return Ok(true);
             };
             self.handle(&item)?;
             drop(item);
             n += 1;
             if n.is_multiple_of(256) && monotonic_ns() >= deadline {
+                self.write_deferred()?;
                 return Ok(false);
             }
         }
@@ -351,6 +431,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         observers: Observers::new(Summary::from_args(&args.summary), metrics),
         resets: Resets::new(probe.capabilities.resets),
         drain_began: None,
+        deferred: std::collections::VecDeque::with_capacity(1024),
     };
     // After attaching, so no socket falls between the snapshot and the events.
     let mut lifecycle = Lifecycle::new().context("opening NETLINK_SOCK_DIAG")?;
@@ -370,6 +451,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .context("the namespaces were opened once")?;
     let worker =
         Worker::start(namespaces, overflows, done_tx).context("starting the worker thread")?;
+    // Owners' cgroups are named on a thread of their own too; records wait
+    // for their owner's name (at most NAMING_WAIT_NS) in `deferred`.
+    let (named_tx, mut named_rx) = tokio::sync::mpsc::unbounded_channel();
+    if let Some(c) = pipeline.out.cgroups() {
+        c.start(named_tx)
+            .context("starting the cgroup naming thread")?;
+    }
     // Before "attached": `--pid`/`--comm` select the accepted sockets of a
     // server already running from its first connection after start.
     let mut listeners = probe.listeners;
@@ -443,6 +531,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                     }
                     pipeline.out.flush()?;
                 }
+                named = named_rx.recv() => {
+                    if let (Some((id, resolved)), Some(c)) = (named, pipeline.out.cgroups()) {
+                        c.answer(id, resolved);
+                    }
+                    pipeline.write_deferred()?;
+                    pipeline.out.flush()?;
+                }
                 done = done_rx.recv() => match done {
                     Some(Done::Timewait(dump)) => {
                         let cpu = Duration::from_nanos(dump.cpu_ns);
@@ -493,6 +588,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 }
                 _ = drain_tick.tick() => {
                     pipeline.drain(ring.get_mut())?;
+                    pipeline.write_deferred()?;
                     pipeline.out.flush()?;
                 }
                 _ = &mut timewait_due => {
@@ -570,6 +666,29 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 pipeline.stuck(conn, holders, true)?;
             }
         }
+        // Records still waiting for a cgroup's name: the answers, or the
+        // end of their wait.
+        let waited = tokio::time::Instant::now();
+        while !pipeline.deferred.is_empty() {
+            pipeline.write_deferred()?;
+            if pipeline.deferred.is_empty() {
+                break;
+            }
+            let left = Duration::from_nanos(crate::track::containers::NAMING_WAIT_NS)
+                .saturating_sub(waited.elapsed());
+            match tokio::time::timeout(left.max(Duration::from_millis(1)), named_rx.recv()).await {
+                Ok(Some((id, resolved))) => {
+                    if let Some(c) = pipeline.out.cgroups() {
+                        c.answer(id, resolved);
+                    }
+                }
+                _ => {
+                    if waited.elapsed() > Duration::from_nanos(crate::track::containers::NAMING_WAIT_NS) {
+                        sleep(Duration::from_millis(1)).await;
+                    }
+                }
+            }
+        }
         pipeline.write_summary(args.output)?;
         Ok(())
     }
@@ -615,6 +734,76 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Records of an owner whose cgroup is being named wait for the name,
+    /// and every record after them waits too: the output keeps its order.
+    #[test]
+    fn records_wait_for_their_owners_cgroup_name_in_order() {
+        use crate::{
+            kernel::events::tests::sample, report::format::EventsMode, report::format::Format,
+            track::cgroup::Resolver,
+        };
+        use std::os::unix::fs::MetadataExt as _;
+        let root = std::env::temp_dir().join(format!("tracer-deferred-{}", std::process::id()));
+        let dir = root.join("system.slice/app.service");
+        std::fs::create_dir_all(&dir).unwrap();
+        let id = std::fs::metadata(&dir).unwrap().ino();
+        let mut cgroups = Cgroups::new(Resolver::at(&root, &root.join("no-pods")), false);
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        cgroups.start(tx).unwrap();
+        let mut p = Pipeline {
+            tracker: Tracker::new(16),
+            out: Output::new(
+                Vec::new(),
+                Format::Json,
+                EventsMode::Transitions,
+                WallClock::with_offset_ns(0),
+            )
+            .with_cgroups(cgroups, false),
+            events: 0,
+            unreadable: 0,
+            observers: Observers::new(None, None),
+            resets: Resets::new(false),
+            drain_began: None,
+            deferred: Default::default(),
+        };
+        let named = Some(Owner {
+            pid: 1,
+            cgroup: id,
+            ..Default::default()
+        });
+        let first = Transition {
+            mono_ns: 1,
+            ..sample()
+        };
+        let second = Transition {
+            mono_ns: 2,
+            ..sample()
+        };
+        p.emit(&first, &named).unwrap();
+        p.emit(&second, &None).unwrap();
+        p.write_deferred().unwrap();
+        assert!(p.out.writer().is_empty(), "both wait for the name");
+        let (got, resolved) = rx.blocking_recv().unwrap();
+        assert_eq!(got, id);
+        p.out.cgroups().unwrap().answer(got, resolved);
+        p.write_deferred().unwrap();
+        let text = String::from_utf8(p.out.writer().clone()).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[0]["cgroup"], "/system.slice/app.service");
+        assert_eq!(
+            (lines[0]["mono_ns"].as_u64(), lines[1]["mono_ns"].as_u64()),
+            (Some(1), Some(2))
+        );
+        // Later records of the named cgroup are written at once.
+        p.emit(&first, &named).unwrap();
+        assert!(p.deferred.is_empty());
+        std::fs::remove_dir_all(&root).unwrap();
+    }
 
     #[test]
     fn timewait_polls_stretch_to_stay_within_their_budget() {

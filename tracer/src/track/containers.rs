@@ -119,17 +119,11 @@ pub struct CgroupJson {
 /// The cgroup fields of a record whose owner's cgroup is unknown.
 pub const NULL_CGROUP_FIELDS: &str = r#""cgroup":null,"container":null,"pod":null"#;
 
-/// Names the owners' cgroups for the output.
-pub struct Cgroups {
-    /// The JSON fields (`"cgroup":…,"container":…,"pod":…`) of each id
-    /// named so far, written once and spliced into every record after.
-    fields: crate::FastMap<u64, Box<str>>,
+/// Names cgroup ids: the hierarchy's [`Resolver`] (bounded cache, at
+/// most one walk a second), else the owner's `/proc/PID/cgroup`. It reads
+/// files, so the agent runs it on a thread of its own ([`Cgroups::start`]).
+pub struct Namer {
     resolver: Resolver,
-    /// Records whose owner had a cgroup id that could not be named: not
-    /// walked yet, and the owner no longer in it (gone, or moved).
-    pub unresolved: u64,
-    /// Group keys or metric labels need owners' containers ([`Cgroups::enrich`]).
-    keys: bool,
     /// Ids the resolver could not name yet, named from their owner's
     /// `/proc/PID/cgroup` (or known not to be: `None`). The resolver walks
     /// at most once a second, so a container started within a second of
@@ -138,20 +132,144 @@ pub struct Cgroups {
     recent: HashMap<u64, Option<Resolved>>,
 }
 
-/// Ids [`Cgroups`] names from `/proc` between walks.
+/// Ids [`Namer`] names from `/proc` between walks.
 const RECENT: usize = 256;
+
+impl Namer {
+    pub fn new(resolver: Resolver) -> Namer {
+        Namer {
+            resolver,
+            recent: HashMap::new(),
+        }
+    }
+
+    /// What cgroup `id` of process `pid` names, if it can be named.
+    pub fn name(&mut self, id: u64, pid: u32) -> Option<Resolved> {
+        if id == 0 || self.resolver.why().is_some() {
+            return None;
+        }
+        if let Some(r) = self.resolver.resolve(id) {
+            return Some(r.clone());
+        }
+        if !self.recent.contains_key(&id) {
+            if self.recent.len() >= RECENT {
+                self.recent.clear();
+            }
+            self.recent.insert(id, named_by_pid(pid, id));
+        }
+        self.recent.get(&id).cloned().flatten()
+    }
+}
+
+/// A named cgroup id, with what records need of it written once.
+struct Named {
+    resolved: Resolved,
+    /// `"cgroup":…,"container":…,"pod":…`, spliced into every record.
+    fields: Box<str>,
+    container: Option<ContainerKey>,
+}
+
+impl Named {
+    fn new(resolved: Resolved) -> Named {
+        let json = CgroupJson {
+            cgroup: Some(resolved.path.clone()),
+            container: resolved.container.clone(),
+            pod: resolved.pod.clone(),
+        };
+        let text = serde_json::to_string(&json).unwrap_or_default();
+        // `{…}` without its braces.
+        let fields = text
+            .get(1..text.len().saturating_sub(1))
+            .unwrap_or_default();
+        Named {
+            container: resolved.container.as_ref().and_then(ContainerKey::of),
+            fields: fields.into(),
+            resolved,
+        }
+    }
+}
+
+/// An id as far as the cache knows it.
+struct Known {
+    named: Option<Named>,
+    /// When it was found unnameable (CLOCK_MONOTONIC ns): asked again a
+    /// second later.
+    at_ns: u64,
+}
+
+/// Where names come from.
+enum Source {
+    /// Named on the spot (tests, `tracer summarize`).
+    Inline(Namer),
+    /// Asked of the naming thread; records wait for the answer (see
+    /// [`Cgroups::ready`]).
+    Thread {
+        asks: std::sync::mpsc::SyncSender<(u64, u32)>,
+        /// Ids asked and not answered, and since when.
+        asked: crate::FastMap<u64, u64>,
+    },
+}
+
+/// How long a record waits for its owner's cgroup to be named before it
+/// is written with null fields (and counted).
+pub const NAMING_WAIT_NS: u64 = 200_000_000;
+/// An id found unnameable is asked again after this long.
+const RETRY_NS: u64 = 1_000_000_000;
+
+/// Names the owners' cgroups for the output, from a cache; what is not
+/// cached yet is named by a [`Namer`] (on its thread, once started).
+pub struct Cgroups {
+    known: crate::FastMap<u64, Known>,
+    source: Source,
+    /// Why nothing can be named (no cgroup v2 hierarchy).
+    why: Option<String>,
+    /// Records whose owner had a cgroup id that could not be named: not
+    /// walked yet, and the owner no longer in it (gone, or moved).
+    pub unresolved: u64,
+    /// Group keys or metric labels need owners' containers ([`Cgroups::enrich`]).
+    keys: bool,
+}
 
 impl Cgroups {
     /// `keys`: `--group-by cgroup|container` or `--metrics-label
     /// container` is on.
     pub fn new(resolver: Resolver, keys: bool) -> Cgroups {
         Cgroups {
-            fields: Default::default(),
-            resolver,
+            known: Default::default(),
+            why: resolver.why(),
+            source: Source::Inline(Namer::new(resolver)),
             unresolved: 0,
             keys,
-            recent: HashMap::new(),
         }
+    }
+
+    /// Moves the naming to a thread of its own: the answers go to `done`
+    /// (to be given to [`Cgroups::answer`]).
+    pub fn start(
+        &mut self,
+        done: tokio::sync::mpsc::UnboundedSender<(u64, Option<Resolved>)>,
+    ) -> std::io::Result<()> {
+        let (asks, queue) = std::sync::mpsc::sync_channel::<(u64, u32)>(1024);
+        let inline = std::mem::replace(
+            &mut self.source,
+            Source::Thread {
+                asks,
+                asked: Default::default(),
+            },
+        );
+        let Source::Inline(mut namer) = inline else {
+            return Ok(());
+        };
+        std::thread::Builder::new()
+            .name("tracer-cgroups".into())
+            .spawn(move || {
+                for (id, pid) in queue {
+                    if done.send((id, namer.name(id, pid))).is_err() {
+                        return;
+                    }
+                }
+            })?;
+        Ok(())
     }
 
     pub fn keys(&self) -> bool {
@@ -160,26 +278,89 @@ impl Cgroups {
 
     /// Why nothing can be named (no cgroup v2), for `-v`.
     pub fn why(&self) -> Option<String> {
-        self.resolver.why()
+        self.why.clone()
     }
 
-    /// `count`: an id that cannot be named counts in `unresolved` (once
-    /// per record: the output's calls count, the observers' do not).
-    fn resolve(&mut self, owner: &Option<Owner>, count: bool) -> Option<&Resolved> {
+    /// Can a record of `owner` be written now? Its cgroup is named (or
+    /// cannot be), or has waited [`NAMING_WAIT_NS`]. Otherwise the naming
+    /// thread is asked (once) and the record must wait.
+    pub fn ready(&mut self, owner: &Option<Owner>) -> bool {
         let (id, pid) = owner.as_ref().map_or((0, 0), |o| (o.cgroup, o.pid));
-        if id == 0 || self.resolver.why().is_some() {
+        if id == 0 || self.why.is_some() {
+            return true;
+        }
+        let now = crate::clock::monotonic_ns();
+        if let Some(k) = self.known.get(&id) {
+            if k.named.is_some() || now < k.at_ns + RETRY_NS {
+                return true;
+            }
+        }
+        match &mut self.source {
+            Source::Inline(namer) => {
+                let named = namer.name(id, pid);
+                self.remember(id, named, now);
+                true
+            }
+            Source::Thread { asks, asked } => match asked.get(&id) {
+                Some(&since) if now >= since + NAMING_WAIT_NS => {
+                    asked.remove(&id);
+                    self.remember(id, None, now);
+                    true
+                }
+                Some(_) => false,
+                None => {
+                    if asks.try_send((id, pid)).is_err() {
+                        // The thread is swamped: write it unnamed.
+                        self.remember(id, None, now);
+                        return true;
+                    }
+                    asked.insert(id, now);
+                    false
+                }
+            },
+        }
+    }
+
+    /// The naming thread's answer for `id`.
+    pub fn answer(&mut self, id: u64, resolved: Option<Resolved>) {
+        if let Source::Thread { asked, .. } = &mut self.source {
+            asked.remove(&id);
+        }
+        self.remember(id, resolved, crate::clock::monotonic_ns());
+    }
+
+    /// Ids waiting for the naming thread.
+    pub fn asked(&self) -> usize {
+        match &self.source {
+            Source::Thread { asked, .. } => asked.len(),
+            Source::Inline(_) => 0,
+        }
+    }
+
+    fn remember(&mut self, id: u64, resolved: Option<Resolved>, now: u64) {
+        if self.known.len() >= cgroup::CAPACITY {
+            self.known.clear();
+        }
+        let named = resolved.map(Named::new);
+        if let Some(n) = &named {
+            remember_label(id, &n.resolved.path);
+        }
+        self.known.insert(id, Known { named, at_ns: now });
+    }
+
+    /// What the cache knows of `owner`'s cgroup (named on the spot when
+    /// inline). `count`: an id that cannot be named counts in
+    /// `unresolved` (once per record: the output's calls count, the
+    /// observers' do not).
+    fn lookup(&mut self, owner: &Option<Owner>, count: bool) -> Option<&Named> {
+        let id = owner.as_ref().map_or(0, |o| o.cgroup);
+        if id == 0 || self.why.is_some() {
             return None;
         }
-        if self.resolver.resolve(id).is_some() {
-            return self.resolver.resolve(id);
+        if matches!(self.source, Source::Inline(_)) {
+            self.ready(owner);
         }
-        if !self.recent.contains_key(&id) {
-            if self.recent.len() >= RECENT {
-                self.recent.clear();
-            }
-            self.recent.insert(id, named_by_pid(pid, id));
-        }
-        let found = self.recent.get(&id).and_then(Option::as_ref);
+        let found = self.known.get(&id).and_then(|k| k.named.as_ref());
         if found.is_none() && count {
             self.unresolved += 1;
         }
@@ -193,43 +374,26 @@ impl Cgroups {
         if !self.keys {
             return Some(o);
         }
-        if let Some(r) = self.resolve(owner, false) {
-            remember_label(o.cgroup, &r.path);
-            o.container = r.container.as_ref().and_then(ContainerKey::of);
+        if let Some(n) = self.lookup(owner, false) {
+            o.container = n.container;
         }
         Some(o)
     }
 
     /// The owner's cgroup fields as JSON (see [`NULL_CGROUP_FIELDS`]).
     pub fn json_fields(&mut self, owner: &Option<Owner>) -> &str {
-        let id = owner.as_ref().map_or(0, |o| o.cgroup);
-        if id == 0 {
-            return NULL_CGROUP_FIELDS;
+        match self.lookup(owner, true) {
+            Some(n) => &n.fields,
+            None => NULL_CGROUP_FIELDS,
         }
-        if !self.fields.contains_key(&id) {
-            let json = self.json(owner);
-            if json.cgroup.is_none() {
-                return NULL_CGROUP_FIELDS;
-            }
-            let text = serde_json::to_string(&json).unwrap_or_default();
-            // `{…}` without its braces.
-            let inner = text
-                .get(1..text.len().saturating_sub(1))
-                .unwrap_or_default();
-            if self.fields.len() >= cgroup::CAPACITY {
-                self.fields.clear();
-            }
-            self.fields.insert(id, inner.into());
-        }
-        self.fields.get(&id).map_or(NULL_CGROUP_FIELDS, |f| f)
     }
 
     pub fn json(&mut self, owner: &Option<Owner>) -> CgroupJson {
-        match self.resolve(owner, true) {
-            Some(r) => CgroupJson {
-                cgroup: Some(r.path.clone()),
-                container: r.container.clone(),
-                pod: r.pod.clone(),
+        match self.lookup(owner, true) {
+            Some(n) => CgroupJson {
+                cgroup: Some(n.resolved.path.clone()),
+                container: n.resolved.container.clone(),
+                pod: n.resolved.pod.clone(),
             },
             None => CgroupJson::default(),
         }
@@ -238,10 +402,10 @@ impl Cgroups {
     /// The `-w` table column: the container (`docker:0123456789ab`), else
     /// the cgroup path, else `-`.
     pub fn cell(&mut self, owner: &Option<Owner>) -> String {
-        match self.resolve(owner, true) {
-            Some(r) => match r.container.as_ref().and_then(ContainerKey::of) {
+        match self.lookup(owner, true) {
+            Some(n) => match n.container {
                 Some(k) => k.to_string(),
-                None => r.path.clone(),
+                None => n.resolved.path.clone(),
             },
             None => "-".into(),
         }
@@ -491,9 +655,7 @@ mod tests {
         assert_eq!(c.cell(&owner(ino(&plain))), "/system.slice");
         let enriched = c.enrich(&owner(ino(&ctr))).unwrap();
         assert_eq!(enriched.container.map(|k| k.id()), Some(id.clone()));
-        // Group keys print their path once an owner in it was enriched.
-        assert_eq!(label(ino(&plain)), format!("cgroup {}", ino(&plain)));
-        c.enrich(&owner(ino(&plain)));
+        // Group keys print their path once it was named.
         assert_eq!(label(ino(&plain)), "/system.slice");
         // Unknown owners and ids: null fields, one count per record.
         assert!(c.json(&None).cgroup.is_none());

@@ -87,6 +87,7 @@ fn recording(events: &[Transition], mode: EventsMode, by: Option<GroupBy>) -> (S
         observers: Observers::new(Summary::from_args(&args), None),
         resets: crate::track::resets::Resets::new(true),
         drain_began: None,
+        deferred: Default::default(),
     };
     for t in events {
         p.handle(&encode(t)).unwrap();

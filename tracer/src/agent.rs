@@ -583,7 +583,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 scrape = endpoint.scrape_requested() => {
                     // Count what the kernel has submitted, then the gauges.
                     pipeline.drain(ring.get_mut())?;
-                    pipeline.observers.refresh_metrics(&mut pipeline.tracker, counters.read().ok());
+                    pipeline.observers.refresh_metrics(&mut pipeline.tracker, counters.lost().ok());
                     let _ = scrape.send(());
                 }
                 _ = drain_tick.tick() => {
@@ -619,14 +619,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                         }
                         pipeline.out.flush()?;
                     }
-                    if let Ok(c) = counters.read() {
-                        if c.ringbuf_full > last_lost {
+                    if let Ok(lost) = counters.lost() {
+                        if lost > last_lost {
                             eprintln!(
                                 "tracer: warning: {} events lost (ring buffer full, {} in all); \
                                  raise --ringbuf-size or filter",
-                                c.ringbuf_full - last_lost, c.ringbuf_full
+                                lost - last_lost, lost
                             );
-                            last_lost = c.ringbuf_full;
+                            last_lost = lost;
                         }
                     }
                 }

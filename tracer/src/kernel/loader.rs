@@ -211,6 +211,14 @@ impl KernelCounters {
         self.frozen_misses = Some(self.recursion_misses());
     }
 
+    /// Transitions lost to a full ring buffer: the map alone (no file
+    /// read), for the event loop's warnings and metrics.
+    pub fn lost(&self) -> Result<u64, aya::maps::MapError> {
+        Ok(self.map.get(&counter::RINGBUF_FULL, 0)?.iter().sum())
+    }
+
+    /// Every counter, the programs' skipped runs included (read from
+    /// their fdinfo files: at exit, or frozen by [`KernelCounters::freeze`]).
     pub fn read(&self) -> Result<CounterValues, aya::maps::MapError> {
         let sum =
             |i: u32| -> Result<u64, aya::maps::MapError> { Ok(self.map.get(&i, 0)?.iter().sum()) };

@@ -20,7 +20,6 @@ use std::{hash::BuildHasher as _, net::IpAddr};
 use crate::{
     clock,
     kernel::events::{Family, Source, TcpState, Transition},
-    kernel::loader::CounterValues,
     report::metrics::Recorder,
     report::summary::Summary,
     track::close::{Close, CloseBy, Rst},
@@ -142,13 +141,9 @@ impl Observers {
 
     /// Before a scrape: the gauges from the tracker, lost events from the
     /// kernel's counters.
-    pub fn refresh_metrics(&mut self, tracker: &mut Tracker, kernel: Option<CounterValues>) {
+    pub fn refresh_metrics(&mut self, tracker: &mut Tracker, lost: Option<u64>) {
         if let Some(m) = &mut self.metrics {
-            m.refresh(
-                tracker,
-                kernel.map(|k| k.ringbuf_full),
-                clock::monotonic_ns(),
-            );
+            m.refresh(tracker, lost, clock::monotonic_ns());
         }
     }
 }

@@ -14,6 +14,13 @@
 //! summarizes the runs into rows (`summarize.rs`), prints the table and
 //! notes (`report.rs`) and writes target/bench/bench-STAMP.json (each run
 //! as a `RunRecord`, `record.rs`; the host and git state, `host.rs`).
+//!
+//! Every subject is stopped with SIGINT once the load has settled; the
+//! time from SIGINT to its exit is the `stop s` column (the slowest of its
+//! runs), and the start trials also stop the tracer with the load still
+//! running. The target is an exit within `STOP_TARGET` (1 s): slower
+//! stops are noted, never failed on. A tracer subject that exits without
+//! its final `stats` record fails its run.
 
 mod env;
 mod hold;
@@ -48,7 +55,7 @@ use record::RunRecord;
 use report::Row;
 use runs::{run_one, start_trial};
 use stats::Summary;
-use subject::{Ctx, Subject};
+use subject::{Ctx, StartTrial, Subject};
 use summarize::summarize;
 
 #[derive(clap::Args, Debug, Clone)]
@@ -117,6 +124,9 @@ const COOL_DOWN: Duration = Duration::from_millis(300);
 const QUIET_MAX: Duration = Duration::from_secs(3);
 /// Idle share of all CPUs over 100 ms that counts as quiet.
 const QUIET_IDLE: f64 = 0.80;
+/// The target for stopping: a subject should exit within this of SIGINT
+/// (printed, never failed on).
+const STOP_TARGET: Duration = Duration::from_secs(1);
 
 pub fn run(args: BenchArgs) -> Result<()> {
     let mut notes: Vec<String> = Vec::new();
@@ -223,10 +233,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
         for i in 1..=plan.start_trials {
             let r = start_trial(&plan, &ctx);
             match &r {
-                Ok((a, f)) => eprintln!(
-                    "xtask: bench: start trial {i}: spawn to attached {:.3} s, to first event {:.3} s",
-                    a.as_secs_f64(),
-                    f.as_secs_f64()
+                Ok(t) => eprintln!(
+                    "xtask: bench: start trial {i}: spawn to attached {:.3} s, to first event {:.3} s; SIGINT to exit {:.3} s",
+                    t.attached.as_secs_f64(),
+                    t.first_event.as_secs_f64(),
+                    t.stop.as_secs_f64()
                 ),
                 Err(e) => eprintln!("xtask: bench: start trial {i}: {e:#}"),
             }
@@ -240,22 +251,18 @@ pub fn run(args: BenchArgs) -> Result<()> {
         rows.push((s, summarize(s, &runs, kernel_stats)));
     }
     let table = report::table(&rows);
-    let start_s: Vec<f64> = start_trials
-        .iter()
-        .filter_map(|r| r.as_ref().ok())
-        .map(|(a, _)| a.as_secs_f64())
-        .collect();
-    let first_s: Vec<f64> = start_trials
-        .iter()
-        .filter_map(|r| r.as_ref().ok())
-        .map(|(_, f)| f.as_secs_f64())
-        .collect();
+    let trial_s = |f: &dyn Fn(&StartTrial) -> Duration| -> Vec<f64> {
+        start_trials
+            .iter()
+            .filter_map(|r| r.as_ref().ok())
+            .map(|t| f(t).as_secs_f64())
+            .collect()
+    };
+    let start_s = trial_s(&|t| t.attached);
+    let first_s = trial_s(&|t| t.first_event);
     // Attached to first event (0: the event was out before the line).
-    let after_attach_s: Vec<f64> = start_trials
-        .iter()
-        .filter_map(|r| r.as_ref().ok())
-        .map(|(a, f)| f.saturating_sub(*a).as_secs_f64())
-        .collect();
+    let after_attach_s = trial_s(&|t| t.first_event.saturating_sub(t.attached));
+    let stop_loaded_s = trial_s(&|t| t.stop);
 
     let failed: Vec<&RunRecord> = runs.iter().filter(|r| !r.ok()).collect();
     if rows.iter().any(|(_, r)| r.noisy()) {
@@ -297,6 +304,27 @@ pub fn run(args: BenchArgs) -> Result<()> {
             ));
         }
     }
+    for r in &runs {
+        if let Some(m) = r.measured.as_ref().filter(|m| m.stop > STOP_TARGET) {
+            notes.push(format!(
+                "round {} {}: exited {:.2} s after SIGINT (target: within {:.0} s)",
+                r.round,
+                r.subject.name(),
+                m.stop.as_secs_f64(),
+                STOP_TARGET.as_secs_f64()
+            ));
+        }
+    }
+    for (i, t) in start_trials.iter().enumerate() {
+        if let Some(t) = t.as_ref().ok().filter(|t| t.stop > STOP_TARGET) {
+            notes.push(format!(
+                "start trial {}: the tracer exited {:.2} s after SIGINT with the load running (target: within {:.0} s)",
+                i + 1,
+                t.stop.as_secs_f64(),
+                STOP_TARGET.as_secs_f64()
+            ));
+        }
+    }
     for r in &failed {
         notes.push(format!(
             "round {} {}: {}",
@@ -328,10 +356,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if let Some(s) = Summary::of(&start_s) {
         let f = Summary::of(&first_s).expect("same trials");
         let g = Summary::of(&after_attach_s).expect("same trials");
+        let h = Summary::of(&stop_loaded_s).expect("same trials");
         println!(
-            "tracer started with the load running ({} trials, medians [min-max]): spawn to \"attached\" {:.3} s [{:.3}-{:.3}]; spawn to first event on stdout {:.3} s [{:.3}-{:.3}]; \"attached\" to first event {:.1} ms (max {:.1} ms)",
+            "tracer started with the load running ({} trials, medians [min-max]): spawn to \"attached\" {:.3} s [{:.3}-{:.3}]; spawn to first event on stdout {:.3} s [{:.3}-{:.3}]; \"attached\" to first event {:.1} ms (max {:.1} ms); then stopped with the load still running: SIGINT to exit {:.3} s [{:.3}-{:.3}]",
             s.n, s.median, s.min, s.max, f.median, f.min, f.max,
-            g.median * 1e3, g.max * 1e3
+            g.median * 1e3, g.max * 1e3, h.median, h.min, h.max
         );
     }
     if rows
@@ -368,10 +397,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
         },
         "summary": rows.iter().map(|(_, r)| r.to_json()).collect::<Vec<_>>(),
         "start_trials": start_trials.iter().map(|r| match r {
-            Ok((a, f)) => json!({
-                "spawn_to_attached_s": a.as_secs_f64(),
-                "spawn_to_first_event_s": f.as_secs_f64(),
-                "attached_to_first_event_s": f.saturating_sub(*a).as_secs_f64(),
+            Ok(t) => json!({
+                "spawn_to_attached_s": t.attached.as_secs_f64(),
+                "spawn_to_first_event_s": t.first_event.as_secs_f64(),
+                "attached_to_first_event_s": t.first_event.saturating_sub(t.attached).as_secs_f64(),
+                "sigint_to_exit_with_load_s": t.stop.as_secs_f64(),
             }),
             Err(e) => json!({"error": format!("{e:#}")}),
         }).collect::<Vec<_>>(),

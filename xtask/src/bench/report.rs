@@ -28,6 +28,8 @@ pub struct Row {
     pub rss_idle_mib: Option<f64>,
     pub rss_peak_mib: Option<f64>,
     pub start_s: Option<Summary>,
+    /// SIGINT to exit, after the load.
+    pub stop_s: Option<Summary>,
 }
 
 impl Row {
@@ -55,12 +57,13 @@ impl Row {
             "rss_idle_mib": self.rss_idle_mib,
             "rss_peak_mib": self.rss_peak_mib,
             "start_s": s(&self.start_s),
+            "stop_s": s(&self.stop_s),
             "noisy": self.noisy(),
         })
     }
 }
 
-pub const HEADERS: [&str; 12] = [
+pub const HEADERS: [&str; 13] = [
     "subject",
     "conn/s median [min-max]",
     "ratio [min-max]",
@@ -72,6 +75,7 @@ pub const HEADERS: [&str; 12] = [
     "agent us/ev",
     "RSS idle/peak MiB",
     "start s",
+    "stop s",
     "",
 ];
 
@@ -129,6 +133,7 @@ pub fn cells(r: &Row, baseline: bool) -> Vec<String> {
             _ => "-".into(),
         },
         opt(r.start_s.as_ref(), |s| format!("{:.3}", s.median)),
+        opt(r.stop_s.as_ref(), |s| format!("{:.3}", s.max)),
         notes.join("; "),
     ]
 }
@@ -270,6 +275,7 @@ mod tests {
             rss_idle_mib: Some(4.0),
             rss_peak_mib: Some(9.25),
             start_s: Summary::of(&[0.1234]),
+            stop_s: Summary::of(&[0.004, 0.0456]),
         };
         let c = cells(&row, false);
         assert_eq!(c[1], "100 [90-120]");
@@ -280,7 +286,8 @@ mod tests {
         assert_eq!(c[8], "1.23");
         assert_eq!(c[9], "4.0/9.2");
         assert_eq!(c[10], "0.123");
-        assert_eq!(c[11], "noisy: spread 30%");
+        assert_eq!(c[11], "0.046");
+        assert_eq!(c[12], "noisy: spread 30%");
         let base = cells(
             &Row {
                 name: "baseline".into(),

@@ -14,7 +14,7 @@ use super::{
     host::wait_quiet,
     plan::Plan,
     record::RunRecord,
-    subject::{self, Ctx, Subject},
+    subject::{self, Ctx, StartTrial, Subject},
     COOL_DOWN, SETTLE_AFTER, SETTLE_BEFORE, SETTLE_MAX,
 };
 
@@ -99,7 +99,11 @@ fn finish(rec: RunRecord) -> RunRecord {
         if let Some(d) = &m.durations {
             line += &format!("  bad durations {}", d.bad());
         }
-        line += &format!("  start {:.3} s", m.start.as_secs_f64());
+        line += &format!(
+            "  start {:.3} s  stop {:.3} s",
+            m.start.as_secs_f64(),
+            m.stop.as_secs_f64()
+        );
     }
     if let Some((_, n)) = rec.settled.filter(|s| s.1 > 0) {
         line += &format!("  ({n} load sockets still half-way when stopped)");
@@ -112,8 +116,9 @@ fn finish(rec: RunRecord) -> RunRecord {
 }
 
 /// The tracer started while the load already runs: spawn to attached,
-/// attached to its first event on stdout.
-pub(super) fn start_trial(plan: &Plan, ctx: &Ctx) -> Result<(Duration, Duration)> {
+/// attached to its first event on stdout, and SIGINT to exit with the load
+/// still running.
+pub(super) fn start_trial(plan: &Plan, ctx: &Ctx) -> Result<StartTrial> {
     wait_quiet();
     let mut env = Env::setup(&plan.load)?;
     let result = thread::scope(|sc| {

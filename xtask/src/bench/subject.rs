@@ -155,6 +155,8 @@ pub struct Measured {
     /// Records checked one by one (tracer JSON to a file).
     pub durations: Option<verify::DurationCheck>,
     pub output_bytes: u64,
+    /// SIGINT to its exit (reaped).
+    pub stop: Duration,
     pub exit: String,
     pub stderr_tail: Vec<String>,
 }
@@ -212,6 +214,7 @@ impl Measured {
             "tracer_stats": self.tracer_stats,
             "durations": self.durations.as_ref().map(verify::DurationCheck::to_json),
             "output_bytes": self.output_bytes,
+            "sigint_to_exit_s": self.stop.as_secs_f64(),
             "exit": self.exit,
             "stderr_tail": self.stderr_tail,
         })
@@ -310,8 +313,9 @@ impl Running {
         reap(self.pid, true)
     }
 
-    /// Reads its program statistics and memory, stops it with SIGINT, and
-    /// reads what it printed.
+    /// Reads its program statistics and memory, stops it with SIGINT (and
+    /// times it: SIGINT to exit, polled every millisecond), and reads what
+    /// it printed.
     pub fn stop(mut self, ctx: &Ctx) -> Result<Measured> {
         let mut m = Measured {
             start: self.start,
@@ -336,8 +340,9 @@ impl Running {
                     STOP_TIMEOUT
                 );
             }
-            thread::sleep(Duration::from_millis(2));
+            thread::sleep(Duration::from_millis(1));
         };
+        m.stop = t0.elapsed();
         let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
         let cpu_total = tv(usage.ru_utime) + tv(usage.ru_stime);
         m.cpu_startup = self.cpu_at_ready;
@@ -449,11 +454,22 @@ pub fn lost_from_stderr(text: &str) -> u64 {
         .sum()
 }
 
+/// The tracer's start and stop with the load running.
+#[derive(Clone, Copy, Debug)]
+pub struct StartTrial {
+    /// Spawn to its "attached" line.
+    pub attached: Duration,
+    /// Spawn to the first event on its stdout.
+    pub first_event: Duration,
+    /// SIGINT to exit, the load still running.
+    pub stop: Duration,
+}
+
 /// Attach-to-first-event: the tracer (JSON transitions to a file) is
-/// started while the load runs; returns (spawn to its "attached" line,
-/// spawn to the first event on its stdout). The event may come first: the
-/// agent drains the ring buffer as soon as its loop starts.
-pub fn time_to_first_event(ctx: &Ctx) -> Result<(Duration, Duration)> {
+/// started while the load runs, and stopped as soon as its first event is
+/// out (the load still running). The event may come before the "attached"
+/// line: the agent drains the ring buffer as soon as its loop starts.
+pub fn time_to_first_event(ctx: &Ctx) -> Result<StartTrial> {
     let r = start(Subject::TracerJson, ctx, None)?;
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut f = File::open(&r.stdout)?;
@@ -470,9 +486,13 @@ pub fn time_to_first_event(ctx: &Ctx) -> Result<(Duration, Duration)> {
         },
     };
     let start = r.start;
-    r.stop(ctx)?;
+    let m = r.stop(ctx)?;
     let first = first.context("no event on the tracer's stdout within 10 s of attaching")?;
-    Ok((start, first))
+    Ok(StartTrial {
+        attached: start,
+        first_event: first,
+        stop: m.stop,
+    })
 }
 
 #[cfg(test)]

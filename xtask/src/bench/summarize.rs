@@ -110,6 +110,12 @@ pub(super) fn summarize(s: Subject, runs: &[RunRecord], kernel_stats: bool) -> R
             .map(|(_, m)| m.start.as_secs_f64())
             .collect::<Vec<_>>(),
     );
+    row.stop_s = Summary::of(
+        &measured
+            .iter()
+            .map(|(_, m)| m.stop.as_secs_f64())
+            .collect::<Vec<_>>(),
+    );
     row
 }
 
@@ -144,6 +150,7 @@ mod tests {
                 rss_idle_kib: Some(2048),
                 rss_peak_kib: Some(4096),
                 start: Duration::from_millis(70),
+                stop: Duration::from_millis(conns),
                 progs: vec![procfs::ProgStats {
                     id: 1,
                     name: None,
@@ -191,6 +198,9 @@ mod tests {
         assert!((x.agent_us_per_event.unwrap() - 100.0).abs() < 1e-9);
         assert_eq!((x.rss_idle_mib, x.rss_peak_mib), (Some(2.0), Some(4.0)));
         assert_eq!(x.bad_durations, Some((2, false)));
+        // Stop times of the two good runs: 80 and 90 ms.
+        let stop = x.stop_s.unwrap();
+        assert_eq!((stop.n, stop.max), (2, 0.09));
         let no_stats = summarize(X, &runs, false);
         assert_eq!(
             (no_stats.kernel_ns_per_event, no_stats.skipped),

@@ -84,14 +84,16 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 0)]
     pub hold: u64,
     /// Prove it works in a few seconds: one round of 1 s runs, the tracer
-    /// only, nothing installed. Exits non-zero only if it cannot measure.
+    /// only (no floor, no peers), nothing installed. Exits non-zero only
+    /// if it cannot measure.
     #[arg(long)]
     pub smoke: bool,
     /// Only these subjects (comma-separated): tracer-json,
-    /// tracer-connections, tracer-none, tcpstates, tcplife.
+    /// tracer-connections, tracer-none, floor, tcpstates, tcplife.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
-    /// Leave out libbpf-tools' tcpstates and tcplife.
+    /// Leave out libbpf-tools' tcpstates and tcplife (the floor stays: it
+    /// is no peer but the least a tracer of this tracepoint can cost).
     #[arg(long)]
     pub no_peers: bool,
     /// Do not turn on the kernel's eBPF run-time statistics (they add two
@@ -136,10 +138,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("the bench loads eBPF programs and creates network namespaces: run it as root");
     }
-    let wants_peers = plan.subjects.iter().any(|s| s.is_peer());
-    if wants_peers {
+    let wants_tools = plan.subjects.iter().any(|s| s.is_tool());
+    if wants_tools {
         if let Err(e) = crate::setup::ensure_for_bench() {
-            notes.push(format!("could not install libbpf-tools: {e:#}"));
+            notes.push(format!("could not install the bench's Debian packages: {e:#}"));
         }
     }
     crate::cargo(&[
@@ -161,17 +163,18 @@ pub fn run(args: BenchArgs) -> Result<()> {
     };
 
     let mut subjects = Vec::new();
-    let mut peers = std::collections::HashMap::new();
+    let mut tools = std::collections::HashMap::new();
     for &s in &plan.subjects {
-        if s.is_peer() {
-            match subject::find_peer(s) {
+        if s.is_tool() {
+            match subject::find_tool(s) {
                 Some(p) => {
-                    peers.insert(s, p);
+                    tools.insert(s, p);
                 }
                 None => {
                     notes.push(format!(
-                        "{}: not installed (Debian package libbpf-tools); left out",
-                        s.name()
+                        "{}: not installed (Debian package {}); left out",
+                        s.name(),
+                        s.package()
                     ));
                     continue;
                 }
@@ -223,7 +226,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     for round in 1..=plan.rounds {
         runs.push(run_one(&plan, &ctx, round, Subject::Baseline, None));
         for &s in &subjects {
-            runs.push(run_one(&plan, &ctx, round, s, peers.get(&s)));
+            runs.push(run_one(&plan, &ctx, round, s, tools.get(&s)));
             runs.push(run_one(&plan, &ctx, round, Subject::Baseline, None));
         }
     }
@@ -417,8 +420,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
     println!("results: {}", path.display());
 
     // It fails only when it could not measure: the baseline or the tracer
-    // did not run (peers that cannot run are notes).
-    let fatal: Vec<&&RunRecord> = failed.iter().filter(|r| !r.subject.is_peer()).collect();
+    // did not run (peers and the floor that cannot run are notes).
+    let fatal: Vec<&&RunRecord> = failed.iter().filter(|r| !r.subject.is_tool()).collect();
     if let Some(first) = fatal.first() {
         bail!(
             "bench: {} of {} runs failed; first: round {} {}: {}",

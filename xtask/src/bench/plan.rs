@@ -3,7 +3,8 @@
 //! In: the `BenchArgs`. Out: a `Plan` (run length, rounds, the load's
 //! configuration, the subjects in order, start trials, kernel stats), or
 //! an error for arguments it cannot run with (`--smoke` shortens it and
-//! leaves the peers out).
+//! keeps only the tracer subjects; `--no-peers` leaves out libbpf-tools
+//! but keeps the floor).
 
 use anyhow::{bail, Context as _, Result};
 
@@ -41,7 +42,10 @@ pub(super) fn plan(args: &BenchArgs) -> Result<Plan> {
         }
         v
     };
-    if args.no_peers || (args.smoke && args.only.is_empty()) {
+    if args.smoke && args.only.is_empty() {
+        subjects.retain(|s| s.is_tracer());
+    }
+    if args.no_peers {
         subjects.retain(|s| !s.is_peer());
     }
     let load = LoadConfig {
@@ -90,7 +94,20 @@ mod tests {
         assert_eq!(p.subjects, vec![Subject::Tcplife, Subject::TracerNone]);
         assert!(plan(&Cli::parse_from(["x", "--only", "perf"]).bench).is_err());
         let p = plan(&Cli::parse_from(["x"]).bench).unwrap();
-        assert_eq!(p.subjects.len(), 5);
+        assert_eq!(p.subjects.len(), 6);
+        assert!(p.subjects.contains(&Subject::Floor));
+        let p = plan(&Cli::parse_from(["x", "--no-peers"]).bench).unwrap();
+        assert_eq!(
+            p.subjects,
+            vec![
+                Subject::TracerJson,
+                Subject::TracerConnections,
+                Subject::TracerNone,
+                Subject::Floor
+            ]
+        );
+        let p = plan(&Cli::parse_from(["x", "--only", "floor"]).bench).unwrap();
+        assert_eq!(p.subjects, vec![Subject::Floor]);
         assert_eq!((p.seconds, p.rounds), (5.0, 3));
     }
 }

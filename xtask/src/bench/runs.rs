@@ -23,7 +23,7 @@ pub(super) fn run_one(
     ctx: &Ctx,
     round: u32,
     s: Subject,
-    peer: Option<&PathBuf>,
+    tool: Option<&PathBuf>,
 ) -> RunRecord {
     let mut rec = RunRecord {
         round,
@@ -48,7 +48,7 @@ pub(super) fn run_one(
     let outcome = (|| -> Result<()> {
         let running = match s {
             Subject::Baseline => None,
-            _ => Some(subject::start(s, ctx, peer.map(PathBuf::as_path))?),
+            _ => Some(subject::start(s, ctx, tool.map(PathBuf::as_path))?),
         };
         thread::sleep(SETTLE_BEFORE);
         let load = env.run(Duration::from_secs_f64(plan.seconds));

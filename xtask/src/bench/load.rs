@@ -25,6 +25,52 @@ use std::{
 use anyhow::{bail, Result};
 use serde_json::{json, Value};
 
+/// Which load a block of runs uses (`--load`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LoadKind {
+    /// The bench's own loopback connections (both ends on each thread).
+    Churn,
+}
+
+impl LoadKind {
+    pub const ALL: [LoadKind; 1] = [LoadKind::Churn];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            LoadKind::Churn => "churn",
+        }
+    }
+
+    /// `--load` values, comma lists already split: load names or `all`,
+    /// in the order given, each once.
+    pub fn parse_list(specs: &[String]) -> Result<Vec<LoadKind>> {
+        let mut v = Vec::new();
+        for spec in specs {
+            let spec = spec.trim();
+            let kinds: Vec<LoadKind> = if spec == "all" {
+                LoadKind::ALL.to_vec()
+            } else {
+                match LoadKind::ALL.into_iter().find(|k| k.name() == spec) {
+                    Some(k) => vec![k],
+                    None => bail!(
+                        "--load: unknown load {spec:?} (one of: {}, all)",
+                        LoadKind::ALL.map(|k| k.name()).join(", ")
+                    ),
+                }
+            };
+            for k in kinds {
+                if !v.contains(&k) {
+                    v.push(k);
+                }
+            }
+        }
+        if v.is_empty() {
+            bail!("--load: no load given");
+        }
+        Ok(v)
+    }
+}
+
 /// Who closes the connection first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mode {
@@ -88,6 +134,7 @@ const FD_RESERVE: u64 = 1_000;
 
 #[derive(Clone, Debug)]
 pub struct LoadConfig {
+    pub kind: LoadKind,
     pub threads: usize,
     pub mode: Mode,
     pub ipv6: bool,
@@ -145,8 +192,27 @@ impl LoadConfig {
         }
     }
 
+    /// One line for the progress and the table's footer.
+    pub fn describe(&self) -> String {
+        format!(
+            "{}: {}, {} threads, {}, {}{}",
+            self.kind.name(),
+            self.mode.name(),
+            self.threads,
+            if self.ipv6 { "IPv6" } else { "IPv4" },
+            self.rate
+                .map_or("unbounded".to_string(), |r| format!("capped at {r:.0} conn/s")),
+            if self.hold > 0 {
+                format!(", {} sockets held in CLOSE_WAIT", self.hold)
+            } else {
+                String::new()
+            },
+        )
+    }
+
     pub fn to_json(&self) -> Value {
         json!({
+            "kind": self.kind.name(),
             "threads": self.threads,
             "mode": self.mode.name(),
             "family": if self.ipv6 { "ipv6" } else { "ipv4" },
@@ -227,6 +293,7 @@ mod tests {
 
     fn cfg(threads: usize, mode: Mode, hold: u64) -> LoadConfig {
         LoadConfig {
+            kind: LoadKind::Churn,
             threads,
             mode,
             ipv6: false,
@@ -243,6 +310,19 @@ mod tests {
         c.check().unwrap();
         assert!(cfg(65, Mode::NeverClose, 0).check().is_err());
         assert!(cfg(0, Mode::ClientFirst, 0).check().is_err());
+    }
+
+    #[test]
+    fn load_lists() {
+        let l = |v: &[&str]| LoadKind::parse_list(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert_eq!(l(&["churn"]).unwrap(), vec![LoadKind::Churn]);
+        assert_eq!(l(&["all", "churn"]).unwrap(), LoadKind::ALL.to_vec());
+        assert!(l(&["perf"]).is_err());
+        assert!(l(&[]).is_err());
+        assert_eq!(
+            cfg(2, Mode::ClientFirst, 0).describe(),
+            "churn: client-first, 2 threads, IPv4, unbounded"
+        );
     }
 
     #[test]

@@ -60,6 +60,10 @@ use summarize::summarize;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchArgs {
+    /// Loads (comma-separated, or `all`): churn (the bench's own loopback
+    /// connections), each a block of rounds of its own.
+    #[arg(long, value_delimiter = ',', default_value = "churn")]
+    pub load: Vec<String>,
     /// Seconds of load in each run.
     #[arg(long, default_value_t = 5.0)]
     pub seconds: f64,
@@ -154,13 +158,18 @@ pub fn run(args: BenchArgs) -> Result<()> {
     ])?;
     let root = crate::workspace_root();
     let out_dir = root.join("target/bench");
-    let ctx = Ctx {
-        tracer: root.join("target/release/tracer"),
-        out_dir: out_dir.join("run"),
-        ports: plan.load.load_ports(),
-        keep_output: args.keep_output,
-        extra_args: args.tracer_args.clone(),
-    };
+    // One per load: the tracer subjects filter on that load's ports.
+    let ctxs: Vec<Ctx> = plan
+        .loads
+        .iter()
+        .map(|l| Ctx {
+            tracer: root.join("target/release/tracer"),
+            out_dir: out_dir.join("run"),
+            ports: l.load_ports(),
+            keep_output: args.keep_output,
+            extra_args: args.tracer_args.clone(),
+        })
+        .collect();
 
     let mut subjects = Vec::new();
     let mut tools = std::collections::HashMap::new();
@@ -199,42 +208,37 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let kernel_stats = _stats_fd.is_some();
     raise_nofile_limit();
 
-    eprintln!(
-        "xtask: bench: {} load, {} threads, {}, {}{}; {} round(s) of {:.1} s runs: baseline, then {} (each followed by a baseline)",
-        plan.load.mode.name(),
-        plan.load.threads,
-        if plan.load.ipv6 { "IPv6" } else { "IPv4" },
-        plan.load
-            .rate
-            .map_or("unbounded".to_string(), |r| format!("capped at {r:.0} conn/s")),
-        if plan.load.hold > 0 {
-            format!(", {} sockets held in CLOSE_WAIT", plan.load.hold)
-        } else {
-            String::new()
-        },
-        plan.rounds,
-        plan.seconds,
-        subjects
-            .iter()
-            .map(|s| s.name())
-            .collect::<Vec<_>>()
-            .join(", "),
-    );
     let started = SystemTime::now();
     let loadavg_before = fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let mut runs: Vec<RunRecord> = Vec::new();
-    for round in 1..=plan.rounds {
-        runs.push(run_one(&plan, &ctx, round, Subject::Baseline, None));
-        for &s in &subjects {
-            runs.push(run_one(&plan, &ctx, round, s, tools.get(&s)));
-            runs.push(run_one(&plan, &ctx, round, Subject::Baseline, None));
+    // Each load is a block of rounds of its own.
+    for (load, ctx) in plan.loads.iter().zip(&ctxs) {
+        eprintln!(
+            "xtask: bench: load {}; {} round(s) of {:.1} s runs: baseline, then {} (each followed by a baseline)",
+            load.describe(),
+            plan.rounds,
+            plan.seconds,
+            subjects
+                .iter()
+                .map(|s| s.name())
+                .collect::<Vec<_>>()
+                .join(", "),
+        );
+        for round in 1..=plan.rounds {
+            runs.push(run_one(&plan, load, ctx, round, Subject::Baseline, None));
+            for &s in &subjects {
+                runs.push(run_one(&plan, load, ctx, round, s, tools.get(&s)));
+                runs.push(run_one(&plan, load, ctx, round, Subject::Baseline, None));
+            }
         }
     }
 
+    // With the first load only.
+    let trial_load = &plan.loads[0];
     let mut start_trials = Vec::new();
     if plan.start_trials > 0 && subjects.iter().any(|s| s.is_tracer()) {
         for i in 1..=plan.start_trials {
-            let r = start_trial(&plan, &ctx);
+            let r = start_trial(trial_load, &ctxs[0]);
             match &r {
                 Ok(t) => eprintln!(
                     "xtask: bench: start trial {i}: spawn to attached {:.3} s, to first event {:.3} s; SIGINT to exit {:.3} s",
@@ -250,8 +254,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
 
     let mut rows: Vec<(Subject, Row)> = Vec::new();
-    for s in std::iter::once(Subject::Baseline).chain(subjects.iter().copied()) {
-        rows.push((s, summarize(s, &runs, kernel_stats)));
+    for load in &plan.loads {
+        for s in std::iter::once(Subject::Baseline).chain(subjects.iter().copied()) {
+            rows.push((s, summarize(load.kind, s, &runs, kernel_stats)));
+        }
     }
     let table = report::table(&rows);
     let trial_s = |f: &dyn Fn(&StartTrial) -> Duration| -> Vec<f64> {
@@ -274,43 +280,53 @@ pub fn run(args: BenchArgs) -> Result<()> {
             stats::NOISY_SPREAD * 100.0
         ));
     }
-    for (_, r) in &rows {
+    for (s, r) in &rows {
         match r.unaccounted {
             Some(n) if n > 0 => notes.push(format!(
                 "{}: {n} expected transitions were neither delivered nor counted as lost or skipped",
-                r.name
+                r.label()
             )),
             Some(n) if n < 0 => notes.push(format!(
-                "{}: {} more events than the load caused (other TCP traffic on the machine: it is not filtered)",
-                r.name, -n
+                "{}: {} more events than the load caused ({})",
+                r.label(),
+                -n,
+                if s.is_tracer() {
+                    "TCP traffic on the load's ports in other network namespaces: its port filter does not tell them apart"
+                } else {
+                    "other TCP traffic on the machine: it is not filtered"
+                }
             )),
             _ => {}
         }
     }
-    for &s in &subjects {
-        let untracked: u64 = runs
-            .iter()
-            .filter(|r| r.subject == s)
-            .filter_map(|r| {
-                r.measured
-                    .as_ref()?
-                    .tracer_stats
-                    .as_ref()?
-                    .get("untracked")?
-                    .as_u64()
-            })
-            .sum();
-        if untracked > 0 {
-            notes.push(format!(
-                "{}: {untracked} transitions of sockets the agent had no room to track (`untracked` in its stats)",
-                s.name()
-            ));
+    for load in &plan.loads {
+        for &s in &subjects {
+            let untracked: u64 = runs
+                .iter()
+                .filter(|r| r.subject == s && r.load_kind == load.kind)
+                .filter_map(|r| {
+                    r.measured
+                        .as_ref()?
+                        .tracer_stats
+                        .as_ref()?
+                        .get("untracked")?
+                        .as_u64()
+                })
+                .sum();
+            if untracked > 0 {
+                notes.push(format!(
+                    "{} / {}: {untracked} transitions of sockets the agent had no room to track (`untracked` in its stats)",
+                    load.kind.name(),
+                    s.name()
+                ));
+            }
         }
     }
     for r in &runs {
         if let Some(m) = r.measured.as_ref().filter(|m| m.stop > STOP_TARGET) {
             notes.push(format!(
-                "round {} {}: exited {:.2} s after SIGINT (target: within {:.0} s)",
+                "{} round {} {}: exited {:.2} s after SIGINT (target: within {:.0} s)",
+                r.load_kind.name(),
                 r.round,
                 r.subject.name(),
                 m.stop.as_secs_f64(),
@@ -330,7 +346,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     for r in &failed {
         notes.push(format!(
-            "round {} {}: {}",
+            "{} round {} {}: {}",
+            r.load_kind.name(),
             r.round,
             r.subject.name(),
             r.error.as_deref().unwrap_or("")
@@ -339,19 +356,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
 
     println!();
     print!("{table}");
+    for load in &plan.loads {
+        println!("load {}", load.describe());
+    }
     println!(
-        "load: {}, {} threads, {}, {}{}; {} round(s) x {:.1} s; kernel stats {}",
-        plan.load.mode.name(),
-        plan.load.threads,
-        if plan.load.ipv6 { "IPv6" } else { "IPv4" },
-        plan.load.rate.map_or("unbounded".to_string(), |r| format!(
-            "capped at {r:.0} conn/s"
-        )),
-        if plan.load.hold > 0 {
-            format!(", {} held in CLOSE_WAIT", plan.load.hold)
-        } else {
-            String::new()
-        },
+        "{} round(s) x {:.1} s per load; kernel stats {}",
         plan.rounds,
         plan.seconds,
         if kernel_stats { "on" } else { "off" },
@@ -361,8 +370,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let g = Summary::of(&after_attach_s).expect("same trials");
         let h = Summary::of(&stop_loaded_s).expect("same trials");
         println!(
-            "tracer started with the load running ({} trials, medians [min-max]): spawn to \"attached\" {:.3} s [{:.3}-{:.3}]; spawn to first event on stdout {:.3} s [{:.3}-{:.3}]; \"attached\" to first event {:.1} ms (max {:.1} ms); then stopped with the load still running: SIGINT to exit {:.3} s [{:.3}-{:.3}]",
-            s.n, s.median, s.min, s.max, f.median, f.min, f.max,
+            "tracer started with the {} load running ({} trials, medians [min-max]): spawn to \"attached\" {:.3} s [{:.3}-{:.3}]; spawn to first event on stdout {:.3} s [{:.3}-{:.3}]; \"attached\" to first event {:.1} ms (max {:.1} ms); then stopped with the load still running: SIGINT to exit {:.3} s [{:.3}-{:.3}]",
+            trial_load.kind.name(), s.n, s.median, s.min, s.max, f.median, f.min, f.max,
             g.median * 1e3, g.max * 1e3, h.median, h.min, h.max
         );
     }
@@ -383,7 +392,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             .unwrap_or(0),
     );
     let doc = json!({
-        "version": 1,
+        "version": 2,
         "started": stamp,
         "host": host_json(),
         "git": git_json(&root),
@@ -394,9 +403,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "rounds": plan.rounds,
             "smoke": plan.smoke,
             "kernel_stats": kernel_stats,
-            "load": plan.load.to_json(),
-            "tracer_ports": ctx.ports,
-            "order": "per round: baseline, then each subject followed by a baseline; ratio = subject / mean of its two neighbouring baselines",
+            "loads": plan.loads.iter().zip(&ctxs).map(|(l, c)| {
+                let mut j = l.to_json();
+                j["tracer_ports"] = json!(c.ports);
+                j
+            }).collect::<Vec<_>>(),
+            "start_trials_load": trial_load.kind.name(),
+            "order": "each load a block of rounds; per round: baseline, then each subject followed by a baseline; ratio = subject / mean of its two neighbouring baselines",
         },
         "summary": rows.iter().map(|(_, r)| r.to_json()).collect::<Vec<_>>(),
         "start_trials": start_trials.iter().map(|r| match r {
@@ -424,17 +437,18 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let fatal: Vec<&&RunRecord> = failed.iter().filter(|r| !r.subject.is_tool()).collect();
     if let Some(first) = fatal.first() {
         bail!(
-            "bench: {} of {} runs failed; first: round {} {}: {}",
+            "bench: {} of {} runs failed; first: {} round {} {}: {}",
             fatal.len(),
             runs.len(),
+            first.load_kind.name(),
             first.round,
             first.subject.name(),
             first.error.as_deref().unwrap_or("")
         );
     }
-    if let Some((_, b)) = rows.first() {
-        if b.rate.is_none_or(|s| s.median <= 0.0) {
-            bail!("bench: the baseline made no connections");
+    for (s, r) in &rows {
+        if *s == Subject::Baseline && r.rate.is_none_or(|s| s.median <= 0.0) {
+            bail!("bench: the {} baseline made no connections", r.load);
         }
     }
     Ok(())

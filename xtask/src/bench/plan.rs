@@ -1,19 +1,25 @@
 //! What the bench will do, from its command line.
 //!
-//! In: the `BenchArgs`. Out: a `Plan` (run length, rounds, the load's
-//! configuration, the subjects in order, start trials, kernel stats), or
+//! In: the `BenchArgs`. Out: a `Plan` (run length, rounds, the loads'
+//! configurations in order, the subjects in order, start trials, kernel
+//! stats), or
 //! an error for arguments it cannot run with (`--smoke` shortens it and
 //! keeps only the tracer subjects; `--no-peers` leaves out libbpf-tools
 //! but keeps the floor).
 
 use anyhow::{bail, Context as _, Result};
 
-use super::{load::LoadConfig, subject::Subject, BenchArgs};
+use super::{
+    load::{LoadConfig, LoadKind},
+    subject::Subject,
+    BenchArgs,
+};
 
 pub(super) struct Plan {
     pub(super) seconds: f64,
     pub(super) rounds: u32,
-    pub(super) load: LoadConfig,
+    /// Each load is a block of rounds of its own, in this order.
+    pub(super) loads: Vec<LoadConfig>,
     pub(super) subjects: Vec<Subject>,
     pub(super) start_trials: u32,
     pub(super) kernel_stats: bool,
@@ -48,14 +54,19 @@ pub(super) fn plan(args: &BenchArgs) -> Result<Plan> {
     if args.no_peers {
         subjects.retain(|s| !s.is_peer());
     }
-    let load = LoadConfig {
-        threads: args.threads,
-        mode: args.mode,
-        ipv6: args.ipv6,
-        rate: args.rate,
-        hold: args.hold,
-    };
-    load.check()?;
+    let mut loads = Vec::new();
+    for kind in LoadKind::parse_list(&args.load)? {
+        let load = LoadConfig {
+            kind,
+            threads: args.threads,
+            mode: args.mode,
+            ipv6: args.ipv6,
+            rate: args.rate,
+            hold: args.hold,
+        };
+        load.check()?;
+        loads.push(load);
+    }
     let (seconds, rounds, start_trials) = if args.smoke {
         (1.0, 1, args.start_trials.min(1))
     } else {
@@ -67,7 +78,7 @@ pub(super) fn plan(args: &BenchArgs) -> Result<Plan> {
     Ok(Plan {
         seconds,
         rounds,
-        load,
+        loads,
         subjects,
         start_trials,
         kernel_stats: !args.no_kernel_stats,
@@ -89,6 +100,8 @@ mod tests {
         }
         let p = plan(&Cli::parse_from(["x", "--smoke"]).bench).unwrap();
         assert_eq!((p.seconds, p.rounds, p.start_trials), (1.0, 1, 1));
+        assert_eq!(p.loads.len(), 1);
+        assert_eq!(p.loads[0].kind, LoadKind::Churn);
         assert!(p.subjects.iter().all(|s| s.is_tracer()));
         let p = plan(&Cli::parse_from(["x", "--only", "tcplife,tracer-none"]).bench).unwrap();
         assert_eq!(p.subjects, vec![Subject::Tcplife, Subject::TracerNone]);

@@ -1,12 +1,15 @@
-//! The bench's results: one row per subject, as a text table and as JSON.
+//! The bench's results: one row per (load, subject), as a text table and
+//! as JSON.
 
 use serde_json::{json, Value};
 
 use super::{stats::Summary, subject::Subject};
 
-/// One subject over all rounds.
+/// One subject over all rounds of one load.
 #[derive(Clone, Debug, Default)]
 pub struct Row {
+    /// The load's name.
+    pub load: String,
     pub name: String,
     pub runs: usize,
     pub failed: usize,
@@ -33,6 +36,11 @@ pub struct Row {
 }
 
 impl Row {
+    /// `load / subject`, for notes.
+    pub fn label(&self) -> String {
+        format!("{} / {}", self.load, self.name)
+    }
+
     pub fn noisy(&self) -> bool {
         self.rate.is_some_and(|s| s.noisy()) || self.ratio.is_some_and(|s| s.noisy())
     }
@@ -40,6 +48,7 @@ impl Row {
     pub fn to_json(&self) -> Value {
         let s = |x: &Option<Summary>| x.map(Summary::to_json);
         json!({
+            "load": self.load,
             "subject": self.name,
             "runs": self.runs,
             "failed_runs": self.failed,
@@ -63,7 +72,8 @@ impl Row {
     }
 }
 
-pub const HEADERS: [&str; 13] = [
+pub const HEADERS: [&str; 14] = [
+    "load",
     "subject",
     "conn/s median [min-max]",
     "ratio [min-max]",
@@ -106,6 +116,7 @@ pub fn cells(r: &Row, baseline: bool) -> Vec<String> {
         notes.push(format!("{} of {} runs failed", r.failed, r.runs));
     }
     vec![
+        r.load.clone(),
         r.name.clone(),
         opt(r.rate.as_ref(), |s| range(s, 0)),
         if baseline {
@@ -138,9 +149,9 @@ pub fn cells(r: &Row, baseline: bool) -> Vec<String> {
     ]
 }
 
-/// A plain-text table: first column left-aligned, the others right, the
-/// last (notes) left and unpadded.
-pub fn format_table(headers: &[&str], rows: &[Vec<String>]) -> String {
+/// A plain-text table: the first `left` columns left-aligned, the others
+/// right, the last (notes) left and unpadded.
+pub fn format_table(headers: &[&str], left: usize, rows: &[Vec<String>]) -> String {
     let cols = headers.len();
     let mut width = vec![0usize; cols];
     for (i, h) in headers.iter().enumerate() {
@@ -158,7 +169,7 @@ pub fn format_table(headers: &[&str], rows: &[Vec<String>]) -> String {
             if i > 0 {
                 out.push_str("  ");
             }
-            if i == 0 || i == cols - 1 {
+            if i < left || i == cols - 1 {
                 out.push_str(c);
                 if i != cols - 1 {
                     out.push_str(&" ".repeat(pad));
@@ -199,7 +210,7 @@ pub fn table(rows: &[(Subject, Row)]) -> String {
         .iter()
         .map(|(s, r)| cells(r, *s == Subject::Baseline))
         .collect();
-    format_table(&HEADERS, &cells)
+    format_table(&HEADERS, 2, &cells)
 }
 
 /// `20261123T213500Z` for a time in seconds since the epoch (UTC).
@@ -243,6 +254,7 @@ mod tests {
     fn table_aligns_columns() {
         let t = format_table(
             &["name", "n", ""],
+            1,
             &[
                 vec!["a".into(), "1".into(), "".into()],
                 vec!["longer".into(), "1234".into(), "noisy".into()],
@@ -259,6 +271,7 @@ mod tests {
     fn row_cells() {
         let rate = Summary::of(&[100.0, 90.0, 120.0]);
         let row = Row {
+            load: "nginx".into(),
             name: "tracer none+summary".into(),
             runs: 3,
             failed: 0,
@@ -278,16 +291,17 @@ mod tests {
             stop_s: Summary::of(&[0.004, 0.0456]),
         };
         let c = cells(&row, false);
-        assert_eq!(c[1], "100 [90-120]");
-        assert_eq!(c[2], "0.93 [0.90-0.95]");
-        assert_eq!(c[3], "10/12");
-        assert_eq!(c[6], "0*");
-        assert_eq!(c[7], "512");
-        assert_eq!(c[8], "1.23");
-        assert_eq!(c[9], "4.0/9.2");
-        assert_eq!(c[10], "0.123");
-        assert_eq!(c[11], "0.046");
-        assert_eq!(c[12], "noisy: spread 30%");
+        assert_eq!((c[0].as_str(), c[1].as_str()), ("nginx", "tracer none+summary"));
+        assert_eq!(c[2], "100 [90-120]");
+        assert_eq!(c[3], "0.93 [0.90-0.95]");
+        assert_eq!(c[4], "10/12");
+        assert_eq!(c[7], "0*");
+        assert_eq!(c[8], "512");
+        assert_eq!(c[9], "1.23");
+        assert_eq!(c[10], "4.0/9.2");
+        assert_eq!(c[11], "0.123");
+        assert_eq!(c[12], "0.046");
+        assert_eq!(c[13], "noisy: spread 30%");
         let base = cells(
             &Row {
                 name: "baseline".into(),
@@ -296,8 +310,8 @@ mod tests {
             },
             true,
         );
-        assert_eq!(base[1], "5");
-        assert_eq!(base[2], "1.00");
-        assert_eq!(base[3], "-");
+        assert_eq!(base[2], "5");
+        assert_eq!(base[3], "1.00");
+        assert_eq!(base[4], "-");
     }
 }

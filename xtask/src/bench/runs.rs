@@ -1,9 +1,10 @@
 //! One run after another: each in a fresh namespace, the subject started
 //! before the load and stopped after it settled.
 //!
-//! In: the `Plan`, the subjects' `Ctx`, the round and the subject. Out: a
-//! `RunRecord` (and a progress line on stderr), or from `start_trial` the
-//! tracer's start-up times with the load already running.
+//! In: the `Plan`, the load, the subjects' `Ctx` for it, the round and
+//! the subject. Out: a `RunRecord` (and a progress line on stderr), or
+//! from `start_trial` the tracer's start-up times with the load already
+//! running.
 
 use std::{path::PathBuf, thread, time::Duration};
 
@@ -12,6 +13,7 @@ use anyhow::{bail, Result};
 use super::{
     env::Env,
     host::wait_quiet,
+    load::LoadConfig,
     plan::Plan,
     record::RunRecord,
     subject::{self, Ctx, StartTrial, Subject},
@@ -20,12 +22,14 @@ use super::{
 
 pub(super) fn run_one(
     plan: &Plan,
+    load: &LoadConfig,
     ctx: &Ctx,
     round: u32,
     s: Subject,
     tool: Option<&PathBuf>,
 ) -> RunRecord {
     let mut rec = RunRecord {
+        load_kind: load.kind,
         round,
         subject: s,
         load: None,
@@ -37,7 +41,7 @@ pub(super) fn run_one(
         error: None,
     };
     rec.idle_before = wait_quiet();
-    let mut env = match Env::setup(&plan.load) {
+    let mut env = match Env::setup(load) {
         Ok(e) => e,
         Err(e) => {
             rec.error = Some(format!("load set-up: {e:#}"));
@@ -83,7 +87,8 @@ pub(super) fn run_one(
 
 fn finish(rec: RunRecord) -> RunRecord {
     let mut line = format!(
-        "xtask: bench: round {} {:<19}",
+        "xtask: bench: {} round {} {:<22}",
+        rec.load_kind.name(),
         rec.round,
         rec.subject.name()
     );
@@ -118,9 +123,9 @@ fn finish(rec: RunRecord) -> RunRecord {
 /// The tracer started while the load already runs: spawn to attached,
 /// attached to its first event on stdout, and SIGINT to exit with the load
 /// still running.
-pub(super) fn start_trial(plan: &Plan, ctx: &Ctx) -> Result<StartTrial> {
+pub(super) fn start_trial(load: &LoadConfig, ctx: &Ctx) -> Result<StartTrial> {
     wait_quiet();
-    let mut env = Env::setup(&plan.load)?;
+    let mut env = Env::setup(load)?;
     let result = thread::scope(|sc| {
         let load = sc.spawn(|| env.run(Duration::from_secs(3)));
         thread::sleep(Duration::from_millis(300));

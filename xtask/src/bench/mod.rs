@@ -1,12 +1,16 @@
 //! `cargo xtask bench`: what tracing costs the traced.
 //!
-//! A load of its own (loopback TCP in a network namespace of its own, see
-//! `load.rs`) runs untraced (the baseline) and under each subject in turn,
-//! baseline before and after every subject (B X1 B X2 … B, several
-//! rounds). Each subject's rate is compared with the mean of its two
-//! neighbouring baselines, so drift of a shared machine cancels out;
-//! medians and min/max are reported, and wide spreads are flagged. It is a
-//! benchmark, not a test: it fails only when it cannot measure.
+//! A load (loopback TCP in a network namespace of its own, see `load.rs`:
+//! `churn`, the bench's own connections, the default; or `nginx`, Debian's
+//! nginx serving wrk one request per connection) runs untraced (the
+//! baseline) and under each subject in turn, baseline before and after
+//! every subject (B X1 B X2 … B, several rounds). Each subject's rate is
+//! compared with the mean of its two neighbouring baselines, so drift of a
+//! shared machine cancels out; medians and min/max are reported, and wide
+//! spreads are flagged. With several loads (`--load churn,nginx` or
+//! `all`) each is a block of rounds of its own, and the table has a row
+//! per (load, subject). It is a benchmark, not a test: it fails only when
+//! it cannot measure.
 //!
 //! This file: the command line (`BenchArgs`), the timing of a run and
 //! `run`, which plans (`plan.rs`), runs each subject and baseline in turn
@@ -22,11 +26,13 @@
 //! stops are noted, never failed on. A tracer subject that exits without
 //! its final `stats` record fails its run.
 
+mod counters;
 mod env;
 mod hold;
 mod host;
 mod load;
 mod netns;
+mod nginx;
 mod plan;
 mod procfs;
 mod record;
@@ -38,6 +44,7 @@ mod subject;
 mod summarize;
 mod verify;
 mod workers;
+mod wrk;
 
 use std::{
     fs, thread,
@@ -49,7 +56,7 @@ use serde_json::json;
 
 pub use hold::hold_helper;
 use host::{enable_bpf_stats, git_json, host_json, raise_nofile_limit};
-use load::Mode;
+use load::{LoadKind, Mode};
 use plan::plan;
 use record::RunRecord;
 use report::Row;
@@ -61,7 +68,8 @@ use summarize::summarize;
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchArgs {
     /// Loads (comma-separated, or `all`): churn (the bench's own loopback
-    /// connections), each a block of rounds of its own.
+    /// connections), nginx (Debian's nginx and wrk, one request per
+    /// connection); each a block of rounds of its own.
     #[arg(long, value_delimiter = ',', default_value = "churn")]
     pub load: Vec<String>,
     /// Seconds of load in each run.
@@ -70,17 +78,21 @@ pub struct BenchArgs {
     /// Rounds; each runs the baseline before and after every subject.
     #[arg(long, default_value_t = 3)]
     pub rounds: u32,
-    /// Load threads (each plays both ends of its connections).
+    /// Load threads (churn: each plays both ends of its connections;
+    /// nginx: wrk's threads).
     #[arg(long, default_value_t = 2)]
     pub threads: usize,
-    /// Who closes first.
+    /// nginx load: wrk's connections (one request each, then a new one).
+    #[arg(long, default_value_t = 50)]
+    pub connections: u32,
+    /// Churn load: who closes first.
     #[arg(long, value_enum, default_value_t = Mode::ClientFirst)]
     pub mode: Mode,
     /// Connect over IPv6 (::1) instead of IPv4.
     #[arg(long)]
     pub ipv6: bool,
-    /// Connections per second, all threads together (default: as fast as
-    /// they go).
+    /// Churn load: connections per second, all threads together (default:
+    /// as fast as they go).
     #[arg(long)]
     pub rate: Option<f64>,
     /// Sockets held in CLOSE_WAIT (on other ports) during every run, e.g.
@@ -143,9 +155,19 @@ pub fn run(args: BenchArgs) -> Result<()> {
         bail!("the bench loads eBPF programs and creates network namespaces: run it as root");
     }
     let wants_tools = plan.subjects.iter().any(|s| s.is_tool());
-    if wants_tools {
+    let wants_nginx = plan.loads.iter().any(|l| l.kind == LoadKind::Nginx);
+    if wants_tools || wants_nginx {
         if let Err(e) = crate::setup::ensure_for_bench() {
-            notes.push(format!("could not install the bench's Debian packages: {e:#}"));
+            notes.push(format!(
+                "could not install the bench's Debian packages: {e:#}"
+            ));
+        }
+    }
+    if wants_nginx {
+        for bin in ["nginx", "wrk"] {
+            if subject::find_binary(bin).is_none() {
+                bail!("the nginx load needs Debian's {bin} (cargo xtask bench installs it: {notes:?})");
+            }
         }
     }
     crate::cargo(&[

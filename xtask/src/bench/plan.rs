@@ -59,6 +59,7 @@ pub(super) fn plan(args: &BenchArgs) -> Result<Plan> {
         let load = LoadConfig {
             kind,
             threads: args.threads,
+            connections: args.connections,
             mode: args.mode,
             ipv6: args.ipv6,
             rate: args.rate,
@@ -90,14 +91,45 @@ pub(super) fn plan(args: &BenchArgs) -> Result<Plan> {
 mod tests {
     use super::*;
 
+    use clap::Parser as _;
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        bench: BenchArgs,
+    }
+
+    #[test]
+    fn loads_in_the_order_given() {
+        let loads = |args: &[&str]| -> Result<Vec<LoadKind>> {
+            let p = plan(&Cli::try_parse_from(args)?.bench)?;
+            Ok(p.loads.iter().map(|l| l.kind).collect())
+        };
+        assert_eq!(loads(&["x"]).unwrap(), vec![LoadKind::Churn]);
+        assert_eq!(
+            loads(&["x", "--load", "all"]).unwrap(),
+            vec![LoadKind::Churn, LoadKind::Nginx]
+        );
+        assert_eq!(
+            loads(&["x", "--load", "nginx,churn"]).unwrap(),
+            vec![LoadKind::Nginx, LoadKind::Churn]
+        );
+        assert_eq!(
+            loads(&["x", "--load", "nginx", "--load", "churn,nginx"]).unwrap(),
+            vec![LoadKind::Nginx, LoadKind::Churn]
+        );
+        assert!(loads(&["x", "--load", "apache"]).is_err());
+        // wrk cannot be paced; churn can.
+        assert!(loads(&["x", "--load", "all", "--rate", "1000"]).is_err());
+        assert!(loads(&["x", "--rate", "1000"]).is_ok());
+        let p =
+            plan(&Cli::parse_from(["x", "--load", "nginx", "--connections", "8"]).bench).unwrap();
+        assert_eq!((p.loads[0].threads, p.loads[0].connections), (2, 8));
+        // Smoke stays churn-only unless told otherwise.
+        assert_eq!(loads(&["x", "--smoke"]).unwrap(), vec![LoadKind::Churn]);
+    }
+
     #[test]
     fn smoke_is_short_and_leaves_out_peers() {
-        use clap::Parser as _;
-        #[derive(clap::Parser)]
-        struct Cli {
-            #[command(flatten)]
-            bench: BenchArgs,
-        }
         let p = plan(&Cli::parse_from(["x", "--smoke"]).bench).unwrap();
         assert_eq!((p.seconds, p.rounds, p.start_trials), (1.0, 1, 1));
         assert_eq!(p.loads.len(), 1);

@@ -291,7 +291,10 @@ mod tests {
             stop_s: Summary::of(&[0.004, 0.0456]),
         };
         let c = cells(&row, false);
-        assert_eq!((c[0].as_str(), c[1].as_str()), ("nginx", "tracer none+summary"));
+        assert_eq!(
+            (c[0].as_str(), c[1].as_str()),
+            ("nginx", "tracer none+summary")
+        );
         assert_eq!(c[2], "100 [90-120]");
         assert_eq!(c[3], "0.93 [0.90-0.95]");
         assert_eq!(c[4], "10/12");

@@ -134,7 +134,12 @@ pub const FLOOR_PROGRAM: &str = "tracepoint:sock:inet_sock_set_state { @n = coun
 /// Where a tool subject's binary is (Debian puts libbpf-tools in
 /// /usr/sbin, bpftrace in /usr/bin).
 pub fn find_tool(s: Subject) -> Option<PathBuf> {
-    let name = s.tool_binary();
+    find_binary(s.tool_binary())
+}
+
+/// A program in PATH or in the sbin directories (root's PATH may lack
+/// them).
+pub fn find_binary(name: &str) -> Option<PathBuf> {
     let path = std::env::var("PATH").unwrap_or_default();
     let found = path
         .split(':')

@@ -15,12 +15,7 @@ use super::{
     subject::{Measured, Subject},
 };
 
-pub(super) fn summarize(
-    load: LoadKind,
-    s: Subject,
-    runs: &[RunRecord],
-    kernel_stats: bool,
-) -> Row {
+pub(super) fn summarize(load: LoadKind, s: Subject, runs: &[RunRecord], kernel_stats: bool) -> Row {
     let mine: Vec<(usize, &RunRecord)> = runs
         .iter()
         .enumerate()

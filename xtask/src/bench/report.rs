@@ -27,6 +27,10 @@ pub struct Row {
     /// (count, checked record by record)
     pub bad_durations: Option<(u64, bool)>,
     pub kernel_ns_per_event: Option<f64>,
+    /// Kernel time per tracepoint hit: run time of all its programs over
+    /// the run count of its busiest one (the hits, whoever's traffic they
+    /// were), for subjects that also saw other traffic.
+    pub kernel_ns_per_hit: Option<f64>,
     pub agent_us_per_event: Option<f64>,
     pub rss_idle_mib: Option<f64>,
     pub rss_peak_mib: Option<f64>,
@@ -62,6 +66,7 @@ impl Row {
             "bad_durations": self.bad_durations.map(|(n, _)| n),
             "bad_durations_checked_per_record": self.bad_durations.map(|(_, c)| c),
             "kernel_ns_per_event": self.kernel_ns_per_event,
+            "kernel_ns_per_hit": self.kernel_ns_per_hit,
             "agent_cpu_us_per_event": self.agent_us_per_event,
             "rss_idle_mib": self.rss_idle_mib,
             "rss_peak_mib": self.rss_peak_mib,
@@ -284,6 +289,7 @@ mod tests {
             unaccounted: Some(0),
             bad_durations: Some((0, false)),
             kernel_ns_per_event: Some(512.4),
+            kernel_ns_per_hit: None,
             agent_us_per_event: Some(1.234),
             rss_idle_mib: Some(4.0),
             rss_peak_mib: Some(9.25),

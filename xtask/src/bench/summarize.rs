@@ -93,6 +93,11 @@ pub(super) fn summarize(load: LoadKind, s: Subject, runs: &[RunRecord], kernel_s
         if kernel_stats {
             let ns: u64 = measured.iter().map(|(_, m)| m.kernel_run_time_ns()).sum();
             row.kernel_ns_per_event = Some(ns as f64 / transitions as f64);
+            let hits: u64 = measured
+                .iter()
+                .map(|(_, m)| m.progs.iter().map(|p| p.run_cnt).max().unwrap_or(0))
+                .sum();
+            row.kernel_ns_per_hit = (hits > 0).then(|| ns as f64 / hits as f64);
         }
         let cpu: f64 = measured.iter().map(|(_, m)| m.cpu_run.as_secs_f64()).sum();
         row.agent_us_per_event = Some(cpu * 1e6 / transitions as f64);
@@ -200,6 +205,7 @@ mod tests {
         assert_eq!((x.lost, x.skipped), (Some(0), Some(2)));
         assert_eq!(x.unaccounted, Some(3));
         assert_eq!(x.kernel_ns_per_event, Some(500.0));
+        assert_eq!(x.kernel_ns_per_hit, Some(500.0));
         // 170 ms of CPU over 1700 events.
         assert!((x.agent_us_per_event.unwrap() - 100.0).abs() < 1e-9);
         assert_eq!((x.rss_idle_mib, x.rss_peak_mib), (Some(2.0), Some(4.0)));

@@ -9,12 +9,15 @@
 //! shared machine cancels out; medians and min/max are reported, and wide
 //! spreads are flagged. With several loads (`--load churn,nginx` or
 //! `all`) each is a block of rounds of its own, and the table has a row
-//! per (load, subject). It is a benchmark, not a test: it fails only when
-//! it cannot measure.
+//! per (load, subject). The nginx load's rate (the `conn/s` column) is
+//! wrk's Requests/sec, one connection per request; its expected events
+//! come from the namespace's TCP counters (`counters.rs`). It is a
+//! benchmark, not a test: it fails only when it cannot measure.
 //!
 //! This file: the command line (`BenchArgs`), the timing of a run and
 //! `run`, which plans (`plan.rs`), runs each subject and baseline in turn
-//! (`runs.rs`, the load in `load.rs`, the subjects in `subject.rs`),
+//! (`runs.rs`, the loads in `load.rs`, the subjects in `subject.rs`: the
+//! tracer in three modes, the floor, libbpf-tools' tcpstates and tcplife),
 //! summarizes the runs into rows (`summarize.rs`), prints the table and
 //! notes (`report.rs`) and writes target/bench/bench-STAMP.json (each run
 //! as a `RunRecord`, `record.rs`; the host and git state, `host.rs`).

@@ -47,8 +47,13 @@ pub fn ensure_for_tests(guests: bool) -> Result<()> {
 }
 
 /// Debian packages the bench uses: libbpf-tools (`tcpstates`, `tcplife`,
-/// the reference it compares against) and bpftool (program names).
-pub const BENCH_APT_PACKAGES: &[&str] = &["libbpf-tools", "bpftool"];
+/// the reference it compares against), bpftool (program names, and
+/// whether bpftrace has attached), bpftrace (the floor subject: a program
+/// that only counts), nginx and wrk (the nginx load's server and client;
+/// Debian's `nginx` is the server itself, `nginx-light` only adds a
+/// module). Installing nginx does not start it where policy-rc.d forbids
+/// services (containers like this one); the bench starts its own.
+pub const BENCH_APT_PACKAGES: &[&str] = &["libbpf-tools", "bpftool", "bpftrace", "nginx", "wrk"];
 
 /// Set-up for `cargo xtask bench` beyond the build's (which it runs first).
 pub fn ensure_for_bench() -> Result<()> {

@@ -1,10 +1,12 @@
 //! The load's network namespace, on a thread of its own (`Env`).
 //!
 //! In: a `LoadConfig`. `Env::setup` makes the namespace (`netns.rs`), the
-//! workers' listeners and the held sockets (`hold.rs`); `Env::run` starts
-//! the load threads (`workers.rs`) from that thread, so they inherit its
-//! namespace, and sums what they did into a `LoadResult`; `Env::settle`
-//! waits for the load's last transitions; `Env::teardown` checks the held
+//! churn workers' listeners or the nginx server (`nginx.rs`), and the held
+//! sockets (`hold.rs`); `Env::run` starts the load from that thread, so it
+//! inherits the namespace: the churn threads (`workers.rs`), whose counts
+//! it sums into a `LoadResult`, or wrk (`wrk.rs`, which counts from the
+//! namespace's TCP counters and settles by itself); `Env::settle` waits
+//! for the load's last transitions; `Env::teardown` checks the held
 //! sockets (`HeldCheck`) and closes everything.
 
 use std::{
@@ -20,10 +22,12 @@ use anyhow::{anyhow, Context as _, Result};
 
 use super::{
     hold::{start_helpers, stop_helpers, HeldCheck, Helper},
-    load::{LoadConfig, LoadResult},
+    load::{LoadConfig, LoadKind, LoadResult},
     netns::{configure_netns, enter_new_netns},
+    nginx::Nginx,
     sockets::listen,
     workers::{work, Worker},
+    wrk,
 };
 
 enum Cmd {
@@ -111,22 +115,8 @@ impl Env {
     /// for longer than 300 ms. Returns how long it waited and how many
     /// sockets were still on their way.
     pub fn settle(&self, ports: &[u16], max: Duration) -> (Duration, u64) {
-        let t0 = Instant::now();
-        loop {
-            let pending: u64 = ["tcp", "tcp6"]
-                .iter()
-                .map(|f| {
-                    let path = format!("/proc/self/task/{}/net/{f}", self.ready.tid);
-                    fs::read_to_string(path)
-                        .map(|t| pending_sockets(&t, ports))
-                        .unwrap_or(0)
-                })
-                .sum();
-            if pending == 0 || t0.elapsed() >= max {
-                return (t0.elapsed(), pending);
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
+        let net = format!("/proc/self/task/{}/net", self.ready.tid);
+        settle_in(&net, ports, HALF_WAY, max)
     }
 
     /// Closes every socket (held ones after checking them) and leaves the
@@ -157,6 +147,7 @@ impl Drop for Env {
 
 fn coordinator(cfg: LoadConfig, cmds: mpsc::Receiver<Cmd>, reply: mpsc::Sender<Reply>) {
     let mut workers: Vec<Worker> = Vec::new();
+    let mut server: Option<Nginx> = None;
     let mut helpers: Vec<Helper> = Vec::new();
     let ready = (|| -> Result<Ready> {
         enter_new_netns()?;
@@ -164,12 +155,17 @@ fn coordinator(cfg: LoadConfig, cmds: mpsc::Receiver<Cmd>, reply: mpsc::Sender<R
         let netns_inode = fs::metadata("/proc/thread-self/ns/net")
             .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
             .unwrap_or(0);
-        for (index, port) in cfg.load_ports().into_iter().enumerate() {
-            workers.push(Worker {
-                index,
-                listener: listen(cfg.addr(port))?,
-                port,
-            });
+        match cfg.kind {
+            LoadKind::Churn => {
+                for (index, port) in cfg.load_ports().into_iter().enumerate() {
+                    workers.push(Worker {
+                        index,
+                        listener: listen(cfg.addr(port))?,
+                        port,
+                    });
+                }
+            }
+            LoadKind::Nginx => server = Some(Nginx::start(&cfg)?),
         }
         let start = Instant::now();
         if cfg.hold > 0 {
@@ -188,6 +184,9 @@ fn coordinator(cfg: LoadConfig, cmds: mpsc::Receiver<Cmd>, reply: mpsc::Sender<R
     let ok = ready.is_ok();
     if reply.send(Reply::Ready(ready)).is_err() || !ok {
         let _ = cmds.recv();
+        if let Some(s) = server.take() {
+            s.stop();
+        }
         let check = stop_helpers(helpers);
         let _ = reply.send(Reply::TornDown(check));
         return;
@@ -196,47 +195,10 @@ fn coordinator(cfg: LoadConfig, cmds: mpsc::Receiver<Cmd>, reply: mpsc::Sender<R
     while let Ok(cmd) = cmds.recv() {
         match cmd {
             Cmd::Run(d) => {
-                let start = Instant::now();
-                let deadline = start + d;
-                let per_worker_interval = cfg
-                    .rate
-                    .map(|r| Duration::from_secs_f64(cfg.threads as f64 / r));
-                let handles: Vec<_> = workers
-                    .drain(..)
-                    .map(|w| {
-                        let cfg = cfg.clone();
-                        thread::Builder::new()
-                            .name(format!("bench-load-{}", w.index))
-                            .spawn(move || work(&cfg, w, start, deadline, per_worker_interval))
-                    })
-                    .collect();
-                let mut result = LoadResult::default();
-                let mut end = start;
-                for h in handles {
-                    let r = match h {
-                        Ok(h) => h.join().map_err(|_| "a load thread panicked".to_string()),
-                        Err(e) => Err(format!("spawning a load thread: {e}")),
-                    };
-                    match r {
-                        Ok(r) => {
-                            result.connections += r.connections;
-                            result.server_closes += r.server_closes;
-                            result.slow_connects += r.slow_connects;
-                            result.max_connect = result.max_connect.max(r.max_connect);
-                            result.errors.extend(r.error);
-                            end = end.max(r.end);
-                            result.held += r.held.len() as u64;
-                            pools.push(r.held);
-                            workers.extend(r.worker);
-                        }
-                        Err(e) => result.errors.push(e),
-                    }
-                }
-                result.elapsed = end - start;
-                result.expected_transitions =
-                    result.connections * cfg.mode.transitions_per_conn() + result.server_closes * 2;
-                result.expected_closed =
-                    result.connections * cfg.mode.closed_per_conn() + result.server_closes;
+                let result = match &server {
+                    Some(nginx) => wrk::run(&cfg, nginx, d),
+                    None => run_churn(&cfg, &mut workers, &mut pools, d),
+                };
                 let _ = reply.send(Reply::Done(result));
             }
             Cmd::Teardown => break,
@@ -245,14 +207,100 @@ fn coordinator(cfg: LoadConfig, cmds: mpsc::Receiver<Cmd>, reply: mpsc::Sender<R
     let mut check = HeldCheck::of(pools.iter().flatten());
     drop(pools);
     drop(workers);
+    if let Some(s) = server.take() {
+        s.stop();
+    }
     check.add(stop_helpers(helpers));
     let _ = reply.send(Reply::TornDown(check));
 }
 
+/// One run of the churn load: the workers' threads until `d` is over,
+/// summed; the workers come back for the next run, never-close pools are
+/// kept until the teardown.
+fn run_churn(
+    cfg: &LoadConfig,
+    workers: &mut Vec<Worker>,
+    pools: &mut Vec<VecDeque<TcpStream>>,
+    d: Duration,
+) -> LoadResult {
+    let start = Instant::now();
+    let deadline = start + d;
+    let per_worker_interval = cfg
+        .rate
+        .map(|r| Duration::from_secs_f64(cfg.threads as f64 / r));
+    let handles: Vec<_> = workers
+        .drain(..)
+        .map(|w| {
+            let cfg = cfg.clone();
+            thread::Builder::new()
+                .name(format!("bench-load-{}", w.index))
+                .spawn(move || work(&cfg, w, start, deadline, per_worker_interval))
+        })
+        .collect();
+    let mut result = LoadResult::default();
+    let mut end = start;
+    for h in handles {
+        let r = match h {
+            Ok(h) => h.join().map_err(|_| "a load thread panicked".to_string()),
+            Err(e) => Err(format!("spawning a load thread: {e}")),
+        };
+        match r {
+            Ok(r) => {
+                result.connections += r.connections;
+                result.server_closes += r.server_closes;
+                result.slow_connects += r.slow_connects;
+                result.max_connect = result.max_connect.max(r.max_connect);
+                result.errors.extend(r.error);
+                end = end.max(r.end);
+                result.held += r.held.len() as u64;
+                pools.push(r.held);
+                workers.extend(r.worker);
+            }
+            Err(e) => result.errors.push(e),
+        }
+    }
+    result.elapsed = end - start;
+    result.expected_transitions =
+        result.connections * cfg.mode.transitions_per_conn() + result.server_closes * 2;
+    result.expected_closed = result.connections * cfg.mode.closed_per_conn() + result.server_closes;
+    result
+}
+
+/// States (`/proc/net/tcp` codes) a socket leaves without the
+/// application: SYN_SENT (02), SYN_RECV (03), FIN_WAIT1 (04), LAST_ACK
+/// (09), CLOSING (0B). (FIN_WAIT2, 05, is left out: the kernel's timewait
+/// sockets show that substate too.)
+pub(super) const HALF_WAY: &[&str] = &["02", "03", "04", "09", "0B"];
+
+/// Waits (at most `max`) until no socket of `ports` is in one of `states`
+/// in the namespace whose `/proc/.../net` directory is `net`; how long it
+/// waited and how many were left.
+pub(super) fn settle_in(
+    net: &str,
+    ports: &[u16],
+    states: &[&str],
+    max: Duration,
+) -> (Duration, u64) {
+    let t0 = Instant::now();
+    loop {
+        let left: u64 = ["tcp", "tcp6"]
+            .iter()
+            .map(|f| {
+                fs::read_to_string(format!("{net}/{f}"))
+                    .map(|t| sockets_in(&t, ports, states))
+                    .unwrap_or(0)
+            })
+            .sum();
+        if left == 0 || t0.elapsed() >= max {
+            return (t0.elapsed(), left);
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Sockets of `/proc/net/tcp{,6}` text on one of `ports` (local or
-/// remote) in a state they leave without the application: SYN_SENT (02),
-/// SYN_RECV (03), FIN_WAIT1 (04), LAST_ACK (09), CLOSING (0B).
-pub fn pending_sockets(text: &str, ports: &[u16]) -> u64 {
+/// remote) in one of `states` (hex codes as printed there).
+pub fn sockets_in(text: &str, ports: &[u16], states: &[&str]) -> u64 {
     let port = |addr: &str| {
         addr.rsplit_once(':')
             .and_then(|(_, p)| u16::from_str_radix(p, 16).ok())
@@ -267,7 +315,7 @@ pub fn pending_sockets(text: &str, ports: &[u16]) -> u64 {
             let ours = [f[1], f[2]]
                 .iter()
                 .any(|a| port(a).is_some_and(|p| ports.contains(&p)));
-            ours && matches!(f[3], "02" | "03" | "04" | "09" | "0B")
+            ours && states.contains(&f[3])
         })
         .count() as u64
 }
@@ -285,10 +333,11 @@ mod tests {
    3: 0100007F:02BD 0000017F:9C41 09 00000000:00000000 00:00000000 00000000     0        0 3 1\n\
    4: 0100007F:01F4 0000017F:9C42 04 00000000:00000000 00:00000000 00000000     0        0 4 1\n";
         // 0x2BC = 700, 0x2BD = 701; 0x1F4 = 500 is a hold port.
-        assert_eq!(pending_sockets(text, &[700, 701]), 2);
-        assert_eq!(pending_sockets(text, &[700]), 1);
+        assert_eq!(sockets_in(text, &[700, 701], HALF_WAY), 2);
+        assert_eq!(sockets_in(text, &[700], HALF_WAY), 1);
         let v6 = "  sl  local_address remote_address st\n\
    0: 00000000000000000000000001000000:02BC 000000000000000000000000B0000DFD:A000 03 x\n";
-        assert_eq!(pending_sockets(v6, &[700]), 1);
+        assert_eq!(sockets_in(v6, &[700], HALF_WAY), 1);
+        assert_eq!(sockets_in(text, &[700], &["08", "0A"]), 2);
     }
 }

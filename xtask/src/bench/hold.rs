@@ -139,7 +139,9 @@ pub(super) fn stop_helpers(helpers: Vec<Helper>) -> HeldCheck {
 /// check the sockets, print the check and exit.
 pub fn hold_helper(port: u16, count: u64, first_addr: u64, ipv6: bool) -> Result<()> {
     let cfg = LoadConfig {
+        kind: super::load::LoadKind::Churn,
         threads: 1,
+        connections: 1,
         mode: Mode::NeverClose,
         ipv6,
         rate: None,

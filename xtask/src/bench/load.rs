@@ -1,6 +1,11 @@
-//! The load generator: loopback TCP connections in a network namespace of
-//! their own, counting the state transitions they must cause.
+//! The loads: loopback TCP connections in a network namespace of their
+//! own, counting the state transitions they must cause. Two kinds
+//! (`LoadKind`): `churn`, the bench's own connections described below, and
+//! `nginx`, Debian's nginx serving one request per connection to wrk
+//! (`nginx.rs`, `wrk.rs`; its transitions are counted from the
+//! namespace's TCP counters, `counters.rs`).
 //!
+//! Churn:
 //! Each worker thread plays both ends of its connections on a listener of
 //! its own: connect, accept, 16 bytes each way, then close in the order the
 //! mode says. Doing both ends on one thread fixes the close order exactly
@@ -24,6 +29,56 @@ use std::{
 
 use anyhow::{bail, Result};
 use serde_json::{json, Value};
+
+/// Which load a block of runs uses (`--load`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LoadKind {
+    /// The bench's own loopback connections (both ends on each thread).
+    Churn,
+    /// nginx (one worker, `keepalive_timeout 0`) and wrk, one request per
+    /// connection (`Connection: close`).
+    Nginx,
+}
+
+impl LoadKind {
+    pub const ALL: [LoadKind; 2] = [LoadKind::Churn, LoadKind::Nginx];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            LoadKind::Churn => "churn",
+            LoadKind::Nginx => "nginx",
+        }
+    }
+
+    /// `--load` values, comma lists already split: load names or `all`,
+    /// in the order given, each once.
+    pub fn parse_list(specs: &[String]) -> Result<Vec<LoadKind>> {
+        let mut v = Vec::new();
+        for spec in specs {
+            let spec = spec.trim();
+            let kinds: Vec<LoadKind> = if spec == "all" {
+                LoadKind::ALL.to_vec()
+            } else {
+                match LoadKind::ALL.into_iter().find(|k| k.name() == spec) {
+                    Some(k) => vec![k],
+                    None => bail!(
+                        "--load: unknown load {spec:?} (one of: {}, all)",
+                        LoadKind::ALL.map(|k| k.name()).join(", ")
+                    ),
+                }
+            };
+            for k in kinds {
+                if !v.contains(&k) {
+                    v.push(k);
+                }
+            }
+        }
+        if v.is_empty() {
+            bail!("--load: no load given");
+        }
+        Ok(v)
+    }
+}
 
 /// Who closes the connection first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -79,6 +134,8 @@ impl Mode {
 pub const LOAD_PORT_BASE: u16 = 700;
 /// Ports of the sockets held in CLOSE_WAIT (`--hold`), outside the load's.
 pub const HOLD_PORT_BASE: u16 = 500;
+/// nginx's port (below the ephemeral range, above the churn ports).
+pub const NGINX_PORT: u16 = 800;
 /// Sockets one `bench-hold` helper keeps (below RLIMIT_NOFILE's 20,000).
 pub const PER_HELPER: u64 = 18_000;
 /// At most this many ports can be given to the tracer's `--port` filter.
@@ -88,7 +145,12 @@ const FD_RESERVE: u64 = 1_000;
 
 #[derive(Clone, Debug)]
 pub struct LoadConfig {
+    pub kind: LoadKind,
+    /// Churn: load threads; nginx: wrk's threads.
     pub threads: usize,
+    /// nginx: wrk's connections (each thread keeps its share open, one
+    /// request per connection).
+    pub connections: u32,
     pub mode: Mode,
     pub ipv6: bool,
     /// Connections per second, all threads together; None: unbounded.
@@ -98,12 +160,15 @@ pub struct LoadConfig {
 }
 
 impl LoadConfig {
-    /// The server ports the load uses (the tracer's `--port` filter), one
-    /// per worker.
+    /// The server ports the load uses (the tracer's `--port` filter): one
+    /// per churn worker, or nginx's.
     pub fn load_ports(&self) -> Vec<u16> {
-        (0..self.threads)
-            .map(|i| LOAD_PORT_BASE + i as u16)
-            .collect()
+        match self.kind {
+            LoadKind::Churn => (0..self.threads)
+                .map(|i| LOAD_PORT_BASE + i as u16)
+                .collect(),
+            LoadKind::Nginx => vec![NGINX_PORT],
+        }
     }
 
     pub fn hold_ports(&self) -> Vec<u16> {
@@ -120,6 +185,14 @@ impl LoadConfig {
     pub fn check(&self) -> Result<()> {
         if self.threads == 0 {
             bail!("--threads must be at least 1");
+        }
+        if self.kind == LoadKind::Nginx {
+            if (self.connections as usize) < self.threads {
+                bail!("the nginx load needs at least one connection per thread (--connections >= --threads)");
+            }
+            if self.rate.is_some() {
+                bail!("--rate applies to the churn load only (wrk cannot pace its requests)");
+            }
         }
         if self.threads > MAX_FILTER_PORTS {
             bail!(
@@ -145,8 +218,47 @@ impl LoadConfig {
         }
     }
 
+    /// One line for the progress and the table's footer.
+    pub fn describe(&self) -> String {
+        let family = if self.ipv6 { "IPv6" } else { "IPv4" };
+        let hold = if self.hold > 0 {
+            format!(", {} sockets held in CLOSE_WAIT", self.hold)
+        } else {
+            String::new()
+        };
+        match self.kind {
+            LoadKind::Churn => format!(
+                "churn: {}, {} threads, {family}, {}{hold}",
+                self.mode.name(),
+                self.threads,
+                self.rate
+                    .map_or("unbounded".to_string(), |r| format!("capped at {r:.0} conn/s")),
+            ),
+            LoadKind::Nginx => format!(
+                "nginx: one worker on port {NGINX_PORT}, wrk {} threads x {} connections, one request per connection (Connection: close), {family}, unbounded{hold}",
+                self.threads, self.connections,
+            ),
+        }
+    }
+
     pub fn to_json(&self) -> Value {
+        if self.kind == LoadKind::Nginx {
+            return json!({
+                "kind": self.kind.name(),
+                "server": "nginx, one worker, keepalive_timeout 0, access log off",
+                "client": "wrk -H 'Connection: close'",
+                "threads": self.threads,
+                "connections": self.connections,
+                "family": if self.ipv6 { "ipv6" } else { "ipv4" },
+                "hold": self.hold,
+                "load_ports": self.load_ports(),
+                "hold_ports": self.hold_ports(),
+                "rate": "wrk's Requests/sec",
+                "expected_events": "5 x (ActiveOpens + PassiveOpens) - EstabResets of the namespace (counters.rs)",
+            });
+        }
         json!({
+            "kind": self.kind.name(),
             "threads": self.threads,
             "mode": self.mode.name(),
             "family": if self.ipv6 { "ipv6" } else { "ipv4" },
@@ -166,6 +278,12 @@ impl LoadConfig {
 pub struct LoadResult {
     pub connections: u64,
     pub elapsed: Duration,
+    /// The rate the client reported (nginx: wrk's Requests/sec), instead
+    /// of connections over elapsed.
+    pub rate: Option<f64>,
+    /// What the nginx load saw: wrk's report, the TCP counters, the
+    /// connections left open at the end.
+    pub detail: Option<Value>,
     /// Transitions the connections must have caused (see `Mode`).
     pub expected_transitions: u64,
     /// Sockets that reached CLOSE.
@@ -184,6 +302,9 @@ pub struct LoadResult {
 
 impl LoadResult {
     pub fn per_second(&self) -> f64 {
+        if let Some(r) = self.rate {
+            return r;
+        }
         let s = self.elapsed.as_secs_f64();
         if s > 0.0 {
             self.connections as f64 / s
@@ -204,6 +325,7 @@ impl LoadResult {
             "max_connect_ms": self.max_connect.as_secs_f64() * 1e3,
             "server_closes": self.server_closes,
             "held_by_server": self.held,
+            "nginx": self.detail,
         })
     }
 }
@@ -227,7 +349,9 @@ mod tests {
 
     fn cfg(threads: usize, mode: Mode, hold: u64) -> LoadConfig {
         LoadConfig {
+            kind: LoadKind::Churn,
             threads,
+            connections: 50,
             mode,
             ipv6: false,
             rate: None,
@@ -243,6 +367,33 @@ mod tests {
         c.check().unwrap();
         assert!(cfg(65, Mode::NeverClose, 0).check().is_err());
         assert!(cfg(0, Mode::ClientFirst, 0).check().is_err());
+        let mut n = cfg(2, Mode::ClientFirst, 0);
+        n.kind = LoadKind::Nginx;
+        assert_eq!(n.load_ports(), vec![NGINX_PORT]);
+        n.check().unwrap();
+        n.connections = 1;
+        assert!(n.check().is_err());
+        n.connections = 50;
+        n.rate = Some(1000.0);
+        assert!(n.check().is_err());
+    }
+
+    #[test]
+    fn load_lists() {
+        let l =
+            |v: &[&str]| LoadKind::parse_list(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert_eq!(l(&["churn"]).unwrap(), vec![LoadKind::Churn]);
+        assert_eq!(l(&["all", "churn"]).unwrap(), LoadKind::ALL.to_vec());
+        assert_eq!(
+            l(&["nginx", "churn", "nginx"]).unwrap(),
+            vec![LoadKind::Nginx, LoadKind::Churn]
+        );
+        assert!(l(&["perf"]).is_err());
+        assert!(l(&[]).is_err());
+        assert_eq!(
+            cfg(2, Mode::ClientFirst, 0).describe(),
+            "churn: client-first, 2 threads, IPv4, unbounded"
+        );
     }
 
     #[test]

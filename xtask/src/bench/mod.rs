@@ -1,25 +1,41 @@
 //! `cargo xtask bench`: what tracing costs the traced.
 //!
-//! A load of its own (loopback TCP in a network namespace of its own, see
-//! `load.rs`) runs untraced (the baseline) and under each subject in turn,
-//! baseline before and after every subject (B X1 B X2 … B, several
-//! rounds). Each subject's rate is compared with the mean of its two
-//! neighbouring baselines, so drift of a shared machine cancels out;
-//! medians and min/max are reported, and wide spreads are flagged. It is a
+//! A load (loopback TCP in a network namespace of its own, see `load.rs`:
+//! `churn`, the bench's own connections, the default; or `nginx`, Debian's
+//! nginx serving wrk one request per connection) runs untraced (the
+//! baseline) and under each subject in turn, baseline before and after
+//! every subject (B X1 B X2 … B, several rounds). Each subject's rate is
+//! compared with the mean of its two neighbouring baselines, so drift of a
+//! shared machine cancels out; medians and min/max are reported, and wide
+//! spreads are flagged. With several loads (`--load churn,nginx` or
+//! `all`) each is a block of rounds of its own, and the table has a row
+//! per (load, subject). The nginx load's rate (the `conn/s` column) is
+//! wrk's Requests/sec, one connection per request; its expected events
+//! come from the namespace's TCP counters (`counters.rs`). It is a
 //! benchmark, not a test: it fails only when it cannot measure.
 //!
 //! This file: the command line (`BenchArgs`), the timing of a run and
 //! `run`, which plans (`plan.rs`), runs each subject and baseline in turn
-//! (`runs.rs`, the load in `load.rs`, the subjects in `subject.rs`),
+//! (`runs.rs`, the loads in `load.rs`, the subjects in `subject.rs`: the
+//! tracer in three modes, the floor, libbpf-tools' tcpstates and tcplife),
 //! summarizes the runs into rows (`summarize.rs`), prints the table and
 //! notes (`report.rs`) and writes target/bench/bench-STAMP.json (each run
 //! as a `RunRecord`, `record.rs`; the host and git state, `host.rs`).
+//!
+//! Every subject is stopped with SIGINT once the load has settled; the
+//! time from SIGINT to its exit is the `stop s` column (the slowest of its
+//! runs), and the start trials also stop the tracer with the load still
+//! running. The target is an exit within `STOP_TARGET` (1 s): slower
+//! stops are noted, never failed on. A tracer subject that exits without
+//! its final `stats` record fails its run.
 
+mod counters;
 mod env;
 mod hold;
 mod host;
 mod load;
 mod netns;
+mod nginx;
 mod plan;
 mod procfs;
 mod record;
@@ -31,6 +47,7 @@ mod subject;
 mod summarize;
 mod verify;
 mod workers;
+mod wrk;
 
 use std::{
     fs, thread,
@@ -42,34 +59,43 @@ use serde_json::json;
 
 pub use hold::hold_helper;
 use host::{enable_bpf_stats, git_json, host_json, raise_nofile_limit};
-use load::Mode;
+use load::{LoadKind, Mode};
 use plan::plan;
 use record::RunRecord;
 use report::Row;
 use runs::{run_one, start_trial};
 use stats::Summary;
-use subject::{Ctx, Subject};
+use subject::{Ctx, StartTrial, Subject};
 use summarize::summarize;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchArgs {
+    /// Loads (comma-separated, or `all`): churn (the bench's own loopback
+    /// connections), nginx (Debian's nginx and wrk, one request per
+    /// connection); each a block of rounds of its own.
+    #[arg(long, value_delimiter = ',', default_value = "churn")]
+    pub load: Vec<String>,
     /// Seconds of load in each run.
     #[arg(long, default_value_t = 5.0)]
     pub seconds: f64,
     /// Rounds; each runs the baseline before and after every subject.
     #[arg(long, default_value_t = 3)]
     pub rounds: u32,
-    /// Load threads (each plays both ends of its connections).
+    /// Load threads (churn: each plays both ends of its connections;
+    /// nginx: wrk's threads).
     #[arg(long, default_value_t = 2)]
     pub threads: usize,
-    /// Who closes first.
+    /// nginx load: wrk's connections (one request each, then a new one).
+    #[arg(long, default_value_t = 50)]
+    pub connections: u32,
+    /// Churn load: who closes first.
     #[arg(long, value_enum, default_value_t = Mode::ClientFirst)]
     pub mode: Mode,
     /// Connect over IPv6 (::1) instead of IPv4.
     #[arg(long)]
     pub ipv6: bool,
-    /// Connections per second, all threads together (default: as fast as
-    /// they go).
+    /// Churn load: connections per second, all threads together (default:
+    /// as fast as they go).
     #[arg(long)]
     pub rate: Option<f64>,
     /// Sockets held in CLOSE_WAIT (on other ports) during every run, e.g.
@@ -77,14 +103,16 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 0)]
     pub hold: u64,
     /// Prove it works in a few seconds: one round of 1 s runs, the tracer
-    /// only, nothing installed. Exits non-zero only if it cannot measure.
+    /// only (no floor, no peers), nothing installed. Exits non-zero only
+    /// if it cannot measure.
     #[arg(long)]
     pub smoke: bool,
     /// Only these subjects (comma-separated): tracer-json,
-    /// tracer-connections, tracer-none, tcpstates, tcplife.
+    /// tracer-connections, tracer-none, floor, tcpstates, tcplife.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
-    /// Leave out libbpf-tools' tcpstates and tcplife.
+    /// Leave out libbpf-tools' tcpstates and tcplife (the floor stays: it
+    /// is no peer but the least a tracer of this tracepoint can cost).
     #[arg(long)]
     pub no_peers: bool,
     /// Do not turn on the kernel's eBPF run-time statistics (they add two
@@ -117,6 +145,9 @@ const COOL_DOWN: Duration = Duration::from_millis(300);
 const QUIET_MAX: Duration = Duration::from_secs(3);
 /// Idle share of all CPUs over 100 ms that counts as quiet.
 const QUIET_IDLE: f64 = 0.80;
+/// The target for stopping: a subject should exit within this of SIGINT
+/// (printed, never failed on).
+const STOP_TARGET: Duration = Duration::from_secs(1);
 
 pub fn run(args: BenchArgs) -> Result<()> {
     let mut notes: Vec<String> = Vec::new();
@@ -126,10 +157,20 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("the bench loads eBPF programs and creates network namespaces: run it as root");
     }
-    let wants_peers = plan.subjects.iter().any(|s| s.is_peer());
-    if wants_peers {
+    let wants_tools = plan.subjects.iter().any(|s| s.is_tool());
+    let wants_nginx = plan.loads.iter().any(|l| l.kind == LoadKind::Nginx);
+    if wants_tools || wants_nginx {
         if let Err(e) = crate::setup::ensure_for_bench() {
-            notes.push(format!("could not install libbpf-tools: {e:#}"));
+            notes.push(format!(
+                "could not install the bench's Debian packages: {e:#}"
+            ));
+        }
+    }
+    if wants_nginx {
+        for bin in ["nginx", "wrk"] {
+            if subject::find_binary(bin).is_none() {
+                bail!("the nginx load needs Debian's {bin} (cargo xtask bench installs it: {notes:?})");
+            }
         }
     }
     crate::cargo(&[
@@ -142,26 +183,32 @@ pub fn run(args: BenchArgs) -> Result<()> {
     ])?;
     let root = crate::workspace_root();
     let out_dir = root.join("target/bench");
-    let ctx = Ctx {
-        tracer: root.join("target/release/tracer"),
-        out_dir: out_dir.join("run"),
-        ports: plan.load.load_ports(),
-        keep_output: args.keep_output,
-        extra_args: args.tracer_args.clone(),
-    };
+    // One per load: the tracer subjects filter on that load's ports.
+    let ctxs: Vec<Ctx> = plan
+        .loads
+        .iter()
+        .map(|l| Ctx {
+            tracer: root.join("target/release/tracer"),
+            out_dir: out_dir.join("run"),
+            ports: l.load_ports(),
+            keep_output: args.keep_output,
+            extra_args: args.tracer_args.clone(),
+        })
+        .collect();
 
     let mut subjects = Vec::new();
-    let mut peers = std::collections::HashMap::new();
+    let mut tools = std::collections::HashMap::new();
     for &s in &plan.subjects {
-        if s.is_peer() {
-            match subject::find_peer(s) {
+        if s.is_tool() {
+            match subject::find_tool(s) {
                 Some(p) => {
-                    peers.insert(s, p);
+                    tools.insert(s, p);
                 }
                 None => {
                     notes.push(format!(
-                        "{}: not installed (Debian package libbpf-tools); left out",
-                        s.name()
+                        "{}: not installed (Debian package {}); left out",
+                        s.name(),
+                        s.package()
                     ));
                     continue;
                 }
@@ -186,47 +233,43 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let kernel_stats = _stats_fd.is_some();
     raise_nofile_limit();
 
-    eprintln!(
-        "xtask: bench: {} load, {} threads, {}, {}{}; {} round(s) of {:.1} s runs: baseline, then {} (each followed by a baseline)",
-        plan.load.mode.name(),
-        plan.load.threads,
-        if plan.load.ipv6 { "IPv6" } else { "IPv4" },
-        plan.load
-            .rate
-            .map_or("unbounded".to_string(), |r| format!("capped at {r:.0} conn/s")),
-        if plan.load.hold > 0 {
-            format!(", {} sockets held in CLOSE_WAIT", plan.load.hold)
-        } else {
-            String::new()
-        },
-        plan.rounds,
-        plan.seconds,
-        subjects
-            .iter()
-            .map(|s| s.name())
-            .collect::<Vec<_>>()
-            .join(", "),
-    );
     let started = SystemTime::now();
     let loadavg_before = fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let mut runs: Vec<RunRecord> = Vec::new();
-    for round in 1..=plan.rounds {
-        runs.push(run_one(&plan, &ctx, round, Subject::Baseline, None));
-        for &s in &subjects {
-            runs.push(run_one(&plan, &ctx, round, s, peers.get(&s)));
-            runs.push(run_one(&plan, &ctx, round, Subject::Baseline, None));
+    // Each load is a block of rounds of its own.
+    for (load, ctx) in plan.loads.iter().zip(&ctxs) {
+        eprintln!(
+            "xtask: bench: load {}; {} round(s) of {:.1} s runs: baseline, then {} (each followed by a baseline)",
+            load.describe(),
+            plan.rounds,
+            plan.seconds,
+            subjects
+                .iter()
+                .map(|s| s.name())
+                .collect::<Vec<_>>()
+                .join(", "),
+        );
+        for round in 1..=plan.rounds {
+            runs.push(run_one(&plan, load, ctx, round, Subject::Baseline, None));
+            for &s in &subjects {
+                runs.push(run_one(&plan, load, ctx, round, s, tools.get(&s)));
+                runs.push(run_one(&plan, load, ctx, round, Subject::Baseline, None));
+            }
         }
     }
 
+    // With the first load only.
+    let trial_load = &plan.loads[0];
     let mut start_trials = Vec::new();
     if plan.start_trials > 0 && subjects.iter().any(|s| s.is_tracer()) {
         for i in 1..=plan.start_trials {
-            let r = start_trial(&plan, &ctx);
+            let r = start_trial(trial_load, &ctxs[0]);
             match &r {
-                Ok((a, f)) => eprintln!(
-                    "xtask: bench: start trial {i}: spawn to attached {:.3} s, to first event {:.3} s",
-                    a.as_secs_f64(),
-                    f.as_secs_f64()
+                Ok(t) => eprintln!(
+                    "xtask: bench: start trial {i}: spawn to attached {:.3} s, to first event {:.3} s; SIGINT to exit {:.3} s",
+                    t.attached.as_secs_f64(),
+                    t.first_event.as_secs_f64(),
+                    t.stop.as_secs_f64()
                 ),
                 Err(e) => eprintln!("xtask: bench: start trial {i}: {e:#}"),
             }
@@ -236,26 +279,24 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
 
     let mut rows: Vec<(Subject, Row)> = Vec::new();
-    for s in std::iter::once(Subject::Baseline).chain(subjects.iter().copied()) {
-        rows.push((s, summarize(s, &runs, kernel_stats)));
+    for load in &plan.loads {
+        for s in std::iter::once(Subject::Baseline).chain(subjects.iter().copied()) {
+            rows.push((s, summarize(load.kind, s, &runs, kernel_stats)));
+        }
     }
     let table = report::table(&rows);
-    let start_s: Vec<f64> = start_trials
-        .iter()
-        .filter_map(|r| r.as_ref().ok())
-        .map(|(a, _)| a.as_secs_f64())
-        .collect();
-    let first_s: Vec<f64> = start_trials
-        .iter()
-        .filter_map(|r| r.as_ref().ok())
-        .map(|(_, f)| f.as_secs_f64())
-        .collect();
+    let trial_s = |f: &dyn Fn(&StartTrial) -> Duration| -> Vec<f64> {
+        start_trials
+            .iter()
+            .filter_map(|r| r.as_ref().ok())
+            .map(|t| f(t).as_secs_f64())
+            .collect()
+    };
+    let start_s = trial_s(&|t| t.attached);
+    let first_s = trial_s(&|t| t.first_event);
     // Attached to first event (0: the event was out before the line).
-    let after_attach_s: Vec<f64> = start_trials
-        .iter()
-        .filter_map(|r| r.as_ref().ok())
-        .map(|(a, f)| f.saturating_sub(*a).as_secs_f64())
-        .collect();
+    let after_attach_s = trial_s(&|t| t.first_event.saturating_sub(t.attached));
+    let stop_loaded_s = trial_s(&|t| t.stop);
 
     let failed: Vec<&RunRecord> = runs.iter().filter(|r| !r.ok()).collect();
     if rows.iter().any(|(_, r)| r.noisy()) {
@@ -264,42 +305,77 @@ pub fn run(args: BenchArgs) -> Result<()> {
             stats::NOISY_SPREAD * 100.0
         ));
     }
-    for (_, r) in &rows {
+    for (s, r) in &rows {
         match r.unaccounted {
             Some(n) if n > 0 => notes.push(format!(
                 "{}: {n} expected transitions were neither delivered nor counted as lost or skipped",
-                r.name
+                r.label()
             )),
             Some(n) if n < 0 => notes.push(format!(
-                "{}: {} more events than the load caused (other TCP traffic on the machine: it is not filtered)",
-                r.name, -n
+                "{}: {} more events than the load caused ({})",
+                r.label(),
+                -n,
+                if s.is_tracer() {
+                    "TCP traffic on the load's ports in other network namespaces: its port filter does not tell them apart".to_string()
+                } else {
+                    format!(
+                        "other TCP traffic on the machine: it is not filtered; its kernel ns/ev over the load's events overstates, per program run it took {}",
+                        r.kernel_ns_per_hit.map_or("-".into(), |x| format!("{x:.0} ns"))
+                    )
+                }
             )),
             _ => {}
         }
     }
-    for &s in &subjects {
-        let untracked: u64 = runs
-            .iter()
-            .filter(|r| r.subject == s)
-            .filter_map(|r| {
-                r.measured
-                    .as_ref()?
-                    .tracer_stats
-                    .as_ref()?
-                    .get("untracked")?
-                    .as_u64()
-            })
-            .sum();
-        if untracked > 0 {
+    for load in &plan.loads {
+        for &s in &subjects {
+            let untracked: u64 = runs
+                .iter()
+                .filter(|r| r.subject == s && r.load_kind == load.kind)
+                .filter_map(|r| {
+                    r.measured
+                        .as_ref()?
+                        .tracer_stats
+                        .as_ref()?
+                        .get("untracked")?
+                        .as_u64()
+                })
+                .sum();
+            if untracked > 0 {
+                notes.push(format!(
+                    "{} / {}: {untracked} transitions of sockets the agent had no room to track (`untracked` in its stats)",
+                    load.kind.name(),
+                    s.name()
+                ));
+            }
+        }
+    }
+    for r in &runs {
+        if let Some(m) = r.measured.as_ref().filter(|m| m.stop > STOP_TARGET) {
             notes.push(format!(
-                "{}: {untracked} transitions of sockets the agent had no room to track (`untracked` in its stats)",
-                s.name()
+                "{} round {} {}: exited {:.2} s after SIGINT (target: within {:.0} s)",
+                r.load_kind.name(),
+                r.round,
+                r.subject.name(),
+                m.stop.as_secs_f64(),
+                STOP_TARGET.as_secs_f64()
+            ));
+        }
+    }
+    for (i, t) in start_trials.iter().enumerate() {
+        if let Some(t) = t.as_ref().ok().filter(|t| t.stop > STOP_TARGET) {
+            notes.push(format!(
+                "start trial {}: the tracer exited {:.2} s after SIGINT with the load running (target: within {:.0} s)",
+                i + 1,
+                t.stop.as_secs_f64(),
+                STOP_TARGET.as_secs_f64()
             ));
         }
     }
     for r in &failed {
         notes.push(format!(
-            "round {} {}: {}",
+            "{} round {} {}: {}",
+            r.load_kind.name(),
             r.round,
             r.subject.name(),
             r.error.as_deref().unwrap_or("")
@@ -308,19 +384,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
 
     println!();
     print!("{table}");
+    for load in &plan.loads {
+        println!("load {}", load.describe());
+    }
     println!(
-        "load: {}, {} threads, {}, {}{}; {} round(s) x {:.1} s; kernel stats {}",
-        plan.load.mode.name(),
-        plan.load.threads,
-        if plan.load.ipv6 { "IPv6" } else { "IPv4" },
-        plan.load.rate.map_or("unbounded".to_string(), |r| format!(
-            "capped at {r:.0} conn/s"
-        )),
-        if plan.load.hold > 0 {
-            format!(", {} held in CLOSE_WAIT", plan.load.hold)
-        } else {
-            String::new()
-        },
+        "{} round(s) x {:.1} s per load; kernel stats {}",
         plan.rounds,
         plan.seconds,
         if kernel_stats { "on" } else { "off" },
@@ -328,10 +396,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if let Some(s) = Summary::of(&start_s) {
         let f = Summary::of(&first_s).expect("same trials");
         let g = Summary::of(&after_attach_s).expect("same trials");
+        let h = Summary::of(&stop_loaded_s).expect("same trials");
         println!(
-            "tracer started with the load running ({} trials, medians [min-max]): spawn to \"attached\" {:.3} s [{:.3}-{:.3}]; spawn to first event on stdout {:.3} s [{:.3}-{:.3}]; \"attached\" to first event {:.1} ms (max {:.1} ms)",
-            s.n, s.median, s.min, s.max, f.median, f.min, f.max,
-            g.median * 1e3, g.max * 1e3
+            "tracer started with the {} load running ({} trials, medians [min-max]): spawn to \"attached\" {:.3} s [{:.3}-{:.3}]; spawn to first event on stdout {:.3} s [{:.3}-{:.3}]; \"attached\" to first event {:.1} ms (max {:.1} ms); then stopped with the load still running: SIGINT to exit {:.3} s [{:.3}-{:.3}]",
+            trial_load.kind.name(), s.n, s.median, s.min, s.max, f.median, f.min, f.max,
+            g.median * 1e3, g.max * 1e3, h.median, h.min, h.max
         );
     }
     if rows
@@ -351,7 +420,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             .unwrap_or(0),
     );
     let doc = json!({
-        "version": 1,
+        "version": 2,
         "started": stamp,
         "host": host_json(),
         "git": git_json(&root),
@@ -362,16 +431,21 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "rounds": plan.rounds,
             "smoke": plan.smoke,
             "kernel_stats": kernel_stats,
-            "load": plan.load.to_json(),
-            "tracer_ports": ctx.ports,
-            "order": "per round: baseline, then each subject followed by a baseline; ratio = subject / mean of its two neighbouring baselines",
+            "loads": plan.loads.iter().zip(&ctxs).map(|(l, c)| {
+                let mut j = l.to_json();
+                j["tracer_ports"] = json!(c.ports);
+                j
+            }).collect::<Vec<_>>(),
+            "start_trials_load": trial_load.kind.name(),
+            "order": "each load a block of rounds; per round: baseline, then each subject followed by a baseline; ratio = subject / mean of its two neighbouring baselines",
         },
         "summary": rows.iter().map(|(_, r)| r.to_json()).collect::<Vec<_>>(),
         "start_trials": start_trials.iter().map(|r| match r {
-            Ok((a, f)) => json!({
-                "spawn_to_attached_s": a.as_secs_f64(),
-                "spawn_to_first_event_s": f.as_secs_f64(),
-                "attached_to_first_event_s": f.saturating_sub(*a).as_secs_f64(),
+            Ok(t) => json!({
+                "spawn_to_attached_s": t.attached.as_secs_f64(),
+                "spawn_to_first_event_s": t.first_event.as_secs_f64(),
+                "attached_to_first_event_s": t.first_event.saturating_sub(t.attached).as_secs_f64(),
+                "sigint_to_exit_with_load_s": t.stop.as_secs_f64(),
             }),
             Err(e) => json!({"error": format!("{e:#}")}),
         }).collect::<Vec<_>>(),
@@ -387,21 +461,22 @@ pub fn run(args: BenchArgs) -> Result<()> {
     println!("results: {}", path.display());
 
     // It fails only when it could not measure: the baseline or the tracer
-    // did not run (peers that cannot run are notes).
-    let fatal: Vec<&&RunRecord> = failed.iter().filter(|r| !r.subject.is_peer()).collect();
+    // did not run (peers and the floor that cannot run are notes).
+    let fatal: Vec<&&RunRecord> = failed.iter().filter(|r| !r.subject.is_tool()).collect();
     if let Some(first) = fatal.first() {
         bail!(
-            "bench: {} of {} runs failed; first: round {} {}: {}",
+            "bench: {} of {} runs failed; first: {} round {} {}: {}",
             fatal.len(),
             runs.len(),
+            first.load_kind.name(),
             first.round,
             first.subject.name(),
             first.error.as_deref().unwrap_or("")
         );
     }
-    if let Some((_, b)) = rows.first() {
-        if b.rate.is_none_or(|s| s.median <= 0.0) {
-            bail!("bench: the baseline made no connections");
+    for (s, r) in &rows {
+        if *s == Subject::Baseline && r.rate.is_none_or(|s| s.median <= 0.0) {
+            bail!("bench: the {} baseline made no connections", r.load);
         }
     }
     Ok(())

@@ -162,6 +162,27 @@ pub fn libbpf_tool_ready(pid: i32) -> bool {
     has("bpf_link") && has("[eventpoll]") && has("bpf-prog")
 }
 
+/// Has the process attached a program to this tracepoint? (`bpftool perf
+/// show`: the perf-event attachments of every process.)
+pub fn attached_to_tracepoint(pid: i32, tracepoint: &str) -> bool {
+    Command::new("bpftool")
+        .args(["perf", "show", "-j"])
+        .output()
+        .is_ok_and(|o| perf_attachment(&String::from_utf8_lossy(&o.stdout), pid, tracepoint))
+}
+
+/// Is there an attachment of `pid` to `tracepoint` in `bpftool perf show
+/// -j` output?
+pub fn perf_attachment(text: &str, pid: i32, tracepoint: &str) -> bool {
+    let Ok(Value::Array(links)) = serde_json::from_str::<Value>(text) else {
+        return false;
+    };
+    links.iter().any(|l| {
+        l.get("pid").and_then(Value::as_i64) == Some(pid as i64)
+            && l.get("tracepoint").and_then(Value::as_str) == Some(tracepoint)
+    })
+}
+
 /// The eBPF programs the process holds, with the kernel's statistics, and
 /// their names when bpftool is there.
 pub fn programs_of(pid: i32) -> Vec<ProgStats> {
@@ -233,6 +254,16 @@ mod tests {
         let link = "pos:\t0\nflags:\t02000000\nlink_type:\tperf\nlink_id:\t724\n\
                     prog_tag:\tc89482bf09319392\nprog_id:\t2969\ntp_name:\tinet_sock_set_state\n";
         assert_eq!(ProgStats::from_fdinfo(&parse_fdinfo(link)), None);
+    }
+
+    #[test]
+    fn bpftool_perf_json() {
+        let text = r#"[{"pid":1036,"fd":8,"prog_id":908,"fd_type":"tracepoint","tracepoint":"inet_sock_set_state"},
+            {"pid":7,"fd":3,"prog_id":9,"fd_type":"raw_tracepoint","tracepoint":"sys_enter"}]"#;
+        assert!(perf_attachment(text, 1036, "inet_sock_set_state"));
+        assert!(!perf_attachment(text, 7, "inet_sock_set_state"));
+        assert!(!perf_attachment(text, 1037, "inet_sock_set_state"));
+        assert!(!perf_attachment("", 1036, "inet_sock_set_state"));
     }
 
     #[test]

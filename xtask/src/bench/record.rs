@@ -1,4 +1,4 @@
-//! What one run recorded (`RunRecord`): its round and subject, what the
+//! What one run recorded (`RunRecord`): its load, round and subject, what the
 //! load did, the held sockets' check, settling, how idle the CPUs were,
 //! what the subject measured, or the error.
 //!
@@ -11,11 +11,13 @@ use serde_json::{json, Value};
 
 use super::{
     hold::HeldCheck,
-    load::LoadResult,
+    load::{LoadKind, LoadResult},
     subject::{Measured, Subject},
 };
 
 pub(super) struct RunRecord {
+    /// The block of rounds it belongs to.
+    pub(super) load_kind: LoadKind,
     pub(super) round: u32,
     pub(super) subject: Subject,
     pub(super) load: Option<LoadResult>,
@@ -54,6 +56,7 @@ impl RunRecord {
 
     pub(super) fn to_json(&self) -> Value {
         json!({
+            "load_kind": self.load_kind.name(),
             "round": self.round,
             "subject": self.subject.name(),
             "ok": self.ok(),

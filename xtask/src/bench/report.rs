@@ -1,12 +1,15 @@
-//! The bench's results: one row per subject, as a text table and as JSON.
+//! The bench's results: one row per (load, subject), as a text table and
+//! as JSON.
 
 use serde_json::{json, Value};
 
 use super::{stats::Summary, subject::Subject};
 
-/// One subject over all rounds.
+/// One subject over all rounds of one load.
 #[derive(Clone, Debug, Default)]
 pub struct Row {
+    /// The load's name.
+    pub load: String,
     pub name: String,
     pub runs: usize,
     pub failed: usize,
@@ -24,13 +27,24 @@ pub struct Row {
     /// (count, checked record by record)
     pub bad_durations: Option<(u64, bool)>,
     pub kernel_ns_per_event: Option<f64>,
+    /// Kernel time per tracepoint hit: run time of all its programs over
+    /// the run count of its busiest one (the hits, whoever's traffic they
+    /// were), for subjects that also saw other traffic.
+    pub kernel_ns_per_hit: Option<f64>,
     pub agent_us_per_event: Option<f64>,
     pub rss_idle_mib: Option<f64>,
     pub rss_peak_mib: Option<f64>,
     pub start_s: Option<Summary>,
+    /// SIGINT to exit, after the load.
+    pub stop_s: Option<Summary>,
 }
 
 impl Row {
+    /// `load / subject`, for notes.
+    pub fn label(&self) -> String {
+        format!("{} / {}", self.load, self.name)
+    }
+
     pub fn noisy(&self) -> bool {
         self.rate.is_some_and(|s| s.noisy()) || self.ratio.is_some_and(|s| s.noisy())
     }
@@ -38,6 +52,7 @@ impl Row {
     pub fn to_json(&self) -> Value {
         let s = |x: &Option<Summary>| x.map(Summary::to_json);
         json!({
+            "load": self.load,
             "subject": self.name,
             "runs": self.runs,
             "failed_runs": self.failed,
@@ -51,16 +66,19 @@ impl Row {
             "bad_durations": self.bad_durations.map(|(n, _)| n),
             "bad_durations_checked_per_record": self.bad_durations.map(|(_, c)| c),
             "kernel_ns_per_event": self.kernel_ns_per_event,
+            "kernel_ns_per_hit": self.kernel_ns_per_hit,
             "agent_cpu_us_per_event": self.agent_us_per_event,
             "rss_idle_mib": self.rss_idle_mib,
             "rss_peak_mib": self.rss_peak_mib,
             "start_s": s(&self.start_s),
+            "stop_s": s(&self.stop_s),
             "noisy": self.noisy(),
         })
     }
 }
 
-pub const HEADERS: [&str; 12] = [
+pub const HEADERS: [&str; 14] = [
+    "load",
     "subject",
     "conn/s median [min-max]",
     "ratio [min-max]",
@@ -72,6 +90,7 @@ pub const HEADERS: [&str; 12] = [
     "agent us/ev",
     "RSS idle/peak MiB",
     "start s",
+    "stop s",
     "",
 ];
 
@@ -102,6 +121,7 @@ pub fn cells(r: &Row, baseline: bool) -> Vec<String> {
         notes.push(format!("{} of {} runs failed", r.failed, r.runs));
     }
     vec![
+        r.load.clone(),
         r.name.clone(),
         opt(r.rate.as_ref(), |s| range(s, 0)),
         if baseline {
@@ -129,13 +149,14 @@ pub fn cells(r: &Row, baseline: bool) -> Vec<String> {
             _ => "-".into(),
         },
         opt(r.start_s.as_ref(), |s| format!("{:.3}", s.median)),
+        opt(r.stop_s.as_ref(), |s| format!("{:.3}", s.max)),
         notes.join("; "),
     ]
 }
 
-/// A plain-text table: first column left-aligned, the others right, the
-/// last (notes) left and unpadded.
-pub fn format_table(headers: &[&str], rows: &[Vec<String>]) -> String {
+/// A plain-text table: the first `left` columns left-aligned, the others
+/// right, the last (notes) left and unpadded.
+pub fn format_table(headers: &[&str], left: usize, rows: &[Vec<String>]) -> String {
     let cols = headers.len();
     let mut width = vec![0usize; cols];
     for (i, h) in headers.iter().enumerate() {
@@ -153,7 +174,7 @@ pub fn format_table(headers: &[&str], rows: &[Vec<String>]) -> String {
             if i > 0 {
                 out.push_str("  ");
             }
-            if i == 0 || i == cols - 1 {
+            if i < left || i == cols - 1 {
                 out.push_str(c);
                 if i != cols - 1 {
                     out.push_str(&" ".repeat(pad));
@@ -194,7 +215,7 @@ pub fn table(rows: &[(Subject, Row)]) -> String {
         .iter()
         .map(|(s, r)| cells(r, *s == Subject::Baseline))
         .collect();
-    format_table(&HEADERS, &cells)
+    format_table(&HEADERS, 2, &cells)
 }
 
 /// `20261123T213500Z` for a time in seconds since the epoch (UTC).
@@ -238,6 +259,7 @@ mod tests {
     fn table_aligns_columns() {
         let t = format_table(
             &["name", "n", ""],
+            1,
             &[
                 vec!["a".into(), "1".into(), "".into()],
                 vec!["longer".into(), "1234".into(), "noisy".into()],
@@ -254,6 +276,7 @@ mod tests {
     fn row_cells() {
         let rate = Summary::of(&[100.0, 90.0, 120.0]);
         let row = Row {
+            load: "nginx".into(),
             name: "tracer none+summary".into(),
             runs: 3,
             failed: 0,
@@ -266,21 +289,28 @@ mod tests {
             unaccounted: Some(0),
             bad_durations: Some((0, false)),
             kernel_ns_per_event: Some(512.4),
+            kernel_ns_per_hit: None,
             agent_us_per_event: Some(1.234),
             rss_idle_mib: Some(4.0),
             rss_peak_mib: Some(9.25),
             start_s: Summary::of(&[0.1234]),
+            stop_s: Summary::of(&[0.004, 0.0456]),
         };
         let c = cells(&row, false);
-        assert_eq!(c[1], "100 [90-120]");
-        assert_eq!(c[2], "0.93 [0.90-0.95]");
-        assert_eq!(c[3], "10/12");
-        assert_eq!(c[6], "0*");
-        assert_eq!(c[7], "512");
-        assert_eq!(c[8], "1.23");
-        assert_eq!(c[9], "4.0/9.2");
-        assert_eq!(c[10], "0.123");
-        assert_eq!(c[11], "noisy: spread 30%");
+        assert_eq!(
+            (c[0].as_str(), c[1].as_str()),
+            ("nginx", "tracer none+summary")
+        );
+        assert_eq!(c[2], "100 [90-120]");
+        assert_eq!(c[3], "0.93 [0.90-0.95]");
+        assert_eq!(c[4], "10/12");
+        assert_eq!(c[7], "0*");
+        assert_eq!(c[8], "512");
+        assert_eq!(c[9], "1.23");
+        assert_eq!(c[10], "4.0/9.2");
+        assert_eq!(c[11], "0.123");
+        assert_eq!(c[12], "0.046");
+        assert_eq!(c[13], "noisy: spread 30%");
         let base = cells(
             &Row {
                 name: "baseline".into(),
@@ -289,8 +319,8 @@ mod tests {
             },
             true,
         );
-        assert_eq!(base[1], "5");
-        assert_eq!(base[2], "1.00");
-        assert_eq!(base[3], "-");
+        assert_eq!(base[2], "5");
+        assert_eq!(base[3], "1.00");
+        assert_eq!(base[4], "-");
     }
 }

@@ -1,9 +1,10 @@
 //! One run after another: each in a fresh namespace, the subject started
 //! before the load and stopped after it settled.
 //!
-//! In: the `Plan`, the subjects' `Ctx`, the round and the subject. Out: a
-//! `RunRecord` (and a progress line on stderr), or from `start_trial` the
-//! tracer's start-up times with the load already running.
+//! In: the `Plan`, the load, the subjects' `Ctx` for it, the round and
+//! the subject. Out: a `RunRecord` (and a progress line on stderr), or
+//! from `start_trial` the tracer's start-up times with the load already
+//! running.
 
 use std::{path::PathBuf, thread, time::Duration};
 
@@ -12,20 +13,23 @@ use anyhow::{bail, Result};
 use super::{
     env::Env,
     host::wait_quiet,
+    load::LoadConfig,
     plan::Plan,
     record::RunRecord,
-    subject::{self, Ctx, Subject},
+    subject::{self, Ctx, StartTrial, Subject},
     COOL_DOWN, SETTLE_AFTER, SETTLE_BEFORE, SETTLE_MAX,
 };
 
 pub(super) fn run_one(
     plan: &Plan,
+    load: &LoadConfig,
     ctx: &Ctx,
     round: u32,
     s: Subject,
-    peer: Option<&PathBuf>,
+    tool: Option<&PathBuf>,
 ) -> RunRecord {
     let mut rec = RunRecord {
+        load_kind: load.kind,
         round,
         subject: s,
         load: None,
@@ -37,7 +41,7 @@ pub(super) fn run_one(
         error: None,
     };
     rec.idle_before = wait_quiet();
-    let mut env = match Env::setup(&plan.load) {
+    let mut env = match Env::setup(load) {
         Ok(e) => e,
         Err(e) => {
             rec.error = Some(format!("load set-up: {e:#}"));
@@ -48,7 +52,7 @@ pub(super) fn run_one(
     let outcome = (|| -> Result<()> {
         let running = match s {
             Subject::Baseline => None,
-            _ => Some(subject::start(s, ctx, peer.map(PathBuf::as_path))?),
+            _ => Some(subject::start(s, ctx, tool.map(PathBuf::as_path))?),
         };
         thread::sleep(SETTLE_BEFORE);
         let load = env.run(Duration::from_secs_f64(plan.seconds));
@@ -83,7 +87,8 @@ pub(super) fn run_one(
 
 fn finish(rec: RunRecord) -> RunRecord {
     let mut line = format!(
-        "xtask: bench: round {} {:<19}",
+        "xtask: bench: {} round {} {:<22}",
+        rec.load_kind.name(),
         rec.round,
         rec.subject.name()
     );
@@ -99,7 +104,11 @@ fn finish(rec: RunRecord) -> RunRecord {
         if let Some(d) = &m.durations {
             line += &format!("  bad durations {}", d.bad());
         }
-        line += &format!("  start {:.3} s", m.start.as_secs_f64());
+        line += &format!(
+            "  start {:.3} s  stop {:.3} s",
+            m.start.as_secs_f64(),
+            m.stop.as_secs_f64()
+        );
     }
     if let Some((_, n)) = rec.settled.filter(|s| s.1 > 0) {
         line += &format!("  ({n} load sockets still half-way when stopped)");
@@ -112,10 +121,11 @@ fn finish(rec: RunRecord) -> RunRecord {
 }
 
 /// The tracer started while the load already runs: spawn to attached,
-/// attached to its first event on stdout.
-pub(super) fn start_trial(plan: &Plan, ctx: &Ctx) -> Result<(Duration, Duration)> {
+/// attached to its first event on stdout, and SIGINT to exit with the load
+/// still running.
+pub(super) fn start_trial(load: &LoadConfig, ctx: &Ctx) -> Result<StartTrial> {
     wait_quiet();
-    let mut env = Env::setup(&plan.load)?;
+    let mut env = Env::setup(load)?;
     let result = thread::scope(|sc| {
         let load = sc.spawn(|| env.run(Duration::from_secs(3)));
         thread::sleep(Duration::from_millis(300));

@@ -1,8 +1,15 @@
 //! The things measured against the untraced baseline: the tracer in each
-//! output mode, and libbpf-tools' tcpstates and tcplife when installed.
-//! Each is started before the load and stopped after it; what it cost is
-//! read from /proc, from the kernel's statistics of the eBPF programs it
-//! holds, and from what it printed.
+//! output mode, the floor (a program on the same tracepoint that only
+//! counts), and libbpf-tools' tcpstates and tcplife when installed. Each
+//! is started before the load and stopped after it; what it cost is read
+//! from /proc, from the kernel's statistics of the eBPF programs it holds,
+//! and from what it printed.
+//!
+//! The floor is bpftrace's `tracepoint:sock:inet_sock_set_state { @n =
+//! count(); }` (Debian's bpftrace): one map update per transition, no
+//! output until it exits, so its kernel ns/ev is about the least any
+//! tracer of this tracepoint can cost. Like the peers it has no filter:
+//! it counts every transition on the machine.
 
 use std::{
     fs::{self, File},
@@ -31,16 +38,20 @@ pub enum Subject {
     /// `--events none --summary`: only the aggregates (the per-state
     /// summary at exit) and the final stats.
     TracerNone,
+    /// bpftrace counting every transition in a map: the least a program
+    /// on this tracepoint costs.
+    Floor,
     Tcpstates,
     Tcplife,
 }
 
 impl Subject {
-    pub const ALL: [Subject; 6] = [
+    pub const ALL: [Subject; 7] = [
         Subject::Baseline,
         Subject::TracerJson,
         Subject::TracerConnections,
         Subject::TracerNone,
+        Subject::Floor,
         Subject::Tcpstates,
         Subject::Tcplife,
     ];
@@ -51,6 +62,7 @@ impl Subject {
             Subject::TracerJson => "tracer json>file",
             Subject::TracerConnections => "tracer connections",
             Subject::TracerNone => "tracer none+summary",
+            Subject::Floor => "floor (bpftrace count)",
             Subject::Tcpstates => "libbpf tcpstates",
             Subject::Tcplife => "libbpf tcplife",
         }
@@ -63,6 +75,7 @@ impl Subject {
             Subject::TracerJson => "tracer-json",
             Subject::TracerConnections => "tracer-connections",
             Subject::TracerNone => "tracer-none",
+            Subject::Floor => "floor",
             Subject::Tcpstates => "tcpstates",
             Subject::Tcplife => "tcplife",
         }
@@ -83,6 +96,20 @@ impl Subject {
         matches!(self, Subject::Tcpstates | Subject::Tcplife)
     }
 
+    /// Subjects run from a Debian package's binary (found with
+    /// `find_tool`): the peers and the floor.
+    pub fn is_tool(self) -> bool {
+        self.is_peer() || self == Subject::Floor
+    }
+
+    /// The Debian package of a tool subject's binary.
+    pub fn package(self) -> &'static str {
+        match self {
+            Subject::Floor => "bpftrace",
+            _ => "libbpf-tools",
+        }
+    }
+
     fn tracer_events(self) -> &'static str {
         match self {
             Subject::TracerConnections => "connections",
@@ -91,17 +118,28 @@ impl Subject {
         }
     }
 
-    fn peer_binary(self) -> &'static str {
+    fn tool_binary(self) -> &'static str {
         match self {
             Subject::Tcplife => "tcplife",
+            Subject::Floor => "bpftrace",
             _ => "tcpstates",
         }
     }
 }
 
-/// Where a libbpf-tools binary is (Debian puts them in /usr/sbin).
-pub fn find_peer(s: Subject) -> Option<PathBuf> {
-    let name = s.peer_binary();
+/// The floor's program: count every transition, print nothing until the
+/// end (bpftrace prints `@n: N` when it exits).
+pub const FLOOR_PROGRAM: &str = "tracepoint:sock:inet_sock_set_state { @n = count(); }";
+
+/// Where a tool subject's binary is (Debian puts libbpf-tools in
+/// /usr/sbin, bpftrace in /usr/bin).
+pub fn find_tool(s: Subject) -> Option<PathBuf> {
+    find_binary(s.tool_binary())
+}
+
+/// A program in PATH or in the sbin directories (root's PATH may lack
+/// them).
+pub fn find_binary(name: &str) -> Option<PathBuf> {
     let path = std::env::var("PATH").unwrap_or_default();
     let found = path
         .split(':')
@@ -155,6 +193,8 @@ pub struct Measured {
     /// Records checked one by one (tracer JSON to a file).
     pub durations: Option<verify::DurationCheck>,
     pub output_bytes: u64,
+    /// SIGINT to its exit (reaped).
+    pub stop: Duration,
     pub exit: String,
     pub stderr_tail: Vec<String>,
 }
@@ -212,6 +252,7 @@ impl Measured {
             "tracer_stats": self.tracer_stats,
             "durations": self.durations.as_ref().map(verify::DurationCheck::to_json),
             "output_bytes": self.output_bytes,
+            "sigint_to_exit_s": self.stop.as_secs_f64(),
             "exit": self.exit,
             "stderr_tail": self.stderr_tail,
         })
@@ -222,7 +263,7 @@ const READY_TIMEOUT: Duration = Duration::from_secs(60);
 const STOP_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Starts `s` (not the baseline) and returns once it is ready.
-pub fn start(s: Subject, ctx: &Ctx, peer: Option<&Path>) -> Result<Running> {
+pub fn start(s: Subject, ctx: &Ctx, tool: Option<&Path>) -> Result<Running> {
     fs::create_dir_all(&ctx.out_dir)
         .with_context(|| format!("creating {}", ctx.out_dir.display()))?;
     let stdout = ctx.out_dir.join(format!("{}.out", s.key()));
@@ -238,8 +279,12 @@ pub fn start(s: Subject, ctx: &Ctx, peer: Option<&Path>) -> Result<Running> {
         }
         c.args(&ctx.extra_args);
         c
+    } else if s == Subject::Floor {
+        let mut c = Command::new(tool.context("bpftrace not found")?);
+        c.args(["-e", FLOOR_PROGRAM]);
+        c
     } else if s.is_peer() {
-        Command::new(peer.context("peer binary not found")?)
+        Command::new(tool.context("peer binary not found")?)
     } else {
         bail!("the baseline runs nothing");
     };
@@ -280,6 +325,9 @@ pub fn start(s: Subject, ctx: &Ctx, peer: Option<&Path>) -> Result<Running> {
             fs::read_to_string(&r.stderr)
                 .map(|t| t.contains("attached"))
                 .unwrap_or(false)
+        } else if s == Subject::Floor {
+            // bpftrace says "Attaching 1 probe..." before it attaches.
+            procfs::attached_to_tracepoint(pid, "inet_sock_set_state")
         } else {
             procfs::libbpf_tool_ready(pid)
         };
@@ -310,8 +358,9 @@ impl Running {
         reap(self.pid, true)
     }
 
-    /// Reads its program statistics and memory, stops it with SIGINT, and
-    /// reads what it printed.
+    /// Reads its program statistics and memory, stops it with SIGINT (and
+    /// times it: SIGINT to exit, polled every millisecond), and reads what
+    /// it printed.
     pub fn stop(mut self, ctx: &Ctx) -> Result<Measured> {
         let mut m = Measured {
             start: self.start,
@@ -336,8 +385,9 @@ impl Running {
                     STOP_TIMEOUT
                 );
             }
-            thread::sleep(Duration::from_millis(2));
+            thread::sleep(Duration::from_millis(1));
         };
+        m.stop = t0.elapsed();
         let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
         let cpu_total = tv(usage.ru_utime) + tv(usage.ru_stime);
         m.cpu_startup = self.cpu_at_ready;
@@ -373,6 +423,22 @@ impl Running {
             m.lost = stats.get("lost").and_then(Value::as_u64);
             m.tracer_stats = Some(stats);
             m.durations = scan.durations;
+        } else if self.subject == Subject::Floor {
+            if !clean {
+                bail!(
+                    "{} exited with {}: {}",
+                    self.subject.name(),
+                    m.exit,
+                    last_line(&self.stderr)
+                );
+            }
+            // A count map loses nothing; it prints no line if it never
+            // counted.
+            m.delivered = Some(
+                bpftrace_count(&fs::read_to_string(&self.stdout).unwrap_or_default(), "@n")
+                    .unwrap_or(0),
+            );
+            m.lost = Some(0);
         } else {
             // One line per event after a header line; lost events are
             // reported on stderr ("lost N events on CPU #k").
@@ -438,6 +504,14 @@ pub fn count_lines(path: &Path) -> Result<u64> {
     Ok(n)
 }
 
+/// The value of a bpftrace scalar map as printed at exit (`@n: 42`).
+pub fn bpftrace_count(text: &str, map: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        let v = l.trim().strip_prefix(map)?.strip_prefix(':')?;
+        v.trim().parse().ok()
+    })
+}
+
 /// Sum of libbpf-tools' "lost N events on CPU #k" warnings.
 pub fn lost_from_stderr(text: &str) -> u64 {
     text.lines()
@@ -449,11 +523,22 @@ pub fn lost_from_stderr(text: &str) -> u64 {
         .sum()
 }
 
+/// The tracer's start and stop with the load running.
+#[derive(Clone, Copy, Debug)]
+pub struct StartTrial {
+    /// Spawn to its "attached" line.
+    pub attached: Duration,
+    /// Spawn to the first event on its stdout.
+    pub first_event: Duration,
+    /// SIGINT to exit, the load still running.
+    pub stop: Duration,
+}
+
 /// Attach-to-first-event: the tracer (JSON transitions to a file) is
-/// started while the load runs; returns (spawn to its "attached" line,
-/// spawn to the first event on its stdout). The event may come first: the
-/// agent drains the ring buffer as soon as its loop starts.
-pub fn time_to_first_event(ctx: &Ctx) -> Result<(Duration, Duration)> {
+/// started while the load runs, and stopped as soon as its first event is
+/// out (the load still running). The event may come before the "attached"
+/// line: the agent drains the ring buffer as soon as its loop starts.
+pub fn time_to_first_event(ctx: &Ctx) -> Result<StartTrial> {
     let r = start(Subject::TracerJson, ctx, None)?;
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut f = File::open(&r.stdout)?;
@@ -470,9 +555,13 @@ pub fn time_to_first_event(ctx: &Ctx) -> Result<(Duration, Duration)> {
         },
     };
     let start = r.start;
-    r.stop(ctx)?;
+    let m = r.stop(ctx)?;
     let first = first.context("no event on the tracer's stdout within 10 s of attaching")?;
-    Ok((start, first))
+    Ok(StartTrial {
+        attached: start,
+        first_event: first,
+        stop: m.stop,
+    })
 }
 
 #[cfg(test)]
@@ -493,5 +582,14 @@ mod tests {
             "lost 12 events on CPU #0\nsomething else\nlost 3 events on CPU #1\nlost x events\n";
         assert_eq!(lost_from_stderr(err), 15);
         assert_eq!(lost_from_stderr(""), 0);
+    }
+
+    #[test]
+    fn bpftrace_map_at_exit() {
+        let out = "Attaching 1 probe...\n\n\n@n: 301819\n";
+        assert_eq!(bpftrace_count(out, "@n"), Some(301819));
+        assert_eq!(bpftrace_count(out, "@m"), None);
+        assert_eq!(bpftrace_count("Attaching 1 probe...\n", "@n"), None);
+        assert_eq!(bpftrace_count("@nn: 3\n", "@n"), None);
     }
 }

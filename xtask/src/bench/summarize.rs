@@ -1,27 +1,30 @@
-//! One row of the table per subject, from its runs.
+//! One row of the table per (load, subject), from its runs.
 //!
 //! In: every `RunRecord` in the order run (a subject's neighbours are the
-//! baselines before and after it in the same round). Out: a `Row`: rates
+//! baselines before and after it in the same load and round). Out: a
+//! `Row`: rates
 //! and ratios to the neighbouring baselines, events delivered, lost,
 //! skipped and unaccounted for, bad durations, kernel and agent time per
 //! event, memory and start time.
 
 use super::{
+    load::LoadKind,
     record::RunRecord,
     report::Row,
     stats::{self, Summary},
     subject::{Measured, Subject},
 };
 
-pub(super) fn summarize(s: Subject, runs: &[RunRecord], kernel_stats: bool) -> Row {
+pub(super) fn summarize(load: LoadKind, s: Subject, runs: &[RunRecord], kernel_stats: bool) -> Row {
     let mine: Vec<(usize, &RunRecord)> = runs
         .iter()
         .enumerate()
-        .filter(|(_, r)| r.subject == s)
+        .filter(|(_, r)| r.subject == s && r.load_kind == load)
         .collect();
     let ok: Vec<&RunRecord> = mine.iter().map(|(_, r)| *r).filter(|r| r.ok()).collect();
     let rates: Vec<f64> = ok.iter().filter_map(|r| r.rate()).collect();
     let mut row = Row {
+        load: load.name().to_string(),
         name: s.name().to_string(),
         runs: mine.len(),
         failed: mine.len() - ok.len(),
@@ -34,7 +37,9 @@ pub(super) fn summarize(s: Subject, runs: &[RunRecord], kernel_stats: bool) -> R
     let neighbour = |i: usize, before: bool| -> Option<f64> {
         let j = if before { i.checked_sub(1)? } else { i + 1 };
         let r = runs.get(j)?;
-        (r.subject == Subject::Baseline && r.round == runs[i].round)
+        (r.subject == Subject::Baseline
+            && r.round == runs[i].round
+            && r.load_kind == runs[i].load_kind)
             .then(|| r.rate())
             .flatten()
     };
@@ -88,6 +93,11 @@ pub(super) fn summarize(s: Subject, runs: &[RunRecord], kernel_stats: bool) -> R
         if kernel_stats {
             let ns: u64 = measured.iter().map(|(_, m)| m.kernel_run_time_ns()).sum();
             row.kernel_ns_per_event = Some(ns as f64 / transitions as f64);
+            let hits: u64 = measured
+                .iter()
+                .map(|(_, m)| m.progs.iter().map(|p| p.run_cnt).max().unwrap_or(0))
+                .sum();
+            row.kernel_ns_per_hit = (hits > 0).then(|| ns as f64 / hits as f64);
         }
         let cpu: f64 = measured.iter().map(|(_, m)| m.cpu_run.as_secs_f64()).sum();
         row.agent_us_per_event = Some(cpu * 1e6 / transitions as f64);
@@ -110,6 +120,12 @@ pub(super) fn summarize(s: Subject, runs: &[RunRecord], kernel_stats: bool) -> R
             .map(|(_, m)| m.start.as_secs_f64())
             .collect::<Vec<_>>(),
     );
+    row.stop_s = Summary::of(
+        &measured
+            .iter()
+            .map(|(_, m)| m.stop.as_secs_f64())
+            .collect::<Vec<_>>(),
+    );
     row
 }
 
@@ -124,6 +140,7 @@ mod tests {
 
     fn record(subject: Subject, round: u32, conns: u64, delivered: u64) -> RunRecord {
         RunRecord {
+            load_kind: LoadKind::Churn,
             round,
             subject,
             load: Some(LoadResult {
@@ -144,6 +161,7 @@ mod tests {
                 rss_idle_kib: Some(2048),
                 rss_peak_kib: Some(4096),
                 start: Duration::from_millis(70),
+                stop: Duration::from_millis(conns),
                 progs: vec![procfs::ProgStats {
                     id: 1,
                     name: None,
@@ -174,10 +192,10 @@ mod tests {
             failed,
             record(B, 2, 1000, 0),
         ];
-        let base = summarize(B, &runs, true);
+        let base = summarize(LoadKind::Churn, B, &runs, true);
         assert_eq!((base.runs, base.failed), (5, 0));
         assert_eq!(base.rate.unwrap().median, 120.0);
-        let x = summarize(X, &runs, true);
+        let x = summarize(LoadKind::Churn, X, &runs, true);
         assert_eq!((x.runs, x.failed), (3, 1));
         let ratio = x.ratio.unwrap();
         assert_eq!(ratio.n, 2);
@@ -187,11 +205,15 @@ mod tests {
         assert_eq!((x.lost, x.skipped), (Some(0), Some(2)));
         assert_eq!(x.unaccounted, Some(3));
         assert_eq!(x.kernel_ns_per_event, Some(500.0));
+        assert_eq!(x.kernel_ns_per_hit, Some(500.0));
         // 170 ms of CPU over 1700 events.
         assert!((x.agent_us_per_event.unwrap() - 100.0).abs() < 1e-9);
         assert_eq!((x.rss_idle_mib, x.rss_peak_mib), (Some(2.0), Some(4.0)));
         assert_eq!(x.bad_durations, Some((2, false)));
-        let no_stats = summarize(X, &runs, false);
+        // Stop times of the two good runs: 80 and 90 ms.
+        let stop = x.stop_s.unwrap();
+        assert_eq!((stop.n, stop.max), (2, 0.09));
+        let no_stats = summarize(LoadKind::Churn, X, &runs, false);
         assert_eq!(
             (no_stats.kernel_ns_per_event, no_stats.skipped),
             (None, None)

@@ -289,11 +289,14 @@ impl Cgroups {
         if id == 0 || self.why.is_some() {
             return true;
         }
+        // The common case, without reading the clock: named.
+        let known = self.known.get(&id);
+        if known.is_some_and(|k| k.named.is_some()) {
+            return true;
+        }
         let now = crate::clock::monotonic_ns();
-        if let Some(k) = self.known.get(&id) {
-            if k.named.is_some() || now < k.at_ns + RETRY_NS {
-                return true;
-            }
+        if known.is_some_and(|k| now < k.at_ns + RETRY_NS) {
+            return true;
         }
         match &mut self.source {
             Source::Inline(namer) => {

@@ -47,7 +47,8 @@ pub const EXPIRY_TOLERANCE_NS: u64 = 10_000_000;
 #[derive(Default, Debug)]
 pub struct Counters {
     pub polls: u64,
-    /// CPU time the worker spent on the polls.
+    /// What the polls cost: the worker's CPU time and the time their
+    /// answers took to apply.
     pub poll_ns: u64,
     pub errors: u64,
 }

@@ -125,6 +125,12 @@ pub struct BenchArgs {
     /// Keep the subjects' output in target/bench/run/ (it can be large).
     #[arg(long)]
     pub keep_output: bool,
+    /// Another tracer binary (an earlier build, copied out of
+    /// target/release) run beside this one in the same rounds: each tracer
+    /// subject is followed by its `other` twin, so before/after numbers
+    /// come from one run.
+    #[arg(long, value_name = "PATH")]
+    pub compare_tracer: Option<std::path::PathBuf>,
     /// Extra arguments for every tracer subject (e.g. `--tracer-arg=--attach
     /// --tracer-arg=tracepoint` to measure the classic path).
     #[arg(long = "tracer-arg", allow_hyphen_values = true)]
@@ -189,6 +195,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         .iter()
         .map(|l| Ctx {
             tracer: root.join("target/release/tracer"),
+            other_tracer: args.compare_tracer.clone(),
             out_dir: out_dir.join("run"),
             ports: l.load_ports(),
             keep_output: args.keep_output,

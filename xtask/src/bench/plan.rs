@@ -54,6 +54,15 @@ pub(super) fn plan(args: &BenchArgs) -> Result<Plan> {
     if args.no_peers {
         subjects.retain(|s| !s.is_peer());
     }
+    if let Some(path) = &args.compare_tracer {
+        if !path.is_file() {
+            bail!("--compare-tracer: {} is not a file", path.display());
+        }
+        subjects = subjects
+            .into_iter()
+            .flat_map(|s| std::iter::once(s).chain(s.other()))
+            .collect();
+    }
     let mut loads = Vec::new();
     for kind in LoadKind::parse_list(&args.load)? {
         let load = LoadConfig {

@@ -38,6 +38,11 @@ pub enum Subject {
     /// `--events none --summary`: only the aggregates (the per-state
     /// summary at exit) and the final stats.
     TracerNone,
+    /// The same three modes run by the binary of `--compare-tracer` (an
+    /// earlier build), for before/after numbers in one run.
+    OtherJson,
+    OtherConnections,
+    OtherNone,
     /// bpftrace counting every transition in a map: the least a program
     /// on this tracepoint costs.
     Floor,
@@ -56,12 +61,33 @@ impl Subject {
         Subject::Tcplife,
     ];
 
+    /// The `--compare-tracer` twin of a tracer subject.
+    pub fn other(self) -> Option<Subject> {
+        match self {
+            Subject::TracerJson => Some(Subject::OtherJson),
+            Subject::TracerConnections => Some(Subject::OtherConnections),
+            Subject::TracerNone => Some(Subject::OtherNone),
+            _ => None,
+        }
+    }
+
+    /// Run by the `--compare-tracer` binary.
+    pub fn is_other(self) -> bool {
+        matches!(
+            self,
+            Subject::OtherJson | Subject::OtherConnections | Subject::OtherNone
+        )
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Subject::Baseline => "baseline",
             Subject::TracerJson => "tracer json>file",
             Subject::TracerConnections => "tracer connections",
             Subject::TracerNone => "tracer none+summary",
+            Subject::OtherJson => "other json>file",
+            Subject::OtherConnections => "other connections",
+            Subject::OtherNone => "other none+summary",
             Subject::Floor => "floor (bpftrace count)",
             Subject::Tcpstates => "libbpf tcpstates",
             Subject::Tcplife => "libbpf tcplife",
@@ -75,6 +101,9 @@ impl Subject {
             Subject::TracerJson => "tracer-json",
             Subject::TracerConnections => "tracer-connections",
             Subject::TracerNone => "tracer-none",
+            Subject::OtherJson => "other-json",
+            Subject::OtherConnections => "other-connections",
+            Subject::OtherNone => "other-none",
             Subject::Floor => "floor",
             Subject::Tcpstates => "tcpstates",
             Subject::Tcplife => "tcplife",
@@ -89,7 +118,7 @@ impl Subject {
         matches!(
             self,
             Subject::TracerJson | Subject::TracerConnections | Subject::TracerNone
-        )
+        ) || self.is_other()
     }
 
     pub fn is_peer(self) -> bool {
@@ -112,8 +141,8 @@ impl Subject {
 
     fn tracer_events(self) -> &'static str {
         match self {
-            Subject::TracerConnections => "connections",
-            Subject::TracerNone => "none",
+            Subject::TracerConnections | Subject::OtherConnections => "connections",
+            Subject::TracerNone | Subject::OtherNone => "none",
             _ => "transitions",
         }
     }
@@ -151,6 +180,8 @@ pub fn find_binary(name: &str) -> Option<PathBuf> {
 
 pub struct Ctx {
     pub tracer: PathBuf,
+    /// `--compare-tracer`: another build, run as the `other` subjects.
+    pub other_tracer: Option<PathBuf>,
     pub out_dir: PathBuf,
     /// The tracer's `--port` filter: the load's server ports.
     pub ports: Vec<u16>,
@@ -269,9 +300,14 @@ pub fn start(s: Subject, ctx: &Ctx, tool: Option<&Path>) -> Result<Running> {
     let stdout = ctx.out_dir.join(format!("{}.out", s.key()));
     let stderr = ctx.out_dir.join(format!("{}.err", s.key()));
     let mut cmd = if s.is_tracer() {
-        let mut c = Command::new(&ctx.tracer);
+        let bin = if s.is_other() {
+            ctx.other_tracer.as_ref().context("--compare-tracer not given")?
+        } else {
+            &ctx.tracer
+        };
+        let mut c = Command::new(bin);
         c.args(["--output", "json", "--events", s.tracer_events(), "-v"]);
-        if s == Subject::TracerNone {
+        if matches!(s, Subject::TracerNone | Subject::OtherNone) {
             c.arg("--summary");
         }
         for p in &ctx.ports {

@@ -239,23 +239,32 @@ pub struct TaskSlot {
     pub cgroup: u64,
 }
 
-/// Transitions of one socket not yet delivered.
+/// Transitions of one socket not yet delivered. The steps come last: a
+/// record carries only the `nsteps` it holds ([`batch_event_len`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Batch {
-    pub steps: [Step; BATCH_STEPS],
-    pub owners: [TaskSlot; 2],
     pub nsteps: u8,
     pub nowners: u8,
     pub _pad: [u8; 6],
+    pub owners: [TaskSlot; 2],
+    pub steps: [Step; BATCH_STEPS],
 }
 
-/// Value of the BTF path's socket-local storage (`SOCK_STORE`).
+/// Value of the BTF path's socket-local storage when transitions are
+/// batched (`SOCK_STORE`): the timing, and the batch inside the record
+/// that will carry it (sent from there, as long as its steps).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SockState {
     pub timing: SockTiming,
-    pub batch: Batch,
+    pub event: BatchEvent,
+}
+
+/// Bytes of a [`BatchEvent`] that carries `nsteps` steps (the header's
+/// `len`): the steps it does not hold are not sent.
+pub const fn batch_event_len(nsteps: usize) -> usize {
+    core::mem::size_of::<BatchEvent>() - (BATCH_STEPS - nsteps) * core::mem::size_of::<Step>()
 }
 
 /// A socket's batch of transitions, delivered at its CLOSE, when a state
@@ -461,7 +470,12 @@ const _: () = assert!(core::mem::size_of::<TimewaitDeathEvent>() == 16 + 32 + 8 
 const _: () = assert!(core::mem::size_of::<Step>() == 24);
 const _: () = assert!(core::mem::size_of::<TaskSlot>() == 40);
 const _: () = assert!(core::mem::size_of::<Batch>() == 24 * BATCH_STEPS + 2 * 40 + 8);
-const _: () = assert!(core::mem::size_of::<SockState>() == 16 + core::mem::size_of::<Batch>());
+const _: () = assert!(core::mem::size_of::<SockState>() == 16 + core::mem::size_of::<BatchEvent>());
+// The steps end the record.
+const _: () = assert!(
+    core::mem::offset_of!(BatchEvent, batch) + core::mem::offset_of!(Batch, steps)
+        == batch_event_len(0)
+);
 const _: () =
     assert!(core::mem::size_of::<BatchEvent>() == 16 + 8 + 32 + 16 + core::mem::size_of::<Batch>());
 const _: () = assert!(core::mem::align_of::<BatchEvent>() <= 8);

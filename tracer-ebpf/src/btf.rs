@@ -36,7 +36,7 @@ use crate::{
     },
     transition::{batching, bump, count, on_transition, Skip, Socket},
 };
-use tracer_common::{counter, Batch, SockState, SockTiming, AF_INET6, IPPROTO_TCP};
+use tracer_common::{counter, BatchEvent, SockState, SockTiming, AF_INET6, IPPROTO_TCP};
 
 /// Per-socket timing and batch (`--events connections|none`). aya-ebpf's
 /// `SkStorage` only takes a socket from a `sock_addr` context, so the
@@ -214,12 +214,12 @@ impl Socket for Sock {
     }
 
     #[inline(always)]
-    fn batch(&self, slot: *mut SockTiming) -> Option<*mut Batch> {
+    fn batch(&self, slot: *mut SockTiming) -> Option<*mut BatchEvent> {
         if !batching() {
             return None;
         }
         let state = slot.cast::<SockState>();
-        Some(unsafe { ptr::addr_of_mut!((*state).batch) })
+        Some(unsafe { ptr::addr_of_mut!((*state).event) })
     }
 
     #[inline(always)]

@@ -22,7 +22,7 @@ use crate::{
     offsets,
     transition::{count, on_transition, Skip, Socket},
 };
-use tracer_common::{Batch, InetSockSetStateRecord, SockTiming, AF_INET6, IPPROTO_TCP};
+use tracer_common::{BatchEvent, InetSockSetStateRecord, SockTiming, AF_INET6, IPPROTO_TCP};
 
 /// When each socket entered its current state. Sized by the agent
 /// (`--max-sockets`); LRU so that sockets freed without a CLOSE transition
@@ -138,7 +138,7 @@ impl Socket for Record<'_> {
     }
 
     #[inline(always)]
-    fn batch(&self, _slot: *mut SockTiming) -> Option<*mut Batch> {
+    fn batch(&self, _slot: *mut SockTiming) -> Option<*mut BatchEvent> {
         None
     }
 

@@ -21,8 +21,8 @@ use aya_ebpf::{
 
 use crate::filter;
 use tracer_common::{
-    counter, tcp_state, Batch, BatchEvent, EventHeader, EventKind, SockTiming, TransitionEvent,
-    BATCH_STEPS, FLAG_OLD_STATE_KNOWN, FLAG_TASK,
+    batch_event_len, counter, tcp_state, BatchEvent, EventHeader, EventKind, SockTiming,
+    TransitionEvent, BATCH_STEPS, FLAG_OLD_STATE_KNOWN, FLAG_TASK,
 };
 
 /// Batch each socket's transitions (`--events connections|none`, where
@@ -73,10 +73,11 @@ pub(crate) trait Socket {
     fn insert_timing(&self, t: &SockTiming) -> bool;
     /// The socket reached CLOSE: its timing ends.
     fn forget_timing(&self, slot: Option<*mut SockTiming>);
-    /// The batch that goes with the timing `slot`, where the store keeps
-    /// one (socket-local storage: it is freed with the socket, so a batch
-    /// cannot outlive it unseen; an LRU entry could be evicted).
-    fn batch(&self, slot: *mut SockTiming) -> Option<*mut Batch>;
+    /// The record holding the batch that goes with the timing `slot`,
+    /// where the store keeps one (socket-local storage: it is freed with
+    /// the socket, so a batch cannot outlive it unseen; an LRU entry could
+    /// be evicted).
+    fn batch(&self, slot: *mut SockTiming) -> Option<*mut BatchEvent>;
 }
 
 /// Why a transition produced no record. Every variant but `NotTcp` is
@@ -253,14 +254,15 @@ impl Endpoints {
 #[inline(always)]
 fn add_to_batch<S: Socket>(
     s: &S,
-    b: &mut Batch,
+    ev: &mut BatchEvent,
     mut step: tracer_common::Step,
     at: &Endpoints,
 ) -> Result<(), Skip> {
     let task = in_owner_syscall(step.old, step.new);
-    if task && b.nowners as usize >= b.owners.len() {
-        send_batch(s, b, at);
+    if task && ev.batch.nowners as usize >= ev.batch.owners.len() {
+        send_batch(s, ev, at);
     }
+    let b = &mut ev.batch;
     if task {
         let i = b.nowners as usize;
         if let Some(slot) = b.owners.get_mut(i) {
@@ -284,60 +286,77 @@ fn add_to_batch<S: Socket>(
     }
     let watched = FLUSH_STATES.load() & (1u16 << (step.new & 15)) != 0;
     if step.new == tcp_state::CLOSE || watched || b.nsteps as usize >= BATCH_STEPS {
-        send_batch(s, b, at);
+        send_batch(s, ev, at);
     }
     Ok(())
 }
 
 /// Sends the socket's batch and empties it; if the ring buffer is full,
-/// its transitions are counted lost.
+/// its transitions are counted lost. The record is completed in place (in
+/// the socket's storage) and copied to the ring buffer as long as its
+/// steps: two steps take 208 bytes, not the 304 of six.
 #[inline(always)]
-fn send_batch<S: Socket>(s: &S, b: &mut Batch, at: &Endpoints) {
-    let n = u64::from(b.nsteps);
-    if n == 0 {
+fn send_batch<S: Socket>(s: &S, ev: &mut BatchEvent, at: &Endpoints) {
+    let nsteps = ev.batch.nsteps;
+    if nsteps == 0 {
         return;
     }
-    add(counter::BATCH_PENDING, n.wrapping_neg());
-    let reserved = EVENTS.reserve::<BatchEvent>(0);
-    let Some(mut entry) = reserved else {
-        b.nsteps = 0;
-        b.nowners = 0;
-        add(counter::RINGBUF_FULL, n);
-        return;
+    let n = if (nsteps as usize) < BATCH_STEPS {
+        nsteps as usize
+    } else {
+        BATCH_STEPS
     };
-    let ev = entry.as_mut_ptr();
+    add(counter::BATCH_PENDING, u64::from(nsteps).wrapping_neg());
+    let len = batch_event_len(n);
     let (netns, saddr, daddr) = at.read(s);
+    ev.header = EventHeader {
+        ts_ns: ev.batch.steps[0].ts_ns,
+        kind: EventKind::Batch as u32,
+        len: len as u32,
+    };
+    ev.skaddr = s.addr();
+    ev.sport = at.sport;
+    ev.dport = at.dport;
+    ev.family = at.family;
+    ev._pad = 0;
+    ev.netns = netns;
+    ev._reserved = 0;
     unsafe {
-        (*ev).header = EventHeader {
-            ts_ns: b.steps[0].ts_ns,
-            kind: EventKind::Batch as u32,
-            len: size_of::<BatchEvent>() as u32,
-        };
-        (*ev).skaddr = s.addr();
-        (*ev).sport = at.sport;
-        (*ev).dport = at.dport;
-        (*ev).family = at.family;
-        (*ev)._pad = 0;
-        (*ev).netns = netns;
-        (*ev)._reserved = 0;
         write_addresses(
-            ptr::addr_of_mut!((*ev).saddr),
-            ptr::addr_of_mut!((*ev).daddr),
+            ptr::addr_of_mut!(ev.saddr),
+            ptr::addr_of_mut!(ev.daddr),
             &saddr,
             &daddr,
         );
-        // Word by word: a struct copy could become a memcpy call.
-        let from = ptr::from_ref(b).cast::<u64>();
-        let to = ptr::addr_of_mut!((*ev).batch).cast::<u64>();
-        let mut w = 0;
-        while w < size_of::<Batch>() / 8 {
-            *to.add(w) = *from.add(w);
-            w += 1;
-        }
     }
-    b.nsteps = 0;
-    b.nowners = 0;
-    entry.submit(submit_flags(size_of::<BatchEvent>() as u64));
+    // SAFETY: `len` is at most the record's size (n <= BATCH_STEPS).
+    let bytes = unsafe { core::slice::from_raw_parts(ptr::from_ref(ev).cast::<u8>(), len) };
+    if EVENTS
+        .output::<[u8]>(bytes, output_flags(len as u64))
+        .is_err()
+    {
+        add(counter::RINGBUF_FULL, u64::from(nsteps));
+    }
+    ev.batch.nsteps = 0;
+    ev.batch.nowners = 0;
+}
+
+/// [`submit_flags`] for a record copied in with `bpf_ringbuf_output` (not
+/// counted in the unread data when the flags are chosen).
+#[inline(always)]
+fn output_flags(size: u64) -> u64 {
+    let threshold = WAKEUP_BYTES.load();
+    if threshold == 0 {
+        return BPF_RB_FORCE_WAKEUP as u64;
+    }
+    let before = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
+    let after = before + size + 8;
+    let flags = if before < threshold && after >= threshold {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    flags as u64
 }
 
 /// Ring buffer submit flags for a record of `size` bytes: wake the agent

@@ -385,20 +385,25 @@ impl Lifecycle {
                 continue;
             };
             let Some(mut tw) = c.timewait else { continue };
+            let expired = tw
+                .expires_ns
+                .filter(|&e| tw.seen && now + EXPIRY_TOLERANCE_NS >= e);
             let decided = if let Some(k) = tw.killed_ns {
                 // Killed early, seen by fentry, and no reuse followed.
                 Some((k, TimewaitEnd::Early, Source::Fentry))
-            } else if self.fentry && tw.seen && tw.missing_polls == 0 {
-                // Its death event may still wait in the ring buffer.
+            } else if let (Some(e), 0) = (expired, tw.missing_polls) {
+                Some((e, TimewaitEnd::Expired, Source::SockDiag))
+            } else if tw.missing_polls == 0 {
+                // Gone before its timer, or never seen: decided at the
+                // next poll, from what this one saw. A new connection that
+                // took its 4-tuple (a reuse) may still wait in the ring
+                // buffer; so may its death event, with fentry.
+                tw.missing_since_ns = now;
+                tw.missing_overflowed = overflowed;
                 None
             } else if tw.seen {
-                Some(match tw.expires_ns {
-                    Some(e) if now + EXPIRY_TOLERANCE_NS >= e => {
-                        (e, TimewaitEnd::Expired, Source::SockDiag)
-                    }
-                    _ => (now, TimewaitEnd::Early, Source::SockDiag),
-                })
-            } else if overflowed {
+                Some((tw.missing_since_ns, TimewaitEnd::Early, Source::SockDiag))
+            } else if tw.missing_overflowed {
                 Some((tw.closed_ns, TimewaitEnd::NotCreated, Source::SockDiag))
             } else {
                 Some((tw.closed_ns, TimewaitEnd::NotFound, Source::SockDiag))
@@ -549,38 +554,36 @@ mod tests {
         let c = active_close(&mut t, 3, 1003, 150);
         // `a` entered TIME_WAIT at 120 ms (its timer fires 60 s later);
         // `b` and `c` are not in the dump.
-        let r = l.apply_timewait(
-            &mut t,
-            answer(&q, vec![found(&a, TimeWait, 60_120 * MS)], false, 200),
-        );
+        let tw_a = || vec![found(&a, TimeWait, 60_120 * MS)];
+        let r = l.apply_timewait(&mut t, answer(&q, tw_a(), false, 200));
         assert_eq!(r.derived.len(), 1);
         let (d, _) = r.derived[0];
         assert_eq!((d.old, d.new, d.mono_ns), (FinWait2, TimeWait, 120 * MS));
         assert_eq!(d.old_state_ns, Some(20 * MS));
+        assert!(r.closed.is_empty(), "a first miss decides nothing yet");
+        assert_eq!(t.timewait_pending(), 3);
+
+        // Next poll: `b` missing again, with no new connection on its
+        // 4-tuple meanwhile: it had no timewait socket. `c` is missing in
+        // an overflowing namespace: a first miss.
+        let q = ask(&mut l, &mut t);
+        let r = l.apply_timewait(&mut t, answer(&q, tw_a(), true, 1_200));
+        assert!(r.derived.is_empty());
         assert_eq!(r.closed.len(), 1);
         let ended = t.take(r.closed[0]);
         assert_eq!(ended.key(), b);
         assert_eq!(ended.timewait.unwrap().end, Some(TimewaitEnd::NotFound));
-        assert_eq!(
-            t.timewait_pending(),
-            2,
-            "a waits out its TIME_WAIT; c is not judged yet"
-        );
-
-        // Next poll: `a` still there (nothing new), `c` gone in an
-        // overflowing namespace: no timewait socket was made for it.
+        // Then `c`: no timewait socket was made for it (the overflow seen
+        // at its first miss).
         let q = ask(&mut l, &mut t);
-        let r = l.apply_timewait(
-            &mut t,
-            answer(&q, vec![found(&a, TimeWait, 60_120 * MS)], true, 1200),
-        );
-        assert!(r.derived.is_empty());
+        let r = l.apply_timewait(&mut t, answer(&q, tw_a(), false, 2_200));
         assert_eq!(r.closed.len(), 1);
         let ended = t.take(r.closed[0]);
         assert_eq!(ended.key(), c);
         assert_eq!(ended.timewait.unwrap().end, Some(TimewaitEnd::NotCreated));
+        assert_eq!(t.timewait_pending(), 1, "a waits out its TIME_WAIT");
 
-        // After its expiry `a` is gone: it expired at its timer.
+        // After its expiry `a` is gone: it expired at its timer, at once.
         let q = ask(&mut l, &mut t);
         let r = l.apply_timewait(&mut t, answer(&q, vec![], false, 61_000));
         assert_eq!(r.closed.len(), 1);
@@ -606,18 +609,63 @@ mod tests {
             .collect();
         let r = l.apply_timewait(&mut t, answer(&q, all, false, 150));
         assert!(r.closed.is_empty() && r.derived.is_empty());
+        let rest = || {
+            keys[1..]
+                .iter()
+                .map(|k| found(k, TimeWait, 60_300 * MS))
+                .collect()
+        };
         let q = ask(&mut l, &mut t);
-        let rest = keys[1..]
-            .iter()
-            .map(|k| found(k, TimeWait, 60_300 * MS))
-            .collect();
-        let r = l.apply_timewait(&mut t, answer(&q, rest, false, 1_000));
+        let r = l.apply_timewait(&mut t, answer(&q, rest(), false, 1_000));
         let entered = r.derived.iter().filter(|(d, _)| d.new == TimeWait).count();
         assert_eq!(entered, 19, "19 entered TIME_WAIT");
+        assert!(r.closed.is_empty());
+        let q = ask(&mut l, &mut t);
+        let r = l.apply_timewait(&mut t, answer(&q, rest(), false, 2_000));
         assert_eq!(r.closed.len(), 1);
         let ended = t.take(r.closed[0]);
         assert_eq!(ended.key(), keys[0]);
         assert_eq!(ended.timewait.unwrap().end, Some(TimewaitEnd::Early));
+        assert_eq!(
+            ended.state_since_ns,
+            1_000 * MS,
+            "dated by the poll that first missed it"
+        );
+    }
+
+    /// A poll may miss a timewait socket whose 4-tuple a new connection
+    /// just took, before the agent reads that connection's transitions:
+    /// the reuse still ends it.
+    #[test]
+    fn a_reuse_read_after_a_missing_poll_is_still_a_reuse() {
+        let mut t = Tracker::new(64);
+        let mut l = Lifecycle::detached();
+        let a = active_close(&mut t, 1, 1001, 100);
+        let q = ask(&mut l, &mut t);
+        l.apply_timewait(
+            &mut t,
+            answer(&q, vec![found(&a, TimeWait, 60_100 * MS)], false, 200),
+        );
+        let q = ask(&mut l, &mut t);
+        assert!(l
+            .apply_timewait(&mut t, answer(&q, vec![], false, 2_300))
+            .closed
+            .is_empty());
+        let again = |at: u64, old, new, known: Option<u64>| Transition {
+            mono_ns: at * MS,
+            sock: 9,
+            lport: 1001,
+            old,
+            new,
+            old_state_ns: known.map(|k| k * MS),
+            ..sample()
+        };
+        t.on_transition(&again(2_200, Close, SynSent, None));
+        let o = t.on_transition(&again(2_201, SynSent, Established, Some(1)));
+        assert_eq!(o.closed.len(), 1);
+        let ended = t.take(o.closed[0]);
+        assert_eq!(ended.timewait.unwrap().end, Some(TimewaitEnd::Reused));
+        assert_eq!(ended.state_since_ns, 2_200 * MS);
     }
 
     #[test]

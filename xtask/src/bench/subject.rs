@@ -301,7 +301,9 @@ pub fn start(s: Subject, ctx: &Ctx, tool: Option<&Path>) -> Result<Running> {
     let stderr = ctx.out_dir.join(format!("{}.err", s.key()));
     let mut cmd = if s.is_tracer() {
         let bin = if s.is_other() {
-            ctx.other_tracer.as_ref().context("--compare-tracer not given")?
+            ctx.other_tracer
+                .as_ref()
+                .context("--compare-tracer not given")?
         } else {
             &ctx.tracer
         };

@@ -13,9 +13,9 @@ use std::mem::offset_of;
 
 use thiserror::Error;
 use tracer_common::{
-    BatchEvent, EventHeader, EventKind, ResetEvent, Step, TaskSlot, TimewaitDeathEvent,
-    TransitionEvent, AF_INET, AF_INET6, BATCH_STEPS, FLAG_OLD_STATE_KNOWN, FLAG_TASK,
-    RESET_RECEIVED, RESET_SENT,
+    batch_event_len, BatchEvent, EventHeader, EventKind, ResetEvent, Step, TaskSlot,
+    TimewaitDeathEvent, TransitionEvent, AF_INET, AF_INET6, BATCH_STEPS, FLAG_OLD_STATE_KNOWN,
+    FLAG_TASK, RESET_RECEIVED, RESET_SENT,
 };
 
 /// A TCP state, numbered as in the kernel's `include/net/tcp_states.h`.
@@ -272,8 +272,9 @@ pub enum Record<'a> {
     Reset(Reset),
 }
 
-/// A validated [`BatchEvent`] in the ring buffer: up to [`BATCH_STEPS`]
-/// transitions of one socket with the batch's endpoints.
+/// A validated [`BatchEvent`] in the ring buffer (as long as its steps:
+/// [`batch_event_len`]): up to [`BATCH_STEPS`] transitions of one socket
+/// with the batch's endpoints.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BatchView<'a> {
     bytes: &'a [u8],
@@ -396,9 +397,16 @@ pub fn decode_reset(bytes: &[u8]) -> Result<Reset, DecodeError> {
 /// Checks a batch record (its length, family, step count, every step's
 /// states and task index) and returns a view of it.
 pub fn decode_batch(bytes: &[u8]) -> Result<BatchView<'_>, DecodeError> {
-    let want = size_of::<BatchEvent>();
     let header: EventHeader = read(bytes).ok_or(DecodeError::ShortHeader(bytes.len()))?;
-    check_len(bytes, &header, want)?;
+    // Up to the steps, whose count says how long the record is.
+    let fixed = batch_event_len(0);
+    if bytes.len() < fixed {
+        return Err(DecodeError::BadLength {
+            kind: header.kind,
+            got: bytes.len(),
+            want: fixed,
+        });
+    }
     let short = || DecodeError::ShortHeader(bytes.len());
     let prefix: BatchPrefix = read(bytes).ok_or_else(short)?;
     let family = family_of(prefix.family)?;
@@ -411,6 +419,7 @@ pub fn decode_batch(bytes: &[u8]) -> Result<BatchView<'_>, DecodeError> {
     if n == 0 || n > BATCH_STEPS {
         return Err(DecodeError::BadSteps(counts[0]));
     }
+    check_len(bytes, &header, batch_event_len(n))?;
     let view = BatchView {
         bytes,
         mono_ns: prefix.header.ts_ns,

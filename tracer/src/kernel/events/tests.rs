@@ -85,11 +85,13 @@ fn batch_bytes(nsteps: u8) -> Vec<u8> {
     b.steps[2] = step(900, TcpState::FinWait1, TcpState::FinWait2, 0, 0);
     let mut saddr = [0u8; 16];
     saddr[..4].copy_from_slice(&[127, 0, 0, 1]);
+    // As the kernel sends it: as long as its steps.
+    let len = tracer_common::batch_event_len(usize::from(nsteps).min(6));
     let ev = BatchEvent {
         header: EventHeader {
             ts_ns: 100,
             kind: EventKind::Batch as u32,
-            len: size_of::<BatchEvent>() as u32,
+            len: len as u32,
         },
         skaddr: 0xabc,
         saddr,
@@ -102,13 +104,7 @@ fn batch_bytes(nsteps: u8) -> Vec<u8> {
         ..Default::default()
     };
     // SAFETY: `BatchEvent` is `#[repr(C)]` without padding.
-    unsafe {
-        std::slice::from_raw_parts(
-            (&ev as *const BatchEvent).cast::<u8>(),
-            size_of::<BatchEvent>(),
-        )
-    }
-    .to_vec()
+    unsafe { std::slice::from_raw_parts((&ev as *const BatchEvent).cast::<u8>(), len) }.to_vec()
 }
 
 #[test]
@@ -142,6 +138,13 @@ fn bad_batches_are_rejected() {
     let bytes = batch_bytes(3);
     assert!(matches!(
         decode_record(&bytes[..bytes.len() - 8]),
+        Err(DecodeError::BadLength { .. })
+    ));
+    // A header that claims other than its steps' length.
+    let mut wrong = batch_bytes(2);
+    wrong[12..16].copy_from_slice(&(tracer_common::batch_event_len(3) as u32).to_ne_bytes());
+    assert!(matches!(
+        decode_record(&wrong),
         Err(DecodeError::BadLength { .. })
     ));
 }

@@ -67,8 +67,12 @@ pub struct Timewait {
     pub end: Option<TimewaitEnd>,
     /// When the fentry program saw it die (kernels with fentry).
     pub killed_ns: Option<u64>,
-    /// Polls that found it gone before its death event arrived.
+    /// Polls that found it gone (it is decided at the second).
     pub missing_polls: u8,
+    /// When the first poll that found it gone ran, and whether its
+    /// namespace had overflowed then.
+    pub missing_since_ns: u64,
+    pub missing_overflowed: bool,
     /// The last timewait poll that found it (see `lifecycle.rs`).
     pub found_in_poll: u32,
 }

@@ -88,6 +88,9 @@ fn handled_by_first(ctx: &BtfTracePointContext) -> bool {
     }
 }
 
+// Inlined: a call with the context as argument is refused by older
+// verifiers (6.1: "reg type unsupported for arg#0").
+#[inline(always)]
 fn try_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), Skip> {
     let sk: *const u8 = ctx.arg(0);
     if sk.is_null() {

@@ -307,12 +307,11 @@ fn send_batch<S: Socket>(s: &S, ev: &mut BatchEvent, at: &Endpoints) {
         BATCH_STEPS
     };
     add(counter::BATCH_PENDING, u64::from(nsteps).wrapping_neg());
-    let len = batch_event_len(n);
     let (netns, saddr, daddr) = at.read(s);
     ev.header = EventHeader {
         ts_ns: ev.batch.steps[0].ts_ns,
         kind: EventKind::Batch as u32,
-        len: len as u32,
+        len: batch_event_len(n) as u32,
     };
     ev.skaddr = s.addr();
     ev.sport = at.sport;
@@ -329,16 +328,32 @@ fn send_batch<S: Socket>(s: &S, ev: &mut BatchEvent, at: &Endpoints) {
             &daddr,
         );
     }
-    // SAFETY: `len` is at most the record's size (n <= BATCH_STEPS).
-    let bytes = unsafe { core::slice::from_raw_parts(ptr::from_ref(ev).cast::<u8>(), len) };
-    if EVENTS
-        .output::<[u8]>(bytes, output_flags(len as u64))
-        .is_err()
-    {
+    // A constant length per step count: the verifier of older kernels
+    // (6.1) loses a computed length's bounds when it is spilled.
+    let sent = match n {
+        1 => output_batch(ev, batch_event_len(1)),
+        2 => output_batch(ev, batch_event_len(2)),
+        3 => output_batch(ev, batch_event_len(3)),
+        4 => output_batch(ev, batch_event_len(4)),
+        5 => output_batch(ev, batch_event_len(5)),
+        _ => output_batch(ev, batch_event_len(BATCH_STEPS)),
+    };
+    if !sent {
         add(counter::RINGBUF_FULL, u64::from(nsteps));
     }
     ev.batch.nsteps = 0;
     ev.batch.nowners = 0;
+}
+
+/// Copies the first `len` bytes of the batch record to the ring buffer.
+#[inline(always)]
+fn output_batch(ev: &BatchEvent, len: usize) -> bool {
+    // SAFETY: `len` is at most the record's size (callers pass
+    // `batch_event_len` of at most BATCH_STEPS).
+    let bytes = unsafe { core::slice::from_raw_parts(ptr::from_ref(ev).cast::<u8>(), len) };
+    EVENTS
+        .output::<[u8]>(bytes, output_flags(len as u64))
+        .is_ok()
 }
 
 /// [`submit_flags`] for a record copied in with `bpf_ringbuf_output` (not

@@ -541,6 +541,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 }
                 done = done_rx.recv() => match done {
                     Some(Done::Timewait(dump)) => {
+                        // First what the kernel sent before the answer
+                        // came: a new connection on a dumped-out 4-tuple
+                        // must be seen as its reuse, not its early end.
+                        pipeline.drain(ring.get_mut())?;
                         // The poll's cost: the worker's dump and the
                         // answer's application here.
                         let applying = std::time::Instant::now();

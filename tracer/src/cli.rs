@@ -113,8 +113,11 @@ pub struct Args {
     #[arg(long, default_value = "0", value_parser = parse_duration_or_zero, value_name = "D")]
     pub fin_wait2: Duration,
 
-    /// Sockets timed at once, in the kernel and in the agent. Each costs
-    /// about 100 bytes of kernel memory and 200 bytes in the agent.
+    /// Connections the agent follows at once (more are counted as
+    /// `untracked`): about 450 bytes of agent memory each. On the classic
+    /// tracepoint path it also sizes the kernel's timing table (about 80
+    /// bytes a socket); on the BTF path the kernel keeps each socket's
+    /// timing with the socket itself (see the README's Memory).
     #[arg(long, default_value_t = 65536, value_parser = clap::value_parser!(u32).range(64..=16_777_216))]
     pub max_sockets: u32,
 

@@ -388,10 +388,10 @@ impl Lifecycle {
             let expired = tw
                 .expires_ns
                 .filter(|&e| tw.seen && now + EXPIRY_TOLERANCE_NS >= e);
-            let decided = if let Some(k) = tw.killed_ns {
+            let decided = if let (Some(k), 1..) = (tw.killed_ns, tw.missing_polls) {
                 // Killed early, seen by fentry, and no reuse followed.
                 Some((k, TimewaitEnd::Early, Source::Fentry))
-            } else if let (Some(e), 0) = (expired, tw.missing_polls) {
+            } else if let (Some(e), 0, None) = (expired, tw.missing_polls, tw.killed_ns) {
                 Some((e, TimewaitEnd::Expired, Source::SockDiag))
             } else if tw.missing_polls == 0 {
                 // Gone before its timer, or never seen: decided at the

@@ -295,7 +295,9 @@ pub mod counter {
     pub const FILTERED: u32 = 1;
     /// Ring buffer reservations that failed: events lost.
     pub const RINGBUF_FULL: u32 = 2;
-    /// Updates of the per-socket timing map that failed.
+    /// Updates of the per-socket timing map that failed (on the BTF path:
+    /// socket storage that could not be created, for lack of memory; the
+    /// transition is still sent, once, without its duration).
     pub const TIMING_UPDATE_FAILED: u32 = 3;
     /// A timing entry was found whose state was not the transition's old
     /// state (an earlier transition was missed, or a stale entry of a freed
@@ -316,7 +318,12 @@ pub mod counter {
     /// Resets sent for a segment no socket matched (a SYN or segment to a
     /// closed port): counted, not sent to the agent.
     pub const RESET_NO_SOCKET: u32 = 9;
-    pub const COUNT: u32 = 10;
+    /// Reset records lost to a full ring buffer ([`RINGBUF_FULL`] counts
+    /// transitions only).
+    pub const RESETS_LOST: u32 = 10;
+    /// Timewait death records lost to a full ring buffer.
+    pub const TIMEWAIT_DEATHS_LOST: u32 = 11;
+    pub const COUNT: u32 = 12;
 }
 
 /// Value of the per-socket timing map (`SOCK_TIMING`), keyed by socket

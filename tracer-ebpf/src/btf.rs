@@ -22,10 +22,10 @@
 use core::{ffi::c_void, ptr};
 
 use aya_ebpf::{
-    bindings::BPF_SK_STORAGE_GET_F_CREATE,
-    btf_maps::SkStorage,
+    bindings::{bpf_map_type, BPF_F_CLONE, BPF_F_NO_PREALLOC, BPF_SK_STORAGE_GET_F_CREATE},
     helpers::{bpf_probe_read_kernel, generated::bpf_sk_storage_get},
-    macros::{btf_map, btf_tracepoint},
+    macros::{btf_map, btf_tracepoint, map},
+    maps::LruHashMap,
     programs::BtfTracePointContext,
 };
 
@@ -40,16 +40,50 @@ use tracer_common::{counter, BatchEvent, SockState, SockTiming, AF_INET6, IPPROT
 
 /// Per-socket timing and batch (`--events connections|none`). aya-ebpf's
 /// `SkStorage` only takes a socket from a `sock_addr` context, so the
-/// helper is called directly with the map's address (what its private
-/// `as_ptr` returns).
+/// helper is called directly with the map's address.
 #[btf_map]
-static SOCK_STORE: SkStorage<SockState> = SkStorage::new();
+static SOCK_STORE: ClonedSkStorage<SockState> = ClonedSkStorage::new();
+
+/// Sockets whose storage the first copy could not create (no memory),
+/// for the second copy: it must not take that hit for a skipped one and
+/// send it again. Preallocated, so it works when memory is short.
+#[map]
+static STORAGE_FAILED: LruHashMap<u64, u8> = LruHashMap::with_max_entries(1024, 0);
 
 /// Per-socket timing alone, where transitions are sent one by one: 16
 /// bytes a socket instead of the batch's 250 (the storage is allocated
 /// for every socket the kernel creates, and zeroed).
 #[btf_map]
-static SOCK_TIMING_STORE: SkStorage<SockTiming> = SkStorage::new();
+static SOCK_TIMING_STORE: ClonedSkStorage<SockTiming> = ClonedSkStorage::new();
+
+/// A socket storage map whose values the kernel copies from a listener to
+/// each socket it accepts (`BPF_F_CLONE`): the accepted socket starts with
+/// its own listener's owner verdict. aya-ebpf's `SkStorage` has fixed
+/// flags; this is the same BTF map definition with the clone flag.
+#[repr(C)]
+struct ClonedSkStorage<T> {
+    r#type: *const [i32; bpf_map_type::BPF_MAP_TYPE_SK_STORAGE as usize],
+    key: *const i32,
+    value: *const T,
+    max_entries: *const [i32; 0],
+    map_flags: *const [i32; (BPF_F_NO_PREALLOC | BPF_F_CLONE) as usize],
+}
+
+// SAFETY: placeholder pointers the loader reads from BTF; never
+// dereferenced.
+unsafe impl<T> Sync for ClonedSkStorage<T> {}
+
+impl<T> ClonedSkStorage<T> {
+    const fn new() -> Self {
+        ClonedSkStorage {
+            r#type: ptr::null(),
+            key: ptr::null(),
+            value: ptr::null(),
+            max_entries: ptr::null(),
+            map_flags: ptr::null(),
+        }
+    }
+}
 
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn sock_set_state(ctx: BtfTracePointContext) -> i32 {
@@ -84,7 +118,16 @@ fn handled_by_first(ctx: &BtfTracePointContext) -> bool {
             let state = unsafe { (*t).state };
             state == newstate as u8
         }
-        None => false,
+        // No storage: the first copy was skipped on a socket it had not
+        // seen yet, or it could not create the storage (and left a note).
+        None => {
+            let key = sk as u64;
+            let noted = unsafe { STORAGE_FAILED.get(&key) }.is_some();
+            if noted {
+                let _ = STORAGE_FAILED.remove(&key);
+            }
+            noted
+        }
     }
 }
 
@@ -207,13 +250,20 @@ impl Socket for Sock {
         let p =
             unsafe { bpf_sk_storage_get(map, self.sk.cast_mut().cast(), ptr::null_mut(), flags) };
         let p = p.cast::<SockTiming>();
+        if p.is_null() && create {
+            // Out of memory: counted here, once; the note keeps the second
+            // copy from sending the transition again.
+            bump(counter::TIMING_UPDATE_FAILED);
+            let _ = STORAGE_FAILED.insert(&(self.sk as u64), &1, 0);
+        }
         (!p.is_null()).then_some(p)
     }
 
     #[inline(always)]
     fn insert_timing(&self, _t: &SockTiming) -> bool {
-        // `timing(true)` could not make a slot (out of memory).
-        false
+        // `timing(true)` could not make a slot (out of memory), and
+        // counted it.
+        true
     }
 
     #[inline(always)]

@@ -61,10 +61,11 @@ fn has_port(set: &Array<u64>, port: u16) -> bool {
 static LADDR_FILTER: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(MAX_FILTER_PREFIXES, 0);
 #[map]
 static RADDR_FILTER: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(MAX_FILTER_PREFIXES, 0);
-/// Listening sockets whose owner passed the owner filter, by namespace and
-/// port: the sockets they accept pass too.
+/// Selected listening sockets (their owner passed the owner filter) per
+/// namespace and port: the sockets they accept pass too, where no socket
+/// storage carries the listener's own verdict (see `account_time`).
 #[map]
-static LISTENERS: HashMap<ListenerKey, u8> = HashMap::with_max_entries(MAX_LISTENERS, 0);
+static LISTENERS: HashMap<ListenerKey, u64> = HashMap::with_max_entries(MAX_LISTENERS, 0);
 
 /// cgroup v2 ids of `--cgroup`/`--container`. Filled before attach and
 /// never changed; the agent refuses more than `MAX_FILTER_CGROUPS`.
@@ -204,28 +205,44 @@ pub fn listener_selected(netns: u32, port: u16) -> bool {
     .is_some()
 }
 
-/// False when the table is full (the caller counts it): this listener's
-/// children then pass only once their owner closes them.
+/// Counts one more selected listener on (`netns`, `port`). False when
+/// the table is full (the caller counts it): this listener's children
+/// then pass only once their owner closes them.
 pub fn remember_listener(netns: u32, port: u16) -> bool {
-    LISTENERS
-        .insert(
-            &ListenerKey {
-                netns,
-                port,
-                _pad: 0,
-            },
-            &1,
-            0,
-        )
-        .is_ok()
-}
-
-pub fn forget_listener(netns: u32, port: u16) {
-    let _ = LISTENERS.remove(&ListenerKey {
+    let key = ListenerKey {
         netns,
         port,
         _pad: 0,
-    });
+    };
+    if let Some(n) = LISTENERS.get_ptr_mut(&key) {
+        // Not atomic (the BPF target has no atomic read-modify-write in
+        // `core`): two selected listeners of one port opening on two CPUs
+        // at the same instant may count once. This table only serves
+        // listeners no socket storage speaks for.
+        unsafe { *n += 1 };
+        return true;
+    }
+    LISTENERS.insert(&key, &1, 0).is_ok()
+}
+
+/// One selected listener on (`netns`, `port`) fewer; the entry goes with
+/// the last.
+pub fn forget_listener(netns: u32, port: u16) {
+    let key = ListenerKey {
+        netns,
+        port,
+        _pad: 0,
+    };
+    let Some(n) = LISTENERS.get_ptr_mut(&key) else {
+        return;
+    };
+    // SAFETY: a map value; not atomic, as above.
+    let before = unsafe { *n };
+    if before <= 1 {
+        let _ = LISTENERS.remove(&key);
+    } else {
+        unsafe { *n = before - 1 };
+    }
 }
 
 /// 16 address bytes for the CIDR tries: IPv4 as `::ffff:a.b.c.d`.

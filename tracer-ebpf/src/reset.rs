@@ -50,7 +50,7 @@ fn report(result: Result<(), Skip>) {
     match result {
         Ok(()) => {}
         Err(Skip::NoSocket) => bump(counter::RESET_NO_SOCKET),
-        Err(Skip::RingBufFull) => bump(counter::RINGBUF_FULL),
+        Err(Skip::RingBufFull) => bump(counter::RESETS_LOST),
     }
 }
 

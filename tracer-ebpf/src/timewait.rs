@@ -31,7 +31,7 @@ pub fn timewait_kill(ctx: FEntryContext) -> u32 {
     match try_timewait_kill(&ctx) {
         Ok(()) => {}
         Err(Skip::Unreadable) => bump(counter::TIMEWAIT_UNREADABLE),
-        Err(Skip::RingBufFull) => bump(counter::RINGBUF_FULL),
+        Err(Skip::RingBufFull) => bump(counter::TIMEWAIT_DEATHS_LOST),
     }
     0
 }

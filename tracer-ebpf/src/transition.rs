@@ -424,9 +424,27 @@ fn account_time<S: Socket>(
     // second BTF copy reads the state it leaves.
     let slot = s.timing(true);
     let mut selected = false;
+    // An accepted socket's storage, where the store clones it from the
+    // listener (socket storage), is its listener's: the owner filter's
+    // verdict of that very listener (SO_REUSEPORT listeners of different
+    // owners on one port keep theirs), but not its timing, nor a batch.
+    let accepted = oldstate == tcp_state::LISTEN && newstate == tcp_state::SYN_RECV;
+    let mut inherited = false;
     let elapsed = slot.and_then(|t| {
-        let t = unsafe { &*t };
-        if t.state == oldstate {
+        let t = unsafe { &mut *t };
+        if accepted {
+            if t.state == tcp_state::LISTEN {
+                selected = t.selected != 0;
+                inherited = true;
+                if let Some(b) = s.batch(t) {
+                    unsafe {
+                        (*b).batch.nsteps = 0;
+                        (*b).batch.nowners = 0;
+                    }
+                }
+            }
+            None
+        } else if t.state == oldstate {
             selected = t.selected != 0;
             // The CLOSE before connect/listen is no part of a life.
             (oldstate != tcp_state::CLOSE).then(|| now.saturating_sub(t.entered_ns))
@@ -443,16 +461,19 @@ fn account_time<S: Socket>(
         if in_owner_syscall(oldstate, newstate) && filter::current_task_matches(tgid) {
             selected = true;
         }
+        // The listener table, by namespace and port: for listeners whose
+        // verdict no storage carries (older than the tracer, or the classic
+        // path); it counts each port's selected listeners.
         let listener = (oldstate == tcp_state::LISTEN) || (newstate == tcp_state::LISTEN);
         if listener {
             let ns = *netns.get_or_insert_with(|| s.netns());
-            if oldstate == tcp_state::LISTEN && newstate == tcp_state::SYN_RECV {
+            if accepted && !inherited {
                 selected = filter::listener_selected(ns, sport);
             }
             if newstate == tcp_state::LISTEN && selected && !filter::remember_listener(ns, sport) {
                 bump(counter::LISTENERS_FULL);
             }
-            if oldstate == tcp_state::LISTEN && newstate == tcp_state::CLOSE {
+            if oldstate == tcp_state::LISTEN && newstate == tcp_state::CLOSE && selected {
                 filter::forget_listener(ns, sport);
             }
         }

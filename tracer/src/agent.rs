@@ -35,7 +35,9 @@ pub struct Pipeline<W: RecordWrite> {
     pub tracker: Tracker,
     pub out: Output<W>,
     pub events: u64,
+    /// Transitions in records that could not be decoded, and the records.
     pub unreadable: u64,
+    pub unreadable_records: u64,
     /// Aggregations fed by every transition (--summary, --metrics).
     pub observers: Observers,
     /// Resets joined to connections; closed connections wait there for
@@ -74,8 +76,9 @@ impl<W: RecordWrite> Pipeline<W> {
                 Ok(())
             }
             Err(e) => {
-                self.unreadable += 1;
-                if self.unreadable == 1 {
+                self.unreadable_records += 1;
+                self.unreadable += events::transitions_claimed(bytes);
+                if self.unreadable_records == 1 {
                     log::warn!("unreadable record ({e}); counted in the stats");
                 }
                 Ok(())
@@ -155,7 +158,7 @@ impl<W: RecordWrite> Pipeline<W> {
 
     /// Writes the held records whose reset grace is over.
     fn release_held(&mut self, drain_start_ns: u64) -> io::Result<()> {
-        while let Some(id) = self.resets.pop_due(drain_start_ns) {
+        while let Some(id) = self.resets.pop_due(drain_start_ns, &self.tracker) {
             self.write_connection(id)?;
         }
         self.resets.expire_pending(drain_start_ns);
@@ -164,7 +167,7 @@ impl<W: RecordWrite> Pipeline<W> {
 
     /// At exit: every held record.
     pub fn release_all(&mut self) -> io::Result<()> {
-        while let Some(id) = self.resets.pop_any() {
+        while let Some(id) = self.resets.pop_any(&self.tracker) {
             self.write_connection(id)?;
         }
         Ok(())
@@ -307,9 +310,12 @@ impl<W: RecordWrite> Pipeline<W> {
         Stats {
             events: self.events,
             lost: kernel.ringbuf_full,
+            lost_resets: kernel.resets_lost,
+            lost_timewait_deaths: kernel.timewait_deaths_lost,
             seen: kernel.seen,
             filtered: kernel.filtered,
             unreadable: self.unreadable,
+            unreadable_records: self.unreadable_records,
             timing_map_full: kernel.timing_update_failed,
             timing_stale: kernel.timing_stale,
             listeners_full: kernel.listeners_full,
@@ -320,6 +326,7 @@ impl<W: RecordWrite> Pipeline<W> {
             pending: kernel.batch_pending,
             untracked: self.tracker.untracked,
             gaps: self.tracker.gaps,
+            replaced: self.tracker.replaced,
             ..Default::default()
         }
     }
@@ -429,6 +436,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .with_cgroups(cgroups, args.wide),
         events: 0,
         unreadable: 0,
+        unreadable_records: 0,
         observers: Observers::new(Summary::from_args(&args.summary), metrics),
         resets: Resets::new(probe.capabilities.resets),
         drain_began: None,
@@ -512,6 +520,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             None => std::future::pending().await,
         }
     });
+    let mut namespaces_released = 0u64;
     let mut tick = interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut last_lost = 0;
@@ -557,6 +566,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                         let next = timewait_interval(args.timewait_interval, cost);
                         timewait_due.as_mut().reset(tokio::time::Instant::now() + next);
                     }
+                    Some(Done::Released(n)) => namespaces_released += n,
                     Some(Done::Holders { found, errors, .. }) => {
                         lifecycle.counters.errors += errors;
                         for (conn, holders) in &found {
@@ -716,6 +726,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     stats.timewait_polls = lifecycle.counters.polls;
     stats.timewait_poll_ns = lifecycle.counters.poll_ns;
     stats.diag_errors = lifecycle.counters.errors;
+    stats.namespaces_released = namespaces_released;
     stats.timewait_pending = pipeline.tracker.timewait_pending() as u64;
     stats.cgroups_unresolved = pipeline.out.cgroups().map_or(0, |c| c.unresolved);
     stats.output_dropped = pipeline.out.dropped();
@@ -772,6 +783,7 @@ mod tests {
             .with_cgroups(cgroups, false),
             events: 0,
             unreadable: 0,
+            unreadable_records: 0,
             observers: Observers::new(None, None),
             resets: Resets::new(false),
             drain_began: None,

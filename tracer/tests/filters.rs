@@ -353,3 +353,234 @@ fn owner_filters_select_a_server_that_predates_the_tracer() {
         }
     });
 }
+
+/// A server in a process of its own on a port it shares with others
+/// (SO_REUSEPORT): once told to, it listens, accepts every connection,
+/// reports the peer's port, closes it; on command it closes its listener.
+struct ReuseportServer {
+    pid: u32,
+    /// Peer ports of the connections it accepted (u16 each).
+    ports_rx: std::fs::File,
+    ctl_tx: i32,
+}
+
+impl ReuseportServer {
+    fn start(port: u16) -> ReuseportServer {
+        let (mut ctl, mut ports) = ([0i32; 2], [0i32; 2]);
+        // SAFETY: plain syscalls; after fork the child makes raw system
+        // calls only on data prepared before the fork.
+        unsafe {
+            assert_eq!(libc::pipe2(ctl.as_mut_ptr(), libc::O_CLOEXEC), 0);
+            assert_eq!(libc::pipe2(ports.as_mut_ptr(), libc::O_CLOEXEC), 0);
+            let mut addr: libc::sockaddr_in = std::mem::zeroed();
+            addr.sin_family = libc::AF_INET as u16;
+            addr.sin_port = port.to_be();
+            addr.sin_addr.s_addr = u32::from_ne_bytes([127, 0, 0, 1]);
+            let pid = libc::fork();
+            assert!(pid >= 0, "fork");
+            if pid == 0 {
+                let ctl_rx = libc::fcntl(ctl[0], libc::F_DUPFD, 1000);
+                let ports_tx = libc::fcntl(ports[1], libc::F_DUPFD, 1000);
+                libc::dup2(ctl_rx, 3);
+                libc::dup2(ports_tx, 4);
+                libc::syscall(libc::SYS_close_range, 5u32, u32::MAX, 0u32);
+                // Listens once told to (its pid is known first).
+                let mut go = [0u8; 1];
+                libc::read(3, go.as_mut_ptr().cast(), 1);
+                let one: libc::c_int = 1;
+                let mut s = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+                libc::setsockopt(
+                    s,
+                    libc::SOL_SOCKET,
+                    libc::SO_REUSEPORT,
+                    (&one as *const i32).cast(),
+                    4,
+                );
+                if libc::bind(
+                    s,
+                    (&addr as *const libc::sockaddr_in).cast(),
+                    size_of::<libc::sockaddr_in>() as u32,
+                ) != 0
+                    || libc::listen(s, 64) != 0
+                {
+                    libc::_exit(2);
+                }
+                loop {
+                    let mut fds = [
+                        libc::pollfd {
+                            fd: 3,
+                            events: libc::POLLIN,
+                            revents: 0,
+                        },
+                        libc::pollfd {
+                            fd: s,
+                            events: libc::POLLIN,
+                            revents: 0,
+                        },
+                    ];
+                    let n = if s >= 0 { 2 } else { 1 };
+                    libc::poll(fds.as_mut_ptr(), n, -1);
+                    if fds[0].revents != 0 {
+                        let mut b = [0u8; 1];
+                        if libc::read(3, b.as_mut_ptr().cast(), 1) != 1 || b[0] == b'x' {
+                            libc::_exit(0);
+                        }
+                        libc::close(s);
+                        s = -1;
+                    }
+                    if n == 2 && fds[1].revents != 0 {
+                        let mut peer: libc::sockaddr_in = std::mem::zeroed();
+                        let mut len = size_of::<libc::sockaddr_in>() as u32;
+                        let c =
+                            libc::accept(s, (&mut peer as *mut libc::sockaddr_in).cast(), &mut len);
+                        if c >= 0 {
+                            let p = u16::from_be(peer.sin_port);
+                            libc::write(4, (&p as *const u16).cast(), 2);
+                            libc::close(c);
+                        }
+                    }
+                }
+            }
+            libc::close(ctl[0]);
+            libc::close(ports[1]);
+            use std::os::fd::FromRawFd as _;
+            ReuseportServer {
+                pid: pid as u32,
+                ports_rx: std::fs::File::from_raw_fd(ports[0]),
+                ctl_tx: ctl[1],
+            }
+        }
+    }
+
+    /// Tells it to listen.
+    fn go(&self) {
+        // SAFETY: writing one byte to our pipe.
+        unsafe { libc::write(self.ctl_tx, [b'g'].as_ptr().cast(), 1) };
+    }
+
+    /// Closes its listener (it stays alive).
+    fn close_listener(&self) {
+        // SAFETY: writing one byte to our pipe.
+        unsafe { libc::write(self.ctl_tx, [b'c'].as_ptr().cast(), 1) };
+    }
+
+    /// The next peer port it accepted.
+    fn accepted(&mut self) -> u16 {
+        let mut b = [0u8; 2];
+        std::io::Read::read_exact(&mut self.ports_rx, &mut b).expect("peer port");
+        u16::from_ne_bytes(b)
+    }
+}
+
+impl Drop for ReuseportServer {
+    fn drop(&mut self) {
+        // SAFETY: our own child.
+        unsafe {
+            libc::close(self.ctl_tx);
+            libc::kill(self.pid as i32, libc::SIGKILL);
+            libc::waitpid(self.pid as i32, std::ptr::null_mut(), 0);
+        }
+    }
+}
+
+/// Connections to `port` until `n` were accepted, each read to its end;
+/// returns the ports each server reported.
+fn connect_n(port: u16, n: usize, servers: &mut [&mut ReuseportServer]) -> Vec<BTreeSet<u16>> {
+    let mut clients = Vec::new();
+    for _ in 0..n {
+        let start = std::time::Instant::now();
+        let c = loop {
+            match TcpStream::connect(("127.0.0.1", port)) {
+                Ok(c) => break c,
+                Err(e) => {
+                    assert!(start.elapsed() < DEADLINE, "connect: {e}");
+                    thread::sleep(Duration::from_millis(5));
+                }
+            }
+        };
+        let mut b = [0u8; 1];
+        let _ = std::io::Read::read(&mut &c, &mut b);
+        clients.push(c.local_addr().unwrap().port());
+    }
+    // Every client port was accepted by one server or the other.
+    let mut got: Vec<BTreeSet<u16>> = vec![BTreeSet::new(); servers.len()];
+    let mut all = BTreeSet::new();
+    let want: BTreeSet<u16> = clients.iter().copied().collect();
+    while all.len() < want.len() {
+        for (i, s) in servers.iter_mut().enumerate() {
+            // SAFETY: plain non-blocking poll of our pipe.
+            let ready = unsafe {
+                let mut p = libc::pollfd {
+                    fd: std::os::fd::AsRawFd::as_raw_fd(&s.ports_rx),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                libc::poll(&mut p, 1, 10) > 0
+            };
+            if ready {
+                let port = s.accepted();
+                got[i].insert(port);
+                all.insert(port);
+            }
+        }
+    }
+    assert_eq!(all, want);
+    got
+}
+
+/// Two processes share a port (SO_REUSEPORT) and `--pid` selects one:
+/// exactly the connections its listener accepted pass, from their first
+/// transition, before and after the other process closes its listener
+/// (the verdict is the accepting listener's own, copied with the socket's
+/// storage, not the port's).
+#[test]
+fn owner_filter_keeps_reuseport_listeners_apart() {
+    in_netns(|| {
+        let port = test_port();
+        let mut reference = with(Filters {
+            ports: vec![port],
+            ..Default::default()
+        });
+        let mut a = ReuseportServer::start(port);
+        let mut b = ReuseportServer::start(port);
+        let mut by_pid = with(Filters {
+            pid: Some(a.pid),
+            ..Default::default()
+        });
+        // Both listen (the kernel spreads connections over them).
+        a.go();
+        b.go();
+        let got = connect_n(port, 40, &mut [&mut a, &mut b]);
+        let (mut a_ports, b_ports) = (got[0].clone(), got[1].clone());
+        assert!(
+            !a_ports.is_empty() && !b_ports.is_empty(),
+            "both servers accepted some: {a_ports:?} {b_ports:?}"
+        );
+        // The other closes its listener: the selected one's keep passing.
+        b.close_listener();
+        reference.wait_until("b's listener closed", |evs| {
+            evs.iter()
+                .any(|t| t.old == TcpState::Listen && t.new == TcpState::Close)
+        });
+        let got = connect_n(port, 20, &mut [&mut a, &mut b]);
+        assert!(got[1].is_empty(), "b no longer listens");
+        a_ports.extend(&got[0]);
+        let all: usize = a_ports.len() + b_ports.len();
+        reference.wait_until("every server-side socket closed", |evs| {
+            evs.iter()
+                .filter(|t| t.lport == port && t.rport != 0 && t.new == TcpState::Close)
+                .count()
+                >= all
+        });
+        let a_listener: BTreeSet<u64> = reference
+            .events
+            .iter()
+            .filter(|t| t.new == TcpState::Listen && t.pid == a.pid)
+            .map(|t| t.sock)
+            .collect();
+        assert_eq!(a_listener.len(), 1);
+        assert_exactly("--pid with SO_REUSEPORT", &mut by_pid, &reference, |t| {
+            t.lport == port && (a_ports.contains(&t.rport) || a_listener.contains(&t.sock))
+        });
+    });
+}

@@ -153,6 +153,10 @@ pub struct CounterValues {
     pub batch_pending: u64,
     /// Resets sent for segments no socket matched (closed ports).
     pub resets_no_socket: u64,
+    /// Reset and timewait death records lost to a full ring buffer
+    /// (`ringbuf_full` counts transitions only).
+    pub resets_lost: u64,
+    pub timewait_deaths_lost: u64,
 }
 
 /// `recursion_misses` of a program's fdinfo (5.12+; 0 where absent).
@@ -174,7 +178,7 @@ fn fdinfo_of(fd: &aya::programs::ProgramFd) -> std::path::PathBuf {
 }
 
 /// The kernel's table of listeners whose owner passes the owner filter.
-pub struct Listeners(HashMap<MapData, ListenerKey, u8>);
+pub struct Listeners(HashMap<MapData, ListenerKey, u64>);
 
 impl Listeners {
     /// Lets the sockets accepted by the listener on (`netns`, `port`) pass
@@ -185,7 +189,9 @@ impl Listeners {
             port,
             _pad: 0,
         };
-        self.0.insert(key, 1, 0).is_ok()
+        // One more selected listener on the port (the kernel counts them).
+        let n = self.0.get(&key, 0).unwrap_or(0);
+        self.0.insert(key, n + 1, 0).is_ok()
     }
 }
 
@@ -235,6 +241,8 @@ impl KernelCounters {
             listeners_full: sum(counter::LISTENERS_FULL)?,
             timewait_unreadable: sum(counter::TIMEWAIT_UNREADABLE)?,
             resets_no_socket: sum(counter::RESET_NO_SOCKET)?,
+            resets_lost: sum(counter::RESETS_LOST)?,
+            timewait_deaths_lost: sum(counter::TIMEWAIT_DEATHS_LOST)?,
             batch_pending: self
                 .map
                 .get(&counter::BATCH_PENDING, 0)?

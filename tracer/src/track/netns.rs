@@ -12,15 +12,53 @@ use std::{
 
 use crate::{track::diag::Diag, track::procfs};
 
+/// What the agent keeps of a namespace (which keeps it alive: see
+/// [`Namespaces::release_dead`]).
 struct Entry {
-    ns: File,
     diag: Diag,
+    /// The namespace's `/proc/net/netstat` and `tcp_max_tw_buckets`,
+    /// opened from inside it: a file of /proc/net or /proc/sys/net stays
+    /// bound to the namespace it was opened in, so polls re-read them
+    /// without joining the namespace again.
+    netstat: Option<File>,
+    max_tw_buckets: Option<File>,
+}
+
+/// Opens a namespace's sock_diag socket and counter files, from a thread
+/// inside it.
+fn open_inside() -> io::Result<(Diag, Option<File>, Option<File>)> {
+    Ok((
+        Diag::new()?,
+        File::open("/proc/thread-self/net/netstat").ok(),
+        File::open("/proc/sys/net/ipv4/tcp_max_tw_buckets").ok(),
+    ))
+}
+
+/// The whole of `f`, read again from its start.
+fn reread(f: &File) -> Option<String> {
+    use std::os::unix::fs::FileExt as _;
+    let mut buf = vec![0u8; 16 << 10];
+    let mut len = 0;
+    loop {
+        if len == buf.len() {
+            buf.resize(buf.len() * 2, 0);
+        }
+        let n = f.read_at(&mut buf[len..], len as u64).ok()?;
+        if n == 0 {
+            break;
+        }
+        len += n;
+    }
+    buf.truncate(len);
+    String::from_utf8(buf).ok()
 }
 
 pub struct Namespaces {
     own: u32,
     entries: HashMap<u32, Entry>,
-    /// Namespaces searched for in /proc and not found (not searched again).
+    /// Namespaces searched for in /proc and not found (not searched again
+    /// until the next [`Namespaces::release_dead`]: an inode number is
+    /// reused by a later namespace).
     missing: std::collections::HashSet<u32>,
 }
 
@@ -52,11 +90,13 @@ impl Namespaces {
             entries: HashMap::new(),
             missing: Default::default(),
         };
+        let (diag, netstat, max_tw_buckets) = open_inside()?;
         n.entries.insert(
             own,
             Entry {
-                ns: File::open(own_path)?,
-                diag: Diag::new()?,
+                diag,
+                netstat,
+                max_tw_buckets,
             },
         );
         Ok(n)
@@ -73,9 +113,16 @@ impl Namespaces {
         if ns.metadata().map(|m| m.ino() as u32).ok() != Some(inum) {
             return false;
         }
-        match run_in(&ns, Diag::new) {
-            Ok(diag) => {
-                self.entries.insert(inum, Entry { ns, diag });
+        match run_in(&ns, open_inside) {
+            Ok((diag, netstat, max_tw_buckets)) => {
+                self.entries.insert(
+                    inum,
+                    Entry {
+                        diag,
+                        netstat,
+                        max_tw_buckets,
+                    },
+                );
                 true
             }
             Err(e) => {
@@ -109,6 +156,38 @@ impl Namespaces {
         self.missing.contains(&inum)
     }
 
+    /// Namespaces held open (the agent's own included).
+    pub fn open_count(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Closes the namespaces that nothing else holds any more: no process
+    /// or thread is in them and no bind mount (`ip netns`, container
+    /// runtimes) keeps them. Their file and sock_diag socket were all that
+    /// kept them alive, with whatever timewait sockets were left in them.
+    /// Returns the inodes released.
+    pub fn release_dead(&mut self) -> Vec<u32> {
+        self.missing.clear();
+        if self.entries.len() <= 1 {
+            return Vec::new();
+        }
+        let mut alive = procfs::network_namespaces();
+        for inum in procfs::mounted_network_namespaces() {
+            alive.entry(inum).or_default();
+        }
+        let own = self.own;
+        let dead: Vec<u32> = self
+            .entries
+            .keys()
+            .copied()
+            .filter(|&i| i != own && !alive.contains_key(&i))
+            .collect();
+        for inum in &dead {
+            self.entries.remove(inum);
+        }
+        dead
+    }
+
     /// Opens every namespace /proc shows (for the start-up snapshot).
     pub fn discover_all(&mut self) -> Vec<u32> {
         for (inum, path) in procfs::network_namespaces() {
@@ -126,14 +205,11 @@ impl Namespaces {
         let Some(entry) = self.entries.get(&inum) else {
             return (None, None);
         };
-        run_in(&entry.ns, || {
-            let netstat = std::fs::read_to_string("/proc/thread-self/net/netstat").ok();
-            let max = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_max_tw_buckets").ok();
-            Ok((
-                netstat.and_then(|t| procfs::netstat_value(&t, "TCPTimeWaitOverflow")),
-                max.and_then(|m| m.trim().parse().ok()),
-            ))
-        })
-        .unwrap_or((None, None))
+        let netstat = entry.netstat.as_ref().and_then(reread);
+        let max = entry.max_tw_buckets.as_ref().and_then(reread);
+        (
+            netstat.and_then(|t| procfs::netstat_value(&t, "TCPTimeWaitOverflow")),
+            max.and_then(|m| m.trim().parse().ok()),
+        )
     }
 }

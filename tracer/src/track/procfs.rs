@@ -110,6 +110,30 @@ pub fn network_namespaces() -> HashMap<u32, PathBuf> {
     out
 }
 
+/// Network namespaces bound to a path (`ip netns add`, container
+/// runtimes): the `nsfs` mounts of this mount namespace, whose root reads
+/// `net:[INODE]`.
+pub fn mounted_network_namespaces() -> Vec<u32> {
+    fs::read_to_string("/proc/self/mountinfo")
+        .map(|t| nsfs_mounts(&t))
+        .unwrap_or_default()
+}
+
+fn nsfs_mounts(mountinfo: &str) -> Vec<u32> {
+    mountinfo
+        .lines()
+        .filter_map(|l| {
+            // "ID PARENT MAJ:MIN ROOT MOUNT OPTS [TAGS] - FSTYPE SOURCE SUPER"
+            let (head, tail) = l.split_once(" - ")?;
+            if tail.split_whitespace().next()? != "nsfs" {
+                return None;
+            }
+            let root = head.split_whitespace().nth(3)?;
+            root.strip_prefix("net:[")?.strip_suffix(']')?.parse().ok()
+        })
+        .collect()
+}
+
 /// The value of `TcpExt: name` in a /proc/net/netstat text.
 pub fn netstat_value(text: &str, name: &str) -> Option<u64> {
     let mut lines = text.lines();
@@ -157,5 +181,15 @@ mod tests {
         );
         let own = fs::metadata("/proc/self/ns/net").unwrap().ino() as u32;
         assert!(network_namespaces().contains_key(&own));
+    }
+
+    #[test]
+    fn bound_namespaces_are_the_nsfs_mounts() {
+        let text = "\
+29 1 0:4 net:[4026532301] /run/netns/blue rw,shared:5 - nsfs nsfs rw
+30 1 0:4 mnt:[4026532302] /run/x rw - nsfs nsfs rw
+31 1 0:25 / /sys rw - sysfs sysfs rw
+32 1 0:4 net:[4026532400] /var/run/docker/netns/ab rw - nsfs nsfs rw";
+        assert_eq!(nsfs_mounts(text), vec![4026532301, 4026532400]);
     }
 }

@@ -44,6 +44,12 @@ pub struct Resets {
     /// Ended connections (their slots in the tracker) and when they may
     /// be written, in close order.
     held: VecDeque<(SlotId, u64)>,
+    /// The newest held connection of each socket address: an abort's
+    /// reset finds its connection without a walk of `held`.
+    held_by_sock: HashMap<u64, SlotId>,
+    /// Held connections looked at to join resets (one per join: tests
+    /// check no join walks the table).
+    pub examined: u64,
     pending: HashMap<u64, Pending>,
     /// Resets of sockets never joined to a connection the tracer reports.
     pub unmatched: u64,
@@ -75,11 +81,9 @@ impl Resets {
     pub fn reset(&mut self, r: &Reset, tracker: &mut Tracker) {
         let after_close = r.direction == ResetDirection::Sent && r.state == Some(TcpState::Close);
         let held = if after_close {
-            self.held
-                .iter()
-                .rev()
-                .find(|(id, _)| tracker.conn(*id).sock == r.sock)
-                .map(|&(id, _)| id)
+            let id = self.held_by_sock.get(&r.sock).copied();
+            self.examined += u64::from(id.is_some());
+            id
         } else {
             None
         };
@@ -133,15 +137,16 @@ impl Resets {
             return true;
         }
         let release = conn.state_since_ns + RESET_GRACE_NS;
+        self.held_by_sock.insert(conn.sock, id);
         self.held.push_back((id, release));
         false
     }
 
     /// The next held connection whose grace ended before `drain_start_ns`
     /// (the start of a drain that emptied the ring buffer), in close order.
-    pub fn pop_due(&mut self, drain_start_ns: u64) -> Option<SlotId> {
+    pub fn pop_due(&mut self, drain_start_ns: u64, tracker: &Tracker) -> Option<SlotId> {
         if self.held.front().is_some_and(|(_, r)| *r <= drain_start_ns) {
-            return self.held.pop_front().map(|(id, _)| id);
+            return self.pop_any(tracker);
         }
         None
     }
@@ -163,8 +168,13 @@ impl Resets {
     }
 
     /// The next held connection, whatever its grace (at exit).
-    pub fn pop_any(&mut self) -> Option<SlotId> {
-        self.held.pop_front().map(|(id, _)| id)
+    pub fn pop_any(&mut self, tracker: &Tracker) -> Option<SlotId> {
+        let (id, _) = self.held.pop_front()?;
+        let sock = tracker.conn(id).sock;
+        if self.held_by_sock.get(&sock) == Some(&id) {
+            self.held_by_sock.remove(&sock);
+        }
+        Some(id)
     }
 
     pub fn held(&self) -> usize {
@@ -208,7 +218,7 @@ mod tests {
     /// What `pop_due` releases at `at`, copied out.
     fn due(r: &mut Resets, t: &mut Tracker, at: u64) -> Vec<crate::track::tracker::Connection> {
         let mut out = Vec::new();
-        while let Some(id) = r.pop_due(at) {
+        while let Some(id) = r.pop_due(at, t) {
             out.push(t.take(id));
         }
         r.expire_pending(at);
@@ -217,7 +227,7 @@ mod tests {
 
     fn all(r: &mut Resets, t: &mut Tracker) -> Vec<crate::track::tracker::Connection> {
         let mut out = Vec::new();
-        while let Some(id) = r.pop_any() {
+        while let Some(id) = r.pop_any(t) {
             out.push(t.take(id));
         }
         out
@@ -311,5 +321,67 @@ mod tests {
         assert!(Resets::new(false).closed(c, &mut t));
         t.conn_mut(c).timewait = Some(Default::default());
         assert!(Resets::new(true).closed(c, &mut t));
+    }
+
+    /// Joins cost the same with 50,000 entries as with one: resets find
+    /// their held connection, deaths and reuses their waiting one, by
+    /// index (counted: one connection looked at per join).
+    #[test]
+    fn joins_do_not_walk_the_tables() {
+        const N: u64 = 50_000;
+        let mut t = Tracker::new(2 * N as usize + 16);
+        let mut r = Resets::new(true);
+        let conn = |sock: u64, port: u16, ms: u64, old, new| Transition {
+            mono_ns: ms * MS,
+            sock,
+            lport: port,
+            old,
+            new,
+            old_state_ns: None,
+            ..sample()
+        };
+        // N connections waiting for their timewait socket (sockets 1..=N),
+        // N aborted ones held for their reset (sockets N+1..=2N).
+        for i in 1..=N {
+            let port = (i % 60_000) as u16 + 1;
+            let rport = (i / 60_000) as u16 + 1;
+            let c = |ms, old, new| Transition {
+                rport,
+                ..conn(i, port, ms, old, new)
+            };
+            t.on_transition(&c(1, Close, SynSent));
+            t.on_transition(&c(2, SynSent, Established));
+            t.on_transition(&c(3, Established, FinWait1));
+            t.on_transition(&c(4, FinWait1, FinWait2));
+            t.on_transition(&c(5, FinWait2, Close));
+            let a = |ms, old, new| Transition {
+                rport: 9,
+                ..conn(N + i, port, ms, old, new)
+            };
+            t.on_transition(&a(1, Close, SynSent));
+            let id = t.on_transition(&a(6, SynSent, Close)).closed[0];
+            assert!(!r.closed(id, &mut t));
+        }
+        assert_eq!(t.timewait_pending() as u64, N);
+        assert_eq!(r.held() as u64, N);
+        let (t0, r0) = (t.examined, r.examined);
+        // 1,000 aborts' resets, deaths and reuses, spread over the tables.
+        for k in 0..1_000u64 {
+            let i = 1 + k * (N / 1_000);
+            r.reset(&reset(7, N + i, ResetDirection::Sent), &mut t);
+            let key = Tracker::key_of(&Transition {
+                rport: (i / 60_000) as u16 + 1,
+                ..conn(i, (i % 60_000) as u16 + 1, 5, FinWait2, Close)
+            });
+            t.timewait_died(&key, 8 * MS, MS);
+        }
+        eprintln!(
+            "1,000 resets looked at {} held connections, 1,000 deaths {} waiting ones",
+            r.examined - r0,
+            t.examined - t0
+        );
+        assert_eq!(r.examined - r0, 1_000);
+        assert_eq!(r.joined, 1_000);
+        assert!(t.examined - t0 <= 1_000);
     }
 }

@@ -26,6 +26,10 @@ use crate::{
     track::tracker::Connection,
 };
 
+/// How often the worker closes the namespaces nothing else holds (a
+/// scan of /proc and of the mounts).
+const RELEASE_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Jobs queued at once; the drain side sends one timewait poll at a time
 /// and one batch of stuck connections a second, so this is never reached
 /// in practice (a full queue drops the job, which is asked again later).
@@ -115,6 +119,8 @@ pub enum Job {
 
 pub enum Done {
     Timewait(TimewaitDump),
+    /// Network namespaces closed because nothing else held them.
+    Released(u64),
     Holders {
         found: Vec<(Connection, Vec<Holder>)>,
         at_exit: bool,
@@ -141,7 +147,25 @@ impl Worker {
         thread::Builder::new()
             .name("tracer-worker".into())
             .spawn(move || {
-                for job in queue {
+                let mut released_at = std::time::Instant::now();
+                loop {
+                    let job = match queue.recv_timeout(RELEASE_EVERY) {
+                        Ok(job) => Some(job),
+                        Err(mpsc::RecvTimeoutError::Timeout) => None,
+                        Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                    };
+                    if released_at.elapsed() >= RELEASE_EVERY {
+                        released_at = std::time::Instant::now();
+                        let dead = state.ns.release_dead();
+                        if !dead.is_empty() {
+                            log::debug!(
+                                "released {} network namespaces gone elsewhere",
+                                dead.len()
+                            );
+                            let _ = done.send(Done::Released(dead.len() as u64));
+                        }
+                    }
+                    let Some(job) = job else { continue };
                     let answer = match job {
                         Job::Timewait(q) => Done::Timewait(state.timewait(&q)),
                         Job::Holders { conns, at_exit } => {

@@ -350,6 +350,27 @@ impl<'a> BatchView<'a> {
     }
 }
 
+/// The transitions a record that could not be decoded carried: a batch's
+/// step count where it is readable and plausible, else 1 for a record of a
+/// transition kind, 0 for resets and timewait deaths.
+pub fn transitions_claimed(bytes: &[u8]) -> u64 {
+    let Some(header) = read::<EventHeader>(bytes) else {
+        return 1;
+    };
+    if header.kind == EventKind::Reset as u32 || header.kind == EventKind::TimewaitDeath as u32 {
+        return 0;
+    }
+    if header.kind == EventKind::Batch as u32 {
+        let at = offset_of!(BatchEvent, batch) + offset_of!(tracer_common::Batch, nsteps);
+        if let Some([n, _]) = read_at::<[u8; 2]>(bytes, at) {
+            if (1..=BATCH_STEPS).contains(&usize::from(n)) {
+                return u64::from(n);
+            }
+        }
+    }
+    1
+}
+
 /// Decodes one ring buffer record of any kind.
 pub fn decode_record(bytes: &[u8]) -> Result<Record<'_>, DecodeError> {
     let header: EventHeader = read(bytes).ok_or(DecodeError::ShortHeader(bytes.len()))?;

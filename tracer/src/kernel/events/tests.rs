@@ -277,3 +277,20 @@ fn comm_stops_at_nul_and_tolerates_garbage() {
     raw[0] = 0xff;
     assert_eq!(Comm(raw).as_str(), "\u{fffd}");
 }
+
+#[test]
+fn unreadable_records_count_the_transitions_they_claim() {
+    // A batch whose third step has a bad state: its 3 transitions.
+    let mut bad = batch_bytes(3);
+    let third = bad.len() - size_of::<tracer_common::Step>();
+    bad[third + 16] = 99;
+    assert!(decode_record(&bad).is_err());
+    assert_eq!(transitions_claimed(&bad), 3);
+    // An implausible step count, or a bare header: one record's worth.
+    assert_eq!(transitions_claimed(&batch_bytes(9)), 1);
+    assert_eq!(transitions_claimed(&[0u8; 4]), 1);
+    // A reset or a timewait death carries no transition.
+    let mut reset = vec![0u8; 32];
+    reset[8..12].copy_from_slice(&(EventKind::Reset as u32).to_ne_bytes());
+    assert_eq!(transitions_claimed(&reset[..20]), 0);
+}

@@ -24,12 +24,18 @@ pub struct Stats {
     pub events: u64,
     /// Transitions the kernel could not deliver (ring buffer full).
     pub lost: u64,
+    /// Reset and timewait death records the kernel could not deliver.
+    pub lost_resets: u64,
+    pub lost_timewait_deaths: u64,
     /// TCP transitions the kernel program saw (before filters).
     pub seen: u64,
     /// Transitions dropped by the in-kernel filters, by request.
     pub filtered: u64,
-    /// Records the agent could not decode.
+    /// Transitions in records the agent could not decode (a batch counts
+    /// the steps it claims, when that is readable).
     pub unreadable: u64,
+    /// Records the agent could not decode.
+    pub unreadable_records: u64,
     /// Per-socket timing entries the kernel could not store.
     pub timing_map_full: u64,
     /// Transitions whose old-state timing was missing or stale.
@@ -38,6 +44,10 @@ pub struct Stats {
     pub untracked: u64,
     /// Connections closed with a transition missing in between.
     pub gaps: u64,
+    /// Connections that replaced another on the same namespace and
+    /// 4-tuple in the agent's tables (the older one ended as reused, or
+    /// was dropped if known only from the start-up snapshot).
+    pub replaced: u64,
     /// Listening sockets the owner filter could not remember (table full).
     pub listeners_full: u64,
     /// Dying timewait sockets the fentry program could not read.
@@ -63,6 +73,9 @@ pub struct Stats {
     pub timewait_poll_ns: u64,
     /// Timewait dumps or look-ups that failed.
     pub diag_errors: u64,
+    /// Network namespaces the agent stopped holding (their sock_diag
+    /// socket closed) once nothing else held them.
+    pub namespaces_released: u64,
     /// Actively closed connections still in their timewait socket at exit
     /// (no connection record was printed for them).
     pub timewait_pending: u64,

@@ -84,6 +84,7 @@ fn recording(events: &[Transition], mode: EventsMode, by: Option<GroupBy>) -> (S
         out: Output::new(Vec::new(), Format::Json, mode, WallClock::with_offset_ns(0)),
         events: 0,
         unreadable: 0,
+        unreadable_records: 0,
         observers: Observers::new(Summary::from_args(&args), None),
         resets: crate::track::resets::Resets::new(true),
         drain_began: None,

@@ -97,6 +97,14 @@ pub struct Tracker {
     pub untracked: u64,
     /// Connections with at least one missing transition, at their close.
     pub gaps: u64,
+    /// Entries of the 4-tuple tables that another connection on the same
+    /// namespace and 4-tuple replaced (a timewait ends as reused; a
+    /// snapshot socket is dropped).
+    pub replaced: u64,
+    /// Connections looked at to join a timewait socket's news (a reuse, a
+    /// death, a poll's sighting) to its connection: one per join, whatever
+    /// the table holds (tests check no join walks the table).
+    pub examined: u64,
 }
 
 impl Tracker {
@@ -110,6 +118,8 @@ impl Tracker {
             capacity,
             untracked: 0,
             gaps: 0,
+            replaced: 0,
+            examined: 0,
         }
     }
 
@@ -131,6 +141,7 @@ impl Tracker {
         let key = conn.key();
         let id = self.slab.insert(Phase::Snapshot, conn);
         if let Some(old) = self.snapshot.insert(key, id) {
+            self.replaced += 1;
             self.slab.free(old);
         }
     }
@@ -244,6 +255,7 @@ impl Tracker {
                 let key = conn.key();
                 self.slab.set_phase(id, Phase::Timewait);
                 if let Some(old) = self.timewait.insert(&key, id) {
+                    self.replaced += 1;
                     // Two connections on one 4-tuple both waiting: the
                     // older one's timewait socket gave way to this one.
                     self.end_timewait_slot(old, t.mono_ns, TimewaitEnd::Reused, Source::Reuse);
@@ -282,6 +294,7 @@ impl Tracker {
         let Some(id) = self.timewait.get(&key).map(|e| e.id) else {
             return;
         };
+        self.examined += 1;
         if self.slab.get(id).key() == key && self.timewait.remove(&key, id) {
             // With fentry, the exact moment the kernel killed it.
             let (at, source) = match self.slab.get(id).timewait.and_then(|tw| tw.killed_ns) {
@@ -303,6 +316,7 @@ impl Tracker {
         let Some(id) = self.timewait.get(key).map(|e| e.id) else {
             return out;
         };
+        self.examined += 1;
         let conn = self.slab.get_mut(id);
         if conn.key() != *key {
             return out;
@@ -387,6 +401,7 @@ impl Tracker {
             return None;
         }
         let id = e.id;
+        self.examined += 1;
         let conn = self.slab.get(id);
         if conn.key() != *key {
             return None;

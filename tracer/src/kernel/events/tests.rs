@@ -290,7 +290,7 @@ fn unreadable_records_count_the_transitions_they_claim() {
     assert_eq!(transitions_claimed(&batch_bytes(9)), 1);
     assert_eq!(transitions_claimed(&[0u8; 4]), 1);
     // A reset or a timewait death carries no transition.
-    let mut reset = vec![0u8; 32];
+    let mut reset = [0u8; 32];
     reset[8..12].copy_from_slice(&(EventKind::Reset as u32).to_ne_bytes());
     assert_eq!(transitions_claimed(&reset[..20]), 0);
 }

@@ -94,10 +94,33 @@ impl<W: RecordWrite> Pipeline<W> {
             self.emit(d, owner)?;
         }
         self.emit(t, &outcome.owner)?;
+        if let Some(id) = outcome.handshake_done {
+            self.handshake_done(id)?;
+        }
         for &id in &outcome.closed {
             self.close(id)?;
         }
         Ok(())
+    }
+
+    /// An active closer entered TIME_WAIT: its close handshake is over, and
+    /// its `close` record is written now (its connection record comes at
+    /// the end of its TIME_WAIT).
+    pub fn handshake_done(&mut self, id: SlotId) -> io::Result<()> {
+        let (written, owner) = {
+            let c = self.tracker.conn(id);
+            (c.close_written, c.owner)
+        };
+        if written || !self.deferred.is_empty() || !self.named(&owner) {
+            // Written at its end instead (with its connection record).
+            return Ok(());
+        }
+        let close = classify(&self.tracker.conn(id).close, self.resets.enabled);
+        let conn = self.tracker.conn_mut(id);
+        conn.close_written = true;
+        conn.close_written_early = true;
+        let conn = *conn;
+        self.out.close(&conn, &close)
     }
 
     /// A transition to the output and to the observers (summary, metrics),
@@ -142,7 +165,14 @@ impl<W: RecordWrite> Pipeline<W> {
 
     fn write_connection_now(&mut self, id: SlotId) -> io::Result<()> {
         let conn = self.tracker.conn(id);
-        let close = classify(&conn.close, self.resets.enabled);
+        let close = if conn.cut_at_exit {
+            crate::track::close::cut_short(&conn.close, self.resets.enabled)
+        } else {
+            classify(&conn.close, self.resets.enabled)
+        };
+        if !conn.close_written {
+            self.out.close(conn, &close)?;
+        }
         match self.out.cgroups() {
             Some(c) if c.keys() => {
                 let mut enriched = *conn;
@@ -200,6 +230,9 @@ impl<W: RecordWrite> Pipeline<W> {
     pub fn timewait_polled(&mut self, result: PollResult) -> io::Result<()> {
         for (d, owner) in &result.derived {
             self.emit(d, owner)?;
+        }
+        for &id in &result.in_time_wait {
+            self.handshake_done(id)?;
         }
         for id in result.closed {
             self.close(id)?;
@@ -377,6 +410,9 @@ fn timewait_interval(configured: Duration, last_poll: Duration) -> Duration {
 /// and the worker's answers.
 pub const DRAIN_SLICE: Duration = Duration::from_millis(20);
 
+/// How long the agent waits at exit for a last timewait poll.
+const EXIT_POLL_WAIT: Duration = Duration::from_millis(300);
+
 /// How long the agent waits at exit for the worker's list of stuck
 /// connections' holders.
 const EXIT_HOLDERS_WAIT: Duration = Duration::from_millis(500);
@@ -521,6 +557,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         }
     });
     let mut namespaces_released = 0u64;
+    let mut open_at_exit = 0u64;
+    let mut timewait_at_exit = 0u64;
     let mut tick = interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut last_lost = 0;
@@ -658,6 +696,31 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         drop(programs);
         while !pipeline.drain(ring.get_mut())? {}
         pipeline.release_all()?;
+        // A last timewait poll, so that an active closer whose peer's FIN
+        // came since the last one has its TIME_WAIT dated (and its close
+        // handshake seen over) before it is written.
+        if lifecycle.available && pipeline.tracker.has_timewait() {
+            let asked = lifecycle.polling
+                || match lifecycle.timewait_poll(&mut pipeline.tracker) {
+                    TimewaitPoll::Ask(q) => worker.send(Job::Timewait(q)),
+                    _ => false,
+                };
+            if asked {
+                let wait = tokio::time::timeout(EXIT_POLL_WAIT, async {
+                    loop {
+                        match done_rx.recv().await {
+                            Some(Done::Timewait(d)) => return Some(d),
+                            Some(_) => continue,
+                            None => return None,
+                        }
+                    }
+                });
+                if let Ok(Some(dump)) = wait.await {
+                    let result = lifecycle.apply_timewait(&mut pipeline.tracker, dump);
+                    pipeline.timewait_polled(result)?;
+                }
+            }
+        }
         // The connections still stuck, with their ages and holders.
         let stuck: Vec<Connection> = thresholds
             .iter()
@@ -685,6 +748,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             for (conn, holders) in &found {
                 pipeline.stuck(conn, holders, true)?;
             }
+        }
+        // Every connection whose close has begun, as far as it got (an
+        // active closer waiting out its TIME_WAIT: `tracing_stopped`); the
+        // ones still open are counted.
+        timewait_at_exit = pipeline.tracker.timewait_pending() as u64;
+        let (cut, open) = pipeline.tracker.cut_at_exit(monotonic_ns());
+        open_at_exit = open;
+        for id in cut {
+            pipeline.write_connection(id)?;
         }
         // Records still waiting for a cgroup's name: the answers, or the
         // end of their wait.
@@ -727,7 +799,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     stats.timewait_poll_ns = lifecycle.counters.poll_ns;
     stats.diag_errors = lifecycle.counters.errors;
     stats.namespaces_released = namespaces_released;
-    stats.timewait_pending = pipeline.tracker.timewait_pending() as u64;
+    stats.open_at_exit = open_at_exit;
+    stats.timewait_pending = timewait_at_exit;
     stats.cgroups_unresolved = pipeline.out.cgroups().map_or(0, |c| c.unresolved);
     stats.output_dropped = pipeline.out.dropped();
     if stats.output_dropped > 0 {

@@ -89,11 +89,16 @@ fn json_end_to_end_stops_on_sigint() {
                 .map(|v| v.as_u64().unwrap())
                 .sum();
             assert_eq!(sum, c["duration_ns"].as_u64().unwrap(), "{c}");
-            assert_eq!(c["complete"], true);
+            // Complete, unless cut short by the tracer's stop.
+            assert_eq!(c["complete"] == true, c["at_exit"] == false, "{c}");
             assert!(c["start"].is_string());
         }
-        assert_eq!(connections.len(), 1, "{got:#?}");
-        let server = &connections[0];
+        // The server's, and the client's written at exit, in its TIME_WAIT.
+        assert_eq!(connections.len(), 2, "{got:#?}");
+        let server = connections.iter().find(|c| c["lport"] == port).unwrap();
+        let client = connections.iter().find(|c| c["rport"] == port).unwrap();
+        assert_eq!(client["time_wait_end"], "tracing_stopped", "{client}");
+        assert_eq!(client["close"]["by"], "local", "{client}");
         assert_eq!(server["lport"], port);
         assert!(server["states"]["ESTABLISHED"].as_u64().unwrap() >= 20_000_000);
         assert!(
@@ -140,14 +145,25 @@ fn table_output_and_stop_after_duration() {
         assert!(out
             .iter()
             .any(|l| l.contains("CLOSE -> SYN_SENT") && l.contains(&format!("[::1]:{port}"))));
+        // The client's (a passive close), and the server's, written at exit
+        // in its TIME_WAIT; the server's close line came at its entry into
+        // TIME_WAIT.
         assert_eq!(
             out.iter().filter(|l| l.contains("CONNECTION")).count(),
-            1,
+            2,
+            "{out:#?}"
+        );
+        assert!(
+            out.iter()
+                .any(|l| l.contains(" CLOSE local FIN") && l.contains("> TIME_WAIT")),
             "{out:#?}"
         );
         let stats = err.last().expect("stats line on stderr");
         assert!(stats.starts_with("tracer: 12 events, 0 lost"), "{err:#?}");
-        assert!(stats.ends_with("1 still in TIME_WAIT at exit"), "{err:#?}");
+        assert!(
+            stats.ends_with("1 waiting for their timewait socket at exit"),
+            "{err:#?}"
+        );
     });
 }
 

@@ -447,7 +447,9 @@ fn every_close_class_for_real() {
             }
         }
 
-        // The table: one line per connection, who closed and how.
+        // The table: one line per connection, who closed and how, when its
+        // close handshake is over; an active closer's again at the end of
+        // its TIME_WAIT.
         let line = |needle: &str| {
             lines
                 .iter()
@@ -471,7 +473,14 @@ fn every_close_class_for_real() {
             l.contains("peer FIN  CLOSE_WAIT ") && l.contains(" > LAST_ACK "),
             "{l}"
         );
-        let l = line(&cells(c_first, port));
+        // The first connection on this 4-tuple: its line when it entered
+        // TIME_WAIT, then at the end (a new connection took its 4-tuple).
+        let early = line(&cells(c_first, port));
+        assert!(early.ends_with("> TIME_WAIT"), "{early}");
+        let l = lines
+            .iter()
+            .find(|l| l.contains(&cells(c_first, port)) && l.ends_with(')'))
+            .unwrap_or_else(|| panic!("no end line:\n{}", lines.join("\n")));
         assert!(
             l.contains("local FIN  FIN_WAIT1 ")
                 && l.contains(" > FIN_WAIT2 ")
@@ -563,10 +572,14 @@ fn a_half_close_that_never_finishes() {
         got.extend(rest);
         drop((c, s));
         let recs: Vec<Value> = got.iter().map(|l| json(l)).collect();
-        assert!(
-            !recs.iter().any(|v| v["type"] == "connection"),
-            "no connection record for an unfinished close: {got:?}"
-        );
+        // Written when the tracer stopped, as far as they got.
+        let at_exit: Vec<&Value> = recs.iter().filter(|v| v["type"] == "connection").collect();
+        assert_eq!(at_exit.len(), 2, "{got:?}");
+        for c in at_exit {
+            assert_eq!(c["at_exit"], true, "{c}");
+            assert_eq!(c["complete"], false, "{c}");
+            assert_eq!(c["close"]["by"], "unfinished", "{c}");
+        }
         for (ty, first, path) in [
             ("close_wait", "peer", vec!["ESTABLISHED>CLOSE_WAIT"]),
             (
@@ -634,5 +647,78 @@ fn without_reset_tracepoints_rst_is_null() {
         }
         let stats = recs.iter().find(|v| v["type"] == "stats").unwrap();
         assert_eq!(stats["kernel"]["resets"], false);
+    });
+}
+
+/// The active closer's close comes when its handshake is over (its entry
+/// into TIME_WAIT, seen by the next timewait poll), not 60 s later; and
+/// when the tracer stops a second after, the connection is written as far
+/// as it got: closed by this side, its TIME_WAIT cut by the tracer.
+#[test]
+fn the_active_closers_close_comes_live_and_nothing_is_dropped_at_exit() {
+    in_netns(|| {
+        let port = test_port();
+        let p = port.to_string();
+        let run = Running::start(&[
+            "-o",
+            "json",
+            "--events",
+            "closes",
+            "--port",
+            &p,
+            "--timewait-interval",
+            "200ms",
+            "-v",
+        ]);
+        run.wait_attached();
+        let client = conversation(local(port), Duration::ZERO, Ending::ClientFirst);
+        let is_client = |v: &Value| v["lport"] == client.port() && v["rport"] == port;
+        let mut got = Vec::new();
+        run.read_until(&mut got, "the client's close record", |l| {
+            l.iter().any(|l| {
+                let v = json(l);
+                v["type"] == "close" && is_client(&v)
+            })
+        });
+        let early = of_type(&got, "close")
+            .into_iter()
+            .find(|v| is_client(v))
+            .unwrap();
+        assert_eq!(early["state"], "TIME_WAIT", "{early}");
+        assert_eq!(early["close"]["by"], "local", "{early}");
+        assert_eq!(early["at_exit"], false);
+        assert!(
+            !of_type(&got, "connection").iter().any(&is_client),
+            "the connection record waits for the end of TIME_WAIT"
+        );
+        // Stopped a second later: the client's connection is written.
+        thread::sleep(Duration::from_secs(1));
+        run.interrupt();
+        let (code, rest, _) = run.finish();
+        assert_eq!(code, 0);
+        got.extend(rest);
+        let conn = of_type(&got, "connection")
+            .into_iter()
+            .find(|v| is_client(v))
+            .expect("the client's record at exit");
+        assert_eq!(conn["close"]["by"], "local", "{conn}");
+        assert_eq!(conn["time_wait_end"], "tracing_stopped", "{conn}");
+        assert_eq!(conn["complete"], false);
+        assert_eq!(conn["at_exit"], true);
+        assert!(
+            conn["states"]["TIME_WAIT"].as_u64().unwrap() >= 900_000_000,
+            "{conn}"
+        );
+        // One close record for it, the early one.
+        assert_eq!(
+            of_type(&got, "close")
+                .iter()
+                .filter(|v| is_client(v))
+                .count(),
+            1
+        );
+        let stats = json(got.last().unwrap());
+        assert_eq!(stats["timewait_pending"], 1, "{stats}");
+        assert_eq!(stats["open_at_exit"], 0, "{stats}");
     });
 }

@@ -327,6 +327,18 @@ pub fn so_far(path: &ClosePath, resets_known: bool) -> Close {
     c
 }
 
+/// The close of a connection the tracer stopped watching before its end:
+/// classified from what was seen; an end not seen is `unfinished`, not
+/// an abort.
+pub fn cut_short(path: &ClosePath, resets_known: bool) -> Close {
+    let mut c = classify(path, resets_known);
+    if matches!(c.by, CloseBy::Abort | CloseBy::Unknown | CloseBy::Timeout) {
+        c.by = CloseBy::Unfinished;
+        c.fin_to_close_ns = None;
+    }
+    c
+}
+
 /// Where a finished connection can still get a reset joined: the kernel
 /// sends an abort's RST just after the `-> CLOSE` (`tcp_disconnect`,
 /// `close()` with unread data), so such records wait this long (and for

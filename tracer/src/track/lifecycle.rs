@@ -82,6 +82,9 @@ pub struct Snapshot {
 #[derive(Default)]
 pub struct PollResult {
     pub derived: Vec<(Transition, Option<Owner>)>,
+    /// Connections whose entry into TIME_WAIT this poll dated: their
+    /// close handshake is over.
+    pub in_time_wait: Vec<SlotId>,
     /// Connections ended (their slots, to write and release).
     pub closed: Vec<SlotId>,
 }
@@ -361,6 +364,7 @@ impl Lifecycle {
                                     Source::SockDiag,
                                 );
                                 result.derived.push((d, c.owner));
+                                result.in_time_wait.push(id);
                             }
                             // Once known, the scheduled expiry is kept: a timer
                             // that fires late (timer wheel) reports 0 ms left.

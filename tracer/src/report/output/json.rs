@@ -117,6 +117,7 @@ pub(super) struct ConnectionJson<'a> {
     /// for connections that did not close actively.
     pub(super) time_wait_end: Option<&'static str>,
     pub(super) close: CloseJson<'a>,
+    pub(super) at_exit: bool,
 }
 
 /// How a connection closed (see `close.rs`).

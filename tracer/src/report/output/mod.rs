@@ -77,8 +77,11 @@ pub struct Stats {
     /// socket closed) once nothing else held them.
     pub namespaces_released: u64,
     /// Actively closed connections still in their timewait socket at exit
-    /// (no connection record was printed for them).
+    /// (written then, with `time_wait_end` `tracing_stopped`).
     pub timewait_pending: u64,
+    /// Connections still open (not closing) when the tracer stopped: no
+    /// record was written for them.
+    pub open_at_exit: u64,
     /// Records not written because stdout's reader fell behind by more
     /// than the output's buffer (4 MiB).
     pub output_dropped: u64,
@@ -298,6 +301,12 @@ impl<W: RecordWrite> Output<W> {
         }
         let time_wait_end = c.timewait.and_then(|tw| tw.end).map(|e| e.name());
         if self.events == EventsMode::Closes && self.format == Format::Table {
+            // The close line came with its `close` record; an active
+            // closer's, at its entry into TIME_WAIT, comes again with the
+            // TIME_WAIT's time and end.
+            if !c.close_written_early {
+                return Ok(());
+            }
             if !self.header_done {
                 let header = self.header(CLOSES_HEADER);
                 writeln!(self.out, "{header}")?;
@@ -328,6 +337,7 @@ impl<W: RecordWrite> Output<W> {
                 states.end();
                 l.opt_plain("time_wait_end", time_wait_end);
                 close_fields(l.object("close"), close);
+                l.bool("at_exit", c.cut_at_exit);
                 l.end();
                 buf.push(b'\n');
                 let r = self.out.write_all(&buf);
@@ -354,6 +364,64 @@ impl<W: RecordWrite> Output<W> {
                     states.join(" "),
                     notes
                 )
+            }
+        }
+    }
+
+    /// The `close` record of a connection whose close handshake is over
+    /// (`--events closes|all`): an active closer's at its entry into
+    /// TIME_WAIT, any other's at its end, before its connection record.
+    pub fn close(&mut self, c: &Connection, close: &Close) -> io::Result<()> {
+        let written = self.write_close(c, close);
+        self.out.record_done();
+        written
+    }
+
+    fn write_close(&mut self, c: &Connection, close: &Close) -> io::Result<()> {
+        if !matches!(self.events, EventsMode::Closes | EventsMode::All) || c.listener {
+            return Ok(());
+        }
+        match self.format {
+            Format::Json => {
+                let mut buf = std::mem::take(&mut self.scratch);
+                buf.clear();
+                let mut l = line::Line::new(&mut buf);
+                l.plain("type", "close");
+                conn_fields(
+                    &mut l,
+                    c,
+                    cgroup_fields(&mut self.cgroups, &c.owner),
+                    &mut self.times,
+                );
+                self.times.time(&mut l, "time", c.state_since_ns);
+                l.plain("state", c.state.name());
+                l.bool("at_exit", c.cut_at_exit);
+                close_fields(l.object("close"), close);
+                l.end();
+                buf.push(b'\n');
+                let r = self.out.write_all(&buf);
+                self.scratch = buf;
+                r
+            }
+            Format::Table => {
+                if !self.header_done {
+                    let header = if self.events == EventsMode::Closes {
+                        CLOSES_HEADER
+                    } else {
+                        TABLE_HEADER
+                    };
+                    let header = self.header(header);
+                    writeln!(self.out, "{header}")?;
+                    self.header_done = true;
+                }
+                let lead = self.conn_lead(c);
+                let label = if self.events == EventsMode::All {
+                    "CLOSE "
+                } else {
+                    ""
+                };
+                let end = c.timewait.and_then(|tw| tw.end).map(|e| e.name());
+                writeln!(self.out, "{lead} {label}{}", close_summary(close, end))
             }
         }
     }
@@ -531,7 +599,11 @@ pub fn stats_line(s: &Stats) -> String {
         (s.untracked, "untracked (tracker full)"),
         (s.gaps, "connections with gaps"),
         (s.diag_errors, "sock_diag errors"),
-        (s.timewait_pending, "still in TIME_WAIT at exit"),
+        (
+            s.timewait_pending,
+            "waiting for their timewait socket at exit",
+        ),
+        (s.open_at_exit, "connections open at exit"),
         (
             s.output_dropped,
             "records dropped (stdout's reader too slow)",

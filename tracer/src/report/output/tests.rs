@@ -269,6 +269,7 @@ fn serde_connection(o: &mut Output<Vec<u8>>, c: &Connection, close: &Close) -> S
         states: StatesJson(c),
         time_wait_end: c.timewait.and_then(|tw| tw.end).map(|e| e.name()),
         close: CloseJson::new(close),
+        at_exit: c.cut_at_exit,
     };
     serde_json::to_string(&rec).unwrap() + "\n"
 }

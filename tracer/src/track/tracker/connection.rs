@@ -40,6 +40,9 @@ pub enum TimewaitEnd {
     NotFound,
     /// The kernel offers no sock_diag for TCP: nothing can be known.
     Unknown,
+    /// The tracer stopped while the connection waited for its timewait
+    /// socket to end.
+    TracingStopped,
 }
 
 impl TimewaitEnd {
@@ -51,6 +54,7 @@ impl TimewaitEnd {
             TimewaitEnd::NotCreated => "not_created",
             TimewaitEnd::NotFound => "not_found",
             TimewaitEnd::Unknown => "unknown",
+            TimewaitEnd::TracingStopped => "tracing_stopped",
         }
     }
 }
@@ -114,6 +118,14 @@ pub struct Connection {
     pub task_hint: Option<(u32, u32)>,
     /// Set once an alert about it being stuck in its state was printed.
     pub stuck_reported: bool,
+    /// Its `close` record was written (when its close handshake was over:
+    /// at its entry into TIME_WAIT for an active close, else at its end),
+    /// and whether that was before its end (at the entry into TIME_WAIT).
+    pub close_written: bool,
+    pub close_written_early: bool,
+    /// Written when the tracer stopped, before its end (`complete` is
+    /// false then).
+    pub cut_at_exit: bool,
     pub timewait: Option<Timewait>,
     /// Its close steps and resets (see `close.rs`).
     pub close: ClosePath,
@@ -145,11 +157,16 @@ impl Connection {
             visited: 0,
             complete,
             gap: false,
-            listener: t.new == TcpState::Listen,
+            // A listener first seen at its close is one too.
+            listener: t.new == TcpState::Listen
+                || (t.old == TcpState::Listen && t.new == TcpState::Close),
             from_snapshot: false,
             inode: 0,
             task_hint: None,
             stuck_reported: false,
+            close_written: false,
+            close_written_early: false,
+            cut_at_exit: false,
             timewait: None,
             close: ClosePath::default(),
         };
@@ -194,6 +211,9 @@ impl Connection {
             inode,
             task_hint: None,
             stuck_reported: false,
+            close_written: false,
+            close_written_early: false,
+            cut_at_exit: false,
             timewait: None,
             close: ClosePath::default(),
         }
@@ -238,6 +258,14 @@ impl Connection {
         self.credit(self.state, at - self.state_since_ns);
         self.close.push(self.state, state, at);
         self.state = state;
+        self.state_since_ns = at;
+    }
+
+    /// Credits the time in the current state up to `at_ns`, staying in it
+    /// (a connection cut short when the tracer stops).
+    pub fn extend_to(&mut self, at_ns: u64) {
+        let at = at_ns.max(self.state_since_ns);
+        self.credit(self.state, at - self.state_since_ns);
         self.state_since_ns = at;
     }
 

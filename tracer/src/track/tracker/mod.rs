@@ -80,6 +80,10 @@ pub struct Outcome {
     pub derived: Option<(Transition, Option<Owner>)>,
     /// The tracker is full; this socket is not tracked (counted).
     pub untracked: bool,
+    /// The connection went on in a timewait socket, already in TIME_WAIT
+    /// (a simultaneous close, CLOSING -> CLOSE): its close handshake is
+    /// over now.
+    pub handshake_done: Option<SlotId>,
 }
 
 pub struct Tracker {
@@ -252,6 +256,9 @@ impl Tracker {
                     closed_ns: t.mono_ns,
                     ..Default::default()
                 });
+                if t.old == TcpState::Closing {
+                    out.handshake_done = Some(id);
+                }
                 let key = conn.key();
                 self.slab.set_phase(id, Phase::Timewait);
                 if let Some(old) = self.timewait.insert(&key, id) {
@@ -450,6 +457,60 @@ impl Tracker {
                 matches!(p, Phase::Live | Phase::Snapshot) && c.state == state && !c.listener
             })
             .map(|(id, _, c)| (id, c))
+    }
+
+    /// At exit: the connections whose close has begun (waiting for their
+    /// timewait socket, or live in FIN_WAIT1, FIN_WAIT2, CLOSING, LAST_ACK
+    /// or CLOSE_WAIT), ended now as far as they got (a timewait one's end
+    /// is [`TimewaitEnd::TracingStopped`]), for the caller to write and
+    /// release; and how many connections were still open (not closing,
+    /// not listening).
+    pub fn cut_at_exit(&mut self, now_ns: u64) -> (Vec<SlotId>, u64) {
+        use TcpState::*;
+        let mut cut = Vec::new();
+        let mut open = 0;
+        for (id, phase, c) in self.slab.iter_mut() {
+            let closing = matches!(
+                c.state,
+                FinWait1 | FinWait2 | Closing | LastAck | CloseWait | TimeWait
+            );
+            match phase {
+                Phase::Timewait => {
+                    let tw = c.timewait.get_or_insert_with(Timewait::default);
+                    tw.end = Some(TimewaitEnd::TracingStopped);
+                }
+                Phase::Live | Phase::Snapshot if closing && !c.listener => {}
+                Phase::Live | Phase::Snapshot => {
+                    if !c.listener {
+                        open += 1;
+                    }
+                    continue;
+                }
+                Phase::Free | Phase::Ended => continue,
+            }
+            // The time in its state so far.
+            c.extend_to(now_ns);
+            c.cut_at_exit = true;
+            c.complete = false;
+            cut.push(id);
+        }
+        for &id in &cut {
+            let c = self.slab.get(id);
+            let (key, sock) = (c.key(), c.sock);
+            match self.slab.phase(id) {
+                Phase::Timewait => {
+                    self.timewait.remove(&key, id);
+                }
+                Phase::Snapshot => {
+                    self.snapshot.remove(&key);
+                }
+                _ => {
+                    self.by_sock.remove(&sock);
+                }
+            }
+            self.slab.set_phase(id, Phase::Ended);
+        }
+        (cut, open)
     }
 
     /// Live connections per current state (timewait ones included), for

@@ -418,7 +418,7 @@ const EXIT_POLL_WAIT: Duration = Duration::from_millis(300);
 const EXIT_HOLDERS_WAIT: Duration = Duration::from_millis(500);
 
 /// How long the agent waits at exit for stdout's reader to take the last
-/// records.
+/// records, from the last one it took.
 const EXIT_OUTPUT_WAIT: Duration = Duration::from_secs(1);
 
 /// How often the agent drains the ring buffer without being woken.
@@ -464,7 +464,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let mut pipeline = Pipeline {
         tracker: Tracker::new(args.max_sockets as usize),
         out: Output::new(
-            Sink::new(io::stdout()).context("starting the output thread")?,
+            Sink::new(io::stdout(), args.output_buffer as usize)
+                .context("starting the output thread")?,
             args.output,
             args.events,
             WallClock::now(),
@@ -562,6 +563,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let mut tick = interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut last_lost = 0;
+    let mut last_dropped = 0;
     // Below the wake-up threshold the kernel does not wake us: drain often
     // enough that live output stays live.
     let mut drain_tick = interval(DRAIN_INTERVAL);
@@ -676,6 +678,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                             pipeline.stuck(conn, &[], false)?;
                         }
                         pipeline.out.flush()?;
+                    }
+                    let dropped = pipeline.out.dropped();
+                    if dropped > last_dropped {
+                        eprintln!(
+                            "tracer: warning: {} records dropped (stdout's reader more than --output-buffer behind, {} in all)",
+                            dropped - last_dropped, dropped
+                        );
+                        last_dropped = dropped;
                     }
                     if let Ok(lost) = counters.lost() {
                         if lost > last_lost {
@@ -805,17 +815,16 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     stats.output_dropped = pipeline.out.dropped();
     if stats.output_dropped > 0 {
         eprintln!(
-            "tracer: warning: {} records dropped: stdout's reader fell behind by more than {} MiB",
+            "tracer: warning: {} records dropped: stdout's reader fell behind by more than --output-buffer ({} KiB)",
             stats.output_dropped,
-            (crate::report::output::sink::MAX_CHUNKS * crate::report::output::sink::CHUNK_BYTES)
-                >> 20
+            args.output_buffer >> 10
         );
     }
     match pipeline.out.stats(&stats, EXIT_OUTPUT_WAIT) {
         Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
         Ok(false) => {
             eprintln!(
-                "tracer: warning: stdout's reader took nothing for {:?}; the last records and the stats were not written",
+                "tracer: warning: stdout's reader took nothing for {:?}; the last records and the stats record were not written",
                 EXIT_OUTPUT_WAIT
             );
             Ok(())

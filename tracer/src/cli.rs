@@ -126,6 +126,12 @@ pub struct Args {
     #[arg(long, default_value = "4M", value_parser = parse_ringbuf_size)]
     pub ringbuf_size: u32,
 
+    /// Records that may wait for a slow reader of stdout, in bytes
+    /// (suffixes K and M); past it, records are dropped and counted
+    /// (`output_dropped`), and tracing goes on.
+    #[arg(long, default_value = "16M", value_parser = parse_output_buffer, value_name = "BYTES")]
+    pub output_buffer: u32,
+
     /// Ring buffer fill (bytes) that wakes the agent; below it the agent
     /// drains every 50 ms. Fewer wake-ups cost the traced applications
     /// less. Default: an eighth of --ringbuf-size; 0 wakes it per event.
@@ -216,6 +222,29 @@ fn parse_port(s: &str) -> Result<u16, String> {
         Ok(p) if p > 0 => Ok(p),
         _ => Err(format!("port {n} is out of range (1-65535)")),
     }
+}
+
+fn parse_output_buffer(s: &str) -> Result<u32, String> {
+    let bytes = parse_size(s)?;
+    if !(64 << 10..=1 << 30).contains(&bytes) {
+        return Err(format!("{bytes} bytes: must be from 64K to 1024M"));
+    }
+    Ok(bytes as u32)
+}
+
+/// `4M`, `256K`, `65536`: bytes.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let (digits, mult) = match s.strip_suffix(['K', 'k']) {
+        Some(d) => (d, 1u64 << 10),
+        None => match s.strip_suffix(['M', 'm']) {
+            Some(d) => (d, 1u64 << 20),
+            None => (s, 1),
+        },
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size (examples: 4M, 262144)"))?;
+    Ok(n.saturating_mul(mult))
 }
 
 fn parse_ringbuf_size(s: &str) -> Result<u32, String> {
@@ -383,6 +412,22 @@ mod tests {
             parse(&["-4", "-6"]).unwrap_err().kind(),
             ErrorKind::ArgumentConflict
         );
+    }
+
+    #[test]
+    fn output_buffer_sizes() {
+        assert_eq!(parse(&[]).unwrap().output_buffer, 16 << 20);
+        assert_eq!(
+            parse(&["--output-buffer", "256K"]).unwrap().output_buffer,
+            256 << 10
+        );
+        for bad in ["1K", "2048M", "lots"] {
+            assert_eq!(
+                parse(&["--output-buffer", bad]).unwrap_err().kind(),
+                ErrorKind::ValueValidation,
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -83,7 +83,7 @@ pub struct Stats {
     /// record was written for them.
     pub open_at_exit: u64,
     /// Records not written because stdout's reader fell behind by more
-    /// than the output's buffer (4 MiB).
+    /// than the output's buffer (`--output-buffer`).
     pub output_dropped: u64,
     /// What the kernel offers, as probed at start.
     #[serde(skip_serializing_if = "Option::is_none")]

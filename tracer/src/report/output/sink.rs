@@ -3,7 +3,8 @@
 //!
 //! Records are written into 64 KiB chunks; a full chunk (or the rest, at
 //! each flush) is handed to the writer thread, which writes it and hands
-//! the emptied chunk back. At most [`MAX_CHUNKS`] chunks exist (4 MiB):
+//! the emptied chunk back. At most `--output-buffer` of chunks exist (16
+//! MiB by default):
 //! when the reader of stdout falls that far behind (a stalled pipe, a
 //! paused terminal), the records of the chunk that finds no free chunk are
 //! dropped and counted (`output_dropped` in the stats, and a warning on
@@ -13,7 +14,7 @@
 use std::{
     io::{self, Write},
     sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         mpsc::{self, Receiver, SyncSender},
         Arc,
     },
@@ -23,9 +24,10 @@ use std::{
 
 /// A chunk is handed to the writer once it holds this much.
 pub const CHUNK_BYTES: usize = 64 << 10;
-/// Chunks in all (in use, in flight or free): 4 MiB of records at most
-/// wait for a slow reader.
-pub const MAX_CHUNKS: usize = 64;
+/// Bytes of records that may wait for a slow reader by default
+/// (`--output-buffer`): a second or more of JSON at full churn (a file on
+/// a disk busy with other writes falls that far behind).
+pub const DEFAULT_BUFFER: usize = 16 << 20;
 
 /// Something records are written to, record by record.
 pub trait RecordWrite: Write {
@@ -55,27 +57,33 @@ pub struct Sink {
     /// Records in `chunk`, and where the last one ends.
     records: u64,
     mark: usize,
-    /// Chunks made so far (at most [`MAX_CHUNKS`]).
+    /// Chunks made so far, and the most there may be.
     made: usize,
+    max_chunks: usize,
     to_writer: Option<SyncSender<Vec<u8>>>,
     free: Receiver<Vec<u8>>,
     /// Set by the writer when a write failed (its error is then returned
     /// by the next flush).
     failed: Arc<AtomicBool>,
     error: Arc<std::sync::Mutex<Option<io::Error>>>,
+    /// Bytes the writer has written so far.
+    written: Arc<AtomicU64>,
     writer: Option<thread::JoinHandle<()>>,
     /// Records dropped because the reader was too slow.
     pub dropped: u64,
 }
 
 impl Sink {
-    /// Starts the writer thread on `out`.
-    pub fn new<W: Write + Send + 'static>(mut out: W) -> io::Result<Sink> {
-        let (to_writer, work) = mpsc::sync_channel::<Vec<u8>>(MAX_CHUNKS);
-        let (give_back, free) = mpsc::sync_channel::<Vec<u8>>(MAX_CHUNKS);
+    /// Starts the writer thread on `out`, with at most `buffer` bytes of
+    /// records (rounded up to whole chunks) waiting for it.
+    pub fn new<W: Write + Send + 'static>(mut out: W, buffer: usize) -> io::Result<Sink> {
+        let max_chunks = buffer.div_ceil(CHUNK_BYTES).max(2);
+        let (to_writer, work) = mpsc::sync_channel::<Vec<u8>>(max_chunks);
+        let (give_back, free) = mpsc::sync_channel::<Vec<u8>>(max_chunks);
         let failed = Arc::new(AtomicBool::new(false));
         let error = Arc::new(std::sync::Mutex::new(None));
-        let (f, e) = (failed.clone(), error.clone());
+        let written = Arc::new(AtomicU64::new(0));
+        let (f, e, w) = (failed.clone(), error.clone(), written.clone());
         let writer = thread::Builder::new()
             .name("tracer-output".into())
             .spawn(move || {
@@ -85,6 +93,7 @@ impl Sink {
                             *e.lock().unwrap_or_else(|p| p.into_inner()) = Some(err);
                             f.store(true, Ordering::Relaxed);
                         }
+                        w.fetch_add(chunk.len() as u64, Ordering::Relaxed);
                     }
                     chunk.clear();
                     if give_back.send(chunk).is_err() {
@@ -97,17 +106,19 @@ impl Sink {
             records: 0,
             mark: 0,
             made: 1,
+            max_chunks,
             to_writer: Some(to_writer),
             free,
             failed,
             error,
+            written,
             writer: Some(writer),
             dropped: 0,
         })
     }
 
     /// Hands the current chunk to the writer and takes an empty one: a
-    /// returned one, a new one while fewer than [`MAX_CHUNKS`] exist, or,
+    /// returned one, a new one while fewer than the most there may be, or,
     /// when the writer holds them all, this chunk again, emptied, its
     /// records counted as dropped.
     fn hand_off(&mut self) {
@@ -116,7 +127,7 @@ impl Sink {
         }
         let next = match self.free.try_recv() {
             Ok(c) => Some(c),
-            Err(_) if self.made < MAX_CHUNKS => {
+            Err(_) if self.made < self.max_chunks => {
                 self.made += 1;
                 Some(Vec::with_capacity(CHUNK_BYTES))
             }
@@ -167,12 +178,20 @@ impl RecordWrite for Sink {
     fn finish(&mut self, within: Duration) -> io::Result<bool> {
         self.hand_off();
         self.to_writer = None;
-        let deadline = Instant::now() + within;
         let Some(writer) = self.writer.take() else {
             return Ok(true);
         };
+        // A reader that takes the records, however slowly (a file on a
+        // busy disk), gets them all; one that takes nothing for `within`
+        // is left.
+        let mut written = self.written.load(Ordering::Relaxed);
+        let mut progress_at = Instant::now();
         while !writer.is_finished() {
-            if Instant::now() >= deadline {
+            let now = self.written.load(Ordering::Relaxed);
+            if now != written {
+                written = now;
+                progress_at = Instant::now();
+            } else if progress_at.elapsed() >= within {
                 return Ok(false);
             }
             thread::sleep(Duration::from_millis(1));
@@ -237,7 +256,7 @@ mod tests {
             got: Default::default(),
         };
         let stall = g.gate.lock().unwrap();
-        let mut s = Sink::new(g.clone()).unwrap();
+        let mut s = Sink::new(g.clone(), 4 << 20).unwrap();
         let started = Instant::now();
         // 10 MiB of records: more than the chunks can hold.
         let n = 10 * 1024;
@@ -269,7 +288,7 @@ mod tests {
             gate: Arc::new(Mutex::new(())),
             got: Default::default(),
         };
-        let mut s = Sink::new(g.clone()).unwrap();
+        let mut s = Sink::new(g.clone(), 4 << 20).unwrap();
         for i in 0..5000 {
             record(&mut s, i);
             if i % 100 == 0 {
@@ -292,7 +311,7 @@ mod tests {
                 Ok(())
             }
         }
-        let mut s = Sink::new(Gone).unwrap();
+        let mut s = Sink::new(Gone, 4 << 20).unwrap();
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             record(&mut s, 2);

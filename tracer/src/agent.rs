@@ -173,7 +173,10 @@ impl<W: RecordWrite> Pipeline<W> {
         if !conn.close_written {
             self.out.close(conn, &close)?;
         }
+        // A record cut at exit is output, not counted: its last stay and
+        // its close class end where the tracer stopped, not the connection.
         match self.out.cgroups() {
+            _ if conn.cut_at_exit => {}
             Some(c) if c.keys() => {
                 let mut enriched = *conn;
                 enriched.owner = c.enrich(&conn.owner);

@@ -61,6 +61,8 @@ pub struct Read {
     pub other: u64,
     /// Connection records left out because transitions were present.
     pub connections_ignored: u64,
+    /// Connection records written at exit (`at_exit`), left out.
+    pub cut_at_exit: u64,
 }
 
 pub fn run(args: &SummarizeArgs) -> anyhow::Result<()> {
@@ -78,6 +80,12 @@ pub fn run(args: &SummarizeArgs) -> anyhow::Result<()> {
     );
     if read.connections_ignored > 0 {
         note.push_str(" (summarized from the transitions)");
+    }
+    if read.cut_at_exit > 0 {
+        note.push_str(&format!(
+            " ({} written at exit, left out as the live summary does)",
+            read.cut_at_exit
+        ));
     }
     note.push_str(&format!("; {} stays of known duration", summary.stays()));
     eprintln!("{note}");
@@ -150,6 +158,11 @@ pub fn summarize<R: BufRead>(
             }
             "connection" => {
                 read.connections += 1;
+                // Written at exit, not counted by the live summary either.
+                if rec.at_exit == Some(true) {
+                    read.cut_at_exit += 1;
+                    continue;
+                }
                 let c = rec
                     .connection()
                     .map_err(|e| anyhow!("{name}:{n}: bad connection record: {e}"))?;
@@ -232,6 +245,8 @@ struct Record {
     /// How a connection closed (recordings from before the close classes
     /// have none).
     close: Option<CloseRecord>,
+    /// Connection records written when the tracer stopped.
+    at_exit: Option<bool>,
 }
 
 #[derive(Deserialize)]

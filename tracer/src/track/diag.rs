@@ -651,6 +651,47 @@ fn parse_messages(mut buf: &[u8], want: Expect, out: &mut Vec<DiagSocket>) -> io
     Ok(chunk)
 }
 
+/// The reply parser for the fuzz targets (`fuzz/`, feature `fuzzing`):
+/// not part of the API.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing {
+    use super::*;
+
+    /// Bytes of the smallest reply that holds a socket: a socket in the
+    /// parser's output costs at least this much input.
+    pub const MIN_SOCKET_BYTES: usize = NLMSG_HDRLEN + MSG_LEN;
+    pub const NLMSG_DONE: u16 = super::NLMSG_DONE;
+    pub const NLMSG_ERROR: u16 = super::NLMSG_ERROR;
+    pub const SOCK_DIAG_BY_FAMILY: u16 = super::SOCK_DIAG_BY_FAMILY;
+    pub const NLM_F_DUMP_INTR: u16 = super::NLM_F_DUMP_INTR;
+
+    /// What the parser made of one datagram.
+    #[derive(Clone, Copy, Debug)]
+    pub struct Chunk {
+        pub done: bool,
+        pub answered: bool,
+        pub interrupted: bool,
+        pub skipped: usize,
+    }
+
+    /// One datagram parsed for the request `seq` of port `pid`.
+    pub fn parse_messages(
+        buf: &[u8],
+        seq: u32,
+        pid: u32,
+        out: &mut Vec<DiagSocket>,
+    ) -> io::Result<Chunk> {
+        let c = super::parse_messages(buf, Expect { seq, pid }, out)?;
+        Ok(Chunk {
+            done: c.done,
+            answered: c.answered,
+            interrupted: c.interrupted,
+            skipped: c.skipped,
+        })
+    }
+}
+
 /// Decodes one `struct inet_diag_msg`.
 fn parse_msg(p: &[u8]) -> Option<DiagSocket> {
     if p.len() < MSG_LEN {

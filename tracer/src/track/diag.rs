@@ -587,9 +587,14 @@ fn ne_u32(b: &[u8], off: usize) -> Option<u32> {
     Some(u32::from_ne_bytes([s[0], s[1], s[2], s[3]]))
 }
 
-/// The error an `NLMSG_ERROR` or `NLMSG_DONE` carries (a negative errno).
+/// The error an `NLMSG_ERROR` or `NLMSG_DONE` carries: a negative errno
+/// (`i32::MIN` has no positive counterpart: no errno, a malformed reply;
+/// found by the fuzz target `sock_diag_reply`).
 fn os_error(code: i32) -> io::Error {
-    io::Error::from_raw_os_error(-code)
+    match code.checked_neg() {
+        Some(errno) if errno > 0 => io::Error::from_raw_os_error(errno),
+        _ => DiagError::Malformed.into(),
+    }
 }
 
 /// Parses one datagram of netlink messages: the sockets of the replies to
@@ -850,6 +855,29 @@ mod tests {
         let e = parse_messages(&bad, WANT, &mut Vec::new()).unwrap_err();
         assert_eq!(DiagError::of(&e), Some(DiagError::Malformed));
         assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+    }
+
+    /// Found by the fuzz target `sock_diag_reply`: negating the error code
+    /// `i32::MIN` overflowed (a panic with overflow checks).
+    #[test]
+    fn error_codes_without_an_errno_are_malformed() {
+        for reply in [
+            error_of(SEQ, PORT, i32::MIN),
+            done_of(SEQ, PORT, 0, i32::MIN),
+            error_of(SEQ, PORT, 5), // positive: no errno either
+        ] {
+            let e = parse_messages(&reply, WANT, &mut Vec::new()).unwrap_err();
+            assert_eq!(DiagError::of(&e), Some(DiagError::Malformed));
+        }
+        // The datagram of the fuzzer's crash (an NLMSG_ERROR of 119 bytes
+        // whose code is i32::MIN, the rest of the input and zeros).
+        let mut payload = vec![0, 0, 0, 0x80, 1, 0x94, 3];
+        payload.extend([1; 13]);
+        payload.push(0x0a);
+        payload.resize(119, 0);
+        let crash = msg(NLMSG_ERROR, 0, SEQ, PORT, &payload);
+        let e = parse_messages(&crash, WANT, &mut Vec::new()).unwrap_err();
+        assert_eq!(DiagError::of(&e), Some(DiagError::Malformed));
     }
 
     #[test]

@@ -5,13 +5,19 @@
 //! layout tests at the bottom (and the agent's decoder tests) pin that down.
 #![no_std]
 
+// `Pod` (every bit pattern is a valid value, no padding: the derive checks
+// it at compile time) is what lets the agent read records from the ring
+// buffer's bytes without `unsafe`. bytemuck is no_std and its derives are
+// compile-time only, so the kernel program builds with them too.
+use bytemuck::{Pod, Zeroable};
+
 /// Record of the `sock:inet_sock_set_state` tracepoint, as described by
 /// `/sys/kernel/tracing/events/sock/inet_sock_set_state/format` (stable since
 /// Linux 4.16, where the tracepoint was added). The integration test
 /// `tracepoint_format` compares every offset and size with the running
 /// kernel's format file.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct InetSockSetStateRecord {
     pub common_type: u16,
     pub common_flags: u8,
@@ -56,7 +62,7 @@ pub mod tcp_state {
 /// Every ring buffer record starts with this header, so the agent can tell
 /// record kinds apart and reject records it does not understand.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct EventHeader {
     /// `bpf_ktime_get_ns()`: CLOCK_MONOTONIC, nanoseconds.
     pub ts_ns: u64,
@@ -85,7 +91,7 @@ pub enum EventKind {
 /// to `sockaddr` addresses). The integration test `reset_tracepoint_formats`
 /// checks these offsets against the running kernel's format file.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct TcpSendResetRecord {
     pub common_type: u16,
     pub common_flags: u8,
@@ -104,7 +110,7 @@ pub struct TcpSendResetRecord {
 /// (`/sys/kernel/tracing/events/tcp/tcp_receive_reset/format`, the
 /// `tcp_event_sk` class, unchanged since 4.16).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct TcpReceiveResetRecord {
     pub common_type: u16,
     pub common_flags: u8,
@@ -120,7 +126,7 @@ pub const RESET_RECEIVED: u8 = 2;
 /// A reset sent or received by a socket; the agent joins it to the
 /// socket's connection by `skaddr`.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct ResetEvent {
     pub header: EventHeader,
     pub skaddr: u64,
@@ -140,7 +146,7 @@ pub const RECEIVE_RESET_PROGRAM: &str = "tcp_receive_reset";
 /// allows fentry): its timer fired, or it was killed or reused. The
 /// portable path only sees that it is gone at the next sock_diag poll.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct TimewaitDeathEvent {
     pub header: EventHeader,
     pub saddr: [u8; 16],
@@ -171,7 +177,7 @@ pub const FLAG_TASK: u32 = 1 << 1;
 
 /// One TCP state transition, as submitted to the ring buffer.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct TransitionEvent {
     pub header: EventHeader,
     pub skaddr: u64,
@@ -211,7 +217,7 @@ pub const BATCH_STEPS: usize = 6;
 
 /// One transition in a batch. The socket's endpoints are the batch's.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct Step {
     /// `bpf_ktime_get_ns()` when it fired.
     pub ts_ns: u64,
@@ -228,7 +234,7 @@ pub struct Step {
 
 /// The current task of a transition that runs in the owner's system call.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct TaskSlot {
     pub pid: u32,
     pub tid: u32,
@@ -242,7 +248,7 @@ pub struct TaskSlot {
 /// Transitions of one socket not yet delivered. The steps come last: a
 /// record carries only the `nsteps` it holds ([`batch_event_len`]).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct Batch {
     pub nsteps: u8,
     pub nowners: u8,
@@ -255,7 +261,7 @@ pub struct Batch {
 /// batched (`SOCK_STORE`): the timing, and the batch inside the record
 /// that will carry it (sent from there, as long as its steps).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct SockState {
     pub timing: SockTiming,
     pub event: BatchEvent,
@@ -270,7 +276,7 @@ pub const fn batch_event_len(nsteps: usize) -> usize {
 /// A socket's batch of transitions, delivered at its CLOSE, when a state
 /// the agent watches live is entered, or when the batch is full.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct BatchEvent {
     pub header: EventHeader,
     pub skaddr: u64,
@@ -329,7 +335,7 @@ pub mod counter {
 /// Value of the per-socket timing map (`SOCK_TIMING`), keyed by socket
 /// address: when the socket entered `state`.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct SockTiming {
     pub entered_ns: u64,
     pub state: u8,
@@ -341,7 +347,7 @@ pub struct SockTiming {
 /// Key of the kernel's listener table (`LISTENERS`): an accepted socket
 /// inherits the owner filter's verdict of its listener.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct ListenerKey {
     pub netns: u32,
     pub port: u16,

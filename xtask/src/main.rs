@@ -3,14 +3,17 @@
 //!
 //! - `cargo xtask setup`: installs what building needs (idempotent).
 //! - `cargo xtask run -- <tracer args>`: set-up, release build, run.
-//! - `cargo xtask test`: set-up, unit tests, the deployment files'
-//!   check (`src/deploy.rs`), then the integration tests that load the
-//!   real program into the running kernel.
+//! - `cargo xtask test`: set-up, unit tests, a short fuzzing of the
+//!   decoders (`src/fuzz.rs`), the deployment files' check
+//!   (`src/deploy.rs`), then the integration tests that load the real
+//!   program into the running kernel.
+//! - `cargo xtask fuzz [--seconds N]`: the fuzzing alone, longer.
 //! - `cargo xtask bench`: what tracing costs the traced, against an
 //!   untraced baseline and libbpf-tools (`src/bench/`).
 
 mod bench;
 mod deploy;
+mod fuzz;
 mod setup;
 mod vm;
 
@@ -41,6 +44,13 @@ enum Task {
         /// Which kernels run the integration suite: host, 6.1, 6.12 or all.
         #[arg(long, default_value = "all", value_parser = ["host", "6.1", "6.12", "all"])]
         kernel: String,
+    },
+    /// Fuzz the ring buffer record decoder and the sock_diag reply parser
+    /// (cargo-fuzz, nightly; also run briefly by `test`).
+    Fuzz {
+        /// How long each fuzz target runs, in seconds.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
     },
     /// Validate deploy/kubernetes/daemonset.yaml against the Kubernetes
     /// schemas and its privileges against the README (also run by `test`).
@@ -75,6 +85,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.task {
         Task::Setup => setup::ensure(),
         Task::CheckDeploy => deploy::check(),
+        Task::Fuzz { seconds } => fuzz::run(seconds),
         Task::Bench(args) => bench::run(args),
         Task::BenchHold {
             port,
@@ -116,6 +127,9 @@ fn run(cli: Cli) -> Result<()> {
                 "--lib",
                 "--bins",
             ])?;
+            // The decoders on arbitrary input, for a bounded time.
+            eprintln!("xtask: fuzzing");
+            fuzz::run(fuzz::TEST_SECONDS)?;
             // Kernel-independent, and quick: before the long part.
             eprintln!("xtask: deploy/ manifests");
             deploy::check()?;

@@ -1,8 +1,10 @@
 //! Decoding of the kernel program's ring buffer records.
 //!
-//! Records are read by value with `read_unaligned`, so the decoder never
+//! Records are read by value, unaligned, into tracer-common's plain-old-data
+//! types (`bytemuck::Pod`, derived: no `unsafe` here), so the decoder never
 //! trusts the alignment or the length of what the ring buffer hands over: a
 //! short or unknown record is an error the caller counts, never a panic.
+//! Decoding allocates nothing (the fuzz target `decode_record` checks it).
 
 use std::{
     fmt,
@@ -11,6 +13,7 @@ use std::{
 
 use std::mem::offset_of;
 
+use bytemuck::{Pod, Zeroable};
 use thiserror::Error;
 use tracer_common::{
     batch_event_len, BatchEvent, EventHeader, EventKind, ResetEvent, Step, TaskSlot,
@@ -468,7 +471,7 @@ pub fn decode_batch(bytes: &[u8]) -> Result<BatchView<'_>, DecodeError> {
 /// The fields of a [`BatchEvent`] before its batch (the same layout; the
 /// decoder reads them without copying the batch).
 #[repr(C)]
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Pod, Zeroable)]
 struct BatchPrefix {
     header: EventHeader,
     skaddr: u64,
@@ -484,8 +487,6 @@ struct BatchPrefix {
 
 const _: () = assert!(size_of::<BatchPrefix>() == offset_of!(BatchEvent, batch));
 const _: () = assert!(offset_of!(BatchPrefix, netns) == offset_of!(BatchEvent, netns));
-// SAFETY: integers and byte arrays, no padding (sizes checked above).
-unsafe impl Wire for BatchPrefix {}
 
 /// Decodes one transition record.
 pub fn decode(bytes: &[u8]) -> Result<Transition, DecodeError> {
@@ -547,36 +548,17 @@ fn addr(family: Family, raw: [u8; 16]) -> IpAddr {
     }
 }
 
-/// Types the kernel writes into the ring buffer, readable from any bytes.
-///
-/// # Safety
-/// Implementors are `#[repr(C)]` structs of integers and byte arrays
-/// without padding: every bit pattern is a valid value (no `bool`, no enum,
-/// no reference).
-unsafe trait Wire: Copy {}
-
-// SAFETY: tracer-common's record types satisfy `Wire`'s contract (its
-// layout asserts check they have no padding).
-unsafe impl Wire for EventHeader {}
-unsafe impl Wire for TransitionEvent {}
-unsafe impl Wire for BatchEvent {}
-unsafe impl Wire for ResetEvent {}
-unsafe impl Wire for TimewaitDeathEvent {}
-unsafe impl Wire for Step {}
-unsafe impl Wire for TaskSlot {}
-unsafe impl Wire for [u8; 2] {}
-
 /// Reads a `T` from the front of `bytes`, if it is long enough.
-fn read<T: Wire>(bytes: &[u8]) -> Option<T> {
+fn read<T: Pod>(bytes: &[u8]) -> Option<T> {
     read_at(bytes, 0)
 }
 
-/// Reads a `T` at byte `at` of `bytes`, if it lies within.
-fn read_at<T: Wire>(bytes: &[u8], at: usize) -> Option<T> {
+/// Reads a `T` at byte `at` of `bytes`, if it lies within. `Pod`: any
+/// bytes are a valid `T`; the read is unaligned (the ring buffer's records
+/// are 8-byte aligned, a test's slices need not be).
+fn read_at<T: Pod>(bytes: &[u8], at: usize) -> Option<T> {
     let b = bytes.get(at..at.checked_add(size_of::<T>())?)?;
-    // SAFETY: `b` holds `size_of::<T>()` bytes; any bytes are a valid `T`
-    // (`Wire`); the read is unaligned.
-    Some(unsafe { std::ptr::read_unaligned(b.as_ptr().cast::<T>()) })
+    bytemuck::try_pod_read_unaligned(b).ok()
 }
 
 /// Encodes a transition the way the kernel program does. Used by tests and
@@ -618,14 +600,7 @@ pub fn encode(t: &Transition) -> Vec<u8> {
         netns: t.netns,
         _reserved: 0,
     };
-    // SAFETY: `TransitionEvent` is `#[repr(C)]` without padding.
-    let bytes = unsafe {
-        std::slice::from_raw_parts(
-            (&ev as *const TransitionEvent).cast::<u8>(),
-            size_of::<TransitionEvent>(),
-        )
-    };
-    bytes.to_vec()
+    bytemuck::bytes_of(&ev).to_vec()
 }
 
 #[cfg(test)]

@@ -103,8 +103,7 @@ fn batch_bytes(nsteps: u8) -> Vec<u8> {
         batch: b,
         ..Default::default()
     };
-    // SAFETY: `BatchEvent` is `#[repr(C)]` without padding.
-    unsafe { std::slice::from_raw_parts((&ev as *const BatchEvent).cast::<u8>(), len) }.to_vec()
+    bytemuck::bytes_of(&ev)[..len].to_vec()
 }
 
 #[test]
@@ -199,14 +198,7 @@ fn reset_records_decode() {
         state: TcpState::Established as u8,
         _pad: [0; 6],
     };
-    // SAFETY: repr(C), no padding.
-    let mut bytes = unsafe {
-        std::slice::from_raw_parts(
-            (&ev as *const ResetEvent).cast::<u8>(),
-            size_of::<ResetEvent>(),
-        )
-    }
-    .to_vec();
+    let mut bytes = bytemuck::bytes_of(&ev).to_vec();
     assert_eq!(
         decode_record(&bytes),
         Ok(Record::Reset(Reset {
@@ -247,13 +239,7 @@ fn timewait_death_records_decode() {
         netns: 9,
         ..Default::default()
     };
-    // SAFETY: repr(C), no padding.
-    let bytes = unsafe {
-        std::slice::from_raw_parts(
-            (&ev as *const TimewaitDeathEvent).cast::<u8>(),
-            size_of::<TimewaitDeathEvent>(),
-        )
-    };
+    let bytes = bytemuck::bytes_of(&ev);
     let Ok(Record::TimewaitDeath(d)) = decode_record(bytes) else {
         panic!("not a death")
     };

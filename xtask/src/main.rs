@@ -154,6 +154,19 @@ fn run(cli: Cli) -> Result<()> {
                     "bench",
                     "--smoke",
                 ])?;
+                // Two minutes of every kind of traffic at once: fails on
+                // an fd leak, RSS growth or a count that does not add up.
+                eprintln!("xtask: soak test (2 minutes)");
+                cargo(&[
+                    "run",
+                    "--quiet",
+                    "--package",
+                    "xtask",
+                    "--",
+                    "soak",
+                    "--minutes",
+                    "2",
+                ])?;
             }
             if guests.is_empty() {
                 return Ok(());

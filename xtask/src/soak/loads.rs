@@ -42,7 +42,7 @@ use super::{
     Plan,
 };
 use crate::bench::{
-    env::{settle_in, HALF_WAY},
+    env::{settle_in, sockets_in, HALF_WAY},
     hold::{self, HeldCheck},
     load::{LoadConfig, LoadKind, Mode, PER_HELPER},
     netns::{configure_netns, enter_new_netns},
@@ -279,10 +279,16 @@ fn main_thread(
         hold::wait_ready(&mut helpers)
     })();
     let release = |helpers| {
+        // A held socket whose client ended with a reset (an orphaned
+        // client that stayed a full FIN_WAIT2 socket, the kernel's "bad
+        // case", sends one when its 60 s timer runs out) went CLOSE_WAIT
+        // -> CLOSE already: only those still in CLOSE_WAIT close now.
+        let still = still_close_wait(&net, plan.hold);
         let check = hold::stop_helpers(helpers);
         // Each helper's sockets and listener close when it exits.
         shared.add(|t| {
-            t.held_released += check.held;
+            t.held_released += still.min(check.held);
+            t.held_reset += check.held.saturating_sub(still);
             t.listener_closes += check_helpers(plan.hold);
         });
         check
@@ -376,6 +382,13 @@ fn main_thread(
         held: check,
         settle,
     })
+}
+
+/// Held server sockets still in CLOSE_WAIT (`/proc/.../net/tcp` state 08
+/// on a hold port) in the namespace whose /proc view is `net`.
+fn still_close_wait(net: &str, hold: u64) -> u64 {
+    let text = fs::read_to_string(format!("{net}/tcp")).unwrap_or_default();
+    sockets_in(&text, &hold_ports(hold), &["08"])
 }
 
 /// `bench-hold` helpers for `hold` sockets (a listener each).

@@ -576,7 +576,7 @@ pub fn run(args: SoakArgs) -> Result<()> {
         plan.describe()
     );
     println!(
-        "made: {} connections ({} client-first, {} server-first, {} aborts, {} reset in a closing listener's queue, {} refused, {} held in CLOSE_WAIT and {} released), {} listens and {} listener closes, {} network namespaces",
+        "made: {} connections ({} client-first, {} server-first, {} aborts, {} reset in a closing listener's queue, {} refused, {} held in CLOSE_WAIT: {} released, {} reset by their client before), {} listens and {} listener closes, {} network namespaces",
         tally.connections(),
         tally.client_first,
         tally.server_first,
@@ -585,6 +585,7 @@ pub fn run(args: SoakArgs) -> Result<()> {
         tally.refused,
         tally.held,
         tally.held_released,
+        tally.held_reset,
         tally.listens,
         tally.listener_closes,
         tally.namespaces

@@ -7,6 +7,7 @@ use std::{
     collections::BTreeMap,
     fs::{self, File},
     io::{BufRead as _, BufReader, BufWriter, Write as _},
+    os::fd::AsRawFd as _,
     path::{Path, PathBuf},
     process::{Child, ChildStdout, Command, Stdio},
     thread,
@@ -108,6 +109,15 @@ pub fn start(bin: &Path, args: &[String], out_dir: &Path, keep_output: bool) -> 
         .with_context(|| format!("starting {}", bin.display()))?;
     let pid = child.id() as i32;
     let stdout = child.stdout.take().expect("piped");
+    // The largest pipe an unprivileged process may ask for (1 MiB by
+    // default), so a burst of records waits in the pipe rather than in
+    // the tracer's own buffer while this side gets a CPU.
+    let max = fs::read_to_string("/proc/sys/fs/pipe-max-size")
+        .ok()
+        .and_then(|s| s.trim().parse::<libc::c_int>().ok())
+        .unwrap_or(1 << 20);
+    // SAFETY: fcntl on the pipe we hold; failure leaves its size as it was.
+    unsafe { libc::fcntl(stdout.as_raw_fd(), libc::F_SETPIPE_SZ, max) };
     let sink = thread::Builder::new()
         .name("soak-sink".into())
         .spawn(move || read_all(stdout, copy))

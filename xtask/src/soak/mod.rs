@@ -22,12 +22,15 @@
 //!   the soak's namespaces are gone (waiting up to `--fd-wait`, 75 s: a
 //!   tracer may follow a namespace's timewait sockets for their 60 s);
 //! - RSS: the least-squares slope of the samples taken after the warm-up
-//!   (70 s of load, at most half the run: the tracer's table fills for
-//!   the 60 s a timewait socket lives, the CLOSE_WAIT alerts come at 30 s)
+//!   (75 s of load, at most two thirds of the run: the tracer's table
+//!   fills for the 60 s a timewait socket lives, the CLOSE_WAIT alerts come
+//!   at 30 s, and the held sockets' clients' timewait sockets, made
+//!   together, end together at 60 s: a burst of 10,000 records that fills
+//!   the tracer's output buffer, a step of 4-6 MiB in RSS)
 //!   at most `--rss-bound` (20) MiB/hour, or the growth it means over the
 //!   window at most `--rss-floor` (2 MiB): a short run cannot tell 20
 //!   MiB/hour from the few hundred KiB the allocator moves RSS by (a
-//!   2-minute run fits about 58 s, where 20 MiB/hour is 0.3 MiB), so
+//!   2-minute run fits about 43 s, where 20 MiB/hour is 0.24 MiB), so
 //!   there the floor decides; from about 6 minutes of window on, the
 //!   slope does.
 //!
@@ -97,7 +100,7 @@ pub struct SoakArgs {
     #[arg(long, default_value_t = 2.0)]
     pub sample_every: f64,
     /// Seconds of load before the samples the slopes are fitted on
-    /// (default: 70, at most half the run).
+    /// (default: 75, at most two thirds of the run).
     #[arg(long)]
     pub warm_up: Option<f64>,
     /// Fail when RSS grows faster than this after the warm-up, MiB/hour
@@ -132,9 +135,11 @@ pub struct SoakArgs {
     pub tracer_args: Vec<String>,
 }
 
-/// The warm-up unless given: the table of a tracer fills for the 60 s a
-/// timewait socket lives, and the CLOSE_WAIT alerts come at 30 s.
-const DEFAULT_WARM_UP: Duration = Duration::from_secs(70);
+/// The warm-up unless given (at most two thirds of the run): the table of
+/// a tracer fills for the 60 s a timewait socket lives, the CLOSE_WAIT
+/// alerts come at 30 s, and the held sockets' clients' timewait sockets
+/// all end at 60 s (a burst of records that fills the output buffer).
+const DEFAULT_WARM_UP: Duration = Duration::from_secs(75);
 /// Progress on stderr this often.
 const PROGRESS_EVERY: Duration = Duration::from_secs(30);
 
@@ -220,7 +225,7 @@ impl Plan {
                 }
                 w
             }
-            None => DEFAULT_WARM_UP.min(duration / 2),
+            None => DEFAULT_WARM_UP.min(duration * 2 / 3),
         };
         Ok(Plan {
             duration,
@@ -796,10 +801,15 @@ mod tests {
         assert_eq!(p.duration, Duration::from_secs(600));
         assert_eq!(p.warm_up, DEFAULT_WARM_UP);
         assert_eq!((p.rate, p.threads, p.hold), (2000.0, 2, 10_000));
-        // `cargo xtask test` runs two minutes: the warm-up is half.
+        // `cargo xtask test` runs two minutes: 75 s, 45 s left to fit.
         let p = plan(&["--minutes", "2"]).unwrap();
         assert_eq!(p.duration, Duration::from_secs(120));
-        assert_eq!(p.warm_up, Duration::from_secs(60));
+        assert_eq!(p.warm_up, Duration::from_secs(75));
+        // Shorter runs: two thirds.
+        assert_eq!(
+            plan(&["--minutes", "1"]).unwrap().warm_up,
+            Duration::from_secs(40)
+        );
         let p = plan(&["--minutes", "0.5", "--warm-up", "10", "--rate", "500"]).unwrap();
         assert_eq!(p.warm_up, Duration::from_secs(10));
         assert_eq!(p.rate, 500.0);

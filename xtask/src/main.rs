@@ -10,11 +10,15 @@
 //! - `cargo xtask fuzz [--seconds N]`: the fuzzing alone, longer.
 //! - `cargo xtask bench`: what tracing costs the traced, against an
 //!   untraced baseline and libbpf-tools (`src/bench/`).
+//! - `cargo xtask soak --minutes N`: the release tracer under every kind
+//!   of traffic at once for N minutes, failing on an fd or memory leak or
+//!   a transition count that does not add up (`src/soak/`).
 
 mod bench;
 mod deploy;
 mod fuzz;
 mod setup;
+mod soak;
 mod vm;
 
 use std::{os::unix::process::CommandExt as _, path::PathBuf, process::Command};
@@ -59,6 +63,11 @@ enum Task {
     /// tracer in each mode (and libbpf-tools when installed), with events
     /// delivered, losses, CPU, memory and start time (root).
     Bench(bench::BenchArgs),
+    /// Soak test: the release tracer for N minutes under churn, aborts, a
+    /// restarted listener, sockets held in CLOSE_WAIT and namespaces made
+    /// and deleted; fails on an fd leak, RSS growth or a transition count
+    /// that does not add up (root).
+    Soak(soak::SoakArgs),
     /// Internal to `bench --hold`: holds sockets in CLOSE_WAIT in the
     /// caller's network namespace.
     #[command(name = "bench-hold", hide = true)]
@@ -87,6 +96,7 @@ fn run(cli: Cli) -> Result<()> {
         Task::CheckDeploy => deploy::check(),
         Task::Fuzz { seconds } => fuzz::run(seconds),
         Task::Bench(args) => bench::run(args),
+        Task::Soak(args) => soak::run(args),
         Task::BenchHold {
             port,
             count,
@@ -157,6 +167,19 @@ fn run(cli: Cli) -> Result<()> {
                     "--",
                     "bench",
                     "--smoke",
+                ])?;
+                // Two minutes of every kind of traffic at once: fails on
+                // an fd leak, RSS growth or a count that does not add up.
+                eprintln!("xtask: soak test (2 minutes)");
+                cargo(&[
+                    "run",
+                    "--quiet",
+                    "--package",
+                    "xtask",
+                    "--",
+                    "soak",
+                    "--minutes",
+                    "2",
                 ])?;
             }
             if guests.is_empty() {

@@ -270,12 +270,12 @@ fn run_churn(
 /// application: SYN_SENT (02), SYN_RECV (03), FIN_WAIT1 (04), LAST_ACK
 /// (09), CLOSING (0B). (FIN_WAIT2, 05, is left out: the kernel's timewait
 /// sockets show that substate too.)
-pub(super) const HALF_WAY: &[&str] = &["02", "03", "04", "09", "0B"];
+pub(crate) const HALF_WAY: &[&str] = &["02", "03", "04", "09", "0B"];
 
 /// Waits (at most `max`) until no socket of `ports` is in one of `states`
 /// in the namespace whose `/proc/.../net` directory is `net`; how long it
 /// waited and how many were left.
-pub(super) fn settle_in(
+pub(crate) fn settle_in(
     net: &str,
     ports: &[u16],
     states: &[&str],

@@ -31,14 +31,14 @@ pub struct HeldCheck {
 }
 
 impl HeldCheck {
-    pub(super) fn add(&mut self, o: HeldCheck) {
+    pub(crate) fn add(&mut self, o: HeldCheck) {
         self.held += o.held;
         self.eof += o.eof;
         self.other += o.other;
     }
 
     /// Reads each socket without blocking: EOF is the only right answer.
-    pub(super) fn of<'a>(sockets: impl Iterator<Item = &'a TcpStream>) -> HeldCheck {
+    pub(crate) fn of<'a>(sockets: impl Iterator<Item = &'a TcpStream>) -> HeldCheck {
         let mut c = HeldCheck::default();
         for s in sockets {
             c.held += 1;
@@ -71,33 +71,45 @@ impl HeldCheck {
 }
 
 /// A `bench-hold` helper process and the pipes to it.
-pub(super) struct Helper {
+pub(crate) struct Helper {
     child: Child,
     stdout: BufReader<ChildStdout>,
 }
 
 /// Starts the `bench-hold` helpers (from this thread: they inherit its
 /// namespace) and waits until each holds its sockets.
-pub(super) fn start_helpers(cfg: &LoadConfig, helpers: &mut Vec<Helper>) -> Result<()> {
-    let exe = std::env::current_exe().context("finding the xtask binary")?;
+pub(crate) fn start_helpers(cfg: &LoadConfig, helpers: &mut Vec<Helper>) -> Result<()> {
     let mut left = cfg.hold;
     for (i, port) in cfg.hold_ports().into_iter().enumerate() {
         let n = left.min(PER_HELPER);
         left -= n;
-        let mut cmd = Command::new(&exe);
-        cmd.args(["bench-hold", "--port", &port.to_string()])
-            .args(["--count", &n.to_string()])
-            .args(["--first-addr", &(i as u64 * PER_HELPER).to_string()])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        if cfg.ipv6 {
-            cmd.arg("--ipv6");
-        }
-        let mut child = cmd.spawn().context("starting a bench-hold helper")?;
-        let stdout = BufReader::new(child.stdout.take().expect("piped"));
-        helpers.push(Helper { child, stdout });
+        helpers.push(spawn_helper(port, n, i as u64 * PER_HELPER, cfg.ipv6)?);
     }
+    wait_ready(helpers)
+}
+
+/// Starts one `bench-hold` helper (in this thread's namespace) that holds
+/// `count` sockets on `port`, its clients from the `first_addr`th client
+/// address on; `wait_ready` waits for it.
+pub(crate) fn spawn_helper(port: u16, count: u64, first_addr: u64, ipv6: bool) -> Result<Helper> {
+    let exe = std::env::current_exe().context("finding the xtask binary")?;
+    let mut cmd = Command::new(&exe);
+    cmd.args(["bench-hold", "--port", &port.to_string()])
+        .args(["--count", &count.to_string()])
+        .args(["--first-addr", &first_addr.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    if ipv6 {
+        cmd.arg("--ipv6");
+    }
+    let mut child = cmd.spawn().context("starting a bench-hold helper")?;
+    let stdout = BufReader::new(child.stdout.take().expect("piped"));
+    Ok(Helper { child, stdout })
+}
+
+/// Waits until each helper says it holds its sockets.
+pub(crate) fn wait_ready(helpers: &mut [Helper]) -> Result<()> {
     for h in helpers.iter_mut() {
         let mut line = String::new();
         h.stdout.read_line(&mut line)?;
@@ -115,7 +127,7 @@ pub(super) fn start_helpers(cfg: &LoadConfig, helpers: &mut Vec<Helper>) -> Resu
 }
 
 /// Tells the helpers to check and close their sockets; sums their checks.
-pub(super) fn stop_helpers(helpers: Vec<Helper>) -> HeldCheck {
+pub(crate) fn stop_helpers(helpers: Vec<Helper>) -> HeldCheck {
     let mut total = HeldCheck::default();
     let mut helpers = helpers;
     for h in helpers.iter_mut() {

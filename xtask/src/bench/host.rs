@@ -19,7 +19,7 @@ use super::{QUIET_IDLE, QUIET_MAX};
 
 /// Waits until the CPUs are mostly idle (the previous run's namespace
 /// freed, nobody else busy), at most QUIET_MAX; the last idle share seen.
-pub(super) fn wait_quiet() -> Option<(f64, Duration)> {
+pub(crate) fn wait_quiet() -> Option<(f64, Duration)> {
     let t0 = std::time::Instant::now();
     let mut prev = cpu_times()?;
     loop {
@@ -61,7 +61,7 @@ fn parse_proc_stat_cpu(text: &str) -> Option<(u64, u64)> {
 
 /// Turns on the kernel's run-time statistics of every eBPF program
 /// (run_time_ns, run_cnt) for as long as the returned fd is open.
-pub(super) fn enable_bpf_stats() -> io::Result<OwnedFd> {
+pub(crate) fn enable_bpf_stats() -> io::Result<OwnedFd> {
     const BPF_ENABLE_STATS: libc::c_long = 32;
     const BPF_STATS_RUN_TIME: u32 = 0;
     #[repr(C)]
@@ -91,7 +91,7 @@ pub(super) fn enable_bpf_stats() -> io::Result<OwnedFd> {
 /// Never-close keeps as many sockets as it has descriptors for: raise the
 /// soft limit to the hard one (raising the hard limit needs
 /// CAP_SYS_RESOURCE, which this machine's root does not have).
-pub(super) fn raise_nofile_limit() {
+pub(crate) fn raise_nofile_limit() {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -105,7 +105,7 @@ pub(super) fn raise_nofile_limit() {
     }
 }
 
-pub(super) fn host_json() -> Value {
+pub(crate) fn host_json() -> Value {
     let read = |p: &str| fs::read_to_string(p).unwrap_or_default().trim().to_string();
     json!({
         "kernel": read("/proc/sys/kernel/osrelease"),
@@ -115,7 +115,7 @@ pub(super) fn host_json() -> Value {
     })
 }
 
-pub(super) fn git_json(root: &std::path::Path) -> Value {
+pub(crate) fn git_json(root: &std::path::Path) -> Value {
     let run = |args: &[&str]| {
         Command::new("git")
             .args(args)

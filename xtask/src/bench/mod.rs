@@ -30,18 +30,18 @@
 //! its final `stats` record fails its run.
 
 mod counters;
-mod env;
-mod hold;
-mod host;
-mod load;
-mod netns;
+pub(crate) mod env;
+pub(crate) mod hold;
+pub(crate) mod host;
+pub(crate) mod load;
+pub(crate) mod netns;
 mod nginx;
 mod plan;
-mod procfs;
+pub(crate) mod procfs;
 mod record;
-mod report;
+pub(crate) mod report;
 mod runs;
-mod sockets;
+pub(crate) mod sockets;
 mod stats;
 mod subject;
 mod summarize;

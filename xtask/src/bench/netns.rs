@@ -16,7 +16,7 @@ use super::{
 };
 
 /// Moves this thread into a new network namespace with `lo` up.
-pub(super) fn enter_new_netns() -> Result<()> {
+pub(crate) fn enter_new_netns() -> Result<()> {
     // SAFETY: plain syscall; affects only this thread (and threads it
     // spawns later).
     if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
@@ -89,7 +89,7 @@ fn add_ipv6_client_addrs() -> Result<()> {
 /// Per-namespace sysctls (written from this thread, so they land in its
 /// namespace): a wide ephemeral range above the server ports, and
 /// TIME_WAIT reuse so client-first does not run out of ports.
-pub(super) fn configure_netns(cfg: &LoadConfig) -> Result<()> {
+pub(crate) fn configure_netns(cfg: &LoadConfig) -> Result<()> {
     write_sysctl("net/ipv4/ip_local_port_range", "1024 65535")?;
     write_sysctl("net/ipv4/tcp_tw_reuse", "1")?;
     if cfg.ipv6 && (cfg.mode == Mode::NeverClose || cfg.hold > 0) {

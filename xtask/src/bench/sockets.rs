@@ -15,9 +15,9 @@ use anyhow::{Context as _, Result};
 
 /// Client addresses for connections whose server socket is kept.
 const IPV4_CLIENT_ADDRS: u64 = 65_536;
-pub(super) const IPV6_CLIENT_ADDRS: u64 = 1_024;
+pub(crate) const IPV6_CLIENT_ADDRS: u64 = 1_024;
 
-pub(super) fn with_what(e: io::Error, what: &str) -> io::Error {
+pub(crate) fn with_what(e: io::Error, what: &str) -> io::Error {
     io::Error::new(e.kind(), format!("{what}: {e}"))
 }
 
@@ -99,7 +99,7 @@ pub fn connect_from(src: IpAddr, dst: SocketAddr) -> io::Result<TcpStream> {
     }
 }
 
-pub(super) fn listen(addr: SocketAddr) -> Result<TcpListener> {
+pub(crate) fn listen(addr: SocketAddr) -> Result<TcpListener> {
     TcpListener::bind(addr).with_context(|| format!("listening on {addr}"))
 }
 

@@ -173,6 +173,13 @@ pub fn sections(b: &[u8]) -> Result<Vec<(String, u32, &[u8])>> {
     Ok(out)
 }
 
+/// The sections of an eBPF object that describe rather than make up the
+/// program: DWARF and BTF (names, types, line info) and their relocations.
+pub fn is_description(section: &str) -> bool {
+    let s = section.strip_prefix(".rel").unwrap_or(section);
+    s.starts_with(".debug_") || s.starts_with(".BTF")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,16 +4,20 @@
 //! - `cargo xtask setup`: installs what building needs (idempotent).
 //! - `cargo xtask run -- <tracer args>`: set-up, release build, run.
 //! - `cargo xtask test`: set-up, unit tests, the deployment files'
-//!   check (`src/deploy.rs`), then the integration tests that load the
-//!   real program into the running kernel and into QEMU guests of other
+//!   check (`src/deploy.rs`), the release tarballs checked
+//!   (`src/dist.rs`), then the integration tests that load
+//!   the real program into the running kernel and into QEMU guests of other
 //!   kernels and of arm64 (`src/vm.rs`).
+//! - `cargo xtask dist`: release tarballs for amd64 and arm64.
 //! - `cargo xtask bench`: what tracing costs the traced, against an
 //!   untraced baseline and libbpf-tools (`src/bench/`).
 
 mod bench;
 mod deploy;
+mod dist;
 mod elf;
 mod setup;
+mod smoke;
 mod vm;
 
 use std::{
@@ -50,11 +54,15 @@ enum Task {
         /// 6.12: x86-64; 6.1-arm64, 6.12-arm64: arm64, emulated) or all.
         #[arg(long, default_value = "all", value_parser = ["host", "6.1", "6.12", "6.1-arm64", "6.12-arm64", "all"])]
         kernel: String,
-        /// Only the guests of --kernel: no unit tests, deploy check or host
-        /// suite. For iterating on one guest.
+        /// Only the guests of --kernel: no unit tests, deploy check,
+        /// release checks or host suite (the guests still try the release
+        /// binary of their architecture). For iterating on one guest.
         #[arg(long)]
         guests_only: bool,
     },
+    /// Release tarballs (amd64, arm64: static binary, deploy/ files) with
+    /// SHA256SUMS in target/dist.
+    Dist(dist::DistArgs),
     /// Validate deploy/kubernetes/daemonset.yaml against the Kubernetes
     /// schemas and its privileges against the README (also run by `test`).
     CheckDeploy,
@@ -114,6 +122,7 @@ fn run(cli: Cli) -> Result<()> {
             kernel,
             guests_only,
         } => test(&kernel, guests_only),
+        Task::Dist(args) => dist::run(args),
     }
 }
 
@@ -161,6 +170,20 @@ fn test(kernel: &str, guests_only: bool) -> Result<()> {
         step("deploy check", t);
     }
 
+    // The release build of every architecture and its tarballs, checked (the x86-64 binary traces here); the guests try their
+    // architecture's binary too. With --guests-only, only what the guests
+    // run is built, and not checked here.
+    let t = Instant::now();
+    let dist = if guests_only {
+        dist::build(&guest_arches)?
+    } else {
+        eprintln!("xtask: release tarballs (cargo xtask dist), checked");
+        let dist = dist::build(&Arch::ALL)?;
+        dist::check(&dist)?;
+        dist
+    };
+    step("dist", t);
+
     if !guests_only && (kernel == "host" || kernel == "all") {
         let t = Instant::now();
         eprintln!("xtask: integration tests on the host kernel (real eBPF program)");
@@ -194,7 +217,14 @@ fn test(kernel: &str, guests_only: bool) -> Result<()> {
     let mut initrds = Vec::new();
     for &arch in &guest_arches {
         let t = Instant::now();
-        initrds.push((arch, vm::build_initramfs(arch, None, &cargo_stdout_env)?));
+        let release = match dist.artifact(arch) {
+            Some(a) => Some(dist::extract_binary(a)?),
+            None => None,
+        };
+        initrds.push((
+            arch,
+            vm::build_initramfs(arch, release.as_deref(), &cargo_stdout_env)?,
+        ));
         step(&format!("{} guest build", arch.name()), t);
     }
     // Every kernel runs even if one fails: all differences at once.
@@ -213,7 +243,12 @@ fn test(kernel: &str, guests_only: bool) -> Result<()> {
                 .expect("built above")
                 .1;
             let initrd = vm::initramfs_for(common, &image, series)?;
-            vm::boot(series, &image, &initrd, false)
+            vm::boot(
+                series,
+                &image,
+                &initrd,
+                dist.artifact(series.arch).is_some(),
+            )
         };
         match run() {
             Ok(_) => step(&format!("Linux {}", series.name), t),

@@ -44,11 +44,10 @@ pub fn qemu_package(arch: Arch) -> &'static str {
     }
 }
 
-/// Set-up for the test suite: the build's, the Debian packages, and for
-/// guest kernels the musl targets of their architectures (static test
-/// binaries; a foreign one links with rust-lld, which comes with the
-/// toolchain), QEMU for them and Debian's packages of foreign
-/// architectures (their kernels, busybox).
+/// Set-up for the test suite: the build's, the Debian packages, the musl
+/// targets of the release binaries (`cargo xtask dist`, all
+/// architectures), and for guest kernels QEMU for their architectures and
+/// Debian's packages of foreign architectures (their kernels, busybox).
 pub fn ensure_for_tests(guests: &[Arch]) -> Result<()> {
     ensure()?;
     let mut packages = APT_PACKAGES.to_vec();
@@ -60,11 +59,21 @@ pub fn ensure_for_tests(guests: &[Arch]) -> Result<()> {
             packages.push(qemu_package(arch));
         }
     }
+    ensure_for_dist(&Arch::ALL)?;
     for &arch in guests {
-        ensure_target(arch.musl())?;
         ensure_foreign_architecture(arch)?;
     }
     ensure_apt_packages(&packages)
+}
+
+/// Set-up for `cargo xtask dist`: the musl target of every architecture
+/// built (a foreign one links with rust-lld, which comes with the
+/// toolchain).
+pub fn ensure_for_dist(arches: &[Arch]) -> Result<()> {
+    for &arch in arches {
+        ensure_target(arch.musl())?;
+    }
+    Ok(())
 }
 
 /// apt knows the packages of `arch` (`dpkg --add-architecture`): only

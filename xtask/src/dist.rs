@@ -1,4 +1,5 @@
-//! `cargo xtask dist`: the release tarballs.
+//! `cargo xtask dist`: the release tarballs, and with `--oci` the container
+//! image (`oci.rs`).
 //!
 //! For each architecture (amd64, arm64), a statically linked tracer (musl,
 //! the eBPF object embedded, stripped; Cargo profile `dist`) with the
@@ -68,6 +69,11 @@ pub const GENERATED: &[(&str, &[&str])] = &[];
 
 #[derive(clap::Args)]
 pub struct DistArgs {
+    /// Also write the container image as an OCI image layout, both
+    /// platforms, in target/dist/tracer-<version>-oci (and as an
+    /// oci-archive, tracer-<version>-oci.tar).
+    #[arg(long)]
+    pub oci: bool,
     /// Only this architecture (repeatable; default: amd64 and arm64).
     #[arg(long = "arch", value_parser = ["amd64", "arm64"])]
     pub arches: Vec<String>,
@@ -92,6 +98,7 @@ pub struct Artifact {
 pub struct Dist {
     pub artifacts: Vec<Artifact>,
     pub sums: PathBuf,
+    pub oci: Option<PathBuf>,
 }
 
 impl Dist {
@@ -120,8 +127,11 @@ pub fn run(args: DistArgs) -> Result<()> {
             .map(|a| Arch::from_name(a).expect("clap checked the value"))
             .collect()
     };
+    if args.oci && arches.len() != Arch::ALL.len() {
+        bail!("--oci writes an image of both platforms: leave out --arch");
+    }
     crate::setup::ensure_for_dist(&arches)?;
-    let dist = build(&arches)?;
+    let dist = build(&arches, args.oci)?;
     for a in &dist.artifacts {
         eprintln!(
             "xtask: {} ({} bytes; tracer {} bytes)",
@@ -131,6 +141,9 @@ pub fn run(args: DistArgs) -> Result<()> {
         );
     }
     eprintln!("xtask: {}", dist.sums.display());
+    if let Some(oci) = &dist.oci {
+        eprintln!("xtask: {}", oci.display());
+    }
     if args.check {
         check(&dist)?;
     }
@@ -138,8 +151,8 @@ pub fn run(args: DistArgs) -> Result<()> {
 }
 
 /// Builds the release binaries of `arches`, writes their tarballs and
-/// `SHA256SUMS`.
-pub fn build(arches: &[Arch]) -> Result<Dist> {
+/// `SHA256SUMS`, and with `oci` the image.
+pub fn build(arches: &[Arch], oci: bool) -> Result<Dist> {
     let out = dist_dir();
     fs::create_dir_all(&out)?;
     let mtime = source_date_epoch();
@@ -166,6 +179,13 @@ pub fn build(arches: &[Arch]) -> Result<Dist> {
             ebpf_object: b.ebpf_object,
         });
     }
+    let oci = if oci {
+        let (layout, archive) = crate::oci::write(&artifacts, mtime)?;
+        to_sum.push(archive);
+        Some(layout)
+    } else {
+        None
+    };
     let sums = out.join("SHA256SUMS");
     let mut text = String::new();
     for f in &to_sum {
@@ -176,7 +196,11 @@ pub fn build(arches: &[Arch]) -> Result<Dist> {
         ));
     }
     fs::write(&sums, text)?;
-    Ok(Dist { artifacts, sums })
+    Ok(Dist {
+        artifacts,
+        sums,
+        oci,
+    })
 }
 
 struct Built {
@@ -443,6 +467,16 @@ pub fn check(dist: &Dist) -> Result<()> {
             "SHA256SUMS has a wrong sum for {name}"
         );
     }
+    if dist.oci.is_some() {
+        let archive = format!("tracer-{VERSION}-oci.tar");
+        let sum = listed
+            .remove(&archive)
+            .with_context(|| format!("SHA256SUMS does not list {archive}"))?;
+        ensure!(
+            sum == sha256_hex(&fs::read(dist_dir().join(&archive))?),
+            "SHA256SUMS has a wrong sum for {archive}"
+        );
+    }
     ensure!(listed.is_empty(), "SHA256SUMS lists more: {listed:?}");
 
     let mut objects = Vec::new();
@@ -503,6 +537,9 @@ pub fn check(dist: &Dist) -> Result<()> {
         } else {
             wrong_architecture_is_refused(&extracted)?;
         }
+    }
+    if let Some(layout) = &dist.oci {
+        crate::oci::check(layout, dist)?;
     }
     Ok(())
 }

@@ -4,11 +4,12 @@
 //! - `cargo xtask setup`: installs what building needs (idempotent).
 //! - `cargo xtask run -- <tracer args>`: set-up, release build, run.
 //! - `cargo xtask test`: set-up, unit tests, the deployment files'
-//!   check (`src/deploy.rs`), the release tarballs checked
-//!   (`src/dist.rs`), then the integration tests that load
+//!   check (`src/deploy.rs`), the release tarballs and image checked
+//!   (`src/dist.rs`, `src/oci.rs`), then the integration tests that load
 //!   the real program into the running kernel and into QEMU guests of other
 //!   kernels and of arm64 (`src/vm.rs`).
-//! - `cargo xtask dist`: release tarballs for amd64 and arm64.
+//! - `cargo xtask dist [--oci]`: release tarballs for amd64 and arm64, and
+//!   the container image as an OCI layout.
 //! - `cargo xtask bench`: what tracing costs the traced, against an
 //!   untraced baseline and libbpf-tools (`src/bench/`).
 
@@ -16,6 +17,7 @@ mod bench;
 mod deploy;
 mod dist;
 mod elf;
+mod oci;
 mod setup;
 mod smoke;
 mod vm;
@@ -61,7 +63,8 @@ enum Task {
         guests_only: bool,
     },
     /// Release tarballs (amd64, arm64: static binary, deploy/ files) with
-    /// SHA256SUMS in target/dist.
+    /// SHA256SUMS in target/dist; --oci adds the container image as an OCI
+    /// image layout.
     Dist(dist::DistArgs),
     /// Validate deploy/kubernetes/daemonset.yaml against the Kubernetes
     /// schemas and its privileges against the README (also run by `test`).
@@ -170,15 +173,16 @@ fn test(kernel: &str, guests_only: bool) -> Result<()> {
         step("deploy check", t);
     }
 
-    // The release build of every architecture and its tarballs, checked (the x86-64 binary traces here); the guests try their
+    // The release build of every architecture, its tarballs and image,
+    // checked (the x86-64 binary traces here); the guests try their
     // architecture's binary too. With --guests-only, only what the guests
     // run is built, and not checked here.
     let t = Instant::now();
     let dist = if guests_only {
-        dist::build(&guest_arches)?
+        dist::build(&guest_arches, false)?
     } else {
-        eprintln!("xtask: release tarballs (cargo xtask dist), checked");
-        let dist = dist::build(&Arch::ALL)?;
+        eprintln!("xtask: release tarballs and image (cargo xtask dist --oci), checked");
+        let dist = dist::build(&Arch::ALL, true)?;
         dist::check(&dist)?;
         dist
     };

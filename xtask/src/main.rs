@@ -4,9 +4,13 @@
 //! - `cargo xtask setup`: installs what building needs (idempotent).
 //! - `cargo xtask run -- <tracer args>`: set-up, release build, run.
 //! - `cargo xtask test`: set-up, unit tests, a short fuzzing of the
-//!   decoders (`src/fuzz.rs`), the deployment files' check
-//!   (`src/deploy.rs`), then the integration tests that load the real
-//!   program into the running kernel.
+//!   decoders (`src/fuzz.rs`), the deployment files'
+//!   check (`src/deploy.rs`), the release tarballs and image checked
+//!   (`src/dist.rs`, `src/oci.rs`), then the integration tests that load
+//!   the real program into the running kernel and into QEMU guests of other
+//!   kernels and of arm64 (`src/vm.rs`).
+//! - `cargo xtask dist [--oci]`: release tarballs for amd64 and arm64, and
+//!   the container image as an OCI layout.
 //! - `cargo xtask fuzz [--seconds N]`: the fuzzing alone, longer.
 //! - `cargo xtask bench`: what tracing costs the traced, against an
 //!   untraced baseline and libbpf-tools (`src/bench/`).
@@ -16,15 +20,25 @@
 
 mod bench;
 mod deploy;
+mod dist;
+mod elf;
 mod fuzz;
+mod oci;
 mod setup;
+mod smoke;
 mod soak;
 mod vm;
 
-use std::{os::unix::process::CommandExt as _, path::PathBuf, process::Command};
+use std::{
+    os::unix::process::CommandExt as _,
+    path::PathBuf,
+    process::Command,
+    time::{Duration, Instant},
+};
 
 use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
+use vm::Arch;
 
 #[derive(Parser)]
 #[command(name = "xtask", about = "tracer's build, run and test tasks")]
@@ -45,10 +59,20 @@ enum Task {
     /// Run the unit tests, then the integration tests (root) on the host
     /// kernel and in QEMU guests with other kernels.
     Test {
-        /// Which kernels run the integration suite: host, 6.1, 6.12 or all.
-        #[arg(long, default_value = "all", value_parser = ["host", "6.1", "6.12", "all"])]
+        /// Which kernels run the integration suite: host, a guest (6.1,
+        /// 6.12: x86-64; 6.1-arm64, 6.12-arm64: arm64, emulated) or all.
+        #[arg(long, default_value = "all", value_parser = ["host", "6.1", "6.12", "6.1-arm64", "6.12-arm64", "all"])]
         kernel: String,
+        /// Only the guests of --kernel: no unit tests, deploy check,
+        /// release checks or host suite (the guests still try the release
+        /// binary of their architecture). For iterating on one guest.
+        #[arg(long)]
+        guests_only: bool,
     },
+    /// Release tarballs (amd64, arm64: static binary, deploy/ files) with
+    /// SHA256SUMS in target/dist; --oci adds the container image as an OCI
+    /// image layout.
+    Dist(dist::DistArgs),
     /// Fuzz the ring buffer record decoder and the sock_diag reply parser
     /// (cargo-fuzz, nightly; also run briefly by `test`).
     Fuzz {
@@ -118,113 +142,196 @@ fn run(cli: Cli) -> Result<()> {
             let err = Command::new(&bin).args(args).exec();
             Err(err).with_context(|| format!("running {}", bin.display()))
         }
-        Task::Test { kernel } => {
-            let guests: Vec<vm::Series> = match kernel.as_str() {
-                "host" => vec![],
-                "all" => vm::SERIES.to_vec(),
-                name => vec![vm::series(name).expect("clap checked the value")],
-            };
-            setup::ensure_for_tests(!guests.is_empty())?;
-            eprintln!("xtask: unit tests");
-            cargo(&[
-                "test",
-                "--package",
-                "tracer-common",
-                "--package",
-                "tracer",
-                "--package",
-                "xtask",
-                "--lib",
-                "--bins",
-            ])?;
-            // The decoders on arbitrary input, for a bounded time.
-            eprintln!("xtask: fuzzing");
-            fuzz::run(fuzz::TEST_SECONDS)?;
-            // Kernel-independent, and quick: before the long part.
-            eprintln!("xtask: deploy/ manifests");
-            deploy::check()?;
-            if kernel == "host" || kernel == "all" {
-                eprintln!("xtask: integration tests on the host kernel (real eBPF program)");
-                cargo(&[
-                    "test",
-                    "--package",
-                    "tracer",
-                    "--test",
-                    "*",
-                    "--",
-                    "--test-threads=1",
-                ])?;
-            }
-            if kernel == "host" || kernel == "all" {
-                // A few seconds of the benchmark, to prove it runs; its
-                // ratios are reported, never judged here.
-                eprintln!("xtask: benchmark smoke run");
-                cargo(&[
-                    "run",
-                    "--quiet",
-                    "--package",
-                    "xtask",
-                    "--",
-                    "bench",
-                    "--smoke",
-                ])?;
-                // Two minutes of every kind of traffic at once: fails on
-                // an fd leak, RSS growth or a count that does not add up.
-                eprintln!("xtask: soak test (2 minutes)");
-                cargo(&[
-                    "run",
-                    "--quiet",
-                    "--package",
-                    "xtask",
-                    "--",
-                    "soak",
-                    "--minutes",
-                    "2",
-                ])?;
-            }
-            if guests.is_empty() {
-                return Ok(());
-            }
-            let initrd = vm::build_initramfs(&cargo_stdout)?;
-            // Every kernel runs even if one fails: all differences at once.
-            let mut passed = Vec::new();
-            let mut failed = Vec::new();
-            for series in guests {
-                let run = || -> Result<std::time::Duration> {
-                    let image = vm::kernel(series)?;
-                    eprintln!(
-                        "xtask: integration tests on Linux {} ({}) under QEMU",
-                        series.name,
-                        image.display()
-                    );
-                    let initrd = vm::initramfs_for(&initrd, &image, series)?;
-                    vm::boot(series, &image, &initrd)
-                };
-                match run() {
-                    Ok(took) => passed.push(format!("{} {:.0}s", series.name, took.as_secs_f64())),
-                    Err(e) => {
-                        eprintln!("xtask: Linux {}: {e:#}", series.name);
-                        failed.push(series.name);
-                    }
-                }
-            }
-            eprintln!(
-                "xtask: guest kernels passed: {}",
-                if passed.is_empty() {
-                    "none".into()
-                } else {
-                    passed.join(", ")
-                }
-            );
-            if !failed.is_empty() {
-                bail!(
-                    "the integration suite failed on Linux {}",
-                    failed.join(", ")
-                );
-            }
-            Ok(())
+        Task::Test {
+            kernel,
+            guests_only,
+        } => test(&kernel, guests_only),
+        Task::Dist(args) => dist::run(args),
+    }
+}
+
+/// `cargo xtask test`: see the module doc and the README's "The two
+/// commands".
+fn test(kernel: &str, guests_only: bool) -> Result<()> {
+    let started = Instant::now();
+    let guests: Vec<vm::Series> = match kernel {
+        "host" => vec![],
+        "all" => vm::SERIES.to_vec(),
+        name => vec![vm::series(name).expect("clap checked the value")],
+    };
+    let mut guest_arches: Vec<Arch> = Vec::new();
+    for s in &guests {
+        if !guest_arches.contains(&s.arch) {
+            guest_arches.push(s.arch);
         }
     }
+    if guests_only && guests.is_empty() {
+        bail!("--guests-only needs guest kernels (--kernel is {kernel})");
+    }
+    setup::ensure_for_tests(&guest_arches)?;
+    let mut took: Vec<(String, Duration)> = Vec::new();
+    let mut step = |name: &str, since: Instant| took.push((name.to_string(), since.elapsed()));
+
+    if !guests_only {
+        let t = Instant::now();
+        eprintln!("xtask: unit tests");
+        cargo(&[
+            "test",
+            "--package",
+            "tracer-common",
+            "--package",
+            "tracer",
+            "--package",
+            "xtask",
+            "--lib",
+            "--bins",
+        ])?;
+        step("unit tests", t);
+        // The decoders on arbitrary input, for a bounded time.
+        let t = Instant::now();
+        eprintln!("xtask: fuzzing");
+        fuzz::run(fuzz::TEST_SECONDS)?;
+        step("fuzzing", t);
+        // Kernel-independent, and quick: before the long part.
+        let t = Instant::now();
+        eprintln!("xtask: deploy/ manifests");
+        deploy::check()?;
+        step("deploy check", t);
+    }
+
+    // The release build of every architecture, its tarballs and image,
+    // checked (the x86-64 binary traces here); the guests try their
+    // architecture's binary too. With --guests-only, only what the guests
+    // run is built, and not checked here.
+    let t = Instant::now();
+    let dist = if guests_only {
+        dist::build(&guest_arches, false)?
+    } else {
+        eprintln!("xtask: release tarballs and image (cargo xtask dist --oci), checked");
+        let dist = dist::build(&Arch::ALL, true)?;
+        dist::check(&dist)?;
+        dist
+    };
+    step("dist", t);
+
+    // Kernels whose suite failed: every kernel runs even if one fails,
+    // to show all differences at once.
+    let mut failed: Vec<String> = Vec::new();
+    if !guests_only && (kernel == "host" || kernel == "all") {
+        let t = Instant::now();
+        eprintln!("xtask: integration tests on the host kernel (real eBPF program)");
+        let host = cargo(&[
+            "test",
+            "--package",
+            "tracer",
+            "--test",
+            "*",
+            "--no-fail-fast",
+            "--",
+            "--test-threads=1",
+        ]);
+        if let Err(e) = host {
+            eprintln!("xtask: host kernel: {e:#}");
+            failed.push("the host kernel".into());
+        }
+        step("host suite", t);
+        // A few seconds of the benchmark, to prove it runs; its ratios are
+        // reported, never judged here.
+        let t = Instant::now();
+        eprintln!("xtask: benchmark smoke run");
+        cargo(&[
+            "run",
+            "--quiet",
+            "--package",
+            "xtask",
+            "--",
+            "bench",
+            "--smoke",
+        ])?;
+        step("bench smoke", t);
+        // Two minutes of every kind of traffic at once: fails on an fd
+        // leak, RSS growth or a count that does not add up.
+        let t = Instant::now();
+        eprintln!("xtask: soak test (2 minutes)");
+        let soak = cargo(&[
+            "run",
+            "--quiet",
+            "--package",
+            "xtask",
+            "--",
+            "soak",
+            "--minutes",
+            "2",
+        ]);
+        if let Err(e) = soak {
+            eprintln!("xtask: soak: {e:#}");
+            failed.push("the soak test".into());
+        }
+        step("soak", t);
+    }
+
+    let mut initrds = Vec::new();
+    for &arch in &guest_arches {
+        let t = Instant::now();
+        let release = match dist.artifact(arch) {
+            Some(a) => Some(dist::extract_binary(a)?),
+            None => None,
+        };
+        initrds.push((
+            arch,
+            vm::build_initramfs(arch, release.as_deref(), &cargo_stdout_env)?,
+        ));
+        step(&format!("{} guest build", arch.name()), t);
+    }
+    for series in guests {
+        let t = Instant::now();
+        let run = || -> Result<Duration> {
+            let image = vm::kernel(series)?;
+            eprintln!(
+                "xtask: integration tests on Linux {} ({}) under QEMU",
+                series.name,
+                image.display()
+            );
+            let common = &initrds
+                .iter()
+                .find(|(a, _)| *a == series.arch)
+                .expect("built above")
+                .1;
+            let initrd = vm::initramfs_for(common, &image, series)?;
+            vm::boot(
+                series,
+                &image,
+                &initrd,
+                dist.artifact(series.arch).is_some(),
+            )
+        };
+        match run() {
+            Ok(_) => step(&format!("Linux {}", series.name), t),
+            Err(e) => {
+                eprintln!("xtask: Linux {}: {e:#}", series.name);
+                step(&format!("Linux {} (FAILED)", series.name), t);
+                failed.push(format!("Linux {}", series.name));
+            }
+        }
+    }
+    let steps: Vec<String> = took
+        .iter()
+        .map(|(name, d)| format!("{name} {}", minutes(*d)))
+        .collect();
+    eprintln!(
+        "xtask: test took {} ({})",
+        minutes(started.elapsed()),
+        steps.join(", ")
+    );
+    if !failed.is_empty() {
+        bail!("failed: {}", failed.join(", "));
+    }
+    Ok(())
+}
+
+fn minutes(d: Duration) -> String {
+    let s = d.as_secs();
+    format!("{}m{:02}s", s / 60, s % 60)
 }
 
 pub fn workspace_root() -> PathBuf {
@@ -241,10 +348,12 @@ fn cargo_command() -> Command {
     cmd
 }
 
-/// Runs cargo and returns its stdout (for `--message-format=json`).
-fn cargo_stdout(args: &[&str]) -> Result<String> {
+/// Runs cargo with `env` set and returns its stdout (for
+/// `--message-format=json`).
+fn cargo_stdout_env(args: &[&str], env: &[(String, String)]) -> Result<String> {
     let out = cargo_command()
         .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stderr(std::process::Stdio::inherit())
         .output()
         .context("starting cargo")?;

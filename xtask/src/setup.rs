@@ -14,6 +14,8 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
+use crate::vm::Arch;
+
 const NIGHTLY: &str = "nightly";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
@@ -29,21 +31,68 @@ pub fn ensure() -> Result<()> {
     Ok(())
 }
 
-/// Debian packages for running the suite in other kernels: QEMU, a static
+/// Debian packages for running the suite in other kernels: a static
 /// busybox for the guest's userland, cpio for its initramfs, xz for the
-/// kernel's modules.
-pub const VM_APT_PACKAGES: &[&str] = &["qemu-system-x86", "busybox-static", "cpio", "xz-utils"];
+/// kernel's modules; QEMU per guest architecture ([`qemu_package`]).
+pub const VM_APT_PACKAGES: &[&str] = &["busybox-static", "cpio", "xz-utils"];
 
-/// Set-up for the test suite: the build's, the Debian packages, and for
-/// guest kernels the musl target (static test binaries) and QEMU.
-pub fn ensure_for_tests(guests: bool) -> Result<()> {
+/// The Debian package of the QEMU that emulates `arch`.
+pub fn qemu_package(arch: Arch) -> &'static str {
+    match arch {
+        Arch::X86_64 => "qemu-system-x86",
+        Arch::Aarch64 => "qemu-system-arm",
+    }
+}
+
+/// Set-up for the test suite: the build's, the Debian packages, the musl
+/// targets of the release binaries (`cargo xtask dist`, all
+/// architectures), and for guest kernels QEMU for their architectures and
+/// Debian's packages of foreign architectures (their kernels, busybox).
+pub fn ensure_for_tests(guests: &[Arch]) -> Result<()> {
     ensure()?;
     let mut packages = APT_PACKAGES.to_vec();
-    if guests {
+    if !guests.is_empty() {
         packages.extend_from_slice(VM_APT_PACKAGES);
-        ensure_target(crate::vm::MUSL)?;
+    }
+    for &arch in guests {
+        if !packages.contains(&qemu_package(arch)) {
+            packages.push(qemu_package(arch));
+        }
+    }
+    ensure_for_dist(&Arch::ALL)?;
+    for &arch in guests {
+        ensure_foreign_architecture(arch)?;
     }
     ensure_apt_packages(&packages)
+}
+
+/// Set-up for `cargo xtask dist`: the musl target of every architecture
+/// built (a foreign one links with rust-lld, which comes with the
+/// toolchain).
+pub fn ensure_for_dist(arches: &[Arch]) -> Result<()> {
+    for &arch in arches {
+        ensure_target(arch.musl())?;
+    }
+    Ok(())
+}
+
+/// apt knows the packages of `arch` (`dpkg --add-architecture`): only
+/// downloaded and unpacked (guest kernels, busybox), never installed.
+fn ensure_foreign_architecture(arch: Arch) -> Result<()> {
+    if arch == Arch::host() {
+        return Ok(());
+    }
+    let native = output(Command::new("dpkg").arg("--print-architecture"))?;
+    let foreign = output(Command::new("dpkg").arg("--print-foreign-architectures"))?;
+    if native.trim() == arch.name() || foreign.lines().any(|l| l.trim() == arch.name()) {
+        return Ok(());
+    }
+    eprintln!(
+        "xtask: dpkg --add-architecture {} (for its kernel packages)",
+        arch.name()
+    );
+    run(Command::new("dpkg").args(["--add-architecture", arch.name()]))?;
+    run(Command::new("apt-get").args(["update", "-qq"]))
 }
 
 /// Debian packages the bench uses: libbpf-tools (`tcpstates`, `tcplife`,

@@ -1,13 +1,20 @@
 //! Runs the integration suite inside other kernels: Debian's 6.1 and 6.12,
-//! booted with QEMU under software emulation (no KVM on these machines).
+//! for x86-64 and for arm64, booted with QEMU under software emulation (no
+//! KVM on these machines).
 //!
 //! The kernels come from Debian's packages (`apt-get download`, unpacked
 //! with `dpkg -x`, never installed) and are cached under `target/vm/`. The
 //! guest is an initramfs with busybox-static, the statically linked (musl)
-//! test binaries and tracer binary, and an init that runs the suite and
-//! prints a pass/fail marker. QEMU's exit status says nothing about the
-//! guest, so the marker on the serial console decides, and every boot is
-//! bounded by a timeout.
+//! test binaries and tracer binary of the guest's architecture, the release
+//! binary of `cargo xtask dist`, and an init that runs the suite and prints
+//! pass/fail markers. QEMU's exit status says nothing about the guest, so
+//! the markers on the serial console decide, and every boot is bounded by a
+//! timeout.
+//!
+//! arm64 guests are emulated on the x86-64 machine (`qemu-system-aarch64 -M
+//! virt`); their binaries are cross-built for `aarch64-unknown-linux-musl`
+//! and linked with the toolchain's own `rust-lld` (no cross gcc needed).
+//! The embedded eBPF object is the same program on both (`dist.rs`).
 
 use std::{
     fs,
@@ -23,28 +30,148 @@ use anyhow::{anyhow, bail, Context as _, Result};
 
 use crate::{setup::output, workspace_root};
 
-pub const MUSL: &str = "x86_64-unknown-linux-musl";
 const PASS: &str = "TRACER-VM-RESULT: PASS";
 const FAIL: &str = "TRACER-VM-RESULT: FAIL";
-/// Upper bound of one boot + suite; a normal run takes about a minute.
-const BOOT_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+const DIST_PASS: &str = "TRACER-VM-DIST: PASS";
+const DIST_FAIL: &str = "TRACER-VM-DIST: FAIL";
+/// Upper bound of one boot + suite; a run takes 5-7 minutes, x86-64 and
+/// arm64 alike, on the CI machine kind.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(20 * 60);
+
+/// A CPU architecture the tracer is built and tested for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arch {
+    X86_64,
+    Aarch64,
+}
+
+impl Arch {
+    pub const ALL: [Arch; 2] = [Arch::X86_64, Arch::Aarch64];
+
+    /// The Rust target of its static binaries.
+    pub fn musl(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "x86_64-unknown-linux-musl",
+            Arch::Aarch64 => "aarch64-unknown-linux-musl",
+        }
+    }
+
+    /// Debian's (and the OCI image spec's, Go's, Docker's) name of it:
+    /// `amd64`, `arm64`. Names the release tarballs too.
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "amd64",
+            Arch::Aarch64 => "arm64",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Arch> {
+        Arch::ALL.into_iter().find(|a| a.name() == name)
+    }
+
+    /// The machine xtask runs on.
+    pub fn host() -> Arch {
+        if cfg!(target_arch = "aarch64") {
+            Arch::Aarch64
+        } else {
+            Arch::X86_64
+        }
+    }
+
+    /// ELF `e_machine` of its binaries.
+    pub fn elf_machine(self) -> u16 {
+        match self {
+            Arch::X86_64 => 62,
+            Arch::Aarch64 => 183,
+        }
+    }
+
+    /// Environment for cargo when building for this architecture's musl
+    /// target: a foreign architecture links with rust-lld (shipped with
+    /// the toolchain), since the machine has no cross gcc.
+    pub fn cargo_env(self) -> Vec<(String, String)> {
+        if self == Arch::host() {
+            return vec![];
+        }
+        let var = format!(
+            "CARGO_TARGET_{}_LINKER",
+            self.musl().to_uppercase().replace('-', "_")
+        );
+        vec![(var, "rust-lld".into())]
+    }
+
+    fn qemu(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "qemu-system-x86_64",
+            Arch::Aarch64 => "qemu-system-aarch64",
+        }
+    }
+
+    /// QEMU's machine and CPU.
+    fn machine(self) -> &'static [&'static str] {
+        match self {
+            Arch::X86_64 => &["-cpu", "max"],
+            // `max` emulates pointer authentication (which Debian's
+            // kernel uses in every function) with the architected QARMA
+            // cipher, the slowest part of emulating it; QEMU's own cheap
+            // algorithm behaves the same for the guest.
+            Arch::Aarch64 => &["-M", "virt", "-cpu", "max,pauth-impdef=on"],
+        }
+    }
+
+    fn console(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "ttyS0",
+            Arch::Aarch64 => "ttyAMA0",
+        }
+    }
+}
 
 /// A Debian kernel series the suite runs on.
 #[derive(Clone, Copy, Debug)]
 pub struct Series {
     pub name: &'static str,
+    pub arch: Arch,
     /// `apt-cache search --names-only` pattern of its unsigned image.
     pattern: &'static str,
+    /// `<version>.` prefix of its package names (`linux-image-6.1.`).
+    prefix: &'static str,
+    /// Whether fentry programs attach there (TRACER_EXPECT_FENTRY):
+    /// Debian's kernels do not lock ftrace, but fentry on a kernel
+    /// function needs ftrace direct calls, which arm64 has since 6.4
+    /// (6.12's config has CONFIG_DYNAMIC_FTRACE_WITH_DIRECT_CALLS, 6.1's
+    /// not: there fentry programs load but do not attach).
+    fentry: bool,
 }
 
 pub const SERIES: &[Series] = &[
     Series {
         name: "6.1",
+        arch: Arch::X86_64,
         pattern: r"^linux-image-6\.1\.0-[0-9]+-amd64-unsigned$",
+        prefix: "linux-image-6.1.",
+        fentry: true,
     },
     Series {
         name: "6.12",
+        arch: Arch::X86_64,
         pattern: r"^linux-image-6\.12\.[0-9]+\+deb12-amd64-unsigned$",
+        prefix: "linux-image-6.12.",
+        fentry: true,
+    },
+    Series {
+        name: "6.1-arm64",
+        arch: Arch::Aarch64,
+        pattern: r"^linux-image-6\.1\.0-[0-9]+-arm64-unsigned$",
+        prefix: "linux-image-6.1.",
+        fentry: false,
+    },
+    Series {
+        name: "6.12-arm64",
+        arch: Arch::Aarch64,
+        pattern: r"^linux-image-6\.12\.[0-9]+\+deb12-arm64-unsigned$",
+        prefix: "linux-image-6.12.",
+        fentry: true,
     },
 ];
 
@@ -79,6 +206,27 @@ fn newest_package(series: Series) -> Result<Option<String>> {
     Ok(names.pop())
 }
 
+/// Downloads a Debian package of `arch` and unpacks it into `into`.
+fn download_unpack(package: &str, arch: Arch, into: &Path) -> Result<()> {
+    let download = into.with_extension("download");
+    let _ = fs::remove_dir_all(&download);
+    fs::create_dir_all(&download)?;
+    output(
+        Command::new("apt-get")
+            .args(["download", "-qq", &format!("{package}:{}", arch.name())])
+            .current_dir(&download),
+    )?;
+    let deb = fs::read_dir(&download)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "deb"))
+        .context("apt-get download left no .deb")?;
+    let _ = fs::remove_dir_all(into);
+    output(Command::new("dpkg").arg("-x").arg(&deb).arg(into))?;
+    let _ = fs::remove_dir_all(&download);
+    Ok(())
+}
+
 /// The kernel image of the series, downloaded and unpacked once.
 pub fn kernel(series: Series) -> Result<PathBuf> {
     let cache = vm_dir().join("kernels");
@@ -103,30 +251,32 @@ pub fn kernel(series: Series) -> Result<PathBuf> {
         return Ok(image);
     }
     eprintln!("xtask: downloading {package}");
-    let download = cache.join("download");
-    let _ = fs::remove_dir_all(&download);
-    fs::create_dir_all(&download)?;
-    output(
-        Command::new("apt-get")
-            .args(["download", "-qq", &package])
-            .current_dir(&download),
-    )?;
-    let deb = fs::read_dir(&download)?
-        .filter_map(|e| e.ok())
-        .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|e| e == "deb"))
-        .context("apt-get download left no .deb")?;
     let unpack = cache.join(format!("{package}.tmp"));
-    let _ = fs::remove_dir_all(&unpack);
-    output(Command::new("dpkg").arg("-x").arg(&deb).arg(&unpack))?;
+    download_unpack(&package, series.arch, &unpack)?;
     let image = find_image(&unpack).context("no boot/vmlinuz-* in the package")?;
     fs::create_dir_all(&dir)?;
     let kept = dir.join(image.file_name().expect("file name"));
     fs::copy(&image, &kept)?;
     extract_modules(&unpack, &modules_dir(&dir))?;
     let _ = fs::remove_dir_all(&unpack);
-    let _ = fs::remove_dir_all(&download);
     Ok(kept)
+}
+
+/// A static busybox for the guest's userland: the host's own (package
+/// busybox-static) for its architecture, Debian's busybox-static of the
+/// other one downloaded and unpacked (never installed) otherwise.
+fn busybox(arch: Arch) -> Result<PathBuf> {
+    if arch == Arch::host() {
+        return Ok(PathBuf::from("/bin/busybox"));
+    }
+    let dir = vm_dir().join(format!("busybox-{}", arch.name()));
+    let bin = dir.join("bin/busybox");
+    if !bin.exists() {
+        eprintln!("xtask: downloading busybox-static:{}", arch.name());
+        download_unpack("busybox-static", arch, &dir)?;
+    }
+    crate::elf::Elf::read(&bin)?.expect_machine(arch)?;
+    Ok(bin)
 }
 
 /// Modules the guest loads, in order: sock_diag for TCP (`inet_diag`,
@@ -167,13 +317,23 @@ fn extract_modules(unpacked: &Path, to: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The series' initramfs: the common archive followed by one holding its
-/// kernel modules (the kernel unpacks concatenated cpio archives in order).
+/// The series' own part of the guest's environment: what the tests may
+/// expect of this kernel.
+fn series_env(series: Series) -> String {
+    format!(
+        "export TRACER_EXPECT_FENTRY={}\n",
+        if series.fentry { 1 } else { 0 }
+    )
+}
+
+/// The series' initramfs: the common archive of its architecture followed
+/// by one holding its kernel modules and environment (the kernel unpacks
+/// concatenated cpio archives in order).
 pub fn initramfs_for(common: &Path, kernel_image: &Path, series: Series) -> Result<PathBuf> {
     let kernel_dir = kernel_image
         .parent()
         .context("kernel image has a directory")?;
-    let staging = vm_dir().join(format!("modules-{}", series.name));
+    let staging = vm_dir().join(format!("series-{}", series.name));
     let _ = fs::remove_dir_all(&staging);
     fs::create_dir_all(staging.join("modules"))?;
     for (i, name) in MODULES.iter().enumerate() {
@@ -182,19 +342,28 @@ pub fn initramfs_for(common: &Path, kernel_image: &Path, series: Series) -> Resu
             staging.join("modules").join(format!("{i}-{name}")),
         )?;
     }
+    fs::write(staging.join("series.env"), series_env(series))?;
     let image = vm_dir().join(format!("initramfs-{}.cpio", series.name));
     let mut bytes = fs::read(common)?;
-    let modules = Command::new("sh")
-        .args(["-c", "find . | cpio --quiet -o -H newc -R 0:0"])
-        .current_dir(&staging)
-        .output()
-        .context("running cpio")?;
-    if !modules.status.success() {
-        bail!("cpio failed");
-    }
-    bytes.extend_from_slice(&modules.stdout);
+    bytes.extend_from_slice(&cpio(&staging)?);
     fs::write(&image, bytes)?;
     Ok(image)
+}
+
+/// A newc cpio archive of `dir`, owned by root.
+fn cpio(dir: &Path) -> Result<Vec<u8>> {
+    let out = Command::new("sh")
+        .args([
+            "-c",
+            "find . | LC_ALL=C sort | cpio --quiet -o -H newc -R 0:0",
+        ])
+        .current_dir(dir)
+        .output()
+        .context("running cpio")?;
+    if !out.status.success() {
+        bail!("cpio failed");
+    }
+    Ok(out.stdout)
 }
 
 fn find_image(dir: &Path) -> Option<PathBuf> {
@@ -210,23 +379,33 @@ fn find_image(dir: &Path) -> Option<PathBuf> {
     None
 }
 
+/// A cached image of the series (offline), e.g.
+/// `linux-image-6.1.0-57-arm64-unsigned` for 6.1-arm64, not 6.12's.
 fn cached_image(cache: &Path, series: Series) -> Option<PathBuf> {
-    let prefix = format!("linux-image-{}", series.name);
-    fs::read_dir(cache)
+    let suffix = format!("-{}-unsigned", series.arch.name());
+    let mut dirs: Vec<PathBuf> = fs::read_dir(cache)
         .ok()?
         .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
-        .find_map(|e| find_image(&e.path()))
+        .filter(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.starts_with(series.prefix) && name.ends_with(&suffix)
+        })
+        .map(|e| e.path())
+        .collect();
+    dirs.sort();
+    dirs.iter().rev().find_map(|d| find_image(d))
 }
 
 /// The guest's /init.
 const INIT: &str = r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
-# Debian kernels allow fentry (checked by kernel_capabilities_are_probed).
 # Emulated ticks run late: jiffies-based times are looser here (measured: 44 ms).
 # TRACER_GUEST: no Prometheus tools here (summary_metrics.rs checks them on
 # the host only).
-export PATH=/bin TRACER_BIN=/bin/tracer HOME=/root TRACER_EXPECT_FENTRY=1 TRACER_TIMER_SLACK_MS=150 TRACER_GUEST=1
+export PATH=/bin TRACER_BIN=/bin/tracer HOME=/root TRACER_TIMER_SLACK_MS=150 TRACER_GUEST=1
+# The series' own: TRACER_EXPECT_FENTRY (whether fentry attaches there,
+# checked by kernel_capabilities_are_probed and lifecycle.rs).
+. /series.env
 mkdir -p /proc /sys /dev /tmp /root
 mount -t proc proc /proc
 mount -t sysfs sys /sys
@@ -239,7 +418,41 @@ mount -t cgroup2 none /sys/fs/cgroup
 # tracefs is left unmounted on purpose: the tracer mounts it when needed.
 for m in /modules/*.ko; do insmod "$m" || echo "TRACER-VM: insmod $m failed"; done
 ip link set lo up
-echo "TRACER-VM: kernel $(uname -r)"
+echo "TRACER-VM: kernel $(uname -r) $(uname -m)"
+
+# The release binary of `cargo xtask dist`, from its tarball: a short real
+# trace of one loopback connection. The client sends a line and closes
+# first; the server's stdin stays open, so that it closes on the client's
+# FIN (CLOSE_WAIT, LAST_ACK), not on its own stdin's end, at the same
+# time as the client (both FIN_WAIT1 -> CLOSING, seen on 6.1).
+dist_smoke() {
+    [ -x /dist/tracer ] || return 0
+    echo "TRACER-VM: dist binary: $(/dist/tracer --version)"
+    /dist/tracer --port 7777 --duration 6s --events all -v >/tmp/dist.out 2>/tmp/dist.err &
+    pid=$!
+    i=0
+    while ! grep -q attached /tmp/dist.err; do
+        i=$((i + 1))
+        if [ $i -gt 600 ]; then echo "TRACER-VM: dist binary did not attach"; break; fi
+        sleep 0.1
+    done
+    sleep 2 | nc -l -p 7777 >/tmp/dist.nc &
+    sleep 0.3
+    echo hello | nc 127.0.0.1 7777
+    wait $pid
+    rc=$?
+    cat /tmp/dist.out /tmp/dist.err
+    ok=1
+    [ $rc = 0 ] || { echo "TRACER-VM: dist binary exited with $rc"; ok=0; }
+    for t in "CLOSE -> SYN_SENT" "SYN_SENT -> ESTABLISHED" "LISTEN -> SYN_RECV" "SYN_RECV -> ESTABLISHED" "ESTABLISHED -> FIN_WAIT1" "ESTABLISHED -> CLOSE_WAIT" "CLOSE_WAIT -> LAST_ACK" "LAST_ACK -> CLOSE"; do
+        grep -q " $t " /tmp/dist.out || { echo "TRACER-VM: dist binary did not print $t"; ok=0; }
+    done
+    grep -q "^tracer: [0-9]* events, 0 lost" /tmp/dist.err || { echo "TRACER-VM: no summary line with 0 lost"; ok=0; }
+    grep -q "^hello$" /tmp/dist.nc || { echo "TRACER-VM: the connection carried nothing"; ok=0; }
+    if [ $ok = 1 ]; then echo "TRACER-VM-DIST: PASS"; else echo "TRACER-VM-DIST: FAIL"; fi
+}
+dist_smoke
+
 status=0
 for t in /tests/*; do
     echo "TRACER-VM: running $t"
@@ -249,75 +462,87 @@ if [ $status = 0 ]; then echo "TRACER-VM-RESULT: PASS"; else echo "TRACER-VM-RES
 poweroff -f
 "#;
 
-/// Builds the static test binaries and the initramfs that runs them.
-pub fn build_initramfs(cargo: &dyn Fn(&[&str]) -> Result<String>) -> Result<PathBuf> {
-    let json = cargo(&[
-        "test",
-        "--package",
-        "tracer",
-        "--test",
-        "*",
-        "--no-run",
-        "--target",
-        MUSL,
-        "--message-format=json",
-    ])?;
+/// Runs cargo with arguments and environment, returns its stdout.
+pub type CargoStdout = dyn Fn(&[&str], &[(String, String)]) -> Result<String>;
+
+/// Builds `arch`'s static test binaries and the initramfs that runs them
+/// (with `dist`, the release binary to try, when given).
+pub fn build_initramfs(arch: Arch, dist: Option<&Path>, cargo: &CargoStdout) -> Result<PathBuf> {
+    let musl = arch.musl();
+    // Debug info is left out rather than stripped afterwards: binutils'
+    // strip knows only the host's architecture.
+    let mut env = arch.cargo_env();
+    env.push(("CARGO_PROFILE_DEV_DEBUG".into(), "false".into()));
+    env.push(("CARGO_PROFILE_DEV_STRIP".into(), "debuginfo".into()));
+    let json = cargo(
+        &[
+            "test",
+            "--package",
+            "tracer",
+            "--test",
+            "*",
+            "--no-run",
+            "--target",
+            musl,
+            "--message-format=json",
+        ],
+        &env,
+    )?;
     let mut tests = Vec::new();
     for line in json.lines() {
         let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
             continue;
         };
         if v["reason"] == "compiler-artifact" && v["profile"]["test"] == true {
-            if let Some(exe) = v["executable"].as_str() {
-                tests.push(PathBuf::from(exe));
+            if let (Some(exe), Some(name)) =
+                (v["executable"].as_str(), v["target"]["name"].as_str())
+            {
+                tests.push((name.to_string(), PathBuf::from(exe)));
             }
         }
     }
     if tests.is_empty() {
-        bail!("cargo built no integration test binaries for {MUSL}");
+        bail!("cargo built no integration test binaries for {musl}");
     }
-    cargo(&[
-        "build",
-        "--package",
-        "tracer",
-        "--bin",
-        "tracer",
-        "--target",
-        MUSL,
-    ])?;
-    let tracer = workspace_root()
-        .join("target")
-        .join(MUSL)
-        .join("debug/tracer");
+    let json = cargo(
+        &[
+            "build",
+            "--package",
+            "tracer",
+            "--bin",
+            "tracer",
+            "--target",
+            musl,
+            "--message-format=json",
+        ],
+        &env,
+    )?;
+    let tracer = json
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["reason"] == "compiler-artifact" && v["target"]["name"] == "tracer")
+        .find_map(|v| v["executable"].as_str().map(PathBuf::from))
+        .context("cargo built no tracer binary")?;
 
-    let root = vm_dir().join("initramfs");
+    let root = vm_dir().join(format!("initramfs-{}", arch.name()));
     let _ = fs::remove_dir_all(&root);
-    for d in ["bin", "tests", "sys/fs/bpf", "sys/kernel/tracing"] {
+    for d in ["bin", "tests", "dist", "sys/fs/bpf", "sys/kernel/tracing"] {
         fs::create_dir_all(root.join(d))?;
     }
-    fs::copy("/bin/busybox", root.join("bin/busybox"))
-        .context("copying /bin/busybox (busybox-static)")?;
+    fs::copy(busybox(arch)?, root.join("bin/busybox")).context("copying busybox")?;
+    set_executable(&root.join("bin/busybox"))?;
     let init = root.join("init");
     fs::write(&init, INIT)?;
     set_executable(&init)?;
-    strip_into(&tracer, &root.join("bin/tracer"))?;
-    for t in &tests {
-        strip_into(
-            t,
-            &root.join("tests").join(t.file_name().expect("file name")),
-        )?;
+    copy_checked(&tracer, &root.join("bin/tracer"), arch)?;
+    for (name, t) in &tests {
+        copy_checked(t, &root.join("tests").join(name), arch)?;
     }
-    let image = vm_dir().join("initramfs.cpio");
-    let archive = fs::File::create(&image)?;
-    let mut cpio = Command::new("sh")
-        .args(["-c", "find . | cpio --quiet -o -H newc -R 0:0"])
-        .current_dir(&root)
-        .stdout(archive)
-        .spawn()
-        .context("running cpio")?;
-    if !cpio.wait()?.success() {
-        bail!("cpio failed");
+    if let Some(dist) = dist {
+        copy_checked(dist, &root.join("dist/tracer"), arch)?;
     }
+    let image = vm_dir().join(format!("initramfs-{}.cpio", arch.name()));
+    fs::write(&image, cpio(&root)?)?;
     Ok(image)
 }
 
@@ -327,46 +552,42 @@ fn set_executable(p: &Path) -> Result<()> {
     Ok(())
 }
 
-fn strip_into(from: &Path, to: &Path) -> Result<()> {
-    let status = Command::new("strip")
-        .arg("--strip-debug")
-        .arg("-o")
-        .arg(to)
-        .arg(from)
-        .status()?;
-    if !status.success() {
-        bail!("strip {} failed", from.display());
+/// Copies a binary into the guest, refusing one of another architecture
+/// or one that needs a dynamic loader (the guest has none).
+fn copy_checked(from: &Path, to: &Path, arch: Arch) -> Result<()> {
+    let elf = crate::elf::Elf::read(from)?;
+    elf.expect_machine(arch)?;
+    if let Some(interp) = &elf.interpreter {
+        bail!("{} is dynamically linked ({interp})", from.display());
     }
+    fs::copy(from, to).with_context(|| format!("copying {}", from.display()))?;
     Ok(())
 }
 
 /// Boots `kernel` with `initrd`, echoes the console to stderr, and returns
-/// Ok if the guest printed the pass marker.
-pub fn boot(series: Series, kernel: &Path, initrd: &Path) -> Result<Duration> {
+/// how long it took if the guest printed the pass marker (and, with
+/// `dist`, the release binary's).
+pub fn boot(series: Series, kernel: &Path, initrd: &Path, dist: bool) -> Result<Duration> {
     let started = Instant::now();
-    let mut child = Command::new("qemu-system-x86_64")
-        .args([
-            "-accel",
-            "tcg,thread=multi",
-            "-cpu",
-            "max",
-            "-nographic",
-            "-no-reboot",
-            "-m",
-            "1G",
-            "-smp",
-            "2",
-        ])
+    let arch = series.arch;
+    let mut child = Command::new(arch.qemu())
+        .args(["-accel", "tcg,thread=multi"])
+        .args(arch.machine())
+        .args(["-nographic", "-no-reboot", "-m", "1G", "-smp", "2"])
         .args(["-nic", "none", "-kernel"])
         .arg(kernel)
         .arg("-initrd")
         .arg(initrd)
-        .args(["-append", "console=ttyS0 panic=-1 oops=panic quiet"])
+        .arg("-append")
+        .arg(format!(
+            "console={} panic=-1 oops=panic quiet",
+            arch.console()
+        ))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
-        .context("starting qemu-system-x86_64")?;
+        .with_context(|| format!("starting {}", arch.qemu()))?;
     let stdout = child.stdout.take().expect("piped");
     let (tx, rx) = mpsc::channel();
     let name = series.name;
@@ -385,10 +606,13 @@ pub fn boot(series: Series, kernel: &Path, initrd: &Path) -> Result<Duration> {
         }
     });
     let mut verdict = None;
+    let mut dist_verdict = None;
     loop {
         match rx.recv_timeout(Duration::from_millis(200)) {
             Ok(line) if line.contains(PASS) => verdict = Some(true),
             Ok(line) if line.contains(FAIL) => verdict = Some(false),
+            Ok(line) if line.contains(DIST_PASS) => dist_verdict = Some(true),
+            Ok(line) if line.contains(DIST_FAIL) => dist_verdict = Some(false),
             Ok(_) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
             Err(mpsc::RecvTimeoutError::Timeout) => {}
@@ -400,9 +624,61 @@ pub fn boot(series: Series, kernel: &Path, initrd: &Path) -> Result<Duration> {
         }
     }
     let _ = child.wait();
+    let took = started.elapsed();
+    if dist && dist_verdict != Some(true) {
+        bail!("the release binary of `cargo xtask dist` failed its trace on Linux {name} (guest console above)");
+    }
     match verdict {
-        Some(true) => Ok(started.elapsed()),
+        Some(true) => Ok(took),
         Some(false) => bail!("the integration suite failed on Linux {name} (guest console above)"),
         None => bail!("Linux {name} guest stopped without a result marker (kernel panic or init failure; console above)"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn series_names_are_unique_and_arm64_is_named_so() {
+        for s in SERIES {
+            assert_eq!(
+                SERIES.iter().filter(|o| o.name == s.name).count(),
+                1,
+                "{}",
+                s.name
+            );
+            assert_eq!(s.name.ends_with("-arm64"), s.arch == Arch::Aarch64);
+            assert!(s.pattern.contains(s.arch.name()), "{}", s.name);
+        }
+    }
+
+    #[test]
+    fn cached_images_are_found_by_series_and_arch() {
+        let dir = std::env::temp_dir().join(format!("xtask-vm-cache-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        for (pkg, image) in [
+            (
+                "linux-image-6.12.118+deb12-arm64-unsigned",
+                "vmlinuz-6.12-arm",
+            ),
+            (
+                "linux-image-6.12.118+deb12-amd64-unsigned",
+                "vmlinuz-6.12-x86",
+            ),
+            ("linux-image-6.1.0-57-amd64-unsigned", "vmlinuz-6.1-x86"),
+        ] {
+            fs::create_dir_all(dir.join(pkg)).unwrap();
+            fs::write(dir.join(pkg).join(image), b"").unwrap();
+        }
+        let found = |name| {
+            cached_image(&dir, series(name).unwrap())
+                .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        };
+        assert_eq!(found("6.1").as_deref(), Some("vmlinuz-6.1-x86"));
+        assert_eq!(found("6.12").as_deref(), Some("vmlinuz-6.12-x86"));
+        assert_eq!(found("6.12-arm64").as_deref(), Some("vmlinuz-6.12-arm"));
+        assert_eq!(found("6.1-arm64"), None);
+        let _ = fs::remove_dir_all(&dir);
     }
 }

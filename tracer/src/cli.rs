@@ -162,6 +162,16 @@ pub enum Command {
     /// Print the summary (as --summary) of a recording made with
     /// `--output json`; needs no privileges.
     Summarize(crate::report::summarize::SummarizeArgs),
+    /// Print a shell completion script to stdout, e.g.
+    /// `tracer completions bash > /etc/bash_completion.d/tracer`.
+    Completions {
+        /// The shell to complete for.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) to stdout: `tracer man | man -l -`.
+    #[command(hide = true)]
+    Man,
 }
 
 impl Args {

@@ -22,5 +22,6 @@ pub mod agent;
 pub mod cli;
 pub mod clock;
 pub mod kernel;
+pub mod manual;
 pub mod report;
 pub mod track;

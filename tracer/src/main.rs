@@ -4,6 +4,7 @@ use clap::Parser as _;
 use tracer::{
     agent,
     cli::{Args, Command},
+    manual,
     report::summarize,
 };
 
@@ -24,8 +25,19 @@ fn main() -> ExitCode {
         .format_target(false)
         .init();
 
-    if let Some(Command::Summarize(s)) = &args.command {
-        return match summarize::run(s) {
+    let offline = match &args.command {
+        Some(Command::Summarize(s)) => Some(summarize::run(s)),
+        Some(Command::Completions { shell }) => {
+            manual::write_completions(*shell, &mut std::io::stdout().lock());
+            Some(Ok(()))
+        }
+        Some(Command::Man) => {
+            Some(manual::write_man(&mut std::io::stdout().lock()).map_err(anyhow::Error::from))
+        }
+        None => None,
+    };
+    if let Some(result) = offline {
+        return match result {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("tracer: error: {e:#}");

@@ -209,6 +209,48 @@ fn usage_errors_are_clap_errors() {
     }
 }
 
+/// The completions and the man page come from the binary itself, without
+/// privileges; bash parses the script it prints.
+#[test]
+fn completions_and_man_page_need_no_privileges() {
+    let unprivileged = |args: &[&str]| {
+        let mut cmd = tracer();
+        // SAFETY: setgid/setuid are async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::setgid(65534) != 0 || libc::setuid(65534) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        run_to_end(cmd.args(args))
+    };
+    let out = unprivileged(&["completions", "bash"]);
+    assert!(out.status.success(), "{out:?}");
+    let script = String::from_utf8(out.stdout).unwrap();
+    assert!(script.contains("--close-wait"));
+    let check = Command::new("bash")
+        .args(["-n", "-c", &script])
+        .output()
+        .expect("bash");
+    assert!(check.status.success(), "{check:?}");
+    for shell in ["zsh", "fish"] {
+        let out = unprivileged(&["completions", shell]);
+        assert!(
+            out.status.success() && !out.stdout.is_empty(),
+            "{shell}: {out:?}"
+        );
+    }
+    let out = unprivileged(&["man"]);
+    assert!(out.status.success(), "{out:?}");
+    let page = String::from_utf8(out.stdout).unwrap();
+    assert!(page.contains(".SH RECORDS"), "{page}");
+
+    let out = run_to_end(tracer().args(["completions", "tcsh"]));
+    assert_one_line_error(&out, 2, "invalid value");
+}
+
 #[test]
 fn without_privileges_one_line_names_the_remedy() {
     require_root();

@@ -54,18 +54,14 @@ pub const SHIPPED: &[&str] = &[
 /// host's own dist binary, so the host's architecture is always built when
 /// this is not empty.
 ///
-/// HOOK: the CLI cannot write a man page or shell completions yet. When it
-/// can (e.g. clap_mangen and clap_complete behind a hidden subcommand),
-/// list them here and they are shipped and checked (non-empty) with no other
-/// change, e.g.:
-///
-/// ```text
-/// ("man/tracer.1", &["generate", "man"]),
-/// ("completions/tracer.bash", &["generate", "completions", "bash"]),
-/// ("completions/_tracer", &["generate", "completions", "zsh"]),
-/// ("completions/tracer.fish", &["generate", "completions", "fish"]),
-/// ```
-pub const GENERATED: &[(&str, &[&str])] = &[];
+/// The man page (`tracer man`, hidden) and the completion scripts
+/// (`tracer completions SHELL`), at the paths distributions use.
+pub const GENERATED: &[(&str, &[&str])] = &[
+    ("man/tracer.1", &["man"]),
+    ("completions/tracer.bash", &["completions", "bash"]),
+    ("completions/_tracer", &["completions", "zsh"]),
+    ("completions/tracer.fish", &["completions", "fish"]),
+];
 
 #[derive(clap::Args)]
 pub struct DistArgs {

@@ -12,6 +12,8 @@
 //! - `cargo xtask dist [--oci]`: release tarballs for amd64 and arm64, and
 //!   the container image as an OCI layout.
 //! - `cargo xtask fuzz [--seconds N]`: the fuzzing alone, longer.
+//! - `cargo xtask man`: the man page and shell completions in target/man
+//!   (printed by the tracer itself, from its clap definitions).
 //! - `cargo xtask bench`: what tracing costs the traced, against an
 //!   untraced baseline and libbpf-tools (`src/bench/`).
 //! - `cargo xtask soak --minutes N`: the release tracer under every kind
@@ -73,6 +75,9 @@ enum Task {
     /// SHA256SUMS in target/dist; --oci adds the container image as an OCI
     /// image layout.
     Dist(dist::DistArgs),
+    /// Write the man page (target/man/man1/tracer.1) and the shell
+    /// completions (target/man/completions/) from the tracer's CLI.
+    Man,
     /// Fuzz the ring buffer record decoder and the sock_diag reply parser
     /// (cargo-fuzz, nightly; also run briefly by `test`).
     Fuzz {
@@ -119,6 +124,7 @@ fn run(cli: Cli) -> Result<()> {
         Task::Setup => setup::ensure(),
         Task::CheckDeploy => deploy::check(),
         Task::Fuzz { seconds } => fuzz::run(seconds),
+        Task::Man => man(),
         Task::Bench(args) => bench::run(args),
         Task::Soak(args) => soak::run(args),
         Task::BenchHold {
@@ -326,6 +332,35 @@ fn test(kernel: &str, guests_only: bool) -> Result<()> {
     if !failed.is_empty() {
         bail!("failed: {}", failed.join(", "));
     }
+    Ok(())
+}
+
+/// `cargo xtask man`: the debug tracer prints each file of
+/// [`dist::GENERATED`] (the same files the tarballs ship).
+fn man() -> Result<()> {
+    cargo(&["build", "--package", "tracer", "--bin", "tracer"])?;
+    let bin = workspace_root().join("target/debug/tracer");
+    let out = workspace_root().join("target/man");
+    for (path, args) in dist::GENERATED {
+        // man(1) finds pages under a man1/ directory.
+        let path = match path.strip_prefix("man/") {
+            Some(page) => format!("man1/{page}"),
+            None => path.to_string(),
+        };
+        let to = out.join(&path);
+        let printed = Command::new(&bin)
+            .args(*args)
+            .output()
+            .with_context(|| format!("running tracer {}", args.join(" ")))?;
+        if !printed.status.success() || printed.stdout.is_empty() {
+            bail!("`tracer {}` failed ({})", args.join(" "), printed.status);
+        }
+        std::fs::create_dir_all(to.parent().expect("a file path"))?;
+        std::fs::write(&to, &printed.stdout)
+            .with_context(|| format!("writing {}", to.display()))?;
+        eprintln!("xtask: wrote {}", to.display());
+    }
+    eprintln!("xtask: read it with `man -l target/man/man1/tracer.1`");
     Ok(())
 }
 

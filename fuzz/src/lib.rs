@@ -21,18 +21,26 @@ fn note(size: usize) {
 
 // SAFETY: every call is passed on to `System` unchanged.
 unsafe impl GlobalAlloc for Counting {
+    /// # Safety
+    /// As [`GlobalAlloc::alloc`]: the system allocator's contract, unchanged.
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         note(layout.size());
         unsafe { System.alloc(layout) }
     }
+    /// # Safety
+    /// As [`GlobalAlloc::alloc_zeroed`]: the system allocator's contract, unchanged.
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         note(layout.size());
         unsafe { System.alloc_zeroed(layout) }
     }
+    /// # Safety
+    /// As [`GlobalAlloc::realloc`]: the system allocator's contract, unchanged.
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         note(new_size);
         unsafe { System.realloc(ptr, layout, new_size) }
     }
+    /// # Safety
+    /// As [`GlobalAlloc::dealloc`]: the system allocator's contract, unchanged.
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         unsafe { System.dealloc(ptr, layout) }
     }

@@ -270,7 +270,7 @@ pub struct SockState {
 /// Bytes of a [`BatchEvent`] that carries `nsteps` steps (the header's
 /// `len`): the steps it does not hold are not sent.
 pub const fn batch_event_len(nsteps: usize) -> usize {
-    core::mem::size_of::<BatchEvent>() - (BATCH_STEPS - nsteps) * core::mem::size_of::<Step>()
+    size_of::<BatchEvent>() - (BATCH_STEPS - nsteps) * size_of::<Step>()
 }
 
 /// A socket's batch of transitions, delivered at its CLOSE, when a state
@@ -462,37 +462,49 @@ pub const PORT_BITMAP_WORDS: u32 = 65536 / 64;
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
-    // SAFETY: plain `#[repr(C)]` integers and byte arrays, no padding.
+    // SAFETY: derives bytemuck::Pod: `#[repr(C)]`, no padding, any bit
+    // pattern valid (checked at compile time).
     unsafe impl aya::Pod for TransitionEvent {}
+    // SAFETY: derives bytemuck::Pod: `#[repr(C)]`, no padding, any bit
+    // pattern valid (checked at compile time).
     unsafe impl aya::Pod for SockTiming {}
+    // SAFETY: derives bytemuck::Pod: `#[repr(C)]`, no padding, any bit
+    // pattern valid (checked at compile time).
     unsafe impl aya::Pod for ListenerKey {}
+    // SAFETY: derives bytemuck::Pod: `#[repr(C)]`, no padding, any bit
+    // pattern valid (checked at compile time).
     unsafe impl aya::Pod for TimewaitDeathEvent {}
+    // SAFETY: derives bytemuck::Pod: `#[repr(C)]`, no padding, any bit
+    // pattern valid (checked at compile time).
     unsafe impl aya::Pod for BatchEvent {}
+    // SAFETY: derives bytemuck::Pod: `#[repr(C)]`, no padding, any bit
+    // pattern valid (checked at compile time).
     unsafe impl aya::Pod for SockState {}
+    // SAFETY: derives bytemuck::Pod: `#[repr(C)]`, no padding, any bit
+    // pattern valid (checked at compile time).
     unsafe impl aya::Pod for ResetEvent {}
 }
 
 // No hidden padding: the sizes are the sums of the fields.
-const _: () = assert!(core::mem::size_of::<InetSockSetStateRecord>() == 72);
-const _: () = assert!(core::mem::size_of::<EventHeader>() == 16);
-const _: () = assert!(core::mem::size_of::<TransitionEvent>() == 16 + 8 + 8 + 8 + 48 + 16 + 8 + 8);
-const _: () = assert!(core::mem::align_of::<TransitionEvent>() <= 8);
-const _: () = assert!(core::mem::size_of::<SockTiming>() == 16);
-const _: () = assert!(core::mem::size_of::<ListenerKey>() == 8);
-const _: () = assert!(core::mem::size_of::<TimewaitDeathEvent>() == 16 + 32 + 8 + 8);
-const _: () = assert!(core::mem::size_of::<Step>() == 24);
-const _: () = assert!(core::mem::size_of::<TaskSlot>() == 40);
-const _: () = assert!(core::mem::size_of::<Batch>() == 24 * BATCH_STEPS + 2 * 40 + 8);
-const _: () = assert!(core::mem::size_of::<SockState>() == 16 + core::mem::size_of::<BatchEvent>());
+const _: () = assert!(size_of::<InetSockSetStateRecord>() == 72);
+const _: () = assert!(size_of::<EventHeader>() == 16);
+const _: () = assert!(size_of::<TransitionEvent>() == 16 + 8 + 8 + 8 + 48 + 16 + 8 + 8);
+const _: () = assert!(align_of::<TransitionEvent>() <= 8);
+const _: () = assert!(size_of::<SockTiming>() == 16);
+const _: () = assert!(size_of::<ListenerKey>() == 8);
+const _: () = assert!(size_of::<TimewaitDeathEvent>() == 16 + 32 + 8 + 8);
+const _: () = assert!(size_of::<Step>() == 24);
+const _: () = assert!(size_of::<TaskSlot>() == 40);
+const _: () = assert!(size_of::<Batch>() == 24 * BATCH_STEPS + 2 * 40 + 8);
+const _: () = assert!(size_of::<SockState>() == 16 + size_of::<BatchEvent>());
 // The steps end the record.
 const _: () = assert!(
     core::mem::offset_of!(BatchEvent, batch) + core::mem::offset_of!(Batch, steps)
         == batch_event_len(0)
 );
-const _: () =
-    assert!(core::mem::size_of::<BatchEvent>() == 16 + 8 + 32 + 16 + core::mem::size_of::<Batch>());
-const _: () = assert!(core::mem::align_of::<BatchEvent>() <= 8);
-const _: () = assert!(core::mem::size_of::<ResetEvent>() == 16 + 8 + 8);
-const _: () = assert!(core::mem::size_of::<TcpSendResetRecord>() == 8 + 8 + 8 + 4 + 4);
+const _: () = assert!(size_of::<BatchEvent>() == 16 + 8 + 32 + 16 + size_of::<Batch>());
+const _: () = assert!(align_of::<BatchEvent>() <= 8);
+const _: () = assert!(size_of::<ResetEvent>() == 16 + 8 + 8);
+const _: () = assert!(size_of::<TcpSendResetRecord>() == 8 + 8 + 8 + 4 + 4);
 const _: () = assert!(core::mem::offset_of!(TcpSendResetRecord, state) == 24);
-const _: () = assert!(core::mem::size_of::<TcpReceiveResetRecord>() == 16);
+const _: () = assert!(size_of::<TcpReceiveResetRecord>() == 16);

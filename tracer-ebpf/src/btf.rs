@@ -86,14 +86,14 @@ impl<T> ClonedSkStorage<T> {
 }
 
 #[btf_tracepoint(function = "inet_sock_set_state")]
-pub fn sock_set_state(ctx: BtfTracePointContext) -> i32 {
+pub(crate) fn sock_set_state(ctx: BtfTracePointContext) -> i32 {
     count(try_sock_set_state(&ctx));
     0
 }
 
 /// The second copy: only the hits the first was skipped for.
 #[btf_tracepoint(function = "inet_sock_set_state")]
-pub fn sock_set_state_nested(ctx: BtfTracePointContext) -> i32 {
+pub(crate) fn sock_set_state_nested(ctx: BtfTracePointContext) -> i32 {
     if !handled_by_first(&ctx) {
         bump(counter::NESTED);
         count(try_sock_set_state(&ctx));
@@ -122,9 +122,9 @@ fn handled_by_first(ctx: &BtfTracePointContext) -> bool {
         // seen yet, or it could not create the storage (and left a note).
         None => {
             let key = sk as u64;
-            let noted = unsafe { STORAGE_FAILED.get(&key) }.is_some();
+            let noted = unsafe { STORAGE_FAILED.get(key) }.is_some();
             if noted {
-                let _ = STORAGE_FAILED.remove(&key);
+                let _ = STORAGE_FAILED.remove(key);
             }
             noted
         }
@@ -150,6 +150,11 @@ fn try_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), Skip> {
 
 /// A fixed-offset load from a BTF-typed pointer (checked by the verifier
 /// against the type at that offset).
+///
+/// # Safety
+/// `base` is a BTF-typed kernel pointer (a tp_btf argument) and `off` the
+/// offset of a `T` field of its type, read from the kernel's BTF at load
+/// time; the verifier refuses the program otherwise.
 #[inline(always)]
 unsafe fn load<T: Copy>(base: *const u8, off: u32) -> T {
     unsafe { ptr::read_volatile(base.add(off as usize).cast::<T>()) }
@@ -254,7 +259,7 @@ impl Socket for Sock {
             // Out of memory: counted here, once; the note keeps the second
             // copy from sending the transition again.
             bump(counter::TIMING_UPDATE_FAILED);
-            let _ = STORAGE_FAILED.insert(&(self.sk as u64), &1, 0);
+            let _ = STORAGE_FAILED.insert(self.sk as u64, 1, 0);
         }
         (!p.is_null()).then_some(p)
     }

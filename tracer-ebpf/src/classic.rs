@@ -33,6 +33,11 @@ static SOCK_TIMING: LruHashMap<u64, SockTiming> = LruHashMap::with_max_entries(6
 /// Direct, aligned scalar load of a field of the tracepoint record. (A
 /// generic copy of an array field makes LLVM emit a `memmove` on the context
 /// pointer, which the verifier refuses.)
+///
+/// # Safety
+/// `offset` is the offset of a `T` field of this tracepoint's record (its
+/// `#[repr(C)]` struct, from the format file), so the load stays inside
+/// the context the verifier bounds.
 #[inline(always)]
 unsafe fn field<T: Copy>(ctx: &TracePointContext, offset: usize) -> T {
     unsafe { ptr::read_volatile(ctx.as_ptr().cast::<u8>().add(offset).cast::<T>()) }
@@ -48,7 +53,7 @@ macro_rules! rec {
 }
 
 #[tracepoint(category = "sock", name = "inet_sock_set_state")]
-pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
+pub(crate) fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     count(try_inet_sock_set_state(&ctx));
     0
 }
@@ -123,12 +128,12 @@ impl Socket for Record<'_> {
 
     #[inline(always)]
     fn timing(&self, _create: bool) -> Option<*mut SockTiming> {
-        SOCK_TIMING.get_ptr_mut(&self.skaddr)
+        SOCK_TIMING.get_ptr_mut(self.skaddr)
     }
 
     #[inline(always)]
     fn insert_timing(&self, t: &SockTiming) -> bool {
-        match SOCK_TIMING.insert(&self.skaddr, t, 0) {
+        match SOCK_TIMING.insert(self.skaddr, t, 0) {
             Ok(()) => true,
             Err(err) => {
                 warn!(self.ctx, "SOCK_TIMING insert failed: {}", err);
@@ -145,6 +150,6 @@ impl Socket for Record<'_> {
     #[inline(always)]
     fn forget_timing(&self, _slot: Option<*mut SockTiming>) {
         // The entry may legitimately be absent.
-        let _ = SOCK_TIMING.remove(&self.skaddr);
+        let _ = SOCK_TIMING.remove(self.skaddr);
     }
 }

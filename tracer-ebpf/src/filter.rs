@@ -75,7 +75,7 @@ static CGROUP_FILTER: HashMap<u64, u8> = HashMap::with_max_entries(MAX_FILTER_CG
 /// What the filters look at, read before any filter runs: what the timing
 /// needs anyway. The namespace and the addresses are read only when a
 /// filter asks for them.
-pub struct Candidate {
+pub(crate) struct Candidate {
     pub family: u16,
     pub sport: u16,
     pub dport: u16,
@@ -84,13 +84,13 @@ pub struct Candidate {
     pub owner_selected: bool,
 }
 
-pub fn owner_filter_on() -> bool {
+pub(crate) fn owner_filter_on() -> bool {
     FILTER_OWNER.load() != 0
 }
 
 /// Cheapest tests first; `netns` is filled in if the namespace was read.
 #[inline(always)]
-pub fn passes<S: Socket>(s: &S, c: &Candidate, netns: &mut Option<u32>) -> bool {
+pub(crate) fn passes<S: Socket>(s: &S, c: &Candidate, netns: &mut Option<u32>) -> bool {
     let family = FILTER_FAMILY.load();
     if family != 0 && family != c.family {
         return false;
@@ -102,10 +102,11 @@ pub fn passes<S: Socket>(s: &S, c: &Candidate, netns: &mut Option<u32>) -> bool 
     if FILTER_OWNER.load() != 0 && !c.owner_selected {
         return false;
     }
-    if FILTER_PORTS.load() != 0 {
-        if !has_port(&PORT_FILTER, c.sport) && !has_port(&PORT_FILTER, c.dport) {
-            return false;
-        }
+    if FILTER_PORTS.load() != 0
+        && !has_port(&PORT_FILTER, c.sport)
+        && !has_port(&PORT_FILTER, c.dport)
+    {
+        return false;
     }
     if FILTER_LPORTS.load() != 0 && !has_port(&LPORT_FILTER, c.sport) {
         return false;
@@ -143,7 +144,7 @@ pub fn passes<S: Socket>(s: &S, c: &Candidate, netns: &mut Option<u32>) -> bool 
 /// Does the current task pass `--pid`/`--comm`? Asked only on transitions
 /// that run in the owner's own system calls.
 #[inline(always)]
-pub fn current_task_matches(tgid: u32) -> bool {
+pub(crate) fn current_task_matches(tgid: u32) -> bool {
     let pid = FILTER_PID.load();
     if pid != 0 && pid != tgid {
         return false;
@@ -185,7 +186,7 @@ fn current_cgroup_selected(levels: u32) -> bool {
     while level < MAX_CGROUP_LEVEL {
         if levels & (1 << level) != 0 {
             let id = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
-            if id != 0 && unsafe { CGROUP_FILTER.get(&id) }.is_some() {
+            if id != 0 && unsafe { CGROUP_FILTER.get(id) }.is_some() {
                 return true;
             }
         }
@@ -194,9 +195,9 @@ fn current_cgroup_selected(levels: u32) -> bool {
     false
 }
 
-pub fn listener_selected(netns: u32, port: u16) -> bool {
+pub(crate) fn listener_selected(netns: u32, port: u16) -> bool {
     unsafe {
-        LISTENERS.get(&ListenerKey {
+        LISTENERS.get(ListenerKey {
             netns,
             port,
             _pad: 0,
@@ -208,13 +209,13 @@ pub fn listener_selected(netns: u32, port: u16) -> bool {
 /// Counts one more selected listener on (`netns`, `port`). False when
 /// the table is full (the caller counts it): this listener's children
 /// then pass only once their owner closes them.
-pub fn remember_listener(netns: u32, port: u16) -> bool {
+pub(crate) fn remember_listener(netns: u32, port: u16) -> bool {
     let key = ListenerKey {
         netns,
         port,
         _pad: 0,
     };
-    if let Some(n) = LISTENERS.get_ptr_mut(&key) {
+    if let Some(n) = LISTENERS.get_ptr_mut(key) {
         // Not atomic (the BPF target has no atomic read-modify-write in
         // `core`): two selected listeners of one port opening on two CPUs
         // at the same instant may count once. This table only serves
@@ -222,24 +223,24 @@ pub fn remember_listener(netns: u32, port: u16) -> bool {
         unsafe { *n += 1 };
         return true;
     }
-    LISTENERS.insert(&key, &1, 0).is_ok()
+    LISTENERS.insert(key, 1, 0).is_ok()
 }
 
 /// One selected listener on (`netns`, `port`) fewer; the entry goes with
 /// the last.
-pub fn forget_listener(netns: u32, port: u16) {
+pub(crate) fn forget_listener(netns: u32, port: u16) {
     let key = ListenerKey {
         netns,
         port,
         _pad: 0,
     };
-    let Some(n) = LISTENERS.get_ptr_mut(&key) else {
+    let Some(n) = LISTENERS.get_ptr_mut(key) else {
         return;
     };
     // SAFETY: a map value; not atomic, as above.
     let before = unsafe { *n };
     if before <= 1 {
-        let _ = LISTENERS.remove(&key);
+        let _ = LISTENERS.remove(key);
     } else {
         unsafe { *n = before - 1 };
     }

@@ -16,6 +16,12 @@
 //! set before load, per-socket state is reset when the socket reaches CLOSE.
 #![no_std]
 #![no_main]
+#![expect(
+    clippy::undocumented_unsafe_blocks,
+    reason = "aya-ebpf makes every map look-up and helper call unsafe; the \
+              verifier checks each access at load time, and the unsafe fns \
+              that read kernel memory state their contract under # Safety"
+)]
 
 mod btf;
 mod classic;

@@ -7,12 +7,12 @@ use aya_ebpf::{
 };
 
 #[btf_tracepoint(function = "inet_sock_set_state")]
-pub fn probe_tp_btf(_ctx: BtfTracePointContext) -> i32 {
+pub(crate) fn probe_tp_btf(_ctx: BtfTracePointContext) -> i32 {
     0
 }
 
 #[fentry(function = "tcp_set_state")]
-pub fn probe_fentry(_ctx: FEntryContext) -> u32 {
+pub(crate) fn probe_fentry(_ctx: FEntryContext) -> u32 {
     0
 }
 
@@ -20,6 +20,6 @@ pub fn probe_fentry(_ctx: FEntryContext) -> u32 {
 /// what makes it one.
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "iter/tcp")]
-pub fn probe_iter_tcp(_ctx: *mut core::ffi::c_void) -> i32 {
+pub(crate) fn probe_iter_tcp(_ctx: *mut core::ffi::c_void) -> i32 {
     0
 }

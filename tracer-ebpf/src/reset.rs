@@ -25,13 +25,18 @@ enum Skip {
 }
 
 /// An aligned scalar load from the tracepoint record.
+///
+/// # Safety
+/// `offset` is the offset of a `T` field of this tracepoint's record (its
+/// `#[repr(C)]` struct, from the format file), so the load stays inside
+/// the context the verifier bounds.
 #[inline(always)]
 unsafe fn field<T: Copy>(ctx: &TracePointContext, offset: usize) -> T {
     unsafe { ptr::read_volatile(ctx.as_ptr().cast::<u8>().add(offset).cast::<T>()) }
 }
 
 #[tracepoint(category = "tcp", name = "tcp_send_reset")]
-pub fn tcp_send_reset(ctx: TracePointContext) -> u32 {
+pub(crate) fn tcp_send_reset(ctx: TracePointContext) -> u32 {
     let skaddr: u64 = unsafe { field(&ctx, offset_of!(TcpSendResetRecord, skaddr)) };
     let state: i32 = unsafe { field(&ctx, offset_of!(TcpSendResetRecord, state)) };
     report(send_reset(skaddr, state as u8, RESET_SENT));
@@ -39,7 +44,7 @@ pub fn tcp_send_reset(ctx: TracePointContext) -> u32 {
 }
 
 #[tracepoint(category = "tcp", name = "tcp_receive_reset")]
-pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
+pub(crate) fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
     let skaddr: u64 = unsafe { field(&ctx, offset_of!(TcpReceiveResetRecord, skaddr)) };
     report(send_reset(skaddr, 0, RESET_RECEIVED));
     0

@@ -27,7 +27,7 @@ enum Skip {
 }
 
 #[fentry(function = "inet_twsk_kill")]
-pub fn timewait_kill(ctx: FEntryContext) -> u32 {
+pub(crate) fn timewait_kill(ctx: FEntryContext) -> u32 {
     match try_timewait_kill(&ctx) {
         Ok(()) => {}
         Err(Skip::Unreadable) => bump(counter::TIMEWAIT_UNREADABLE),

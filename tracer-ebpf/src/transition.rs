@@ -209,6 +209,10 @@ pub(crate) fn on_transition<S: Socket>(s: &S, oldstate: u8, newstate: u8) -> Res
 
 /// Writes both addresses into a record's `[u8; 16]` fields with word
 /// stores (no byte copy loop, no memcpy).
+///
+/// # Safety
+/// `src` and `dst` point into a reserved ring buffer record, 4-byte
+/// aligned, valid for writes of 16 bytes.
 #[inline(always)]
 unsafe fn write_addresses(
     src: *mut [u8; 16],

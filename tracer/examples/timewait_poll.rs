@@ -22,8 +22,8 @@ fn main() {
         .nth(1)
         .and_then(|a| a.parse().ok())
         .unwrap_or(100_000);
-    // SAFETY: unshare affects this (only) thread.
     assert_eq!(
+        // SAFETY: unshare affects this (only) thread.
         unsafe { libc::unshare(libc::CLONE_NEWNET) },
         0,
         "needs root"

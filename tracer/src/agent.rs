@@ -295,7 +295,7 @@ impl<W: RecordWrite> Pipeline<W> {
                 Some(Deferred::Connection(id)) => self.write_connection_now(id)?,
                 Some(Deferred::Stuck(a)) => {
                     let (conn, holders, now, at_exit) = *a;
-                    self.stuck_now(&conn, &holders, now, at_exit)?
+                    self.stuck_now(&conn, &holders, now, at_exit)?;
                 }
                 None => break,
             }

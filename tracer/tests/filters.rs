@@ -201,7 +201,7 @@ fn one_namespace_of_two_at_once() {
                     Duration::ZERO,
                     Ending::ClientFirst,
                 );
-            })
+            });
         })
     };
     let h1 = spawn(start.clone(), tx.clone());

@@ -13,7 +13,7 @@ use std::{
 
 use common::*;
 use tracer::{
-    kernel::events::{Family, TcpState, TcpState::*, Transition},
+    kernel::events::{Family, TcpState::*, Transition},
     kernel::features::TransitionPath,
     kernel::filters::Filters,
     kernel::loader::{Attach, LoadOptions},
@@ -299,7 +299,7 @@ fn ipv6_client_closes_first_batched_with_early_flush() {
     let opts = LoadOptions {
         attach: Attach::TpBtf,
         batch: true,
-        flush_states: 1 << (TcpState::Established as u8),
+        flush_states: 1 << (Established as u8),
         ..Default::default()
     };
     client_closes_first_with("::1".parse().unwrap(), Family::Ipv6, opts);

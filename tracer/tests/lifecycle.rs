@@ -93,7 +93,7 @@ fn in_netns_until(
             scenario();
             ready_tx.send(()).unwrap();
             let _ = done_rx.recv_timeout(Duration::from_secs(180));
-        })
+        });
     });
     ready_rx
         .recv_timeout(Duration::from_secs(30))

@@ -13,7 +13,7 @@ use common::*;
 
 fn fd_count(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
+        .map(std::iter::Iterator::count)
         .unwrap_or(0)
 }
 
@@ -39,7 +39,7 @@ fn short_lived_namespace(hold: Duration) -> thread::JoinHandle<()> {
             drop(c);
             drop(s);
             thread::sleep(hold);
-        })
+        });
     })
 }
 

@@ -55,7 +55,7 @@ impl Drop for StopOnDrop {
 
 /// The tracer with stdout piped and not read yet; stderr read.
 fn start_unread(args: &[&str]) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
-    let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let mut args: Vec<String> = args.iter().map(std::string::ToString::to_string).collect();
     if let Some(ns) = own_netns() {
         args.extend(["--netns".to_string(), ns.to_string()]);
     }

@@ -717,7 +717,7 @@ fn metrics_endpoint_counts_the_traffic_and_passes_promtool() {
         // K connections held open: the gauge shows both ends established.
         const K: u64 = 8;
         let traffic = thread::spawn(move || {
-            held_connections(localhost(port), &[Duration::from_millis(1500); K as usize])
+            held_connections(localhost(port), &[Duration::from_millis(1500); K as usize]);
         });
         let during = scrape_until(metrics, "2K established connections", |t| {
             sum_of(t, "tracer_tcp_connections", |l| l["state"] == "ESTABLISHED")

@@ -16,7 +16,7 @@ use serde_json::Value;
 
 use crate::setup::output;
 
-pub const VALIDATOR_VERSION: &str = "1.37.0";
+pub(crate) const VALIDATOR_VERSION: &str = "1.37.0";
 
 /// The Kubernetes minors the manifest must be valid for: every one
 /// kubernetes-validate 1.37.0 bundles schemas of (1.25 to 1.37).
@@ -65,7 +65,7 @@ fn ensure_validator() -> Result<PathBuf> {
 }
 
 /// The check `cargo xtask test` runs before the integration tests.
-pub fn check() -> Result<()> {
+pub(crate) fn check() -> Result<()> {
     let root = crate::workspace_root();
     let bin = ensure_validator()?;
     for minor in KUBE_MINORS {
@@ -140,7 +140,7 @@ fn capability_words(text: &str) -> BTreeSet<String> {
 ///   host mounts, each mounted read-only at the same path;
 /// - it shares the host's PID namespace (other pods' /proc) and not the
 ///   host's network.
-pub fn check_privileges(manifest: &str, readme: &str, unit: &str) -> Result<()> {
+pub(crate) fn check_privileges(manifest: &str, readme: &str, unit: &str) -> Result<()> {
     let docs: Vec<Value> = serde_yaml::Deserializer::from_str(manifest)
         .map(Value::deserialize)
         .collect::<Result<_, _>>()

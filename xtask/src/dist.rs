@@ -35,13 +35,13 @@ use sha2::{Digest as _, Sha256};
 use crate::{elf::Elf, vm::Arch, workspace_root};
 
 /// The version of the workspace (tracer's and xtask's).
-pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+pub(crate) const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// The release binary's limit (stripped, with the eBPF object).
-pub const MAX_BINARY_BYTES: u64 = 15_000_000;
+pub(crate) const MAX_BINARY_BYTES: u64 = 15_000_000;
 
 /// Files of the repository shipped in every tarball, at the same paths.
-pub const SHIPPED: &[&str] = &[
+pub(crate) const SHIPPED: &[&str] = &[
     "README.md",
     "deploy/systemd/tracer.service",
     "deploy/kubernetes/daemonset.yaml",
@@ -56,7 +56,7 @@ pub const SHIPPED: &[&str] = &[
 ///
 /// The man page (`tracer man`, hidden) and the completion scripts
 /// (`tracer completions SHELL`), at the paths distributions use.
-pub const GENERATED: &[(&str, &[&str])] = &[
+pub(crate) const GENERATED: &[(&str, &[&str])] = &[
     ("man/tracer.1", &["man"]),
     ("completions/tracer.bash", &["completions", "bash"]),
     ("completions/_tracer", &["completions", "zsh"]),
@@ -64,7 +64,7 @@ pub const GENERATED: &[(&str, &[&str])] = &[
 ];
 
 #[derive(clap::Args)]
-pub struct DistArgs {
+pub(crate) struct DistArgs {
     /// Also write the container image as an OCI image layout, both
     /// platforms, in target/dist/tracer-<version>-oci (and as an
     /// oci-archive, tracer-<version>-oci.tar).
@@ -81,7 +81,7 @@ pub struct DistArgs {
 
 /// What `dist` wrote for one architecture.
 #[derive(Clone, Debug)]
-pub struct Artifact {
+pub(crate) struct Artifact {
     pub arch: Arch,
     pub tarball: PathBuf,
     /// The tracer binary as built (the tarball holds the same bytes).
@@ -91,29 +91,29 @@ pub struct Artifact {
 }
 
 #[derive(Clone, Debug)]
-pub struct Dist {
+pub(crate) struct Dist {
     pub artifacts: Vec<Artifact>,
     pub sums: PathBuf,
     pub oci: Option<PathBuf>,
 }
 
 impl Dist {
-    pub fn artifact(&self, arch: Arch) -> Option<&Artifact> {
+    pub(crate) fn artifact(&self, arch: Arch) -> Option<&Artifact> {
         self.artifacts.iter().find(|a| a.arch == arch)
     }
 }
 
-pub fn dist_dir() -> PathBuf {
+pub(crate) fn dist_dir() -> PathBuf {
     workspace_root().join("target/dist")
 }
 
 /// `tracer-0.1.0-arm64-linux`: the tarball's name without `.tar.gz`, and
 /// its top directory.
-pub fn stem(arch: Arch) -> String {
+pub(crate) fn stem(arch: Arch) -> String {
     format!("tracer-{VERSION}-{}-linux", arch.name())
 }
 
-pub fn run(args: DistArgs) -> Result<()> {
+pub(crate) fn run(args: DistArgs) -> Result<()> {
     crate::setup::ensure()?;
     let arches: Vec<Arch> = if args.arches.is_empty() {
         Arch::ALL.to_vec()
@@ -148,7 +148,7 @@ pub fn run(args: DistArgs) -> Result<()> {
 
 /// Builds the release binaries of `arches`, writes their tarballs and
 /// `SHA256SUMS`, and with `oci` the image.
-pub fn build(arches: &[Arch], oci: bool) -> Result<Dist> {
+pub(crate) fn build(arches: &[Arch], oci: bool) -> Result<Dist> {
     let out = dist_dir();
     fs::create_dir_all(&out)?;
     let mtime = source_date_epoch();
@@ -301,16 +301,16 @@ fn source_date_epoch() -> u64 {
         .unwrap_or(0)
 }
 
-pub fn sha256_hex(bytes: &[u8]) -> String {
+pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
     hex(&Sha256::digest(bytes))
 }
 
-pub fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// One entry of a reproducible tar archive.
-pub fn tar_entry<W: std::io::Write>(
+pub(crate) fn tar_entry<W: std::io::Write>(
     tar: &mut tar::Builder<W>,
     path: &str,
     data: Option<&[u8]>,
@@ -340,7 +340,7 @@ pub fn tar_entry<W: std::io::Write>(
 }
 
 /// A gzip stream without a name or time in its header.
-pub fn gzip(bytes: &[u8]) -> Result<Vec<u8>> {
+pub(crate) fn gzip(bytes: &[u8]) -> Result<Vec<u8>> {
     let mut gz: GzEncoder<Vec<u8>> = GzBuilder::new()
         .mtime(0)
         .write(Vec::new(), Compression::best());
@@ -348,7 +348,7 @@ pub fn gzip(bytes: &[u8]) -> Result<Vec<u8>> {
     Ok(gz.finish()?)
 }
 
-pub fn gunzip(bytes: &[u8]) -> Result<Vec<u8>> {
+pub(crate) fn gunzip(bytes: &[u8]) -> Result<Vec<u8>> {
     let mut out = Vec::new();
     GzDecoder::new(bytes)
         .read_to_end(&mut out)
@@ -397,15 +397,15 @@ fn tarball_bytes(
 
 /// The entries of a tar archive: path → (mode, bytes); directories have
 /// no bytes.
-pub type TarFiles = BTreeMap<String, (u32, Option<Vec<u8>>)>;
+pub(crate) type TarFiles = BTreeMap<String, (u32, Option<Vec<u8>>)>;
 
 /// The entries of a tarball ([`TarFiles`]).
-pub fn read_tarball(path: &Path) -> Result<TarFiles> {
+pub(crate) fn read_tarball(path: &Path) -> Result<TarFiles> {
     let raw = gunzip(&fs::read(path).with_context(|| format!("reading {}", path.display()))?)?;
     read_tar(&raw)
 }
 
-pub fn read_tar(raw: &[u8]) -> Result<TarFiles> {
+pub(crate) fn read_tar(raw: &[u8]) -> Result<TarFiles> {
     let mut entries = BTreeMap::new();
     for e in tar::Archive::new(raw).entries()? {
         let mut e = e?;
@@ -443,7 +443,7 @@ fn embeds(haystack: &[u8], needle: &[u8]) -> bool {
 
 /// What `cargo xtask test` checks of `dist`'s output. Needs root (the
 /// x86-64 binary traces for real).
-pub fn check(dist: &Dist) -> Result<()> {
+pub(crate) fn check(dist: &Dist) -> Result<()> {
     // The sums file lists exactly what was written, correctly.
     let sums = fs::read_to_string(&dist.sums)?;
     let mut listed = BTreeMap::new();
@@ -567,7 +567,7 @@ fn check_tarball(a: &Artifact) -> Result<Vec<u8>> {
     let entries = read_tarball(&a.tarball)?;
     let mut expected: std::collections::BTreeSet<String> = SHIPPED
         .iter()
-        .map(|p| p.to_string())
+        .map(ToString::to_string)
         .chain(GENERATED.iter().map(|(p, _)| p.to_string()))
         .chain(["tracer".to_string()])
         .map(|p| format!("{top}/{p}"))
@@ -633,7 +633,7 @@ fn check_tarball(a: &Artifact) -> Result<Vec<u8>> {
 }
 
 /// The tracer of `a`'s tarball, written to `target/dist/check/<arch>/`.
-pub fn extract_binary(a: &Artifact) -> Result<PathBuf> {
+pub(crate) fn extract_binary(a: &Artifact) -> Result<PathBuf> {
     let extracted = dist_dir().join("check").join(a.arch.name()).join("tracer");
     fs::create_dir_all(extracted.parent().expect("parent"))?;
     let name = format!("{}/tracer", stem(a.arch));

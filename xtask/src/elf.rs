@@ -17,7 +17,7 @@ const DT_NEEDED: u64 = 1;
 const SHT_SYMTAB: u32 = 2;
 
 #[derive(Debug)]
-pub struct Elf {
+pub(crate) struct Elf {
     pub machine: u16,
     /// The dynamic loader it asks for, if any.
     pub interpreter: Option<String>,
@@ -49,12 +49,12 @@ fn usize_at(b: &[u8], at: usize) -> Result<usize> {
 }
 
 impl Elf {
-    pub fn read(path: &Path) -> Result<Elf> {
+    pub(crate) fn read(path: &Path) -> Result<Elf> {
         let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
         Elf::parse(&bytes).with_context(|| format!("{} as ELF", path.display()))
     }
 
-    pub fn parse(b: &[u8]) -> Result<Elf> {
+    pub(crate) fn parse(b: &[u8]) -> Result<Elf> {
         ensure!(b.get(..4) == Some(b"\x7fELF"), "not an ELF file");
         ensure!(b.get(4) == Some(&2), "not a 64-bit ELF file");
         ensure!(b.get(5) == Some(&1), "not a little-endian ELF file");
@@ -113,7 +113,7 @@ impl Elf {
         })
     }
 
-    pub fn expect_machine(&self, arch: Arch) -> Result<()> {
+    pub(crate) fn expect_machine(&self, arch: Arch) -> Result<()> {
         if self.machine != arch.elf_machine() {
             bail!(
                 "built for ELF machine {}, not {} ({})",
@@ -127,18 +127,18 @@ impl Elf {
 
     /// Runs on any Linux of its architecture as it is: no loader, no
     /// shared library.
-    pub fn is_static(&self) -> bool {
+    pub(crate) fn is_static(&self) -> bool {
         self.interpreter.is_none() && self.needed == 0
     }
 
-    pub fn is_stripped(&self) -> bool {
+    pub(crate) fn is_stripped(&self) -> bool {
         !self.symtab && self.debug_sections.is_empty()
     }
 }
 
 /// The sections of an ELF file: (name, type, contents; empty for
 /// `SHT_NOBITS`).
-pub fn sections(b: &[u8]) -> Result<Vec<(String, u32, &[u8])>> {
+pub(crate) fn sections(b: &[u8]) -> Result<Vec<(String, u32, &[u8])>> {
     const SHT_NOBITS: u32 = 8;
     ensure!(b.get(..4) == Some(b"\x7fELF"), "not an ELF file");
     let shoff = usize_at(b, 40)?;
@@ -175,7 +175,7 @@ pub fn sections(b: &[u8]) -> Result<Vec<(String, u32, &[u8])>> {
 
 /// The sections of an eBPF object that describe rather than make up the
 /// program: DWARF and BTF (names, types, line info) and their relocations.
-pub fn is_description(section: &str) -> bool {
+pub(crate) fn is_description(section: &str) -> bool {
     let s = section.strip_prefix(".rel").unwrap_or(section);
     s.starts_with(".debug_") || s.starts_with(".BTF")
 }

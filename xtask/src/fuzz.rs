@@ -28,19 +28,19 @@ use anyhow::{bail, Context as _, Result};
 
 use crate::workspace_root;
 
-pub const CARGO_FUZZ_VERSION: &str = "0.13.2";
+pub(crate) const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 /// Seconds each target runs for in `cargo xtask test`: with the
 /// incremental build, the fuzzing step stays under 2 minutes.
-pub const TEST_SECONDS: u64 = 40;
+pub(crate) const TEST_SECONDS: u64 = 40;
 
 /// A fuzz target and the longest input it is given.
-pub struct Target {
+pub(crate) struct Target {
     pub name: &'static str,
     pub max_len: usize,
 }
 
-pub const TARGETS: &[Target] = &[
+pub(crate) const TARGETS: &[Target] = &[
     // A batch, the longest record, is about 300 bytes.
     Target {
         name: "decode_record",
@@ -68,7 +68,7 @@ const BUILD_ARGS: &[&str] = &[
 ];
 
 /// Installs cargo-fuzz when `cargo fuzz --version` is not the pinned one.
-pub fn ensure() -> Result<()> {
+pub(crate) fn ensure() -> Result<()> {
     let installed = Command::new("cargo")
         .args(["fuzz", "--version"])
         .stderr(Stdio::null())
@@ -93,7 +93,7 @@ pub fn ensure() -> Result<()> {
 }
 
 /// Set-up, build, then every target for `seconds`.
-pub fn run(seconds: u64) -> Result<()> {
+pub(crate) fn run(seconds: u64) -> Result<()> {
     crate::setup::ensure()?;
     ensure()?;
     let root = workspace_root();

@@ -12,6 +12,7 @@
 //! - `cargo xtask dist [--oci]`: release tarballs for amd64 and arm64, and
 //!   the container image as an OCI layout.
 //! - `cargo xtask fuzz [--seconds N]`: the fuzzing alone, longer.
+//! - `cargo xtask lint`: rustfmt and clippy as `test` runs them first.
 //! - `cargo xtask man`: the man page and shell completions in target/man
 //!   (printed by the tracer itself, from its clap definitions).
 //! - `cargo xtask bench`: what tracing costs the traced, against an
@@ -75,6 +76,9 @@ enum Task {
     /// SHA256SUMS in target/dist; --oci adds the container image as an OCI
     /// image layout.
     Dist(dist::DistArgs),
+    /// rustfmt --check and clippy -D warnings on every crate (the kernel
+    /// program for its own target), as `test` runs first.
+    Lint,
     /// Write the man page (target/man/man1/tracer.1) and the shell
     /// completions (target/man/completions/) from the tracer's CLI.
     Man,
@@ -125,6 +129,11 @@ fn run(cli: Cli) -> Result<()> {
         Task::CheckDeploy => deploy::check(),
         Task::Fuzz { seconds } => fuzz::run(seconds),
         Task::Man => man(),
+        Task::Lint => {
+            setup::ensure()?;
+            setup::ensure_lint_tools()?;
+            lints()
+        }
         Task::Bench(args) => bench::run(args),
         Task::Soak(args) => soak::run(args),
         Task::BenchHold {
@@ -179,6 +188,10 @@ fn test(kernel: &str, guests_only: bool) -> Result<()> {
     let mut step = |name: &str, since: Instant| took.push((name.to_string(), since.elapsed()));
 
     if !guests_only {
+        let t = Instant::now();
+        eprintln!("xtask: format and lints (rustfmt, clippy -D warnings)");
+        lints()?;
+        step("lints", t);
         let t = Instant::now();
         eprintln!("xtask: unit tests");
         cargo(&[
@@ -331,6 +344,47 @@ fn test(kernel: &str, guests_only: bool) -> Result<()> {
     );
     if !failed.is_empty() {
         bail!("failed: {}", failed.join(", "));
+    }
+    Ok(())
+}
+
+/// `cargo fmt --check` and clippy with warnings denied: the workspace for
+/// the host, and the kernel program for its own target (as its build.rs
+/// builds it: nightly, build-std core).
+fn lints() -> Result<()> {
+    cargo(&["fmt", "--all", "--check"])?;
+    cargo(&[
+        "clippy",
+        "--workspace",
+        "--exclude",
+        "tracer-ebpf",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ])?;
+    let status = Command::new("cargo")
+        .args([
+            "+nightly",
+            "clippy",
+            "--package",
+            "tracer-ebpf",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+            "--release",
+            "--",
+            "-D",
+            "warnings",
+        ])
+        .current_dir(workspace_root())
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("CARGO")
+        .status()
+        .context("starting cargo +nightly clippy")?;
+    if !status.success() {
+        bail!("clippy on the kernel program failed ({status})");
     }
     Ok(())
 }

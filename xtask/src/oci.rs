@@ -42,18 +42,18 @@ use crate::{
 };
 
 /// Where the image puts the binary, and runs it.
-pub const ENTRYPOINT: &str = "/usr/local/bin/tracer";
+pub(crate) const ENTRYPOINT: &str = "/usr/local/bin/tracer";
 /// Its default arguments (the DaemonSet passes its own).
-pub const CMD: &[&str] = &["--metrics", "0.0.0.0:9975", "--events", "none"];
+pub(crate) const CMD: &[&str] = &["--metrics", "0.0.0.0:9975", "--events", "none"];
 /// Root: the capabilities the DaemonSet adds are root's (README, "As a
 /// Kubernetes DaemonSet").
-pub const USER: &str = "0:0";
-pub const PORT: &str = "9975/tcp";
+pub(crate) const USER: &str = "0:0";
+pub(crate) const PORT: &str = "9975/tcp";
 
 const DOCKERFILE: &str = "deploy/kubernetes/Dockerfile";
 const MANIFEST: &str = "deploy/kubernetes/daemonset.yaml";
 
-pub fn layout_dir() -> PathBuf {
+pub(crate) fn layout_dir() -> PathBuf {
     dist::dist_dir().join(format!("tracer-{VERSION}-oci"))
 }
 
@@ -135,7 +135,7 @@ fn tarball_binary(a: &Artifact) -> Result<Vec<u8>> {
 }
 
 /// Writes the layout and its oci-archive; returns both paths.
-pub fn write(artifacts: &[Artifact], mtime: u64) -> Result<(PathBuf, PathBuf)> {
+pub(crate) fn write(artifacts: &[Artifact], mtime: u64) -> Result<(PathBuf, PathBuf)> {
     let root = layout_dir();
     let _ = fs::remove_dir_all(&root);
     let blobs = Blobs {
@@ -151,7 +151,7 @@ pub fn write(artifacts: &[Artifact], mtime: u64) -> Result<(PathBuf, PathBuf)> {
         let config = ConfigBuilder::default()
             .user(USER)
             .entrypoint(vec![ENTRYPOINT.to_string()])
-            .cmd(CMD.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+            .cmd(CMD.iter().map(ToString::to_string).collect::<Vec<_>>())
             .exposed_ports(vec![PORT.to_string()])
             .labels(
                 [
@@ -296,7 +296,7 @@ fn dockerfile_instructions(text: &str) -> Vec<(String, String)> {
 /// The Dockerfile builds the same image from the same tarballs: only
 /// `scratch` stages, the tarball of the version, and the configuration
 /// written by [`write`].
-pub fn check_dockerfile(text: &str) -> Result<()> {
+pub(crate) fn check_dockerfile(text: &str) -> Result<()> {
     let ins = dockerfile_instructions(text);
     let all = |name: &str| -> Vec<&String> {
         ins.iter()
@@ -370,7 +370,7 @@ fn runs_as_root(user: &str) -> bool {
 
 /// The DaemonSet runs this image (same tag), as root, with the entrypoint's
 /// arguments; and grants what the README documents (`deploy.rs`).
-pub fn check_daemonset(manifest: &str, readme: &str, unit: &str) -> Result<()> {
+pub(crate) fn check_daemonset(manifest: &str, readme: &str, unit: &str) -> Result<()> {
     use serde::Deserialize as _;
     crate::deploy::check_privileges(manifest, readme, unit)?;
     let docs: Vec<serde_json::Value> = serde_yaml::Deserializer::from_str(manifest)
@@ -408,7 +408,7 @@ pub fn check_daemonset(manifest: &str, readme: &str, unit: &str) -> Result<()> {
 }
 
 /// `cargo xtask test`'s check of the layout written by [`write`].
-pub fn check(root: &Path, dist: &Dist) -> Result<()> {
+pub(crate) fn check(root: &Path, dist: &Dist) -> Result<()> {
     let layout = OciLayout::from_file(root.join("oci-layout")).context("oci-layout")?;
     ensure!(
         layout.image_layout_version() == "1.0.0",

@@ -22,9 +22,9 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages the test suite uses (checked with dpkg, installed with
 /// apt-get when missing):
 /// - `prometheus`: `promtool check metrics` on the `/metrics` endpoint.
-pub const APT_PACKAGES: &[&str] = &["prometheus"];
+pub(crate) const APT_PACKAGES: &[&str] = &["prometheus"];
 
-pub fn ensure() -> Result<()> {
+pub(crate) fn ensure() -> Result<()> {
     ensure_nightly()?;
     ensure_rust_src()?;
     ensure_bpf_linker()?;
@@ -34,10 +34,10 @@ pub fn ensure() -> Result<()> {
 /// Debian packages for running the suite in other kernels: a static
 /// busybox for the guest's userland, cpio for its initramfs, xz for the
 /// kernel's modules; QEMU per guest architecture ([`qemu_package`]).
-pub const VM_APT_PACKAGES: &[&str] = &["busybox-static", "cpio", "xz-utils"];
+pub(crate) const VM_APT_PACKAGES: &[&str] = &["busybox-static", "cpio", "xz-utils"];
 
 /// The Debian package of the QEMU that emulates `arch`.
-pub fn qemu_package(arch: Arch) -> &'static str {
+pub(crate) fn qemu_package(arch: Arch) -> &'static str {
     match arch {
         Arch::X86_64 => "qemu-system-x86",
         Arch::Aarch64 => "qemu-system-arm",
@@ -48,7 +48,7 @@ pub fn qemu_package(arch: Arch) -> &'static str {
 /// targets of the release binaries (`cargo xtask dist`, all
 /// architectures), and for guest kernels QEMU for their architectures and
 /// Debian's packages of foreign architectures (their kernels, busybox).
-pub fn ensure_for_tests(guests: &[Arch]) -> Result<()> {
+pub(crate) fn ensure_for_tests(guests: &[Arch]) -> Result<()> {
     ensure()?;
     let mut packages = APT_PACKAGES.to_vec();
     if !guests.is_empty() {
@@ -60,6 +60,7 @@ pub fn ensure_for_tests(guests: &[Arch]) -> Result<()> {
         }
     }
     ensure_for_dist(&Arch::ALL)?;
+    ensure_lint_tools()?;
     for &arch in guests {
         ensure_foreign_architecture(arch)?;
     }
@@ -69,7 +70,7 @@ pub fn ensure_for_tests(guests: &[Arch]) -> Result<()> {
 /// Set-up for `cargo xtask dist`: the musl target of every architecture
 /// built (a foreign one links with rust-lld, which comes with the
 /// toolchain).
-pub fn ensure_for_dist(arches: &[Arch]) -> Result<()> {
+pub(crate) fn ensure_for_dist(arches: &[Arch]) -> Result<()> {
     for &arch in arches {
         ensure_target(arch.musl())?;
     }
@@ -102,11 +103,48 @@ fn ensure_foreign_architecture(arch: Arch) -> Result<()> {
 /// Debian's `nginx` is the server itself, `nginx-light` only adds a
 /// module). Installing nginx does not start it where policy-rc.d forbids
 /// services (containers like this one); the bench starts its own.
-pub const BENCH_APT_PACKAGES: &[&str] = &["libbpf-tools", "bpftool", "bpftrace", "nginx", "wrk"];
+pub(crate) const BENCH_APT_PACKAGES: &[&str] =
+    &["libbpf-tools", "bpftool", "bpftrace", "nginx", "wrk"];
 
 /// Set-up for `cargo xtask bench` beyond the build's (which it runs first).
-pub fn ensure_for_bench() -> Result<()> {
+pub(crate) fn ensure_for_bench() -> Result<()> {
     ensure_apt_packages(BENCH_APT_PACKAGES)
+}
+
+/// rustfmt and clippy for the default toolchain, and clippy for the
+/// nightly that checks the kernel program (installed `--profile minimal`).
+pub(crate) fn ensure_lint_tools() -> Result<()> {
+    let has = |toolchain: Option<&str>, tool: &str| {
+        let mut cmd = Command::new("cargo");
+        if let Some(t) = toolchain {
+            cmd.arg(format!("+{t}"));
+        }
+        cmd.args([tool, "--version"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    for (toolchain, component, tool) in [
+        (None, "rustfmt", "fmt"),
+        (None, "clippy", "clippy"),
+        (Some(NIGHTLY), "clippy", "clippy"),
+    ] {
+        if has(toolchain, tool) {
+            continue;
+        }
+        eprintln!(
+            "xtask: adding {component} to {}",
+            toolchain.unwrap_or("the default toolchain")
+        );
+        let mut cmd = Command::new("rustup");
+        cmd.args(["component", "add", component]);
+        if let Some(t) = toolchain {
+            cmd.args(["--toolchain", t]);
+        }
+        run(&mut cmd)?;
+    }
+    Ok(())
 }
 
 fn ensure_target(target: &str) -> Result<()> {
@@ -141,7 +179,7 @@ fn ensure_apt_packages(packages: &[&str]) -> Result<()> {
 }
 
 /// Runs `cmd` and returns its stdout; its stderr goes to ours.
-pub fn output(cmd: &mut Command) -> Result<String> {
+pub(crate) fn output(cmd: &mut Command) -> Result<String> {
     let out = cmd
         .stderr(Stdio::inherit())
         .output()
@@ -208,7 +246,7 @@ fn ensure_bpf_linker() -> Result<()> {
     let lib = sysroot.join("lib");
     let llvm_so = std::fs::read_dir(&lib)
         .with_context(|| format!("reading {}", lib.display()))?
-        .filter_map(|e| e.ok())
+        .filter_map(std::result::Result::ok)
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .find(|n| n.starts_with("libLLVM.so."))
         .with_context(|| format!("no libLLVM.so.* in {}", lib.display()))?;

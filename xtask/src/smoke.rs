@@ -20,7 +20,7 @@ use anyhow::{bail, ensure, Context as _, Result};
 /// The transitions of a connection whose client closes first, each
 /// printed once (the listener's own `CLOSE -> LISTEN` comes before the
 /// tracer starts).
-pub const CONNECTION: &[&str] = &[
+pub(crate) const CONNECTION: &[&str] = &[
     "CLOSE -> SYN_SENT",
     "SYN_SENT -> ESTABLISHED",
     "LISTEN -> SYN_RECV",
@@ -37,7 +37,7 @@ const ATTACH_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Runs `bin` as root in a new network namespace while a client connects
 /// to a local server, sends a line and closes first; checks what it printed.
-pub fn trace_loopback(bin: &Path) -> Result<()> {
+pub(crate) fn trace_loopback(bin: &Path) -> Result<()> {
     let bin = bin.to_path_buf();
     thread::spawn(move || in_own_netns(&bin))
         .join()

@@ -40,16 +40,16 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(20 * 60);
 
 /// A CPU architecture the tracer is built and tested for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Arch {
+pub(crate) enum Arch {
     X86_64,
     Aarch64,
 }
 
 impl Arch {
-    pub const ALL: [Arch; 2] = [Arch::X86_64, Arch::Aarch64];
+    pub(crate) const ALL: [Arch; 2] = [Arch::X86_64, Arch::Aarch64];
 
     /// The Rust target of its static binaries.
-    pub fn musl(self) -> &'static str {
+    pub(crate) fn musl(self) -> &'static str {
         match self {
             Arch::X86_64 => "x86_64-unknown-linux-musl",
             Arch::Aarch64 => "aarch64-unknown-linux-musl",
@@ -58,19 +58,19 @@ impl Arch {
 
     /// Debian's (and the OCI image spec's, Go's, Docker's) name of it:
     /// `amd64`, `arm64`. Names the release tarballs too.
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Arch::X86_64 => "amd64",
             Arch::Aarch64 => "arm64",
         }
     }
 
-    pub fn from_name(name: &str) -> Option<Arch> {
+    pub(crate) fn from_name(name: &str) -> Option<Arch> {
         Arch::ALL.into_iter().find(|a| a.name() == name)
     }
 
     /// The machine xtask runs on.
-    pub fn host() -> Arch {
+    pub(crate) fn host() -> Arch {
         if cfg!(target_arch = "aarch64") {
             Arch::Aarch64
         } else {
@@ -79,7 +79,7 @@ impl Arch {
     }
 
     /// ELF `e_machine` of its binaries.
-    pub fn elf_machine(self) -> u16 {
+    pub(crate) fn elf_machine(self) -> u16 {
         match self {
             Arch::X86_64 => 62,
             Arch::Aarch64 => 183,
@@ -89,7 +89,7 @@ impl Arch {
     /// Environment for cargo when building for this architecture's musl
     /// target: a foreign architecture links with rust-lld (shipped with
     /// the toolchain), since the machine has no cross gcc.
-    pub fn cargo_env(self) -> Vec<(String, String)> {
+    pub(crate) fn cargo_env(self) -> Vec<(String, String)> {
         if self == Arch::host() {
             return vec![];
         }
@@ -129,7 +129,7 @@ impl Arch {
 
 /// A Debian kernel series the suite runs on.
 #[derive(Clone, Copy, Debug)]
-pub struct Series {
+pub(crate) struct Series {
     pub name: &'static str,
     pub arch: Arch,
     /// `apt-cache search --names-only` pattern of its unsigned image.
@@ -144,7 +144,7 @@ pub struct Series {
     fentry: bool,
 }
 
-pub const SERIES: &[Series] = &[
+pub(crate) const SERIES: &[Series] = &[
     Series {
         name: "6.1",
         arch: Arch::X86_64,
@@ -175,7 +175,7 @@ pub const SERIES: &[Series] = &[
     },
 ];
 
-pub fn series(name: &str) -> Option<Series> {
+pub(crate) fn series(name: &str) -> Option<Series> {
     SERIES.iter().copied().find(|s| s.name == name)
 }
 
@@ -217,7 +217,7 @@ fn download_unpack(package: &str, arch: Arch, into: &Path) -> Result<()> {
             .current_dir(&download),
     )?;
     let deb = fs::read_dir(&download)?
-        .filter_map(|e| e.ok())
+        .filter_map(std::result::Result::ok)
         .map(|e| e.path())
         .find(|p| p.extension().is_some_and(|e| e == "deb"))
         .context("apt-get download left no .deb")?;
@@ -228,7 +228,7 @@ fn download_unpack(package: &str, arch: Arch, into: &Path) -> Result<()> {
 }
 
 /// The kernel image of the series, downloaded and unpacked once.
-pub fn kernel(series: Series) -> Result<PathBuf> {
+pub(crate) fn kernel(series: Series) -> Result<PathBuf> {
     let cache = vm_dir().join("kernels");
     fs::create_dir_all(&cache)?;
     let package = match newest_package(series) {
@@ -329,7 +329,7 @@ fn series_env(series: Series) -> String {
 /// The series' initramfs: the common archive of its architecture followed
 /// by one holding its kernel modules and environment (the kernel unpacks
 /// concatenated cpio archives in order).
-pub fn initramfs_for(common: &Path, kernel_image: &Path, series: Series) -> Result<PathBuf> {
+pub(crate) fn initramfs_for(common: &Path, kernel_image: &Path, series: Series) -> Result<PathBuf> {
     let kernel_dir = kernel_image
         .parent()
         .context("kernel image has a directory")?;
@@ -463,11 +463,15 @@ poweroff -f
 "#;
 
 /// Runs cargo with arguments and environment, returns its stdout.
-pub type CargoStdout = dyn Fn(&[&str], &[(String, String)]) -> Result<String>;
+pub(crate) type CargoStdout = dyn Fn(&[&str], &[(String, String)]) -> Result<String>;
 
 /// Builds `arch`'s static test binaries and the initramfs that runs them
 /// (with `dist`, the release binary to try, when given).
-pub fn build_initramfs(arch: Arch, dist: Option<&Path>, cargo: &CargoStdout) -> Result<PathBuf> {
+pub(crate) fn build_initramfs(
+    arch: Arch,
+    dist: Option<&Path>,
+    cargo: &CargoStdout,
+) -> Result<PathBuf> {
     let musl = arch.musl();
     // Debug info is left out rather than stripped afterwards: binutils'
     // strip knows only the host's architecture.
@@ -567,7 +571,7 @@ fn copy_checked(from: &Path, to: &Path, arch: Arch) -> Result<()> {
 /// Boots `kernel` with `initrd`, echoes the console to stderr, and returns
 /// how long it took if the guest printed the pass marker (and, with
 /// `dist`, the release binary's).
-pub fn boot(series: Series, kernel: &Path, initrd: &Path, dist: bool) -> Result<Duration> {
+pub(crate) fn boot(series: Series, kernel: &Path, initrd: &Path, dist: bool) -> Result<Duration> {
     let started = Instant::now();
     let arch = series.arch;
     let mut child = Command::new(arch.qemu())

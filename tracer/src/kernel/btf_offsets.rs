@@ -210,7 +210,7 @@ impl<'a> Btf<'a> {
                         KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG
                     ) =>
                 {
-                    id = t.size_type
+                    id = t.size_type;
                 }
                 _ => break,
             }
@@ -290,7 +290,7 @@ mod tests {
         let mut push = |words: &[u32]| {
             words
                 .iter()
-                .for_each(|w| types.extend_from_slice(&w.to_le_bytes()))
+                .for_each(|w| types.extend_from_slice(&w.to_le_bytes()));
         };
         let info = |kind: u32, vlen: u32| (kind << 24) | vlen;
         push(&[s("int"), info(1, 0), 4, 32]); // 1: int

@@ -22,12 +22,12 @@ use tracer::{
 };
 
 /// How long a test waits for events it expects.
-pub const DEADLINE: Duration = Duration::from_secs(10);
+pub(crate) const DEADLINE: Duration = Duration::from_secs(10);
 
 /// How long a tracer may take to attach: loading parses the kernel's BTF,
 /// CPU-bound work that runs 3-9 times slower in the emulated guests, where
 /// several tests start tracers at once.
-pub fn attach_deadline() -> Duration {
+pub(crate) fn attach_deadline() -> Duration {
     if in_guest() {
         DEADLINE * 3
     } else {
@@ -37,12 +37,12 @@ pub fn attach_deadline() -> Duration {
 
 /// In a QEMU guest of `cargo xtask test` (software emulation: slower, and
 /// an interrupt between two programs' clock reads can take a millisecond).
-pub fn in_guest() -> bool {
+pub(crate) fn in_guest() -> bool {
     std::env::var_os("TRACER_GUEST").is_some()
 }
 
 /// Integration tests load eBPF: without root they fail, loudly.
-pub fn require_root() {
+pub(crate) fn require_root() {
     // SAFETY: geteuid cannot fail.
     let euid = unsafe { libc::geteuid() };
     assert_eq!(
@@ -54,7 +54,7 @@ pub fn require_root() {
 /// Runs `f` on a thread of its own inside a new network namespace with `lo`
 /// up, so the test's traffic is its own. Threads `f` spawns inherit the
 /// namespace.
-pub fn in_netns<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> R {
+pub(crate) fn in_netns<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> R {
     require_root();
     thread::spawn(move || {
         // SAFETY: plain syscall; affects only this thread.
@@ -73,7 +73,7 @@ pub fn in_netns<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> R 
 }
 
 /// The calling thread's network namespace, if it is not the process's.
-pub fn own_netns() -> Option<u32> {
+pub(crate) fn own_netns() -> Option<u32> {
     use std::os::unix::fs::MetadataExt as _;
     let ino = |p: &str| std::fs::metadata(p).map(|m| m.ino() as u32).ok();
     let (thread, process) = (ino("/proc/thread-self/ns/net")?, ino("/proc/self/ns/net")?);
@@ -106,20 +106,20 @@ fn loopback_up() {
 
 /// A port for one test: distinct across the tests of one run and unlikely
 /// to be used by anything else on the machine.
-pub fn test_port() -> u16 {
+pub(crate) fn test_port() -> u16 {
     static NEXT: AtomicU16 = AtomicU16::new(0);
     let base = 20_000 + (std::process::id() % 2000) as u16 * 10;
     base + NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
 /// The loaded program and every transition it delivered so far.
-pub struct Collector {
+pub(crate) struct Collector {
     pub probe: Probe,
     pub events: Vec<Transition>,
 }
 
 impl Collector {
-    pub fn load(opts: LoadOptions) -> Self {
+    pub(crate) fn load(opts: LoadOptions) -> Self {
         require_root();
         let probe = loader::load(&opts).unwrap_or_else(|e| panic!("loading the program: {e}"));
         Collector {
@@ -130,12 +130,12 @@ impl Collector {
 
     /// Only transitions on `port` (and of this thread's namespace, when it
     /// has its own), filtered in the kernel.
-    pub fn on_port(port: u16) -> Self {
+    pub(crate) fn on_port(port: u16) -> Self {
         Self::on_port_with(port, LoadOptions::default())
     }
 
     /// [`Collector::on_port`] with other load options (path, batching).
-    pub fn on_port_with(port: u16, opts: LoadOptions) -> Self {
+    pub(crate) fn on_port_with(port: u16, opts: LoadOptions) -> Self {
         Self::load(LoadOptions {
             filters: Filters {
                 ports: vec![port],
@@ -146,7 +146,7 @@ impl Collector {
         })
     }
 
-    pub fn poll(&mut self) {
+    pub(crate) fn poll(&mut self) {
         while let Some(item) = self.probe.events.next() {
             match decode_record(&item).unwrap_or_else(|e| panic!("undecodable record: {e}")) {
                 Record::Transition(t) => self.events.push(t),
@@ -160,7 +160,7 @@ impl Collector {
 
     /// Polls until `done(events)` holds; panics with what arrived after
     /// [`DEADLINE`].
-    pub fn wait_until(&mut self, what: &str, done: impl Fn(&[Transition]) -> bool) {
+    pub(crate) fn wait_until(&mut self, what: &str, done: impl Fn(&[Transition]) -> bool) {
         let start = Instant::now();
         loop {
             self.poll();
@@ -175,7 +175,7 @@ impl Collector {
     }
 
     /// Waits until every socket in `socks` reached CLOSE.
-    pub fn wait_closed(
+    pub(crate) fn wait_closed(
         &mut self,
         what: &str,
         matches: impl Fn(&Transition) -> bool,
@@ -189,17 +189,17 @@ impl Collector {
         });
     }
 
-    pub fn counters(&self) -> CounterValues {
+    pub(crate) fn counters(&self) -> CounterValues {
         self.probe.counters.read().expect("reading counters")
     }
 
     /// Transitions of one socket, in order.
-    pub fn of_sock(&self, sock: u64) -> Vec<&Transition> {
+    pub(crate) fn of_sock(&self, sock: u64) -> Vec<&Transition> {
         self.events.iter().filter(|t| t.sock == sock).collect()
     }
 
     /// The socket whose transitions match `pred` (exactly one).
-    pub fn sock_where(&self, what: &str, pred: impl Fn(&Transition) -> bool) -> u64 {
+    pub(crate) fn sock_where(&self, what: &str, pred: impl Fn(&Transition) -> bool) -> u64 {
         let mut socks: Vec<u64> = self
             .events
             .iter()
@@ -217,7 +217,7 @@ impl Collector {
     }
 }
 
-pub fn dump(events: &[Transition]) -> String {
+pub(crate) fn dump(events: &[Transition]) -> String {
     events
         .iter()
         .map(|t| {
@@ -231,13 +231,13 @@ pub fn dump(events: &[Transition]) -> String {
 }
 
 /// The (old, new) pairs of a socket's transitions.
-pub fn sequence(events: &[&Transition]) -> Vec<(TcpState, TcpState)> {
+pub(crate) fn sequence(events: &[&Transition]) -> Vec<(TcpState, TcpState)> {
     events.iter().map(|t| (t.old, t.new)).collect()
 }
 
 /// Who closes the connection, and how.
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Ending {
+pub(crate) enum Ending {
     ClientFirst,
     ServerFirst,
     /// The client resets it (SO_LINGER 0).
@@ -247,7 +247,7 @@ pub enum Ending {
 /// A listener on `addr`, one connection from a client, `hold` with the
 /// connection established, then closed as `close` says. Everything is
 /// closed when it returns. Returns the client's local address.
-pub fn conversation(addr: SocketAddr, hold: Duration, close: Ending) -> SocketAddr {
+pub(crate) fn conversation(addr: SocketAddr, hold: Duration, close: Ending) -> SocketAddr {
     let listener = TcpListener::bind(addr).expect("bind");
     let client = TcpStream::connect(addr).expect("connect");
     let client_addr = client.local_addr().expect("local_addr");
@@ -289,7 +289,7 @@ pub fn conversation(addr: SocketAddr, hold: Duration, close: Ending) -> SocketAd
 
 /// What a forked server does with the connection it accepts.
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub enum ServerMode {
+pub(crate) enum ServerMode {
     /// Reads until the client's FIN, then closes (a passive close).
     CloseAfterPeer,
     /// Never closes: the socket stays in CLOSE_WAIT after the client's FIN.
@@ -297,11 +297,11 @@ pub enum ServerMode {
 }
 
 /// The comm of forked servers.
-pub const SERVER_COMM: &[u8] = b"tracer-srv\0";
+pub(crate) const SERVER_COMM: &[u8] = b"tracer-srv\0";
 
 /// A server in a process of its own (forked), listening on 127.0.0.1:port
 /// and accepting one connection. Killed and reaped on drop.
-pub struct ForkedServer {
+pub(crate) struct ForkedServer {
     pub pid: u32,
     /// The accepted connection's fd in the server, once it has accepted.
     pub fd_rx: std::fs::File,
@@ -311,21 +311,21 @@ pub struct ForkedServer {
 impl ForkedServer {
     /// Forks the server. The child makes raw system calls only (no
     /// allocation: the test harness is multi-threaded).
-    pub fn start(port: u16, mode: ServerMode) -> ForkedServer {
+    pub(crate) fn start(port: u16, mode: ServerMode) -> ForkedServer {
         let server = Self::prepare(port, mode);
         server.go();
         server
     }
 
     /// Tells a [`ForkedServer::prepare`]d server to listen.
-    pub fn go(&self) {
+    pub(crate) fn go(&self) {
         // SAFETY: writing one byte to our pipe.
         unsafe { libc::write(self.go_tx, [1u8].as_ptr().cast(), 1) };
     }
 
     /// Forks the server, which waits for [`ForkedServer::go`] before it
     /// listens (so a test can use its pid first).
-    pub fn prepare(port: u16, mode: ServerMode) -> ForkedServer {
+    pub(crate) fn prepare(port: u16, mode: ServerMode) -> ForkedServer {
         let mut go = [0i32; 2];
         // SAFETY: plain syscall.
         unsafe { assert_eq!(libc::pipe2(go.as_mut_ptr(), libc::O_CLOEXEC), 0) };
@@ -398,7 +398,7 @@ impl ForkedServer {
     }
 
     /// Connects to the server, retrying until it listens (deadline).
-    pub fn connect(&self, port: u16) -> TcpStream {
+    pub(crate) fn connect(&self, port: u16) -> TcpStream {
         let start = Instant::now();
         loop {
             match TcpStream::connect(("127.0.0.1", port)) {
@@ -413,7 +413,7 @@ impl ForkedServer {
     }
 
     /// The fd number of the accepted connection in the server.
-    pub fn accepted_fd(&mut self) -> u32 {
+    pub(crate) fn accepted_fd(&mut self) -> u32 {
         let mut b = [0u8; 4];
         self.fd_rx
             .read_exact(&mut b)
@@ -435,13 +435,13 @@ impl Drop for ForkedServer {
 
 /// Writes a sysctl of the calling thread's network namespace.
 /// (Network sysctls answer for the namespace of the task that opens them.)
-pub fn netns_sysctl(name: &str, value: &str) {
+pub(crate) fn netns_sysctl(name: &str, value: &str) {
     let path = format!("/proc/sys/{}", name.replace('.', "/"));
     std::fs::write(&path, value).unwrap_or_else(|e| panic!("{path}: {e}"));
 }
 
 /// The `tracer` binary under test (TRACER_BIN overrides, for the guests).
-pub fn tracer() -> Command {
+pub(crate) fn tracer() -> Command {
     let bin =
         std::env::var("TRACER_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_tracer").to_string());
     let mut cmd = Command::new(bin);
@@ -450,18 +450,18 @@ pub fn tracer() -> Command {
 }
 
 /// A running tracer whose stdout and stderr lines arrive on channels.
-pub struct Running {
+pub(crate) struct Running {
     pub child: Child,
     pub stdout: mpsc::Receiver<String>,
     pub stderr: mpsc::Receiver<String>,
 }
 
 impl Running {
-    pub fn start(args: &[&str]) -> Running {
+    pub(crate) fn start(args: &[&str]) -> Running {
         // Inside a test's own namespace, watch only that namespace: other
         // namespaces' traffic (other tests, benchmarks) may use the same
         // ports.
-        let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let mut args: Vec<String> = args.iter().map(ToString::to_string).collect();
         if let Some(ns) = own_netns() {
             args.extend(["--netns".to_string(), ns.to_string()]);
         }
@@ -475,7 +475,7 @@ impl Running {
     }
 
     /// A tracer spawned by the caller with piped stdout and stderr.
-    pub fn from_child(mut child: Child) -> Running {
+    pub(crate) fn from_child(mut child: Child) -> Running {
         let stdout = lines(child.stdout.take().unwrap());
         let stderr = lines(child.stderr.take().unwrap());
         Running {
@@ -486,12 +486,12 @@ impl Running {
     }
 
     /// Waits for the agent to say it is attached (it logs that with -v).
-    pub fn wait_attached(&self) {
+    pub(crate) fn wait_attached(&self) {
         self.wait_attached_saying();
     }
 
     /// [`Running::wait_attached`], returning what it said before.
-    pub fn wait_attached_saying(&self) -> String {
+    pub(crate) fn wait_attached_saying(&self) -> String {
         let start = Instant::now();
         let mut said = String::new();
         while start.elapsed() < attach_deadline() {
@@ -512,12 +512,17 @@ impl Running {
     }
 
     /// Collects stdout lines until `done` holds for them.
-    pub fn read_until(&self, got: &mut Vec<String>, what: &str, done: impl Fn(&[String]) -> bool) {
-        self.read_until_within(got, what, DEADLINE, done)
+    pub(crate) fn read_until(
+        &self,
+        got: &mut Vec<String>,
+        what: &str,
+        done: impl Fn(&[String]) -> bool,
+    ) {
+        self.read_until_within(got, what, DEADLINE, done);
     }
 
     /// [`Running::read_until`] with a deadline of its own.
-    pub fn read_until_within(
+    pub(crate) fn read_until_within(
         &self,
         got: &mut Vec<String>,
         what: &str,
@@ -537,11 +542,11 @@ impl Running {
         }
     }
 
-    pub fn interrupt(&self) {
+    pub(crate) fn interrupt(&self) {
         self.signal(libc::SIGINT);
     }
 
-    pub fn signal(&self, sig: i32) {
+    pub(crate) fn signal(&self, sig: i32) {
         // SAFETY: signalling our own child.
         unsafe { libc::kill(self.child.id() as i32, sig) };
     }
@@ -549,7 +554,7 @@ impl Running {
     /// Sends SIGUSR1 until the lines that follow satisfy `done`; every
     /// line read is appended to `got`. Returns the lines read since the
     /// last SIGUSR1.
-    pub fn summary_until(
+    pub(crate) fn summary_until(
         &self,
         got: &mut Vec<String>,
         what: &str,
@@ -583,7 +588,7 @@ impl Running {
     }
 
     /// Waits for exit and returns (status code, rest of stdout, stderr).
-    pub fn finish(mut self) -> (i32, Vec<String>, Vec<String>) {
+    pub(crate) fn finish(mut self) -> (i32, Vec<String>, Vec<String>) {
         let start = Instant::now();
         let status = loop {
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -606,7 +611,7 @@ impl Drop for Running {
     }
 }
 
-fn lines(r: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
+fn lines(r: impl Read + Send + 'static) -> mpsc::Receiver<String> {
     let (tx, rx) = mpsc::channel();
     thread::spawn(move || {
         for line in BufReader::new(r).lines().map_while(Result::ok) {
@@ -618,11 +623,11 @@ fn lines(r: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
     rx
 }
 
-pub fn json(line: &str) -> serde_json::Value {
+pub(crate) fn json(line: &str) -> serde_json::Value {
     serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
 }
 
-pub fn of_type(lines: &[String], ty: &str) -> Vec<serde_json::Value> {
+pub(crate) fn of_type(lines: &[String], ty: &str) -> Vec<serde_json::Value> {
     lines
         .iter()
         .map(|l| json(l))
@@ -633,7 +638,7 @@ pub fn of_type(lines: &[String], ty: &str) -> Vec<serde_json::Value> {
 /// Makes the child see an empty tmpfs over each of `targets` (then makes
 /// the directories in `mkdirs`), in a private mount namespace of its own:
 /// a kernel without some of tracefs, for the child alone.
-pub fn hide_with_tmpfs(cmd: &mut Command, targets: &[&str], mkdirs: &[&str]) {
+pub(crate) fn hide_with_tmpfs(cmd: &mut Command, targets: &[&str], mkdirs: &[&str]) {
     use std::{ffi::CString, os::unix::process::CommandExt as _};
     let c = |p: &str| CString::new(p).unwrap();
     let targets: Vec<CString> = targets.iter().map(|p| c(p)).collect();
@@ -675,9 +680,9 @@ pub fn hide_with_tmpfs(cmd: &mut Command, targets: &[&str], mkdirs: &[&str]) {
 }
 
 /// Waits until a socket of this thread's namespace listens on `port`.
-pub fn wait_listening(port: u16) {
+pub(crate) fn wait_listening(port: u16) {
     let needle = format!(":{port:04X} 00000000:0000 0A");
-    let start = std::time::Instant::now();
+    let start = Instant::now();
     while start.elapsed() < DEADLINE {
         let tcp = std::fs::read_to_string("/proc/thread-self/net/tcp").unwrap_or_default();
         if tcp.contains(&needle) {

@@ -68,11 +68,11 @@ use serde_json::{json, Value};
 
 /// The namespace's `Tcp:` and `TcpExt:` counters (`Tcp:ActiveOpens`, …).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct TcpCounters(pub BTreeMap<String, i64>);
+pub(super) struct TcpCounters(pub BTreeMap<String, i64>);
 
 impl TcpCounters {
     /// The calling thread's namespace.
-    pub fn read_here() -> Result<TcpCounters> {
+    pub(super) fn read_here() -> Result<TcpCounters> {
         let mut text = String::new();
         for f in ["snmp", "netstat"] {
             let path = format!("/proc/thread-self/net/{f}");
@@ -84,7 +84,7 @@ impl TcpCounters {
     /// `/proc/net/snmp` and `/proc/net/netstat` text: pairs of lines, a
     /// header (`Tcp: RtoAlgorithm RtoMin …`) and its values (`Tcp: 1 200
     /// …`). Only the `Tcp` and `TcpExt` groups are kept.
-    pub fn parse(text: &str) -> TcpCounters {
+    pub(super) fn parse(text: &str) -> TcpCounters {
         let mut map = BTreeMap::new();
         let lines: Vec<&str> = text.lines().collect();
         for pair in lines.chunks(2) {
@@ -111,7 +111,7 @@ impl TcpCounters {
     }
 
     /// What happened between `self` (before) and `after`.
-    pub fn delta(&self, after: &TcpCounters) -> TcpDelta {
+    pub(super) fn delta(&self, after: &TcpCounters) -> TcpDelta {
         let d = |k: &str| (after.get(k) - self.get(k)).max(0) as u64;
         TcpDelta {
             active_opens: d("Tcp:ActiveOpens"),
@@ -128,7 +128,7 @@ impl TcpCounters {
 
 /// The counters the arithmetic needs, over one run.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct TcpDelta {
+pub(super) struct TcpDelta {
     pub active_opens: u64,
     pub passive_opens: u64,
     pub attempt_fails: u64,
@@ -144,7 +144,7 @@ pub struct TcpDelta {
 }
 
 impl TcpDelta {
-    pub fn to_json(self) -> Value {
+    pub(super) fn to_json(self) -> Value {
         json!({
             "ActiveOpens": self.active_opens,
             "PassiveOpens": self.passive_opens,
@@ -161,7 +161,7 @@ impl TcpDelta {
 /// wrk's sockets still open once its run is over (held by its script),
 /// from `/proc/net/tcp{,6}`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Tail {
+pub(super) struct Tail {
     /// Client sockets (remote port = the server's) in ESTABLISHED or
     /// CLOSE_WAIT.
     pub open: u64,
@@ -174,7 +174,7 @@ pub struct Tail {
 impl Tail {
     /// From `/proc/net/tcp` or `tcp6` text (fields: sl, local, remote,
     /// st, tx_queue:rx_queue, …); adds up over calls.
-    pub fn add(&mut self, text: &str, server_port: u16) {
+    pub(super) fn add(&mut self, text: &str, server_port: u16) {
         let port = |addr: &str| {
             addr.rsplit_once(':')
                 .and_then(|(_, p)| u16::from_str_radix(p, 16).ok())
@@ -205,7 +205,7 @@ impl Tail {
         }
     }
 
-    pub fn to_json(self) -> Value {
+    pub(super) fn to_json(self) -> Value {
         json!({
             "open": self.open,
             "unread_close_wait": self.unread_close_wait,
@@ -216,14 +216,14 @@ impl Tail {
 
 /// Transitions and closed sockets of one nginx run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Expected {
+pub(super) struct Expected {
     pub transitions: u64,
     pub closed: u64,
 }
 
 /// The module's arithmetic: `5 x (ActiveOpens + PassiveOpens) -
 /// EstabResets`, or why the counters say it is not exact.
-pub fn nginx_expected(d: &TcpDelta, tail: &Tail) -> Result<Expected, String> {
+pub(super) fn nginx_expected(d: &TcpDelta, tail: &Tail) -> Result<Expected, String> {
     let mut why = Vec::new();
     if d.active_opens != d.passive_opens {
         why.push(format!(

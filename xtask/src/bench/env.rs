@@ -42,7 +42,7 @@ enum Reply {
 }
 
 #[derive(Debug)]
-pub struct Ready {
+pub(crate) struct Ready {
     pub netns_inode: u64,
     pub hold_took: Duration,
     /// The namespace thread's id: /proc/self/task/TID/net/ shows its
@@ -53,7 +53,7 @@ pub struct Ready {
 /// A network namespace with the load's listeners (and held sockets), on a
 /// thread of its own; the load threads and hold helpers are started from
 /// it and inherit it.
-pub struct Env {
+pub(crate) struct Env {
     cmd: mpsc::Sender<Cmd>,
     reply: mpsc::Receiver<Reply>,
     thread: Option<thread::JoinHandle<()>>,
@@ -63,7 +63,7 @@ pub struct Env {
 impl Env {
     /// Creates the namespace, the listeners and the held sockets; returns
     /// when the load can start.
-    pub fn setup(cfg: &LoadConfig) -> Result<Env> {
+    pub(crate) fn setup(cfg: &LoadConfig) -> Result<Env> {
         let (cmd_tx, cmd_rx) = mpsc::channel();
         let (reply_tx, reply_rx) = mpsc::channel();
         let cfg = cfg.clone();
@@ -98,7 +98,7 @@ impl Env {
     }
 
     /// Runs the load for `d` and returns what it did.
-    pub fn run(&mut self, d: Duration) -> Result<LoadResult> {
+    pub(crate) fn run(&mut self, d: Duration) -> Result<LoadResult> {
         self.cmd
             .send(Cmd::Run(d))
             .map_err(|_| anyhow!("the load's namespace thread died"))?;
@@ -114,14 +114,14 @@ impl Env {
     /// clients wait in FIN_WAIT1 for the server's delayed ACK, sometimes
     /// for longer than 300 ms. Returns how long it waited and how many
     /// sockets were still on their way.
-    pub fn settle(&self, ports: &[u16], max: Duration) -> (Duration, u64) {
+    pub(crate) fn settle(&self, ports: &[u16], max: Duration) -> (Duration, u64) {
         let net = format!("/proc/self/task/{}/net", self.ready.tid);
         settle_in(&net, ports, HALF_WAY, max)
     }
 
     /// Closes every socket (held ones after checking them) and leaves the
     /// namespace to the kernel to free.
-    pub fn teardown(&mut self) -> HeldCheck {
+    pub(crate) fn teardown(&mut self) -> HeldCheck {
         let _ = self.cmd.send(Cmd::Teardown);
         let check = loop {
             match self.reply.recv() {
@@ -300,7 +300,7 @@ pub(crate) fn settle_in(
 
 /// Sockets of `/proc/net/tcp{,6}` text on one of `ports` (local or
 /// remote) in one of `states` (hex codes as printed there).
-pub fn sockets_in(text: &str, ports: &[u16], states: &[&str]) -> u64 {
+pub(crate) fn sockets_in(text: &str, ports: &[u16], states: &[&str]) -> u64 {
     let port = |addr: &str| {
         addr.rsplit_once(':')
             .and_then(|(_, p)| u16::from_str_radix(p, 16).ok())

@@ -24,7 +24,7 @@ use super::{
 /// What the held sockets looked like at teardown: each should read EOF
 /// (in CLOSE_WAIT: the peer's FIN arrived, nothing else).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct HeldCheck {
+pub(crate) struct HeldCheck {
     pub held: u64,
     pub eof: u64,
     pub other: u64,
@@ -53,7 +53,7 @@ impl HeldCheck {
     }
 
     /// The helper's report line: `held N eof E other O`.
-    pub fn parse(line: &str) -> Option<HeldCheck> {
+    pub(crate) fn parse(line: &str) -> Option<HeldCheck> {
         let f: Vec<&str> = line.split_whitespace().collect();
         match f.as_slice() {
             ["held", h, "eof", e, "other", o] => Some(HeldCheck {
@@ -65,7 +65,7 @@ impl HeldCheck {
         }
     }
 
-    pub fn line(&self) -> String {
+    pub(crate) fn line(&self) -> String {
         format!("held {} eof {} other {}", self.held, self.eof, self.other)
     }
 }
@@ -149,7 +149,7 @@ pub(crate) fn stop_helpers(helpers: Vec<Helper>) -> HeldCheck {
 /// to a listener of its own on `port`, close the client ends and keep the
 /// server ends (CLOSE_WAIT); print `ready`, wait for stdin to close, then
 /// check the sockets, print the check and exit.
-pub fn hold_helper(port: u16, count: u64, first_addr: u64, ipv6: bool) -> Result<()> {
+pub(crate) fn hold_helper(port: u16, count: u64, first_addr: u64, ipv6: bool) -> Result<()> {
     let cfg = LoadConfig {
         kind: super::load::LoadKind::Churn,
         threads: 1,

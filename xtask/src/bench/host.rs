@@ -78,7 +78,7 @@ pub(crate) fn enable_bpf_stats() -> io::Result<OwnedFd> {
             libc::SYS_bpf,
             BPF_ENABLE_STATS,
             &attr as *const EnableStatsAttr,
-            std::mem::size_of::<EnableStatsAttr>() as libc::c_uint,
+            size_of::<EnableStatsAttr>() as libc::c_uint,
         )
     };
     if fd < 0 {
@@ -109,7 +109,7 @@ pub(crate) fn host_json() -> Value {
     let read = |p: &str| fs::read_to_string(p).unwrap_or_default().trim().to_string();
     json!({
         "kernel": read("/proc/sys/kernel/osrelease"),
-        "cpus": thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "cpus": thread::available_parallelism().map(std::num::NonZero::get).unwrap_or(0),
         "model": read("/proc/cpuinfo").lines().find_map(|l| l.strip_prefix("model name")
             .and_then(|v| v.split_once(':')).map(|(_, v)| v.trim().to_string())),
     })

@@ -32,7 +32,7 @@ use serde_json::{json, Value};
 
 /// Which load a block of runs uses (`--load`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum LoadKind {
+pub(crate) enum LoadKind {
     /// The bench's own loopback connections (both ends on each thread).
     Churn,
     /// nginx (one worker, `keepalive_timeout 0`) and wrk, one request per
@@ -41,9 +41,9 @@ pub enum LoadKind {
 }
 
 impl LoadKind {
-    pub const ALL: [LoadKind; 2] = [LoadKind::Churn, LoadKind::Nginx];
+    pub(crate) const ALL: [LoadKind; 2] = [LoadKind::Churn, LoadKind::Nginx];
 
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             LoadKind::Churn => "churn",
             LoadKind::Nginx => "nginx",
@@ -52,7 +52,7 @@ impl LoadKind {
 
     /// `--load` values, comma lists already split: load names or `all`,
     /// in the order given, each once.
-    pub fn parse_list(specs: &[String]) -> Result<Vec<LoadKind>> {
+    pub(crate) fn parse_list(specs: &[String]) -> Result<Vec<LoadKind>> {
         let mut v = Vec::new();
         for spec in specs {
             let spec = spec.trim();
@@ -63,7 +63,7 @@ impl LoadKind {
                     Some(k) => vec![k],
                     None => bail!(
                         "--load: unknown load {spec:?} (one of: {}, all)",
-                        LoadKind::ALL.map(|k| k.name()).join(", ")
+                        LoadKind::ALL.map(LoadKind::name).join(", ")
                     ),
                 }
             };
@@ -82,7 +82,7 @@ impl LoadKind {
 
 /// Who closes the connection first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum Mode {
+pub(crate) enum Mode {
     /// The client closes, then the server (client-side TIME_WAIT).
     ClientFirst,
     /// The server closes, then the client (server-side TIME_WAIT).
@@ -93,7 +93,7 @@ pub enum Mode {
 }
 
 impl Mode {
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Mode::ClientFirst => "client-first",
             Mode::ServerFirst => "server-first",
@@ -112,7 +112,7 @@ impl Mode {
     /// server closes to make room, counted apart). The client's FIN_WAIT1
     /// -> FIN_WAIT2 waits for the server's delayed ACK: a timer-driven
     /// transition.
-    pub fn transitions_per_conn(self) -> u64 {
+    pub(crate) fn transitions_per_conn(self) -> u64 {
         match self {
             Mode::ClientFirst | Mode::ServerFirst => 10,
             Mode::NeverClose => 8,
@@ -121,7 +121,7 @@ impl Mode {
 
     /// Sockets of one connection that reach CLOSE while the run lasts
     /// (what a tracer with one record per closed socket, tcplife, prints).
-    pub fn closed_per_conn(self) -> u64 {
+    pub(crate) fn closed_per_conn(self) -> u64 {
         match self {
             Mode::ClientFirst | Mode::ServerFirst => 2,
             Mode::NeverClose => 1,
@@ -131,20 +131,20 @@ impl Mode {
 
 /// Load ports: below the namespace's ephemeral range (1024-65535), so no
 /// client port can be one of them.
-pub const LOAD_PORT_BASE: u16 = 700;
+pub(crate) const LOAD_PORT_BASE: u16 = 700;
 /// Ports of the sockets held in CLOSE_WAIT (`--hold`), outside the load's.
-pub const HOLD_PORT_BASE: u16 = 500;
+pub(crate) const HOLD_PORT_BASE: u16 = 500;
 /// nginx's port (below the ephemeral range, above the churn ports).
-pub const NGINX_PORT: u16 = 800;
+pub(crate) const NGINX_PORT: u16 = 800;
 /// Sockets one `bench-hold` helper keeps (below RLIMIT_NOFILE's 20,000).
-pub const PER_HELPER: u64 = 18_000;
+pub(crate) const PER_HELPER: u64 = 18_000;
 /// At most this many ports can be given to the tracer's `--port` filter.
-pub const MAX_FILTER_PORTS: usize = 64;
+pub(crate) const MAX_FILTER_PORTS: usize = 64;
 /// Descriptors left for everything but the never-close pools.
 const FD_RESERVE: u64 = 1_000;
 
 #[derive(Clone, Debug)]
-pub struct LoadConfig {
+pub(crate) struct LoadConfig {
     pub kind: LoadKind,
     /// Churn: load threads; nginx: wrk's threads.
     pub threads: usize,
@@ -162,7 +162,7 @@ pub struct LoadConfig {
 impl LoadConfig {
     /// The server ports the load uses (the tracer's `--port` filter): one
     /// per churn worker, or nginx's.
-    pub fn load_ports(&self) -> Vec<u16> {
+    pub(crate) fn load_ports(&self) -> Vec<u16> {
         match self.kind {
             LoadKind::Churn => (0..self.threads)
                 .map(|i| LOAD_PORT_BASE + i as u16)
@@ -171,18 +171,18 @@ impl LoadConfig {
         }
     }
 
-    pub fn hold_ports(&self) -> Vec<u16> {
+    pub(crate) fn hold_ports(&self) -> Vec<u16> {
         (0..self.hold.div_ceil(PER_HELPER))
             .map(|i| HOLD_PORT_BASE + i as u16)
             .collect()
     }
 
     /// Server sockets each never-close worker keeps at most.
-    pub fn pool_per_worker(&self) -> u64 {
+    pub(crate) fn pool_per_worker(&self) -> u64 {
         (nofile_limit().saturating_sub(FD_RESERVE) / self.threads.max(1) as u64).max(1)
     }
 
-    pub fn check(&self) -> Result<()> {
+    pub(crate) fn check(&self) -> Result<()> {
         if self.threads == 0 {
             bail!("--threads must be at least 1");
         }
@@ -219,7 +219,7 @@ impl LoadConfig {
     }
 
     /// One line for the progress and the table's footer.
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         let family = if self.ipv6 { "IPv6" } else { "IPv4" };
         let hold = if self.hold > 0 {
             format!(", {} sockets held in CLOSE_WAIT", self.hold)
@@ -241,7 +241,7 @@ impl LoadConfig {
         }
     }
 
-    pub fn to_json(&self) -> Value {
+    pub(crate) fn to_json(&self) -> Value {
         if self.kind == LoadKind::Nginx {
             return json!({
                 "kind": self.kind.name(),
@@ -275,7 +275,7 @@ impl LoadConfig {
 
 /// What one run of the load did.
 #[derive(Clone, Debug, Default)]
-pub struct LoadResult {
+pub(crate) struct LoadResult {
     pub connections: u64,
     pub elapsed: Duration,
     /// The rate the client reported (nginx: wrk's Requests/sec), instead
@@ -301,7 +301,7 @@ pub struct LoadResult {
 }
 
 impl LoadResult {
-    pub fn per_second(&self) -> f64 {
+    pub(crate) fn per_second(&self) -> f64 {
         if let Some(r) = self.rate {
             return r;
         }
@@ -313,7 +313,7 @@ impl LoadResult {
         }
     }
 
-    pub fn to_json(&self) -> Value {
+    pub(crate) fn to_json(&self) -> Value {
         json!({
             "connections": self.connections,
             "elapsed_s": self.elapsed.as_secs_f64(),
@@ -331,7 +331,7 @@ impl LoadResult {
 }
 
 /// This process's soft limit on open files.
-pub fn nofile_limit() -> u64 {
+pub(crate) fn nofile_limit() -> u64 {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -380,8 +380,13 @@ mod tests {
 
     #[test]
     fn load_lists() {
-        let l =
-            |v: &[&str]| LoadKind::parse_list(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        let l = |v: &[&str]| {
+            LoadKind::parse_list(
+                &v.iter()
+                    .map(std::string::ToString::to_string)
+                    .collect::<Vec<_>>(),
+            )
+        };
         assert_eq!(l(&["churn"]).unwrap(), vec![LoadKind::Churn]);
         assert_eq!(l(&["all", "churn"]).unwrap(), LoadKind::ALL.to_vec());
         assert_eq!(

@@ -57,7 +57,7 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use serde_json::json;
 
-pub use hold::hold_helper;
+pub(crate) use hold::hold_helper;
 use host::{enable_bpf_stats, git_json, host_json, raise_nofile_limit};
 use load::{LoadKind, Mode};
 use plan::plan;
@@ -69,7 +69,7 @@ use subject::{Ctx, StartTrial, Subject};
 use summarize::summarize;
 
 #[derive(clap::Args, Debug, Clone)]
-pub struct BenchArgs {
+pub(crate) struct BenchArgs {
     /// Loads (comma-separated, or `all`): churn (the bench's own loopback
     /// connections), nginx (Debian's nginx and wrk, one request per
     /// connection); each a block of rounds of its own.
@@ -155,7 +155,7 @@ const QUIET_IDLE: f64 = 0.80;
 /// (printed, never failed on).
 const STOP_TARGET: Duration = Duration::from_secs(1);
 
-pub fn run(args: BenchArgs) -> Result<()> {
+pub(crate) fn run(args: BenchArgs) -> Result<()> {
     let mut notes: Vec<String> = Vec::new();
     let plan = plan(&args)?;
     crate::setup::ensure()?;

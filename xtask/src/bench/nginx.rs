@@ -30,16 +30,16 @@ use super::{
 };
 
 /// Size of the page nginx serves.
-pub const PAGE_BYTES: usize = 612;
+pub(super) const PAGE_BYTES: usize = 612;
 const LISTEN_TIMEOUT: Duration = Duration::from_secs(10);
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// The line the wrk script prints once wrk's report is out, before it
 /// waits for its stdin to close.
-pub const WRK_DONE: &str = "xtask-bench: wrk done";
+pub(super) const WRK_DONE: &str = "xtask-bench: wrk done";
 
 /// nginx's configuration for the bench, with everything it writes in
 /// `dir`.
-pub fn config(dir: &Path, port: u16, ipv6: bool) -> String {
+pub(super) fn config(dir: &Path, port: u16, ipv6: bool) -> String {
     let d = dir.display();
     let listen = if ipv6 {
         format!("[::1]:{port} ipv6only=on")
@@ -77,7 +77,7 @@ http {{
 
 /// wrk's script: after wrk's report (it calls `done` last), say so and
 /// keep wrk, and so its open connections, alive until stdin closes.
-pub fn wrk_script() -> String {
+pub(super) fn wrk_script() -> String {
     format!(
         "-- Written by cargo xtask bench (xtask/src/bench/nginx.rs): hold the
 -- connections open after the report until the bench closes stdin.
@@ -98,7 +98,7 @@ fn page() -> String {
 }
 
 /// A running nginx and its directory.
-pub struct Nginx {
+pub(super) struct Nginx {
     child: Option<Child>,
     pub dir: PathBuf,
     /// `http://127.0.0.1:800/` or `http://[::1]:800/`.
@@ -109,7 +109,7 @@ pub struct Nginx {
 impl Nginx {
     /// Starts nginx in the calling thread's network namespace and waits
     /// until it listens.
-    pub fn start(cfg: &LoadConfig) -> Result<Nginx> {
+    pub(super) fn start(cfg: &LoadConfig) -> Result<Nginx> {
         static SEQ: AtomicU32 = AtomicU32::new(0);
         let bin = find_binary("nginx").context(
             "nginx is not installed (Debian package nginx; cargo xtask bench installs it)",
@@ -181,12 +181,12 @@ impl Nginx {
     }
 
     /// The script for wrk (in the directory).
-    pub fn wrk_script_path(&self) -> PathBuf {
+    pub(super) fn wrk_script_path(&self) -> PathBuf {
         self.dir.join("wrk.lua")
     }
 
     /// The last lines nginx wrote (error log and stderr).
-    pub fn log_tail(&self) -> String {
+    pub(super) fn log_tail(&self) -> String {
         let mut lines = Vec::new();
         for f in ["error.log", "stderr"] {
             let text = fs::read_to_string(self.dir.join(f)).unwrap_or_default();
@@ -202,7 +202,7 @@ impl Nginx {
     /// Fast shutdown (SIGTERM to its group: the master waits for its
     /// worker), SIGKILL to the group after STOP_TIMEOUT; removes its
     /// directory.
-    pub fn stop(mut self) {
+    pub(super) fn stop(mut self) {
         self.end();
     }
 

@@ -7,7 +7,7 @@ use std::{collections::BTreeMap, fs, process::Command, time::Duration};
 use serde_json::{json, Value};
 
 /// utime + stime of a `/proc/PID/stat` line, in clock ticks.
-pub fn parse_stat_cpu_ticks(line: &str) -> Option<u64> {
+pub(crate) fn parse_stat_cpu_ticks(line: &str) -> Option<u64> {
     // The command name may contain spaces and parentheses: fields restart
     // after the last ')'. There, field 3 (state) is index 0, so utime
     // (field 14) is index 11 and stime (15) index 12.
@@ -19,12 +19,12 @@ pub fn parse_stat_cpu_ticks(line: &str) -> Option<u64> {
 }
 
 /// The first field of `/proc/PID/task/TID/schedstat`: time on the CPU, ns.
-pub fn parse_schedstat_ns(text: &str) -> Option<u64> {
+pub(crate) fn parse_schedstat_ns(text: &str) -> Option<u64> {
     text.split_whitespace().next()?.parse().ok()
 }
 
 /// A `kB` line of `/proc/PID/status` (`VmRSS`, `VmHWM`), in KiB.
-pub fn parse_status_kib(status: &str, key: &str) -> Option<u64> {
+pub(crate) fn parse_status_kib(status: &str, key: &str) -> Option<u64> {
     status.lines().find_map(|l| {
         let v = l.strip_prefix(key)?.strip_prefix(':')?;
         v.split_whitespace().next()?.parse().ok()
@@ -32,7 +32,7 @@ pub fn parse_status_kib(status: &str, key: &str) -> Option<u64> {
 }
 
 /// `key:\tvalue` lines of a `/proc/PID/fdinfo/FD` file.
-pub fn parse_fdinfo(text: &str) -> BTreeMap<String, String> {
+pub(crate) fn parse_fdinfo(text: &str) -> BTreeMap<String, String> {
     text.lines()
         .filter_map(|l| {
             let (k, v) = l.split_once(':')?;
@@ -44,7 +44,7 @@ pub fn parse_fdinfo(text: &str) -> BTreeMap<String, String> {
 /// One eBPF program a process holds, with the kernel's statistics (zero
 /// unless BPF_ENABLE_STATS was on while it ran).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ProgStats {
+pub(crate) struct ProgStats {
     pub id: u32,
     pub name: Option<String>,
     pub run_time_ns: u64,
@@ -54,7 +54,7 @@ pub struct ProgStats {
 
 impl ProgStats {
     /// From a bpf-prog fd's fdinfo (None if it is not one).
-    pub fn from_fdinfo(info: &BTreeMap<String, String>) -> Option<ProgStats> {
+    pub(crate) fn from_fdinfo(info: &BTreeMap<String, String>) -> Option<ProgStats> {
         // bpf_link fds carry a prog_id too, but no run_cnt.
         info.get("run_cnt")?;
         let num = |k: &str| info.get(k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
@@ -67,7 +67,7 @@ impl ProgStats {
         })
     }
 
-    pub fn to_json(&self) -> Value {
+    pub(crate) fn to_json(&self) -> Value {
         json!({
             "id": self.id,
             "name": self.name,
@@ -79,7 +79,7 @@ impl ProgStats {
 }
 
 /// Programs in `bpftool prog show -j` output: id -> (name, stats).
-pub fn parse_bpftool_progs(text: &str) -> BTreeMap<u32, ProgStats> {
+pub(crate) fn parse_bpftool_progs(text: &str) -> BTreeMap<u32, ProgStats> {
     let Ok(Value::Array(progs)) = serde_json::from_str::<Value>(text) else {
         return BTreeMap::new();
     };
@@ -104,7 +104,7 @@ pub fn parse_bpftool_progs(text: &str) -> BTreeMap<u32, ProgStats> {
 
 /// CPU time the process has used so far (all live threads), from
 /// schedstat (ns) or, without it, from /proc/PID/stat (ticks).
-pub fn cpu_time(pid: i32) -> Option<Duration> {
+pub(crate) fn cpu_time(pid: i32) -> Option<Duration> {
     let mut total = 0u64;
     let mut any = false;
     if let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) {
@@ -131,7 +131,7 @@ pub fn cpu_time(pid: i32) -> Option<Duration> {
 }
 
 /// (VmRSS, VmHWM) in KiB.
-pub fn memory_kib(pid: i32) -> (Option<u64>, Option<u64>) {
+pub(crate) fn memory_kib(pid: i32) -> (Option<u64>, Option<u64>) {
     match fs::read_to_string(format!("/proc/{pid}/status")) {
         Ok(s) => (parse_status_kib(&s, "VmRSS"), parse_status_kib(&s, "VmHWM")),
         Err(_) => (None, None),
@@ -139,7 +139,7 @@ pub fn memory_kib(pid: i32) -> (Option<u64>, Option<u64>) {
 }
 
 /// What each of the process's fds is (`anon_inode:bpf-prog`, …).
-pub fn fd_kinds(pid: i32) -> Vec<(String, String)> {
+pub(crate) fn fd_kinds(pid: i32) -> Vec<(String, String)> {
     let Ok(dir) = fs::read_dir(format!("/proc/{pid}/fd")) else {
         return Vec::new();
     };
@@ -156,7 +156,7 @@ pub fn fd_kinds(pid: i32) -> Vec<(String, String)> {
 
 /// Has a libbpf tool attached its program and opened its event buffer?
 /// (a bpf_link, then the perf/ring buffer's epoll instance.)
-pub fn libbpf_tool_ready(pid: i32) -> bool {
+pub(crate) fn libbpf_tool_ready(pid: i32) -> bool {
     let kinds = fd_kinds(pid);
     let has = |what: &str| kinds.iter().any(|(_, t)| t.contains(what));
     has("bpf_link") && has("[eventpoll]") && has("bpf-prog")
@@ -164,7 +164,7 @@ pub fn libbpf_tool_ready(pid: i32) -> bool {
 
 /// Has the process attached a program to this tracepoint? (`bpftool perf
 /// show`: the perf-event attachments of every process.)
-pub fn attached_to_tracepoint(pid: i32, tracepoint: &str) -> bool {
+pub(crate) fn attached_to_tracepoint(pid: i32, tracepoint: &str) -> bool {
     Command::new("bpftool")
         .args(["perf", "show", "-j"])
         .output()
@@ -173,7 +173,7 @@ pub fn attached_to_tracepoint(pid: i32, tracepoint: &str) -> bool {
 
 /// Is there an attachment of `pid` to `tracepoint` in `bpftool perf show
 /// -j` output?
-pub fn perf_attachment(text: &str, pid: i32, tracepoint: &str) -> bool {
+pub(crate) fn perf_attachment(text: &str, pid: i32, tracepoint: &str) -> bool {
     let Ok(Value::Array(links)) = serde_json::from_str::<Value>(text) else {
         return false;
     };
@@ -185,7 +185,7 @@ pub fn perf_attachment(text: &str, pid: i32, tracepoint: &str) -> bool {
 
 /// The eBPF programs the process holds, with the kernel's statistics, and
 /// their names when bpftool is there.
-pub fn programs_of(pid: i32) -> Vec<ProgStats> {
+pub(crate) fn programs_of(pid: i32) -> Vec<ProgStats> {
     let mut found: BTreeMap<u32, ProgStats> = BTreeMap::new();
     for (fd, target) in fd_kinds(pid) {
         if !target.contains("bpf-prog") {

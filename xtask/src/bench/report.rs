@@ -7,7 +7,7 @@ use super::{stats::Summary, subject::Subject};
 
 /// One subject over all rounds of one load.
 #[derive(Clone, Debug, Default)]
-pub struct Row {
+pub(crate) struct Row {
     /// The load's name.
     pub load: String,
     pub name: String,
@@ -41,15 +41,15 @@ pub struct Row {
 
 impl Row {
     /// `load / subject`, for notes.
-    pub fn label(&self) -> String {
+    pub(crate) fn label(&self) -> String {
         format!("{} / {}", self.load, self.name)
     }
 
-    pub fn noisy(&self) -> bool {
+    pub(crate) fn noisy(&self) -> bool {
         self.rate.is_some_and(|s| s.noisy()) || self.ratio.is_some_and(|s| s.noisy())
     }
 
-    pub fn to_json(&self) -> Value {
+    pub(crate) fn to_json(&self) -> Value {
         let s = |x: &Option<Summary>| x.map(Summary::to_json);
         json!({
             "load": self.load,
@@ -77,7 +77,7 @@ impl Row {
     }
 }
 
-pub const HEADERS: [&str; 14] = [
+pub(crate) const HEADERS: [&str; 14] = [
     "load",
     "subject",
     "conn/s median [min-max]",
@@ -106,7 +106,7 @@ fn range(s: &Summary, prec: usize) -> String {
     }
 }
 
-pub fn cells(r: &Row, baseline: bool) -> Vec<String> {
+pub(crate) fn cells(r: &Row, baseline: bool) -> Vec<String> {
     let mut notes = Vec::new();
     if r.noisy() {
         let spread = r
@@ -156,7 +156,7 @@ pub fn cells(r: &Row, baseline: bool) -> Vec<String> {
 
 /// A plain-text table: the first `left` columns left-aligned, the others
 /// right, the last (notes) left and unpadded.
-pub fn format_table(headers: &[&str], left: usize, rows: &[Vec<String>]) -> String {
+pub(crate) fn format_table(headers: &[&str], left: usize, rows: &[Vec<String>]) -> String {
     let cols = headers.len();
     let mut width = vec![0usize; cols];
     for (i, h) in headers.iter().enumerate() {
@@ -187,7 +187,7 @@ pub fn format_table(headers: &[&str], left: usize, rows: &[Vec<String>]) -> Stri
         out.trim_end().to_string()
     };
     let mut out = String::new();
-    let h: Vec<String> = headers.iter().map(|s| s.to_string()).collect();
+    let h: Vec<String> = headers.iter().map(ToString::to_string).collect();
     out.push_str(&line(&h));
     out.push('\n');
     let rule: Vec<String> = width
@@ -210,7 +210,7 @@ pub fn format_table(headers: &[&str], left: usize, rows: &[Vec<String>]) -> Stri
     out
 }
 
-pub fn table(rows: &[(Subject, Row)]) -> String {
+pub(crate) fn table(rows: &[(Subject, Row)]) -> String {
     let cells: Vec<Vec<String>> = rows
         .iter()
         .map(|(s, r)| cells(r, *s == Subject::Baseline))
@@ -219,7 +219,7 @@ pub fn table(rows: &[(Subject, Row)]) -> String {
 }
 
 /// `20261123T213500Z` for a time in seconds since the epoch (UTC).
-pub fn timestamp(unix_s: u64) -> String {
+pub(crate) fn timestamp(unix_s: u64) -> String {
     let (y, m, d) = civil_from_days((unix_s / 86_400) as i64);
     let t = unix_s % 86_400;
     format!(

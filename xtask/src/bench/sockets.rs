@@ -22,7 +22,7 @@ pub(crate) fn with_what(e: io::Error, what: &str) -> io::Error {
 }
 
 /// The `i`th client address of connections whose server socket is kept.
-pub fn client_addr(ipv6: bool, i: u64) -> IpAddr {
+pub(crate) fn client_addr(ipv6: bool, i: u64) -> IpAddr {
     if ipv6 {
         let n = (i % IPV6_CLIENT_ADDRS) as u16 + 1;
         IpAddr::V6(Ipv6Addr::new(0xfd00, 0xb, 0, 0, 0, 0, 0, n))
@@ -43,14 +43,14 @@ fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
                 sin.sin_family = libc::AF_INET as libc::sa_family_t;
                 sin.sin_port = a.port().to_be();
                 sin.sin_addr.s_addr = u32::from(*a.ip()).to_be();
-                std::mem::size_of::<libc::sockaddr_in>()
+                size_of::<libc::sockaddr_in>()
             }
             SocketAddr::V6(a) => {
                 let sin6 = &mut *(&mut ss as *mut _ as *mut libc::sockaddr_in6);
                 sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
                 sin6.sin6_port = a.port().to_be();
                 sin6.sin6_addr.s6_addr = a.ip().octets();
-                std::mem::size_of::<libc::sockaddr_in6>()
+                size_of::<libc::sockaddr_in6>()
             }
         };
         (ss, len as libc::socklen_t)
@@ -59,7 +59,7 @@ fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
 
 /// connect() from a given source address; the port is picked at connect
 /// time (IP_BIND_ADDRESS_NO_PORT), as for an unbound socket.
-pub fn connect_from(src: IpAddr, dst: SocketAddr) -> io::Result<TcpStream> {
+pub(crate) fn connect_from(src: IpAddr, dst: SocketAddr) -> io::Result<TcpStream> {
     let family = if dst.is_ipv6() {
         libc::AF_INET6
     } else {
@@ -79,7 +79,7 @@ pub fn connect_from(src: IpAddr, dst: SocketAddr) -> io::Result<TcpStream> {
             libc::IPPROTO_IP,
             libc::IP_BIND_ADDRESS_NO_PORT,
             &one as *const _ as *const libc::c_void,
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            size_of::<libc::c_int>() as libc::socklen_t,
         ) != 0
         {
             return Err(io::Error::last_os_error());

@@ -3,10 +3,10 @@
 use serde_json::{json, Value};
 
 /// A spread (max - min, relative to the median) above this is flagged.
-pub const NOISY_SPREAD: f64 = 0.10;
+pub(super) const NOISY_SPREAD: f64 = 0.10;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Summary {
+pub(crate) struct Summary {
     pub n: usize,
     pub median: f64,
     pub min: f64,
@@ -15,7 +15,7 @@ pub struct Summary {
 
 impl Summary {
     /// None for no values (NaNs are ignored).
-    pub fn of(values: &[f64]) -> Option<Summary> {
+    pub(crate) fn of(values: &[f64]) -> Option<Summary> {
         let mut v: Vec<f64> = values.iter().copied().filter(|x| !x.is_nan()).collect();
         if v.is_empty() {
             return None;
@@ -36,7 +36,7 @@ impl Summary {
     }
 
     /// (max - min) / median; 0 when the median is 0.
-    pub fn spread(&self) -> f64 {
+    pub(crate) fn spread(&self) -> f64 {
         if self.median == 0.0 {
             0.0
         } else {
@@ -44,11 +44,11 @@ impl Summary {
         }
     }
 
-    pub fn noisy(&self) -> bool {
+    pub(crate) fn noisy(&self) -> bool {
         self.n > 1 && self.spread() > NOISY_SPREAD
     }
 
-    pub fn to_json(self) -> Value {
+    pub(crate) fn to_json(self) -> Value {
         json!({
             "n": self.n,
             "median": self.median,
@@ -62,7 +62,7 @@ impl Summary {
 /// Each traced run's rate over the mean of the baselines just before and
 /// just after it (or the one it has): slow drift of a shared machine
 /// cancels out.
-pub fn paired_ratio(traced: f64, before: Option<f64>, after: Option<f64>) -> Option<f64> {
+pub(super) fn paired_ratio(traced: f64, before: Option<f64>, after: Option<f64>) -> Option<f64> {
     let base = match (before, after) {
         (Some(b), Some(a)) => (b + a) / 2.0,
         (Some(b), None) | (None, Some(b)) => b,

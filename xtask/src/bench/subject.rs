@@ -29,7 +29,7 @@ use super::{
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Subject {
+pub(crate) enum Subject {
     Baseline,
     /// `--events transitions`: every transition as JSON to a file.
     TracerJson,
@@ -51,7 +51,7 @@ pub enum Subject {
 }
 
 impl Subject {
-    pub const ALL: [Subject; 7] = [
+    pub(crate) const ALL: [Subject; 7] = [
         Subject::Baseline,
         Subject::TracerJson,
         Subject::TracerConnections,
@@ -62,7 +62,7 @@ impl Subject {
     ];
 
     /// The `--compare-tracer` twin of a tracer subject.
-    pub fn other(self) -> Option<Subject> {
+    pub(crate) fn other(self) -> Option<Subject> {
         match self {
             Subject::TracerJson => Some(Subject::OtherJson),
             Subject::TracerConnections => Some(Subject::OtherConnections),
@@ -72,14 +72,14 @@ impl Subject {
     }
 
     /// Run by the `--compare-tracer` binary.
-    pub fn is_other(self) -> bool {
+    pub(crate) fn is_other(self) -> bool {
         matches!(
             self,
             Subject::OtherJson | Subject::OtherConnections | Subject::OtherNone
         )
     }
 
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Subject::Baseline => "baseline",
             Subject::TracerJson => "tracer json>file",
@@ -95,7 +95,7 @@ impl Subject {
     }
 
     /// Short key for the CLI (`--only`) and file names.
-    pub fn key(self) -> &'static str {
+    pub(crate) fn key(self) -> &'static str {
         match self {
             Subject::Baseline => "baseline",
             Subject::TracerJson => "tracer-json",
@@ -110,29 +110,29 @@ impl Subject {
         }
     }
 
-    pub fn from_key(key: &str) -> Option<Subject> {
+    pub(crate) fn from_key(key: &str) -> Option<Subject> {
         Subject::ALL.into_iter().find(|s| s.key() == key)
     }
 
-    pub fn is_tracer(self) -> bool {
+    pub(crate) fn is_tracer(self) -> bool {
         matches!(
             self,
             Subject::TracerJson | Subject::TracerConnections | Subject::TracerNone
         ) || self.is_other()
     }
 
-    pub fn is_peer(self) -> bool {
+    pub(crate) fn is_peer(self) -> bool {
         matches!(self, Subject::Tcpstates | Subject::Tcplife)
     }
 
     /// Subjects run from a Debian package's binary (found with
     /// `find_tool`): the peers and the floor.
-    pub fn is_tool(self) -> bool {
+    pub(crate) fn is_tool(self) -> bool {
         self.is_peer() || self == Subject::Floor
     }
 
     /// The Debian package of a tool subject's binary.
-    pub fn package(self) -> &'static str {
+    pub(crate) fn package(self) -> &'static str {
         match self {
             Subject::Floor => "bpftrace",
             _ => "libbpf-tools",
@@ -158,17 +158,17 @@ impl Subject {
 
 /// The floor's program: count every transition, print nothing until the
 /// end (bpftrace prints `@n: N` when it exits).
-pub const FLOOR_PROGRAM: &str = "tracepoint:sock:inet_sock_set_state { @n = count(); }";
+pub(super) const FLOOR_PROGRAM: &str = "tracepoint:sock:inet_sock_set_state { @n = count(); }";
 
 /// Where a tool subject's binary is (Debian puts libbpf-tools in
 /// /usr/sbin, bpftrace in /usr/bin).
-pub fn find_tool(s: Subject) -> Option<PathBuf> {
+pub(super) fn find_tool(s: Subject) -> Option<PathBuf> {
     find_binary(s.tool_binary())
 }
 
 /// A program in PATH or in the sbin directories (root's PATH may lack
 /// them).
-pub fn find_binary(name: &str) -> Option<PathBuf> {
+pub(super) fn find_binary(name: &str) -> Option<PathBuf> {
     let path = std::env::var("PATH").unwrap_or_default();
     let found = path
         .split(':')
@@ -178,7 +178,7 @@ pub fn find_binary(name: &str) -> Option<PathBuf> {
     found
 }
 
-pub struct Ctx {
+pub(super) struct Ctx {
     pub tracer: PathBuf,
     /// `--compare-tracer`: another build, run as the `other` subjects.
     pub other_tracer: Option<PathBuf>,
@@ -191,7 +191,7 @@ pub struct Ctx {
     pub extra_args: Vec<String>,
 }
 
-pub struct Running {
+pub(super) struct Running {
     subject: Subject,
     pid: i32,
     spawned: Instant,
@@ -207,7 +207,7 @@ pub struct Running {
 }
 
 #[derive(Clone, Debug, Default)]
-pub struct Measured {
+pub(super) struct Measured {
     pub start: Duration,
     pub cpu_startup: Duration,
     /// CPU time after it was ready, up to its exit.
@@ -231,24 +231,24 @@ pub struct Measured {
 }
 
 impl Measured {
-    pub fn kernel_run_time_ns(&self) -> u64 {
+    pub(super) fn kernel_run_time_ns(&self) -> u64 {
         self.progs.iter().map(|p| p.run_time_ns).sum()
     }
-    pub fn kernel_run_cnt(&self) -> u64 {
+    pub(super) fn kernel_run_cnt(&self) -> u64 {
         self.progs.iter().map(|p| p.run_cnt).sum()
     }
     /// Transitions skipped because a program was already running on the
     /// CPU. The tracer's own count where it gives one: on its BTF path a
     /// second program copy handles what the first misses, so the
     /// programs' summed `recursion_misses` would overstate the loss.
-    pub fn recursion_misses(&self) -> u64 {
+    pub(super) fn recursion_misses(&self) -> u64 {
         self.tracer_stat("skipped")
             .unwrap_or_else(|| self.progs.iter().map(|p| p.recursion_misses).sum())
     }
 
     /// Transitions the tracer still held in the kernel at its exit
     /// (batched, of connections mid-handshake); 0 for others.
-    pub fn pending(&self) -> u64 {
+    pub(super) fn pending(&self) -> u64 {
         self.tracer_stat("pending").unwrap_or(0)
     }
 
@@ -258,7 +258,7 @@ impl Measured {
 
     /// Wrong or missing durations: checked record by record (true), or
     /// the tracer's own counters of stale/missing timings (false).
-    pub fn bad_durations(&self) -> Option<(u64, bool)> {
+    pub(super) fn bad_durations(&self) -> Option<(u64, bool)> {
         if let Some(d) = &self.durations {
             return Some((d.bad(), true));
         }
@@ -267,7 +267,7 @@ impl Measured {
         Some((n("timing_stale") + n("timing_map_full"), false))
     }
 
-    pub fn to_json(&self) -> Value {
+    pub(super) fn to_json(&self) -> Value {
         json!({
             "start_s": self.start.as_secs_f64(),
             "cpu_startup_s": self.cpu_startup.as_secs_f64(),
@@ -294,7 +294,7 @@ const READY_TIMEOUT: Duration = Duration::from_secs(60);
 const STOP_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Starts `s` (not the baseline) and returns once it is ready.
-pub fn start(s: Subject, ctx: &Ctx, tool: Option<&Path>) -> Result<Running> {
+pub(super) fn start(s: Subject, ctx: &Ctx, tool: Option<&Path>) -> Result<Running> {
     fs::create_dir_all(&ctx.out_dir)
         .with_context(|| format!("creating {}", ctx.out_dir.display()))?;
     let stdout = ctx.out_dir.join(format!("{}.out", s.key()));
@@ -399,7 +399,7 @@ impl Running {
     /// Reads its program statistics and memory, stops it with SIGINT (and
     /// times it: SIGINT to exit, polled every millisecond), and reads what
     /// it printed.
-    pub fn stop(mut self, ctx: &Ctx) -> Result<Measured> {
+    pub(super) fn stop(mut self, ctx: &Ctx) -> Result<Measured> {
         let mut m = Measured {
             start: self.start,
             rss_idle_kib: self.rss_idle_kib,
@@ -518,7 +518,7 @@ fn tail_lines(path: &Path, n: usize) -> Vec<String> {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..]
         .iter()
-        .map(|s| s.to_string())
+        .map(ToString::to_string)
         .collect()
 }
 
@@ -528,7 +528,7 @@ fn last_line(path: &Path) -> String {
         .unwrap_or_else(|| "(nothing on stderr)".into())
 }
 
-pub fn count_lines(path: &Path) -> Result<u64> {
+pub(super) fn count_lines(path: &Path) -> Result<u64> {
     let mut f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut buf = vec![0u8; 1 << 20];
     let mut n = 0u64;
@@ -543,7 +543,7 @@ pub fn count_lines(path: &Path) -> Result<u64> {
 }
 
 /// The value of a bpftrace scalar map as printed at exit (`@n: 42`).
-pub fn bpftrace_count(text: &str, map: &str) -> Option<u64> {
+pub(super) fn bpftrace_count(text: &str, map: &str) -> Option<u64> {
     text.lines().find_map(|l| {
         let v = l.trim().strip_prefix(map)?.strip_prefix(':')?;
         v.trim().parse().ok()
@@ -551,7 +551,7 @@ pub fn bpftrace_count(text: &str, map: &str) -> Option<u64> {
 }
 
 /// Sum of libbpf-tools' "lost N events on CPU #k" warnings.
-pub fn lost_from_stderr(text: &str) -> u64 {
+pub(super) fn lost_from_stderr(text: &str) -> u64 {
     text.lines()
         .filter_map(|l| {
             let rest = l.trim().strip_prefix("lost ")?;
@@ -563,7 +563,7 @@ pub fn lost_from_stderr(text: &str) -> u64 {
 
 /// The tracer's start and stop with the load running.
 #[derive(Clone, Copy, Debug)]
-pub struct StartTrial {
+pub(super) struct StartTrial {
     /// Spawn to its "attached" line.
     pub attached: Duration,
     /// Spawn to the first event on its stdout.
@@ -576,7 +576,7 @@ pub struct StartTrial {
 /// started while the load runs, and stopped as soon as its first event is
 /// out (the load still running). The event may come before the "attached"
 /// line: the agent drains the ring buffer as soon as its loop starts.
-pub fn time_to_first_event(ctx: &Ctx) -> Result<StartTrial> {
+pub(super) fn time_to_first_event(ctx: &Ctx) -> Result<StartTrial> {
     let r = start(Subject::TracerJson, ctx, None)?;
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut f = File::open(&r.stdout)?;

@@ -30,7 +30,7 @@ use anyhow::{Context as _, Result};
 use serde_json::{json, Value};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Rec {
+pub(super) struct Rec {
     pub sock: u64,
     pub mono_ns: u64,
     pub old_state_ns: Option<u64>,
@@ -40,7 +40,7 @@ pub struct Rec {
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct DurationCheck {
+pub(super) struct DurationCheck {
     pub checked: u64,
     /// A duration where none was possible, or a different one.
     pub wrong: u64,
@@ -53,11 +53,11 @@ pub struct DurationCheck {
 }
 
 impl DurationCheck {
-    pub fn bad(&self) -> u64 {
+    pub(super) fn bad(&self) -> u64 {
         self.wrong + self.missing
     }
 
-    pub fn to_json(&self) -> Value {
+    pub(super) fn to_json(&self) -> Value {
         json!({
             "checked": self.checked,
             "wrong": self.wrong,
@@ -68,7 +68,7 @@ impl DurationCheck {
     }
 }
 
-pub fn check_durations(mut recs: Vec<Rec>) -> DurationCheck {
+pub(super) fn check_durations(mut recs: Vec<Rec>) -> DurationCheck {
     // Stable: ties keep the order the agent printed them in.
     recs.sort_by_key(|r| (r.sock, r.mono_ns));
     let mut c = DurationCheck::default();
@@ -122,7 +122,7 @@ pub fn check_durations(mut recs: Vec<Rec>) -> DurationCheck {
 
 /// One transition record's fields the check needs (None: not a kernel
 /// transition record).
-pub fn parse_transition(v: &Value) -> Option<Rec> {
+pub(super) fn parse_transition(v: &Value) -> Option<Rec> {
     if v.get("type")?.as_str()? != "transition" {
         return None;
     }
@@ -147,7 +147,7 @@ pub fn parse_transition(v: &Value) -> Option<Rec> {
 }
 
 #[derive(Debug, Default)]
-pub struct Scan {
+pub(super) struct Scan {
     /// The last `{"type":"stats",...}` record.
     pub stats: Option<Value>,
     pub transitions: u64,
@@ -158,7 +158,7 @@ pub struct Scan {
 }
 
 /// Reads the tracer's JSON Lines output.
-pub fn scan(path: &Path, check: bool) -> Result<Scan> {
+pub(super) fn scan(path: &Path, check: bool) -> Result<Scan> {
     let f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let reader = BufReader::with_capacity(1 << 20, f);
     let mut s = Scan::default();

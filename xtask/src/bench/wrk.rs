@@ -43,7 +43,7 @@ const NOT_CLOSED: &[&str] = &["01", "02", "03", "04", "08", "09", "0B"];
 
 /// What wrk printed.
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct WrkReport {
+pub(super) struct WrkReport {
     /// Responses completed.
     pub requests: u64,
     pub duration: Duration,
@@ -61,7 +61,7 @@ impl WrkReport {
     /// wrk 4's report: `N requests in 3.07s, 7.27MB read`, `Socket
     /// errors: connect 0, read 0, write 0, timeout 0` (only if any),
     /// `Non-2xx or 3xx responses: N` (only if any), `Requests/sec: X`.
-    pub fn parse(text: &str) -> Result<WrkReport> {
+    pub(super) fn parse(text: &str) -> Result<WrkReport> {
         let mut r = WrkReport::default();
         let mut seen = (false, false);
         for line in text.lines().map(str::trim) {
@@ -101,7 +101,7 @@ impl WrkReport {
     }
 
     /// Errors that make the run fail (timeouts are only slow responses).
-    pub fn errors(&self) -> Vec<String> {
+    pub(super) fn errors(&self) -> Vec<String> {
         let mut e = Vec::new();
         let socket = self.connect_errors + self.read_errors + self.write_errors;
         if socket > 0 {
@@ -134,7 +134,7 @@ fn parse_wrk_time(t: &str) -> Option<Duration> {
 }
 
 /// wrk's `-d`: whole seconds, at least one.
-pub fn wrk_seconds(d: Duration) -> u64 {
+pub(super) fn wrk_seconds(d: Duration) -> u64 {
     (d.as_secs_f64().round() as u64).max(1)
 }
 

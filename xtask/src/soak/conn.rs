@@ -21,7 +21,7 @@ const REQUEST: &[u8; 16] = b"GET / soak  0001";
 const REPLY: &[u8; 16] = b"200 OK soak  001";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Close {
+pub(super) enum Close {
     /// The client closes, then the server: the client's timewait socket.
     ClientFirst,
     /// The server closes, then the client: the server's timewait socket.
@@ -33,7 +33,7 @@ pub enum Close {
 }
 
 impl Close {
-    pub const ALL: [Close; 4] = [
+    pub(super) const ALL: [Close; 4] = [
         Close::ClientFirst,
         Close::ServerFirst,
         Close::ClientAbort,
@@ -43,7 +43,7 @@ impl Close {
 
 /// Connects to `addr`, accepts on `listener` (it must be the only
 /// connection coming), 16 bytes each way, then closes as `close` says.
-pub fn connection(listener: &TcpListener, addr: SocketAddr, close: Close) -> io::Result<()> {
+pub(super) fn connection(listener: &TcpListener, addr: SocketAddr, close: Close) -> io::Result<()> {
     let mut client =
         TcpStream::connect(addr).map_err(|e| with_what(e, &format!("connect to {addr}")))?;
     let (mut server, _) = listener.accept().map_err(|e| with_what(e, "accept"))?;
@@ -75,7 +75,7 @@ pub fn connection(listener: &TcpListener, addr: SocketAddr, close: Close) -> io:
 
 /// Closes with `SO_LINGER` {on, 0 s}: the kernel sends a reset and
 /// moves the socket straight to CLOSE.
-pub fn abort(s: TcpStream) -> io::Result<()> {
+pub(super) fn abort(s: TcpStream) -> io::Result<()> {
     let l = libc::linger {
         l_onoff: 1,
         l_linger: 0,
@@ -87,7 +87,7 @@ pub fn abort(s: TcpStream) -> io::Result<()> {
             libc::SOL_SOCKET,
             libc::SO_LINGER,
             &l as *const libc::linger as *const libc::c_void,
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            size_of::<libc::linger>() as libc::socklen_t,
         )
     };
     if r != 0 {
@@ -97,7 +97,7 @@ pub fn abort(s: TcpStream) -> io::Result<()> {
     Ok(())
 }
 
-pub fn expect_eof(s: &mut TcpStream, who: &str) -> io::Result<()> {
+pub(super) fn expect_eof(s: &mut TcpStream, who: &str) -> io::Result<()> {
     let mut b = [0u8; 16];
     match s.read(&mut b)? {
         0 => Ok(()),
@@ -108,7 +108,7 @@ pub fn expect_eof(s: &mut TcpStream, who: &str) -> io::Result<()> {
 }
 
 /// Reads until the peer's reset: ECONNRESET (a FIN or data is wrong).
-pub fn expect_reset(s: &mut TcpStream, who: &str) -> io::Result<()> {
+pub(super) fn expect_reset(s: &mut TcpStream, who: &str) -> io::Result<()> {
     let mut b = [0u8; 16];
     match s.read(&mut b) {
         Err(e) if e.kind() == io::ErrorKind::ConnectionReset => Ok(()),
@@ -120,7 +120,7 @@ pub fn expect_reset(s: &mut TcpStream, who: &str) -> io::Result<()> {
 }
 
 /// Waits (at most `max`) until `listener` has a connection to accept.
-pub fn wait_acceptable(listener: &TcpListener, max: Duration) -> io::Result<()> {
+pub(super) fn wait_acceptable(listener: &TcpListener, max: Duration) -> io::Result<()> {
     let mut p = libc::pollfd {
         fd: listener.as_raw_fd(),
         events: libc::POLLIN,
@@ -142,7 +142,7 @@ pub fn wait_acceptable(listener: &TcpListener, max: Duration) -> io::Result<()> 
 }
 
 /// A connect to `addr` that must be refused (nobody listens there).
-pub fn refused(addr: SocketAddr) -> io::Result<()> {
+pub(super) fn refused(addr: SocketAddr) -> io::Result<()> {
     match TcpStream::connect(addr) {
         Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => Ok(()),
         Err(e) => Err(with_what(e, &format!("connect to the closed {addr}"))),

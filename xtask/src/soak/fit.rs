@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 
 /// One look at the tracer's process.
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Sample {
+pub(super) struct Sample {
     /// Seconds since the loads started (negative: before them).
     pub t: f64,
     /// Whether the loads were running (the slopes use only these).
@@ -24,7 +24,7 @@ pub struct Sample {
 }
 
 impl Sample {
-    pub fn to_json(self) -> Value {
+    pub(super) fn to_json(self) -> Value {
         json!({
             "t_s": self.t,
             "loaded": self.loaded,
@@ -38,7 +38,7 @@ impl Sample {
 
 /// Slope and intercept of the least-squares line through `points`
 /// (x, y); None for fewer than two points or all at one x.
-pub fn least_squares(points: &[(f64, f64)]) -> Option<(f64, f64)> {
+pub(super) fn least_squares(points: &[(f64, f64)]) -> Option<(f64, f64)> {
     let n = points.len() as f64;
     if points.len() < 2 {
         return None;
@@ -56,7 +56,7 @@ pub fn least_squares(points: &[(f64, f64)]) -> Option<(f64, f64)> {
 
 /// A fitted line over the window after the warm-up.
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Trend {
+pub(crate) struct Trend {
     /// Units of the quantity per hour.
     pub per_hour: f64,
     /// Samples in the window.
@@ -66,17 +66,21 @@ pub struct Trend {
 }
 
 impl Trend {
-    pub fn to_json(self) -> Value {
+    pub(crate) fn to_json(self) -> Value {
         json!({"per_hour": self.per_hour, "samples": self.n, "window_s": self.window_s})
     }
 }
 
 /// The least samples a trend is fitted on.
-pub const MIN_SAMPLES: usize = 5;
+pub(super) const MIN_SAMPLES: usize = 5;
 
 /// The trend of `value` over the loaded samples at or after `warm_up_s`;
 /// None with fewer than `MIN_SAMPLES` of them.
-pub fn trend(samples: &[Sample], warm_up_s: f64, value: impl Fn(&Sample) -> f64) -> Option<Trend> {
+pub(super) fn trend(
+    samples: &[Sample],
+    warm_up_s: f64,
+    value: impl Fn(&Sample) -> f64,
+) -> Option<Trend> {
     let points: Vec<(f64, f64)> = samples
         .iter()
         .filter(|s| s.loaded && s.t >= warm_up_s)
@@ -94,18 +98,18 @@ pub fn trend(samples: &[Sample], warm_up_s: f64, value: impl Fn(&Sample) -> f64)
 }
 
 /// RSS trend in MiB per hour.
-pub fn rss_trend(samples: &[Sample], warm_up_s: f64) -> Option<Trend> {
+pub(super) fn rss_trend(samples: &[Sample], warm_up_s: f64) -> Option<Trend> {
     trend(samples, warm_up_s, |s| s.rss_kib as f64 / 1024.0)
 }
 
 /// Open-fd trend in fds per hour.
-pub fn fd_trend(samples: &[Sample], warm_up_s: f64) -> Option<Trend> {
+pub(super) fn fd_trend(samples: &[Sample], warm_up_s: f64) -> Option<Trend> {
     trend(samples, warm_up_s, |s| s.fds as f64)
 }
 
 /// The tracer's CPU use between the first and the last of the loaded
 /// samples at or after `from_s`, as a share of one CPU.
-pub fn cpu_share(samples: &[Sample], from_s: f64) -> Option<f64> {
+pub(super) fn cpu_share(samples: &[Sample], from_s: f64) -> Option<f64> {
     let w: Vec<&Sample> = samples
         .iter()
         .filter(|s| s.loaded && s.t >= from_s)

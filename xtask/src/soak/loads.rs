@@ -50,14 +50,14 @@ use crate::bench::{
 };
 
 /// Churn threads' ports: `CHURN_PORT_BASE + i`.
-pub const CHURN_PORT_BASE: u16 = 600;
-pub const MAX_CHURN_THREADS: usize = 8;
-pub const ABORT_PORT: u16 = 610;
-pub const RESTART_PORT: u16 = 620;
+pub(super) const CHURN_PORT_BASE: u16 = 600;
+pub(super) const MAX_CHURN_THREADS: usize = 8;
+pub(super) const ABORT_PORT: u16 = 610;
+pub(super) const RESTART_PORT: u16 = 620;
 /// Held sockets' ports: a port per `bench-hold` helper.
-pub const HOLD_PORT_BASE: u16 = 630;
-pub const MAX_HOLD_HELPERS: u64 = 8;
-pub const NETNS_PORT: u16 = 640;
+pub(super) const HOLD_PORT_BASE: u16 = 630;
+pub(super) const MAX_HOLD_HELPERS: u64 = 8;
+pub(super) const NETNS_PORT: u16 = 640;
 /// Short-lived namespaces alive at once, at most (more are not made).
 const MAX_LIVE_NAMESPACES: u64 = 64;
 /// How long a namespace may take to settle before the soak gives up.
@@ -67,7 +67,7 @@ const SETTLE_MAX: Duration = Duration::from_secs(10);
 const MAX_BEHIND: Duration = Duration::from_secs(1);
 
 /// The ports of every soak load (the tracer's `--port` filter).
-pub fn ports(plan: &Plan) -> Vec<u16> {
+pub(super) fn ports(plan: &Plan) -> Vec<u16> {
     let mut v: Vec<u16> = (0..plan.threads as u16)
         .map(|i| CHURN_PORT_BASE + i)
         .collect();
@@ -84,7 +84,7 @@ fn main_ports(plan: &Plan) -> Vec<u16> {
         .collect()
 }
 
-pub fn hold_ports(hold: u64) -> Vec<u16> {
+pub(super) fn hold_ports(hold: u64) -> Vec<u16> {
     (0..hold.div_ceil(PER_HELPER))
         .map(|i| HOLD_PORT_BASE + i as u16)
         .collect()
@@ -96,7 +96,7 @@ fn addr(port: u16) -> SocketAddr {
 
 /// What every load thread shares.
 #[derive(Default)]
-pub struct Shared {
+pub(super) struct Shared {
     pub tally: Mutex<Tally>,
     pub errors: Mutex<Vec<String>>,
     /// Inodes of the namespaces the soak made.
@@ -113,7 +113,7 @@ impl Shared {
         f(&mut self.tally.lock().expect("tally lock"));
     }
 
-    pub fn fail(&self, what: &str, e: impl std::fmt::Display) {
+    pub(super) fn fail(&self, what: &str, e: impl std::fmt::Display) {
         self.errors
             .lock()
             .expect("errors lock")
@@ -121,15 +121,15 @@ impl Shared {
         self.stop.store(true, Ordering::SeqCst);
     }
 
-    pub fn stopped(&self) -> bool {
+    pub(super) fn stopped(&self) -> bool {
         self.stop.load(Ordering::SeqCst)
     }
 
-    pub fn tally(&self) -> Tally {
+    pub(super) fn tally(&self) -> Tally {
         *self.tally.lock().expect("tally lock")
     }
 
-    pub fn first_error(&self) -> Option<String> {
+    pub(super) fn first_error(&self) -> Option<String> {
         self.errors.lock().expect("errors lock").first().cloned()
     }
 }
@@ -212,7 +212,7 @@ fn close_counted(l: TcpListener, shared: &Shared) {
 }
 
 /// What the main namespace's thread says once its loads run.
-pub struct Started {
+pub(super) struct Started {
     pub inode: u64,
     pub hold_took: Duration,
     /// When the loads started (the time base of the samples).
@@ -222,14 +222,14 @@ pub struct Started {
 
 /// What it says at the end.
 #[derive(Debug, Default)]
-pub struct MainDone {
+pub(super) struct MainDone {
     pub held: HeldCheck,
     pub settle: Duration,
 }
 
 /// Starts the main namespace's thread; returns once its loads run (the
 /// held sockets are held first).
-pub fn main_namespace(
+pub(super) fn main_namespace(
     plan: &Plan,
     shared: Arc<Shared>,
 ) -> Result<(Started, thread::JoinHandle<Result<MainDone>>)> {
@@ -475,7 +475,7 @@ fn restarts(per_s: f64, every: Duration, deadline: Instant, shared: &Shared) -> 
 /// Makes namespaces at `plan.netns_rate` until the deadline (from this
 /// thread, in the caller's namespace: each is made by a thread of its
 /// own); returns when the last is let go.
-pub fn namespace_cycle(
+pub(super) fn namespace_cycle(
     plan: &Plan,
     deadline: Instant,
     shared: Arc<Shared>,

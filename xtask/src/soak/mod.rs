@@ -62,7 +62,7 @@ use sample::FdCensus;
 use tally::Accounted;
 
 #[derive(clap::Args, Debug, Clone)]
-pub struct SoakArgs {
+pub(crate) struct SoakArgs {
     /// Minutes of load.
     #[arg(long, default_value_t = 10.0)]
     pub minutes: f64,
@@ -145,7 +145,7 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(30);
 
 /// What the soak will do, checked.
 #[derive(Clone, Debug)]
-pub struct Plan {
+pub(crate) struct Plan {
     pub duration: Duration,
     pub rate: f64,
     pub threads: usize,
@@ -172,7 +172,7 @@ fn secs(what: &str, v: f64) -> Result<Duration> {
 }
 
 impl Plan {
-    pub fn of(a: &SoakArgs) -> Result<Plan> {
+    pub(crate) fn of(a: &SoakArgs) -> Result<Plan> {
         if !a.minutes.is_finite() || a.minutes <= 0.0 {
             bail!("--minutes must be positive (got {})", a.minutes);
         }
@@ -248,7 +248,7 @@ impl Plan {
     }
 
     /// One line: what runs.
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         let mut parts = vec![format!(
             "client-first churn {:.0} conn/s on {} thread(s)",
             self.rate, self.threads
@@ -312,7 +312,7 @@ fn tracer_args(args: &SoakArgs, plan: &Plan) -> Vec<String> {
         "-v",
     ]
     .iter()
-    .map(|s| s.to_string())
+    .map(ToString::to_string)
     .collect();
     v.extend(["--max-sockets".into(), args.max_sockets.to_string()]);
     for p in loads::ports(plan) {
@@ -324,7 +324,7 @@ fn tracer_args(args: &SoakArgs, plan: &Plan) -> Vec<String> {
 
 /// The fd check: None when the tracer holds at most `tolerance` fds more
 /// than at `start`; otherwise the reason, one line.
-pub fn fd_leak(
+pub(crate) fn fd_leak(
     start: &FdCensus,
     end: &FdCensus,
     tolerance: u64,
@@ -351,7 +351,11 @@ pub fn fd_leak(
 /// The RSS check: None within the bound, or when the growth the slope
 /// means over the window is within `floor_mib` (or with too few samples
 /// to fit).
-pub fn rss_growth(trend: Option<Trend>, bound_mib_per_hour: f64, floor_mib: f64) -> Option<String> {
+pub(crate) fn rss_growth(
+    trend: Option<Trend>,
+    bound_mib_per_hour: f64,
+    floor_mib: f64,
+) -> Option<String> {
     let t = trend?;
     let grown = t.per_hour * t.window_s / 3600.0;
     if t.per_hour <= bound_mib_per_hour || grown <= floor_mib {
@@ -372,7 +376,7 @@ fn clock(d: Duration) -> String {
     format!("{}:{:02}", s / 60, s % 60)
 }
 
-pub fn run(args: SoakArgs) -> Result<()> {
+pub(crate) fn run(args: SoakArgs) -> Result<()> {
     let plan = Plan::of(&args)?;
     // SAFETY: geteuid cannot fail.
     if unsafe { libc::geteuid() } != 0 {
@@ -467,7 +471,7 @@ pub fn run(args: SoakArgs) -> Result<()> {
     let mut next_sample = at;
     let mut next_progress = at + PROGRESS_EVERY;
     loop {
-        let done = main.is_finished() && netns.as_ref().is_none_or(|h| h.is_finished());
+        let done = main.is_finished() && netns.as_ref().is_none_or(thread::JoinHandle::is_finished);
         if done {
             break;
         }
@@ -627,7 +631,7 @@ pub fn run(args: SoakArgs) -> Result<()> {
             a.total(),
             expected,
             if a.total() == expected { "ok" } else { "MISMATCH" }
-        )
+        );
         }
         None => println!("transitions: expected {expected}; the tracer's count is missing"),
     }

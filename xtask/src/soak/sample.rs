@@ -12,7 +12,7 @@ use crate::bench::procfs::{fd_kinds, parse_stat_cpu_ticks, parse_status_kib};
 
 /// The tracer's open fds, by kind.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct FdCensus {
+pub(crate) struct FdCensus {
     pub total: u64,
     /// `net:[INODE]` links: network namespaces.
     pub netns_fds: u64,
@@ -24,7 +24,7 @@ pub struct FdCensus {
 
 impl FdCensus {
     /// From (fd, link target) pairs as in /proc/PID/fd.
-    pub fn of(links: &[(String, String)]) -> FdCensus {
+    pub(crate) fn of(links: &[(String, String)]) -> FdCensus {
         let mut c = FdCensus {
             total: links.len() as u64,
             ..Default::default()
@@ -44,18 +44,18 @@ impl FdCensus {
         c
     }
 
-    pub fn read(pid: i32) -> Option<FdCensus> {
+    pub(crate) fn read(pid: i32) -> Option<FdCensus> {
         fs::metadata(format!("/proc/{pid}")).ok()?;
         Some(FdCensus::of(&fd_kinds(pid)))
     }
 
-    pub fn to_json(&self) -> Value {
+    pub(crate) fn to_json(&self) -> Value {
         json!({"total": self.total, "netns_fds": self.netns_fds, "sockets": self.sockets})
     }
 }
 
 /// VmRSS, fds and CPU time now; None once the process is gone.
-pub fn sample(pid: i32, t: f64, loaded: bool) -> Option<Sample> {
+pub(super) fn sample(pid: i32, t: f64, loaded: bool) -> Option<Sample> {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let fds = FdCensus::read(pid)?;
@@ -72,7 +72,7 @@ pub fn sample(pid: i32, t: f64, loaded: bool) -> Option<Sample> {
 }
 
 /// VmHWM (KiB): the peak resident size so far.
-pub fn hwm_kib(pid: i32) -> Option<u64> {
+pub(super) fn hwm_kib(pid: i32) -> Option<u64> {
     parse_status_kib(
         &fs::read_to_string(format!("/proc/{pid}/status")).ok()?,
         "VmHWM",

@@ -30,7 +30,7 @@
 use serde_json::{json, Value};
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Tally {
+pub(super) struct Tally {
     pub client_first: u64,
     pub server_first: u64,
     pub aborts: u64,
@@ -51,18 +51,18 @@ pub struct Tally {
     pub namespaces: u64,
 }
 
-pub const CLIENT_FIRST: u64 = 10;
-pub const SERVER_FIRST: u64 = 10;
-pub const ABORT: u64 = 6;
-pub const QUEUED_RESET: u64 = 6;
-pub const REFUSED: u64 = 2;
-pub const HELD: u64 = 8;
-pub const HELD_RELEASED: u64 = 2;
-pub const HELD_RESET: u64 = 1;
+pub(super) const CLIENT_FIRST: u64 = 10;
+pub(super) const SERVER_FIRST: u64 = 10;
+pub(super) const ABORT: u64 = 6;
+pub(super) const QUEUED_RESET: u64 = 6;
+pub(super) const REFUSED: u64 = 2;
+pub(super) const HELD: u64 = 8;
+pub(super) const HELD_RELEASED: u64 = 2;
+pub(super) const HELD_RESET: u64 = 1;
 
 impl Tally {
     /// The transitions the traffic so far must have caused.
-    pub fn transitions(&self) -> u64 {
+    pub(super) fn transitions(&self) -> u64 {
         self.client_first * CLIENT_FIRST
             + self.server_first * SERVER_FIRST
             + self.aborts * ABORT
@@ -76,7 +76,7 @@ impl Tally {
     }
 
     /// Connections made (every kind).
-    pub fn connections(&self) -> u64 {
+    pub(super) fn connections(&self) -> u64 {
         self.client_first
             + self.server_first
             + self.aborts
@@ -86,7 +86,7 @@ impl Tally {
     }
 
     #[cfg(test)]
-    pub fn add(&mut self, o: &Tally) {
+    pub(super) fn add(&mut self, o: &Tally) {
         self.client_first += o.client_first;
         self.server_first += o.server_first;
         self.aborts += o.aborts;
@@ -100,7 +100,7 @@ impl Tally {
         self.namespaces += o.namespaces;
     }
 
-    pub fn to_json(self) -> Value {
+    pub(super) fn to_json(self) -> Value {
         json!({
             "client_first": self.client_first,
             "server_first": self.server_first,
@@ -121,7 +121,7 @@ impl Tally {
 /// The tracer's own account of the transitions: delivered + lost +
 /// skipped + pending (from its final stats record).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Accounted {
+pub(super) struct Accounted {
     pub delivered: u64,
     pub lost: u64,
     pub skipped: u64,
@@ -130,7 +130,7 @@ pub struct Accounted {
 
 impl Accounted {
     /// From the `stats` record; None without `events`.
-    pub fn of(stats: &Value) -> Option<Accounted> {
+    pub(super) fn of(stats: &Value) -> Option<Accounted> {
         let n = |k: &str| stats.get(k).and_then(Value::as_u64).unwrap_or(0);
         Some(Accounted {
             delivered: stats.get("events")?.as_u64()?,
@@ -140,12 +140,12 @@ impl Accounted {
         })
     }
 
-    pub fn total(&self) -> u64 {
+    pub(super) fn total(&self) -> u64 {
         self.delivered + self.lost + self.skipped + self.pending
     }
 
     /// None when it matches `expected`; otherwise the reason, one line.
-    pub fn mismatch(&self, expected: u64) -> Option<String> {
+    pub(super) fn mismatch(&self, expected: u64) -> Option<String> {
         let total = self.total();
         if total == expected {
             return None;

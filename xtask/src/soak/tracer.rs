@@ -22,7 +22,7 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// What the tracer printed.
 #[derive(Debug, Default)]
-pub struct Sink {
+pub(super) struct Sink {
     pub lines: u64,
     pub bytes: u64,
     /// Records by `type`.
@@ -39,7 +39,7 @@ pub struct Sink {
 
 impl Sink {
     /// Counts one line of output.
-    pub fn line(&mut self, line: &str) {
+    pub(super) fn line(&mut self, line: &str) {
         self.lines += 1;
         self.bytes += line.len() as u64 + 1;
         let Some(kind) = string_field(line, "type") else {
@@ -64,7 +64,7 @@ impl Sink {
         }
     }
 
-    pub fn to_json(&self) -> Value {
+    pub(super) fn to_json(&self) -> Value {
         json!({
             "lines": self.lines,
             "bytes": self.bytes,
@@ -78,14 +78,14 @@ impl Sink {
 
 /// The first `"key":"value"` string value in a JSON line (no escapes in
 /// the values looked up).
-pub fn string_field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+pub(super) fn string_field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
     let pat = format!("\"{key}\":\"");
     let start = line.find(&pat)? + pat.len();
     let len = line[start..].find('"')?;
     Some(&line[start..start + len])
 }
 
-pub struct Tracer {
+pub(super) struct Tracer {
     child: Child,
     pub pid: i32,
     stderr: PathBuf,
@@ -95,7 +95,12 @@ pub struct Tracer {
 }
 
 /// Starts `bin args…` and returns once it says "attached" on stderr.
-pub fn start(bin: &Path, args: &[String], out_dir: &Path, keep_output: bool) -> Result<Tracer> {
+pub(super) fn start(
+    bin: &Path,
+    args: &[String],
+    out_dir: &Path,
+    keep_output: bool,
+) -> Result<Tracer> {
     fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
     let stderr = out_dir.join("tracer.err");
     let copy = keep_output.then(|| out_dir.join("tracer.out"));
@@ -176,7 +181,7 @@ fn read_all(stdout: ChildStdout, copy: Option<PathBuf>) -> Sink {
 }
 
 /// How the tracer ended.
-pub struct Stopped {
+pub(super) struct Stopped {
     pub sink: Sink,
     /// SIGINT to exit.
     pub stop: Duration,
@@ -186,7 +191,7 @@ pub struct Stopped {
 
 impl Tracer {
     /// Err with the last stderr line if it has exited.
-    pub fn check_alive(&mut self) -> Result<()> {
+    pub(super) fn check_alive(&mut self) -> Result<()> {
         if let Some(status) = self.child.try_wait()? {
             bail!(
                 "the tracer exited during the soak ({status}): {}",
@@ -196,14 +201,14 @@ impl Tracer {
         Ok(())
     }
 
-    pub fn last_stderr_line(&self) -> String {
+    pub(super) fn last_stderr_line(&self) -> String {
         tail(&self.stderr, 1)
             .pop()
             .unwrap_or_else(|| "(nothing on stderr)".into())
     }
 
     /// SIGINT, then waits for its exit and its last record.
-    pub fn stop(mut self) -> Result<Stopped> {
+    pub(super) fn stop(mut self) -> Result<Stopped> {
         // SAFETY: plain syscall on our own child.
         unsafe { libc::kill(self.pid, libc::SIGINT) };
         let t0 = Instant::now();
@@ -258,7 +263,7 @@ fn tail(path: &Path, n: usize) -> Vec<String> {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..]
         .iter()
-        .map(|s| s.to_string())
+        .map(ToString::to_string)
         .collect()
 }
 

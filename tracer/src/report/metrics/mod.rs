@@ -484,9 +484,8 @@ impl Endpoint {
 async fn accept_loop(listener: TcpListener, registry: Registry, tx: mpsc::Sender<ScrapeRequest>) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let permit = match slots.clone().acquire_owned().await {
-            Ok(p) => p,
-            Err(_) => return,
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
         };
         let stream = match listener.accept().await {
             Ok((s, _)) => s,

@@ -272,6 +272,7 @@ pub fn id_of_path(path: &Path) -> io::Result<u64> {
     })?;
     // SAFETY: statfs fills a plain C struct; the path is NUL-terminated.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; `st` outlives the call.
     if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
         let e = io::Error::last_os_error();
         return Err(io::Error::new(e.kind(), format!("{shown}: {e}")));

@@ -33,7 +33,7 @@ pub struct TwEntry {
 }
 
 #[derive(Default)]
-pub struct TimewaitIndex {
+pub(crate) struct TimewaitIndex {
     map: FastMap<u64, TwEntry>,
     hasher: foldhash::fast::RandomState,
     /// Polls asked so far: the number of the one in flight.
@@ -47,7 +47,7 @@ impl TimewaitIndex {
 
     /// Adds connection `id` for `key`; returns the connection it displaced
     /// (one waiting on the same 4-tuple).
-    pub fn insert(&mut self, key: &TupleKey, id: SlotId) -> Option<SlotId> {
+    pub(crate) fn insert(&mut self, key: &TupleKey, id: SlotId) -> Option<SlotId> {
         let entry = TwEntry {
             id,
             netns: key.netns,
@@ -60,17 +60,17 @@ impl TimewaitIndex {
         self.map.insert(h, entry).map(|e| e.id)
     }
 
-    pub fn get(&self, key: &TupleKey) -> Option<&TwEntry> {
+    pub(crate) fn get(&self, key: &TupleKey) -> Option<&TwEntry> {
         self.map.get(&self.hash(key))
     }
 
-    pub fn get_mut(&mut self, key: &TupleKey) -> Option<&mut TwEntry> {
+    pub(crate) fn get_mut(&mut self, key: &TupleKey) -> Option<&mut TwEntry> {
         let h = self.hash(key);
         self.map.get_mut(&h)
     }
 
     /// Removes the entry of `key` if it is connection `id`'s.
-    pub fn remove(&mut self, key: &TupleKey, id: SlotId) -> bool {
+    pub(crate) fn remove(&mut self, key: &TupleKey, id: SlotId) -> bool {
         let h = self.hash(key);
         if self.map.get(&h).is_some_and(|e| e.id == id) {
             self.map.remove(&h);
@@ -79,19 +79,19 @@ impl TimewaitIndex {
         false
     }
 
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.map.len()
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.map.is_empty()
     }
 
-    pub fn entries(&self) -> impl Iterator<Item = &TwEntry> {
+    pub(crate) fn entries(&self) -> impl Iterator<Item = &TwEntry> {
         self.map.values()
     }
 
-    pub fn capacity(&self) -> usize {
+    pub(crate) fn capacity(&self) -> usize {
         self.map.capacity()
     }
 }

@@ -167,6 +167,19 @@ fn table_output_and_stop_after_duration() {
     });
 }
 
+/// The command runs as nobody (needs root to switch).
+fn as_nobody(cmd: &mut Command) -> &mut Command {
+    // SAFETY: setgid and setuid are async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setgid(65534) != 0 || libc::setuid(65534) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    }
+}
+
 fn run_to_end(cmd: &mut Command) -> Output {
     cmd.stdin(Stdio::null()).output().expect("run tracer")
 }
@@ -213,19 +226,7 @@ fn usage_errors_are_clap_errors() {
 /// privileges; bash parses the script it prints.
 #[test]
 fn completions_and_man_page_need_no_privileges() {
-    let unprivileged = |args: &[&str]| {
-        let mut cmd = tracer();
-        // SAFETY: setgid/setuid are async-signal-safe.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::setgid(65534) != 0 || libc::setuid(65534) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        run_to_end(cmd.args(args))
-    };
+    let unprivileged = |args: &[&str]| run_to_end(as_nobody(&mut tracer()).args(args));
     let out = unprivileged(&["completions", "bash"]);
     assert!(out.status.success(), "{out:?}");
     let script = String::from_utf8(out.stdout).unwrap();
@@ -255,16 +256,7 @@ fn completions_and_man_page_need_no_privileges() {
 fn without_privileges_one_line_names_the_remedy() {
     require_root();
     let mut cmd = tracer();
-    // SAFETY: setuid is async-signal-safe.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::setgid(65534) != 0 || libc::setuid(65534) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let out = run_to_end(cmd.args(["--duration", "1s"]));
+    let out = run_to_end(as_nobody(&mut cmd).args(["--duration", "1s"]));
     assert_one_line_error(&out, 1, "sudo");
     assert_eq!(String::from_utf8_lossy(&out.stderr).lines().count(), 1);
 }

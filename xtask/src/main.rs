@@ -144,15 +144,7 @@ fn run(cli: Cli) -> Result<()> {
         } => bench::hold_helper(port, count, first_addr, ipv6),
         Task::Run { args } => {
             setup::ensure()?;
-            cargo(&[
-                "build",
-                "--release",
-                "--package",
-                "tracer",
-                "--bin",
-                "tracer",
-            ])?;
-            let bin = workspace_root().join("target/release/tracer");
+            let bin = release_tracer()?;
             // Replace xtask with the tracer so signals reach it directly.
             let err = Command::new(&bin).args(args).exec();
             Err(err).with_context(|| format!("running {}", bin.display()))
@@ -346,6 +338,19 @@ fn test(kernel: &str, guests_only: bool) -> Result<()> {
         bail!("failed: {}", failed.join(", "));
     }
     Ok(())
+}
+
+/// Builds the release tracer; its path.
+pub(crate) fn release_tracer() -> Result<PathBuf> {
+    cargo(&[
+        "build",
+        "--release",
+        "--package",
+        "tracer",
+        "--bin",
+        "tracer",
+    ])?;
+    Ok(workspace_root().join("target/release/tracer"))
 }
 
 /// `cargo fmt --check` and clippy with warnings denied: the workspace for

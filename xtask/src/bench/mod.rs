@@ -179,14 +179,7 @@ pub(crate) fn run(args: BenchArgs) -> Result<()> {
             }
         }
     }
-    crate::cargo(&[
-        "build",
-        "--release",
-        "--package",
-        "tracer",
-        "--bin",
-        "tracer",
-    ])?;
+    crate::release_tracer()?;
     let root = crate::workspace_root();
     let out_dir = root.join("target/bench");
     // One per load: the tracer subjects filter on that load's ports.

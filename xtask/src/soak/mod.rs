@@ -392,15 +392,7 @@ pub(crate) fn run(args: SoakArgs) -> Result<()> {
         }
         None => {
             crate::setup::ensure()?;
-            crate::cargo(&[
-                "build",
-                "--release",
-                "--package",
-                "tracer",
-                "--bin",
-                "tracer",
-            ])?;
-            root.join("target/release/tracer")
+            crate::release_tracer()?
         }
     };
     crate::bench::host::raise_nofile_limit();

@@ -240,6 +240,26 @@ impl Lifecycle {
         snap
     }
 
+    /// The ephemeral port ranges of the namespaces the snapshot opened,
+    /// keyed as events key them.
+    pub fn port_ranges(
+        &self,
+        netns_known: bool,
+    ) -> Vec<(u32, Result<crate::track::ports::PortRange, String>)> {
+        let Some(ns) = &self.ns else {
+            return Vec::new();
+        };
+        if !netns_known {
+            return ns.port_range(0).map(|r| (0, r)).into_iter().collect();
+        }
+        let mut inums = vec![ns.own()];
+        inums.extend(ns.opened().filter(|&i| i != ns.own()));
+        inums
+            .into_iter()
+            .filter_map(|i| Some((i, ns.port_range(i)?)))
+            .collect()
+    }
+
     /// The next timewait poll: what to ask the worker about the
     /// connections waiting for their timewait socket.
     pub fn timewait_poll(&mut self, tracker: &mut Tracker) -> TimewaitPoll {

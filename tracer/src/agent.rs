@@ -715,6 +715,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                     }
                 }
                 _ = tick.tick() => {
+                    let now = monotonic_ns();
+                    pipeline.tracker.expire_old_timewait(now);
+                    pipeline.port_pressure(now)?;
                     // Namespaces met since: their ephemeral port ranges.
                     if !pipeline.tracker.ports.wanted.is_empty() {
                         let wanted = std::mem::take(&mut pipeline.tracker.ports.wanted);

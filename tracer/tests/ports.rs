@@ -229,3 +229,61 @@ fn destinations_still_above_are_listed_at_exit() {
         assert_eq!(listed["time_wait"], 20, "{listed}");
     });
 }
+
+#[test]
+fn timewait_sockets_older_than_the_tracer_count_until_reused() {
+    in_netns(|| {
+        netns_sysctl(
+            "net.ipv4.ip_local_port_range",
+            &format!("{} {}", RANGE.0, RANGE.1),
+        );
+        let port = test_port();
+        let server = SocketAddr::from(([127, 0, 0, 1], port));
+        let listener = TcpListener::bind(server).unwrap();
+        let lports: Vec<u16> = (0..20).map(|_| client_first(&listener, server)).collect();
+        let start = Instant::now();
+        while ss_counts(port) != (20, 20) {
+            assert!(start.elapsed() < DEADLINE, "{:?}", ss_counts(port));
+            thread::sleep(Duration::from_millis(20));
+        }
+        let port_arg = port.to_string();
+        let run = Running::start(&[
+            "--output",
+            "json",
+            "--events",
+            "none",
+            "--port",
+            &port_arg,
+            "--port-pressure",
+            "10",
+            "-v",
+        ]);
+        run.wait_attached();
+        let mut got = Vec::new();
+        run.read_until(&mut got, "the port_pressure record at start", |l| {
+            !pressure_records(l).is_empty()
+        });
+        let rec = &pressure_records(&got)[0];
+        assert_eq!(
+            (&rec["in_use"], &rec["time_wait"], &rec["above"]),
+            (&20.into(), &20.into(), &true.into()),
+            "{rec}"
+        );
+        // Each reuse ends one (below under 10: at 9).
+        netns_sysctl("net.ipv4.tcp_tw_reuse", "1");
+        thread::sleep(Duration::from_millis(1100));
+        for &lport in &lports[..11] {
+            reuse_and_let_server_close(&listener, server, lport);
+        }
+        run.read_until(&mut got, "the record of the fall below", |l| {
+            pressure_records(l).len() >= 2
+        });
+        let below = &pressure_records(&got)[1];
+        assert_eq!(
+            (&below["in_use"], &below["time_wait"], &below["above"]),
+            (&9.into(), &9.into(), &false.into()),
+            "{below}"
+        );
+        assert_eq!(ss_counts(port), (9, 9));
+    });
+}

@@ -15,7 +15,9 @@
 //!   its end, timewait socket included; `time_wait` counts those held by a
 //!   timewait socket (TIME_WAIT, or the FIN_WAIT2 of an orphaned close).
 //! - Only the connections the tracer follows count (filters apply), those
-//!   of the start-up snapshot included.
+//!   of the start-up snapshot included; the snapshot's timewait sockets
+//!   count until their expiry as the dump gave it, or a new connection on
+//!   their 4-tuple.
 //! - A namespace's range is read once, when the tracer first opens it;
 //!   until then (or if it cannot be read) its destinations have no
 //!   pressure.
@@ -30,7 +32,7 @@
 
 use std::net::IpAddr;
 
-use crate::FastMap;
+use crate::{track::tracker::TupleKey, FastMap};
 
 /// Destinations counted at once; connections toward more are not counted
 /// (`port_pressure_dests_full` in the stats).
@@ -54,6 +56,17 @@ pub struct Dest {
     pub laddr: IpAddr,
     pub raddr: IpAddr,
     pub rport: u16,
+}
+
+impl Dest {
+    pub fn of(key: &TupleKey) -> Dest {
+        Dest {
+            netns: key.netns,
+            laddr: key.laddr,
+            raddr: key.raddr,
+            rport: key.rport,
+        }
+    }
 }
 
 /// A namespace's ephemeral range.

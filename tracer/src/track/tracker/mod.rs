@@ -97,6 +97,10 @@ pub struct Tracker {
     snapshot: HashMap<TupleKey, SlotId>,
     /// Listening sockets, for accepted sockets' owner.
     listeners: Listeners,
+    /// Timewait sockets older than the tracer (start-up snapshot): the
+    /// ports they hold until their expiry (CLOCK_MONOTONIC ns) or a reuse
+    /// of their 4-tuple.
+    old_timewait: HashMap<TupleKey, (u64, Hold)>,
     capacity: usize,
     /// Transitions of sockets the tracker had no room for.
     pub untracked: u64,
@@ -122,6 +126,7 @@ impl Tracker {
             timewait: TimewaitIndex::default(),
             snapshot: HashMap::default(),
             listeners: Listeners::default(),
+            old_timewait: HashMap::default(),
             capacity,
             ports: Ports::disabled(),
             untracked: 0,
@@ -153,6 +158,55 @@ impl Tracker {
             self.free(old);
         }
         self.count_ports(id);
+    }
+
+    /// A timewait socket of the start-up snapshot, which dies at
+    /// `expires_ns`: only its port is counted.
+    pub fn add_old_timewait(&mut self, key: TupleKey, expires_ns: u64) {
+        // One that closed since the tracer attached is counted already.
+        if self.ports.enabled() && self.timewait.get(&key).is_none() {
+            self.old_timewait.insert(key, (expires_ns, Hold::Nothing));
+            self.count_old_timewait(&key);
+        }
+    }
+
+    fn count_old_timewait(&mut self, key: &TupleKey) {
+        let Some(&(_, Hold::Nothing)) = self.old_timewait.get(key) else {
+            return;
+        };
+        if self.listeners.has(key.netns, key.lport)
+            || !self.ports.counts(key.netns, key.lport, None)
+        {
+            return;
+        }
+        let held = self
+            .ports
+            .hold(Dest::of(key), Hold::Nothing, Hold::TimeWait);
+        if let Some(e) = self.old_timewait.get_mut(key) {
+            e.1 = held;
+        }
+    }
+
+    fn drop_old_timewait(&mut self, key: &TupleKey) {
+        if let Some((_, hold)) = self.old_timewait.remove(key) {
+            self.ports.hold(Dest::of(key), hold, Hold::Nothing);
+        }
+    }
+
+    /// The start-up snapshot's timewait sockets whose expiry is past.
+    pub fn expire_old_timewait(&mut self, now_ns: u64) {
+        if self.old_timewait.is_empty() {
+            return;
+        }
+        let gone: Vec<TupleKey> = self
+            .old_timewait
+            .iter()
+            .filter(|(_, &(expires, _))| expires <= now_ns)
+            .map(|(k, _)| *k)
+            .collect();
+        for key in gone {
+            self.drop_old_timewait(&key);
+        }
     }
 
     pub fn key_of(t: &Transition) -> TupleKey {
@@ -303,6 +357,10 @@ impl Tracker {
             }
             _ => return,
         };
+        if !self.old_timewait.is_empty() {
+            // A timewait socket older than the tracer gave way.
+            self.drop_old_timewait(&Self::key_of(t));
+        }
         if self.timewait.is_empty() {
             return;
         }
@@ -608,12 +666,7 @@ impl Tracker {
         {
             return;
         }
-        let dest = Dest {
-            netns: c.netns,
-            laddr: c.laddr,
-            raddr: c.raddr,
-            rport: c.rport,
-        };
+        let dest = Dest::of(&c.key());
         let held = self.ports.hold(dest, c.hold, to);
         self.slab.get_mut(id).hold = held;
     }
@@ -636,6 +689,15 @@ impl Tracker {
             .collect();
         for id in ids {
             self.count_ports(id);
+        }
+        let old: Vec<TupleKey> = self
+            .old_timewait
+            .keys()
+            .filter(|k| k.netns == netns)
+            .copied()
+            .collect();
+        for key in old {
+            self.count_old_timewait(&key);
         }
     }
 

@@ -336,6 +336,11 @@ impl<W: RecordWrite> Pipeline<W> {
         if let Some(s) = &self.observers.summary {
             s.write(self.out.writer(), format)?;
             self.out.record_done();
+            // The live agent's only: a recording has no port counts.
+            let top = self.tracker.ports.top(s.top());
+            if !top.is_empty() {
+                self.out.port_summary(&top)?;
+            }
             self.out.flush()?;
         }
         Ok(())
@@ -820,6 +825,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         // active closer waiting out its TIME_WAIT: `tracing_stopped`); the
         // ones still open are counted.
         pipeline.port_pressure_at_exit(monotonic_ns())?;
+        pipeline.tracker.ports.freeze();
         timewait_at_exit = pipeline.tracker.timewait_pending() as u64;
         let (cut, open) = pipeline.tracker.cut_at_exit(monotonic_ns());
         open_at_exit = open;

@@ -186,7 +186,7 @@ fn port_pressure_at_the_threshold_and_back_below() {
 }
 
 #[test]
-fn destinations_still_above_are_listed_at_exit() {
+fn destinations_still_above_are_listed_at_exit_and_summarized() {
     in_netns(|| {
         netns_sysctl(
             "net.ipv4.ip_local_port_range",
@@ -205,6 +205,7 @@ fn destinations_still_above_are_listed_at_exit() {
             &port_arg,
             "--port-pressure",
             "10",
+            "--summary",
             "-v",
         ]);
         run.wait_attached();
@@ -227,6 +228,20 @@ fn destinations_still_above_are_listed_at_exit() {
         assert_eq!(listed["above"], true, "{listed}");
         assert_eq!(listed["in_use"], 20, "{listed}");
         assert_eq!(listed["time_wait"], 20, "{listed}");
+        // --summary: the destinations by ports in use.
+        let summary = of_type(&got, "port_summary").pop().expect("port_summary");
+        let top = &summary["destinations"][0];
+        assert_eq!(top["rport"], port, "{summary}");
+        assert_eq!(
+            (
+                &top["in_use"],
+                &top["time_wait"],
+                &top["range"],
+                &top["ratio"]
+            ),
+            (&20.into(), &20.into(), &200.into(), &0.1.into()),
+            "{summary}"
+        );
     });
 }
 

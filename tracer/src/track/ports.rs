@@ -175,6 +175,9 @@ pub struct Ports {
     /// Counting at all (off: `--port-pressure 0` and no summary or
     /// metrics).
     enabled: bool,
+    /// The tracer stopped: the counts stay as they were (the connections
+    /// written at exit still hold their ports).
+    frozen: bool,
     /// Threshold in percent; 0: counts kept (summary, metrics), no
     /// crossings.
     pct: u8,
@@ -195,6 +198,7 @@ impl Ports {
     pub fn new(pct: u8) -> Self {
         Ports {
             enabled: true,
+            frozen: false,
             pct,
             ranges: FastMap::default(),
             dests: FastMap::default(),
@@ -215,6 +219,11 @@ impl Ports {
 
     pub fn enabled(&self) -> bool {
         self.enabled
+    }
+
+    /// Keeps the counts as they are from now on (at exit).
+    pub fn freeze(&mut self) {
+        self.frozen = true;
     }
 
     /// Namespace `netns`'s range, read (`Ok`) or not (`Err`, why).
@@ -270,7 +279,7 @@ impl Ports {
     /// Returns what it holds now (`Nothing` when its destination could
     /// not be counted).
     pub fn hold(&mut self, dest: Dest, from: Hold, to: Hold) -> Hold {
-        if from == to {
+        if from == to || self.frozen {
             return to;
         }
         let full = self.dests.len() >= MAX_DESTS;

@@ -567,6 +567,68 @@ impl<W: RecordWrite> Output<W> {
         }
     }
 
+    /// With `--summary`: the destinations holding the most ephemeral
+    /// ports, most first.
+    pub fn port_summary(&mut self, top: &[Pressure]) -> io::Result<()> {
+        let written = self.write_port_summary(top);
+        self.out.record_done();
+        written
+    }
+
+    fn write_port_summary(&mut self, top: &[Pressure]) -> io::Result<()> {
+        let ratio = |p: &Pressure| (p.ratio() * 1e4).round() / 1e4;
+        match self.format {
+            Format::Json => {
+                let destinations = top
+                    .iter()
+                    .map(|p| PortsJson {
+                        netns: (p.dest.netns != 0).then_some(p.dest.netns),
+                        laddr: p.dest.laddr,
+                        raddr: p.dest.raddr,
+                        rport: p.dest.rport,
+                        in_use: p.in_use,
+                        time_wait: p.time_wait,
+                        range: p.range,
+                        ratio: ratio(p),
+                    })
+                    .collect();
+                self.json_line(&PortSummaryJson {
+                    r#type: "port_summary",
+                    destinations,
+                })
+            }
+            Format::Table => {
+                writeln!(
+                    self.out,
+                    "Ephemeral ports held per destination (top {} by ports in use)",
+                    top.len()
+                )?;
+                writeln!(
+                    self.out,
+                    "{:<10} {:<27} {:<27} {:>7} {:>9} {:>7} {:>6}",
+                    "NETNS", "LADDR", "RADDR:RPORT", "IN_USE", "TIME_WAIT", "RANGE", "RATIO"
+                )?;
+                for p in top {
+                    let netns = match p.dest.netns {
+                        0 => "-".to_string(),
+                        n => n.to_string(),
+                    };
+                    writeln!(
+                        self.out,
+                        "{netns:<10} {:<27} {:<27} {:>7} {:>9} {:>7} {:>5.1}%",
+                        p.dest.laddr.to_string(),
+                        endpoint(p.dest.raddr, p.dest.rport),
+                        p.in_use,
+                        p.time_wait,
+                        p.range,
+                        ratio(p) * 100.0
+                    )?;
+                }
+                writeln!(self.out)
+            }
+        }
+    }
+
     /// The final record, then everything written out (waiting at most
     /// `within` for a slow reader): JSON on stdout, or for tables one line
     /// on stderr once the table is out. False if the reader did not take

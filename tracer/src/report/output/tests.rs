@@ -367,3 +367,28 @@ fn port_pressure_record_and_table_lines() {
          STILL PORTS 10.0.0.1 -> [::1]:443 (netns 7): 150 of 200 ephemeral ports in use (75%), 120 in TIME_WAIT\n"
     );
 }
+
+#[test]
+fn port_summary_table() {
+    use crate::track::ports::{Dest, Pressure};
+    let p = Pressure {
+        dest: Dest {
+            netns: 0,
+            laddr: "10.0.0.1".parse().unwrap(),
+            raddr: "10.0.0.2".parse().unwrap(),
+            rport: 5432,
+        },
+        in_use: 30,
+        time_wait: 25,
+        range: 28232,
+        above: false,
+    };
+    let mut o = out(Format::Table, EventsMode::None);
+    o.port_summary(&[p]).unwrap();
+    assert_eq!(
+        text(o),
+        "Ephemeral ports held per destination (top 1 by ports in use)\n\
+         NETNS      LADDR                       RADDR:RPORT                  IN_USE TIME_WAIT   RANGE  RATIO\n\
+         -          10.0.0.1                    10.0.0.2:5432                    30        25   28232   0.1%\n\n"
+    );
+}

@@ -302,3 +302,47 @@ fn timewait_sockets_older_than_the_tracer_count_until_reused() {
         assert_eq!(ss_counts(port), (9, 9));
     });
 }
+
+/// A namespace whose sysctls cannot be read (hidden here by an empty
+/// tmpfs in the tracer's mount namespace) has no port pressure: `-v` says
+/// why once, the stats count it, and tracing goes on.
+#[test]
+fn unreadable_port_range_is_said_once_and_counted() {
+    in_netns(|| {
+        let netns = own_netns().expect("a namespace of its own");
+        let port = test_port();
+        let server = SocketAddr::from(([127, 0, 0, 1], port));
+        let listener = TcpListener::bind(server).unwrap();
+        let mut cmd = tracer();
+        hide_with_tmpfs(&mut cmd, &["/proc/sys/net/ipv4"], &[]);
+        let child = cmd
+            .args(["--output", "json", "--events", "connections", "-v"])
+            .args(["--port", &port.to_string(), "--netns", &netns.to_string()])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn tracer");
+        let run = Running::from_child(child);
+        let said = run.wait_attached_saying();
+        for _ in 0..3 {
+            client_first(&listener, server);
+        }
+        let mut got = Vec::new();
+        run.read_until(&mut got, "the server's connection records", |l| {
+            of_type(l, "connection").len() >= 3
+        });
+        run.interrupt();
+        let (code, rest, err) = run.finish();
+        assert_eq!(code, 0);
+        got.extend(rest);
+        let why = format!("netns {netns}: no port pressure: reading ip_local_port_range");
+        let all = format!("{said}\n{}", err.join("\n"));
+        assert_eq!(all.matches(&why).count(), 1, "{all}");
+        assert!(pressure_records(&got).is_empty());
+        let stats = of_type(&got, "stats").pop().expect("stats record");
+        assert!(
+            stats["port_pressure_unknown_ns"].as_u64() >= Some(1),
+            "{stats}"
+        );
+    });
+}

@@ -636,6 +636,9 @@ impl Tracker {
     }
 
     fn free(&mut self, id: SlotId) {
+        if self.slab.phase(id) == Phase::Free {
+            return;
+        }
         self.slab.set_phase(id, Phase::Ended);
         self.count_ports(id);
         self.slab.free(id);

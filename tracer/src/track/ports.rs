@@ -356,6 +356,12 @@ impl Ports {
         })
     }
 
+    /// Bytes its tables hold (for the tracker's total).
+    pub fn memory_bytes(&self) -> usize {
+        self.dests.capacity() * (size_of::<(Dest, Counts)>() + 1)
+            + self.ranges.capacity() * (size_of::<(u32, NsRange)>() + 1)
+    }
+
     /// The `n` destinations with the most ports in use, most first.
     pub fn top(&self, n: usize) -> Vec<Pressure> {
         let mut all: Vec<Pressure> = self.pressures().collect();

@@ -719,5 +719,10 @@ impl Tracker {
             + index(self.by_sock.capacity(), size_of::<(u64, SlotId)>())
             + index(self.timewait.capacity(), size_of::<(u64, TwEntry)>())
             + index(self.snapshot.capacity(), size_of::<(TupleKey, SlotId)>())
+            + index(
+                self.old_timewait.capacity(),
+                size_of::<(TupleKey, (u64, Hold))>(),
+            )
+            + self.ports.memory_bytes()
     }
 }

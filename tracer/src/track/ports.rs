@@ -11,9 +11,11 @@
 //!   in the namespace's `ip_local_port_range` and not in
 //!   `ip_local_reserved_ports`, and it is neither a listener nor accepted
 //!   by one (an accepted socket shares its listener's port). It holds it
-//!   from the first transition that shows the port (after `SYN_SENT`) until
-//!   its end, timewait socket included; `time_wait` counts those held by a
-//!   timewait socket (TIME_WAIT, or the FIN_WAIT2 of an orphaned close).
+//!   from the first transition that shows the port (`SYN_SENT ->
+//!   ESTABLISHED` after a plain `connect()`, which picks the port after
+//!   `CLOSE -> SYN_SENT`) until its end, timewait socket included;
+//!   `time_wait` counts those held by a timewait socket (TIME_WAIT, or the
+//!   FIN_WAIT2 of an orphaned close).
 //! - Only the connections the tracer follows count (filters apply), those
 //!   of the start-up snapshot included; the snapshot's timewait sockets
 //!   count until their expiry as the dump gave it, or a new connection on
@@ -25,6 +27,8 @@
 //!   of the range, and below again when it falls under that by 5 % of the
 //!   range (at least one port): a count that wavers at the threshold
 //!   reports once.
+//! - At exit the counts stay those of when tracing stopped: the
+//!   connections written then still hold their ports.
 //!
 //! The counts change with the connections' phases (`tracker/mod.rs` calls
 //! [`Ports::hold`]); a change costs one look-up of the destination, and

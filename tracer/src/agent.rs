@@ -24,6 +24,7 @@ use crate::{
     track::close::classify,
     track::containers::Cgroups,
     track::lifecycle::{Lifecycle, PollResult, TimewaitPoll, EXPIRY_TOLERANCE_NS},
+    track::ports::Ports,
     track::resets::Resets,
     track::tracker::{Connection, Owner, SlotId, Tracker, TupleKey},
     track::worker::{Done, Job, Worker},
@@ -99,6 +100,33 @@ impl<W: RecordWrite> Pipeline<W> {
         }
         for &id in &outcome.closed {
             self.close(id)?;
+        }
+        self.port_pressure(t.mono_ns)
+    }
+
+    /// The destinations whose ephemeral ports crossed the threshold since
+    /// the last call (see `ports.rs`).
+    pub fn port_pressure(&mut self, at_ns: u64) -> io::Result<()> {
+        if self.tracker.ports.crossed.is_empty() {
+            return Ok(());
+        }
+        // Taken and given back: the list keeps its capacity.
+        let mut crossed = std::mem::take(&mut self.tracker.ports.crossed);
+        let mut written = Ok(());
+        for p in &crossed {
+            written = written.and(self.out.port_pressure(p, at_ns, false));
+        }
+        crossed.clear();
+        self.tracker.ports.crossed = crossed;
+        written
+    }
+
+    /// At exit: the destinations still above the threshold.
+    pub fn port_pressure_at_exit(&mut self, at_ns: u64) -> io::Result<()> {
+        let mut above: Vec<_> = self.tracker.ports.pressures().filter(|p| p.above).collect();
+        above.sort_by_key(|p| std::cmp::Reverse(p.in_use));
+        for p in &above {
+            self.out.port_pressure(p, at_ns, true)?;
         }
         Ok(())
     }
@@ -225,7 +253,7 @@ impl<W: RecordWrite> Pipeline<W> {
         for &id in &outcome.closed {
             self.close(id)?;
         }
-        Ok(())
+        self.port_pressure(d.mono_ns)
     }
 
     /// A timewait poll's answer (see `lifecycle.rs`): the transitions it
@@ -240,7 +268,7 @@ impl<W: RecordWrite> Pipeline<W> {
         for id in result.closed {
             self.close(id)?;
         }
-        Ok(())
+        self.port_pressure(monotonic_ns())
     }
 
     /// A stuck connection's alert, with its close so far.
@@ -308,6 +336,11 @@ impl<W: RecordWrite> Pipeline<W> {
         if let Some(s) = &self.observers.summary {
             s.write(self.out.writer(), format)?;
             self.out.record_done();
+            // The live agent's only: a recording has no port counts.
+            let top = self.tracker.ports.top(s.top());
+            if !top.is_empty() {
+                self.out.port_summary(&top)?;
+            }
             self.out.flush()?;
         }
         Ok(())
@@ -363,6 +396,8 @@ impl<W: RecordWrite> Pipeline<W> {
             untracked: self.tracker.untracked,
             gaps: self.tracker.gaps,
             replaced: self.tracker.replaced,
+            port_pressure_unknown_ns: self.tracker.ports.unknown_ns,
+            port_pressure_dests_full: self.tracker.ports.dests_full,
             ..Default::default()
         }
     }
@@ -487,7 +522,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     capabilities.sock_diag = lifecycle.available;
     lifecycle.fentry = capabilities.timewait_fentry;
     log::info!("{}", capabilities.describe());
+    if args.port_pressure > 0 || args.summary.summary || args.metrics.metrics.is_some() {
+        pipeline.tracker.ports = Ports::new(args.port_pressure);
+    }
     let snapshot = lifecycle.snapshot(&mut pipeline.tracker, netns_known, &opts.filters);
+    for (inum, range) in lifecycle.port_ranges(netns_known) {
+        pipeline.tracker.set_port_range(inum, range);
+    }
+    pipeline.port_pressure(monotonic_ns())?;
     log::info!(
         "snapshot: {} TCP sockets existed before the tracer",
         snapshot.sockets
@@ -610,6 +652,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                         timewait_due.as_mut().reset(tokio::time::Instant::now() + next);
                     }
                     Some(Done::Released(n)) => namespaces_released += n,
+                    Some(Done::PortRanges(ranges)) => {
+                        for (inum, range) in ranges {
+                            pipeline.tracker.set_port_range(inum, range);
+                        }
+                        pipeline.port_pressure(monotonic_ns())?;
+                        pipeline.out.flush()?;
+                    }
                     Some(Done::Holders { found, errors, .. }) => {
                         lifecycle.counters.errors += errors;
                         for (conn, holders) in &found {
@@ -671,6 +720,16 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                     }
                 }
                 _ = tick.tick() => {
+                    let now = monotonic_ns();
+                    pipeline.tracker.expire_old_timewait(now);
+                    pipeline.port_pressure(now)?;
+                    // Namespaces met since: their ephemeral port ranges.
+                    if !pipeline.tracker.ports.wanted.is_empty() {
+                        let wanted = std::mem::take(&mut pipeline.tracker.ports.wanted);
+                        if let Err(Job::PortRanges(wanted)) = worker.try_send(Job::PortRanges(wanted)) {
+                            pipeline.tracker.ports.wanted = wanted;
+                        }
+                    }
                     let due: Vec<Connection> = thresholds
                         .iter()
                         .flat_map(|&(state, t)| lifecycle.due_stuck(&mut pipeline.tracker, state, t))
@@ -765,6 +824,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         // Every connection whose close has begun, as far as it got (an
         // active closer waiting out its TIME_WAIT: `tracing_stopped`); the
         // ones still open are counted.
+        pipeline.port_pressure_at_exit(monotonic_ns())?;
+        pipeline.tracker.ports.freeze();
         timewait_at_exit = pipeline.tracker.timewait_pending() as u64;
         let (cut, open) = pipeline.tracker.cut_at_exit(monotonic_ns());
         open_at_exit = open;

@@ -113,6 +113,14 @@ pub struct Args {
     #[arg(long, default_value = "0", value_parser = parse_duration_or_zero, value_name = "D")]
     pub fin_wait2: Duration,
 
+    /// Report a destination (namespace, local address, remote address and
+    /// port) whose connections hold PCT percent of the ephemeral port
+    /// range or more (`port_pressure` records, `!! PORTS` lines), again
+    /// when it falls back below, and those still above at exit; 0
+    /// disables.
+    #[arg(long, default_value_t = 50, value_parser = parse_percent, value_name = "PCT")]
+    pub port_pressure: u8,
+
     /// Connections the agent follows at once (more are counted as
     /// `untracked`): about 450 bytes of agent memory each. On the classic
     /// tracepoint path it also sizes the kernel's timing table (about 80
@@ -222,6 +230,13 @@ fn parse_duration_or_zero(s: &str) -> Result<Duration, String> {
         return Ok(Duration::ZERO);
     }
     humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 30s, 5m, 0 to disable)"))
+}
+
+fn parse_percent(s: &str) -> Result<u8, String> {
+    match s.parse::<u8>() {
+        Ok(n) if n <= 100 => Ok(n),
+        _ => Err(format!("`{s}` is not a percentage (0-100, 0 disables)")),
+    }
 }
 
 fn parse_port(s: &str) -> Result<u16, String> {

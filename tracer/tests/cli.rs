@@ -212,6 +212,8 @@ fn usage_errors_are_clap_errors() {
         ),
         (&["--comm", "a-name-longer-than-fifteen"], "1 to 15 bytes"),
         (&["--rport", "0"], "out of range"),
+        (&["--port-pressure", "101"], "not a percentage"),
+        (&["--port-pressure", "half"], "not a percentage"),
         (
             &["--events", "bogus"],
             "possible values: transitions, connections, closes, all, none",

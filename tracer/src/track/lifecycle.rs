@@ -163,6 +163,7 @@ impl Lifecycle {
         };
         let now = monotonic_ns();
         let mut found: Vec<(u32, DiagSocket)> = Vec::new();
+        let mut old_timewait: Vec<(u32, DiagSocket)> = Vec::new();
         // Without the kernel's netns numbers only our own namespace can be
         // joined to events.
         let namespaces = if netns_known {
@@ -178,20 +179,44 @@ impl Lifecycle {
                 continue;
             };
             for family in [Family::Ipv4, Family::Ipv6] {
+                // Timewait sockets only hold ports (see `ports.rs`).
+                let timewait = if tracker.ports.enabled() {
+                    state_bit(TcpState::TimeWait)
+                } else {
+                    0
+                };
                 let states =
-                    ALL_STATES & !state_bit(TcpState::TimeWait) & !state_bit(TcpState::Close);
+                    (ALL_STATES & !state_bit(TcpState::TimeWait) & !state_bit(TcpState::Close))
+                        | timewait;
                 match diag.dump(family, states) {
-                    Ok(socks) => found.extend(
-                        socks
-                            .into_iter()
-                            .filter(|s| !s.is_timewait())
-                            .map(|s| (inum, s)),
-                    ),
+                    Ok(socks) => {
+                        for s in socks {
+                            if s.is_timewait() {
+                                old_timewait.push((inum, s));
+                            } else {
+                                found.push((inum, s));
+                            }
+                        }
+                    }
                     Err(e) => {
                         self.counters.errors += 1;
                         log::warn!("snapshot of netns {inum}: {e}");
                     }
                 }
+            }
+        }
+        for (inum, s) in old_timewait {
+            let key = TupleKey {
+                netns: if netns_known { inum } else { 0 },
+                family: s.family,
+                laddr: s.laddr,
+                lport: s.lport,
+                raddr: s.raddr,
+                rport: s.rport,
+            };
+            if filters.keeps_socket(&key, inum, &[]) {
+                let expires = s.read_ns + u64::from(s.expires_ms) * 1_000_000;
+                tracker.add_old_timewait(key, expires);
             }
         }
         let inodes: HashSet<u64> = found
@@ -238,6 +263,26 @@ impl Lifecycle {
             tracker.add_snapshot(Connection::from_snapshot(key, state, now, s.inode, owner));
         }
         snap
+    }
+
+    /// The ephemeral port ranges of the namespaces the snapshot opened,
+    /// keyed as events key them.
+    pub fn port_ranges(
+        &self,
+        netns_known: bool,
+    ) -> Vec<(u32, Result<crate::track::ports::PortRange, String>)> {
+        let Some(ns) = &self.ns else {
+            return Vec::new();
+        };
+        if !netns_known {
+            return ns.port_range(0).map(|r| (0, r)).into_iter().collect();
+        }
+        let mut inums = vec![ns.own()];
+        inums.extend(ns.opened().filter(|&i| i != ns.own()));
+        inums
+            .into_iter()
+            .filter_map(|i| Some((i, ns.port_range(i)?)))
+            .collect()
     }
 
     /// The next timewait poll: what to ask the worker about the

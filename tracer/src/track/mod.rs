@@ -13,6 +13,7 @@
 //! - `lifecycle.rs`: timewait sockets, stuck connections, the start-up
 //!   snapshot; `worker.rs`: the thread that does their blocking work, with
 //!   `diag.rs` (NETLINK_SOCK_DIAG), `netns.rs` and `procfs.rs` below it;
+//! - `ports.rs`: ephemeral ports held per destination;
 //! - `containers.rs` and `cgroup/`: owners' cgroups, containers and pods.
 
 pub mod cgroup;
@@ -21,6 +22,7 @@ pub mod containers;
 pub mod diag;
 pub mod lifecycle;
 pub mod netns;
+pub mod ports;
 pub mod procfs;
 pub mod resets;
 pub mod tracker;

@@ -10,7 +10,7 @@ use std::{
     path::Path,
 };
 
-use crate::{track::diag::Diag, track::procfs};
+use crate::{track::diag::Diag, track::ports::PortRange, track::procfs};
 
 /// What the agent keeps of a namespace (which keeps it alive: see
 /// [`Namespaces::release_dead`]).
@@ -22,16 +22,32 @@ struct Entry {
     /// without joining the namespace again.
     netstat: Option<File>,
     max_tw_buckets: Option<File>,
+    /// Its ephemeral port range, read when opened (or why it could not be).
+    port_range: Result<PortRange, String>,
 }
 
-/// Opens a namespace's sock_diag socket and counter files, from a thread
-/// inside it.
-fn open_inside() -> io::Result<(Diag, Option<File>, Option<File>)> {
-    Ok((
-        Diag::new()?,
-        File::open("/proc/thread-self/net/netstat").ok(),
-        File::open("/proc/sys/net/ipv4/tcp_max_tw_buckets").ok(),
-    ))
+/// Opens a namespace's sock_diag socket and counter files, and reads its
+/// ephemeral port range, from a thread inside it.
+fn open_inside() -> io::Result<Entry> {
+    Ok(Entry {
+        diag: Diag::new()?,
+        netstat: File::open("/proc/thread-self/net/netstat").ok(),
+        max_tw_buckets: File::open("/proc/sys/net/ipv4/tcp_max_tw_buckets").ok(),
+        port_range: read_port_range(),
+    })
+}
+
+/// The calling thread's namespace's `ip_local_port_range` less
+/// `ip_local_reserved_ports`.
+fn read_port_range() -> Result<PortRange, String> {
+    let read = |name: &str| {
+        std::fs::read_to_string(format!("/proc/sys/net/ipv4/{name}"))
+            .map_err(|e| format!("reading {name}: {e}"))
+    };
+    PortRange::parse(
+        &read("ip_local_port_range")?,
+        &read("ip_local_reserved_ports")?,
+    )
 }
 
 /// The whole of `f`, read again from its start.
@@ -90,15 +106,7 @@ impl Namespaces {
             entries: HashMap::new(),
             missing: Default::default(),
         };
-        let (diag, netstat, max_tw_buckets) = open_inside()?;
-        n.entries.insert(
-            own,
-            Entry {
-                diag,
-                netstat,
-                max_tw_buckets,
-            },
-        );
+        n.entries.insert(own, open_inside()?);
         Ok(n)
     }
 
@@ -114,15 +122,8 @@ impl Namespaces {
             return false;
         }
         match run_in(&ns, open_inside) {
-            Ok((diag, netstat, max_tw_buckets)) => {
-                self.entries.insert(
-                    inum,
-                    Entry {
-                        diag,
-                        netstat,
-                        max_tw_buckets,
-                    },
-                );
+            Ok(entry) => {
+                self.entries.insert(inum, entry);
                 true
             }
             Err(e) => {
@@ -149,6 +150,18 @@ impl Namespaces {
             }
         }
         self.entries.get_mut(&inum).map(|e| &mut e.diag)
+    }
+
+    /// Namespace `inum`'s ephemeral port range (0: the agent's own), as
+    /// read when it was opened; `None` if it is not open.
+    pub fn port_range(&self, inum: u32) -> Option<Result<PortRange, String>> {
+        let inum = if inum == 0 { self.own } else { inum };
+        self.entries.get(&inum).map(|e| e.port_range.clone())
+    }
+
+    /// The namespaces held open.
+    pub fn opened(&self) -> impl Iterator<Item = u32> + '_ {
+        self.entries.keys().copied()
     }
 
     /// Was `inum` searched for and not found?

@@ -22,6 +22,7 @@ use crate::{
     kernel::events::{Family, TcpState},
     track::diag::{state_bit, DiagSocket},
     track::netns::Namespaces,
+    track::ports::PortRange,
     track::procfs::{self, Holder},
     track::tracker::Connection,
 };
@@ -115,6 +116,9 @@ pub enum Job {
         conns: Vec<Connection>,
         at_exit: bool,
     },
+    /// The ephemeral port ranges of namespaces (with a task in each, to
+    /// open it by).
+    PortRanges(Vec<(u32, Option<(u32, u32)>)>),
 }
 
 pub enum Done {
@@ -126,6 +130,7 @@ pub enum Done {
         at_exit: bool,
         errors: u64,
     },
+    PortRanges(Vec<(u32, Result<PortRange, String>)>),
 }
 
 /// The drain side's handle on the worker thread.
@@ -168,6 +173,12 @@ impl Worker {
                     let Some(job) = job else { continue };
                     let answer = match job {
                         Job::Timewait(q) => Done::Timewait(state.timewait(&q)),
+                        Job::PortRanges(wanted) => Done::PortRanges(
+                            wanted
+                                .into_iter()
+                                .map(|(inum, hint)| (inum, state.port_range(inum, hint)))
+                                .collect(),
+                        ),
                         Job::Holders { conns, at_exit } => {
                             let (found, errors) = state.holders(conns);
                             Done::Holders {
@@ -183,6 +194,14 @@ impl Worker {
                 }
             })?;
         Ok(Worker { jobs })
+    }
+
+    /// Queues `job`; gives it back if the queue is full or the worker is
+    /// gone.
+    pub fn try_send(&self, job: Job) -> Result<(), Job> {
+        self.jobs.try_send(job).map_err(|e| match e {
+            mpsc::TrySendError::Full(j) | mpsc::TrySendError::Disconnected(j) => j,
+        })
     }
 
     /// Queues `job`; false if the queue is full or the worker is gone.
@@ -209,6 +228,14 @@ fn thread_cpu_ns() -> u64 {
 }
 
 impl State {
+    fn port_range(&mut self, inum: u32, hint: Option<(u32, u32)>) -> Result<PortRange, String> {
+        let hints: Vec<(u32, u32)> = hint.into_iter().collect();
+        self.ns.diag(inum, &hints);
+        self.ns
+            .port_range(inum)
+            .unwrap_or_else(|| Err("the namespace could not be opened".into()))
+    }
+
     fn timewait(&mut self, q: &TimewaitQuery) -> TimewaitDump {
         let cpu = thread_cpu_ns();
         let mut out = TimewaitDump {

@@ -78,6 +78,10 @@ const STATES: usize = 13;
 const FAMILIES: usize = 2;
 const PER_SLOT: usize = STATES * STATES * FAMILIES;
 
+/// Destinations with ephemeral-port series when `--metrics-label-max`
+/// is not given (its default).
+const DEFAULT_PORTS_MAX: usize = 20;
+
 /// Scrapes served at once; more connections wait in the listen queue.
 const MAX_CONNECTIONS: usize = 32;
 /// How long a scrape waits for the event loop's refresh.
@@ -98,9 +102,10 @@ pub struct MetricsArgs {
     pub metrics_label: Option<MetricsLabel>,
 
     /// With --metrics-label: distinct values kept (first seen first);
-    /// later values are labelled "other".
+    /// later values are labelled "other". Also the destinations with
+    /// ephemeral-port series (the top N by ports in use).
     #[arg(long, value_name = "N", default_value_t = 20,
-          value_parser = clap::value_parser!(u32).range(1..=1000), requires = "metrics_label")]
+          value_parser = clap::value_parser!(u32).range(1..=1000), requires = "metrics")]
     pub metrics_label_max: u32,
 }
 
@@ -162,6 +167,11 @@ pub struct Recorder {
     /// States with a `connections` series.
     gauge_states: [bool; STATES],
     close_wait_stuck_ns: u64,
+    /// Ephemeral ports per destination: series for the top
+    /// `ports_max` destinations only (see `track/ports.rs`).
+    ports_in_use: IntGaugeVec,
+    ports_time_wait: IntGaugeVec,
+    ports_max: usize,
 }
 
 fn name(n: &str) -> String {
@@ -176,6 +186,7 @@ impl Recorder {
                 a.metrics_label
                     .map(|l| (l.group_by(), a.metrics_label_max as usize)),
             );
+            r.ports_max = a.metrics_label_max as usize;
             if !close_wait.is_zero() {
                 r.close_wait_stuck_ns = close_wait.as_nanos() as u64;
             }
@@ -244,6 +255,23 @@ impl Recorder {
             &["direction"],
         )
         .expect("valid metric");
+        let dest_labels = ["netns", "laddr", "raddr", "rport"];
+        let ports_in_use = IntGaugeVec::new(
+            Opts::new(
+                name("ephemeral_ports_in_use"),
+                "Local ports of the namespace's ephemeral range held by connections toward a destination (netns, local address, remote address and port), in any state; the top --metrics-label-max destinations.",
+            ),
+            &dest_labels,
+        )
+        .expect("valid metric");
+        let ports_time_wait = IntGaugeVec::new(
+            Opts::new(
+                name("ephemeral_ports_time_wait"),
+                "Of tracer_tcp_ephemeral_ports_in_use, the ports held by timewait sockets.",
+            ),
+            &dest_labels,
+        )
+        .expect("valid metric");
         let close_cells = CloseBy::ALL
             .iter()
             .map(|b| closes.with_label_values(&[b.name()]))
@@ -257,6 +285,8 @@ impl Recorder {
             Box::new(connections.clone()),
             Box::new(close_wait_stuck.clone()),
             Box::new(events_lost.clone()),
+            Box::new(ports_in_use.clone()),
+            Box::new(ports_time_wait.clone()),
         ] {
             registry.register(c).expect("distinct metric names");
         }
@@ -292,6 +322,9 @@ impl Recorder {
             duration_cells: vec![None; slots * STATES],
             gauge_states,
             close_wait_stuck_ns: CLOSE_WAIT_STUCK_AFTER.as_nanos() as u64,
+            ports_in_use,
+            ports_time_wait,
+            ports_max: DEFAULT_PORTS_MAX,
         }
     }
 
@@ -413,6 +446,23 @@ impl Recorder {
                 .set(per_state[i] as i64);
         }
         self.close_wait_stuck.set(stuck);
+        // The series of the top destinations now, no others: the
+        // cardinality stays bounded.
+        self.ports_in_use.reset();
+        self.ports_time_wait.reset();
+        for p in tracker.ports.top(self.ports_max) {
+            let netns = p.dest.netns.to_string();
+            let laddr = p.dest.laddr.to_string();
+            let raddr = p.dest.raddr.to_string();
+            let rport = p.dest.rport.to_string();
+            let labels = [netns.as_str(), &laddr, &raddr, &rport];
+            self.ports_in_use
+                .with_label_values(&labels)
+                .set(p.in_use.into());
+            self.ports_time_wait
+                .with_label_values(&labels)
+                .set(p.time_wait.into());
+        }
         if let Some(lost) = lost {
             let now = self.events_lost.get();
             if lost > now {

@@ -241,3 +241,55 @@ fn opt_in_label_is_capped() {
     r.transition(&tr(1, SynSent, Established, Some(1000)), Some(&curl()));
     assert!(r.encode().contains(r#"comm="curl""#));
 }
+
+#[test]
+fn ephemeral_port_gauges_for_the_top_destinations_only() {
+    use crate::track::ports::{PortRange, Ports};
+    use clap::Parser as _;
+    let a =
+        crate::cli::Args::try_parse_from(["tracer", "--metrics", "1", "--metrics-label-max", "2"])
+            .unwrap();
+    let mut r = Recorder::from_args(&a.metrics, a.close_wait).unwrap();
+    let mut tracker = Tracker::new(64);
+    tracker.ports = Ports::new(50);
+    let netns = sample().netns;
+    tracker.set_port_range(netns, PortRange::parse("40000 40099", ""));
+    // Toward ports 80, 81 and 82: 3, 2 and 1 connections.
+    let mut sock = 0;
+    for (rport, n) in [(80u16, 3u16), (81, 2), (82, 1)] {
+        for _ in 0..n {
+            sock += 1;
+            let t = Transition {
+                lport: 40000 + sock as u16,
+                rport,
+                ..tr(sock, SynSent, Established, None)
+            };
+            tracker.on_transition(&t);
+        }
+    }
+    r.refresh(&mut tracker, None, 0);
+    let text = r.encode();
+    let series = |metric: &str, rport: u16| {
+        format!(
+            r#"tracer_tcp_{metric}{{laddr="127.0.0.1",netns="{netns}",raddr="10.1.2.3",rport="{rport}"}}"#
+        )
+    };
+    assert_eq!(
+        value(&text, &series("ephemeral_ports_in_use", 80)),
+        Some(3.0),
+        "{text}"
+    );
+    assert_eq!(
+        value(&text, &series("ephemeral_ports_in_use", 81)),
+        Some(2.0)
+    );
+    assert_eq!(
+        value(&text, &series("ephemeral_ports_time_wait", 81)),
+        Some(0.0)
+    );
+    assert_eq!(
+        value(&text, &series("ephemeral_ports_in_use", 82)),
+        None,
+        "not in the top 2"
+    );
+}

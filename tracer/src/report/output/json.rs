@@ -162,6 +162,44 @@ pub(super) struct StuckJson<'a> {
     pub(super) close: CloseJson<'a>,
 }
 
+/// The destinations holding the most ephemeral ports (`port_summary`).
+#[derive(Serialize)]
+pub(super) struct PortSummaryJson {
+    pub(super) r#type: &'static str,
+    pub(super) destinations: Vec<PortsJson>,
+}
+
+#[derive(Serialize)]
+pub(super) struct PortsJson {
+    pub(super) netns: Option<u32>,
+    pub(super) laddr: IpAddr,
+    pub(super) raddr: IpAddr,
+    pub(super) rport: u16,
+    pub(super) in_use: u32,
+    pub(super) time_wait: u32,
+    pub(super) range: u32,
+    pub(super) ratio: f64,
+}
+
+/// A destination's ephemeral ports (`port_pressure`).
+#[derive(Serialize)]
+pub(super) struct PortPressureJson {
+    pub(super) r#type: &'static str,
+    pub(super) time: Time,
+    pub(super) netns: Option<u32>,
+    pub(super) laddr: IpAddr,
+    pub(super) raddr: IpAddr,
+    pub(super) rport: u16,
+    pub(super) in_use: u32,
+    pub(super) time_wait: u32,
+    pub(super) range: u32,
+    pub(super) ratio: f64,
+    /// Crossed above the threshold (false: fell back below).
+    pub(super) above: bool,
+    /// Listed when the tracer stopped.
+    pub(super) at_exit: bool,
+}
+
 /// A connection's per-state times as a JSON object, in life order.
 #[cfg(test)]
 pub(super) struct StatesJson<'a>(pub(super) &'a crate::track::tracker::Connection);

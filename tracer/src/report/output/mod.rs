@@ -13,6 +13,7 @@ use crate::{
     report::format::{EventsMode, Format},
     track::close::Close,
     track::containers::{CgroupJson, Cgroups},
+    track::ports::Pressure,
     track::procfs::Holder,
     track::tracker::{Connection, Owner},
 };
@@ -82,6 +83,12 @@ pub struct Stats {
     /// Connections still open (not closing) when the tracer stopped: no
     /// record was written for them.
     pub open_at_exit: u64,
+    /// Namespaces whose ephemeral port range could not be read: no port
+    /// pressure for them (`-v` says why).
+    pub port_pressure_unknown_ns: u64,
+    /// Connections left out of the port counts: the table of destinations
+    /// was full.
+    pub port_pressure_dests_full: u64,
     /// Records not written because stdout's reader fell behind by more
     /// than the output's buffer (`--output-buffer`).
     pub output_dropped: u64,
@@ -505,6 +512,123 @@ impl<W: RecordWrite> Output<W> {
         }
     }
 
+    /// A destination whose connections hold `--port-pressure` percent of
+    /// its namespace's ephemeral ports or more (`p.above`), or fell back
+    /// below; at exit, those still above. Printed whatever `--events`
+    /// says: it is an alert.
+    pub fn port_pressure(&mut self, p: &Pressure, at_ns: u64, at_exit: bool) -> io::Result<()> {
+        let written = self.write_port_pressure(p, at_ns, at_exit);
+        self.out.record_done();
+        written
+    }
+
+    fn write_port_pressure(&mut self, p: &Pressure, at_ns: u64, at_exit: bool) -> io::Result<()> {
+        let ratio = (p.ratio() * 1e4).round() / 1e4;
+        match self.format {
+            Format::Json => {
+                let rec = PortPressureJson {
+                    r#type: "port_pressure",
+                    time: self.time(at_ns),
+                    netns: (p.dest.netns != 0).then_some(p.dest.netns),
+                    laddr: p.dest.laddr,
+                    raddr: p.dest.raddr,
+                    rport: p.dest.rport,
+                    in_use: p.in_use,
+                    time_wait: p.time_wait,
+                    range: p.range,
+                    ratio,
+                    above: p.above,
+                    at_exit,
+                };
+                self.json_line(&rec)
+            }
+            Format::Table => {
+                let prefix = if at_exit { "STILL" } else { "!!" };
+                let netns = match p.dest.netns {
+                    0 => String::new(),
+                    n => format!(" (netns {n})"),
+                };
+                let below = if p.above {
+                    ""
+                } else {
+                    "; back below the threshold"
+                };
+                writeln!(
+                    self.out,
+                    "{prefix} PORTS {} -> {}{netns}: {} of {} ephemeral ports in use ({:.0}%), {} in TIME_WAIT{below}",
+                    p.dest.laddr,
+                    endpoint(p.dest.raddr, p.dest.rport),
+                    p.in_use,
+                    p.range,
+                    ratio * 100.0,
+                    p.time_wait,
+                )
+            }
+        }
+    }
+
+    /// With `--summary`: the destinations holding the most ephemeral
+    /// ports, most first.
+    pub fn port_summary(&mut self, top: &[Pressure]) -> io::Result<()> {
+        let written = self.write_port_summary(top);
+        self.out.record_done();
+        written
+    }
+
+    fn write_port_summary(&mut self, top: &[Pressure]) -> io::Result<()> {
+        let ratio = |p: &Pressure| (p.ratio() * 1e4).round() / 1e4;
+        match self.format {
+            Format::Json => {
+                let destinations = top
+                    .iter()
+                    .map(|p| PortsJson {
+                        netns: (p.dest.netns != 0).then_some(p.dest.netns),
+                        laddr: p.dest.laddr,
+                        raddr: p.dest.raddr,
+                        rport: p.dest.rport,
+                        in_use: p.in_use,
+                        time_wait: p.time_wait,
+                        range: p.range,
+                        ratio: ratio(p),
+                    })
+                    .collect();
+                self.json_line(&PortSummaryJson {
+                    r#type: "port_summary",
+                    destinations,
+                })
+            }
+            Format::Table => {
+                writeln!(
+                    self.out,
+                    "Ephemeral ports held per destination (top {} by ports in use)",
+                    top.len()
+                )?;
+                writeln!(
+                    self.out,
+                    "{:<10} {:<27} {:<27} {:>7} {:>9} {:>7} {:>6}",
+                    "NETNS", "LADDR", "RADDR:RPORT", "IN_USE", "TIME_WAIT", "RANGE", "RATIO"
+                )?;
+                for p in top {
+                    let netns = match p.dest.netns {
+                        0 => "-".to_string(),
+                        n => n.to_string(),
+                    };
+                    writeln!(
+                        self.out,
+                        "{netns:<10} {:<27} {:<27} {:>7} {:>9} {:>7} {:>5.1}%",
+                        p.dest.laddr.to_string(),
+                        endpoint(p.dest.raddr, p.dest.rport),
+                        p.in_use,
+                        p.time_wait,
+                        p.range,
+                        ratio(p) * 100.0
+                    )?;
+                }
+                writeln!(self.out)
+            }
+        }
+    }
+
     /// The final record, then everything written out (waiting at most
     /// `within` for a slow reader): JSON on stdout, or for tables one line
     /// on stderr once the table is out. False if the reader did not take
@@ -604,6 +728,14 @@ pub fn stats_line(s: &Stats) -> String {
             "waiting for their timewait socket at exit",
         ),
         (s.open_at_exit, "connections open at exit"),
+        (
+            s.port_pressure_unknown_ns,
+            "namespaces without a readable port range",
+        ),
+        (
+            s.port_pressure_dests_full,
+            "connections left out of the port counts",
+        ),
         (
             s.output_dropped,
             "records dropped (stdout's reader too slow)",

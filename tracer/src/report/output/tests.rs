@@ -323,3 +323,72 @@ fn hand_written_json_is_byte_for_byte_serdes() {
         }
     }
 }
+
+#[test]
+fn port_pressure_record_and_table_lines() {
+    use crate::track::ports::{Dest, Pressure};
+    let p = Pressure {
+        dest: Dest {
+            netns: 7,
+            laddr: "10.0.0.1".parse().unwrap(),
+            raddr: "::1".parse().unwrap(),
+            rport: 443,
+        },
+        in_use: 150,
+        time_wait: 120,
+        range: 200,
+        above: true,
+    };
+    let mut o = out(Format::Json, EventsMode::None);
+    o.port_pressure(&p, 2_000_000_000, false).unwrap();
+    let v: serde_json::Value = serde_json::from_str(text(o).trim_end()).unwrap();
+    assert_eq!(
+        v,
+        serde_json::json!({
+            "type": "port_pressure", "time": "2026-11-23T00:00:02.000000000Z", "netns": 7,
+            "laddr": "10.0.0.1", "raddr": "::1", "rport": 443, "in_use": 150,
+            "time_wait": 120, "range": 200, "ratio": 0.75, "above": true,
+            "at_exit": false,
+        })
+    );
+    let mut o = out(Format::Table, EventsMode::None);
+    o.port_pressure(&p, 0, false).unwrap();
+    let below = Pressure {
+        in_use: 89,
+        above: false,
+        ..p
+    };
+    o.port_pressure(&below, 0, false).unwrap();
+    o.port_pressure(&p, 0, true).unwrap();
+    assert_eq!(
+        text(o),
+        "!! PORTS 10.0.0.1 -> [::1]:443 (netns 7): 150 of 200 ephemeral ports in use (75%), 120 in TIME_WAIT\n\
+         !! PORTS 10.0.0.1 -> [::1]:443 (netns 7): 89 of 200 ephemeral ports in use (44%), 120 in TIME_WAIT; back below the threshold\n\
+         STILL PORTS 10.0.0.1 -> [::1]:443 (netns 7): 150 of 200 ephemeral ports in use (75%), 120 in TIME_WAIT\n"
+    );
+}
+
+#[test]
+fn port_summary_table() {
+    use crate::track::ports::{Dest, Pressure};
+    let p = Pressure {
+        dest: Dest {
+            netns: 0,
+            laddr: "10.0.0.1".parse().unwrap(),
+            raddr: "10.0.0.2".parse().unwrap(),
+            rport: 5432,
+        },
+        in_use: 30,
+        time_wait: 25,
+        range: 28232,
+        above: false,
+    };
+    let mut o = out(Format::Table, EventsMode::None);
+    o.port_summary(&[p]).unwrap();
+    assert_eq!(
+        text(o),
+        "Ephemeral ports held per destination (top 1 by ports in use)\n\
+         NETNS      LADDR                       RADDR:RPORT                  IN_USE TIME_WAIT   RANGE  RATIO\n\
+         -          10.0.0.1                    10.0.0.2:5432                    30        25   28232   0.1%\n\n"
+    );
+}

@@ -466,6 +466,11 @@ impl Summary {
         self.by
     }
 
+    /// `--top`: groups shown (and destinations of the port summary).
+    pub fn top(&self) -> usize {
+        self.top
+    }
+
     /// Records the stay transition `t` ended, if timed; `owner` is its
     /// socket's, as the output names it.
     pub fn transition(&mut self, t: &Transition, owner: Option<&Owner>) {

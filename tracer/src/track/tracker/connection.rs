@@ -8,6 +8,7 @@ use super::owners::{runs_in_owner_syscall, Owner};
 use crate::{
     kernel::events::{Family, Source, TcpState, Transition},
     track::close::ClosePath,
+    track::ports::Hold,
 };
 
 pub(super) const STATES: usize = 13;
@@ -129,6 +130,12 @@ pub struct Connection {
     pub timewait: Option<Timewait>,
     /// Its close steps and resets (see `close.rs`).
     pub close: ClosePath,
+    /// A listener's child (`LISTEN -> SYN_RECV`): it uses its listener's
+    /// port, no ephemeral one.
+    pub accepted: bool,
+    /// What it holds of its namespace's ephemeral ports, as counted
+    /// (see `ports.rs`).
+    pub hold: Hold,
 }
 
 impl Connection {
@@ -169,6 +176,8 @@ impl Connection {
             cut_at_exit: false,
             timewait: None,
             close: ClosePath::default(),
+            accepted: t.old == TcpState::Listen && t.new == TcpState::SynRecv,
+            hold: Hold::Nothing,
         };
         c.close.push(t.old, t.new, t.mono_ns);
         // Only a state the kernel timed counts: a child's LISTEN belongs to
@@ -216,6 +225,8 @@ impl Connection {
             cut_at_exit: false,
             timewait: None,
             close: ClosePath::default(),
+            accepted: false,
+            hold: Hold::Nothing,
         }
     }
 

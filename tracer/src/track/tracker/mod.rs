@@ -50,6 +50,7 @@ pub use timewait::TwEntry;
 
 use crate::{
     kernel::events::{Source, TcpState, Transition},
+    track::ports::{Dest, Hold, Ports},
     FastMap as HashMap,
 };
 use connection::STATES;
@@ -96,11 +97,17 @@ pub struct Tracker {
     snapshot: HashMap<TupleKey, SlotId>,
     /// Listening sockets, for accepted sockets' owner.
     listeners: Listeners,
+    /// Timewait sockets older than the tracer (start-up snapshot): the
+    /// ports they hold until their expiry (CLOCK_MONOTONIC ns) or a reuse
+    /// of their 4-tuple.
+    old_timewait: HashMap<TupleKey, (u64, Hold)>,
     capacity: usize,
     /// Transitions of sockets the tracker had no room for.
     pub untracked: u64,
     /// Connections with at least one missing transition, at their close.
     pub gaps: u64,
+    /// Ephemeral ports held per destination.
+    pub ports: Ports,
     /// Entries of the 4-tuple tables that another connection on the same
     /// namespace and 4-tuple replaced (a timewait ends as reused; a
     /// snapshot socket is dropped).
@@ -119,7 +126,9 @@ impl Tracker {
             timewait: TimewaitIndex::default(),
             snapshot: HashMap::default(),
             listeners: Listeners::default(),
+            old_timewait: HashMap::default(),
             capacity,
+            ports: Ports::disabled(),
             untracked: 0,
             gaps: 0,
             replaced: 0,
@@ -146,7 +155,57 @@ impl Tracker {
         let id = self.slab.insert(Phase::Snapshot, conn);
         if let Some(old) = self.snapshot.insert(key, id) {
             self.replaced += 1;
-            self.slab.free(old);
+            self.free(old);
+        }
+        self.count_ports(id);
+    }
+
+    /// A timewait socket of the start-up snapshot, which dies at
+    /// `expires_ns`: only its port is counted.
+    pub fn add_old_timewait(&mut self, key: TupleKey, expires_ns: u64) {
+        // One that closed since the tracer attached is counted already.
+        if self.ports.enabled() && self.timewait.get(&key).is_none() {
+            self.old_timewait.insert(key, (expires_ns, Hold::Nothing));
+            self.count_old_timewait(&key);
+        }
+    }
+
+    fn count_old_timewait(&mut self, key: &TupleKey) {
+        let Some(&(_, Hold::Nothing)) = self.old_timewait.get(key) else {
+            return;
+        };
+        if self.listeners.has(key.netns, key.lport)
+            || !self.ports.counts(key.netns, key.lport, None)
+        {
+            return;
+        }
+        let held = self
+            .ports
+            .hold(Dest::of(key), Hold::Nothing, Hold::TimeWait);
+        if let Some(e) = self.old_timewait.get_mut(key) {
+            e.1 = held;
+        }
+    }
+
+    fn drop_old_timewait(&mut self, key: &TupleKey) {
+        if let Some((_, hold)) = self.old_timewait.remove(key) {
+            self.ports.hold(Dest::of(key), hold, Hold::Nothing);
+        }
+    }
+
+    /// The start-up snapshot's timewait sockets whose expiry is past.
+    pub fn expire_old_timewait(&mut self, now_ns: u64) {
+        if self.old_timewait.is_empty() {
+            return;
+        }
+        let gone: Vec<TupleKey> = self
+            .old_timewait
+            .iter()
+            .filter(|(_, &(expires, _))| expires <= now_ns)
+            .map(|(k, _)| *k)
+            .collect();
+        for key in gone {
+            self.drop_old_timewait(&key);
         }
     }
 
@@ -166,6 +225,7 @@ impl Tracker {
         self.end_reused_timewait(t, &mut out);
         let closing = t.new == TcpState::Close;
         let full = self.full();
+        let mut stale = None;
         let id = match self.by_sock.entry(t.sock) {
             Entry::Occupied(e) => {
                 let id = *e.get();
@@ -202,9 +262,7 @@ impl Tracker {
                         id
                     }
                     other => {
-                        if let Some(stale) = other {
-                            self.slab.free(stale);
-                        }
+                        stale = other;
                         let inherited = (t.old == TcpState::Listen && t.new == TcpState::SynRecv)
                             .then(|| self.listeners.owner_of(t))
                             .flatten();
@@ -217,6 +275,11 @@ impl Tracker {
                 id
             }
         };
+        if let Some(stale) = stale {
+            self.free(stale);
+        }
+        // Its local port shows after SYN_SENT.
+        self.count_ports(id);
         match (t.old, t.new) {
             (_, TcpState::Listen) => {
                 let owner = self.slab.get(id).owner;
@@ -231,7 +294,7 @@ impl Tracker {
             // A socket born after attach but before the snapshot was taken
             // is in both: the tracked one wins.
             if let Some(stale) = self.snapshot.remove(&Self::key_of(t)) {
-                self.slab.free(stale);
+                self.free(stale);
             }
         }
         let conn = self.slab.get_mut(id);
@@ -260,21 +323,21 @@ impl Tracker {
                     out.handshake_done = Some(id);
                 }
                 let key = conn.key();
-                self.slab.set_phase(id, Phase::Timewait);
+                self.set_phase(id, Phase::Timewait);
                 if let Some(old) = self.timewait.insert(&key, id) {
                     self.replaced += 1;
                     // Two connections on one 4-tuple both waiting: the
                     // older one's timewait socket gave way to this one.
                     self.end_timewait_slot(old, t.mono_ns, TimewaitEnd::Reused, Source::Reuse);
                     if out.closed.try_push(old).is_err() {
-                        self.slab.free(old);
+                        self.free(old);
                     }
                 }
             } else {
                 if conn.gap {
                     self.gaps += 1;
                 }
-                self.slab.set_phase(id, Phase::Ended);
+                self.set_phase(id, Phase::Ended);
                 let _ = out.closed.try_push(id);
             }
         }
@@ -294,6 +357,10 @@ impl Tracker {
             }
             _ => return,
         };
+        if !self.old_timewait.is_empty() {
+            // A timewait socket older than the tracer gave way.
+            self.drop_old_timewait(&Self::key_of(t));
+        }
         if self.timewait.is_empty() {
             return;
         }
@@ -367,7 +434,7 @@ impl Tracker {
         end: TimewaitEnd,
         source: Source,
     ) -> Option<Transition> {
-        self.slab.set_phase(id, Phase::Ended);
+        self.set_phase(id, Phase::Ended);
         let conn = self.slab.get_mut(id);
         if conn.gap {
             self.gaps += 1;
@@ -508,7 +575,7 @@ impl Tracker {
                     self.by_sock.remove(&sock);
                 }
             }
-            self.slab.set_phase(id, Phase::Ended);
+            self.set_phase(id, Phase::Ended);
         }
         (cut, open)
     }
@@ -560,7 +627,81 @@ impl Tracker {
     /// Frees an ended connection's slot (once written).
     pub fn release(&mut self, id: SlotId) {
         debug_assert_eq!(self.slab.phase(id), Phase::Ended);
+        self.free(id);
+    }
+
+    fn set_phase(&mut self, id: SlotId, phase: Phase) {
+        self.slab.set_phase(id, phase);
+        self.count_ports(id);
+    }
+
+    fn free(&mut self, id: SlotId) {
+        if self.slab.phase(id) == Phase::Free {
+            return;
+        }
+        self.slab.set_phase(id, Phase::Ended);
+        self.count_ports(id);
         self.slab.free(id);
+    }
+
+    /// Brings the port counts up to date with connection `id`'s phase and
+    /// local port (see `ports.rs`).
+    fn count_ports(&mut self, id: SlotId) {
+        if !self.ports.enabled() {
+            return;
+        }
+        let phase = self.slab.phase(id);
+        let c = self.slab.get(id);
+        let client = !(c.listener || c.accepted || c.lport == 0);
+        let to = match phase {
+            Phase::Live | Phase::Snapshot if client => Hold::Port,
+            Phase::Timewait if client => Hold::TimeWait,
+            _ => Hold::Nothing,
+        };
+        if to == c.hold {
+            return;
+        }
+        if c.hold == Hold::Nothing
+            && (!self.ports.counts(c.netns, c.lport, c.task_hint)
+                // One of the snapshot's sockets on a listening port was
+                // accepted (the snapshot cannot tell otherwise).
+                || (c.from_snapshot && self.listeners.has(c.netns, c.lport)))
+        {
+            return;
+        }
+        let dest = Dest::of(&c.key());
+        let held = self.ports.hold(dest, c.hold, to);
+        self.slab.get_mut(id).hold = held;
+    }
+
+    /// Namespace `netns`'s ephemeral range (or why it is unknown): its
+    /// connections are counted from now on.
+    pub fn set_port_range(
+        &mut self,
+        netns: u32,
+        range: Result<crate::track::ports::PortRange, String>,
+    ) {
+        if !self.ports.set_range(netns, range) {
+            return;
+        }
+        let ids: Vec<SlotId> = self
+            .slab
+            .iter()
+            .filter(|(_, _, c)| c.netns == netns)
+            .map(|(id, _, _)| id)
+            .collect();
+        for id in ids {
+            self.count_ports(id);
+        }
+        let old: Vec<TupleKey> = self
+            .old_timewait
+            .keys()
+            .filter(|k| k.netns == netns)
+            .copied()
+            .collect();
+        for key in old {
+            self.count_old_timewait(&key);
+        }
     }
 
     /// Copies an ended connection out and frees its slot.
@@ -578,5 +719,10 @@ impl Tracker {
             + index(self.by_sock.capacity(), size_of::<(u64, SlotId)>())
             + index(self.timewait.capacity(), size_of::<(u64, TwEntry)>())
             + index(self.snapshot.capacity(), size_of::<(TupleKey, SlotId)>())
+            + index(
+                self.old_timewait.capacity(),
+                size_of::<(TupleKey, (u64, Hold))>(),
+            )
+            + self.ports.memory_bytes()
     }
 }

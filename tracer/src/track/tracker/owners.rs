@@ -73,6 +73,11 @@ impl Listeners {
         }
     }
 
+    /// Is a socket listening on `port` in `netns`?
+    pub(super) fn has(&self, netns: u32, port: u16) -> bool {
+        self.0.contains_key(&(netns, port))
+    }
+
     /// The owner of the listener that accepted `t`'s socket: the one on
     /// its exact local address, else a wildcard one.
     pub(super) fn owner_of(&self, t: &Transition) -> Option<Owner> {

@@ -379,3 +379,52 @@ fn full_tracker_counts_untracked() {
     assert_eq!(t.untracked, 1);
     assert_eq!(t.len(), 1);
 }
+
+/// Ports held toward the sample's destination, and of them in timewait.
+fn held(t: &Tracker) -> (u32, u32) {
+    t.ports
+        .pressures()
+        .next()
+        .map_or((0, 0), |p| (p.in_use, p.time_wait))
+}
+
+#[test]
+fn ephemeral_ports_are_held_by_clients_until_their_timewait_ends() {
+    use crate::track::ports::{PortRange, Ports};
+    let mut t = Tracker::new(16);
+    t.ports = Ports::new(50);
+    let netns = sample().netns;
+    // A client and an accepted socket, both with ports in the range,
+    // before the range is known: nothing is counted, the namespace is asked.
+    let unbound = Transition {
+        lport: 0,
+        ..tr(1, Close, SynSent, None)
+    };
+    t.on_transition(&unbound);
+    t.on_transition(&tr(2, SynSent, Established, Some(1)));
+    let child = |ms, old, new| Transition {
+        sock: 2,
+        raddr: "10.9.9.9".parse().unwrap(),
+        ..tr(ms, old, new, None)
+    };
+    t.on_transition(&child(3, Listen, SynRecv));
+    assert_eq!(held(&t), (0, 0));
+    assert_eq!(t.ports.wanted, vec![(netns, Some((42, 43)))]);
+    // The range comes: the connections already there are counted.
+    t.set_port_range(netns, PortRange::parse("43000 43299", ""));
+    assert_eq!(held(&t), (1, 0), "the client only");
+    assert_eq!(t.ports.pressures().count(), 1);
+    t.on_transition(&tr(10, Established, FinWait1, Some(8)));
+    t.on_transition(&tr(11, FinWait1, FinWait2, Some(1)));
+    t.on_transition(&tr(12, FinWait2, Close, Some(1)));
+    assert_eq!(held(&t), (1, 1), "in its timewait socket");
+    let (id, _) = waiting(&mut t);
+    t.end_timewait(id, 60_000_000_000, TimewaitEnd::Expired, Source::SockDiag);
+    t.release(id);
+    assert_eq!(held(&t), (0, 0));
+    assert_eq!(
+        t.ports.pressures().count(),
+        0,
+        "entries go with their last port"
+    );
+}

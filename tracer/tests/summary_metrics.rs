@@ -907,7 +907,7 @@ fn a_prometheus_server_scrapes_the_endpoint() {
                 .map(|_| http_get(web, query))
                 .filter(|(status, _, _)| *status == 200)
                 .and_then(|(_, _, body)| {
-                    let v = json(&body);
+                    let v = json_document(&body);
                     v["data"]["result"][0]["value"][1]
                         .as_str()?
                         .parse::<f64>()
@@ -930,7 +930,11 @@ fn a_prometheus_server_scrapes_the_endpoint() {
             Some(want),
             "prometheus' sum(tracer_tcp_transitions_total)"
         );
-        assert_eq!(json(&up)["data"]["result"][0]["value"][1], "1", "{up}");
+        assert_eq!(
+            json_document(&up)["data"]["result"][0]["value"][1],
+            "1",
+            "{up}"
+        );
         run.signal(libc::SIGINT);
         assert_eq!(run.finish().0, 0);
     });

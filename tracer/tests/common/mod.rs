@@ -11,6 +11,7 @@ use std::{
     process::{Child, Command, Stdio},
     sync::atomic::{AtomicU16, Ordering},
     sync::mpsc,
+    sync::OnceLock,
     thread,
     time::{Duration, Instant},
 };
@@ -618,8 +619,59 @@ fn lines(r: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
     rx
 }
 
+/// A record the tracer printed, parsed and checked against the records'
+/// schema (`docs/records.schema.json`): a field the schema and
+/// `docs/records.md` do not describe fails the test that reads it.
 pub fn json(line: &str) -> serde_json::Value {
-    serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
+    let v = json_document(line);
+    check_schema(&v, line);
+    v
+}
+
+/// A JSON document that is not one of the tracer's records (a Prometheus
+/// API answer): parsed, not checked against the records' schema.
+pub fn json_document(text: &str) -> serde_json::Value {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+}
+
+/// The schema, embedded so that the guests' test binaries carry it.
+const RECORDS_SCHEMA: &str = include_str!("../../../docs/records.schema.json");
+
+/// The schema's validators by JSON pointer, compiled once per test binary.
+fn records_schema() -> &'static jsonschema::ValidatorMap {
+    static SCHEMA: OnceLock<jsonschema::ValidatorMap> = OnceLock::new();
+    SCHEMA.get_or_init(|| {
+        let schema: serde_json::Value =
+            serde_json::from_str(RECORDS_SCHEMA).expect("docs/records.schema.json is not JSON");
+        jsonschema::options()
+            .should_validate_formats(true)
+            .build_map(&schema)
+            .unwrap_or_else(|e| panic!("docs/records.schema.json is not a valid schema: {e}"))
+    })
+}
+
+fn check_schema(v: &serde_json::Value, line: &str) {
+    let schema = records_schema();
+    if schema.get("#").is_some_and(|root| root.is_valid(v)) {
+        return;
+    }
+    // The root's `oneOf` only says no record type matched: ask the type's
+    // own definition what is wrong.
+    let ty = v["type"].as_str().unwrap_or_default();
+    let why: Vec<String> = match schema.get(&format!("#/$defs/{ty}")) {
+        Some(d) => d
+            .iter_errors(v)
+            .map(|e| {
+                let at = e.instance_path().to_string();
+                format!("{e} at {}", if at.is_empty() { "the record" } else { &at })
+            })
+            .collect(),
+        None => vec![format!("no record type {ty:?} in the schema")],
+    };
+    panic!(
+        "record does not match docs/records.schema.json: {}\n{line}",
+        why.join("; ")
+    );
 }
 
 pub fn of_type(lines: &[String], ty: &str) -> Vec<serde_json::Value> {

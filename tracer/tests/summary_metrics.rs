@@ -472,6 +472,7 @@ fn stdout_lines(o: &Output) -> Vec<String> {
     String::from_utf8(o.stdout.clone())
         .unwrap()
         .lines()
+        .inspect(|l| check_if_record(l))
         .map(String::from)
         .collect()
 }
@@ -508,6 +509,7 @@ fn summarize_of_a_recording_prints_the_live_summary() {
                 got.join("\n")
             );
             if let Ok(l) = run.stdout.recv_timeout(Duration::from_millis(50)) {
+                check_if_record(&l);
                 got.push(l);
             }
         }

@@ -533,6 +533,7 @@ impl Running {
                 got.join("\n")
             );
             if let Ok(line) = self.stdout.recv_timeout(Duration::from_millis(50)) {
+                check_if_record(&line);
                 got.push(line);
             }
         }
@@ -569,6 +570,7 @@ impl Running {
             while asked.elapsed() < Duration::from_secs(2) {
                 match self.stdout.recv_timeout(Duration::from_millis(50)) {
                     Ok(line) => {
+                        check_if_record(&line);
                         got.push(line.clone());
                         summary.push(line);
                         if done(&summary) {
@@ -593,7 +595,7 @@ impl Running {
             assert!(start.elapsed() < DEADLINE, "tracer did not stop");
             thread::sleep(Duration::from_millis(10));
         };
-        let out: Vec<String> = self.stdout.iter().collect();
+        let out: Vec<String> = self.stdout.iter().inspect(|l| check_if_record(l)).collect();
         let err: Vec<String> = self.stderr.iter().collect();
         (status.code().expect("exited normally"), out, err)
     }
@@ -632,6 +634,14 @@ pub fn json(line: &str) -> serde_json::Value {
 /// API answer): parsed, not checked against the records' schema.
 pub fn json_document(text: &str) -> serde_json::Value {
     serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+}
+
+/// A line of the tracer's stdout: if it is a JSON record, checked against
+/// the schema whether or not the test looks at it.
+pub fn check_if_record(line: &str) {
+    if line.starts_with('{') {
+        json(line);
+    }
 }
 
 /// The schema, embedded so that the guests' test binaries carry it.

@@ -332,3 +332,24 @@ fn attach_picks_the_kernel_path_and_says_so() {
         }
     });
 }
+
+/// The records' schema check is live: a real record passes, the same
+/// record with a field the schema does not list, or of an unknown type,
+/// fails (no root or kernel needed).
+#[test]
+fn records_outside_the_schema_fail_the_tests() {
+    // A close_wait alert the tracer printed (docs/records.md).
+    const RECORD: &str = r#"{"type":"close_wait","sock":"0xffff8881c2cfd340","pid":20957,"comm":"python3","uid":0,"cgroup":"/","container":null,"pod":null,"family":"ipv4","laddr":"127.0.0.1","lport":18081,"raddr":"127.0.0.1","rport":45848,"netns":4026531833,"first_seen":"2026-12-03T13:42:34.552410921Z","complete":true,"from_snapshot":false,"state":"CLOSE_WAIT","since":"2026-12-03T13:42:34.752811174Z","age_ns":2299433670,"owners":[{"pid":20957,"comm":"python3","fd":5}],"at_exit":false,"close":{"by":"unfinished","first_fin":"peer","fin_to_close_ns":null,"handshake":["ESTABLISHED>CLOSE_WAIT"],"handshake_at_ns":[0],"rst":{"sent":0,"received":0}}}"#;
+    assert_eq!(json(RECORD)["type"], "close_wait");
+    let refused = |line: String| {
+        let panic = std::panic::catch_unwind(|| json(&line)).expect_err(&line);
+        let why = panic.downcast_ref::<String>().cloned().unwrap_or_default();
+        assert!(
+            why.contains("does not match docs/records.schema.json"),
+            "{why}"
+        );
+    };
+    refused(RECORD.replacen(r#""at_exit":false"#, r#""at_exit":false,"new_field":1"#, 1));
+    refused(RECORD.replacen(r#""type":"close_wait""#, r#""type":"closewait""#, 1));
+    refused(RECORD.replacen(r#""age_ns":2299433670"#, r#""age_ns":"2.3s""#, 1));
+}

@@ -472,6 +472,7 @@ fn stdout_lines(o: &Output) -> Vec<String> {
     String::from_utf8(o.stdout.clone())
         .unwrap()
         .lines()
+        .inspect(|l| check_if_record(l))
         .map(String::from)
         .collect()
 }
@@ -508,6 +509,7 @@ fn summarize_of_a_recording_prints_the_live_summary() {
                 got.join("\n")
             );
             if let Ok(l) = run.stdout.recv_timeout(Duration::from_millis(50)) {
+                check_if_record(&l);
                 got.push(l);
             }
         }
@@ -907,7 +909,7 @@ fn a_prometheus_server_scrapes_the_endpoint() {
                 .map(|_| http_get(web, query))
                 .filter(|(status, _, _)| *status == 200)
                 .and_then(|(_, _, body)| {
-                    let v = json(&body);
+                    let v = json_document(&body);
                     v["data"]["result"][0]["value"][1]
                         .as_str()?
                         .parse::<f64>()
@@ -930,7 +932,11 @@ fn a_prometheus_server_scrapes_the_endpoint() {
             Some(want),
             "prometheus' sum(tracer_tcp_transitions_total)"
         );
-        assert_eq!(json(&up)["data"]["result"][0]["value"][1], "1", "{up}");
+        assert_eq!(
+            json_document(&up)["data"]["result"][0]["value"][1],
+            "1",
+            "{up}"
+        );
         run.signal(libc::SIGINT);
         assert_eq!(run.finish().0, 0);
     });

@@ -1,6 +1,7 @@
 //! `cargo xtask test`'s check of `deploy/`: the DaemonSet manifest is
 //! validated against the Kubernetes API schemas, and the privileges it
-//! grants are compared with what the README says the tracer needs.
+//! grants are compared with what `docs/deployment.md` says the tracer
+//! needs.
 //!
 //! No cluster is needed: kubernetes-validate (PyPI) bundles the API's
 //! JSON schemas of every Kubernetes minor it supports. Its `--strict` mode
@@ -23,6 +24,11 @@ pub(crate) const VALIDATOR_VERSION: &str = "1.37.0";
 const KUBE_MINORS: std::ops::RangeInclusive<u32> = 25..=37;
 
 const MANIFEST: &str = "deploy/kubernetes/daemonset.yaml";
+
+/// The page that says which privileges the tracer needs: its systemd
+/// section names the capabilities, its DaemonSet section has the table of
+/// host mounts.
+pub(crate) const PRIVILEGES_DOC: &str = "docs/deployment.md";
 
 /// The validator's own virtual environment, one per version, so that an
 /// upgrade is a new directory and nothing touches the system's Python.
@@ -93,11 +99,11 @@ pub(crate) fn check() -> Result<()> {
     }
     check_privileges(
         &read(&root, MANIFEST)?,
-        &read(&root, "README.md")?,
+        &read(&root, PRIVILEGES_DOC)?,
         &read(&root, "deploy/systemd/tracer.service")?,
     )?;
     eprintln!(
-        "xtask: {MANIFEST}: valid for Kubernetes 1.{}-1.{} (kubernetes-validate {VALIDATOR_VERSION}, strict); grants what the README says",
+        "xtask: {MANIFEST}: valid for Kubernetes 1.{}-1.{} (kubernetes-validate {VALIDATOR_VERSION}, strict); grants what {PRIVILEGES_DOC} says",
         KUBE_MINORS.start(),
         KUBE_MINORS.end()
     );
@@ -108,13 +114,13 @@ fn read(root: &std::path::Path, path: &str) -> Result<String> {
     std::fs::read_to_string(root.join(path)).with_context(|| format!("reading {path}"))
 }
 
-/// The lines of the README's section `heading` (up to the next heading of
+/// The lines of the doc's section `heading` (up to the next heading of
 /// the same or a higher level).
-fn section<'a>(readme: &'a str, heading: &str) -> Result<Vec<&'a str>> {
+fn section<'a>(doc: &'a str, heading: &str) -> Result<Vec<&'a str>> {
     let level = heading.chars().take_while(|&c| c == '#').count();
-    let mut lines = readme.lines().skip_while(|l| l.trim_end() != heading);
+    let mut lines = doc.lines().skip_while(|l| l.trim_end() != heading);
     if lines.next().is_none() {
-        bail!("README.md has no section {heading:?}");
+        bail!("{PRIVILEGES_DOC} has no section {heading:?}");
     }
     Ok(lines
         .take_while(|l| {
@@ -132,15 +138,16 @@ fn capability_words(text: &str) -> BTreeSet<String> {
         .collect()
 }
 
-/// The DaemonSet grants exactly what the README says the tracer needs:
-/// - its containers add exactly the capabilities the README's systemd
+/// The DaemonSet grants exactly what `doc` (docs/deployment.md) says the
+/// tracer needs:
+/// - its containers add exactly the capabilities the doc's systemd
 ///   section names (which the systemd unit's bounding set also is), drop
 ///   all others, and are not privileged;
-/// - its host paths are exactly those of the README's DaemonSet table of
+/// - its host paths are exactly those of the doc's DaemonSet table of
 ///   host mounts, each mounted read-only at the same path;
 /// - it shares the host's PID namespace (other pods' /proc) and not the
 ///   host's network.
-pub(crate) fn check_privileges(manifest: &str, readme: &str, unit: &str) -> Result<()> {
+pub(crate) fn check_privileges(manifest: &str, doc: &str, unit: &str) -> Result<()> {
     let docs: Vec<Value> = serde_yaml::Deserializer::from_str(manifest)
         .map(Value::deserialize)
         .collect::<Result<_, _>>()
@@ -152,10 +159,10 @@ pub(crate) fn check_privileges(manifest: &str, readme: &str, unit: &str) -> Resu
     let name = ds["metadata"]["name"].as_str().unwrap_or("?");
     let pod = &ds["spec"]["template"]["spec"];
 
-    let systemd = section(readme, "### As a systemd service")?.join("\n");
+    let systemd = section(doc, "## As a systemd service")?.join("\n");
     let needed = capability_words(&systemd);
     if needed.is_empty() {
-        bail!("README.md's \"As a systemd service\" names no CAP_ capability");
+        bail!("{PRIVILEGES_DOC}'s \"As a systemd service\" names no CAP_ capability");
     }
     let bounding = unit
         .lines()
@@ -163,7 +170,7 @@ pub(crate) fn check_privileges(manifest: &str, readme: &str, unit: &str) -> Resu
         .map(capability_words)
         .context("deploy/systemd/tracer.service has no CapabilityBoundingSet")?;
     if bounding != needed {
-        bail!("deploy/systemd/tracer.service bounds capabilities to {bounding:?}, the README says {needed:?}");
+        bail!("deploy/systemd/tracer.service bounds capabilities to {bounding:?}, {PRIVILEGES_DOC} says {needed:?}");
     }
 
     let containers: Vec<&Value> = ["initContainers", "containers"]
@@ -182,14 +189,14 @@ pub(crate) fn check_privileges(manifest: &str, readme: &str, unit: &str) -> Resu
             .into_iter()
             .flatten()
             .filter_map(Value::as_str)
-            // Kubernetes takes both spellings; compare in the README's.
+            // Kubernetes takes both spellings; compare in the doc's.
             .map(|cap| match cap.strip_prefix("CAP_") {
                 Some(_) => cap.to_string(),
                 None => format!("CAP_{cap}"),
             })
             .collect();
         if added != needed {
-            bail!("container {cname} adds capabilities {added:?}; the README says the tracer needs {needed:?}");
+            bail!("container {cname} adds capabilities {added:?}; {PRIVILEGES_DOC} says the tracer needs {needed:?}");
         }
         if sc["capabilities"]["drop"] != serde_json::json!(["ALL"]) {
             bail!(
@@ -231,19 +238,19 @@ pub(crate) fn check_privileges(manifest: &str, readme: &str, unit: &str) -> Resu
         .map(str::to_string)
         .collect();
 
-    // The README's DaemonSet section lists the host mounts in a table
+    // The doc's DaemonSet section lists the host mounts in a table
     // whose rows start with the path: | `/sys/kernel/tracing` | … |
-    let documented: BTreeSet<String> = section(readme, "### As a Kubernetes DaemonSet")?
+    let documented: BTreeSet<String> = section(doc, "## As a Kubernetes DaemonSet")?
         .iter()
         .filter_map(|l| l.strip_prefix("| `/"))
         .filter_map(|l| l.split_once('`'))
         .map(|(path, _)| format!("/{path}"))
         .collect();
     if documented.is_empty() {
-        bail!("README.md's \"As a Kubernetes DaemonSet\" has no table of host mounts (rows starting | `/path` |)");
+        bail!("{PRIVILEGES_DOC}'s \"As a Kubernetes DaemonSet\" has no table of host mounts (rows starting | `/path` |)");
     }
     if host_paths != documented {
-        bail!("DaemonSet {name} mounts host paths {host_paths:?}; the README documents {documented:?}");
+        bail!("DaemonSet {name} mounts host paths {host_paths:?}; {PRIVILEGES_DOC} documents {documented:?}");
     }
     for c in &containers {
         let cname = c["name"].as_str().unwrap_or("?");
@@ -270,21 +277,21 @@ mod tests {
         let root = crate::workspace_root();
         (
             read(&root, MANIFEST).unwrap(),
-            read(&root, "README.md").unwrap(),
+            read(&root, PRIVILEGES_DOC).unwrap(),
             read(&root, "deploy/systemd/tracer.service").unwrap(),
         )
     }
 
     #[test]
-    fn the_daemonset_grants_what_the_readme_says() {
-        let (manifest, readme, unit) = files();
-        check_privileges(&manifest, &readme, &unit).unwrap();
+    fn the_daemonset_grants_what_the_docs_say() {
+        let (manifest, doc, unit) = files();
+        check_privileges(&manifest, &doc, &unit).unwrap();
     }
 
-    /// Each way the manifest can drift from the README is caught.
+    /// Each way the manifest can drift from the docs is caught.
     #[test]
     fn a_drifting_manifest_is_refused() {
-        let (manifest, readme, unit) = files();
+        let (manifest, doc, unit) = files();
         let caps = r#"add: ["BPF", "PERFMON", "DAC_READ_SEARCH", "SYS_PTRACE", "SYS_ADMIN"]"#;
         for (what, from, to) in [
             (
@@ -306,15 +313,18 @@ mod tests {
                 "{what}: no {from:?} in the manifest"
             );
             let bad = manifest.replacen(from, to, 1);
-            let err = check_privileges(&bad, &readme, &unit).expect_err(what);
+            let err = check_privileges(&bad, &doc, &unit).expect_err(what);
             eprintln!("{what}: {err}");
         }
-        // Mounted where it is, but not in the README's table.
+        // Mounted where it is, but not in the doc's table.
         let bad = manifest.replace("/sys/fs/cgroup", "/sys/fs/bpf");
-        let err = check_privileges(&bad, &readme, &unit).expect_err("an undocumented host path");
-        assert!(err.to_string().contains("the README documents"), "{err}");
-        let readme_without = readme.replace("CAP_SYS_ADMIN", "CAP_SOMETHING");
-        assert!(check_privileges(&manifest, &readme_without, &unit).is_err());
+        let err = check_privileges(&bad, &doc, &unit).expect_err("an undocumented host path");
+        assert!(
+            err.to_string().contains("docs/deployment.md documents"),
+            "{err}"
+        );
+        let doc_without = doc.replace("CAP_SYS_ADMIN", "CAP_SOMETHING");
+        assert!(check_privileges(&manifest, &doc_without, &unit).is_err());
     }
 
     #[test]

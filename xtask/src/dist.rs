@@ -3,7 +3,7 @@
 //!
 //! For each architecture (amd64, arm64), a statically linked tracer (musl,
 //! the eBPF object embedded, stripped; Cargo profile `dist`) with the
-//! project's README and deployment files, in
+//! project's README, docs and deployment files, in
 //! `target/dist/tracer-<version>-<arch>-linux.tar.gz`, and a `SHA256SUMS`
 //! of what was written. The eBPF object is built by `tracer/build.rs` for
 //! `bpfel` whatever the agent's architecture (once per target: cargo runs
@@ -43,6 +43,14 @@ pub(crate) const MAX_BINARY_BYTES: u64 = 15_000_000;
 /// Files of the repository shipped in every tarball, at the same paths.
 pub(crate) const SHIPPED: &[&str] = &[
     "README.md",
+    "docs/deployment.md",
+    "docs/design.md",
+    "docs/development.md",
+    "docs/kernels.md",
+    "docs/performance.md",
+    "docs/records.md",
+    "docs/records.schema.json",
+    "docs/usage.md",
     "deploy/systemd/tracer.service",
     "deploy/kubernetes/daemonset.yaml",
     "deploy/kubernetes/Dockerfile",
@@ -357,7 +365,7 @@ pub(crate) fn gunzip(bytes: &[u8]) -> Result<Vec<u8>> {
 }
 
 /// The tarball of one architecture: `tracer-<v>-<arch>-linux/` holding the
-/// binary, the README and `deploy/`, and the generated files.
+/// binary, the README, `docs/` and `deploy/`, and the generated files.
 fn tarball_bytes(
     arch: Arch,
     binary: &[u8],

@@ -90,7 +90,8 @@ enum Task {
         seconds: u64,
     },
     /// Validate deploy/kubernetes/daemonset.yaml against the Kubernetes
-    /// schemas and its privileges against the README (also run by `test`).
+    /// schemas and its privileges against docs/deployment.md (also run by
+    /// `test`).
     CheckDeploy,
     /// Benchmark: connections/s of a loopback load untraced and under the
     /// tracer in each mode (and libbpf-tools when installed), with events

@@ -45,8 +45,8 @@ use crate::{
 pub(crate) const ENTRYPOINT: &str = "/usr/local/bin/tracer";
 /// Its default arguments (the DaemonSet passes its own).
 pub(crate) const CMD: &[&str] = &["--metrics", "0.0.0.0:9975", "--events", "none"];
-/// Root: the capabilities the DaemonSet adds are root's (README, "As a
-/// Kubernetes DaemonSet").
+/// Root: the capabilities the DaemonSet adds are root's (docs/deployment.md,
+/// "As a Kubernetes DaemonSet").
 pub(crate) const USER: &str = "0:0";
 pub(crate) const PORT: &str = "9975/tcp";
 
@@ -369,10 +369,10 @@ fn runs_as_root(user: &str) -> bool {
 }
 
 /// The DaemonSet runs this image (same tag), as root, with the entrypoint's
-/// arguments; and grants what the README documents (`deploy.rs`).
-pub(crate) fn check_daemonset(manifest: &str, readme: &str, unit: &str) -> Result<()> {
+/// arguments; and grants what docs/deployment.md documents (`deploy.rs`).
+pub(crate) fn check_daemonset(manifest: &str, doc: &str, unit: &str) -> Result<()> {
     use serde::Deserialize as _;
-    crate::deploy::check_privileges(manifest, readme, unit)?;
+    crate::deploy::check_privileges(manifest, doc, unit)?;
     let docs: Vec<serde_json::Value> = serde_yaml::Deserializer::from_str(manifest)
         .map(serde_json::Value::deserialize)
         .collect::<Result<_, _>>()?;
@@ -560,7 +560,7 @@ pub(crate) fn check(root: &Path, dist: &Dist) -> Result<()> {
     check_dockerfile(&read(DOCKERFILE)?)?;
     check_daemonset(
         &read(MANIFEST)?,
-        &read("README.md")?,
+        &read(crate::deploy::PRIVILEGES_DOC)?,
         &read("deploy/systemd/tracer.service")?,
     )?;
     eprintln!(
@@ -606,18 +606,18 @@ mod tests {
     fn the_daemonset_runs_this_image_as_root() {
         let repo = workspace_root();
         let read = |p: &str| fs::read_to_string(repo.join(p)).unwrap();
-        let (manifest, readme, unit) = (
+        let (manifest, doc, unit) = (
             read(MANIFEST),
-            read("README.md"),
+            read(crate::deploy::PRIVILEGES_DOC),
             read("deploy/systemd/tracer.service"),
         );
-        check_daemonset(&manifest, &readme, &unit).unwrap();
+        check_daemonset(&manifest, &doc, &unit).unwrap();
         let tag = format!("tracer:{VERSION}");
         assert!(manifest.contains(&tag));
-        assert!(check_daemonset(&manifest.replace(&tag, "tracer:0.0.1"), &readme, &unit).is_err());
+        assert!(check_daemonset(&manifest.replace(&tag, "tracer:0.0.1"), &doc, &unit).is_err());
         assert!(check_daemonset(
             &manifest.replace("runAsUser: 0", "runAsUser: 1000"),
-            &readme,
+            &doc,
             &unit
         )
         .is_err());

@@ -11,6 +11,7 @@ use std::{
     process::{Child, Command, Stdio},
     sync::atomic::{AtomicU16, Ordering},
     sync::mpsc,
+    sync::OnceLock,
     thread,
     time::{Duration, Instant},
 };
@@ -537,6 +538,7 @@ impl Running {
                 got.join("\n")
             );
             if let Ok(line) = self.stdout.recv_timeout(Duration::from_millis(50)) {
+                check_if_record(&line);
                 got.push(line);
             }
         }
@@ -573,6 +575,7 @@ impl Running {
             while asked.elapsed() < Duration::from_secs(2) {
                 match self.stdout.recv_timeout(Duration::from_millis(50)) {
                     Ok(line) => {
+                        check_if_record(&line);
                         got.push(line.clone());
                         summary.push(line);
                         if done(&summary) {
@@ -597,7 +600,7 @@ impl Running {
             assert!(start.elapsed() < DEADLINE, "tracer did not stop");
             thread::sleep(Duration::from_millis(10));
         };
-        let out: Vec<String> = self.stdout.iter().collect();
+        let out: Vec<String> = self.stdout.iter().inspect(|l| check_if_record(l)).collect();
         let err: Vec<String> = self.stderr.iter().collect();
         (status.code().expect("exited normally"), out, err)
     }
@@ -623,8 +626,67 @@ fn lines(r: impl Read + Send + 'static) -> mpsc::Receiver<String> {
     rx
 }
 
+/// A record the tracer printed, parsed and checked against the records'
+/// schema (`docs/records.schema.json`): a field the schema and
+/// `docs/records.md` do not describe fails the test that reads it.
 pub(crate) fn json(line: &str) -> serde_json::Value {
-    serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
+    let v = json_document(line);
+    check_schema(&v, line);
+    v
+}
+
+/// A JSON document that is not one of the tracer's records (a Prometheus
+/// API answer): parsed, not checked against the records' schema.
+pub(crate) fn json_document(text: &str) -> serde_json::Value {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+}
+
+/// A line of the tracer's stdout: if it is a JSON record, checked against
+/// the schema whether or not the test looks at it.
+pub(crate) fn check_if_record(line: &str) {
+    if line.starts_with('{') {
+        json(line);
+    }
+}
+
+/// The schema, embedded so that the guests' test binaries carry it.
+const RECORDS_SCHEMA: &str = include_str!("../../../docs/records.schema.json");
+
+/// The schema's validators by JSON pointer, compiled once per test binary.
+fn records_schema() -> &'static jsonschema::ValidatorMap {
+    static SCHEMA: OnceLock<jsonschema::ValidatorMap> = OnceLock::new();
+    SCHEMA.get_or_init(|| {
+        let schema: serde_json::Value =
+            serde_json::from_str(RECORDS_SCHEMA).expect("docs/records.schema.json is not JSON");
+        jsonschema::options()
+            .should_validate_formats(true)
+            .build_map(&schema)
+            .unwrap_or_else(|e| panic!("docs/records.schema.json is not a valid schema: {e}"))
+    })
+}
+
+fn check_schema(v: &serde_json::Value, line: &str) {
+    let schema = records_schema();
+    if schema.get("#").is_some_and(|root| root.is_valid(v)) {
+        return;
+    }
+    // The root's `oneOf` only says no record type matched: ask the type's
+    // own definition what is wrong.
+    let ty = v["type"].as_str().unwrap_or_default();
+    let why: Vec<String> = match schema.get(&format!("#/$defs/{ty}")) {
+        Some(d) => d
+            .iter_errors(v)
+            .map(|e| {
+                let at = e.instance_path().to_string();
+                format!("{e} at {}", if at.is_empty() { "the record" } else { &at })
+            })
+            .collect(),
+        None => vec![format!("no record type {ty:?} in the schema")],
+    };
+    panic!(
+        "record does not match docs/records.schema.json: {}\n{line}",
+        why.join("; ")
+    );
 }
 
 pub(crate) fn of_type(lines: &[String], ty: &str) -> Vec<serde_json::Value> {

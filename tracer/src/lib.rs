@@ -23,4 +23,5 @@ pub mod cli;
 pub mod clock;
 pub mod kernel;
 pub mod report;
+pub mod top;
 pub mod track;

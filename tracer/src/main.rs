@@ -13,6 +13,10 @@ fn main() -> ExitCode {
         eprintln!("tracer: internal error: {info}");
     }));
     let args = Args::parse();
+    // The view owns the terminal: it sets up its own diagnostics.
+    if let Some(Command::Top(t)) = &args.command {
+        return tracer::top::main(t);
+    }
     let level = match args.verbose {
         0 => log::LevelFilter::Warn,
         1 => log::LevelFilter::Info,
@@ -43,7 +47,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(agent::run(args)) {
+    match runtime.block_on(agent::run(args, None)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("tracer: error: {e:#}");

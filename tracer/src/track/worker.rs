@@ -115,6 +115,9 @@ pub enum Job {
         conns: Vec<Connection>,
         at_exit: bool,
     },
+    /// The same for `tracer top`'s CLOSE_WAIT holders (answered apart:
+    /// they are shown, not reported as stuck).
+    LiveHolders(Vec<Connection>),
 }
 
 pub enum Done {
@@ -124,6 +127,10 @@ pub enum Done {
     Holders {
         found: Vec<(Connection, Vec<Holder>)>,
         at_exit: bool,
+        errors: u64,
+    },
+    LiveHolders {
+        found: Vec<(Connection, Vec<Holder>)>,
         errors: u64,
     },
 }
@@ -175,6 +182,10 @@ impl Worker {
                                 at_exit,
                                 errors,
                             }
+                        }
+                        Job::LiveHolders(conns) => {
+                            let (found, errors) = state.holders(conns);
+                            Done::LiveHolders { found, errors }
                         }
                     };
                     if done.send(answer).is_err() {

@@ -581,7 +581,7 @@ pub async fn run(args: Args, live: Option<crate::top::feed::Live>) -> anyhow::Re
     let mut drain_tick = interval(DRAIN_INTERVAL);
     drain_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut timewait_due = pin!(sleep(args.timewait_interval));
-    let (snapshots, mut quit) = match live {
+    let (mut snapshots, mut quit) = match live {
         Some(l) => (Some(l.snapshots), Some(l.quit)),
         None => (None, None),
     };
@@ -742,6 +742,9 @@ pub async fn run(args: Args, live: Option<crate::top::feed::Live>) -> anyhow::Re
                 }
             }
         }
+        // `tracer top`'s view ends now, and gives the terminal back while
+        // the agent winds down.
+        snapshots.take();
         // No event after this: what the kernel submitted is finite. The
         // skipped runs are read before the programs go.
         counters.freeze();

@@ -184,9 +184,10 @@ fn shows_close_wait_holders_time_wait_and_obeys_the_keys() {
         let ports: Vec<u16> = (0..3).map(|_| test_port()).collect();
         let other = test_port();
         let tw_port = test_port();
+        let churn_port = test_port();
         let mut args: Vec<String> = ports
             .iter()
-            .chain([&tw_port])
+            .chain([&tw_port, &churn_port])
             .flat_map(|p| ["--port".to_string(), p.to_string()])
             .collect();
         args.extend(["--netns".into(), own_netns().unwrap().to_string()]);
@@ -196,6 +197,34 @@ fn shows_close_wait_holders_time_wait_and_obeys_the_keys() {
         tmux.wait("the first snapshot", attach_deadline(), |s| {
             s.contains("tracer top") && !s.contains("(starting)")
         });
+
+        // Connections opened and closed all along: transitions and closes
+        // per second.
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let churn = {
+            let stop = stop.clone();
+            thread::spawn(move || {
+                let addr = format!("127.0.0.1:{churn_port}").parse().unwrap();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    conversation(addr, Duration::ZERO, Ending::ClientFirst);
+                    thread::sleep(Duration::from_millis(20));
+                }
+            })
+        };
+        let rate = |s: &str, first: &str, col: usize| -> f64 {
+            row(s, first)
+                .get(col)
+                .and_then(|r| r.parse().ok())
+                .unwrap_or(0.0)
+        };
+        let s = tmux.wait("connections and closes per second", DEADLINE, |s| {
+            rate(s, "ESTABLISHED", 2) > 0.0 && rate(s, "peer", 1) > 0.0
+        });
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        churn.join().unwrap();
+        // A client and a server side per connection; at most one every
+        // 20 ms.
+        assert!(rate(&s, "ESTABLISHED", 2) <= 2.0 * 50.0 * 1.5, "{s}");
 
         let mut servers = Vec::new();
         let mut clients = Vec::new();

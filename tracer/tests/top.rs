@@ -157,7 +157,9 @@ fn a_terminal_too_small_gets_one_line_and_exit_2() {
     }
     let pidfile = format!("/tmp/tracer-top-small-{}", std::process::id());
     let tmux = Tmux::start(40, 10, &script(&[], &pidfile));
-    let s = tmux.wait("the exit", DEADLINE, |s| s.contains("EXIT="));
+    let s = tmux.wait("the exit", DEADLINE, |s| {
+        s.contains("EXIT=") && s.contains("icanon")
+    });
     assert!(s.contains("EXIT=2"), "{s}");
     // One line, wrapped by the narrow pane.
     let said: String = s.split("EXIT=").next().unwrap().replace('\n', "");
@@ -250,9 +252,13 @@ fn shows_close_wait_holders_time_wait_and_obeys_the_keys() {
             |s| {
                 row(s, "CLOSE_WAIT").get(1).map(String::as_str) == Some("3")
                     && s.contains("CLOSE_WAIT holders (3)")
-                    && servers[..3]
-                        .iter()
-                        .all(|(srv, _, _)| line(s, &format!(" {} ", srv.pid)).is_some())
+                    && servers[..3].iter().all(|(srv, fd, _)| {
+                        // With its fd, once the holders' scan found it.
+                        line(s, &format!(" {} ", srv.pid)).is_some_and(|l| {
+                            l.trim_matches(['│', ' ']).split_whitespace().nth(3)
+                                == Some(fd.to_string().as_str())
+                        })
+                    })
                     && row(s, &format!("127.0.0.1:{tw_port}"))
                         .get(1)
                         .map(String::as_str)
@@ -318,7 +324,9 @@ fn shows_close_wait_holders_time_wait_and_obeys_the_keys() {
         });
 
         tmux.keys(&["q"]);
-        let s = tmux.wait("the exit", DEADLINE, |s| s.contains("EXIT="));
+        let s = tmux.wait("the exit", DEADLINE, |s| {
+            s.contains("EXIT=") && s.contains("icanon")
+        });
         assert!(s.contains("EXIT=0"), "{s}");
         assert!(
             line(&s, "icanon").is_some_and(|l| l.trim() == "icanon"),
@@ -352,7 +360,9 @@ fn signals_give_the_terminal_back() {
             let pid: i32 = pid.trim().parse().unwrap();
             // SAFETY: a signal to the tracer this test started.
             assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
-            let s = tmux.wait("the exit", DEADLINE, |s| s.contains("EXIT="));
+            let s = tmux.wait("the exit", DEADLINE, |s| {
+                s.contains("EXIT=") && s.contains("icanon")
+            });
             assert!(s.contains("EXIT=0"), "signal {sig}:\n{s}");
             assert!(
                 line(&s, "icanon").is_some_and(|l| l.trim() == "icanon"),

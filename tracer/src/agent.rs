@@ -462,7 +462,10 @@ const EXIT_OUTPUT_WAIT: Duration = Duration::from_secs(1);
 /// How often the agent drains the ring buffer without being woken.
 pub const DRAIN_INTERVAL: Duration = Duration::from_millis(50);
 
-pub async fn run(args: Args) -> anyhow::Result<()> {
+/// Runs the agent until Ctrl-C, SIGTERM or `--duration`; with `live`
+/// (`tracer top`), also until the view quits, feeding it a snapshot a
+/// second.
+pub async fn run(args: Args, live: Option<crate::top::feed::Live>) -> anyhow::Result<()> {
     // Before "attached" is logged: a signal sent once it is must be handled.
     let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
@@ -502,8 +505,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let mut pipeline = Pipeline {
         tracker: Tracker::new(args.max_sockets as usize),
         out: Output::new(
-            Sink::new(io::stdout(), args.output_buffer as usize)
-                .context("starting the output thread")?,
+            // `tracer top` owns the terminal: records go nowhere (the
+            // view shows what they would say).
+            if live.is_some() {
+                Sink::new(io::sink(), args.output_buffer as usize)
+            } else {
+                Sink::new(io::stdout(), args.output_buffer as usize)
+            }
+            .context("starting the output thread")?,
             args.output,
             args.events,
             WallClock::now(),
@@ -614,6 +623,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let mut drain_tick = interval(DRAIN_INTERVAL);
     drain_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut timewait_due = pin!(sleep(args.timewait_interval));
+    let (mut snapshots, mut quit) = match live {
+        Some(l) => (Some(l.snapshots), Some(l.quit)),
+        None => (None, None),
+    };
+    if snapshots.is_some() {
+        pipeline.observers.live = Some(Default::default());
+    }
+    let mut holders = crate::top::feed::Holders::default();
 
     let result: io::Result<()> = async {
         loop {
@@ -666,8 +683,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                         }
                         pipeline.out.flush()?;
                     }
+                    Some(Done::LiveHolders { found, errors }) => {
+                        lifecycle.counters.errors += errors;
+                        holders.found(found);
+                    }
                     None => {}
                 },
+                _ = async { quit.as_mut().expect("guarded").await }, if quit.is_some() => break,
                 guard = async { logger.as_mut().expect("guarded").readable_mut().await }, if logger.is_some() => {
                     let mut guard = guard?;
                     guard.get_inner_mut().flush();
@@ -730,6 +752,19 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                             pipeline.tracker.ports.wanted = wanted;
                         }
                     }
+                    if let Some(to_view) = &snapshots {
+                        // Fresh numbers: what the kernel has submitted.
+                        pipeline.drain(ring.get_mut())?;
+                        pipeline.out.flush()?;
+                        let (snapshot, ask) = crate::top::feed::snapshot(
+                            &mut pipeline, &mut holders, counters.read().ok(), monotonic_ns());
+                        if !ask.is_empty() && worker.send(Job::LiveHolders(ask)) {
+                            holders.asking = true;
+                        }
+                        // The view takes one a second; a snapshot it has
+                        // not taken yet is as good as this one.
+                        let _ = to_view.try_send(snapshot);
+                    }
                     let due: Vec<Connection> = thresholds
                         .iter()
                         .flat_map(|&(state, t)| lifecycle.due_stuck(&mut pipeline.tracker, state, t))
@@ -742,6 +777,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                         pipeline.out.flush()?;
                     }
                     let dropped = pipeline.out.dropped();
+                    // `tracer top` shows its losses on its status line.
+                    if snapshots.is_some() {
+                        continue;
+                    }
                     if dropped > last_dropped {
                         eprintln!(
                             "tracer: warning: {} records dropped (stdout's reader more than --output-buffer behind, {} in all)",
@@ -762,10 +801,17 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 }
             }
         }
+        // `tracer top`'s view ends now, and gives the terminal back while
+        // the agent winds down.
+        snapshots.take();
         // No event after this: what the kernel submitted is finite. The
         // skipped runs are read before the programs go.
         counters.freeze();
         drop(programs);
+        // Nothing is lost by waiting for stdout's reader from now on: the
+        // records written at exit, the summary and the stats record wait
+        // for it rather than being dropped, while it takes them.
+        pipeline.out.wait_when_full(EXIT_OUTPUT_WAIT);
         while !pipeline.drain(ring.get_mut())? {}
         pipeline.release_all()?;
         // A last timewait poll, so that an active closer whose peer's FIN

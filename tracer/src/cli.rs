@@ -33,65 +33,8 @@ pub struct Args {
     #[arg(short, long, value_parser = parse_duration)]
     pub duration: Option<Duration>,
 
-    /// Only connections with this local or remote port (repeatable).
-    #[arg(short, long = "port", value_name = "PORT", value_parser = parse_port)]
-    pub ports: Vec<u16>,
-
-    /// Only IPv4.
-    #[arg(short = '4', long = "ipv4", conflicts_with = "ipv6")]
-    pub ipv4: bool,
-
-    /// Only IPv6.
-    #[arg(short = '6', long = "ipv6")]
-    pub ipv6: bool,
-
-    /// Only connections with this local port (repeatable).
-    #[arg(long = "lport", value_name = "PORT", value_parser = parse_port)]
-    pub lports: Vec<u16>,
-
-    /// Only connections with this remote port (repeatable).
-    #[arg(long = "rport", value_name = "PORT", value_parser = parse_port)]
-    pub rports: Vec<u16>,
-
-    /// Only connections whose local address is in this prefix (CIDR or an
-    /// address; IPv4 or IPv6; repeatable).
-    #[arg(long = "laddr", value_name = "CIDR", value_parser = crate::kernel::filters::parse_cidr)]
-    pub laddrs: Vec<ipnet::IpNet>,
-
-    /// Only connections whose remote address is in this prefix (repeatable).
-    #[arg(long = "raddr", value_name = "CIDR", value_parser = crate::kernel::filters::parse_cidr)]
-    pub raddrs: Vec<ipnet::IpNet>,
-
-    /// Only transitions into or out of this state (e.g. CLOSE_WAIT;
-    /// repeatable). Timing stays right: the kernel times every state.
-    #[arg(long = "state", value_name = "STATE", value_parser = crate::kernel::filters::parse_state)]
-    pub states: Vec<crate::kernel::events::TcpState>,
-
-    /// Only sockets of this network namespace: a path (/proc/PID/ns/net,
-    /// /run/netns/NAME) or its inode number.
-    #[arg(long, value_name = "PATH|INODE", value_parser = crate::kernel::filters::parse_netns)]
-    pub netns: Option<u32>,
-
-    /// Only sockets owned by this process (the one that connects, listens,
-    /// accepts or closes them).
-    #[arg(long, value_name = "PID", value_parser = clap::value_parser!(u32).range(1..))]
-    pub pid: Option<u32>,
-
-    /// Only sockets owned by a process with this name (as in
-    /// /proc/PID/comm, at most 15 bytes).
-    #[arg(long, value_name = "NAME", value_parser = crate::kernel::filters::parse_comm)]
-    pub comm: Option<String>,
-
-    /// Only sockets owned by a process in this cgroup v2 directory or
-    /// below it (e.g. /sys/fs/cgroup/system.slice/nginx.service; repeatable).
-    #[arg(long = "cgroup", value_name = "PATH", value_parser = crate::track::containers::parse_cgroup)]
-    pub cgroups: Vec<crate::track::containers::Selected>,
-
-    /// Only sockets owned by a process of this container (its id, or a
-    /// prefix of it as `docker ps` shows; found in the cgroup v2
-    /// hierarchy; repeatable).
-    #[arg(long = "container", value_name = "ID", value_parser = crate::track::containers::parse_container)]
-    pub containers: Vec<crate::track::containers::Selected>,
+    #[command(flatten)]
+    pub select: Select,
 
     /// Tables: add a CGROUP column (the owner's container, else its
     /// cgroup path).
@@ -165,6 +108,71 @@ pub struct Args {
     pub metrics: crate::report::metrics::MetricsArgs,
 }
 
+/// Which connections to follow: the filters set in the kernel (shared by
+/// the bare command and `tracer top`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct Select {
+    /// Only connections with this local or remote port (repeatable).
+    #[arg(short, long = "port", value_name = "PORT", value_parser = parse_port)]
+    pub ports: Vec<u16>,
+
+    /// Only IPv4.
+    #[arg(short = '4', long = "ipv4", conflicts_with = "ipv6")]
+    pub ipv4: bool,
+
+    /// Only IPv6.
+    #[arg(short = '6', long = "ipv6")]
+    pub ipv6: bool,
+
+    /// Only connections with this local port (repeatable).
+    #[arg(long = "lport", value_name = "PORT", value_parser = parse_port)]
+    pub lports: Vec<u16>,
+
+    /// Only connections with this remote port (repeatable).
+    #[arg(long = "rport", value_name = "PORT", value_parser = parse_port)]
+    pub rports: Vec<u16>,
+
+    /// Only connections whose local address is in this prefix (CIDR or an
+    /// address; IPv4 or IPv6; repeatable).
+    #[arg(long = "laddr", value_name = "CIDR", value_parser = crate::kernel::filters::parse_cidr)]
+    pub laddrs: Vec<ipnet::IpNet>,
+
+    /// Only connections whose remote address is in this prefix (repeatable).
+    #[arg(long = "raddr", value_name = "CIDR", value_parser = crate::kernel::filters::parse_cidr)]
+    pub raddrs: Vec<ipnet::IpNet>,
+
+    /// Only transitions into or out of this state (e.g. CLOSE_WAIT;
+    /// repeatable). Timing stays right: the kernel times every state.
+    #[arg(long = "state", value_name = "STATE", value_parser = crate::kernel::filters::parse_state)]
+    pub states: Vec<crate::kernel::events::TcpState>,
+
+    /// Only sockets of this network namespace: a path (/proc/PID/ns/net,
+    /// /run/netns/NAME) or its inode number.
+    #[arg(long, value_name = "PATH|INODE", value_parser = crate::kernel::filters::parse_netns)]
+    pub netns: Option<u32>,
+
+    /// Only sockets owned by this process (the one that connects, listens,
+    /// accepts or closes them).
+    #[arg(long, value_name = "PID", value_parser = clap::value_parser!(u32).range(1..))]
+    pub pid: Option<u32>,
+
+    /// Only sockets owned by a process with this name (as in
+    /// /proc/PID/comm, at most 15 bytes).
+    #[arg(long, value_name = "NAME", value_parser = crate::kernel::filters::parse_comm)]
+    pub comm: Option<String>,
+
+    /// Only sockets owned by a process in this cgroup v2 directory or
+    /// below it (e.g. /sys/fs/cgroup/system.slice/nginx.service; repeatable).
+    #[arg(long = "cgroup", value_name = "PATH", value_parser = crate::track::containers::parse_cgroup)]
+    pub cgroups: Vec<crate::track::containers::Selected>,
+
+    /// Only sockets owned by a process of this container (its id, or a
+    /// prefix of it as `docker ps` shows; found in the cgroup v2
+    /// hierarchy; repeatable).
+    #[arg(long = "container", value_name = "ID", value_parser = crate::track::containers::parse_container)]
+    pub containers: Vec<crate::track::containers::Selected>,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Print the summary (as --summary) of a recording made with
@@ -180,9 +188,25 @@ pub enum Command {
     /// Print the man page (roff) to stdout: `tracer man | man -l -`.
     #[command(hide = true)]
     Man,
+    /// A live view of TCP on this host: connections by state, closes,
+    /// CLOSE_WAIT holders, TIME_WAIT by destination (q quits, s sorts,
+    /// / filters, p pauses); needs a terminal.
+    Top(Box<crate::top::TopArgs>),
 }
 
 impl Args {
+    /// The filters to set in the kernel.
+    pub fn filters(&self) -> crate::kernel::filters::Filters {
+        self.select.filters()
+    }
+
+    /// Address family to keep: `None` for both.
+    pub fn family(&self) -> Option<crate::kernel::events::Family> {
+        self.select.family()
+    }
+}
+
+impl Select {
     /// The filters to set in the kernel.
     pub fn filters(&self) -> crate::kernel::filters::Filters {
         crate::kernel::filters::Filters {
@@ -217,7 +241,7 @@ impl Args {
     }
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 10s, 5m, 250ms)"))?;
     if d.is_zero() {
         return Err("must be longer than zero".into());
@@ -272,7 +296,7 @@ fn parse_size(s: &str) -> Result<u64, String> {
     Ok(n.saturating_mul(mult))
 }
 
-fn parse_ringbuf_size(s: &str) -> Result<u32, String> {
+pub(crate) fn parse_ringbuf_size(s: &str) -> Result<u32, String> {
     let (digits, mult) = match s.strip_suffix(['K', 'k']) {
         Some(d) => (d, 1u64 << 10),
         None => match s.strip_suffix(['M', 'm']) {
@@ -307,7 +331,7 @@ mod tests {
         assert_eq!(a.output, Format::Table);
         assert_eq!(a.events, EventsMode::Transitions);
         assert_eq!(a.duration, None);
-        assert!(a.ports.is_empty());
+        assert!(a.select.ports.is_empty());
         assert_eq!(a.family(), None);
         assert_eq!(a.ringbuf_size, 4 << 20);
         assert_eq!(a.close_wait, Duration::from_secs(30));
@@ -352,7 +376,7 @@ mod tests {
         assert_eq!(a.output, Format::Json);
         assert!(a.events.transitions() && a.events.connections());
         assert_eq!(a.duration, Some(Duration::from_millis(250)));
-        assert_eq!(a.ports, vec![80, 443]);
+        assert_eq!(a.select.ports, vec![80, 443]);
         assert_eq!(a.family(), Some(crate::kernel::events::Family::Ipv6));
     }
 

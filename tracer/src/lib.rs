@@ -24,4 +24,5 @@ pub mod clock;
 pub mod kernel;
 pub mod manual;
 pub mod report;
+pub mod top;
 pub mod track;

@@ -14,6 +14,10 @@ fn main() -> ExitCode {
         eprintln!("tracer: internal error: {info}");
     }));
     let args = Args::parse();
+    // The view owns the terminal: it sets up its own diagnostics.
+    if let Some(Command::Top(t)) = &args.command {
+        return tracer::top::main(t);
+    }
     let level = match args.verbose {
         0 => log::LevelFilter::Warn,
         1 => log::LevelFilter::Info,
@@ -34,7 +38,8 @@ fn main() -> ExitCode {
         Some(Command::Man) => {
             Some(manual::write_man(&mut std::io::stdout().lock()).map_err(anyhow::Error::from))
         }
-        None => None,
+        // Handled above, before the logger.
+        Some(Command::Top(_)) | None => None,
     };
     if let Some(result) = offline {
         return match result {
@@ -55,7 +60,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(agent::run(args)) {
+    match runtime.block_on(agent::run(args, None)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("tracer: error: {e:#}");

@@ -22,7 +22,9 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages the test suite uses (checked with dpkg, installed with
 /// apt-get when missing):
 /// - `prometheus`: `promtool check metrics` on the `/metrics` endpoint.
-pub(crate) const APT_PACKAGES: &[&str] = &["prometheus"];
+/// - `tmux`: a terminal for `tracer top`'s tests (tests/top.rs), read
+///   with `capture-pane`.
+pub(crate) const APT_PACKAGES: &[&str] = &["prometheus", "tmux"];
 
 pub(crate) fn ensure() -> Result<()> {
     ensure_nightly()?;

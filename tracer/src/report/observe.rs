@@ -35,6 +35,8 @@ const MAX_HELD: usize = 65536;
 pub struct Observers {
     pub summary: Option<Summary>,
     pub metrics: Option<Recorder>,
+    /// `tracer top`'s running counts (plain additions).
+    pub live: Option<crate::top::model::Totals>,
     /// FIN_WAIT2 time before the hand-over, per connection in timewait,
     /// by a 64-bit hash of its namespace and 4-tuple (a compact table of
     /// up to 65,536 entries looked up twice per active close).
@@ -47,6 +49,7 @@ impl Observers {
         Observers {
             summary,
             metrics,
+            live: None,
             held: HashMap::default(),
             tuples: Default::default(),
         }
@@ -54,6 +57,9 @@ impl Observers {
 
     /// Transition `t` of a socket owned by `owner` (as the output names it).
     pub fn transition(&mut self, t: &Transition, owner: &Option<Owner>) {
+        if let Some(l) = &mut self.live {
+            l.transition(t.new);
+        }
         if self.summary.is_none() && self.metrics.is_none() {
             return;
         }
@@ -106,6 +112,10 @@ impl Observers {
     /// A connection closed as `by` (also from a recorded connection
     /// record's `close`).
     pub fn closed(&mut self, key: &TupleKey, by: CloseBy, rst: Option<Rst>, owner: Option<&Owner>) {
+        if let Some(l) = &mut self.live {
+            let (sent, received) = rst.map_or((0, 0), |r| (r.sent, r.received));
+            l.closed(by, sent, received);
+        }
         if let Some(m) = &mut self.metrics {
             m.closed(by, rst);
         }

@@ -132,7 +132,30 @@ pub struct Diag {
     /// A request did not read its last reply: what is left of it is
     /// drained before the next request.
     unfinished: bool,
-    buf: Vec<u8>,
+}
+
+thread_local! {
+    /// The receive buffer of this thread's requests: one per thread that
+    /// talks sock_diag, not one per socket (a socket is kept per network
+    /// namespace, and hundreds come and go on a node with pod churn).
+    static SPARE: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// This thread's receive buffer, for one request; given back when dropped.
+struct RecvBuf(Vec<u8>);
+
+impl RecvBuf {
+    fn take() -> RecvBuf {
+        let mut buf = SPARE.take();
+        buf.resize(RECV_BUF, 0);
+        RecvBuf(buf)
+    }
+}
+
+impl Drop for RecvBuf {
+    fn drop(&mut self) {
+        SPARE.set(std::mem::take(&mut self.0));
+    }
 }
 
 /// What one request's replies held.
@@ -156,7 +179,6 @@ impl Diag {
             port,
             seq: 0,
             unfinished: false,
-            buf: vec![0u8; RECV_BUF],
         }
     }
 
@@ -279,10 +301,11 @@ impl Diag {
             sockets: Vec::new(),
             interrupted: false,
         };
+        let mut buf = RecvBuf::take();
         loop {
             let got = self
                 .link
-                .recv(&mut self.buf, false)?
+                .recv(&mut buf.0, false)?
                 .ok_or_else(|| io::Error::from(io::ErrorKind::WouldBlock))?;
             if got.truncated {
                 return Err(DiagError::Truncated.into());
@@ -291,7 +314,7 @@ impl Diag {
                 continue;
             }
             let first = replies.sockets.len();
-            let bytes = self.buf.get(..got.len).ok_or(DiagError::Truncated)?;
+            let bytes = buf.0.get(..got.len).ok_or(DiagError::Truncated)?;
             let parsed = parse_messages(bytes, want, &mut replies.sockets);
             if let Err(e) = &parsed {
                 // The kernel's own answer (an NLMSG_ERROR of this request)
@@ -326,7 +349,8 @@ impl Diag {
     /// that failed half-way: a running dump goes on producing as it is
     /// read, to its end).
     fn drain(&mut self) -> io::Result<()> {
-        while self.link.recv(&mut self.buf, true)?.is_some() {}
+        let mut buf = RecvBuf::take();
+        while self.link.recv(&mut buf.0, true)?.is_some() {}
         self.unfinished = false;
         Ok(())
     }

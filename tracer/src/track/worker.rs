@@ -119,6 +119,9 @@ pub enum Job {
     /// The ephemeral port ranges of namespaces (with a task in each, to
     /// open it by).
     PortRanges(Vec<(u32, Option<(u32, u32)>)>),
+    /// The same for `tracer top`'s CLOSE_WAIT holders (answered apart:
+    /// they are shown, not reported as stuck).
+    LiveHolders(Vec<Connection>),
 }
 
 pub enum Done {
@@ -131,6 +134,10 @@ pub enum Done {
         errors: u64,
     },
     PortRanges(Vec<(u32, Result<PortRange, String>)>),
+    LiveHolders {
+        found: Vec<(Connection, Vec<Holder>)>,
+        errors: u64,
+    },
 }
 
 /// The drain side's handle on the worker thread.
@@ -186,6 +193,10 @@ impl Worker {
                                 at_exit,
                                 errors,
                             }
+                        }
+                        Job::LiveHolders(conns) => {
+                            let (found, errors) = state.holders(conns);
+                            Done::LiveHolders { found, errors }
                         }
                     };
                     if done.send(answer).is_err() {

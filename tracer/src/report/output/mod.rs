@@ -651,6 +651,12 @@ impl<W: RecordWrite> Output<W> {
         self.out.flush()
     }
 
+    /// At exit: a full output buffer waits for a reader that makes
+    /// progress (every `within`) instead of dropping records.
+    pub fn wait_when_full(&mut self, within: std::time::Duration) {
+        self.out.wait_when_full(within);
+    }
+
     /// Records dropped because stdout's reader was too slow.
     pub fn dropped(&self) -> u64 {
         self.out.dropped()

@@ -40,6 +40,13 @@ pub trait RecordWrite: Write {
         0
     }
 
+    /// From now on, a full buffer waits for the reader instead of dropping
+    /// records, as long as the reader takes something every `within` (at
+    /// exit: nothing is left to drain, and the last records must come).
+    fn wait_when_full(&mut self, within: Duration) {
+        let _ = within;
+    }
+
     /// Writes out everything, waiting at most `within`; false if the
     /// reader did not take it in time.
     fn finish(&mut self, within: Duration) -> io::Result<bool> {
@@ -71,6 +78,9 @@ pub struct Sink {
     writer: Option<thread::JoinHandle<()>>,
     /// Records dropped because the reader was too slow.
     pub dropped: u64,
+    /// Set at exit: how long a full buffer waits for the reader's progress
+    /// before records are dropped.
+    patience: Option<Duration>,
 }
 
 impl Sink {
@@ -114,6 +124,7 @@ impl Sink {
             written,
             writer: Some(writer),
             dropped: 0,
+            patience: None,
         })
     }
 
@@ -131,7 +142,7 @@ impl Sink {
                 self.made += 1;
                 Some(Vec::with_capacity(CHUNK_BYTES))
             }
-            Err(_) => None,
+            Err(_) => self.patience.and_then(|p| self.wait_for_free(p)),
         };
         match (next, &self.to_writer) {
             (Some(next), Some(tx)) => {
@@ -146,6 +157,25 @@ impl Sink {
         }
         self.records = 0;
         self.mark = 0;
+    }
+
+    /// A chunk the writer gives back, waited for while it makes progress
+    /// (bytes written) at least every `within`.
+    fn wait_for_free(&self, within: Duration) -> Option<Vec<u8>> {
+        let mut written = self.written.load(Ordering::Relaxed);
+        loop {
+            match self.free.recv_timeout(within) {
+                Ok(c) => return Some(c),
+                Err(mpsc::RecvTimeoutError::Disconnected) => return None,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    let now = self.written.load(Ordering::Relaxed);
+                    if now == written || self.failed.load(Ordering::Relaxed) {
+                        return None;
+                    }
+                    written = now;
+                }
+            }
+        }
     }
 
     fn check(&self) -> io::Result<()> {
@@ -170,6 +200,10 @@ impl RecordWrite for Sink {
 
     fn dropped(&self) -> u64 {
         self.dropped
+    }
+
+    fn wait_when_full(&mut self, within: Duration) {
+        self.patience = Some(within);
     }
 
     /// Hands on what is written and waits, up to `within`, for the writer
@@ -280,6 +314,41 @@ mod tests {
             assert!(last.is_none_or(|p| i > p));
             last = Some(i);
         }
+    }
+
+    /// At exit the last records wait for a reader that pauses (here 300
+    /// ms) instead of being dropped; before, the same burst drops some.
+    #[test]
+    fn at_exit_a_slow_reader_gets_every_record() {
+        let burst = |patient: bool| {
+            let g = Gated {
+                gate: Arc::new(Mutex::new(())),
+                got: Default::default(),
+            };
+            let gate = g.gate.clone();
+            let (held, hold) = mpsc::channel();
+            let pause = thread::spawn(move || {
+                let _stall = gate.lock().unwrap();
+                held.send(()).unwrap();
+                thread::sleep(Duration::from_millis(300));
+            });
+            hold.recv().unwrap();
+            let mut s = Sink::new(g.clone(), 2 * CHUNK_BYTES).unwrap();
+            if patient {
+                s.wait_when_full(Duration::from_secs(1));
+            }
+            for i in 0..1000 {
+                record(&mut s, i);
+            }
+            assert!(s.finish(Duration::from_secs(10)).unwrap());
+            pause.join().unwrap();
+            let got = g.got.lock().unwrap();
+            let lines = got.iter().filter(|&&b| b == b'\n').count() as u64;
+            assert_eq!(lines + s.dropped, 1000);
+            s.dropped
+        };
+        assert!(burst(false) > 0, "the burst overflows the buffer");
+        assert_eq!(burst(true), 0);
     }
 
     #[test]

@@ -11,7 +11,7 @@ use crate::{
     track::ports::Hold,
 };
 
-pub(super) const STATES: usize = 13;
+pub const STATES: usize = 13;
 
 /// A connection's identity once its socket is gone: namespace and 4-tuple.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -53,7 +53,7 @@ use crate::{
     track::ports::{Dest, Hold, Ports},
     FastMap as HashMap,
 };
-use connection::STATES;
+pub use connection::STATES;
 use slab::Slab;
 
 /// Was this `-> CLOSE` an active close that leaves a timewait socket?
@@ -590,6 +590,16 @@ impl Tracker {
             }
         }
         counts
+    }
+
+    /// Every connection counted by [`Tracker::count_by_state`].
+    pub fn connections(&self) -> impl Iterator<Item = &Connection> {
+        self.slab
+            .iter()
+            .filter(|(_, p, c)| {
+                matches!(p, Phase::Live | Phase::Snapshot | Phase::Timewait) && !c.listener
+            })
+            .map(|(_, _, c)| c)
     }
 
     /// Connections tracked (live, from the snapshot, or waiting for their

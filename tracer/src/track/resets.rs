@@ -120,7 +120,13 @@ impl Resets {
         } else {
             self.pending.remove(&conn.sock)
         };
-        if let Some(p) = pending {
+        // An active closer's full socket is freed when its timewait socket
+        // takes over: a reset at its address after that is a new socket's
+        // (which claims it when it closes).
+        let gone_at = conn.timewait.map(|tw| tw.closed_ns);
+        if let Some(p) = pending.filter(|p| gone_at.is_some_and(|at| p.first_ns > at)) {
+            self.pending.insert(conn.sock, p);
+        } else if let Some(p) = pending {
             // A reset older than the connection was another socket's at
             // the same address.
             if p.first_ns >= conn.first_seen_ns.min(conn.start_ns) {
@@ -190,7 +196,8 @@ impl Resets {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernel::events::{tests::sample, TcpState::*, Transition};
+    use crate::kernel::events::{tests::sample, Source, TcpState::*, Transition};
+    use crate::track::tracker::TimewaitEnd;
 
     const MS: u64 = 1_000_000;
 
@@ -293,6 +300,38 @@ mod tests {
         let out = all(&mut r, &mut t);
         assert_eq!(out[0].close.rst_received, 0, "the held one received none");
         assert_eq!(out[1].close.rst_received, 1);
+    }
+
+    /// An active closer's socket address is free once its timewait socket
+    /// takes over: a reset of the next socket there, the agent not knowing
+    /// it yet (batched), is not the waiting connection's.
+    #[test]
+    fn a_reset_after_a_timewait_hand_over_is_the_next_sockets() {
+        let mut t = Tracker::new(8);
+        let mut r = Resets::new(true);
+        t.on_transition(&tr(0, 4, Close, SynSent));
+        t.on_transition(&tr(1, 4, SynSent, Established));
+        t.on_transition(&tr(2, 4, Established, FinWait1));
+        t.on_transition(&tr(3, 4, FinWait1, FinWait2));
+        assert!(t
+            .on_transition(&tr(4, 4, FinWait2, Close))
+            .closed
+            .is_empty());
+        // The next socket at address 4 is reset; the waiting connection's
+        // TIME_WAIT then ends.
+        r.reset(&reset(50, 4, ResetDirection::Received), &mut t);
+        let id = t.timewait_mut().next().unwrap().0;
+        t.end_timewait(id, 60 * MS, TimewaitEnd::Reused, Source::Reuse);
+        assert!(r.closed(id, &mut t), "no reset follows a timewait socket");
+        assert_eq!(t.conn(id).close.rst_received, 0);
+        t.take(id);
+        // The next socket claims it when it closes.
+        t.on_transition(&tr(49, 4, Close, SynSent));
+        let c = ended(&mut t, &tr(50, 4, SynSent, Close));
+        assert!(!r.closed(c, &mut t));
+        let out = all(&mut r, &mut t);
+        assert_eq!(out[0].close.rst_received, 1);
+        assert_eq!((r.joined, r.unmatched), (1, 0));
     }
 
     #[test]

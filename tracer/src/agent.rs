@@ -23,6 +23,7 @@ use crate::{
     track::cgroup::Resolver,
     track::close::classify,
     track::containers::Cgroups,
+    track::diag::Queues,
     track::lifecycle::{Lifecycle, PollResult, TimewaitPoll, EXPIRY_TOLERANCE_NS},
     track::resets::Resets,
     track::tracker::{Connection, Owner, SlotId, Tracker, TupleKey},
@@ -55,10 +56,19 @@ pub enum Deferred {
     Emit(Transition, Option<Owner>),
     /// An ended connection, in its slot until written.
     Connection(SlotId),
-    /// A stuck connection's alert: the connection, its holders, when it
-    /// was due, at exit.
-    Stuck(Box<(Connection, Vec<crate::track::procfs::Holder>, u64, bool)>),
+    /// A stuck connection's alert: the connection, its holders, its
+    /// socket's queues, when it was due, at exit.
+    Stuck(Box<StuckAlert>),
 }
+
+/// What a deferred stuck alert carries (see [`Deferred::Stuck`]).
+pub type StuckAlert = (
+    Connection,
+    Vec<crate::track::procfs::Holder>,
+    Option<Queues>,
+    u64,
+    bool,
+);
 
 impl<W: RecordWrite> Pipeline<W> {
     pub fn handle(&mut self, bytes: &[u8]) -> io::Result<()> {
@@ -248,26 +258,29 @@ impl<W: RecordWrite> Pipeline<W> {
         &mut self,
         conn: &Connection,
         holders: &[crate::track::procfs::Holder],
+        queues: Option<Queues>,
         at_exit: bool,
     ) -> io::Result<()> {
         let now = monotonic_ns();
         if !self.deferred.is_empty() || !self.named(&conn.owner) {
-            let alert = Box::new((*conn, holders.to_vec(), now, at_exit));
+            let alert = Box::new((*conn, holders.to_vec(), queues, now, at_exit));
             self.deferred.push_back(Deferred::Stuck(alert));
             return Ok(());
         }
-        self.stuck_now(conn, holders, now, at_exit)
+        self.stuck_now(conn, holders, queues, now, at_exit)
     }
 
     fn stuck_now(
         &mut self,
         conn: &Connection,
         holders: &[crate::track::procfs::Holder],
+        queues: Option<Queues>,
         now_ns: u64,
         at_exit: bool,
     ) -> io::Result<()> {
         let close = crate::track::close::so_far(&conn.close, self.resets.enabled);
-        self.out.stuck(conn, now_ns, holders, at_exit, &close)
+        self.out
+            .stuck(conn, now_ns, holders, queues, at_exit, &close)
     }
 
     /// Is the cgroup of `owner` named, or known not to be? If not, its
@@ -294,8 +307,8 @@ impl<W: RecordWrite> Pipeline<W> {
                 Some(Deferred::Emit(t, o)) => self.emit_now(&t, &o)?,
                 Some(Deferred::Connection(id)) => self.write_connection_now(id)?,
                 Some(Deferred::Stuck(a)) => {
-                    let (conn, holders, now, at_exit) = *a;
-                    self.stuck_now(&conn, &holders, now, at_exit)?
+                    let (conn, holders, queues, now, at_exit) = *a;
+                    self.stuck_now(&conn, &holders, queues, now, at_exit)?
                 }
                 None => break,
             }
@@ -612,8 +625,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                     Some(Done::Released(n)) => namespaces_released += n,
                     Some(Done::Holders { found, errors, .. }) => {
                         lifecycle.counters.errors += errors;
-                        for (conn, holders) in &found {
-                            pipeline.stuck(conn, holders, false)?;
+                        for (conn, holders, queues) in &found {
+                            pipeline.stuck(conn, holders, *queues, false)?;
                         }
                         pipeline.out.flush()?;
                     }
@@ -678,7 +691,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                     if !due.is_empty() && !worker.send(Job::Holders { conns: due.clone(), at_exit: false }) {
                         log::debug!("worker busy: stuck connections reported without their holders");
                         for conn in &due {
-                            pipeline.stuck(conn, &[], false)?;
+                            pipeline.stuck(conn, &[], None, false)?;
                         }
                         pipeline.out.flush()?;
                     }
@@ -756,10 +769,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             };
             let found = found.unwrap_or_else(|| {
                 log::warn!("the holders of stuck connections could not be listed in time");
-                stuck.into_iter().map(|c| (c, Vec::new())).collect()
+                stuck.into_iter().map(|c| (c, Vec::new(), None)).collect()
             });
-            for (conn, holders) in &found {
-                pipeline.stuck(conn, holders, true)?;
+            for (conn, holders, queues) in &found {
+                pipeline.stuck(conn, holders, *queues, true)?;
             }
         }
         // Every connection whose close has begun, as far as it got (an

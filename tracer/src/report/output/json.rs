@@ -155,6 +155,10 @@ pub(super) struct StuckJson<'a> {
     pub(super) since: Time,
     pub(super) age_ns: u64,
     pub(super) owners: &'a [Holder],
+    /// The socket's receive and send queues when the alert was made,
+    /// bytes of data (null when the socket could not be looked up).
+    pub(super) rqueue: Option<u32>,
+    pub(super) wqueue: Option<u32>,
     /// Listed when the tracer stopped rather than when it passed the
     /// threshold.
     pub(super) at_exit: bool,

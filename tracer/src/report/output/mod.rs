@@ -13,6 +13,7 @@ use crate::{
     report::format::{EventsMode, Format},
     track::close::Close,
     track::containers::{CgroupJson, Cgroups},
+    track::diag::Queues,
     track::procfs::Holder,
     track::tracker::{Connection, Owner},
 };
@@ -434,10 +435,11 @@ impl<W: RecordWrite> Output<W> {
         c: &Connection,
         now_ns: u64,
         owners: &[Holder],
+        queues: Option<Queues>,
         at_exit: bool,
         close: &Close,
     ) -> io::Result<()> {
-        let written = self.write_stuck(c, now_ns, owners, at_exit, close);
+        let written = self.write_stuck(c, now_ns, owners, queues, at_exit, close);
         self.out.record_done();
         written
     }
@@ -447,6 +449,7 @@ impl<W: RecordWrite> Output<W> {
         c: &Connection,
         now_ns: u64,
         owners: &[Holder],
+        queues: Option<Queues>,
         at_exit: bool,
         close: &Close,
     ) -> io::Result<()> {
@@ -465,6 +468,8 @@ impl<W: RecordWrite> Output<W> {
                     since: self.time(c.state_since_ns),
                     age_ns: age,
                     owners,
+                    rqueue: queues.map(|q| q.rqueue),
+                    wqueue: queues.map(|q| q.wqueue),
                     at_exit,
                     close: CloseJson::new(close),
                 };
@@ -486,11 +491,16 @@ impl<W: RecordWrite> Output<W> {
                     ""
                 };
                 let prefix = if at_exit { "STILL" } else { "!!" };
-                let why = if c.state == TcpState::CloseWait {
-                    "the peer closed; the application has not called close()"
+                let mut why = if c.state == TcpState::CloseWait {
+                    "the peer closed; the application has not called close()".to_string()
                 } else {
-                    "we closed; the peer has not sent its FIN"
+                    "we closed; the peer has not sent its FIN".to_string()
                 };
+                // Data left unread before the FIN: the application stopped
+                // reading, rather than read everything and never closed.
+                if let Some(q) = queues.filter(|q| q.rqueue > 0) {
+                    why.push_str(&format!("; {} bytes unread", q.rqueue));
+                }
                 writeln!(
                     self.out,
                     "{prefix} {} for {:.1}s{}: {} -> {} {} ({why})",

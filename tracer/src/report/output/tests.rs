@@ -193,9 +193,20 @@ fn close_wait_alert_names_the_holders() {
         comm: "server".into(),
         fd: 5,
     }];
+    let queues = Queues {
+        rqueue: 1000,
+        wqueue: 3,
+    };
     let mut o = out(Format::Json, EventsMode::None);
-    o.stuck(&c, 31_000_000_000, &holders, false, &close_of(&c))
-        .unwrap();
+    o.stuck(
+        &c,
+        31_000_000_000,
+        &holders,
+        Some(queues),
+        false,
+        &close_of(&c),
+    )
+    .unwrap();
     let v: serde_json::Value = serde_json::from_str(text(o).trim_end()).unwrap();
     assert_eq!(v["type"], "close_wait");
     assert_eq!(v["age_ns"], 30_000_000_000u64);
@@ -204,12 +215,42 @@ fn close_wait_alert_names_the_holders() {
     assert_eq!(v["owners"][0]["fd"], 5);
     assert_eq!(v["owners"][0]["comm"], "server");
     assert_eq!(v["at_exit"], false);
+    assert_eq!((&v["rqueue"], &v["wqueue"]), (&1000.into(), &3.into()));
     let mut o = out(Format::Table, EventsMode::None);
-    o.stuck(&c, 31_000_000_000, &holders, true, &close_of(&c))
-        .unwrap();
+    o.stuck(
+        &c,
+        31_000_000_000,
+        &holders,
+        Some(queues),
+        true,
+        &close_of(&c),
+    )
+    .unwrap();
     let s = text(o);
     assert!(s.starts_with("STILL CLOSE_WAIT for 30.0s"), "{s}");
     assert!(s.contains("pid 7 (server) fd 5"), "{s}");
+    assert!(s.contains("; 1000 bytes unread)"), "{s}");
+    // Queues unknown: null, and nothing said of them.
+    let mut o = out(Format::Json, EventsMode::None);
+    o.stuck(&c, 31_000_000_000, &holders, None, false, &close_of(&c))
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(text(o).trim_end()).unwrap();
+    assert!(v["rqueue"].is_null() && v["wqueue"].is_null(), "{v}");
+    let mut o = out(Format::Table, EventsMode::None);
+    let read_all = Queues {
+        rqueue: 0,
+        wqueue: 0,
+    };
+    o.stuck(
+        &c,
+        31_000_000_000,
+        &holders,
+        Some(read_all),
+        false,
+        &close_of(&c),
+    )
+    .unwrap();
+    assert!(!text(o).contains("unread"));
 }
 
 #[test]

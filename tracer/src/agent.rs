@@ -467,7 +467,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let mut capabilities = probe.capabilities;
     let mut metrics = metrics;
     if let (Some(m), true) = (&mut metrics, capabilities.resets) {
-        m.enable_resets();
+        m.enable_resets(probe.reset_reasons.clone());
     }
     let netns_known = probe.offsets.netns_known();
     let mut counters = probe.counters;
@@ -486,7 +486,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             args.events,
             WallClock::now(),
         )
-        .with_cgroups(cgroups, args.wide),
+        .with_cgroups(cgroups, args.wide)
+        .with_reset_reasons(probe.reset_reasons),
         events: 0,
         unreadable: 0,
         unreadable_records: 0,

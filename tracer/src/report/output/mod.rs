@@ -10,6 +10,7 @@ use serde::Serialize;
 use crate::{
     clock::WallClock,
     kernel::events::{Source, TcpState, Transition},
+    kernel::reset_reasons::ResetReasons,
     report::format::{EventsMode, Format},
     track::close::Close,
     track::containers::{CgroupJson, Cgroups},
@@ -106,6 +107,8 @@ pub struct Output<W: RecordWrite> {
     cgroups: Option<Cgroups>,
     /// `-w`: a CGROUP column in tables.
     wide: bool,
+    /// Names the reasons of sent resets, where the kernel gives them.
+    reset_reasons: ResetReasons,
 }
 
 const CLOSES_HEADER: &str = "TIME(UTC)        PID     COMM             LADDR:LPORT                 RADDR:RPORT                 CLOSE";
@@ -135,7 +138,15 @@ impl<W: RecordWrite> Output<W> {
             header_done: false,
             cgroups: None,
             wide: false,
+            reset_reasons: ResetReasons::default(),
         }
+    }
+
+    /// Records name why resets were sent (`rst.reasons`), where the
+    /// kernel says: `reasons.carried`.
+    pub fn with_reset_reasons(mut self, reasons: ResetReasons) -> Self {
+        self.reset_reasons = reasons;
+        self
     }
 
     /// Names owners' cgroups with `cgroups`; `wide` adds the table column.
@@ -314,7 +325,8 @@ impl<W: RecordWrite> Output<W> {
                 self.header_done = true;
             }
             let lead = self.conn_lead(c);
-            return writeln!(self.out, "{lead} {}", close_summary(close, time_wait_end));
+            let line = close_summary(close, time_wait_end, &self.reset_reasons);
+            return writeln!(self.out, "{lead} {line}");
         }
         match self.format {
             Format::Json => {
@@ -337,7 +349,7 @@ impl<W: RecordWrite> Output<W> {
                 }
                 states.end();
                 l.opt_plain("time_wait_end", time_wait_end);
-                close_fields(l.object("close"), close);
+                close_fields(l.object("close"), close, &self.reset_reasons);
                 l.bool("at_exit", c.cut_at_exit);
                 l.end();
                 buf.push(b'\n');
@@ -397,7 +409,7 @@ impl<W: RecordWrite> Output<W> {
                 self.times.time(&mut l, "time", c.state_since_ns);
                 l.plain("state", c.state.name());
                 l.bool("at_exit", c.cut_at_exit);
-                close_fields(l.object("close"), close);
+                close_fields(l.object("close"), close, &self.reset_reasons);
                 l.end();
                 buf.push(b'\n');
                 let r = self.out.write_all(&buf);
@@ -422,7 +434,8 @@ impl<W: RecordWrite> Output<W> {
                     ""
                 };
                 let end = c.timewait.and_then(|tw| tw.end).map(|e| e.name());
-                writeln!(self.out, "{lead} {label}{}", close_summary(close, end))
+                let line = close_summary(close, end, &self.reset_reasons);
+                writeln!(self.out, "{lead} {label}{line}")
             }
         }
     }
@@ -461,6 +474,8 @@ impl<W: RecordWrite> Output<W> {
         };
         match self.format {
             Format::Json => {
+                // Lent to the record, which the writer borrows with self.
+                let reasons = std::mem::take(&mut self.reset_reasons);
                 let rec = StuckJson {
                     r#type: kind,
                     conn: self.conn_fields(c),
@@ -471,9 +486,11 @@ impl<W: RecordWrite> Output<W> {
                     rqueue: queues.map(|q| q.rqueue),
                     wqueue: queues.map(|q| q.wqueue),
                     at_exit,
-                    close: CloseJson::new(close),
+                    close: CloseJson::new(close, &reasons),
                 };
-                self.json_line(&rec)
+                let written = self.json_line(&rec);
+                self.reset_reasons = reasons;
+                written
             }
             Format::Table => {
                 let holders = if owners.is_empty() {
@@ -667,7 +684,7 @@ fn conn_fields(l: &mut line::Line<'_>, c: &Connection, cgroup: &str, times: &mut
 }
 
 /// The `close` object (`CloseJson`).
-fn close_fields(mut l: line::Line<'_>, c: &Close) {
+fn close_fields(mut l: line::Line<'_>, c: &Close, reasons: &ResetReasons) {
     use crate::track::close::FirstFin;
     l.plain("by", c.by.name());
     l.opt_plain(
@@ -694,6 +711,13 @@ fn close_fields(mut l: line::Line<'_>, c: &Close) {
             let mut o = l.object("rst");
             o.u64("sent", r.sent.into());
             o.u64("received", r.received.into());
+            if reasons.carried {
+                o.array("reasons", r.reasons.iter(), |buf, (v, _)| {
+                    use std::io::Write as _;
+                    // C identifiers or numbers: nothing to escape.
+                    let _ = write!(buf, "\"{}\"", reasons.name(v));
+                });
+            }
             o.end();
         }
         None => l.null("rst"),

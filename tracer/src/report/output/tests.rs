@@ -300,7 +300,12 @@ fn serde_transition(o: &mut Output<Vec<u8>>, t: &Transition, owner: &Option<Owne
     serde_json::to_string(&rec).unwrap() + "\n"
 }
 
-fn serde_connection(o: &mut Output<Vec<u8>>, c: &Connection, close: &Close) -> String {
+fn serde_connection(
+    o: &mut Output<Vec<u8>>,
+    c: &Connection,
+    close: &Close,
+    reasons: &ResetReasons,
+) -> String {
     let rec = ConnectionJson {
         r#type: "connection",
         conn: o.conn_fields(c),
@@ -309,7 +314,7 @@ fn serde_connection(o: &mut Output<Vec<u8>>, c: &Connection, close: &Close) -> S
         duration_ns: c.duration_ns(),
         states: StatesJson(c),
         time_wait_end: c.timewait.and_then(|tw| tw.end).map(|e| e.name()),
-        close: CloseJson::new(close),
+        close: CloseJson::new(close, reasons),
         at_exit: c.cut_at_exit,
     };
     serde_json::to_string(&rec).unwrap() + "\n"
@@ -349,18 +354,67 @@ fn hand_written_json_is_byte_for_byte_serdes() {
         ..Default::default()
     });
     c.close.rst_sent = 2;
+    // One the kernel's BTF names, one it does not.
+    c.close.rst_reasons.add(12, 1);
+    c.close.rst_reasons.add(99, 1);
     conns.push(c);
     let mut c = closed();
     c.close = Default::default();
     c.netns = 0;
     conns.push(c);
+    let kernels = [
+        ResetReasons::default(),
+        crate::kernel::reset_reasons::tests::sample(),
+    ];
     for c in &conns {
-        for resets in [true, false] {
+        for (resets, reasons) in [true, false]
+            .into_iter()
+            .flat_map(|r| kernels.iter().map(move |k| (r, k)))
+        {
             let close = crate::track::close::classify(&c.close, resets);
-            let mut o = out(Format::Json, EventsMode::Connections);
+            let mut o =
+                out(Format::Json, EventsMode::Connections).with_reset_reasons(reasons.clone());
             o.connection(c, &close).unwrap();
+            let written = text(o);
             let mut reference = out(Format::Json, EventsMode::Connections);
-            assert_eq!(text(o), serde_connection(&mut reference, c, &close));
+            assert_eq!(
+                written,
+                serde_connection(&mut reference, c, &close, reasons)
+            );
+            let v: serde_json::Value = serde_json::from_str(written.trim_end()).unwrap();
+            let rst = &v["close"]["rst"];
+            if !resets {
+                assert!(rst.is_null());
+            } else if !reasons.carried {
+                assert!(rst.get("reasons").is_none(), "{rst}");
+            } else if c.close.rst_sent == 2 {
+                assert_eq!(
+                    rst["reasons"],
+                    serde_json::json!(["TCP_ABORT_ON_LINGER", "99"])
+                );
+            } else {
+                assert_eq!(rst["reasons"], serde_json::json!([]));
+            }
         }
     }
+}
+
+#[test]
+fn close_lines_name_the_reasons_of_resets_sent() {
+    let mut c = closed();
+    c.close = Default::default();
+    c.close
+        .push(TcpState::Established, TcpState::Close, 5_000_000);
+    c.close.rst_sent = 1;
+    c.close.rst_reasons.add(12, 1);
+    let close = crate::track::close::classify(&c.close, true);
+    let named = crate::kernel::reset_reasons::tests::sample();
+    assert!(
+        close_summary(&close, None, &named).ends_with("  RST sent (TCP_ABORT_ON_LINGER)"),
+        "{}",
+        close_summary(&close, None, &named)
+    );
+    // Older kernels: as before.
+    let line = close_summary(&close, None, &ResetReasons::default());
+    assert!(line.ends_with("  RST sent"), "{line}");
 }

@@ -102,7 +102,8 @@ pub struct TcpSendResetRecord {
     /// (a SYN to a closed port: nothing to join it to).
     pub skaddr: u64,
     pub state: i32,
-    /// `reason` since 6.10, `sport`/`dport` before: not read.
+    /// `reason` since 6.10 (read at the offset BTF gives:
+    /// `global::OFF_RST_REASON`), `sport`/`dport` before.
     pub _kernel_specific: [u8; 4],
 }
 
@@ -135,8 +136,18 @@ pub struct ResetEvent {
     /// The socket's TCP state when a reset was sent (0 when received: the
     /// tracepoint does not say).
     pub state: u8,
-    pub _pad: [u8; 6],
+    pub _pad: [u8; 2],
+    /// Why the kernel sent it (`enum sk_rst_reason`), where
+    /// `tcp:tcp_send_reset` carries it (6.10+); [`RESET_REASON_NONE`] for
+    /// received resets and older kernels, [`RESET_REASON_UNREADABLE`] if
+    /// the record could not be read.
+    pub reason: u32,
 }
+
+/// [`ResetEvent::reason`]: the tracepoint carries no reason.
+pub const RESET_REASON_NONE: u32 = u32::MAX;
+/// [`ResetEvent::reason`]: the reason could not be read from the record.
+pub const RESET_REASON_UNREADABLE: u32 = u32::MAX - 1;
 
 /// Names of the reset programs and their tracepoints (category `tcp`).
 pub const SEND_RESET_PROGRAM: &str = "tcp_send_reset";
@@ -412,6 +423,10 @@ pub mod global {
     /// `u32`: byte offset of `net.ns.inum` (from BTF), or
     /// [`super::OFFSET_UNKNOWN`].
     pub const OFF_NET_INUM: &str = "OFF_NET_INUM";
+    /// `u32`: byte offset of `reason` in the `tcp:tcp_send_reset` record
+    /// (`struct trace_event_raw_tcp_send_reset`, from BTF; 6.10+), or
+    /// [`super::OFFSET_UNKNOWN`] where the record has none.
+    pub const OFF_RST_REASON: &str = "OFF_RST_REASON";
 }
 
 /// A kernel struct offset the agent could not find in BTF.

@@ -37,6 +37,11 @@ pub(crate) static OFF_SK_PROTOCOL: Global<u32> = Global::new(OFFSET_UNKNOWN);
 #[unsafe(no_mangle)]
 pub(crate) static OFF_INET_SPORT: Global<u32> = Global::new(OFFSET_UNKNOWN);
 
+/// `reason` in the `tcp:tcp_send_reset` record (`struct
+/// trace_event_raw_tcp_send_reset`, 6.10+).
+#[unsafe(no_mangle)]
+pub(crate) static OFF_RST_REASON: Global<u32> = Global::new(OFFSET_UNKNOWN);
+
 /// The namespace inode of the socket (or timewait socket) at `addr`, read
 /// with `bpf_probe_read_kernel` (for programs whose pointer is untyped);
 /// 0 if unknown.

@@ -5,19 +5,27 @@
 //! tracepoints' cost does not matter here, and their records carry the
 //! socket address on every kernel (a BTF tracepoint's `sk` would need no
 //! more). A reset sent for a segment no socket matched (a SYN to a closed
-//! port) has nothing to join to: it is only counted.
+//! port) has nothing to join to: it is only counted. Where the send
+//! record has the kernel's reason (6.10+; its offset from BTF), it comes
+//! along.
 
 use core::{mem::offset_of, ptr};
 
 use aya_ebpf::{
-    helpers::bpf_ktime_get_ns, macros::tracepoint, programs::TracePointContext, EbpfContext as _,
+    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel},
+    macros::tracepoint,
+    programs::TracePointContext,
+    EbpfContext as _,
 };
 use tracer_common::{
     counter, EventHeader, EventKind, ResetEvent, TcpReceiveResetRecord, TcpSendResetRecord,
-    RESET_RECEIVED, RESET_SENT,
+    OFFSET_UNKNOWN, RESET_REASON_NONE, RESET_REASON_UNREADABLE, RESET_RECEIVED, RESET_SENT,
 };
 
-use crate::transition::{bump, submit_flags, EVENTS};
+use crate::{
+    offsets::OFF_RST_REASON,
+    transition::{bump, submit_flags, EVENTS},
+};
 
 enum Skip {
     NoSocket,
@@ -39,14 +47,27 @@ unsafe fn field<T: Copy>(ctx: &TracePointContext, offset: usize) -> T {
 pub(crate) fn tcp_send_reset(ctx: TracePointContext) -> u32 {
     let skaddr: u64 = unsafe { field(&ctx, offset_of!(TcpSendResetRecord, skaddr)) };
     let state: i32 = unsafe { field(&ctx, offset_of!(TcpSendResetRecord, state)) };
-    report(send_reset(skaddr, state as u8, RESET_SENT));
+    report(send_reset(skaddr, state as u8, RESET_SENT, reason(&ctx)));
     0
+}
+
+/// The record's `enum sk_rst_reason`, where it has one (the offset comes
+/// from BTF). Read with a helper: the verifier refuses a context access
+/// through a pointer moved by a variable, even one it knows.
+#[inline(always)]
+fn reason(ctx: &TracePointContext) -> u32 {
+    let off = OFF_RST_REASON.load();
+    if off == OFFSET_UNKNOWN {
+        return RESET_REASON_NONE;
+    }
+    let at = (ctx.as_ptr() as u64 + u64::from(off)) as *const u32;
+    unsafe { bpf_probe_read_kernel(at) }.unwrap_or(RESET_REASON_UNREADABLE)
 }
 
 #[tracepoint(category = "tcp", name = "tcp_receive_reset")]
 pub(crate) fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
     let skaddr: u64 = unsafe { field(&ctx, offset_of!(TcpReceiveResetRecord, skaddr)) };
-    report(send_reset(skaddr, 0, RESET_RECEIVED));
+    report(send_reset(skaddr, 0, RESET_RECEIVED, RESET_REASON_NONE));
     0
 }
 
@@ -60,7 +81,7 @@ fn report(result: Result<(), Skip>) {
 }
 
 #[inline(always)]
-fn send_reset(skaddr: u64, state: u8, direction: u8) -> Result<(), Skip> {
+fn send_reset(skaddr: u64, state: u8, direction: u8, reason: u32) -> Result<(), Skip> {
     if skaddr == 0 {
         return Err(Skip::NoSocket);
     }
@@ -75,7 +96,8 @@ fn send_reset(skaddr: u64, state: u8, direction: u8) -> Result<(), Skip> {
         (*ev).skaddr = skaddr;
         (*ev).direction = direction;
         (*ev).state = state;
-        (*ev)._pad = [0; 6];
+        (*ev)._pad = [0; 2];
+        (*ev).reason = reason;
     }
     entry.submit(submit_flags(size_of::<ResetEvent>() as u64));
     Ok(())

@@ -23,6 +23,7 @@ use crate::{
     track::cgroup::Resolver,
     track::close::classify,
     track::containers::Cgroups,
+    track::diag::Queues,
     track::lifecycle::{Lifecycle, PollResult, TimewaitPoll, EXPIRY_TOLERANCE_NS},
     track::ports::Ports,
     track::resets::Resets,
@@ -56,10 +57,19 @@ pub enum Deferred {
     Emit(Transition, Option<Owner>),
     /// An ended connection, in its slot until written.
     Connection(SlotId),
-    /// A stuck connection's alert: the connection, its holders, when it
-    /// was due, at exit.
-    Stuck(Box<(Connection, Vec<crate::track::procfs::Holder>, u64, bool)>),
+    /// A stuck connection's alert: the connection, its holders, its
+    /// socket's queues, when it was due, at exit.
+    Stuck(Box<StuckAlert>),
 }
+
+/// What a deferred stuck alert carries (see [`Deferred::Stuck`]).
+pub type StuckAlert = (
+    Connection,
+    Vec<crate::track::procfs::Holder>,
+    Option<Queues>,
+    u64,
+    bool,
+);
 
 impl<W: RecordWrite> Pipeline<W> {
     pub fn handle(&mut self, bytes: &[u8]) -> io::Result<()> {
@@ -276,26 +286,29 @@ impl<W: RecordWrite> Pipeline<W> {
         &mut self,
         conn: &Connection,
         holders: &[crate::track::procfs::Holder],
+        queues: Option<Queues>,
         at_exit: bool,
     ) -> io::Result<()> {
         let now = monotonic_ns();
         if !self.deferred.is_empty() || !self.named(&conn.owner) {
-            let alert = Box::new((*conn, holders.to_vec(), now, at_exit));
+            let alert = Box::new((*conn, holders.to_vec(), queues, now, at_exit));
             self.deferred.push_back(Deferred::Stuck(alert));
             return Ok(());
         }
-        self.stuck_now(conn, holders, now, at_exit)
+        self.stuck_now(conn, holders, queues, now, at_exit)
     }
 
     fn stuck_now(
         &mut self,
         conn: &Connection,
         holders: &[crate::track::procfs::Holder],
+        queues: Option<Queues>,
         now_ns: u64,
         at_exit: bool,
     ) -> io::Result<()> {
         let close = crate::track::close::so_far(&conn.close, self.resets.enabled);
-        self.out.stuck(conn, now_ns, holders, at_exit, &close)
+        self.out
+            .stuck(conn, now_ns, holders, queues, at_exit, &close)
     }
 
     /// Is the cgroup of `owner` named, or known not to be? If not, its
@@ -322,8 +335,8 @@ impl<W: RecordWrite> Pipeline<W> {
                 Some(Deferred::Emit(t, o)) => self.emit_now(&t, &o)?,
                 Some(Deferred::Connection(id)) => self.write_connection_now(id)?,
                 Some(Deferred::Stuck(a)) => {
-                    let (conn, holders, now, at_exit) = *a;
-                    self.stuck_now(&conn, &holders, now, at_exit)?;
+                    let (conn, holders, queues, now, at_exit) = *a;
+                    self.stuck_now(&conn, &holders, queues, now, at_exit)?;
                 }
                 None => break,
             }
@@ -492,7 +505,7 @@ pub async fn run(args: Args, live: Option<crate::top::feed::Live>) -> anyhow::Re
     let mut capabilities = probe.capabilities;
     let mut metrics = metrics;
     if let (Some(m), true) = (&mut metrics, capabilities.resets) {
-        m.enable_resets();
+        m.enable_resets(probe.reset_reasons.clone());
     }
     let netns_known = probe.offsets.netns_known();
     let mut counters = probe.counters;
@@ -517,7 +530,8 @@ pub async fn run(args: Args, live: Option<crate::top::feed::Live>) -> anyhow::Re
             args.events,
             WallClock::now(),
         )
-        .with_cgroups(cgroups, args.wide),
+        .with_cgroups(cgroups, args.wide)
+        .with_reset_reasons(probe.reset_reasons),
         events: 0,
         unreadable: 0,
         unreadable_records: 0,
@@ -678,8 +692,8 @@ pub async fn run(args: Args, live: Option<crate::top::feed::Live>) -> anyhow::Re
                     }
                     Some(Done::Holders { found, errors, .. }) => {
                         lifecycle.counters.errors += errors;
-                        for (conn, holders) in &found {
-                            pipeline.stuck(conn, holders, false)?;
+                        for (conn, holders, queues) in &found {
+                            pipeline.stuck(conn, holders, *queues, false)?;
                         }
                         pipeline.out.flush()?;
                     }
@@ -772,7 +786,7 @@ pub async fn run(args: Args, live: Option<crate::top::feed::Live>) -> anyhow::Re
                     if !due.is_empty() && !worker.send(Job::Holders { conns: due.clone(), at_exit: false }) {
                         log::debug!("worker busy: stuck connections reported without their holders");
                         for conn in &due {
-                            pipeline.stuck(conn, &[], false)?;
+                            pipeline.stuck(conn, &[], None, false)?;
                         }
                         pipeline.out.flush()?;
                     }
@@ -861,10 +875,10 @@ pub async fn run(args: Args, live: Option<crate::top::feed::Live>) -> anyhow::Re
             };
             let found = found.unwrap_or_else(|| {
                 log::warn!("the holders of stuck connections could not be listed in time");
-                stuck.into_iter().map(|c| (c, Vec::new())).collect()
+                stuck.into_iter().map(|c| (c, Vec::new(), None)).collect()
             });
-            for (conn, holders) in &found {
-                pipeline.stuck(conn, holders, true)?;
+            for (conn, holders, queues) in &found {
+                pipeline.stuck(conn, holders, *queues, true)?;
             }
         }
         // Every connection whose close has begun, as far as it got (an

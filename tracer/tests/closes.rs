@@ -131,11 +131,39 @@ fn check(
             );
         }
     }
+    check_rst(v, rst);
+}
+
+/// `rst`: the counts and, where the kernel gives reasons (6.10+), one
+/// reason per reset sent (each side here sends at most one).
+fn check_rst(v: &Value, (sent, received): (u32, u32)) {
+    let rst = &v["close"]["rst"];
     assert_eq!(
-        c["rst"],
-        json!({"sent": rst.0, "received": rst.1}),
+        (&rst["sent"], &rst["received"]),
+        (&json!(sent), &json!(received)),
         "rst: {v}"
     );
+    let mut keys: Vec<&String> = rst.as_object().unwrap().keys().collect();
+    keys.sort();
+    if reset_reasons_expected() {
+        assert_eq!(keys, ["reasons", "received", "sent"], "{v}");
+        let reasons = rst["reasons"].as_array().unwrap();
+        assert_eq!(reasons.len(), sent.min(1) as usize, "{v}");
+        // Named from BTF: not a number.
+        assert!(
+            reasons
+                .iter()
+                .all(|r| r.as_str().is_some_and(|r| r.parse::<u32>().is_err())),
+            "{v}"
+        );
+    } else {
+        assert_eq!(keys, ["received", "sent"], "no reasons before 6.10: {v}");
+    }
+}
+
+/// `tcp:tcp_send_reset` carries the kernel's reason since 6.10.
+fn reset_reasons_expected() -> bool {
+    kernel_at_least(6, 10)
 }
 
 #[test]
@@ -413,6 +441,7 @@ fn every_close_class_for_real() {
             assert_eq!(no_socket, 0, "{stats}");
         }
         assert_eq!(stats["kernel"]["resets"], true);
+        assert_eq!(stats["kernel"]["reset_reasons"], reset_reasons_expected());
 
         // Per transition, the same closes. Times come from each program's
         // own clock reads (within 1 ms), and a FIN_WAIT2 -> TIME_WAIT entry
@@ -489,10 +518,19 @@ fn every_close_class_for_real() {
             "{l}"
         );
         let l = line(&cells(abort, port));
-        assert!(
-            l.ends_with("reset_sent  ESTABLISHED > CLOSE  RST sent"),
-            "{l}"
-        );
+        let reason = &get(abort, port)["close"]["rst"]["reasons"][0];
+        match reason.as_str() {
+            Some(reason) => assert!(
+                l.ends_with(&format!(
+                    "reset_sent  ESTABLISHED > CLOSE  RST sent ({reason})"
+                )),
+                "{l}"
+            ),
+            None => assert!(
+                l.ends_with("reset_sent  ESTABLISHED > CLOSE  RST sent"),
+                "{l}"
+            ),
+        }
         let l = line(&format!(" 127.0.0.1:{refused} "));
         assert!(
             l.ends_with("refused  SYN_SENT > CLOSE  RST received"),
@@ -507,17 +545,6 @@ fn of_type_lines(lines: &[String], ty: &str) -> Vec<String> {
         .filter(|l| json(l)["type"] == ty)
         .cloned()
         .collect()
-}
-
-/// The running kernel's version is at least `major.minor`.
-fn kernel_at_least(major: u32, minor: u32) -> bool {
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
-    let mut parts = release
-        .trim()
-        .split(['.', '-'])
-        .map(|p| p.parse::<u32>().unwrap_or(0));
-    let (a, b) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
-    (a, b) >= (major, minor)
 }
 
 fn set_syncnt(s: &Socket, n: i32) {

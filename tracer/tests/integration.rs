@@ -100,11 +100,22 @@ fn tracepoint_format_matches_record_layout() {
 
 /// The reset tracepoints' records are read only up to `state` (send) and
 /// `skaddr` (receive): those leading fields must be where the structs say,
-/// on every kernel (what follows them differs between kernels).
+/// on every kernel (what follows them differs between kernels). The send
+/// record's `reason` (6.10+) is read where BTF says: the format file agrees.
 #[test]
 fn reset_tracepoint_formats() {
     require_root();
     let send = format_fields("tcp/tcp_send_reset");
+    let from_btf = tracer::kernel::btf_offsets::from_sys_fs()
+        .expect("kernel BTF")
+        .offsets
+        .rst_reason;
+    match send.get("reason") {
+        Some(&(offset, size)) => {
+            assert_eq!((from_btf as usize, size), (offset, 4), "{send:?}");
+        }
+        None => assert_eq!(from_btf, tracer_common::OFFSET_UNKNOWN, "{send:?}"),
+    }
     check_fields!(
         send,
         TcpSendResetRecord,

@@ -413,3 +413,69 @@ fn close_wait_names_the_process_and_fd_also_for_older_sockets() {
         }
     });
 }
+
+#[test]
+fn close_wait_alerts_say_how_much_the_application_left_unread() {
+    use std::io::{Read as _, Write as _};
+    in_netns(|| {
+        let (unread_port, read_port) = (test_port(), test_port());
+        let (u, r) = (unread_port.to_string(), read_port.to_string());
+        let run = Running::start(&[
+            "--output",
+            "json",
+            "--events",
+            "none",
+            "--close-wait",
+            "1s",
+            "--port",
+            &u,
+            "--port",
+            &r,
+            "-v",
+        ]);
+        run.wait_attached();
+        const SENT: usize = 5000;
+        // One server never reads, the other reads all the data (but not the
+        // end of the stream: the kernel's count then still holds the FIN,
+        // which is not data); neither closes. Their sockets come back to be
+        // held to the end.
+        let (held_tx, held_rx) = mpsc::channel::<TcpStream>();
+        let mut servers = Vec::new();
+        for (port, read) in [(unread_port, false), (read_port, true)] {
+            let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
+            let held = held_tx.clone();
+            servers.push(thread::spawn(move || {
+                let (mut s, _) = listener.accept().unwrap();
+                if read {
+                    s.read_exact(&mut [0u8; SENT]).unwrap();
+                }
+                held.send(s).unwrap();
+            }));
+            let mut client = TcpStream::connect(("127.0.0.1", port)).unwrap();
+            client.write_all(&[7u8; SENT]).unwrap();
+            // Dropped: the client closes after its data.
+        }
+        for s in servers {
+            s.join().unwrap();
+        }
+        let _held: Vec<TcpStream> = held_rx.try_iter().collect();
+        let mut got = Vec::new();
+        let alert = |l: &[String], port: u16| {
+            records(l)
+                .into_iter()
+                .find(|v| v["type"] == "close_wait" && v["lport"] == port)
+        };
+        run.read_until(&mut got, "both CLOSE_WAIT alerts", |l| {
+            alert(l, unread_port).is_some() && alert(l, read_port).is_some()
+        });
+        let unread = alert(&got, unread_port).unwrap();
+        assert_eq!(unread["rqueue"], SENT, "{unread}");
+        assert_eq!(unread["wqueue"], 0, "{unread}");
+        let read = alert(&got, read_port).unwrap();
+        assert_eq!(read["rqueue"], 0, "{read}");
+        assert_eq!(read["wqueue"], 0, "{read}");
+        run.interrupt();
+        let (code, _, _) = run.finish();
+        assert_eq!(code, 0);
+    });
+}

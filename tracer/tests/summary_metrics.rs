@@ -1313,11 +1313,19 @@ fn closes_and_resets_are_counted_by_class() {
                 "every class exported from the start, at 0: {by}"
             );
         }
-        for d in ["sent", "received"] {
+        // Since 6.10 sent resets carry the kernel's reason: their series
+        // come with their first reason; received ones are `none`.
+        let reasons = kernel_at_least(6, 10);
+        let from_start: &[&str] = if reasons {
+            &["received"]
+        } else {
+            &["sent", "received"]
+        };
+        for d in from_start {
             assert!(
                 samples(&scrape)
                     .iter()
-                    .any(|(n, l, _)| n == "tracer_tcp_resets_total" && l["direction"] == d),
+                    .any(|(n, l, _)| n == "tracer_tcp_resets_total" && l["direction"] == *d),
                 "{d}: {scrape}"
             );
         }
@@ -1349,6 +1357,20 @@ fn closes_and_resets_are_counted_by_class() {
             3.0,
             "two refused connects and the abort: {text}"
         );
+        for (_, labels, _) in samples(&text)
+            .into_iter()
+            .filter(|(n, _, _)| n == "tracer_tcp_resets_total")
+        {
+            match (reasons, labels["direction"].as_str()) {
+                (false, _) => assert!(!labels.contains_key("reason"), "{text}"),
+                (true, "received") => assert_eq!(labels["reason"], "none", "{text}"),
+                // The abort's (SO_LINGER 0), named from the kernel's BTF.
+                (true, _) => assert!(
+                    !["none", "other", ""].contains(&labels["reason"].as_str()),
+                    "{text}"
+                ),
+            }
+        }
         promtool_check(&text);
         run.interrupt();
         let (code, out, _) = run.finish();

@@ -11,6 +11,8 @@
 use thiserror::Error;
 use tracer_common::OFFSET_UNKNOWN;
 
+pub use crate::kernel::reset_reasons::ResetReasons;
+
 const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 const BTF_MAGIC: u16 = 0xeb9f;
 
@@ -40,6 +42,17 @@ pub struct KernelOffsets {
     pub sk_protocol: u32,
     /// `struct inet_sock` → `inet_sport` (the local port, network order).
     pub inet_sport: u32,
+    /// `reason` in the `tcp:tcp_send_reset` record (`struct
+    /// trace_event_raw_tcp_send_reset`, since 6.10).
+    pub rst_reason: u32,
+}
+
+/// What the agent reads from the kernel's BTF at load time.
+pub struct KernelBtf {
+    pub offsets: KernelOffsets,
+    /// The names of `enum sk_rst_reason`, where the reset tracepoint
+    /// carries one (else empty).
+    pub reset_reasons: ResetReasons,
 }
 
 /// Members of `struct sock_common` read from timewait sockets.
@@ -60,6 +73,7 @@ impl KernelOffsets {
         sock_common: [OFFSET_UNKNOWN; 7],
         sk_protocol: OFFSET_UNKNOWN,
         inet_sport: OFFSET_UNKNOWN,
+        rst_reason: OFFSET_UNKNOWN,
     };
 
     /// Everything the BTF tracepoint program reads is known.
@@ -79,10 +93,18 @@ impl KernelOffsets {
     }
 }
 
-pub fn from_sys_fs() -> Result<KernelOffsets, BtfError> {
+pub fn from_sys_fs() -> Result<KernelBtf, BtfError> {
     let data = std::fs::read(VMLINUX_BTF).map_err(|e| BtfError::Read(e.to_string()))?;
     let btf = Btf::parse(&data)?;
-    Ok(KernelOffsets {
+    let rst_reason = btf
+        .member_offset("trace_event_raw_tcp_send_reset", "reason")
+        .unwrap_or(OFFSET_UNKNOWN);
+    let reset_reasons = if rst_reason == OFFSET_UNKNOWN {
+        ResetReasons::default()
+    } else {
+        ResetReasons::from_enum(btf.enumerators("sk_rst_reason").into_iter().flatten())
+    };
+    let offsets = KernelOffsets {
         skc_net: btf
             .member_offset("sock_common", "skc_net.net")
             .unwrap_or(OFFSET_UNKNOWN),
@@ -99,10 +121,17 @@ pub fn from_sys_fs() -> Result<KernelOffsets, BtfError> {
         inet_sport: btf
             .member_offset("inet_sock", "inet_sport")
             .unwrap_or(OFFSET_UNKNOWN),
+        rst_reason,
+    };
+    Ok(KernelBtf {
+        offsets,
+        reset_reasons,
     })
 }
 
 const KIND_STRUCT: u32 = 4;
+const KIND_ENUM: u32 = 6;
+const KIND_ENUM64: u32 = 19;
 const KIND_UNION: u32 = 5;
 const KIND_TYPEDEF: u32 = 8;
 const KIND_VOLATILE: u32 = 9;
@@ -251,6 +280,34 @@ impl<'a> Btf<'a> {
             }
         }
         None
+    }
+
+    /// The (name, value) of each enumerator of `enum type_name` (values
+    /// past `u32` are left out: none is used as one).
+    pub fn enumerators(&self, type_name: &str) -> Option<Vec<(&'a str, u32)>> {
+        let t = self.types.iter().copied().find(|t| {
+            matches!(t.kind, KIND_ENUM | KIND_ENUM64)
+                && self.name(t.name_off) == type_name.as_bytes()
+        })?;
+        let entry = if t.kind == KIND_ENUM { 8 } else { 12 };
+        let mut out = Vec::with_capacity(t.vlen as usize);
+        for i in 0..t.vlen as usize {
+            let at = t.extra + entry * i;
+            let name_off = u32_at(self.type_section, at)?;
+            let lo = u32_at(self.type_section, at + 4)?;
+            let hi = if t.kind == KIND_ENUM64 {
+                u32_at(self.type_section, at + 8)?
+            } else {
+                0
+            };
+            let strings: &'a [u8] = self.strings;
+            let rest = strings.get(name_off as usize..).unwrap_or(&[]);
+            let name = &rest[..rest.iter().position(|&b| b == 0).unwrap_or(rest.len())];
+            if let (0, Ok(name)) = (hi, std::str::from_utf8(name)) {
+                out.push((name, lo));
+            }
+        }
+        Some(out)
     }
 
     /// Byte offset of `path` (`a.b.c`) inside `struct type_name`.

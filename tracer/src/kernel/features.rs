@@ -35,6 +35,9 @@ pub struct Capabilities {
     /// `tcp:tcp_send_reset` and `tcp:tcp_receive_reset` are attached:
     /// connection records count the resets of each connection.
     pub resets: bool,
+    /// `tcp:tcp_send_reset` carries the kernel's reason (6.10+), named
+    /// from BTF: records list the reasons of the resets sent.
+    pub reset_reasons: bool,
     /// Which program receives the transitions.
     pub transitions: TransitionPath,
 }
@@ -79,7 +82,7 @@ impl Capabilities {
         format!(
             "kernel: transitions via {}, delivered by ring buffer; \
              TIME_WAIT and socket owners via sock_diag={}, timewait deaths via {}, \
-             resets via tcp:tcp_send_reset/tcp_receive_reset={}; btf={} tp_btf={} iter/tcp={} kprobe={} fentry={}",
+             resets via tcp:tcp_send_reset/tcp_receive_reset={} (reasons={}); btf={} tp_btf={} iter/tcp={} kprobe={} fentry={}",
             self.transitions.describe(),
             yes(self.sock_diag),
             if self.timewait_fentry {
@@ -88,6 +91,7 @@ impl Capabilities {
                 "sock_diag polls"
             },
             yes(self.resets),
+            yes(self.reset_reasons),
             yes(self.btf),
             yes(self.tp_btf),
             yes(self.iter_tcp),

@@ -21,7 +21,7 @@ use tracer_common::{
 };
 
 use crate::{
-    kernel::btf_offsets::{self, KernelOffsets},
+    kernel::btf_offsets::{self, KernelBtf, KernelOffsets, ResetReasons},
     kernel::events::Family,
     kernel::features::{self, Capabilities},
     kernel::filters::{self, Filters},
@@ -126,6 +126,9 @@ pub struct Probe {
     pub capabilities: Capabilities,
     /// Kernel offsets found in BTF (netns of each socket, when known).
     pub offsets: KernelOffsets,
+    /// The names of the reasons sent resets carry (`carried` false where
+    /// they carry none, or the reset programs are not attached).
+    pub reset_reasons: ResetReasons,
     pub counters: KernelCounters,
     /// The owner filter's listener table: the agent seeds it with the
     /// listeners that predate the tracer.
@@ -419,37 +422,42 @@ pub fn load(opts: &LoadOptions) -> Result<Probe, LoadError> {
     if !features::ringbuf_supported() {
         return Err(LoadError::NoRingBuf);
     }
-    let offsets = match btf_offsets::from_sys_fs() {
-        Ok(o) => o,
+    let kernel_btf = match btf_offsets::from_sys_fs() {
+        Ok(k) => k,
         Err(e) => {
             log::warn!(
                 "no kernel struct offsets ({e}); network namespaces will be reported unknown"
             );
-            KernelOffsets::UNKNOWN
+            KernelBtf {
+                offsets: KernelOffsets::UNKNOWN,
+                reset_reasons: ResetReasons::default(),
+            }
         }
     };
+    let offsets = kernel_btf.offsets;
+    let reasons = &kernel_btf.reset_reasons;
     let btf = features::kernel_btf();
     let btf_ready = btf.is_some() && offsets.btf_path_known();
     match opts.attach {
-        Attach::Tracepoint => load_attached(opts, &btf, offsets, Route::Classic),
+        Attach::Tracepoint => load_attached(opts, &btf, offsets, reasons, Route::Classic),
         Attach::TpBtf if !btf_ready => Err(LoadError::NoTpBtf(
             "the kernel's BTF (/sys/kernel/btf/vmlinux) or the struct sock offsets in it are missing"
                 .into(),
         )),
-        Attach::TpBtf => load_attached(opts, &btf, offsets, Route::Btf).map_err(|e| match e {
+        Attach::TpBtf => load_attached(opts, &btf, offsets, reasons, Route::Btf).map_err(|e| match e {
             LoadError::NotPrivileged => e,
             e => LoadError::NoTpBtf(e.to_string()),
         }),
         Attach::Auto if !btf_ready => {
             log::info!("no kernel BTF with struct sock offsets: the classic tracepoint runs");
-            load_attached(opts, &btf, offsets, Route::Classic)
+            load_attached(opts, &btf, offsets, reasons, Route::Classic)
         }
-        Attach::Auto => match load_attached(opts, &btf, offsets, Route::Btf) {
+        Attach::Auto => match load_attached(opts, &btf, offsets, reasons, Route::Btf) {
             Ok(probe) => Ok(probe),
             Err(e) => {
                 // E.g. 5.8-5.10: tp_btf, but no socket storage in tracing programs.
                 log::info!("the BTF tracepoint path failed ({e}); the classic tracepoint runs");
-                load_attached(opts, &btf, offsets, Route::Classic)
+                load_attached(opts, &btf, offsets, reasons, Route::Classic)
             }
         },
     }
@@ -478,6 +486,7 @@ fn load_attached(
     opts: &LoadOptions,
     btf: &Option<aya::Btf>,
     offsets: KernelOffsets,
+    reset_reasons: &ResetReasons,
     route: Route,
 ) -> Result<Probe, LoadError> {
     let f = &opts.filters;
@@ -516,6 +525,7 @@ fn load_attached(
         .override_global(global::OFF_SKC_V6_DADDR, &offsets.sock_common[6], true)
         .override_global(global::OFF_SK_PROTOCOL, &offsets.sk_protocol, true)
         .override_global(global::OFF_INET_SPORT, &offsets.inet_sport, true)
+        .override_global(global::OFF_RST_REASON, &offsets.rst_reason, true)
         .override_global(global::FILTER_PORTS, &ports, true)
         .override_global(global::FILTER_LPORTS, &lports, true)
         .override_global(global::FILTER_RPORTS, &rports, true)
@@ -637,7 +647,10 @@ fn load_attached(
     }
 
     match attach_resets(&mut ebpf) {
-        Ok(()) => capabilities.resets = true,
+        Ok(()) => {
+            capabilities.resets = true;
+            capabilities.reset_reasons = reset_reasons.carried;
+        }
         Err(e) => log::info!(
             "no reset tracepoints ({e}): connection records say nothing of resets (\"rst\": null)"
         ),
@@ -664,6 +677,11 @@ fn load_attached(
         listeners,
         capabilities,
         offsets,
+        reset_reasons: if capabilities.reset_reasons {
+            reset_reasons.clone()
+        } else {
+            ResetReasons::default()
+        },
         counters,
         logger,
         programs: ebpf,

@@ -12,3 +12,4 @@ pub mod events;
 pub mod features;
 pub mod filters;
 pub mod loader;
+pub mod reset_reasons;

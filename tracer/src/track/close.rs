@@ -39,6 +39,59 @@ pub struct Step {
     pub at_ns: u64,
 }
 
+/// Distinct reset reasons kept per connection: a socket sends a reset or
+/// two before it is gone, so more are counted, not named.
+pub const MAX_RST_REASONS: usize = 3;
+
+/// The reasons of the resets a connection sent (`enum sk_rst_reason`
+/// values), distinct, first seen first, each with its count. Inline and
+/// bounded: part of every connection the tracker holds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RstReasons {
+    values: [u32; MAX_RST_REASONS],
+    counts: [u16; MAX_RST_REASONS],
+    n: u8,
+    /// Resets whose reason did not fit (past [`MAX_RST_REASONS`] others).
+    pub unnamed: u16,
+}
+
+impl RstReasons {
+    /// Counts `n` resets sent for `reason`.
+    pub fn add(&mut self, reason: u32, n: u16) {
+        let len = usize::from(self.n);
+        if let Some(i) = self.values[..len].iter().position(|&v| v == reason) {
+            self.counts[i] = self.counts[i].saturating_add(n);
+        } else if len < MAX_RST_REASONS {
+            self.values[len] = reason;
+            self.counts[len] = n;
+            self.n += 1;
+        } else {
+            self.unnamed = self.unnamed.saturating_add(n);
+        }
+    }
+
+    /// Adds another connection's (a reset that waited for its socket).
+    pub fn merge(&mut self, other: &RstReasons) {
+        for (reason, n) in other.iter() {
+            self.add(reason, n);
+        }
+        self.unnamed = self.unnamed.saturating_add(other.unnamed);
+    }
+
+    /// (reason, resets) pairs, first seen first.
+    pub fn iter(&self) -> impl Iterator<Item = (u32, u16)> + '_ {
+        let n = usize::from(self.n);
+        self.values[..n]
+            .iter()
+            .copied()
+            .zip(self.counts[..n].iter().copied())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.n == 0 && self.unnamed == 0
+    }
+}
+
 /// A connection's close steps and resets, as they arrive. Packed (times
 /// apart from states): it is part of every connection the tracker holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -49,6 +102,8 @@ pub struct ClosePath {
     pub truncated: bool,
     pub rst_sent: u32,
     pub rst_received: u32,
+    /// Why the resets were sent, where the kernel says (6.10+).
+    pub rst_reasons: RstReasons,
 }
 
 impl Default for ClosePath {
@@ -60,6 +115,7 @@ impl Default for ClosePath {
             truncated: false,
             rst_sent: 0,
             rst_received: 0,
+            rst_reasons: RstReasons::default(),
         }
     }
 }
@@ -181,10 +237,12 @@ pub enum FirstFin {
 }
 
 /// Resets of one connection.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Rst {
     pub sent: u32,
     pub received: u32,
+    /// Why the sent ones were sent (empty where the kernel does not say).
+    pub reasons: RstReasons,
 }
 
 /// Up to [`MAX_STEPS`] steps, inline (a close is classified per
@@ -314,6 +372,7 @@ pub fn classify(path: &ClosePath, resets_known: bool) -> Close {
         rst: resets_known.then_some(Rst {
             sent: path.rst_sent,
             received: path.rst_received,
+            reasons: path.rst_reasons,
         }),
     }
 }
@@ -423,21 +482,44 @@ mod tests {
     }
 
     #[test]
+    fn reset_reasons_are_distinct_and_bounded() {
+        let mut r = RstReasons::default();
+        assert!(r.is_empty());
+        r.add(12, 1);
+        r.add(8, 1);
+        r.add(12, 2);
+        assert_eq!(r.iter().collect::<Vec<_>>(), [(12, 3), (8, 1)]);
+        let mut more = RstReasons::default();
+        for v in [1, 2, 3] {
+            more.add(v, 1);
+        }
+        r.merge(&more);
+        // Room for one more distinct reason: the others are only counted.
+        assert_eq!(r.iter().collect::<Vec<_>>(), [(12, 3), (8, 1), (1, 1)]);
+        assert_eq!(r.unnamed, 2);
+        r.add(7, u16::MAX);
+        assert_eq!(r.unnamed, u16::MAX);
+    }
+
+    #[test]
     fn resets_name_the_end() {
         let mut p = path(&[(SynSent, Established, 1), (Established, Close, 5)]);
         assert_eq!(classify(&p, true).by, CloseBy::Abort);
         assert_eq!(classify(&p, false).by, CloseBy::Unknown);
         assert_eq!(classify(&p, false).rst, None);
         p.rst_sent = 1;
+        p.rst_reasons.add(12, 1);
         let c = classify(&p, true);
         assert_eq!((c.by, c.fin_to_close_ns), (CloseBy::ResetSent, None));
         assert_eq!(
             c.rst,
             Some(Rst {
                 sent: 1,
-                received: 0
+                received: 0,
+                reasons: p.rst_reasons,
             })
         );
+        assert_eq!(c.rst.unwrap().reasons.iter().collect::<Vec<_>>(), [(12, 1)]);
         p.rst_received = 1;
         assert_eq!(classify(&p, true).by, CloseBy::ResetReceived);
     }

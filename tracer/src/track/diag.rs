@@ -104,6 +104,13 @@ pub struct DiagSocket {
     pub uid: u32,
     /// Inode of the socket's file; 0 when it has none (timewait, orphans).
     pub inode: u64,
+    /// `idiag_rqueue`: for a connection, the sequence space received and
+    /// not yet read by the application (`rcv_nxt - copied_seq`, so the
+    /// peer's FIN counts one until it is read); a listener's accept backlog.
+    pub rqueue: u32,
+    /// `idiag_wqueue`: for a connection, the sequence space written and not
+    /// yet acknowledged (`write_seq - snd_una`).
+    pub wqueue: u32,
     /// CLOCK_MONOTONIC ns when the reply holding it was read (the kernel
     /// fills a dump's replies as they are read): `expires_ms` counts from
     /// about then.
@@ -113,6 +120,34 @@ pub struct DiagSocket {
 impl DiagSocket {
     pub fn is_timewait(&self) -> bool {
         self.timer == TIMER_TIMEWAIT && self.inode == 0
+    }
+}
+
+/// A connection's socket queues, in bytes of data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Queues {
+    /// Received and not yet read by the application.
+    pub rqueue: u32,
+    /// Written by the application and not yet acknowledged by the peer.
+    pub wqueue: u32,
+}
+
+impl Queues {
+    /// The data in a socket's queues. `idiag_rqueue` counts the peer's FIN
+    /// (one sequence number) until the application reads the end of the
+    /// stream: in the states after the peer's FIN it is taken off, so a
+    /// socket whose application read all the data says 0.
+    pub fn of(s: &DiagSocket) -> Queues {
+        use TcpState::*;
+        let fin_received = matches!(s.state, Some(CloseWait | LastAck | Closing | TimeWait));
+        Queues {
+            rqueue: if fin_received {
+                s.rqueue.saturating_sub(1)
+            } else {
+                s.rqueue
+            },
+            wqueue: s.wqueue,
+        }
     }
 }
 
@@ -750,6 +785,8 @@ fn parse_msg(p: &[u8]) -> Option<DiagSocket> {
         laddr: addr(8),
         raddr: addr(24),
         expires_ms: ne_u32(p, 52)?,
+        rqueue: ne_u32(p, 56)?,
+        wqueue: ne_u32(p, 60)?,
         uid: ne_u32(p, 64)?,
         inode: u64::from(ne_u32(p, 68)?),
         read_ns: 0,
@@ -794,7 +831,8 @@ mod tests {
         p.extend_from_slice(&[10, 0, 0, 2]);
         p.extend_from_slice(&[0; 12]);
         p.extend_from_slice(&[0; 12]); // if, cookie
-        for v in [expires, 0, 0, 1000, inode] {
+                                       // idiag_rqueue 7, idiag_wqueue 9.
+        for v in [expires, 7, 9, 1000, inode] {
             p.extend_from_slice(&v.to_ne_bytes());
         }
         p
@@ -859,6 +897,22 @@ mod tests {
         assert_eq!(tw.uid, 1000);
         assert!(!out[1].is_timewait());
         assert_eq!(out[1].inode, 4242);
+        assert_eq!((out[1].rqueue, out[1].wqueue), (7, 9));
+        assert_eq!(
+            Queues::of(&out[1]),
+            Queues {
+                rqueue: 7,
+                wqueue: 9
+            }
+        );
+        // In CLOSE_WAIT the unread FIN is not data.
+        let close_wait = |rqueue| DiagSocket {
+            state: Some(TcpState::CloseWait),
+            rqueue,
+            ..out[1].clone()
+        };
+        assert_eq!(Queues::of(&close_wait(7)).rqueue, 6);
+        assert_eq!(Queues::of(&close_wait(0)).rqueue, 0);
     }
 
     #[test]

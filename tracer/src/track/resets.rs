@@ -2,7 +2,8 @@
 //!
 //! In: resets (`tcp:tcp_send_reset`, `tcp:tcp_receive_reset`) and the
 //! connections the tracker closes. Out: connections with their resets
-//! counted, released once no reset of theirs can still be on its way.
+//! counted (and, where the kernel gives them, the reasons of those sent),
+//! released once no reset of theirs can still be on its way.
 //!
 //! Ordering: a received reset comes before the `-> CLOSE` it causes, but
 //! the reset an abort sends (`SO_LINGER` 0, `close()` with unread data)
@@ -19,7 +20,7 @@ use std::collections::VecDeque;
 
 use crate::{
     kernel::events::{Reset, ResetDirection, TcpState},
-    track::close::RESET_GRACE_NS,
+    track::close::{RstReasons, RESET_GRACE_NS},
     track::tracker::{SlotId, Tracker},
     FastMap as HashMap,
 };
@@ -34,6 +35,7 @@ pub const PENDING_TTL_NS: u64 = 5_000_000_000;
 struct Pending {
     sent: u32,
     received: u32,
+    reasons: RstReasons,
     first_ns: u64,
 }
 
@@ -57,9 +59,14 @@ pub struct Resets {
     pub joined: u64,
 }
 
-fn add(sent: &mut u32, received: &mut u32, r: &Reset) {
+fn add(sent: &mut u32, received: &mut u32, reasons: &mut RstReasons, r: &Reset) {
     match r.direction {
-        ResetDirection::Sent => *sent = sent.saturating_add(1),
+        ResetDirection::Sent => {
+            *sent = sent.saturating_add(1);
+            if let Some(reason) = r.reason {
+                reasons.add(reason, 1);
+            }
+        }
         ResetDirection::Received => *received = received.saturating_add(1),
     }
 }
@@ -92,7 +99,13 @@ impl Resets {
             None => tracker.get_mut(r.sock),
         };
         if let Some(c) = conn {
-            add(&mut c.close.rst_sent, &mut c.close.rst_received, r);
+            let close = &mut c.close;
+            add(
+                &mut close.rst_sent,
+                &mut close.rst_received,
+                &mut close.rst_reasons,
+                r,
+            );
             self.joined += 1;
             return;
         }
@@ -104,7 +117,7 @@ impl Resets {
             first_ns: r.mono_ns,
             ..Default::default()
         });
-        add(&mut p.sent, &mut p.received, r);
+        add(&mut p.sent, &mut p.received, &mut p.reasons, r);
     }
 
     /// A connection the tracker ended (slot `id`): true if it can be
@@ -132,6 +145,7 @@ impl Resets {
             if p.first_ns >= conn.first_seen_ns.min(conn.start_ns) {
                 conn.close.rst_sent += p.sent;
                 conn.close.rst_received += p.received;
+                conn.close.rst_reasons.merge(&p.reasons);
                 self.joined += u64::from(p.sent + p.received);
             } else {
                 self.unmatched += u64::from(p.sent + p.received);
@@ -247,6 +261,8 @@ mod tests {
             direction,
             // An abort's reset goes out after the socket's CLOSE.
             state: (direction == ResetDirection::Sent).then_some(Close),
+            // TCP_ABORT_ON_CLOSE
+            reason: (direction == ResetDirection::Sent).then_some(11),
         }
     }
 
@@ -263,6 +279,8 @@ mod tests {
         let out = due(&mut r, &mut t, 31 * MS);
         assert_eq!(out.len(), 1);
         assert_eq!((out[0].close.rst_sent, out[0].close.rst_received), (1, 0));
+        let reasons: Vec<_> = out[0].close.rst_reasons.iter().collect();
+        assert_eq!(reasons, [(11, 1)]);
         assert_eq!((r.joined, r.unmatched), (1, 0));
     }
 
@@ -281,6 +299,14 @@ mod tests {
         t.on_transition(&tr(5, 8, Close, SynSent));
         r.reset(&reset(6, 8, ResetDirection::Sent), &mut t);
         assert_eq!(t.get(8).unwrap().close.rst_sent, 1);
+        // A sent reset that waited for its connection keeps its reason.
+        r.reset(&reset(7, 9, ResetDirection::Sent), &mut t);
+        t.on_transition(&tr(7, 9, Close, SynSent));
+        let c = ended(&mut t, &tr(8, 9, SynSent, Close));
+        assert!(!r.closed(c, &mut t));
+        let out = all(&mut r, &mut t);
+        let reasons: Vec<_> = out[0].close.rst_reasons.iter().collect();
+        assert_eq!((out[0].close.rst_sent, reasons), (1, vec![(11, 1)]));
     }
 
     #[test]

@@ -20,7 +20,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use crate::{
     clock::monotonic_ns,
     kernel::events::{Family, TcpState},
-    track::diag::{state_bit, DiagSocket},
+    track::diag::{state_bit, DiagSocket, Queues},
     track::netns::Namespaces,
     track::ports::PortRange,
     track::procfs::{self, Holder},
@@ -124,12 +124,16 @@ pub enum Job {
     LiveHolders(Vec<Connection>),
 }
 
+/// A stuck connection with every process and fd holding its socket and
+/// the socket's queues (None when it could not be looked up).
+pub type HeldSocket = (Connection, Vec<Holder>, Option<Queues>);
+
 pub enum Done {
     Timewait(TimewaitDump),
     /// Network namespaces closed because nothing else held them.
     Released(u64),
     Holders {
-        found: Vec<(Connection, Vec<Holder>)>,
+        found: Vec<HeldSocket>,
         at_exit: bool,
         errors: u64,
     },
@@ -196,6 +200,8 @@ impl Worker {
                         }
                         Job::LiveHolders(conns) => {
                             let (found, errors) = state.holders(conns);
+                            // The view shows holders, not queues.
+                            let found = found.into_iter().map(|(c, h, _)| (c, h)).collect();
                             Done::LiveHolders { found, errors }
                         }
                     };
@@ -316,32 +322,40 @@ impl State {
     }
 
     /// Each connection with every process and fd holding its socket,
-    /// found by the socket's inode (looked up by 4-tuple when not known).
-    fn holders(&mut self, mut conns: Vec<Connection>) -> (Vec<(Connection, Vec<Holder>)>, u64) {
+    /// found by the socket's inode (looked up by 4-tuple when not known),
+    /// and its queues now (looked up by 4-tuple: they say why it is stuck).
+    fn holders(&mut self, mut conns: Vec<Connection>) -> (Vec<HeldSocket>, u64) {
         let mut errors = 0;
+        let mut queues = Vec::with_capacity(conns.len());
         for c in &mut conns {
-            if c.inode != 0 {
-                continue;
-            }
             let hints: Vec<(u32, u32)> = c.task_hint.into_iter().collect();
-            if let Some(diag) = self.ns.diag(c.netns, &hints) {
-                match diag.lookup(c.family, (c.laddr, c.lport), (c.raddr, c.rport)) {
-                    Ok(Some(s)) => c.inode = s.inode,
-                    Ok(None) => {}
+            let found = match self.ns.diag(c.netns, &hints) {
+                Some(diag) => match diag.lookup(c.family, (c.laddr, c.lport), (c.raddr, c.rport)) {
+                    Ok(found) => found,
                     Err(e) => {
                         errors += 1;
                         log::debug!("sock_diag look-up: {e}");
+                        None
                     }
-                }
+                },
+                None => None,
+            };
+            // Another socket at the same 4-tuple (this one's inode known
+            // and different) says nothing of this one.
+            let found = found.filter(|s| c.inode == 0 || s.inode == c.inode);
+            if let Some(s) = &found {
+                c.inode = s.inode;
             }
+            queues.push(found.as_ref().map(Queues::of));
         }
         let inodes: HashSet<u64> = conns.iter().map(|c| c.inode).filter(|&i| i != 0).collect();
         let holders = procfs::socket_holders(&inodes);
         let found = conns
             .into_iter()
-            .map(|c| {
+            .zip(queues)
+            .map(|(c, q)| {
                 let h = holders.get(&c.inode).cloned().unwrap_or_default();
-                (c, h)
+                (c, h, q)
             })
             .collect();
         (found, errors)

@@ -434,6 +434,17 @@ impl Drop for ForkedServer {
     }
 }
 
+/// The running kernel's version is at least `major.minor`.
+pub(crate) fn kernel_at_least(major: u32, minor: u32) -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let mut parts = release
+        .trim()
+        .split(['.', '-'])
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let (a, b) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    (a, b) >= (major, minor)
+}
+
 /// Writes a sysctl of the calling thread's network namespace.
 /// (Network sysctls answer for the namespace of the task that opens them.)
 pub(crate) fn netns_sysctl(name: &str, value: &str) {

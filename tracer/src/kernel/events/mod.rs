@@ -18,7 +18,7 @@ use thiserror::Error;
 use tracer_common::{
     batch_event_len, BatchEvent, EventHeader, EventKind, ResetEvent, Step, TaskSlot,
     TimewaitDeathEvent, TransitionEvent, AF_INET, AF_INET6, BATCH_STEPS, FLAG_OLD_STATE_KNOWN,
-    FLAG_TASK, RESET_RECEIVED, RESET_SENT,
+    FLAG_TASK, RESET_REASON_NONE, RESET_RECEIVED, RESET_SENT,
 };
 
 /// A TCP state, numbered as in the kernel's `include/net/tcp_states.h`.
@@ -249,6 +249,10 @@ pub struct Reset {
     pub direction: ResetDirection,
     /// The socket's state when it sent the reset (None when received).
     pub state: Option<TcpState>,
+    /// Why the kernel sent it (`enum sk_rst_reason`, named by
+    /// [`crate::kernel::reset_reasons::ResetReasons`]); None when received,
+    /// or where the kernel's tracepoint carries no reason (before 6.10).
+    pub reason: Option<u32>,
 }
 
 /// A timewait socket's death, seen by the fentry program.
@@ -415,6 +419,7 @@ pub fn decode_reset(bytes: &[u8]) -> Result<Reset, DecodeError> {
         sock: ev.skaddr,
         direction,
         state: TcpState::from_kernel(ev.state),
+        reason: (ev.reason != RESET_REASON_NONE).then_some(ev.reason),
     })
 }
 

@@ -196,7 +196,8 @@ fn reset_records_decode() {
         skaddr: 0xfeed,
         direction: RESET_SENT,
         state: TcpState::Established as u8,
-        _pad: [0; 6],
+        _pad: [0; 2],
+        reason: 12,
     };
     let mut bytes = bytemuck::bytes_of(&ev).to_vec();
     assert_eq!(
@@ -206,15 +207,21 @@ fn reset_records_decode() {
             sock: 0xfeed,
             direction: ResetDirection::Sent,
             state: Some(TcpState::Established),
+            reason: Some(12),
         }))
     );
     let dir = std::mem::offset_of!(ResetEvent, direction);
     bytes[dir] = RESET_RECEIVED;
     bytes[dir + 1] = 0;
+    let reason = std::mem::offset_of!(ResetEvent, reason);
+    bytes[reason..reason + 4].copy_from_slice(&tracer_common::RESET_REASON_NONE.to_ne_bytes());
     let Ok(Record::Reset(r)) = decode_record(&bytes) else {
         panic!("not a reset")
     };
-    assert_eq!((r.direction, r.state), (ResetDirection::Received, None));
+    assert_eq!(
+        (r.direction, r.state, r.reason),
+        (ResetDirection::Received, None, None)
+    );
     bytes[dir] = 3;
     assert_eq!(decode_record(&bytes), Err(DecodeError::BadDirection(3)));
     assert!(matches!(

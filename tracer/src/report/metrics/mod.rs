@@ -39,6 +39,7 @@ use tokio::{
 
 use crate::{
     kernel::events::{Family, TcpState, Transition},
+    kernel::reset_reasons::ResetReasons,
     report::group::{BoundedKeys, GroupBy, Slot},
     report::summary::stay,
     track::close::{CloseBy, Rst},
@@ -157,7 +158,10 @@ pub struct Recorder {
     connections: IntGaugeVec,
     close_wait_stuck: IntGauge,
     events_lost: IntCounter,
-    resets: IntCounterVec,
+    /// `resets_total`, once the reset tracepoints are attached.
+    resets: Option<IntCounterVec>,
+    /// Names the `reason` label where sent resets carry one.
+    reset_reasons: ResetReasons,
     /// `closes_total` per class, in `CloseBy::ALL` order.
     close_cells: Vec<IntCounter>,
     label: Option<Label>,
@@ -173,6 +177,9 @@ pub struct Recorder {
     ports_time_wait: IntGaugeVec,
     ports_max: usize,
 }
+
+/// The `reason` of received resets: the peer's reasons are not known.
+const NO_REASON: &str = "none";
 
 fn name(n: &str) -> String {
     format!("{PREFIX}_{n}")
@@ -247,14 +254,6 @@ impl Recorder {
             &["by"],
         )
         .expect("valid metric");
-        let resets = IntCounterVec::new(
-            Opts::new(
-                name("resets_total"),
-                "TCP resets of the connections that ended, by direction (sent, received); absent when the kernel's reset tracepoints are not attached.",
-            ),
-            &["direction"],
-        )
-        .expect("valid metric");
         let dest_labels = ["netns", "laddr", "raddr", "rport"];
         let ports_in_use = IntGaugeVec::new(
             Opts::new(
@@ -279,7 +278,6 @@ impl Recorder {
         let registry = Registry::new();
         for c in [
             Box::new(closes.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(resets.clone()),
             Box::new(transitions.clone()),
             Box::new(durations.clone()),
             Box::new(connections.clone()),
@@ -303,7 +301,8 @@ impl Recorder {
             connections,
             close_wait_stuck,
             events_lost,
-            resets,
+            resets: None,
+            reset_reasons: ResetReasons::default(),
             close_cells,
             label: label.map(|(by, cap)| Label {
                 by,
@@ -333,11 +332,33 @@ impl Recorder {
     }
 
     /// The kernel's reset tracepoints are attached: export the reset
-    /// counters from the start (at 0).
-    pub fn enable_resets(&mut self) {
-        for d in ["sent", "received"] {
-            self.resets.with_label_values(&[d]);
+    /// counters from the start (at 0), with a `reason` label where sent
+    /// resets carry one (`reasons.carried`: 6.10+).
+    pub fn enable_resets(&mut self, reasons: ResetReasons) {
+        let mut labels = vec!["direction"];
+        if reasons.carried {
+            labels.push("reason");
         }
+        let resets = IntCounterVec::new(
+            Opts::new(
+                name("resets_total"),
+                "TCP resets of the connections that ended, by direction (sent, received) and, where the kernel gives it (6.10+), the reason of a sent one (the kernel's enum sk_rst_reason without its SK_RST_REASON_ prefix; other: a value the kernel's BTF does not name; none: received); absent when the kernel's reset tracepoints are not attached.",
+            ),
+            &labels,
+        )
+        .expect("valid metric");
+        self.registry
+            .register(Box::new(resets.clone()))
+            .expect("distinct metric names");
+        if reasons.carried {
+            resets.with_label_values(&["received", NO_REASON]);
+        } else {
+            for d in ["sent", "received"] {
+                resets.with_label_values(&[d]);
+            }
+        }
+        self.resets = Some(resets);
+        self.reset_reasons = reasons;
     }
 
     /// A connection ended as `by`, with its resets where known.
@@ -345,17 +366,39 @@ impl Recorder {
         if let Some(i) = CloseBy::ALL.iter().position(|&b| b == by) {
             self.close_cells[i].inc();
         }
-        if let Some(r) = rst {
+        let (Some(r), Some(resets)) = (rst, &self.resets) else {
+            return;
+        };
+        if !self.reset_reasons.carried {
             if r.sent > 0 {
-                self.resets
+                resets
                     .with_label_values(&["sent"])
                     .inc_by(u64::from(r.sent));
             }
             if r.received > 0 {
-                self.resets
+                resets
                     .with_label_values(&["received"])
                     .inc_by(u64::from(r.received));
             }
+            return;
+        }
+        let mut named = 0u64;
+        for (reason, n) in r.reasons.iter() {
+            let label = self.reset_reasons.label(reason);
+            resets
+                .with_label_values(&["sent", label])
+                .inc_by(u64::from(n));
+            named += u64::from(n);
+        }
+        // Reasons past the connection's few, or counts past u16.
+        let rest = u64::from(r.sent).saturating_sub(named);
+        if rest > 0 {
+            resets.with_label_values(&["sent", "other"]).inc_by(rest);
+        }
+        if r.received > 0 {
+            resets
+                .with_label_values(&["received", NO_REASON])
+                .inc_by(u64::from(r.received));
         }
     }
 

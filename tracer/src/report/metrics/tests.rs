@@ -293,3 +293,48 @@ fn ephemeral_port_gauges_for_the_top_destinations_only() {
         "not in the top 2"
     );
 }
+
+#[test]
+fn resets_have_a_reason_label_only_where_the_kernel_gives_reasons() {
+    use crate::track::close::{Rst, RstReasons};
+    let mut reasons = RstReasons::default();
+    reasons.add(12, 1);
+    reasons.add(99, 1); // not in the kernel's BTF
+    let rst = Rst {
+        sent: 3,
+        received: 1,
+        reasons,
+    };
+    let mut r = Recorder::new(None);
+    r.enable_resets(crate::kernel::reset_reasons::tests::sample());
+    let text = r.encode();
+    assert!(
+        text.contains(r#"tracer_tcp_resets_total{direction="received",reason="none"} 0"#),
+        "{text}"
+    );
+    r.closed(CloseBy::ResetSent, Some(rst));
+    let text = r.encode();
+    for line in [
+        r#"tracer_tcp_resets_total{direction="sent",reason="TCP_ABORT_ON_LINGER"} 1"#,
+        // The unnamed value, and the third reset whose reason is unknown.
+        r#"tracer_tcp_resets_total{direction="sent",reason="other"} 2"#,
+        r#"tracer_tcp_resets_total{direction="received",reason="none"} 1"#,
+    ] {
+        assert!(text.contains(line), "{line}:\n{text}");
+    }
+
+    // Before 6.10: by direction only, as always.
+    let mut r = Recorder::new(None);
+    r.enable_resets(Default::default());
+    r.closed(CloseBy::ResetSent, Some(rst));
+    let text = r.encode();
+    assert!(
+        text.contains(r#"tracer_tcp_resets_total{direction="sent"} 3"#),
+        "{text}"
+    );
+    assert!(!text.contains("reason="), "{text}");
+    // Not enabled (no reset tracepoints): no series.
+    let mut r = Recorder::new(None);
+    r.closed(CloseBy::ResetSent, Some(rst));
+    assert!(!r.encode().contains("resets_total"));
+}

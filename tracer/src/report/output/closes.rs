@@ -2,14 +2,17 @@
 
 use crate::{
     kernel::events::TcpState,
+    kernel::reset_reasons::ResetReasons,
     report::summary::duration,
     track::close::{Close, CloseBy},
 };
 
 /// The close handshake for people: `local FIN  FIN_WAIT1 40.0µs > FIN_WAIT2
 /// 4.40ms > TIME_WAIT 60.0s (expired)`: who closed, then each state the
-/// close went through with the time spent in it.
-pub fn close_summary(c: &Close, time_wait_end: Option<&str>) -> String {
+/// close went through with the time spent in it; resets with the
+/// kernel's reasons for those sent, where it gives them: `RST sent
+/// (TCP_ABORT_ON_LINGER)`.
+pub fn close_summary(c: &Close, time_wait_end: Option<&str>, reasons: &ResetReasons) -> String {
     let mut s = match c.by {
         CloseBy::Local | CloseBy::Peer | CloseBy::Both => format!("{} FIN ", c.by.name()),
         other => format!("{} ", other.name()),
@@ -48,6 +51,14 @@ pub fn close_summary(c: &Close, time_wait_end: Option<&str>) -> String {
     if let Some(r) = c.rst {
         if r.sent > 0 {
             s.push_str(&format!("  RST sent{}", count_suffix(r.sent)));
+            if reasons.carried && !r.reasons.is_empty() {
+                let names: Vec<String> = r
+                    .reasons
+                    .iter()
+                    .map(|(v, _)| reasons.name(v).to_string())
+                    .collect();
+                s.push_str(&format!(" ({})", names.join(", ")));
+            }
         }
         if r.received > 0 {
             s.push_str(&format!("  RST received{}", count_suffix(r.received)));

@@ -7,6 +7,7 @@ use serde::Serialize;
 
 use super::Stats;
 use crate::{
+    kernel::reset_reasons::ResetReasons,
     track::containers::CgroupJson,
     track::{
         close::{Close, FirstFin, Rst},
@@ -129,19 +130,45 @@ pub(super) struct CloseJson<'a> {
     pub(super) handshake: HandshakeJson<'a>,
     /// Time of each handshake step since the first, ns.
     pub(super) handshake_at_ns: HandshakeAtJson<'a>,
-    pub(super) rst: Option<&'a Rst>,
+    pub(super) rst: Option<RstJson<'a>>,
 }
 
 impl<'a> CloseJson<'a> {
-    pub(super) fn new(c: &'a Close) -> Self {
+    pub(super) fn new(c: &'a Close, reasons: &'a ResetReasons) -> Self {
         CloseJson {
             by: c.by.name(),
             first_fin: c.first_fin,
             fin_to_close_ns: c.fin_to_close_ns,
             handshake: HandshakeJson(c),
             handshake_at_ns: HandshakeAtJson(c),
-            rst: c.rst.as_ref(),
+            rst: c.rst.as_ref().map(|rst| RstJson { rst, reasons }),
         }
+    }
+}
+
+/// The `rst` object: `reasons` only where the kernel says why it sent
+/// resets (6.10+).
+pub(super) struct RstJson<'a> {
+    pub(super) rst: &'a Rst,
+    pub(super) reasons: &'a ResetReasons,
+}
+
+impl Serialize for RstJson<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = s.serialize_map(None)?;
+        map.serialize_entry("sent", &self.rst.sent)?;
+        map.serialize_entry("received", &self.rst.received)?;
+        if self.reasons.carried {
+            let names: Vec<Text<_>> = self
+                .rst
+                .reasons
+                .iter()
+                .map(|(v, _)| Text(self.reasons.name(v)))
+                .collect();
+            map.serialize_entry("reasons", &names)?;
+        }
+        map.end()
     }
 }
 
@@ -155,6 +182,10 @@ pub(super) struct StuckJson<'a> {
     pub(super) since: Time,
     pub(super) age_ns: u64,
     pub(super) owners: &'a [Holder],
+    /// The socket's receive and send queues when the alert was made,
+    /// bytes of data (null when the socket could not be looked up).
+    pub(super) rqueue: Option<u32>,
+    pub(super) wqueue: Option<u32>,
     /// Listed when the tracer stopped rather than when it passed the
     /// threshold.
     pub(super) at_exit: bool,

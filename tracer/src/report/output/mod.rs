@@ -10,9 +10,11 @@ use serde::Serialize;
 use crate::{
     clock::WallClock,
     kernel::events::{Source, TcpState, Transition},
+    kernel::reset_reasons::ResetReasons,
     report::format::{EventsMode, Format},
     track::close::Close,
     track::containers::{CgroupJson, Cgroups},
+    track::diag::Queues,
     track::ports::Pressure,
     track::procfs::Holder,
     track::tracker::{Connection, Owner},
@@ -112,6 +114,8 @@ pub struct Output<W: RecordWrite> {
     cgroups: Option<Cgroups>,
     /// `-w`: a CGROUP column in tables.
     wide: bool,
+    /// Names the reasons of sent resets, where the kernel gives them.
+    reset_reasons: ResetReasons,
 }
 
 const CLOSES_HEADER: &str = "TIME(UTC)        PID     COMM             LADDR:LPORT                 RADDR:RPORT                 CLOSE";
@@ -141,7 +145,15 @@ impl<W: RecordWrite> Output<W> {
             header_done: false,
             cgroups: None,
             wide: false,
+            reset_reasons: ResetReasons::default(),
         }
+    }
+
+    /// Records name why resets were sent (`rst.reasons`), where the
+    /// kernel says: `reasons.carried`.
+    pub fn with_reset_reasons(mut self, reasons: ResetReasons) -> Self {
+        self.reset_reasons = reasons;
+        self
     }
 
     /// Names owners' cgroups with `cgroups`; `wide` adds the table column.
@@ -320,7 +332,8 @@ impl<W: RecordWrite> Output<W> {
                 self.header_done = true;
             }
             let lead = self.conn_lead(c);
-            return writeln!(self.out, "{lead} {}", close_summary(close, time_wait_end));
+            let line = close_summary(close, time_wait_end, &self.reset_reasons);
+            return writeln!(self.out, "{lead} {line}");
         }
         match self.format {
             Format::Json => {
@@ -343,7 +356,7 @@ impl<W: RecordWrite> Output<W> {
                 }
                 states.end();
                 l.opt_plain("time_wait_end", time_wait_end);
-                close_fields(l.object("close"), close);
+                close_fields(l.object("close"), close, &self.reset_reasons);
                 l.bool("at_exit", c.cut_at_exit);
                 l.end();
                 buf.push(b'\n');
@@ -403,7 +416,7 @@ impl<W: RecordWrite> Output<W> {
                 self.times.time(&mut l, "time", c.state_since_ns);
                 l.plain("state", c.state.name());
                 l.bool("at_exit", c.cut_at_exit);
-                close_fields(l.object("close"), close);
+                close_fields(l.object("close"), close, &self.reset_reasons);
                 l.end();
                 buf.push(b'\n');
                 let r = self.out.write_all(&buf);
@@ -428,7 +441,8 @@ impl<W: RecordWrite> Output<W> {
                     ""
                 };
                 let end = c.timewait.and_then(|tw| tw.end).map(|e| e.name());
-                writeln!(self.out, "{lead} {label}{}", close_summary(close, end))
+                let line = close_summary(close, end, &self.reset_reasons);
+                writeln!(self.out, "{lead} {label}{line}")
             }
         }
     }
@@ -441,10 +455,11 @@ impl<W: RecordWrite> Output<W> {
         c: &Connection,
         now_ns: u64,
         owners: &[Holder],
+        queues: Option<Queues>,
         at_exit: bool,
         close: &Close,
     ) -> io::Result<()> {
-        let written = self.write_stuck(c, now_ns, owners, at_exit, close);
+        let written = self.write_stuck(c, now_ns, owners, queues, at_exit, close);
         self.out.record_done();
         written
     }
@@ -454,6 +469,7 @@ impl<W: RecordWrite> Output<W> {
         c: &Connection,
         now_ns: u64,
         owners: &[Holder],
+        queues: Option<Queues>,
         at_exit: bool,
         close: &Close,
     ) -> io::Result<()> {
@@ -465,6 +481,8 @@ impl<W: RecordWrite> Output<W> {
         };
         match self.format {
             Format::Json => {
+                // Lent to the record, which the writer borrows with self.
+                let reasons = std::mem::take(&mut self.reset_reasons);
                 let rec = StuckJson {
                     r#type: kind,
                     conn: self.conn_fields(c),
@@ -472,10 +490,14 @@ impl<W: RecordWrite> Output<W> {
                     since: self.time(c.state_since_ns),
                     age_ns: age,
                     owners,
+                    rqueue: queues.map(|q| q.rqueue),
+                    wqueue: queues.map(|q| q.wqueue),
                     at_exit,
-                    close: CloseJson::new(close),
+                    close: CloseJson::new(close, &reasons),
                 };
-                self.json_line(&rec)
+                let written = self.json_line(&rec);
+                self.reset_reasons = reasons;
+                written
             }
             Format::Table => {
                 let holders = if owners.is_empty() {
@@ -493,11 +515,16 @@ impl<W: RecordWrite> Output<W> {
                     ""
                 };
                 let prefix = if at_exit { "STILL" } else { "!!" };
-                let why = if c.state == TcpState::CloseWait {
-                    "the peer closed; the application has not called close()"
+                let mut why = if c.state == TcpState::CloseWait {
+                    "the peer closed; the application has not called close()".to_string()
                 } else {
-                    "we closed; the peer has not sent its FIN"
+                    "we closed; the peer has not sent its FIN".to_string()
                 };
+                // Data left unread before the FIN: the application stopped
+                // reading, rather than read everything and never closed.
+                if let Some(q) = queues.filter(|q| q.rqueue > 0) {
+                    why.push_str(&format!("; {} bytes unread", q.rqueue));
+                }
                 writeln!(
                     self.out,
                     "{prefix} {} for {:.1}s{}: {} -> {} {} ({why})",
@@ -795,7 +822,7 @@ fn conn_fields(l: &mut line::Line<'_>, c: &Connection, cgroup: &str, times: &mut
 }
 
 /// The `close` object (`CloseJson`).
-fn close_fields(mut l: line::Line<'_>, c: &Close) {
+fn close_fields(mut l: line::Line<'_>, c: &Close, reasons: &ResetReasons) {
     use crate::track::close::FirstFin;
     l.plain("by", c.by.name());
     l.opt_plain(
@@ -822,6 +849,13 @@ fn close_fields(mut l: line::Line<'_>, c: &Close) {
             let mut o = l.object("rst");
             o.u64("sent", r.sent.into());
             o.u64("received", r.received.into());
+            if reasons.carried {
+                o.array("reasons", r.reasons.iter(), |buf, (v, _)| {
+                    use std::io::Write as _;
+                    // C identifiers or numbers: nothing to escape.
+                    let _ = write!(buf, "\"{}\"", reasons.name(v));
+                });
+            }
             o.end();
         }
         None => l.null("rst"),

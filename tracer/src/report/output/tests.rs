@@ -193,9 +193,20 @@ fn close_wait_alert_names_the_holders() {
         comm: "server".into(),
         fd: 5,
     }];
+    let queues = Queues {
+        rqueue: 1000,
+        wqueue: 3,
+    };
     let mut o = out(Format::Json, EventsMode::None);
-    o.stuck(&c, 31_000_000_000, &holders, false, &close_of(&c))
-        .unwrap();
+    o.stuck(
+        &c,
+        31_000_000_000,
+        &holders,
+        Some(queues),
+        false,
+        &close_of(&c),
+    )
+    .unwrap();
     let v: serde_json::Value = serde_json::from_str(text(o).trim_end()).unwrap();
     assert_eq!(v["type"], "close_wait");
     assert_eq!(v["age_ns"], 30_000_000_000u64);
@@ -204,12 +215,42 @@ fn close_wait_alert_names_the_holders() {
     assert_eq!(v["owners"][0]["fd"], 5);
     assert_eq!(v["owners"][0]["comm"], "server");
     assert_eq!(v["at_exit"], false);
+    assert_eq!((&v["rqueue"], &v["wqueue"]), (&1000.into(), &3.into()));
     let mut o = out(Format::Table, EventsMode::None);
-    o.stuck(&c, 31_000_000_000, &holders, true, &close_of(&c))
-        .unwrap();
+    o.stuck(
+        &c,
+        31_000_000_000,
+        &holders,
+        Some(queues),
+        true,
+        &close_of(&c),
+    )
+    .unwrap();
     let s = text(o);
     assert!(s.starts_with("STILL CLOSE_WAIT for 30.0s"), "{s}");
     assert!(s.contains("pid 7 (server) fd 5"), "{s}");
+    assert!(s.contains("; 1000 bytes unread)"), "{s}");
+    // Queues unknown: null, and nothing said of them.
+    let mut o = out(Format::Json, EventsMode::None);
+    o.stuck(&c, 31_000_000_000, &holders, None, false, &close_of(&c))
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(text(o).trim_end()).unwrap();
+    assert!(v["rqueue"].is_null() && v["wqueue"].is_null(), "{v}");
+    let mut o = out(Format::Table, EventsMode::None);
+    let read_all = Queues {
+        rqueue: 0,
+        wqueue: 0,
+    };
+    o.stuck(
+        &c,
+        31_000_000_000,
+        &holders,
+        Some(read_all),
+        false,
+        &close_of(&c),
+    )
+    .unwrap();
+    assert!(!text(o).contains("unread"));
 }
 
 #[test]
@@ -259,7 +300,12 @@ fn serde_transition(o: &mut Output<Vec<u8>>, t: &Transition, owner: &Option<Owne
     serde_json::to_string(&rec).unwrap() + "\n"
 }
 
-fn serde_connection(o: &mut Output<Vec<u8>>, c: &Connection, close: &Close) -> String {
+fn serde_connection(
+    o: &mut Output<Vec<u8>>,
+    c: &Connection,
+    close: &Close,
+    reasons: &ResetReasons,
+) -> String {
     let rec = ConnectionJson {
         r#type: "connection",
         conn: o.conn_fields(c),
@@ -268,7 +314,7 @@ fn serde_connection(o: &mut Output<Vec<u8>>, c: &Connection, close: &Close) -> S
         duration_ns: c.duration_ns(),
         states: StatesJson(c),
         time_wait_end: c.timewait.and_then(|tw| tw.end).map(|e| e.name()),
-        close: CloseJson::new(close),
+        close: CloseJson::new(close, reasons),
         at_exit: c.cut_at_exit,
     };
     serde_json::to_string(&rec).unwrap() + "\n"
@@ -308,18 +354,47 @@ fn hand_written_json_is_byte_for_byte_serdes() {
         ..Default::default()
     });
     c.close.rst_sent = 2;
+    // One the kernel's BTF names, one it does not.
+    c.close.rst_reasons.add(12, 1);
+    c.close.rst_reasons.add(99, 1);
     conns.push(c);
     let mut c = closed();
     c.close = Default::default();
     c.netns = 0;
     conns.push(c);
+    let kernels = [
+        ResetReasons::default(),
+        crate::kernel::reset_reasons::tests::sample(),
+    ];
     for c in &conns {
-        for resets in [true, false] {
+        for (resets, reasons) in [true, false]
+            .into_iter()
+            .flat_map(|r| kernels.iter().map(move |k| (r, k)))
+        {
             let close = crate::track::close::classify(&c.close, resets);
-            let mut o = out(Format::Json, EventsMode::Connections);
+            let mut o =
+                out(Format::Json, EventsMode::Connections).with_reset_reasons(reasons.clone());
             o.connection(c, &close).unwrap();
+            let written = text(o);
             let mut reference = out(Format::Json, EventsMode::Connections);
-            assert_eq!(text(o), serde_connection(&mut reference, c, &close));
+            assert_eq!(
+                written,
+                serde_connection(&mut reference, c, &close, reasons)
+            );
+            let v: serde_json::Value = serde_json::from_str(written.trim_end()).unwrap();
+            let rst = &v["close"]["rst"];
+            if !resets {
+                assert!(rst.is_null());
+            } else if !reasons.carried {
+                assert!(rst.get("reasons").is_none(), "{rst}");
+            } else if c.close.rst_sent == 2 {
+                assert_eq!(
+                    rst["reasons"],
+                    serde_json::json!(["TCP_ABORT_ON_LINGER", "99"])
+                );
+            } else {
+                assert_eq!(rst["reasons"], serde_json::json!([]));
+            }
         }
     }
 }
@@ -391,4 +466,24 @@ fn port_summary_table() {
          NETNS      LADDR                       RADDR:RPORT                  IN_USE TIME_WAIT   RANGE  RATIO\n\
          -          10.0.0.1                    10.0.0.2:5432                    30        25   28232   0.1%\n\n"
     );
+}
+
+#[test]
+fn close_lines_name_the_reasons_of_resets_sent() {
+    let mut c = closed();
+    c.close = Default::default();
+    c.close
+        .push(TcpState::Established, TcpState::Close, 5_000_000);
+    c.close.rst_sent = 1;
+    c.close.rst_reasons.add(12, 1);
+    let close = crate::track::close::classify(&c.close, true);
+    let named = crate::kernel::reset_reasons::tests::sample();
+    assert!(
+        close_summary(&close, None, &named).ends_with("  RST sent (TCP_ABORT_ON_LINGER)"),
+        "{}",
+        close_summary(&close, None, &named)
+    );
+    // Older kernels: as before.
+    let line = close_summary(&close, None, &ResetReasons::default());
+    assert!(line.ends_with("  RST sent"), "{line}");
 }

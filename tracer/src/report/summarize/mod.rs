@@ -412,6 +412,8 @@ impl Record {
                     c.rst.as_ref().map(|r| Rst {
                         sent: r.sent,
                         received: r.received,
+                        // The summary counts resets, not their reasons.
+                        reasons: Default::default(),
                     }),
                 )),
             },

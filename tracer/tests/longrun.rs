@@ -84,15 +84,20 @@ fn namespaces_that_go_are_let_go() {
     let fds_before = fd_count(pid);
     let fds_before = settle("warm-up", fds_before);
     let rss_before = rss_kib(pid);
-    // 200 namespaces, 50 alive at a time, each for about a second: long
-    // enough for a timewait poll to open it.
+    // 200 namespaces, 50 alive at a time, each long enough for a timewait
+    // poll to open it (about a second; three in the emulated guests).
+    let hold = if in_guest() {
+        Duration::from_millis(3_000)
+    } else {
+        Duration::from_millis(1_200)
+    };
     let mut held_most = 0;
     for batch in 0..4 {
-        let threads: Vec<_> = (0..50)
-            .map(|_| short_lived_namespace(Duration::from_millis(1_200)))
-            .collect();
-        thread::sleep(Duration::from_millis(900));
-        held_most = held_most.max(fd_count(pid));
+        let threads: Vec<_> = (0..50).map(|_| short_lived_namespace(hold)).collect();
+        while !threads.iter().all(thread::JoinHandle::is_finished) {
+            held_most = held_most.max(fd_count(pid));
+            thread::sleep(Duration::from_millis(50));
+        }
         for t in threads {
             t.join().unwrap();
         }

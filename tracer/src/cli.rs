@@ -68,7 +68,7 @@ pub struct Args {
     /// `untracked`): about 450 bytes of agent memory each. On the classic
     /// tracepoint path it also sizes the kernel's timing table (about 80
     /// bytes a socket); on the BTF path the kernel keeps each socket's
-    /// timing with the socket itself (see the README's Memory).
+    /// timing with the socket itself (docs/performance.md, Memory).
     #[arg(long, default_value_t = 65536, value_parser = clap::value_parser!(u32).range(64..=16_777_216))]
     pub max_sockets: u32,
 

@@ -6,7 +6,7 @@
 //! (`connect()` fails with EADDRNOTAVAIL) when that destination alone
 //! holds the whole range.
 //!
-//! Rules (also in the README):
+//! Rules (also in the README and docs/records.md):
 //! - A connection holds a port toward its destination if its local port is
 //!   in the namespace's `ip_local_port_range` and not in
 //!   `ip_local_reserved_ports`, and it is neither a listener nor accepted

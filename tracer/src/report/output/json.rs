@@ -1,5 +1,5 @@
 //! The JSON Lines records' shapes (serde), written by `mod.rs`: field
-//! names and order are the contract the README lists.
+//! names and order are the contract docs/records.md lists.
 
 use std::{borrow::Cow, net::IpAddr};
 

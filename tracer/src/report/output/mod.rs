@@ -59,7 +59,7 @@ pub struct Stats {
     /// running on that CPU (the programs' `recursion_misses`): lost.
     pub skipped: u64,
     /// Transitions still waiting in their socket's batch in the kernel at
-    /// exit (connections mid-way through a handshake; see the README).
+    /// exit (connections mid-way through a handshake; see docs/records.md).
     pub pending: u64,
     /// Resets sent for segments no socket matched (e.g. a SYN to a closed
     /// port): counted in the kernel, joined to nothing.

@@ -200,6 +200,8 @@ pub(super) struct PortSummaryJson {
     pub(super) destinations: Vec<PortsJson>,
 }
 
+/// One destination's ephemeral ports: the fields `port_pressure` and
+/// `port_summary` share.
 #[derive(Serialize)]
 pub(super) struct PortsJson {
     pub(super) netns: Option<u32>,
@@ -212,19 +214,29 @@ pub(super) struct PortsJson {
     pub(super) ratio: f64,
 }
 
+impl PortsJson {
+    pub(super) fn of(p: &crate::track::ports::Pressure) -> PortsJson {
+        PortsJson {
+            netns: (p.dest.netns != 0).then_some(p.dest.netns),
+            laddr: p.dest.laddr,
+            raddr: p.dest.raddr,
+            rport: p.dest.rport,
+            in_use: p.in_use,
+            time_wait: p.time_wait,
+            range: p.range,
+            // Four decimals: a ratio, not a measurement.
+            ratio: (p.ratio() * 1e4).round() / 1e4,
+        }
+    }
+}
+
 /// A destination's ephemeral ports (`port_pressure`).
 #[derive(Serialize)]
 pub(super) struct PortPressureJson {
     pub(super) r#type: &'static str,
     pub(super) time: Time,
-    pub(super) netns: Option<u32>,
-    pub(super) laddr: IpAddr,
-    pub(super) raddr: IpAddr,
-    pub(super) rport: u16,
-    pub(super) in_use: u32,
-    pub(super) time_wait: u32,
-    pub(super) range: u32,
-    pub(super) ratio: f64,
+    #[serde(flatten)]
+    pub(super) ports: PortsJson,
     /// Crossed above the threshold (false: fell back below).
     pub(super) above: bool,
     /// Listed when the tracer stopped.

@@ -556,14 +556,7 @@ impl<W: RecordWrite> Output<W> {
                 let rec = PortPressureJson {
                     r#type: "port_pressure",
                     time: self.time(at_ns),
-                    netns: (p.dest.netns != 0).then_some(p.dest.netns),
-                    laddr: p.dest.laddr,
-                    raddr: p.dest.raddr,
-                    rport: p.dest.rport,
-                    in_use: p.in_use,
-                    time_wait: p.time_wait,
-                    range: p.range,
-                    ratio,
+                    ports: PortsJson::of(p),
                     above: p.above,
                     at_exit,
                 };
@@ -603,22 +596,9 @@ impl<W: RecordWrite> Output<W> {
     }
 
     fn write_port_summary(&mut self, top: &[Pressure]) -> io::Result<()> {
-        let ratio = |p: &Pressure| (p.ratio() * 1e4).round() / 1e4;
         match self.format {
             Format::Json => {
-                let destinations = top
-                    .iter()
-                    .map(|p| PortsJson {
-                        netns: (p.dest.netns != 0).then_some(p.dest.netns),
-                        laddr: p.dest.laddr,
-                        raddr: p.dest.raddr,
-                        rport: p.dest.rport,
-                        in_use: p.in_use,
-                        time_wait: p.time_wait,
-                        range: p.range,
-                        ratio: ratio(p),
-                    })
-                    .collect();
+                let destinations = top.iter().map(PortsJson::of).collect();
                 self.json_line(&PortSummaryJson {
                     r#type: "port_summary",
                     destinations,
@@ -648,7 +628,7 @@ impl<W: RecordWrite> Output<W> {
                         p.in_use,
                         p.time_wait,
                         p.range,
-                        ratio(p) * 100.0
+                        p.ratio() * 100.0
                     )?;
                 }
                 writeln!(self.out)

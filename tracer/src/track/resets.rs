@@ -37,6 +37,10 @@ struct Pending {
     received: u32,
     reasons: RstReasons,
     first_ns: u64,
+    /// Of `sent`, resets sent by the socket already in CLOSE (an abort's,
+    /// e.g. from FIN_WAIT2 with `TCP_LINGER2` < 0, which the tracepoint
+    /// shows as the `FIN_WAIT2 -> CLOSE` of a timewait hand-over).
+    aborts: u32,
 }
 
 #[derive(Default)]
@@ -118,6 +122,7 @@ impl Resets {
             ..Default::default()
         });
         add(&mut p.sent, &mut p.received, &mut p.reasons, r);
+        p.aborts += u32::from(after_close);
     }
 
     /// A connection the tracker ended (slot `id`): true if it can be
@@ -135,9 +140,18 @@ impl Resets {
         };
         // An active closer's full socket is freed when its timewait socket
         // takes over: a reset at its address after that is a new socket's
-        // (which claims it when it closes).
+        // (which claims it when it closes), unless it is the abort's own,
+        // sent at once by the socket in CLOSE (then there was no timewait
+        // socket).
         let gone_at = conn.timewait.map(|tw| tw.closed_ns);
-        if let Some(p) = pending.filter(|p| gone_at.is_some_and(|at| p.first_ns > at)) {
+        let next_sockets = |p: &Pending| {
+            gone_at.is_some_and(|at| {
+                let own_abort =
+                    p.aborts == p.sent + p.received && p.first_ns <= at + RESET_GRACE_NS;
+                p.first_ns > at && !own_abort
+            })
+        };
+        if let Some(p) = pending.filter(next_sockets) {
             self.pending.insert(conn.sock, p);
         } else if let Some(p) = pending {
             // A reset older than the connection was another socket's at
@@ -357,6 +371,29 @@ mod tests {
         assert!(!r.closed(c, &mut t));
         let out = all(&mut r, &mut t);
         assert_eq!(out[0].close.rst_received, 1);
+        assert_eq!((r.joined, r.unmatched), (1, 0));
+    }
+
+    /// A close in FIN_WAIT2 with `TCP_LINGER2` < 0 aborts: the tracepoint
+    /// shows `FIN_WAIT2 -> CLOSE` as for a timewait hand-over, and the
+    /// abort's reset comes just after; it is the connection's.
+    #[test]
+    fn an_abort_from_fin_wait2_keeps_its_reset() {
+        let mut t = Tracker::new(8);
+        let mut r = Resets::new(true);
+        t.on_transition(&tr(0, 5, Close, SynSent));
+        t.on_transition(&tr(1, 5, SynSent, Established));
+        t.on_transition(&tr(2, 5, Established, FinWait1));
+        t.on_transition(&tr(3, 5, FinWait1, FinWait2));
+        assert!(t
+            .on_transition(&tr(4, 5, FinWait2, Close))
+            .closed
+            .is_empty());
+        r.reset(&reset(4, 5, ResetDirection::Sent), &mut t);
+        let id = t.timewait_mut().next().unwrap().0;
+        t.end_timewait(id, 2_000 * MS, TimewaitEnd::NotFound, Source::Reuse);
+        assert!(r.closed(id, &mut t));
+        assert_eq!(t.conn(id).close.rst_sent, 1);
         assert_eq!((r.joined, r.unmatched), (1, 0));
     }
 

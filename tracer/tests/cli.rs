@@ -233,11 +233,14 @@ fn completions_and_man_page_need_no_privileges() {
     assert!(out.status.success(), "{out:?}");
     let script = String::from_utf8(out.stdout).unwrap();
     assert!(script.contains("--close-wait"));
-    let check = Command::new("bash")
-        .args(["-n", "-c", &script])
-        .output()
-        .expect("bash");
-    assert!(check.status.success(), "{check:?}");
+    // The guests' busybox has no bash.
+    if !in_guest() {
+        let check = Command::new("bash")
+            .args(["-n", "-c", &script])
+            .output()
+            .expect("bash");
+        assert!(check.status.success(), "{check:?}");
+    }
     for shell in ["zsh", "fish"] {
         let out = unprivileged(&["completions", shell]);
         assert!(

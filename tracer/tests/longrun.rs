@@ -112,8 +112,11 @@ fn namespaces_that_go_are_let_go() {
     eprintln!(
         "fds {fds_before} -> {held_most} -> {fds_after}; RSS {rss_before} -> {rss_after} KiB"
     );
+    // The guests' static (musl) build's allocator keeps more of what was
+    // freed (2.3 MiB seen on 6.1); the host's glibc build, 0.3 MiB.
+    let slack = if in_guest() { 4096 } else { 1024 };
     assert!(
-        rss_after <= rss_before + 1024,
+        rss_after <= rss_before + slack,
         "RSS grew from {rss_before} to {rss_after} KiB"
     );
     run.interrupt();

@@ -7,7 +7,6 @@ mod common;
 use std::{
     io::Read as _,
     net::{SocketAddr, TcpListener, TcpStream},
-    process::Command,
     thread,
     time::{Duration, Instant},
 };
@@ -17,24 +16,24 @@ use serde_json::Value;
 
 const RANGE: (u16, u16) = (50000, 50199);
 
-/// Client sockets toward `port` as `ss` lists them: all, and those in
-/// TIME_WAIT.
-fn ss_counts(port: u16) -> (usize, usize) {
-    let count = |state: &[&str]| {
-        let dst = format!("127.0.0.1:{port}");
-        let out = Command::new("ss")
-            .args(["-Htan"])
-            .args(state)
-            .args(["dst", &dst])
-            .output()
-            .expect("run ss");
-        assert!(out.status.success(), "ss: {out:?}");
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .count()
-    };
-    (count(&[]), count(&["state", "time-wait"]))
+/// Client sockets toward 127.0.0.1:`port` as the kernel lists them in
+/// this thread's namespace (`/proc/thread-self/net/tcp`, what `ss` reads;
+/// the guests have no `ss`): all, and those in TIME_WAIT.
+fn listed_counts(port: u16) -> (usize, usize) {
+    let table = std::fs::read_to_string("/proc/thread-self/net/tcp")
+        .expect("read /proc/thread-self/net/tcp");
+    // rem_address of 127.0.0.1:port (little-endian address, hex port).
+    let dst = format!("0100007F:{port:04X}");
+    let (mut all, mut time_wait) = (0, 0);
+    for line in table.lines().skip(1) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.get(2) == Some(&dst.as_str()) {
+            all += 1;
+            // TCP_TIME_WAIT
+            time_wait += usize::from(f.get(3) == Some(&"06"));
+        }
+    }
+    (all, time_wait)
 }
 
 fn pressure_records(lines: &[String]) -> Vec<Value> {
@@ -111,11 +110,11 @@ fn port_pressure_at_the_threshold_and_back_below() {
         let mut lports: Vec<u16> = (0..99).map(|_| client_first(&listener, server)).collect();
         assert!(lports.iter().all(|p| (RANGE.0..=RANGE.1).contains(p)));
         let start = Instant::now();
-        while ss_counts(port) != (99, 99) {
+        while listed_counts(port) != (99, 99) {
             assert!(
                 start.elapsed() < DEADLINE,
-                "ss never showed the 99 timewait sockets: {:?}",
-                ss_counts(port)
+                "the kernel never listed the 99 timewait sockets: {:?}",
+                listed_counts(port)
             );
             thread::sleep(Duration::from_millis(20));
         }
@@ -127,7 +126,11 @@ fn port_pressure_at_the_threshold_and_back_below() {
         run.read_until(&mut got, "the port_pressure record", |l| {
             !pressure_records(l).is_empty()
         });
-        assert_eq!(ss_counts(port), (100, 99), "ss after the crossing");
+        assert_eq!(
+            listed_counts(port),
+            (100, 99),
+            "the kernel's list after the crossing"
+        );
         let rec = &pressure_records(&got)[0];
         assert_eq!(rec["netns"], netns, "{rec}");
         assert_eq!(rec["laddr"], "127.0.0.1", "{rec}");
@@ -165,11 +168,11 @@ fn port_pressure_at_the_threshold_and_back_below() {
         assert_eq!(below["time_wait"], 89, "{below}");
         assert_eq!(below["ratio"], 0.445, "{below}");
         let start = Instant::now();
-        while ss_counts(port) != (0, 0) {
+        while listed_counts(port) != (0, 0) {
             assert!(
                 start.elapsed() < DEADLINE,
-                "ss still shows client sockets: {:?}",
-                ss_counts(port)
+                "the kernel still lists client sockets: {:?}",
+                listed_counts(port)
             );
             thread::sleep(Duration::from_millis(20));
         }
@@ -257,8 +260,8 @@ fn timewait_sockets_older_than_the_tracer_count_until_reused() {
         let listener = TcpListener::bind(server).unwrap();
         let lports: Vec<u16> = (0..20).map(|_| client_first(&listener, server)).collect();
         let start = Instant::now();
-        while ss_counts(port) != (20, 20) {
-            assert!(start.elapsed() < DEADLINE, "{:?}", ss_counts(port));
+        while listed_counts(port) != (20, 20) {
+            assert!(start.elapsed() < DEADLINE, "{:?}", listed_counts(port));
             thread::sleep(Duration::from_millis(20));
         }
         let port_arg = port.to_string();
@@ -299,7 +302,7 @@ fn timewait_sockets_older_than_the_tracer_count_until_reused() {
             (&9.into(), &9.into(), &false.into()),
             "{below}"
         );
-        assert_eq!(ss_counts(port), (9, 9));
+        assert_eq!(listed_counts(port), (9, 9));
     });
 }
 

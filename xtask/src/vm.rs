@@ -142,6 +142,10 @@ pub(crate) struct Series {
     /// (6.12's config has CONFIG_DYNAMIC_FTRACE_WITH_DIRECT_CALLS, 6.1's
     /// not: there fentry programs load but do not attach).
     fentry: bool,
+    /// Run by `--kernel all`. 6.1-arm64 is not, until three tests that
+    /// fail there are understood (docs/kernels.md); `--kernel 6.1-arm64`
+    /// runs it alone.
+    pub in_all: bool,
 }
 
 pub(crate) const SERIES: &[Series] = &[
@@ -151,6 +155,7 @@ pub(crate) const SERIES: &[Series] = &[
         pattern: r"^linux-image-6\.1\.0-[0-9]+-amd64-unsigned$",
         prefix: "linux-image-6.1.",
         fentry: true,
+        in_all: true,
     },
     Series {
         name: "6.12",
@@ -158,6 +163,7 @@ pub(crate) const SERIES: &[Series] = &[
         pattern: r"^linux-image-6\.12\.[0-9]+\+deb12-amd64-unsigned$",
         prefix: "linux-image-6.12.",
         fentry: true,
+        in_all: true,
     },
     Series {
         name: "6.1-arm64",
@@ -165,6 +171,7 @@ pub(crate) const SERIES: &[Series] = &[
         pattern: r"^linux-image-6\.1\.0-[0-9]+-arm64-unsigned$",
         prefix: "linux-image-6.1.",
         fentry: false,
+        in_all: false,
     },
     Series {
         name: "6.12-arm64",
@@ -172,6 +179,7 @@ pub(crate) const SERIES: &[Series] = &[
         pattern: r"^linux-image-6\.12\.[0-9]+\+deb12-arm64-unsigned$",
         prefix: "linux-image-6.12.",
         fentry: true,
+        in_all: true,
     },
 ];
 

@@ -331,7 +331,11 @@ fn extract_modules(unpacked: &Path, to: &Path) -> Result<()> {
 /// The series' own part of the guest's environment: what the tests may
 /// expect of this kernel.
 fn series_env(series: Series) -> String {
-    let skip: Vec<String> = series.skip.iter().map(|t| format!("--skip {t}")).collect();
+    let skip: Vec<String> = series
+        .skip
+        .iter()
+        .map(|t| format!("--skip {t}"))
+        .collect();
     format!(
         "export TRACER_EXPECT_FENTRY={}\nexport TRACER_SKIP=\"{}\"\n",
         if series.fentry { 1 } else { 0 },

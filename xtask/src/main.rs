@@ -164,7 +164,7 @@ fn test(kernel: &str, guests_only: bool) -> Result<()> {
     let started = Instant::now();
     let guests: Vec<vm::Series> = match kernel {
         "host" => vec![],
-        "all" => vm::SERIES.to_vec(),
+        "all" => vm::SERIES.iter().filter(|s| s.in_all).copied().collect(),
         name => vec![vm::series(name).expect("clap checked the value")],
     };
     let mut guest_arches: Vec<Arch> = Vec::new();

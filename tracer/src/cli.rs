@@ -297,17 +297,7 @@ fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 pub(crate) fn parse_ringbuf_size(s: &str) -> Result<u32, String> {
-    let (digits, mult) = match s.strip_suffix(['K', 'k']) {
-        Some(d) => (d, 1u64 << 10),
-        None => match s.strip_suffix(['M', 'm']) {
-            Some(d) => (d, 1u64 << 20),
-            None => (s, 1),
-        },
-    };
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("`{s}` is not a size (examples: 4M, 262144)"))?;
-    let bytes = n.saturating_mul(mult);
+    let bytes = parse_size(s)?;
     if bytes < 4096 || !bytes.is_power_of_two() || bytes > (1 << 30) {
         return Err(format!(
             "{bytes} bytes: must be a power of two from 4K to 1024M"

@@ -227,7 +227,7 @@ fn build_binary(arch: Arch) -> Result<Built> {
             "tracer",
             "--target",
             arch.musl(),
-            "--message-format=json",
+            "--message-format=json-render-diagnostics",
         ],
         &arch.cargo_env(),
     )?;

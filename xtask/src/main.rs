@@ -451,7 +451,8 @@ fn cargo_command() -> Command {
 }
 
 /// Runs cargo with `env` set and returns its stdout (for
-/// `--message-format=json`).
+/// `--message-format=json-render-diagnostics`: the compiler's messages
+/// still reach stderr).
 fn cargo_stdout_env(args: &[&str], env: &[(String, String)]) -> Result<String> {
     let out = cargo_command()
         .args(args)
@@ -460,7 +461,12 @@ fn cargo_stdout_env(args: &[&str], env: &[(String, String)]) -> Result<String> {
         .output()
         .context("starting cargo")?;
     if !out.status.success() {
-        bail!("`cargo {}` failed ({})", args.join(" "), out.status);
+        bail!(
+            "`cargo {}` failed ({}){}",
+            args.join(" "),
+            out.status,
+            disk_note()
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -474,7 +480,33 @@ fn cargo(args: &[&str]) -> Result<()> {
         .status()
         .with_context(|| format!("starting {cargo}"))?;
     if !status.success() {
-        bail!("`cargo {}` failed ({status})", args.join(" "));
+        bail!(
+            "`cargo {}` failed ({status}){}",
+            args.join(" "),
+            disk_note()
+        );
     }
     Ok(())
+}
+
+/// The space left where the builds go, for a failed build's message: a
+/// build that runs out of disk fails with messages that do not say so
+/// once they scroll by.
+fn disk_note() -> String {
+    let target = workspace_root().join("target");
+    let Ok(path) = std::ffi::CString::new(target.as_os_str().as_encoded_bytes()) else {
+        return String::new();
+    };
+    // SAFETY: statvfs is plain old data; all zeroes is a valid value.
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is NUL-terminated and `stat` is a valid out-pointer.
+    if unsafe { libc::statvfs(path.as_ptr(), &mut stat) } != 0 {
+        return String::new();
+    }
+    let free = stat.f_bavail as u64 * stat.f_frsize as u64;
+    format!(
+        "; {:.1} GiB free in {}",
+        free as f64 / (1u64 << 30) as f64,
+        target.display()
+    )
 }

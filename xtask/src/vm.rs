@@ -496,7 +496,7 @@ pub(crate) fn build_initramfs(
             "--no-run",
             "--target",
             musl,
-            "--message-format=json",
+            "--message-format=json-render-diagnostics",
         ],
         &env,
     )?;
@@ -525,7 +525,7 @@ pub(crate) fn build_initramfs(
             "tracer",
             "--target",
             musl,
-            "--message-format=json",
+            "--message-format=json-render-diagnostics",
         ],
         &env,
     )?;

@@ -158,7 +158,8 @@ impl<W: RecordWrite> Pipeline<W> {
         conn.close_written = true;
         conn.close_written_early = true;
         let conn = *conn;
-        self.out.close(&conn, &close)
+        let pids = accepted_by(&self.tracker, &conn);
+        self.out.close(&conn, &close, pids)
     }
 
     /// A transition to the output and to the observers (summary, metrics),
@@ -178,7 +179,12 @@ impl<W: RecordWrite> Pipeline<W> {
             Some(c) if c.keys() => self.observers.transition(t, &c.enrich(owner)),
             _ => self.observers.transition(t, owner),
         }
-        self.out.transition(t, owner)
+        let pids = if self.out.writes_transitions() {
+            self.tracker.listener_pids(t.netns, t.lport)
+        } else {
+            None
+        };
+        self.out.transition(t, owner, pids)
     }
 
     /// A connection that ended (its slot): its record is written now, or
@@ -208,8 +214,9 @@ impl<W: RecordWrite> Pipeline<W> {
         } else {
             classify(&conn.close, self.resets.enabled)
         };
+        let pids = accepted_by(&self.tracker, conn);
         if !conn.close_written {
-            self.out.close(conn, &close)?;
+            self.out.close(conn, &close, pids)?;
         }
         // A record cut at exit is output, not counted: its last stay and
         // its close class end where the tracer stopped, not the connection.
@@ -222,7 +229,7 @@ impl<W: RecordWrite> Pipeline<W> {
             }
             _ => self.observers.connection(conn, &close),
         }
-        let written = self.out.connection(conn, &close);
+        let written = self.out.connection(conn, &close, pids);
         self.tracker.release(id);
         written
     }
@@ -473,6 +480,15 @@ const EXIT_HOLDERS_WAIT: Duration = Duration::from_millis(500);
 const EXIT_OUTPUT_WAIT: Duration = Duration::from_secs(1);
 
 /// How often the agent drains the ring buffer without being woken.
+/// How long an accepted connection with its listener's owner must last
+/// before /proc is searched for the process that accepted it (shorter
+/// ones are usually named by their own close first).
+const ACCEPTED_LOOKUP_AFTER: Duration = Duration::from_secs(1);
+
+/// Accepted connections looked up at most per second: each is a sock_diag
+/// look-up, and the /proc scan is shared.
+const MAX_ACCEPTED_LOOKUPS: usize = 1024;
+
 pub const DRAIN_INTERVAL: Duration = Duration::from_millis(50);
 
 /// Runs the agent until Ctrl-C, SIGTERM or `--duration`; with `live`
@@ -645,6 +661,8 @@ pub async fn run(args: Args, live: Option<crate::top::feed::Live>) -> anyhow::Re
         pipeline.observers.live = Some(Default::default());
     }
     let mut holders = crate::top::feed::Holders::default();
+    // A look-up of accepted connections' owners is on its way.
+    let mut accepted_asked = false;
 
     let result: io::Result<()> = async {
         loop {
@@ -700,6 +718,20 @@ pub async fn run(args: Args, live: Option<crate::top::feed::Live>) -> anyhow::Re
                     Some(Done::LiveHolders { found, errors }) => {
                         lifecycle.counters.errors += errors;
                         holders.found(found);
+                    }
+                    Some(Done::Accepted { found, errors }) => {
+                        lifecycle.counters.errors += errors;
+                        accepted_asked = false;
+                        for (id, conn, owner) in &found {
+                            if pipeline.tracker.set_accepted_owner(*id, conn, *owner) {
+                                log::debug!(
+                                    "accepted {}:{} <- {}:{}: owner {} ({})",
+                                    conn.laddr, conn.lport, conn.raddr, conn.rport,
+                                    owner.known_pid().map_or_else(|| "-".into(), |p| p.to_string()),
+                                    owner.comm.as_str()
+                                );
+                            }
+                        }
                     }
                     None => {}
                 },
@@ -778,6 +810,15 @@ pub async fn run(args: Args, live: Option<crate::top::feed::Live>) -> anyhow::Re
                         // The view takes one a second; a snapshot it has
                         // not taken yet is as good as this one.
                         let _ = to_view.try_send(snapshot);
+                    }
+                    if !accepted_asked {
+                        let due = pipeline.tracker.due_accepted(
+                            now.saturating_sub(ACCEPTED_LOOKUP_AFTER.as_nanos() as u64),
+                            MAX_ACCEPTED_LOOKUPS,
+                        );
+                        // Not asked (worker busy): they keep their
+                        // listener's owner until their close names one.
+                        accepted_asked = !due.is_empty() && worker.send(Job::Accepted(due));
                     }
                     let due: Vec<Connection> = thresholds
                         .iter()
@@ -956,6 +997,14 @@ pub async fn run(args: Args, live: Option<crate::top::feed::Live>) -> anyhow::Re
         other => other.map(|_| ()).context("writing output"),
     }
     // Dropping the ring buffer and the probe detaches the program.
+}
+
+/// The processes holding the listener that accepted `c` (none for a
+/// connection no listener accepted).
+fn accepted_by<'a>(tracker: &'a Tracker, c: &Connection) -> Option<&'a [u32]> {
+    c.accepted
+        .then(|| tracker.listener_pids(c.netns, c.lport))
+        .flatten()
 }
 
 #[cfg(test)]

@@ -10,9 +10,9 @@ use std::{
     collections::BTreeSet,
     net::{IpAddr, SocketAddr, TcpListener, TcpStream},
     os::unix::fs::MetadataExt as _,
-    sync::{Arc, Barrier},
+    sync::{mpsc, Arc, Barrier},
     thread,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use common::*;
@@ -350,6 +350,125 @@ fn owner_filters_select_a_server_that_predates_the_tracer() {
                 ],
                 "by_comm={by_comm}: {got:#?}"
             );
+        }
+    });
+}
+
+/// A prefork server (a master and its worker both hold the listener)
+/// started before the tracer: the accepted socket's first transitions name
+/// the server's comm, no pid, and both pids in `listener_pids`; once the
+/// worker is found holding the socket in /proc, the transitions that run
+/// in softirq (the client's FIN) name the worker. `--pid` of the master,
+/// `--pid` of the worker and `--comm` each select the connection.
+#[test]
+fn prefork_servers_are_named_by_comm_then_by_the_accepting_worker() {
+    in_netns(|| {
+        let name = std::str::from_utf8(&SERVER_COMM[..SERVER_COMM.len() - 1]).unwrap();
+        for filter in ["none", "master", "worker", "comm"] {
+            let port = test_port();
+            let server = PreforkServer::start(port);
+            wait_listening(port);
+            let (master, worker) = (server.master.to_string(), server.worker.to_string());
+            let port_arg = port.to_string();
+            let mut args = vec!["--output", "json", "--events", "all", "-vv"];
+            match filter {
+                "master" => args.extend(["--pid", master.as_str()]),
+                "worker" => args.extend(["--pid", worker.as_str()]),
+                "comm" => args.extend(["--comm", name]),
+                _ => args.extend(["--port", port_arg.as_str()]),
+            }
+            let run = Running::start(&args);
+            run.wait_attached();
+            let client = TcpStream::connect(("127.0.0.1", port)).unwrap();
+            let mut got = Vec::new();
+            let server_step = |v: &serde_json::Value, old: &str, new: &str| {
+                v["type"] == "transition"
+                    && v["lport"] == port
+                    && v["old"] == old
+                    && v["new"] == new
+            };
+            run.read_until(&mut got, "the accepted socket established", |lines| {
+                lines
+                    .iter()
+                    .any(|l| server_step(&json(l), "SYN_RECV", "ESTABLISHED"))
+            });
+            let mut pids = [server.master, server.worker];
+            pids.sort_unstable();
+            let established = got
+                .iter()
+                .map(|l| json(l))
+                .find(|v| server_step(v, "SYN_RECV", "ESTABLISHED"))
+                .unwrap();
+            assert_eq!(
+                (
+                    &established["pid"],
+                    &established["comm"],
+                    &established["listener_pids"]
+                ),
+                (
+                    &serde_json::Value::Null,
+                    &serde_json::json!(name),
+                    &serde_json::json!(pids)
+                ),
+                "{filter}: {established}"
+            );
+            // The look-up a second after it was established.
+            let found = format!(":{port} <- ");
+            let start = Instant::now();
+            loop {
+                assert!(
+                    start.elapsed() < DEADLINE,
+                    "{filter}: the accepting process was never looked up"
+                );
+                match run.stderr.recv_timeout(Duration::from_millis(100)) {
+                    Ok(line) if line.contains(&found) && line.contains("owner") => {
+                        assert!(
+                            line.contains(&format!("owner {} ", server.worker)),
+                            "{line}"
+                        );
+                        break;
+                    }
+                    Ok(_) | Err(mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(e) => panic!("{filter}: {e}"),
+                }
+            }
+            drop(client);
+            run.read_until(&mut got, "the worker's close", |lines| {
+                lines.iter().any(|l| {
+                    let v = json(l);
+                    v["type"] == "connection" && v["lport"] == port
+                })
+            });
+            run.signal(libc::SIGINT);
+            let (code, rest, err) = run.finish();
+            assert_eq!(code, 0, "{err:#?}");
+            got.extend(rest);
+            let records: Vec<serde_json::Value> = got.iter().map(|l| json(l)).collect();
+            let fin = records
+                .iter()
+                .find(|v| server_step(v, "ESTABLISHED", "CLOSE_WAIT"))
+                .unwrap_or_else(|| panic!("{filter}: no CLOSE_WAIT: {got:#?}"));
+            // In softirq: only the look-up can have named the worker.
+            assert_eq!(fin["task_pid"], serde_json::Value::Null, "{fin}");
+            assert_eq!(fin["pid"], server.worker, "{filter}: {fin}");
+            let conn = records
+                .iter()
+                .find(|v| v["type"] == "connection" && v["lport"] == port)
+                .unwrap();
+            assert_eq!(
+                (&conn["pid"], &conn["listener_pids"]),
+                (&serde_json::json!(server.worker), &serde_json::json!(pids)),
+                "{filter}: {conn}"
+            );
+            // The client's side is no prefork server's.
+            if filter != "none" {
+                assert!(
+                    !records
+                        .iter()
+                        .any(|v| v["type"] == "transition" && v["rport"] == port),
+                    "{filter}: {got:#?}"
+                );
+            }
         }
     });
 }

@@ -56,7 +56,7 @@ impl GroupBy {
             (GroupBy::Rport, _) => GroupKey::Port(rport),
             (GroupBy::Raddr, _) => GroupKey::Addr(raddr),
             (GroupBy::Comm, Some(o)) => GroupKey::Comm(o.comm),
-            (GroupBy::Pid, Some(o)) => GroupKey::Pid(o.pid),
+            (GroupBy::Pid, Some(o)) if o.pid != 0 => GroupKey::Pid(o.pid),
             (GroupBy::Cgroup, Some(o)) if o.cgroup != 0 => GroupKey::Cgroup(o.cgroup),
             (GroupBy::Container, Some(o)) => match o.container {
                 Some(c) => GroupKey::Container(c),

@@ -118,7 +118,7 @@ pub fn snapshot<W: RecordWrite>(
             let found = holders.found.get(&c.sock).map(Vec::as_slice).unwrap_or(&[]);
             let (pid, comm, fd) = match (found.first(), &c.owner) {
                 (Some(h), _) => (Some(h.pid), h.comm.clone(), Some(h.fd)),
-                (None, Some(o)) => (Some(o.pid), o.comm.as_str().into_owned(), None),
+                (None, Some(o)) => (o.known_pid(), o.comm.as_str().into_owned(), None),
                 (None, None) => (None, "-".to_string(), None),
             };
             CloseWaitRow {

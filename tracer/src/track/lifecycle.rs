@@ -259,8 +259,13 @@ impl Lifecycle {
                 continue;
             }
             snap.sockets += 1;
-            let owner = single_owner(held_by, s.uid, &cgroups);
-            tracker.add_snapshot(Connection::from_snapshot(key, state, now, s.inode, owner));
+            let owner = common_owner(held_by, s.uid, &cgroups);
+            let mut pids: Vec<u32> = held_by.iter().map(|h| h.pid).collect();
+            pids.dedup();
+            tracker.add_snapshot(
+                Connection::from_snapshot(key, state, now, s.inode, owner),
+                &pids,
+            );
         }
         snap
     }
@@ -502,15 +507,21 @@ impl Lifecycle {
 
 /// The owner of a socket held by exactly one process; `None` when several
 /// processes hold it (no guessing).
-fn single_owner(holders: &[Holder], uid: u32, cgroups: &HashMap<u32, u64>) -> Option<Owner> {
-    let first = holders.first()?;
-    holders.iter().all(|h| h.pid == first.pid).then(|| Owner {
-        pid: first.pid,
-        comm: Comm::from_name(&first.comm),
-        uid,
-        cgroup: cgroups.get(&first.pid).copied().unwrap_or(0),
-        container: None,
-    })
+/// The owner of a socket that `holders` hold ([`Owner::common`]: a
+/// prefork server's listener, held by a master and its workers, is owned
+/// by their comm).
+fn common_owner(holders: &[Holder], uid: u32, cgroups: &HashMap<u32, u64>) -> Option<Owner> {
+    let owners: Vec<Owner> = holders
+        .iter()
+        .map(|h| Owner {
+            pid: h.pid,
+            comm: Comm::from_name(&h.comm),
+            uid,
+            cgroup: cgroups.get(&h.pid).copied().unwrap_or(0),
+            container: None,
+        })
+        .collect();
+    Owner::common(&owners)
 }
 
 #[cfg(test)]
@@ -718,18 +729,26 @@ mod tests {
     }
 
     #[test]
-    fn one_holder_is_the_owner_several_are_not_guessed() {
-        let h = |pid, fd| Holder {
+    fn one_holder_is_the_owner_several_share_their_comm() {
+        let h = |pid, comm: &str, fd| Holder {
             pid,
-            comm: "srv".into(),
+            comm: comm.into(),
             fd,
         };
+        let of = |holders: &[Holder]| {
+            common_owner(holders, 7, &HashMap::from([(5, 9), (6, 9)]))
+                .map(|o| (o.pid, o.comm.as_str().into_owned(), o.uid, o.cgroup))
+        };
         assert_eq!(
-            single_owner(&[h(5, 3), h(5, 4)], 7, &HashMap::from([(5, 9)]))
-                .map(|o| (o.pid, o.uid, o.cgroup)),
-            Some((5, 7, 9))
+            of(&[h(5, "srv", 3), h(5, "srv", 4)]),
+            Some((5, "srv".into(), 7, 9))
         );
-        assert_eq!(single_owner(&[h(5, 3), h(6, 3)], 7, &HashMap::new()), None);
-        assert_eq!(single_owner(&[], 7, &HashMap::new()), None);
+        // A prefork server's listener: its comm, no pid.
+        assert_eq!(
+            of(&[h(5, "srv", 3), h(6, "srv", 3)]),
+            Some((0, "srv".into(), 7, 9))
+        );
+        assert_eq!(of(&[h(5, "srv", 3), h(6, "other", 3)]), None);
+        assert_eq!(of(&[]), None);
     }
 }

@@ -19,12 +19,12 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use crate::{
     clock::monotonic_ns,
-    kernel::events::{Family, TcpState},
+    kernel::events::{Comm, Family, TcpState},
     track::diag::{state_bit, DiagSocket, Queues},
     track::netns::Namespaces,
     track::ports::PortRange,
     track::procfs::{self, Holder},
-    track::tracker::Connection,
+    track::tracker::{Connection, Owner, SlotId},
 };
 
 /// How often the worker closes the namespaces nothing else holds (a
@@ -119,6 +119,9 @@ pub enum Job {
     /// The ephemeral port ranges of namespaces (with a task in each, to
     /// open it by).
     PortRanges(Vec<(u32, Option<(u32, u32)>)>),
+    /// The processes that accepted these connections (their owner so far
+    /// is their listener's), by slot.
+    Accepted(Vec<(SlotId, Connection)>),
     /// The same for `tracer top`'s CLOSE_WAIT holders (answered apart:
     /// they are shown, not reported as stuck).
     LiveHolders(Vec<Connection>),
@@ -140,6 +143,12 @@ pub enum Done {
     PortRanges(Vec<(u32, Result<PortRange, String>)>),
     LiveHolders {
         found: Vec<(Connection, Vec<Holder>)>,
+        errors: u64,
+    },
+    /// The owners found for [`Job::Accepted`]'s connections (those that
+    /// one process, or processes of one comm, hold).
+    Accepted {
+        found: Vec<(SlotId, Connection, Owner)>,
         errors: u64,
     },
 }
@@ -197,6 +206,10 @@ impl Worker {
                                 at_exit,
                                 errors,
                             }
+                        }
+                        Job::Accepted(conns) => {
+                            let (found, errors) = state.accepted(conns);
+                            Done::Accepted { found, errors }
                         }
                         Job::LiveHolders(conns) => {
                             let (found, errors) = state.holders(conns);
@@ -319,6 +332,39 @@ impl State {
             sockets,
             overflowed: counted || at_limit,
         }
+    }
+
+    /// The owner of each accepted connection: what the processes holding
+    /// its socket have in common ([`Owner::common`]), with the uid its
+    /// listener's owner had.
+    fn accepted(
+        &mut self,
+        conns: Vec<(SlotId, Connection)>,
+    ) -> (Vec<(SlotId, Connection, Owner)>, u64) {
+        let (ids, conns): (Vec<SlotId>, Vec<Connection>) = conns.into_iter().unzip();
+        let (found, errors) = self.holders(conns);
+        let mut cgroups: HashMap<u32, u64> = HashMap::new();
+        let owners = ids
+            .into_iter()
+            .zip(found)
+            .filter_map(|(id, (c, holders, _))| {
+                let uid = c.owner.map_or(0, |o| o.uid);
+                let owners: Vec<Owner> = holders
+                    .iter()
+                    .map(|h| Owner {
+                        pid: h.pid,
+                        comm: Comm::from_name(&h.comm),
+                        uid,
+                        cgroup: *cgroups
+                            .entry(h.pid)
+                            .or_insert_with(|| crate::track::containers::id_of_pid(h.pid)),
+                        container: None,
+                    })
+                    .collect();
+                Some((id, c, Owner::common(&owners)?))
+            })
+            .collect();
+        (owners, errors)
     }
 
     /// Each connection with every process and fd holding its socket,

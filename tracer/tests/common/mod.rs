@@ -434,6 +434,90 @@ impl Drop for ForkedServer {
     }
 }
 
+/// A prefork server, as nginx or Apache run: a master (comm
+/// [`SERVER_COMM`]) listens on 127.0.0.1:port and forks a worker, which
+/// accepts one connection, reads until the client's FIN and closes it.
+/// Both hold the listener. Killed and reaped on drop.
+pub(crate) struct PreforkServer {
+    pub master: u32,
+    pub worker: u32,
+}
+
+impl PreforkServer {
+    /// Starts it and returns once the worker is ready to accept.
+    pub(crate) fn start(port: u16) -> PreforkServer {
+        let mut pipe = [0i32; 2];
+        // SAFETY: plain syscalls; after fork the children use only
+        // async-signal-safe calls on data prepared before the fork.
+        unsafe {
+            assert_eq!(libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC), 0);
+            let mut addr: libc::sockaddr_in = std::mem::zeroed();
+            addr.sin_family = libc::AF_INET as u16;
+            addr.sin_port = port.to_be();
+            addr.sin_addr.s_addr = u32::from_ne_bytes([127, 0, 0, 1]);
+            let master = libc::fork();
+            assert!(master >= 0, "fork");
+            if master == 0 {
+                // Only the pipe's write end, as fd 3 (see ForkedServer).
+                let tx = libc::fcntl(pipe[1], libc::F_DUPFD, 1000);
+                libc::dup2(tx, 3);
+                libc::syscall(libc::SYS_close_range, 4u32, u32::MAX, 0u32);
+                libc::prctl(libc::PR_SET_NAME, SERVER_COMM.as_ptr());
+                let one: libc::c_int = 1;
+                let s = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+                libc::setsockopt(
+                    s,
+                    libc::SOL_SOCKET,
+                    libc::SO_REUSEADDR,
+                    (&one as *const i32).cast(),
+                    4,
+                );
+                if libc::bind(
+                    s,
+                    (&addr as *const libc::sockaddr_in).cast(),
+                    size_of::<libc::sockaddr_in>() as u32,
+                ) != 0
+                    || libc::listen(s, 8) != 0
+                {
+                    libc::_exit(2);
+                }
+                let worker = libc::fork();
+                if worker == 0 {
+                    let pid = libc::getpid() as u32;
+                    libc::write(3, (&pid as *const u32).cast(), 4);
+                    let c = libc::accept(s, std::ptr::null_mut(), std::ptr::null_mut());
+                    let mut buf = [0u8; 64];
+                    while libc::read(c, buf.as_mut_ptr().cast(), buf.len()) > 0 {}
+                    libc::close(c);
+                }
+                loop {
+                    libc::pause();
+                }
+            }
+            libc::close(pipe[1]);
+            use std::os::fd::FromRawFd as _;
+            let mut rx = std::fs::File::from_raw_fd(pipe[0]);
+            let mut b = [0u8; 4];
+            rx.read_exact(&mut b).expect("the worker reports its pid");
+            PreforkServer {
+                master: master as u32,
+                worker: u32::from_ne_bytes(b),
+            }
+        }
+    }
+}
+
+impl Drop for PreforkServer {
+    fn drop(&mut self) {
+        // SAFETY: our child and its child.
+        unsafe {
+            libc::kill(self.worker as i32, libc::SIGKILL);
+            libc::kill(self.master as i32, libc::SIGKILL);
+            libc::waitpid(self.master as i32, std::ptr::null_mut(), 0);
+        }
+    }
+}
+
 /// The running kernel's version is at least `major.minor`.
 pub(crate) fn kernel_at_least(major: u32, minor: u32) -> bool {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();

@@ -47,7 +47,7 @@ pub(super) struct OwnerJson<'a> {
 
 pub(super) fn owner_json(o: &Option<Owner>) -> OwnerJson<'_> {
     OwnerJson {
-        pid: o.as_ref().map(|o| o.pid),
+        pid: o.as_ref().and_then(Owner::known_pid),
         comm: o.as_ref().map(|o| o.comm.as_str()),
         uid: o.as_ref().map(|o| o.uid),
     }
@@ -80,6 +80,7 @@ pub(super) struct TransitionJson<'a> {
     pub(super) old_state_ns: Option<u64>,
     pub(super) netns: Option<u32>,
     pub(super) source: &'static str,
+    pub(super) listener_pids: Option<&'a [u32]>,
 }
 
 /// Fields every connection-level record shares.
@@ -119,6 +120,7 @@ pub(super) struct ConnectionJson<'a> {
     pub(super) time_wait_end: Option<&'static str>,
     pub(super) close: CloseJson<'a>,
     pub(super) at_exit: bool,
+    pub(super) listener_pids: Option<&'a [u32]>,
 }
 
 /// How a connection closed (see `close.rs`).

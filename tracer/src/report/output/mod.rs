@@ -128,7 +128,10 @@ fn sock_hex(sock: u64) -> Option<Text<Hex>> {
 
 fn owner_cells(o: &Option<Owner>) -> (String, String) {
     match o {
-        Some(o) => (o.pid.to_string(), o.comm.as_str().into_owned()),
+        Some(o) => (
+            o.known_pid().map_or_else(|| "-".into(), |p| p.to_string()),
+            o.comm.as_str().into_owned(),
+        ),
         None => ("-".into(), "-".into()),
     }
 }
@@ -233,14 +236,30 @@ impl<W: RecordWrite> Output<W> {
         Ok(())
     }
 
-    /// A transition, with the socket's owner as the tracker knows it.
-    pub fn transition(&mut self, t: &Transition, owner: &Option<Owner>) -> io::Result<()> {
-        let written = self.write_transition(t, owner);
+    /// Are transitions written (`--events transitions|all`)?
+    pub fn writes_transitions(&self) -> bool {
+        self.events.transitions()
+    }
+
+    /// A transition, with the socket's owner as the tracker knows it and
+    /// the processes holding a listener on its local port.
+    pub fn transition(
+        &mut self,
+        t: &Transition,
+        owner: &Option<Owner>,
+        listener_pids: Option<&[u32]>,
+    ) -> io::Result<()> {
+        let written = self.write_transition(t, owner, listener_pids);
         self.out.record_done();
         written
     }
 
-    fn write_transition(&mut self, t: &Transition, owner: &Option<Owner>) -> io::Result<()> {
+    fn write_transition(
+        &mut self,
+        t: &Transition,
+        owner: &Option<Owner>,
+        listener_pids: Option<&[u32]>,
+    ) -> io::Result<()> {
         if !self.events.transitions() {
             return Ok(());
         }
@@ -275,6 +294,7 @@ impl<W: RecordWrite> Output<W> {
                 l.opt_u64("old_state_ns", t.old_state_ns);
                 l.opt_u64("netns", (t.netns != 0).then_some(t.netns.into()));
                 l.plain("source", t.source.name());
+                pids_field(&mut l, "listener_pids", listener_pids);
                 l.end();
                 buf.push(b'\n');
                 let r = self.out.write_all(&buf);
@@ -306,15 +326,26 @@ impl<W: RecordWrite> Output<W> {
         }
     }
 
-    /// The record of a connection that ended. Listening sockets are not
+    /// The record of a connection that ended (with the processes holding
+    /// the listener that accepted it). Listening sockets are not
     /// connections and get none.
-    pub fn connection(&mut self, c: &Connection, close: &Close) -> io::Result<()> {
-        let written = self.write_connection(c, close);
+    pub fn connection(
+        &mut self,
+        c: &Connection,
+        close: &Close,
+        listener_pids: Option<&[u32]>,
+    ) -> io::Result<()> {
+        let written = self.write_connection(c, close, listener_pids);
         self.out.record_done();
         written
     }
 
-    fn write_connection(&mut self, c: &Connection, close: &Close) -> io::Result<()> {
+    fn write_connection(
+        &mut self,
+        c: &Connection,
+        close: &Close,
+        listener_pids: Option<&[u32]>,
+    ) -> io::Result<()> {
         if !self.events.connections() || c.listener {
             return Ok(());
         }
@@ -358,6 +389,7 @@ impl<W: RecordWrite> Output<W> {
                 l.opt_plain("time_wait_end", time_wait_end);
                 close_fields(l.object("close"), close, &self.reset_reasons);
                 l.bool("at_exit", c.cut_at_exit);
+                pids_field(&mut l, "listener_pids", listener_pids);
                 l.end();
                 buf.push(b'\n');
                 let r = self.out.write_all(&buf);
@@ -391,13 +423,23 @@ impl<W: RecordWrite> Output<W> {
     /// The `close` record of a connection whose close handshake is over
     /// (`--events closes|all`): an active closer's at its entry into
     /// TIME_WAIT, any other's at its end, before its connection record.
-    pub fn close(&mut self, c: &Connection, close: &Close) -> io::Result<()> {
-        let written = self.write_close(c, close);
+    pub fn close(
+        &mut self,
+        c: &Connection,
+        close: &Close,
+        listener_pids: Option<&[u32]>,
+    ) -> io::Result<()> {
+        let written = self.write_close(c, close, listener_pids);
         self.out.record_done();
         written
     }
 
-    fn write_close(&mut self, c: &Connection, close: &Close) -> io::Result<()> {
+    fn write_close(
+        &mut self,
+        c: &Connection,
+        close: &Close,
+        listener_pids: Option<&[u32]>,
+    ) -> io::Result<()> {
         if !matches!(self.events, EventsMode::Closes | EventsMode::All) || c.listener {
             return Ok(());
         }
@@ -417,6 +459,7 @@ impl<W: RecordWrite> Output<W> {
                 l.plain("state", c.state.name());
                 l.bool("at_exit", c.cut_at_exit);
                 close_fields(l.object("close"), close, &self.reset_reasons);
+                pids_field(&mut l, "listener_pids", listener_pids);
                 l.end();
                 buf.push(b'\n');
                 let r = self.out.write_all(&buf);
@@ -761,11 +804,22 @@ pub fn stats_line(s: &Stats) -> String {
     line
 }
 
-/// `pid`, `comm`, `uid` of the owner, null when unknown.
+/// A list of pids, or null.
+fn pids_field(l: &mut line::Line<'_>, k: &str, pids: Option<&[u32]>) {
+    match pids {
+        Some(pids) => l.array(k, pids, |buf, pid| {
+            buf.extend_from_slice(itoa::Buffer::new().format(*pid).as_bytes());
+        }),
+        None => l.null(k),
+    }
+}
+
+/// `pid`, `comm`, `uid` of the owner, null when unknown (the pid alone
+/// when only the comm is known).
 fn owner_fields(l: &mut line::Line<'_>, owner: &Option<Owner>) {
     match owner {
         Some(o) => {
-            l.u64("pid", o.pid.into());
+            l.opt_u64("pid", o.known_pid().map(u64::from));
             l.str("comm", &o.comm.as_str());
             l.u64("uid", o.uid.into());
         }

@@ -32,7 +32,7 @@ fn owner() -> Option<Owner> {
 #[test]
 fn transition_json_has_the_contract_fields() {
     let mut o = out(Format::Json, EventsMode::Transitions);
-    o.transition(&sample(), &owner()).unwrap();
+    o.transition(&sample(), &owner(), None).unwrap();
     let s = text(o);
     let v: serde_json::Value = serde_json::from_str(s.trim_end()).unwrap();
     assert_eq!(v["type"], "transition");
@@ -65,7 +65,7 @@ fn unknown_owner_and_duration_are_null_and_derived_has_no_task() {
         task: false,
         ..sample()
     };
-    o.transition(&t, &None).unwrap();
+    o.transition(&t, &None, None).unwrap();
     let v: serde_json::Value = serde_json::from_str(text(o).trim_end()).unwrap();
     assert!(v["old_state_ns"].is_null());
     assert!(v["pid"].is_null() && v["comm"].is_null());
@@ -82,13 +82,14 @@ fn table_has_header_and_brackets_ipv6() {
         raddr: "2001:db8::1".parse().unwrap(),
         ..sample()
     };
-    o.transition(&t, &owner()).unwrap();
+    o.transition(&t, &owner(), None).unwrap();
     o.transition(
         &Transition {
             old_state_ns: None,
             ..t
         },
         &None,
+        None,
     )
     .unwrap();
     let s = text(o);
@@ -136,8 +137,8 @@ fn closed() -> Connection {
 #[test]
 fn connection_json() {
     let mut o = out(Format::Json, EventsMode::Connections);
-    o.transition(&sample(), &owner()).unwrap(); // not printed in this mode
-    o.connection(&closed(), &close_of(&closed())).unwrap();
+    o.transition(&sample(), &owner(), None).unwrap(); // not printed in this mode
+    o.connection(&closed(), &close_of(&closed()), None).unwrap();
     let s = text(o);
     assert_eq!(s.lines().count(), 1);
     let v: serde_json::Value = serde_json::from_str(s.trim_end()).unwrap();
@@ -160,7 +161,7 @@ fn connection_json() {
 #[test]
 fn connection_table_line() {
     let mut o = out(Format::Table, EventsMode::Connections);
-    o.connection(&closed(), &close_of(&closed())).unwrap();
+    o.connection(&closed(), &close_of(&closed()), None).unwrap();
     let s = text(o);
     assert!(
         s.contains("CONNECTION 201.000ms SYN_SENT=1.000ms ESTABLISHED=200.000ms"),
@@ -171,10 +172,10 @@ fn connection_table_line() {
 #[test]
 fn json_states_are_in_life_order_and_listeners_get_no_record() {
     let mut o = out(Format::Json, EventsMode::Connections);
-    o.connection(&closed(), &close_of(&closed())).unwrap();
+    o.connection(&closed(), &close_of(&closed()), None).unwrap();
     let mut listener = closed();
     listener.listener = true;
-    o.connection(&listener, &close_of(&listener)).unwrap();
+    o.connection(&listener, &close_of(&listener), None).unwrap();
     let s = text(o);
     assert_eq!(s.lines().count(), 1);
     assert!(
@@ -274,7 +275,12 @@ fn stats_json_and_line() {
 
 /// What serde_json wrote for a transition before the hand-written writer
 /// (the shapes of `json.rs`), for the byte-for-byte comparison.
-fn serde_transition(o: &mut Output<Vec<u8>>, t: &Transition, owner: &Option<Owner>) -> String {
+fn serde_transition(
+    o: &mut Output<Vec<u8>>,
+    t: &Transition,
+    owner: &Option<Owner>,
+    listener_pids: Option<&[u32]>,
+) -> String {
     let from_kernel = t.task;
     let rec = TransitionJson {
         r#type: "transition",
@@ -296,6 +302,7 @@ fn serde_transition(o: &mut Output<Vec<u8>>, t: &Transition, owner: &Option<Owne
         old_state_ns: t.old_state_ns,
         netns: (t.netns != 0).then_some(t.netns),
         source: t.source.name(),
+        listener_pids,
     };
     serde_json::to_string(&rec).unwrap() + "\n"
 }
@@ -305,6 +312,7 @@ fn serde_connection(
     c: &Connection,
     close: &Close,
     reasons: &ResetReasons,
+    listener_pids: Option<&[u32]>,
 ) -> String {
     let rec = ConnectionJson {
         r#type: "connection",
@@ -316,6 +324,7 @@ fn serde_connection(
         time_wait_end: c.timewait.and_then(|tw| tw.end).map(|e| e.name()),
         close: CloseJson::new(close, reasons),
         at_exit: c.cut_at_exit,
+        listener_pids,
     };
     serde_json::to_string(&rec).unwrap() + "\n"
 }
@@ -338,11 +347,17 @@ fn hand_written_json_is_byte_for_byte_serdes() {
     d.mono_ns = 59_999_999_999_999;
     transitions.push(d);
     for t in &transitions {
-        for owner in [owner(), None] {
+        // A prefork server's: its comm, no pid, its listener's pids.
+        let shared = owner().map(|o| Owner { pid: 0, ..o });
+        for (owner, pids) in [
+            (owner(), None),
+            (None, None),
+            (shared, Some(&[7, 4000][..])),
+        ] {
             let mut o = out(Format::Json, EventsMode::All);
-            o.transition(t, &owner).unwrap();
+            o.transition(t, &owner, pids).unwrap();
             let mut reference = out(Format::Json, EventsMode::All);
-            let want = serde_transition(&mut reference, t, &owner);
+            let want = serde_transition(&mut reference, t, &owner, pids);
             assert_eq!(text(o), want);
         }
     }
@@ -374,12 +389,13 @@ fn hand_written_json_is_byte_for_byte_serdes() {
             let close = crate::track::close::classify(&c.close, resets);
             let mut o =
                 out(Format::Json, EventsMode::Connections).with_reset_reasons(reasons.clone());
-            o.connection(c, &close).unwrap();
+            let pids = c.owner.map(|_| &[3u32][..]);
+            o.connection(c, &close, pids).unwrap();
             let written = text(o);
             let mut reference = out(Format::Json, EventsMode::Connections);
             assert_eq!(
                 written,
-                serde_connection(&mut reference, c, &close, reasons)
+                serde_connection(&mut reference, c, &close, reasons, pids)
             );
             let v: serde_json::Value = serde_json::from_str(written.trim_end()).unwrap();
             let rst = &v["close"]["rst"];

@@ -314,10 +314,11 @@ fn comm(s: &str) -> Comm {
 }
 
 impl Record {
-    /// The owner the record names: `pid` and `comm` (null when unknown).
+    /// The owner the record names: `pid` and `comm` (both null when
+    /// unknown; `pid` alone when only the comm is known).
     fn owner(&self) -> Option<Owner> {
         Some(Owner {
-            pid: self.pid?,
+            pid: self.pid.unwrap_or(0),
             comm: comm(self.comm.as_deref()?),
             uid: self.uid.unwrap_or(0),
             // As `--group-by cgroup` keys them live: a number per path.

@@ -42,8 +42,8 @@ use std::collections::hash_map::Entry;
 use arrayvec::ArrayVec;
 
 pub use connection::{Connection, Timewait, TimewaitEnd, TupleKey};
-use owners::Listeners;
 pub use owners::Owner;
+use owners::{Accepted, AcceptedEntry, Listeners};
 pub use slab::{Phase, SlotId};
 use timewait::TimewaitIndex;
 pub use timewait::TwEntry;
@@ -97,6 +97,8 @@ pub struct Tracker {
     snapshot: HashMap<TupleKey, SlotId>,
     /// Listening sockets, for accepted sockets' owner.
     listeners: Listeners,
+    /// Accepted connections to look up in /proc for their owner.
+    accepted: Accepted,
     /// Timewait sockets older than the tracer (start-up snapshot): the
     /// ports they hold until their expiry (CLOCK_MONOTONIC ns) or a reuse
     /// of their 4-tuple.
@@ -126,6 +128,7 @@ impl Tracker {
             timewait: TimewaitIndex::default(),
             snapshot: HashMap::default(),
             listeners: Listeners::default(),
+            accepted: Accepted::default(),
             old_timewait: HashMap::default(),
             capacity,
             ports: Ports::disabled(),
@@ -140,15 +143,59 @@ impl Tracker {
         self.len() >= self.capacity
     }
 
-    /// Registers a socket found by the start-up snapshot.
-    pub fn add_snapshot(&mut self, conn: Connection) {
+    /// The processes known to hold a listening socket on `port` in
+    /// `netns` (sorted), for the records' `listener_pids`.
+    pub fn listener_pids(&self, netns: u32, port: u16) -> Option<&[u32]> {
+        self.listeners.pids(netns, port)
+    }
+
+    /// Accepted connections established at or before `before_ns` that are
+    /// still open and still have their listener's owner (at most `max`):
+    /// to look up in /proc for the process that accepted them.
+    pub fn due_accepted(&mut self, before_ns: u64, max: usize) -> Vec<(SlotId, Connection)> {
+        let mut due = Vec::new();
+        while due.len() < max {
+            let Some(e) = self.accepted.pop_due(before_ns) else {
+                break;
+            };
+            if self.is_same_open(e.id, e.sock, e.first_seen_ns) {
+                due.push((e.id, *self.slab.get(e.id)));
+            }
+        }
+        due
+    }
+
+    /// The owner found in /proc for the accepted connection `c` (slot
+    /// `id`), unless it has ended or its own system call named one since.
+    pub fn set_accepted_owner(&mut self, id: SlotId, c: &Connection, owner: Owner) -> bool {
+        if !self.is_same_open(id, c.sock, c.first_seen_ns) {
+            return false;
+        }
+        self.slab.get_mut(id).owner = Some(owner);
+        true
+    }
+
+    /// Slot `id` still holds the open connection of socket `sock` first
+    /// seen at `first_seen_ns`, whose owner no system call of its own
+    /// has named.
+    fn is_same_open(&self, id: SlotId, sock: u64, first_seen_ns: u64) -> bool {
+        let c = self.slab.get(id);
+        self.slab.phase(id) == Phase::Live
+            && c.sock == sock
+            && c.first_seen_ns == first_seen_ns
+            && c.task_hint.is_none()
+    }
+
+    /// Registers a socket found by the start-up snapshot, held by the
+    /// processes `pids`.
+    pub fn add_snapshot(&mut self, conn: Connection, pids: &[u32]) {
         if self.full() {
             self.untracked += 1;
             return;
         }
         if conn.listener {
             self.listeners
-                .add(conn.netns, conn.lport, 0, conn.laddr, conn.owner);
+                .add(conn.netns, conn.lport, 0, conn.laddr, conn.owner, pids);
             return;
         }
         let key = conn.key();
@@ -283,7 +330,9 @@ impl Tracker {
         match (t.old, t.new) {
             (_, TcpState::Listen) => {
                 let owner = self.slab.get(id).owner;
-                self.listeners.add(t.netns, t.lport, t.sock, t.laddr, owner);
+                let pids = owner.and_then(|o| o.known_pid());
+                self.listeners
+                    .add(t.netns, t.lport, t.sock, t.laddr, owner, pids.as_slice());
             }
             (TcpState::Listen, TcpState::Close) => {
                 self.listeners.remove(t.netns, t.lport, t.sock);
@@ -299,6 +348,17 @@ impl Tracker {
         }
         let conn = self.slab.get_mut(id);
         out.owner = conn.owner;
+        if (t.old, t.new) == (TcpState::SynRecv, TcpState::Established)
+            && conn.accepted
+            && conn.task_hint.is_none()
+        {
+            self.accepted.push(AcceptedEntry {
+                id,
+                sock: conn.sock,
+                first_seen_ns: conn.first_seen_ns,
+                established_ns: t.mono_ns,
+            });
+        }
         if closing {
             if leaves_timewait(t.old) && !conn.listener {
                 // The connection goes on in a timewait socket: in

@@ -3,6 +3,7 @@ use std::net::IpAddr;
 
 use super::*;
 use crate::kernel::events::tests::{comm, sample};
+use crate::kernel::events::Family;
 use TcpState::*;
 
 /// A transition of socket 1 at `ms` milliseconds.
@@ -226,13 +227,10 @@ fn snapshot_sockets_count_from_the_snapshot() {
         ..Default::default()
     };
     let key = Tracker::key_of(&first);
-    t.add_snapshot(Connection::from_snapshot(
-        key,
-        CloseWait,
-        100_000_000,
-        555,
-        Some(owner),
-    ));
+    t.add_snapshot(
+        Connection::from_snapshot(key, CloseWait, 100_000_000, 555, Some(owner)),
+        &[],
+    );
     assert_eq!(t.in_state_mut(CloseWait).count(), 1);
     // A reset ends it in softirq: the owner stays the snapshot's.
     let mut softirq = tr(900, CloseWait, Close, None);
@@ -251,13 +249,10 @@ fn snapshot_sockets_count_from_the_snapshot() {
 fn a_birth_is_new_even_if_the_snapshot_saw_it() {
     let mut t = Tracker::new(8);
     let child = tr(10, Listen, SynRecv, None);
-    t.add_snapshot(Connection::from_snapshot(
-        Tracker::key_of(&child),
-        Established,
-        5_000_000,
-        9,
-        None,
-    ));
+    t.add_snapshot(
+        Connection::from_snapshot(Tracker::key_of(&child), Established, 5_000_000, 9, None),
+        &[],
+    );
     t.on_transition(&child);
     let c = t.get(1).unwrap();
     assert!(c.complete && !c.from_snapshot);
@@ -341,6 +336,134 @@ fn accepted_socket_inherits_its_listeners_owner() {
         ..tr(3, Listen, SynRecv, None)
     });
     assert_eq!(o.owner, None);
+    assert_eq!(t.listener_pids(sample().netns, 80), Some(&[8, 9][..]));
+}
+
+#[test]
+fn listeners_of_one_comm_give_it_without_a_pid() {
+    let mut t = Tracker::new(8);
+    // SO_REUSEPORT: two workers of one server, each with its listener.
+    for (sock, pid) in [(10, 8), (12, 9)] {
+        t.on_transition(&Transition {
+            sock,
+            pid,
+            comm: comm("server"),
+            lport: 80,
+            ..tr(0, Close, Listen, None)
+        });
+    }
+    let o = t.on_transition(&Transition {
+        sock: 13,
+        pid: 7,
+        lport: 80,
+        ..tr(3, Listen, SynRecv, None)
+    });
+    let owner = o.owner.unwrap();
+    assert_eq!((owner.known_pid(), owner.comm), (None, comm("server")));
+    assert_eq!(t.listener_pids(sample().netns, 80), Some(&[8, 9][..]));
+    // A prefork server found at start: one listener, two holders.
+    let mut t = Tracker::new(8);
+    let listener = Connection::from_snapshot(
+        TupleKey {
+            netns: 0,
+            family: Family::Ipv4,
+            laddr: "0.0.0.0".parse().unwrap(),
+            lport: 81,
+            raddr: "0.0.0.0".parse().unwrap(),
+            rport: 0,
+        },
+        Listen,
+        0,
+        5,
+        Some(Owner {
+            pid: 0,
+            comm: comm("server"),
+            ..Default::default()
+        }),
+    );
+    t.add_snapshot(listener, &[20, 21]);
+    assert_eq!(t.listener_pids(0, 81), Some(&[20, 21][..]));
+    assert_eq!(t.listener_pids(0, 82), None);
+}
+
+#[test]
+fn accepted_connections_are_looked_up_once_they_last() {
+    let mut t = Tracker::new(8);
+    t.on_transition(&Transition {
+        sock: 10,
+        pid: 8,
+        comm: comm("server"),
+        lport: 80,
+        ..tr(0, Close, Listen, None)
+    });
+    let child = |sock, rport, at| {
+        [
+            Transition {
+                sock,
+                lport: 80,
+                rport,
+                ..tr(at, Listen, SynRecv, None)
+            },
+            Transition {
+                sock,
+                lport: 80,
+                rport,
+                ..tr(at + 1, SynRecv, Established, Some(1))
+            },
+        ]
+    };
+    for (sock, rport, at) in [(11, 1000, 10), (12, 1001, 20), (13, 1002, 30)] {
+        for step in child(sock, rport, at) {
+            t.on_transition(&step);
+        }
+    }
+    // 12 is closed by its owner (named by its own system call), 13 ends.
+    let mut fin = Transition {
+        sock: 12,
+        pid: 9,
+        comm: comm("worker"),
+        lport: 80,
+        rport: 1001,
+        ..tr(40, Established, FinWait1, Some(19))
+    };
+    t.on_transition(&fin);
+    fin.sock = 13;
+    fin.rport = 1002;
+    fin.old = Established;
+    fin.new = Close;
+    t.on_transition(&fin);
+    assert!(t.due_accepted(5_000_000, 10).is_empty(), "none is due yet");
+    let due = t.due_accepted(1_000_000_000, 10);
+    assert_eq!(
+        due.len(),
+        1,
+        "only the open one still owned by its listener"
+    );
+    let (id, c) = due[0];
+    assert_eq!((c.sock, c.owner.unwrap().pid), (11, 8));
+    assert!(t.due_accepted(1_000_000_000, 10).is_empty(), "asked once");
+    let worker = Owner {
+        pid: 9,
+        comm: comm("worker"),
+        ..Default::default()
+    };
+    assert!(t.set_accepted_owner(id, &c, worker));
+    let o = t.on_transition(&Transition {
+        sock: 11,
+        lport: 80,
+        rport: 1000,
+        pid: 0,
+        ..tr(2_000, Established, CloseWait, Some(1_989))
+    });
+    assert_eq!(o.owner.unwrap().pid, 9);
+    // An answer for a connection that ended meanwhile changes nothing.
+    t.on_transition(&Transition {
+        sock: 11,
+        lport: 80,
+        rport: 1000,
+        ..tr(2_001, CloseWait, Close, Some(1))
+    });
+    assert!(!t.set_accepted_owner(id, &c, worker));
 }
 
 #[test]

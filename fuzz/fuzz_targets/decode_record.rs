@@ -11,7 +11,7 @@ use std::mem::{offset_of, size_of};
 
 use libfuzzer_sys::fuzz_target;
 use tracer::kernel::events::{decode, decode_record, encode, Record};
-use tracer_common::{batch_event_len, Batch, BatchEvent, EventKind, BATCH_STEPS};
+use tracer_common::{batch_event_len, BatchBody, BatchEvent, EventKind, BATCH_STEPS};
 use tracer_fuzz::Counting;
 
 #[global_allocator]
@@ -21,7 +21,7 @@ static ALLOC: Counting = Counting;
 const MAX: usize = 1024;
 const KIND_AT: usize = 8;
 const LEN_AT: usize = 12;
-const NSTEPS_AT: usize = offset_of!(BatchEvent, batch) + offset_of!(Batch, nsteps);
+const NSTEPS_AT: usize = offset_of!(BatchEvent, batch) + offset_of!(BatchBody, nsteps);
 
 fuzz_target!(|data: &[u8]| {
     let mut buf = [0u8; MAX];

@@ -41,22 +41,130 @@ pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
 pub const IPPROTO_TCP: u16 = 6;
 
-/// TCP states as numbered by the kernel (`include/net/tcp_states.h`).
-pub mod tcp_state {
-    pub const ESTABLISHED: u8 = 1;
-    pub const SYN_SENT: u8 = 2;
-    pub const SYN_RECV: u8 = 3;
-    pub const FIN_WAIT1: u8 = 4;
-    pub const FIN_WAIT2: u8 = 5;
-    pub const TIME_WAIT: u8 = 6;
-    pub const CLOSE: u8 = 7;
-    pub const CLOSE_WAIT: u8 = 8;
-    pub const LAST_ACK: u8 = 9;
-    pub const LISTEN: u8 = 10;
-    pub const CLOSING: u8 = 11;
-    pub const NEW_SYN_RECV: u8 = 12;
+/// A TCP state, numbered as in the kernel's `include/net/tcp_states.h`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[repr(u8)]
+pub enum TcpState {
+    Established = 1,
+    SynSent = 2,
+    SynRecv = 3,
+    FinWait1 = 4,
+    FinWait2 = 5,
+    TimeWait = 6,
+    Close = 7,
+    CloseWait = 8,
+    LastAck = 9,
+    Listen = 10,
+    Closing = 11,
+    NewSynRecv = 12,
+}
+
+impl TcpState {
     /// One past the highest state: the size of per-state arrays.
     pub const COUNT: usize = 13;
+
+    pub const ALL: [TcpState; 12] = [
+        TcpState::Established,
+        TcpState::SynSent,
+        TcpState::SynRecv,
+        TcpState::FinWait1,
+        TcpState::FinWait2,
+        TcpState::TimeWait,
+        TcpState::Close,
+        TcpState::CloseWait,
+        TcpState::LastAck,
+        TcpState::Listen,
+        TcpState::Closing,
+        TcpState::NewSynRecv,
+    ];
+
+    /// The order in which a connection passes through the states, for
+    /// listing a connection's states the way people read them.
+    pub const LIFE_ORDER: [TcpState; 12] = [
+        TcpState::Listen,
+        TcpState::SynSent,
+        TcpState::SynRecv,
+        TcpState::NewSynRecv,
+        TcpState::Established,
+        TcpState::FinWait1,
+        TcpState::FinWait2,
+        TcpState::Closing,
+        TcpState::TimeWait,
+        TcpState::CloseWait,
+        TcpState::LastAck,
+        TcpState::Close,
+    ];
+
+    /// The kernel's number `n` as a state.
+    pub fn from_kernel(n: u8) -> Option<TcpState> {
+        TcpState::ALL.get(usize::from(n).checked_sub(1)?).copied()
+    }
+
+    /// The kernel's name without `TCP_`, as used in every output format.
+    pub fn name(self) -> &'static str {
+        match self {
+            TcpState::Established => "ESTABLISHED",
+            TcpState::SynSent => "SYN_SENT",
+            TcpState::SynRecv => "SYN_RECV",
+            TcpState::FinWait1 => "FIN_WAIT1",
+            TcpState::FinWait2 => "FIN_WAIT2",
+            TcpState::TimeWait => "TIME_WAIT",
+            TcpState::Close => "CLOSE",
+            TcpState::CloseWait => "CLOSE_WAIT",
+            TcpState::LastAck => "LAST_ACK",
+            TcpState::Listen => "LISTEN",
+            TcpState::Closing => "CLOSING",
+            TcpState::NewSynRecv => "NEW_SYN_RECV",
+        }
+    }
+
+    /// Index into per-state arrays.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// Transitions the kernel only makes inside the socket owner's own
+    /// system calls (connect, listen, close/shutdown), so the current task
+    /// is the owner: the kernel program records the task on these only,
+    /// and the agent names the owner from them.
+    pub fn runs_in_owner_syscall(old: TcpState, new: TcpState) -> bool {
+        runs_in_owner_syscall(old as u8, new as u8)
+    }
+}
+
+impl core::fmt::Display for TcpState {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.pad(self.name())
+    }
+}
+
+/// TCP states as the kernel numbers them ([`TcpState`]'s values), for
+/// the kernel program, which reads them as bytes.
+pub mod tcp_state {
+    use super::TcpState;
+
+    pub const ESTABLISHED: u8 = TcpState::Established as u8;
+    pub const SYN_SENT: u8 = TcpState::SynSent as u8;
+    pub const SYN_RECV: u8 = TcpState::SynRecv as u8;
+    pub const FIN_WAIT1: u8 = TcpState::FinWait1 as u8;
+    pub const FIN_WAIT2: u8 = TcpState::FinWait2 as u8;
+    pub const TIME_WAIT: u8 = TcpState::TimeWait as u8;
+    pub const CLOSE: u8 = TcpState::Close as u8;
+    pub const CLOSE_WAIT: u8 = TcpState::CloseWait as u8;
+    pub const LAST_ACK: u8 = TcpState::LastAck as u8;
+    pub const LISTEN: u8 = TcpState::Listen as u8;
+    pub const CLOSING: u8 = TcpState::Closing as u8;
+    pub const NEW_SYN_RECV: u8 = TcpState::NewSynRecv as u8;
+}
+
+/// [`TcpState::runs_in_owner_syscall`] on the kernel's numbers.
+#[inline(always)]
+pub const fn runs_in_owner_syscall(old: u8, new: u8) -> bool {
+    use tcp_state::*;
+    matches!(
+        (old, new),
+        (CLOSE, SYN_SENT) | (CLOSE, LISTEN) | (ESTABLISHED, FIN_WAIT1) | (CLOSE_WAIT, LAST_ACK)
+    )
 }
 
 /// Every ring buffer record starts with this header, so the agent can tell
@@ -229,7 +337,7 @@ pub const BATCH_STEPS: usize = 6;
 /// One transition in a batch. The socket's endpoints are the batch's.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
-pub struct Step {
+pub struct BatchStep {
     /// `bpf_ktime_get_ns()` when it fired.
     pub ts_ns: u64,
     /// Time in `old`; valid with [`FLAG_OLD_STATE_KNOWN`] in `flags`.
@@ -237,7 +345,7 @@ pub struct Step {
     pub old: u8,
     pub new: u8,
     pub flags: u8,
-    /// 0: no task recorded; `n`: the task in `Batch::owners[n - 1]` (only
+    /// 0: no task recorded; `n`: the task in `BatchBody::owners[n - 1]` (only
     /// transitions that run in the owner's own system calls record one).
     pub owner: u8,
     pub _pad: u32,
@@ -260,12 +368,12 @@ pub struct TaskSlot {
 /// record carries only the `nsteps` it holds ([`batch_event_len`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
-pub struct Batch {
+pub struct BatchBody {
     pub nsteps: u8,
     pub nowners: u8,
     pub _pad: [u8; 6],
     pub owners: [TaskSlot; 2],
-    pub steps: [Step; BATCH_STEPS],
+    pub steps: [BatchStep; BATCH_STEPS],
 }
 
 /// Value of the BTF path's socket-local storage when transitions are
@@ -281,7 +389,7 @@ pub struct SockState {
 /// Bytes of a [`BatchEvent`] that carries `nsteps` steps (the header's
 /// `len`): the steps it does not hold are not sent.
 pub const fn batch_event_len(nsteps: usize) -> usize {
-    size_of::<BatchEvent>() - (BATCH_STEPS - nsteps) * size_of::<Step>()
+    size_of::<BatchEvent>() - (BATCH_STEPS - nsteps) * size_of::<BatchStep>()
 }
 
 /// A socket's batch of transitions, delivered at its CLOSE, when a state
@@ -301,7 +409,7 @@ pub struct BatchEvent {
     pub _pad: u16,
     pub netns: u32,
     pub _reserved: u32,
-    pub batch: Batch,
+    pub batch: BatchBody,
 }
 
 /// Indices of the kernel program's per-CPU counters (`COUNTERS` map).
@@ -508,18 +616,30 @@ const _: () = assert!(align_of::<TransitionEvent>() <= 8);
 const _: () = assert!(size_of::<SockTiming>() == 16);
 const _: () = assert!(size_of::<ListenerKey>() == 8);
 const _: () = assert!(size_of::<TimewaitDeathEvent>() == 16 + 32 + 8 + 8);
-const _: () = assert!(size_of::<Step>() == 24);
+const _: () = assert!(size_of::<BatchStep>() == 24);
 const _: () = assert!(size_of::<TaskSlot>() == 40);
-const _: () = assert!(size_of::<Batch>() == 24 * BATCH_STEPS + 2 * 40 + 8);
+const _: () = assert!(size_of::<BatchBody>() == 24 * BATCH_STEPS + 2 * 40 + 8);
 const _: () = assert!(size_of::<SockState>() == 16 + size_of::<BatchEvent>());
 // The steps end the record.
 const _: () = assert!(
-    core::mem::offset_of!(BatchEvent, batch) + core::mem::offset_of!(Batch, steps)
+    core::mem::offset_of!(BatchEvent, batch) + core::mem::offset_of!(BatchBody, steps)
         == batch_event_len(0)
 );
-const _: () = assert!(size_of::<BatchEvent>() == 16 + 8 + 32 + 16 + size_of::<Batch>());
+const _: () = assert!(size_of::<BatchEvent>() == 16 + 8 + 32 + 16 + size_of::<BatchBody>());
 const _: () = assert!(align_of::<BatchEvent>() <= 8);
 const _: () = assert!(size_of::<ResetEvent>() == 16 + 8 + 8);
 const _: () = assert!(size_of::<TcpSendResetRecord>() == 8 + 8 + 8 + 4 + 4);
 const _: () = assert!(core::mem::offset_of!(TcpSendResetRecord, state) == 24);
 const _: () = assert!(size_of::<TcpReceiveResetRecord>() == 16);
+// The kernel's numbering (include/net/tcp_states.h), and the owner rule on
+// exactly the four owner system calls' transitions.
+const _: () = assert!(tcp_state::ESTABLISHED == 1 && tcp_state::NEW_SYN_RECV == 12);
+const _: () = assert!(TcpState::COUNT == tcp_state::NEW_SYN_RECV as usize + 1);
+const _: () = assert!(
+    runs_in_owner_syscall(tcp_state::CLOSE, tcp_state::SYN_SENT)
+        && runs_in_owner_syscall(tcp_state::CLOSE, tcp_state::LISTEN)
+        && runs_in_owner_syscall(tcp_state::ESTABLISHED, tcp_state::FIN_WAIT1)
+        && runs_in_owner_syscall(tcp_state::CLOSE_WAIT, tcp_state::LAST_ACK)
+        && !runs_in_owner_syscall(tcp_state::ESTABLISHED, tcp_state::CLOSE_WAIT)
+        && !runs_in_owner_syscall(tcp_state::SYN_RECV, tcp_state::ESTABLISHED)
+);

@@ -34,7 +34,7 @@ use crate::{
         OFF_INET_SPORT, OFF_NET_INUM, OFF_SKC_DADDR, OFF_SKC_DPORT, OFF_SKC_FAMILY, OFF_SKC_NET,
         OFF_SKC_NUM, OFF_SKC_RCV_SADDR, OFF_SKC_V6_DADDR, OFF_SKC_V6_RCV_SADDR, OFF_SK_PROTOCOL,
     },
-    transition::{batching, bump, count, on_transition, Skip, Socket},
+    transition::{batching, bump, count, on_transition, Socket, TransitionSkip},
 };
 use tracer_common::{counter, BatchEvent, SockState, SockTiming, AF_INET6, IPPROTO_TCP};
 
@@ -134,14 +134,14 @@ fn handled_by_first(ctx: &BtfTracePointContext) -> bool {
 // Inlined: a call with the context as argument is refused by older
 // verifiers (6.1: "reg type unsupported for arg#0").
 #[inline(always)]
-fn try_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), Skip> {
+fn try_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), TransitionSkip> {
     let sk: *const u8 = ctx.arg(0);
     if sk.is_null() {
-        return Err(Skip::NotTcp);
+        return Err(TransitionSkip::NotTcp);
     }
     let sock = Sock { sk };
     if unsafe { load::<u16>(sk, OFF_SK_PROTOCOL.load()) } != IPPROTO_TCP {
-        return Err(Skip::NotTcp);
+        return Err(TransitionSkip::NotTcp);
     }
     let oldstate: i32 = ctx.arg(1);
     let newstate: i32 = ctx.arg(2);

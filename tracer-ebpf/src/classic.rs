@@ -20,7 +20,7 @@ use aya_log_ebpf::warn;
 
 use crate::{
     offsets,
-    transition::{count, on_transition, Skip, Socket},
+    transition::{count, on_transition, Socket, TransitionSkip},
 };
 use tracer_common::{BatchEvent, InetSockSetStateRecord, SockTiming, AF_INET6, IPPROTO_TCP};
 
@@ -58,11 +58,11 @@ pub(crate) fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     0
 }
 
-fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), Skip> {
+fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), TransitionSkip> {
     if rec!(ctx, protocol: u16) != IPPROTO_TCP {
-        return Err(Skip::NotTcp);
+        return Err(TransitionSkip::NotTcp);
     }
-    let record = Record {
+    let record = TracepointRecord {
         ctx,
         skaddr: rec!(ctx, skaddr: u64),
     };
@@ -73,12 +73,12 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), Skip> {
     )
 }
 
-struct Record<'a> {
+struct TracepointRecord<'a> {
     ctx: &'a TracePointContext,
     skaddr: u64,
 }
 
-impl Socket for Record<'_> {
+impl Socket for TracepointRecord<'_> {
     #[inline(always)]
     fn addr(&self) -> u64 {
         self.skaddr

@@ -27,7 +27,7 @@ use crate::{
     transition::{bump, submit_flags, EVENTS},
 };
 
-enum Skip {
+enum ResetSkip {
     NoSocket,
     RingBufFull,
 }
@@ -72,20 +72,22 @@ pub(crate) fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
 }
 
 #[inline(always)]
-fn report(result: Result<(), Skip>) {
+fn report(result: Result<(), ResetSkip>) {
     match result {
         Ok(()) => {}
-        Err(Skip::NoSocket) => bump(counter::RESET_NO_SOCKET),
-        Err(Skip::RingBufFull) => bump(counter::RESETS_LOST),
+        Err(ResetSkip::NoSocket) => bump(counter::RESET_NO_SOCKET),
+        Err(ResetSkip::RingBufFull) => bump(counter::RESETS_LOST),
     }
 }
 
 #[inline(always)]
-fn send_reset(skaddr: u64, state: u8, direction: u8, reason: u32) -> Result<(), Skip> {
+fn send_reset(skaddr: u64, state: u8, direction: u8, reason: u32) -> Result<(), ResetSkip> {
     if skaddr == 0 {
-        return Err(Skip::NoSocket);
+        return Err(ResetSkip::NoSocket);
     }
-    let mut entry = EVENTS.reserve::<ResetEvent>(0).ok_or(Skip::RingBufFull)?;
+    let mut entry = EVENTS
+        .reserve::<ResetEvent>(0)
+        .ok_or(ResetSkip::RingBufFull)?;
     let ev = entry.as_mut_ptr();
     unsafe {
         (*ev).header = EventHeader {

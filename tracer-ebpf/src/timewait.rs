@@ -21,7 +21,7 @@ use crate::{
     transition::{bump, submit_flags, EVENTS},
 };
 
-enum Skip {
+enum TimewaitSkip {
     Unreadable,
     RingBufFull,
 }
@@ -30,18 +30,19 @@ enum Skip {
 pub(crate) fn timewait_kill(ctx: FEntryContext) -> u32 {
     match try_timewait_kill(&ctx) {
         Ok(()) => {}
-        Err(Skip::Unreadable) => bump(counter::TIMEWAIT_UNREADABLE),
-        Err(Skip::RingBufFull) => bump(counter::TIMEWAIT_DEATHS_LOST),
+        Err(TimewaitSkip::Unreadable) => bump(counter::TIMEWAIT_UNREADABLE),
+        Err(TimewaitSkip::RingBufFull) => bump(counter::TIMEWAIT_DEATHS_LOST),
     }
     0
 }
 
 #[inline(always)]
-fn read<T: Copy>(base: u64, off: u32) -> Result<T, Skip> {
-    unsafe { bpf_probe_read_kernel((base + off as u64) as *const T) }.map_err(|_| Skip::Unreadable)
+fn read<T: Copy>(base: u64, off: u32) -> Result<T, TimewaitSkip> {
+    unsafe { bpf_probe_read_kernel((base + off as u64) as *const T) }
+        .map_err(|_| TimewaitSkip::Unreadable)
 }
 
-fn try_timewait_kill(ctx: &FEntryContext) -> Result<(), Skip> {
+fn try_timewait_kill(ctx: &FEntryContext) -> Result<(), TimewaitSkip> {
     let now = unsafe { bpf_ktime_get_ns() };
     let tw: u64 = ctx.arg(0);
     let family: u16 = read(tw, OFF_SKC_FAMILY.load())?;
@@ -62,7 +63,7 @@ fn try_timewait_kill(ctx: &FEntryContext) -> Result<(), Skip> {
     let netns = netns_inum(tw);
     let mut entry = EVENTS
         .reserve::<TimewaitDeathEvent>(0)
-        .ok_or(Skip::RingBufFull)?;
+        .ok_or(TimewaitSkip::RingBufFull)?;
     let ev = entry.as_mut_ptr();
     unsafe {
         (*ev).header = EventHeader {

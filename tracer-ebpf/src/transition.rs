@@ -21,8 +21,8 @@ use aya_ebpf::{
 
 use crate::filter;
 use tracer_common::{
-    batch_event_len, counter, tcp_state, BatchEvent, EventHeader, EventKind, SockTiming,
-    TransitionEvent, BATCH_STEPS, FLAG_OLD_STATE_KNOWN, FLAG_TASK,
+    batch_event_len, counter, runs_in_owner_syscall, tcp_state, BatchEvent, EventHeader, EventKind,
+    SockTiming, TransitionEvent, BATCH_STEPS, FLAG_OLD_STATE_KNOWN, FLAG_TASK,
 };
 
 /// Batch each socket's transitions (`--events connections|none`, where
@@ -82,7 +82,7 @@ pub(crate) trait Socket {
 
 /// Why a transition produced no record. Every variant but `NotTcp` is
 /// counted.
-pub(crate) enum Skip {
+pub(crate) enum TransitionSkip {
     NotTcp,
     Filtered,
     RingBufFull,
@@ -90,16 +90,20 @@ pub(crate) enum Skip {
 
 /// Counts what [`on_transition`] returned.
 #[inline(always)]
-pub(crate) fn count(result: Result<(), Skip>) {
+pub(crate) fn count(result: Result<(), TransitionSkip>) {
     match result {
-        Ok(()) | Err(Skip::NotTcp) => {}
-        Err(Skip::Filtered) => bump(counter::FILTERED),
-        Err(Skip::RingBufFull) => bump(counter::RINGBUF_FULL),
+        Ok(()) | Err(TransitionSkip::NotTcp) => {}
+        Err(TransitionSkip::Filtered) => bump(counter::FILTERED),
+        Err(TransitionSkip::RingBufFull) => bump(counter::RINGBUF_FULL),
     }
 }
 
 #[inline(always)]
-pub(crate) fn on_transition<S: Socket>(s: &S, oldstate: u8, newstate: u8) -> Result<(), Skip> {
+pub(crate) fn on_transition<S: Socket>(
+    s: &S,
+    oldstate: u8,
+    newstate: u8,
+) -> Result<(), TransitionSkip> {
     bump(counter::SEEN);
     let now = unsafe { bpf_ktime_get_ns() };
     let (sport, dport) = s.ports();
@@ -121,7 +125,7 @@ pub(crate) fn on_transition<S: Socket>(s: &S, oldstate: u8, newstate: u8) -> Res
         owner_selected,
     };
     if !filter::passes(s, &candidate, &mut netns) {
-        return Err(Skip::Filtered);
+        return Err(TransitionSkip::Filtered);
     }
     let at = Endpoints {
         family,
@@ -131,7 +135,7 @@ pub(crate) fn on_transition<S: Socket>(s: &S, oldstate: u8, newstate: u8) -> Res
     };
     if batching() {
         if let Some(batch) = slot.and_then(|t| s.batch(t)) {
-            let step = tracer_common::Step {
+            let step = tracer_common::BatchStep {
                 ts_ns: now,
                 old_state_ns: old_state_ns.unwrap_or(0),
                 old: oldstate,
@@ -151,11 +155,11 @@ pub(crate) fn on_transition<S: Socket>(s: &S, oldstate: u8, newstate: u8) -> Res
 
     let mut entry = EVENTS
         .reserve::<TransitionEvent>(0)
-        .ok_or(Skip::RingBufFull)?;
+        .ok_or(TransitionSkip::RingBufFull)?;
     let ev = entry.as_mut_ptr();
     // The task only where it is the owner: elsewhere it is whichever task
     // the softirq interrupted, and the helper calls would be waste.
-    let task = in_owner_syscall(oldstate, newstate);
+    let task = runs_in_owner_syscall(oldstate, newstate);
     let mut flags = if old_state_ns.is_some() {
         FLAG_OLD_STATE_KNOWN
     } else {
@@ -259,10 +263,10 @@ impl Endpoints {
 fn add_to_batch<S: Socket>(
     s: &S,
     ev: &mut BatchEvent,
-    mut step: tracer_common::Step,
+    mut step: tracer_common::BatchStep,
     at: &Endpoints,
-) -> Result<(), Skip> {
-    let task = in_owner_syscall(step.old, step.new);
+) -> Result<(), TransitionSkip> {
+    let task = runs_in_owner_syscall(step.old, step.new);
     if task && ev.batch.nowners as usize >= ev.batch.owners.len() {
         send_batch(s, ev, at);
     }
@@ -400,17 +404,6 @@ pub(crate) fn submit_flags(size: u64) -> u64 {
     flags as u64
 }
 
-/// Transitions the kernel makes only inside the owner's own system calls
-/// (connect, listen, close/shutdown): the current task is the owner.
-#[inline(always)]
-fn in_owner_syscall(oldstate: u8, newstate: u8) -> bool {
-    use tcp_state::*;
-    matches!(
-        (oldstate, newstate),
-        (CLOSE, SYN_SENT) | (CLOSE, LISTEN) | (ESTABLISHED, FIN_WAIT1) | (CLOSE_WAIT, LAST_ACK)
-    )
-}
-
 /// Records that the socket entered `newstate` at `now`. Returns how long
 /// it stayed in `oldstate` (if this program saw it enter that state) and
 /// whether its owner passes the owner filter (sticky once true; accepted
@@ -462,7 +455,7 @@ fn account_time<S: Socket>(
     });
     if filter::owner_filter_on() {
         let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-        if in_owner_syscall(oldstate, newstate) && filter::current_task_matches(tgid) {
+        if runs_in_owner_syscall(oldstate, newstate) && filter::current_task_matches(tgid) {
             selected = true;
         }
         // The listener table, by namespace and port: for listeners whose

@@ -132,7 +132,7 @@ pub struct Probe {
     pub counters: KernelCounters,
     /// The owner filter's listener table: the agent seeds it with the
     /// listeners that predate the tracer.
-    pub listeners: Listeners,
+    pub listeners: SelectedListeners,
     /// The kernel program's aya-log records (rare errors), if any.
     pub logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     /// The loaded programs: dropping it detaches them all.
@@ -181,9 +181,9 @@ fn fdinfo_of(fd: &aya::programs::ProgramFd) -> std::path::PathBuf {
 }
 
 /// The kernel's table of listeners whose owner passes the owner filter.
-pub struct Listeners(HashMap<MapData, ListenerKey, u64>);
+pub struct SelectedListeners(HashMap<MapData, ListenerKey, u64>);
 
-impl Listeners {
+impl SelectedListeners {
     /// Lets the sockets accepted by the listener on (`netns`, `port`) pass
     /// the owner filter. False when the table is full.
     pub fn select(&mut self, netns: u32, port: u16) -> bool {
@@ -668,7 +668,7 @@ fn load_attached(
         fdinfo,
         frozen_misses: None,
     };
-    let listeners = Listeners(HashMap::try_from(
+    let listeners = SelectedListeners(HashMap::try_from(
         ebpf.take_map(map::LISTENERS)
             .ok_or(LoadError::Missing("LISTENERS map"))?,
     )?);

@@ -11,7 +11,7 @@
 //! socket, which the tracepoint reports as `FIN_WAIT2 -> CLOSE` although
 //! the connection stays in FIN_WAIT2 (in the timewait socket) until the
 //! agent sees it move on (`FIN_WAIT2 -> TIME_WAIT` or `-> CLOSE`, derived
-//! from sock_diag). That stay is held at the hand-over and counted once,
+//! from sock_diag). That stay is kept pending at the hand-over and counted once,
 //! whole, when it ends; if the connection turns out to have had no timewait
 //! socket, it is counted when its record says so.
 
@@ -27,10 +27,10 @@ use crate::{
     FastMap as HashMap,
 };
 
-/// FIN_WAIT2 stays held at once, at most (one per connection waiting for
+/// FIN_WAIT2 stays pending at once, at most (one per connection waiting for
 /// its timewait socket; the tracker's default capacity). Past it, the part
 /// before the hand-over counts as a stay of its own.
-const MAX_HELD: usize = 65536;
+const MAX_PENDING_STAYS: usize = 65536;
 
 pub struct Observers {
     pub summary: Option<Summary>,
@@ -40,7 +40,7 @@ pub struct Observers {
     /// FIN_WAIT2 time before the hand-over, per connection in timewait,
     /// by a 64-bit hash of its namespace and 4-tuple (a compact table of
     /// up to 65,536 entries looked up twice per active close).
-    held: HashMap<u64, u64>,
+    pending_stays: HashMap<u64, u64>,
     tuples: foldhash::fast::RandomState,
 }
 
@@ -50,7 +50,7 @@ impl Observers {
             summary,
             metrics,
             live: None,
-            held: HashMap::default(),
+            pending_stays: HashMap::default(),
             tuples: Default::default(),
         }
     }
@@ -85,13 +85,13 @@ impl Observers {
         ));
         if t.source == Source::Tracepoint && t.new == TcpState::Close {
             if let Some(ns) = t.old_state_ns {
-                if self.held.len() < MAX_HELD {
-                    self.held.insert(key, ns);
+                if self.pending_stays.len() < MAX_PENDING_STAYS {
+                    self.pending_stays.insert(key, ns);
                     t.old_state_ns = None;
                 }
             }
         } else if t.source != Source::Tracepoint {
-            if let Some(before) = self.held.remove(&key) {
+            if let Some(before) = self.pending_stays.remove(&key) {
                 t.old_state_ns = Some(before + t.old_state_ns.unwrap_or(0));
             }
         }
@@ -99,7 +99,7 @@ impl Observers {
     }
 
     /// A connection's record was written: if it had no timewait socket
-    /// after all, its held FIN_WAIT2 stay ended at the hand-over; and its
+    /// after all, its pending FIN_WAIT2 stay ended at the hand-over; and its
     /// close is counted by class.
     pub fn connection(&mut self, c: &Connection, close: &Close) {
         let end = c.timewait.and_then(|tw| tw.end);
@@ -136,7 +136,7 @@ impl Observers {
         if !matches!(end, Some(TimewaitEnd::NotCreated | TimewaitEnd::NotFound)) {
             return;
         }
-        let Some(ns) = self.held.remove(&self.tuples.hash_one(key)) else {
+        let Some(ns) = self.pending_stays.remove(&self.tuples.hash_one(key)) else {
             return;
         };
         if let Some(m) = &mut self.metrics {
@@ -207,7 +207,11 @@ mod tests {
         let mut o = Observers::new(Some(Summary::new(None, 10)), None);
         // 0.03 ms until the kernel hands over, 50 ms in the timewait socket.
         o.transition(&fw2(Close, 30_000, Source::Tracepoint), &None);
-        assert_eq!(fin_wait2(&o), Vec::<u64>::new(), "held: the stay goes on");
+        assert_eq!(
+            fin_wait2(&o),
+            Vec::<u64>::new(),
+            "pending: the stay goes on"
+        );
         o.transition(&fw2(TimeWait, 50 * MS, Source::SockDiag), &None);
         assert_eq!(fin_wait2(&o), vec![1, 50 * MS + 30_000, 50 * MS + 30_000]);
         // A FIN_WAIT2 that ends otherwise is counted as it is.
@@ -216,7 +220,7 @@ mod tests {
     }
 
     #[test]
-    fn without_a_timewait_socket_the_held_stay_counts_at_the_record() {
+    fn without_a_timewait_socket_the_pending_stay_counts_at_the_record() {
         let mut o = Observers::new(Some(Summary::new(None, 10)), None);
         let t = fw2(Close, 30_000, Source::Tracepoint);
         o.transition(&t, &None);

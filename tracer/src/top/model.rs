@@ -7,7 +7,6 @@ use std::net::IpAddr;
 
 use crate::{kernel::events::TcpState, track::close::CloseBy};
 
-pub use crate::track::tracker::STATES;
 /// Per-class arrays, indexed by the position in [`CloseBy::ALL`].
 pub const CLASSES: usize = CloseBy::ALL.len();
 
@@ -16,7 +15,7 @@ pub const CLASSES: usize = CloseBy::ALL.len();
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Totals {
     /// Transitions into each state.
-    pub transitions: [u64; STATES],
+    pub transitions: [u64; TcpState::COUNT],
     /// Connections ended, by close class.
     pub closes: [u64; CLASSES],
     /// Resets sent and received by the connections that ended.
@@ -87,7 +86,7 @@ pub struct Snapshot {
     /// CLOCK_MONOTONIC ns when taken.
     pub at_ns: u64,
     /// Connections in each state now (listeners left out).
-    pub by_state: [u64; STATES],
+    pub by_state: [u64; TcpState::COUNT],
     pub totals: Totals,
     /// Oldest first, at most [`MAX_CLOSE_WAIT_ROWS`].
     pub close_wait: Vec<CloseWaitRow>,

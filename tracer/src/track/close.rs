@@ -29,10 +29,10 @@ use crate::kernel::events::TcpState;
 
 /// Close steps kept per connection. A close is 2-4 steps; the rest is
 /// dropped (and `truncated` set) rather than grown.
-pub const MAX_STEPS: usize = 6;
+pub const MAX_CLOSE_STEPS: usize = 6;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Step {
+pub struct CloseStep {
     pub old: TcpState,
     pub new: TcpState,
     /// CLOCK_MONOTONIC ns.
@@ -96,8 +96,8 @@ impl RstReasons {
 /// apart from states): it is part of every connection the tracker holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ClosePath {
-    at_ns: [u64; MAX_STEPS],
-    states: [(TcpState, TcpState); MAX_STEPS],
+    at_ns: [u64; MAX_CLOSE_STEPS],
+    states: [(TcpState, TcpState); MAX_CLOSE_STEPS],
     n: u8,
     pub truncated: bool,
     pub rst_sent: u32,
@@ -109,8 +109,8 @@ pub struct ClosePath {
 impl Default for ClosePath {
     fn default() -> Self {
         ClosePath {
-            at_ns: [0; MAX_STEPS],
-            states: [(TcpState::Close, TcpState::Close); MAX_STEPS],
+            at_ns: [0; MAX_CLOSE_STEPS],
+            states: [(TcpState::Close, TcpState::Close); MAX_CLOSE_STEPS],
             n: 0,
             truncated: false,
             rst_sent: 0,
@@ -120,7 +120,7 @@ impl Default for ClosePath {
     }
 }
 
-/// Steps that belong to the close: everything after ESTABLISHED, and the
+/// CloseSteps that belong to the close: everything after ESTABLISHED, and the
 /// end of a connection that never got there.
 pub fn is_close_step(old: TcpState, new: TcpState) -> bool {
     use TcpState::*;
@@ -138,7 +138,7 @@ impl ClosePath {
             return;
         }
         let i = usize::from(self.n);
-        if i < MAX_STEPS {
+        if i < MAX_CLOSE_STEPS {
             self.at_ns[i] = at_ns;
             self.states[i] = (old, new);
             self.n += 1;
@@ -149,31 +149,31 @@ impl ClosePath {
 
     /// Drops the last step (the kernel's hand-over to a timewait socket:
     /// the connection goes on).
-    pub fn pop(&mut self) -> Option<Step> {
+    pub fn pop(&mut self) -> Option<CloseStep> {
         let last = self.last()?;
         self.n -= 1;
         Some(last)
     }
 
-    fn step(&self, i: usize) -> Step {
+    fn step(&self, i: usize) -> CloseStep {
         let (old, new) = self.states[i];
-        Step {
+        CloseStep {
             old,
             new,
             at_ns: self.at_ns[i],
         }
     }
 
-    pub fn steps(&self) -> impl Iterator<Item = Step> + '_ {
+    pub fn steps(&self) -> impl Iterator<Item = CloseStep> + '_ {
         (0..usize::from(self.n)).map(|i| self.step(i))
     }
 
-    pub fn last(&self) -> Option<Step> {
+    pub fn last(&self) -> Option<CloseStep> {
         let n = usize::from(self.n);
         (n > 0).then(|| self.step(n - 1))
     }
 
-    fn any(&self, f: impl Fn(&Step) -> bool) -> bool {
+    fn any(&self, f: impl Fn(&CloseStep) -> bool) -> bool {
         self.steps().any(|s| f(&s))
     }
 }
@@ -245,30 +245,30 @@ pub struct Rst {
     pub reasons: RstReasons,
 }
 
-/// Up to [`MAX_STEPS`] steps, inline (a close is classified per
+/// Up to [`MAX_CLOSE_STEPS`] steps, inline (a close is classified per
 /// connection: no allocation for it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Steps {
-    items: [Step; MAX_STEPS],
+pub struct CloseSteps {
+    items: [CloseStep; MAX_CLOSE_STEPS],
     n: u8,
 }
 
-impl std::ops::Deref for Steps {
-    type Target = [Step];
-    fn deref(&self) -> &[Step] {
+impl std::ops::Deref for CloseSteps {
+    type Target = [CloseStep];
+    fn deref(&self) -> &[CloseStep] {
         &self.items[..usize::from(self.n)]
     }
 }
 
-impl FromIterator<Step> for Steps {
-    fn from_iter<I: IntoIterator<Item = Step>>(iter: I) -> Self {
-        let filler = Step {
+impl FromIterator<CloseStep> for CloseSteps {
+    fn from_iter<I: IntoIterator<Item = CloseStep>>(iter: I) -> Self {
+        let filler = CloseStep {
             old: TcpState::Close,
             new: TcpState::Close,
             at_ns: 0,
         };
-        let mut s = Steps {
-            items: [filler; MAX_STEPS],
+        let mut s = CloseSteps {
+            items: [filler; MAX_CLOSE_STEPS],
             n: 0,
         };
         for (slot, step) in s.items.iter_mut().zip(iter) {
@@ -288,7 +288,7 @@ pub struct Close {
     /// TIME_WAIT on the side that closed first, CLOSE otherwise.
     pub fin_to_close_ns: Option<u64>,
     /// The close steps, in order, with their times since the first.
-    pub handshake: Steps,
+    pub handshake: CloseSteps,
     /// None when the kernel's reset tracepoints are not attached.
     pub rst: Option<Rst>,
 }
@@ -577,7 +577,7 @@ mod tests {
         for i in 0..10 {
             p.push(Established, FinWait1, i);
         }
-        assert_eq!(p.steps().count(), MAX_STEPS);
+        assert_eq!(p.steps().count(), MAX_CLOSE_STEPS);
         assert!(p.truncated);
         let mut p = path(&[(FinWait1, FinWait2, 1), (FinWait2, Close, 2)]);
         assert_eq!(p.pop().map(|s| s.new), Some(Close));

@@ -16,95 +16,13 @@ use std::mem::offset_of;
 use bytemuck::{Pod, Zeroable};
 use thiserror::Error;
 use tracer_common::{
-    batch_event_len, BatchEvent, EventHeader, EventKind, ResetEvent, Step, TaskSlot,
+    batch_event_len, BatchEvent, BatchStep, EventHeader, EventKind, ResetEvent, TaskSlot,
     TimewaitDeathEvent, TransitionEvent, AF_INET, AF_INET6, BATCH_STEPS, FLAG_OLD_STATE_KNOWN,
     FLAG_TASK, RESET_REASON_NONE, RESET_RECEIVED, RESET_SENT,
 };
 
-/// A TCP state, numbered as in the kernel's `include/net/tcp_states.h`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-#[repr(u8)]
-pub enum TcpState {
-    Established = 1,
-    SynSent = 2,
-    SynRecv = 3,
-    FinWait1 = 4,
-    FinWait2 = 5,
-    TimeWait = 6,
-    Close = 7,
-    CloseWait = 8,
-    LastAck = 9,
-    Listen = 10,
-    Closing = 11,
-    NewSynRecv = 12,
-}
-
-impl TcpState {
-    pub const ALL: [TcpState; 12] = [
-        TcpState::Established,
-        TcpState::SynSent,
-        TcpState::SynRecv,
-        TcpState::FinWait1,
-        TcpState::FinWait2,
-        TcpState::TimeWait,
-        TcpState::Close,
-        TcpState::CloseWait,
-        TcpState::LastAck,
-        TcpState::Listen,
-        TcpState::Closing,
-        TcpState::NewSynRecv,
-    ];
-
-    /// The order in which a connection passes through the states, for
-    /// listing a connection's states the way people read them.
-    pub const LIFE_ORDER: [TcpState; 12] = [
-        TcpState::Listen,
-        TcpState::SynSent,
-        TcpState::SynRecv,
-        TcpState::NewSynRecv,
-        TcpState::Established,
-        TcpState::FinWait1,
-        TcpState::FinWait2,
-        TcpState::Closing,
-        TcpState::TimeWait,
-        TcpState::CloseWait,
-        TcpState::LastAck,
-        TcpState::Close,
-    ];
-
-    pub fn from_kernel(n: u8) -> Option<TcpState> {
-        TcpState::ALL.get(usize::from(n).checked_sub(1)?).copied()
-    }
-
-    /// The kernel's name without `TCP_`, as used in every output format.
-    pub fn name(self) -> &'static str {
-        match self {
-            TcpState::Established => "ESTABLISHED",
-            TcpState::SynSent => "SYN_SENT",
-            TcpState::SynRecv => "SYN_RECV",
-            TcpState::FinWait1 => "FIN_WAIT1",
-            TcpState::FinWait2 => "FIN_WAIT2",
-            TcpState::TimeWait => "TIME_WAIT",
-            TcpState::Close => "CLOSE",
-            TcpState::CloseWait => "CLOSE_WAIT",
-            TcpState::LastAck => "LAST_ACK",
-            TcpState::Listen => "LISTEN",
-            TcpState::Closing => "CLOSING",
-            TcpState::NewSynRecv => "NEW_SYN_RECV",
-        }
-    }
-
-    /// Index into per-state arrays.
-    pub fn index(self) -> usize {
-        self as usize
-    }
-}
-
-impl fmt::Display for TcpState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.pad(self.name())
-    }
-}
+/// Defined with the kernel program's numbering in tracer-common.
+pub use tracer_common::TcpState;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Family {
@@ -296,17 +214,18 @@ pub struct BatchView<'a> {
     steps: usize,
 }
 
-const STEPS_AT: usize = offset_of!(BatchEvent, batch) + offset_of!(tracer_common::Batch, steps);
-const OWNERS_AT: usize = offset_of!(BatchEvent, batch) + offset_of!(tracer_common::Batch, owners);
+const STEPS_AT: usize = offset_of!(BatchEvent, batch) + offset_of!(tracer_common::BatchBody, steps);
+const OWNERS_AT: usize =
+    offset_of!(BatchEvent, batch) + offset_of!(tracer_common::BatchBody, owners);
 
 impl<'a> BatchView<'a> {
-    fn step(&self, i: usize) -> Option<Step> {
-        read_at(self.bytes, STEPS_AT + i * size_of::<Step>())
+    fn step(&self, i: usize) -> Option<BatchStep> {
+        read_at(self.bytes, STEPS_AT + i * size_of::<BatchStep>())
     }
 
     fn task(&self, k: u8) -> Option<TaskSlot> {
         let i = usize::from(k.checked_sub(1)?);
-        (i < tracer_common::Batch::default().owners.len())
+        (i < tracer_common::BatchBody::default().owners.len())
             .then(|| read_at(self.bytes, OWNERS_AT + i * size_of::<TaskSlot>()))
             .flatten()
     }
@@ -368,7 +287,7 @@ pub fn transitions_claimed(bytes: &[u8]) -> u64 {
         return 0;
     }
     if header.kind == EventKind::Batch as u32 {
-        let at = offset_of!(BatchEvent, batch) + offset_of!(tracer_common::Batch, nsteps);
+        let at = offset_of!(BatchEvent, batch) + offset_of!(tracer_common::BatchBody, nsteps);
         if let Some([n, _]) = read_at::<[u8; 2]>(bytes, at) {
             if (1..=BATCH_STEPS).contains(&usize::from(n)) {
                 return u64::from(n);
@@ -441,7 +360,7 @@ pub fn decode_batch(bytes: &[u8]) -> Result<BatchView<'_>, DecodeError> {
     let family = family_of(prefix.family)?;
     let counts: [u8; 2] = read_at(
         bytes,
-        offset_of!(BatchEvent, batch) + offset_of!(tracer_common::Batch, nsteps),
+        offset_of!(BatchEvent, batch) + offset_of!(tracer_common::BatchBody, nsteps),
     )
     .ok_or_else(short)?;
     let n = usize::from(counts[0]);

@@ -53,8 +53,8 @@ fn round_trip_ipv6_unknown_duration() {
 /// A batch as the kernel builds it: a client's connect (task recorded),
 /// its handshake (none), then an unknown-duration step.
 fn batch_bytes(nsteps: u8) -> Vec<u8> {
-    use tracer_common::{Batch as RawBatch, Step, TaskSlot};
-    let mut b = RawBatch {
+    use tracer_common::{BatchBody, BatchStep, TaskSlot};
+    let mut b = BatchBody {
         nsteps,
         nowners: 1,
         ..Default::default()
@@ -67,7 +67,7 @@ fn batch_bytes(nsteps: u8) -> Vec<u8> {
         cgroup: 77,
         ..Default::default()
     };
-    let step = |ts, old: TcpState, new: TcpState, ns, owner| Step {
+    let step = |ts, old: TcpState, new: TcpState, ns, owner| BatchStep {
         ts_ns: ts,
         old_state_ns: ns,
         old: old as u8,
@@ -275,7 +275,7 @@ fn comm_stops_at_nul_and_tolerates_garbage() {
 fn unreadable_records_count_the_transitions_they_claim() {
     // A batch whose third step has a bad state: its 3 transitions.
     let mut bad = batch_bytes(3);
-    let third = bad.len() - size_of::<tracer_common::Step>();
+    let third = bad.len() - size_of::<tracer_common::BatchStep>();
     bad[third + 16] = 99;
     assert!(decode_record(&bad).is_err());
     assert_eq!(transitions_claimed(&bad), 3);

@@ -75,9 +75,8 @@ const GAUGE_STATES: [TcpState; 9] = [
     TcpState::LastAck,
 ];
 
-const STATES: usize = 13;
 const FAMILIES: usize = 2;
-const PER_SLOT: usize = STATES * STATES * FAMILIES;
+const PER_SLOT: usize = TcpState::COUNT * TcpState::COUNT * FAMILIES;
 
 /// Destinations with ephemeral-port series when `--metrics-label-max`
 /// is not given (its default).
@@ -169,7 +168,7 @@ pub struct Recorder {
     transition_cells: Vec<Option<IntCounter>>,
     duration_cells: Vec<Option<Histogram>>,
     /// States with a `connections` series.
-    gauge_states: [bool; STATES],
+    gauge_states: [bool; TcpState::COUNT],
     close_wait_stuck_ns: u64,
     /// Ephemeral ports per destination: series for the top
     /// `ports_max` destinations only (see `track/ports.rs`).
@@ -289,7 +288,7 @@ impl Recorder {
             registry.register(c).expect("distinct metric names");
         }
         let slots = label.map_or(1, |(_, cap)| cap + 1);
-        let mut gauge_states = [false; STATES];
+        let mut gauge_states = [false; TcpState::COUNT];
         for s in GAUGE_STATES {
             connections.with_label_values(&[s.name()]).set(0);
             gauge_states[s.index()] = true;
@@ -318,7 +317,7 @@ impl Recorder {
                     .collect(),
             }),
             transition_cells: vec![None; slots * PER_SLOT],
-            duration_cells: vec![None; slots * STATES],
+            duration_cells: vec![None; slots * TcpState::COUNT],
             gauge_states,
             close_wait_stuck_ns: CLOSE_WAIT_STUCK_AFTER.as_nanos() as u64,
             ports_in_use,
@@ -410,7 +409,8 @@ impl Recorder {
             Family::Ipv4 => 0,
             Family::Ipv6 => 1,
         };
-        let i = slot * PER_SLOT + (t.old.index() * STATES + t.new.index()) * FAMILIES + fam;
+        let i =
+            slot * PER_SLOT + (t.old.index() * TcpState::COUNT + t.new.index()) * FAMILIES + fam;
         let label = self.label.as_ref().map(|l| l.values[slot].as_str());
         self.transition_cells[i]
             .get_or_insert_with(|| {
@@ -440,7 +440,7 @@ impl Recorder {
 
     fn observe(&mut self, slot: usize, state: TcpState, ns: u64) {
         let label = self.label.as_ref().map(|l| l.values[slot].as_str());
-        self.duration_cells[slot * STATES + state.index()]
+        self.duration_cells[slot * TcpState::COUNT + state.index()]
             .get_or_insert_with(|| {
                 let mut v = vec![state.name()];
                 v.extend(label);

@@ -127,7 +127,7 @@ pub fn summarize<R: BufRead>(
         if text.is_empty() {
             continue;
         }
-        let rec: Record = match serde_json::from_str(text) {
+        let rec: RecordedLine = match serde_json::from_str(text) {
             Ok(r) => r,
             // Another record type whose fields are not those of ours.
             Err(_) if matches!(serde_json::from_str::<TypeOnly>(text), Ok(t) if !ours(&t.r#type)) =>
@@ -213,7 +213,7 @@ fn ours(ty: &str) -> bool {
 /// Any record; the fields of the transition and connection records are
 /// checked when they are used.
 #[derive(Deserialize)]
-struct Record {
+struct RecordedLine {
     r#type: String,
     mono_ns: Option<u64>,
     /// Null for transitions the agent derived.
@@ -313,7 +313,7 @@ fn comm(s: &str) -> Comm {
     Comm::new(raw)
 }
 
-impl Record {
+impl RecordedLine {
     /// The owner the record names: `pid` and `comm` (both null when
     /// unknown; `pid` alone when only the comm is known).
     fn owner(&self) -> Option<Owner> {

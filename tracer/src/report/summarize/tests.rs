@@ -314,7 +314,7 @@ fn every_source_is_read_back() {
             r#""source":"tracepoint""#,
             &format!(r#""source":"{}""#, s.name()),
         );
-        let (t, _) = serde_json::from_str::<Record>(&one)
+        let (t, _) = serde_json::from_str::<RecordedLine>(&one)
             .unwrap()
             .transition()
             .unwrap();

@@ -39,7 +39,6 @@ const HIST_MAX_NS: u64 = 1 << 53;
 /// Log2 histogram: bucket 0 is below 1 µs, bucket b ≥ 1 is
 /// [2^(b-1), 2^b) µs; the last one takes everything longer.
 const LOG2_BUCKETS: usize = 48;
-const STATES: usize = 13;
 /// Stays kept as values before a state's HdrHistogram is created.
 pub const EXACT_VALUES: usize = 8;
 /// Width of the histogram bars, as in bcc.
@@ -287,7 +286,7 @@ impl CloseCounts {
 /// Every state's distribution, for one group.
 #[derive(Clone)]
 pub struct GroupStats {
-    states: [Option<StateStats>; STATES],
+    states: [Option<StateStats>; TcpState::COUNT],
     stays: u64,
     pub closes: CloseCounts,
 }

@@ -4,14 +4,12 @@
 
 use std::net::IpAddr;
 
-use super::owners::{runs_in_owner_syscall, Owner};
+use super::owners::Owner;
 use crate::{
     kernel::events::{Family, Source, TcpState, Transition},
     track::close::ClosePath,
     track::ports::Hold,
 };
-
-pub const STATES: usize = 13;
 
 /// A connection's identity once its socket is gone: namespace and 4-tuple.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -102,7 +100,7 @@ pub struct Connection {
     pub state: TcpState,
     pub state_since_ns: u64,
     /// Nanoseconds per state index ([`TcpState::index`]).
-    states_ns: [u64; STATES],
+    states_ns: [u64; TcpState::COUNT],
     /// Bit per state index: passed through it.
     visited: u16,
     pub complete: bool,
@@ -160,7 +158,7 @@ impl Connection {
             start_ns,
             state: t.new,
             state_since_ns: t.mono_ns,
-            states_ns: [0; STATES],
+            states_ns: [0; TcpState::COUNT],
             visited: 0,
             complete,
             gap: false,
@@ -211,7 +209,7 @@ impl Connection {
             start_ns: now_ns,
             state,
             state_since_ns: now_ns,
-            states_ns: [0; STATES],
+            states_ns: [0; TcpState::COUNT],
             visited: 0,
             complete: false,
             gap: false,
@@ -281,7 +279,7 @@ impl Connection {
     }
 
     fn note_owner_syscall(&mut self, t: &Transition) {
-        if t.source == Source::Tracepoint && runs_in_owner_syscall(t.old, t.new) {
+        if t.source == Source::Tracepoint && TcpState::runs_in_owner_syscall(t.old, t.new) {
             self.owner = Some(Owner {
                 pid: t.pid,
                 comm: t.comm,

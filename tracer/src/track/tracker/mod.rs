@@ -53,7 +53,6 @@ use crate::{
     track::ports::{Dest, Hold, Ports},
     FastMap as HashMap,
 };
-pub use connection::STATES;
 use slab::Slab;
 
 /// Was this `-> CLOSE` an active close that leaves a timewait socket?
@@ -642,8 +641,8 @@ impl Tracker {
 
     /// Live connections per current state (timewait ones included), for
     /// gauges.
-    pub fn count_by_state(&self) -> [u64; STATES] {
-        let mut counts = [0u64; STATES];
+    pub fn count_by_state(&self) -> [u64; TcpState::COUNT] {
+        let mut counts = [0u64; TcpState::COUNT];
         for (_, p, c) in self.slab.iter() {
             if matches!(p, Phase::Live | Phase::Snapshot | Phase::Timewait) && !c.listener {
                 counts[c.state.index()] += 1;

@@ -17,7 +17,7 @@
 use std::net::IpAddr;
 
 use crate::{
-    kernel::events::{Comm, TcpState, Transition},
+    kernel::events::{Comm, Transition},
     FastMap as HashMap,
 };
 
@@ -34,16 +34,6 @@ pub struct Owner {
     /// Its container, as the agent resolved `cgroup` when it named the
     /// owner in a record (`containers.rs`); the tracker leaves it `None`.
     pub container: Option<crate::track::containers::ContainerKey>,
-}
-
-/// Transitions the kernel only makes inside the socket owner's own system
-/// calls, so the current task is the owner.
-pub(super) fn runs_in_owner_syscall(old: TcpState, new: TcpState) -> bool {
-    use TcpState::*;
-    matches!(
-        (old, new),
-        (Close, SynSent) | (Close, Listen) | (Established, FinWait1) | (CloseWait, LastAck)
-    )
 }
 
 impl Owner {

@@ -177,7 +177,7 @@ pub struct Select {
 pub enum Command {
     /// Print the summary (as --summary) of a recording made with
     /// `--output json`; needs no privileges.
-    Summarize(crate::report::summarize::SummarizeArgs),
+    Summarize(crate::report::replay::SummarizeArgs),
     /// Print a shell completion script to stdout, e.g.
     /// `tracer completions bash > /etc/bash_completion.d/tracer`.
     Completions {

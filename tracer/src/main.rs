@@ -5,7 +5,7 @@ use tracer::{
     agent,
     cli::{Args, Command},
     manual,
-    report::summarize,
+    report::replay,
 };
 
 fn main() -> ExitCode {
@@ -30,7 +30,7 @@ fn main() -> ExitCode {
         .init();
 
     let offline = match &args.command {
-        Some(Command::Summarize(s)) => Some(summarize::run(s)),
+        Some(Command::Summarize(s)) => Some(replay::run(s)),
         Some(Command::Completions { shell }) => {
             manual::write_completions(*shell, &mut std::io::stdout().lock());
             Some(Ok(()))

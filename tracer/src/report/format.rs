@@ -1,5 +1,5 @@
 //! The output format and which records are written: shared by the command
-//! line (`cli`), the writers (`output`, `summary`) and `summarize`, so it
+//! line (`cli`), the writers (`output`, `summary`) and `replay`, so it
 //! lives below all of them.
 
 use clap::ValueEnum;

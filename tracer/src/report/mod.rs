@@ -10,7 +10,7 @@
 //! - `output/`: the records; `observe.rs`: what feeds the summary and the
 //!   metrics;
 //! - `summary/` (aggregation in `mod.rs`, rendering in `render.rs`) and
-//!   `group.rs`: `--summary`, `--group-by`; `summarize/`: the subcommand;
+//!   `group.rs`: `--summary`, `--group-by`; `replay/`: `tracer summarize`, a recording replayed;
 //! - `metrics/`: Prometheus.
 
 pub mod format;
@@ -18,5 +18,5 @@ pub mod group;
 pub mod metrics;
 pub mod observe;
 pub mod output;
-pub mod summarize;
+pub mod replay;
 pub mod summary;

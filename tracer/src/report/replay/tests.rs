@@ -1,4 +1,4 @@
-//! Unit tests of `summarize` (no root needed).
+//! Unit tests of `replay` (`tracer summarize`) (no root needed).
 use super::*;
 use crate::{
     kernel::events::tests::{comm as c, sample},

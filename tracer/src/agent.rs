@@ -273,7 +273,7 @@ impl<W: RecordWrite> Pipeline<W> {
         self.port_pressure(d.mono_ns)
     }
 
-    /// A timewait poll's answer (see `lifecycle.rs`): the transitions it
+    /// A timewait poll's answer (see `lifecycle/timewait.rs`): the transitions it
     /// derived and the connections it ended.
     pub fn timewait_polled(&mut self, result: PollResult) -> io::Result<()> {
         for (d, owner) in &result.derived {

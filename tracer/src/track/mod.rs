@@ -10,8 +10,8 @@
 //!   (`connection.rs`);
 //! - `close.rs`: who closed and how; `resets.rs`: resets joined to
 //!   connections;
-//! - `lifecycle.rs`: timewait sockets, stuck connections, the start-up
-//!   snapshot; `worker.rs`: the thread that does their blocking work, with
+//! - `lifecycle/`: timewait sockets (`timewait.rs`), stuck connections
+//!   (`stuck.rs`), the start-up snapshot (`snapshot.rs`); `worker.rs`: the thread that does their blocking work, with
 //!   `diag.rs` (NETLINK_SOCK_DIAG), `netns.rs` and `procfs.rs` below it;
 //! - `ports.rs`: ephemeral ports held per destination;
 //! - `containers.rs` and `cgroup/`: owners' cgroups, containers and pods.

@@ -5,7 +5,7 @@
 //! drains the ring buffer sends it [`Job`]s and goes on; answers come back
 //! as [`Done`] messages that the event loop handles like any other event.
 //! Nothing here touches the connection table: the drain side asks with
-//! copies of what it needs and applies the answers (`lifecycle.rs`).
+//! copies of what it needs and applies the answers (`lifecycle/`).
 
 use std::{
     collections::{HashMap, HashSet},

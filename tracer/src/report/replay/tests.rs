@@ -67,7 +67,7 @@ fn traffic() -> Vec<Transition> {
 /// The JSON Lines the live agent writes for `events` (through the real
 /// decoder, tracker and output), with --summary; the client's timewait
 /// socket is seen in TIME_WAIT 1 ms after the hand-over and expires 60 s
-/// later, as `lifecycle.rs` would report. Returns the recording and the
+/// later, as `lifecycle/timewait.rs` would report. Returns the recording and the
 /// live summary records.
 fn recording(events: &[Transition], mode: EventsMode, by: Option<GroupBy>) -> (String, String) {
     use crate::{

@@ -76,7 +76,7 @@ pub struct Timewait {
     /// namespace had overflowed then.
     pub missing_since_ns: u64,
     pub missing_overflowed: bool,
-    /// The last timewait poll that found it (see `lifecycle.rs`).
+    /// The last timewait poll that found it (see `lifecycle/timewait.rs`).
     pub found_in_poll: u32,
 }
 

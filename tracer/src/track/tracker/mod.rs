@@ -8,7 +8,7 @@
 //!   `FIN_WAIT2` or `CLOSING -> CLOSE`): the kernel then continues the
 //!   connection in a timewait socket that no tracepoint sees, so the
 //!   connection waits in the timewait table (keyed by netns and 4-tuple)
-//!   until `lifecycle.rs` (or the fentry program's death record) sees
+//!   until `lifecycle/timewait.rs` (or the fentry program's death record) sees
 //!   that socket end.
 //! - Its opening is seen (`complete`) when its first transition is the
 //!   socket's birth: `CLOSE -> SYN_SENT` (connect), `CLOSE -> LISTEN`, or

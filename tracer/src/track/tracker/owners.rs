@@ -2,7 +2,7 @@
 //! the README): the task of the transitions that only run in the owner's
 //! own system calls (connect, listen, close/shutdown); for an accepted
 //! socket until then, the process that holds it in /proc once a scan has
-//! found it (`lifecycle.rs`, a second after it is established), and
+//! found it (the agent asks the worker, a second after it is established), and
 //! before that the owner of its listener (same namespace and local port);
 //! for a socket that existed before the tracer, the process holding its
 //! inode in /proc at start. Otherwise unknown (`None`), never the

@@ -1,82 +1,16 @@
-//! The parts of a connection's life the tracepoint does not show:
-//!
-//! - **TIME_WAIT.** After an active close the kernel continues the
-//!   connection in a timewait socket that no tracepoint sees. While such
-//!   connections are pending, one NETLINK_SOCK_DIAG dump of the FIN_WAIT2 and
-//!   TIME_WAIT sockets per namespace and family runs every
-//!   `--timewait-interval`, and each pending connection is joined to its
-//!   timewait socket by namespace and 4-tuple. sock_diag rather than an
-//!   `iter/tcp` iterator: it needs no BTF offsets (so it works on every
-//!   kernel with the tracepoint), its remaining-time field dates the
-//!   TIME_WAIT entry to the millisecond, and a dump of 131k timewait sockets
-//!   took about 0.1 s here. Nothing is dumped while nothing is pending.
-//! - **Owners and stuck connections.** Connections that stay in CLOSE_WAIT
-//!   (or, with `--fin-wait2`, FIN_WAIT2) longer than a threshold are
-//!   reported once with every process and fd holding the socket, found
-//!   through the socket's inode (sock_diag) in /proc.
-//! - **Sockets older than the tracer**, from a sock_diag snapshot of every
-//!   namespace at start.
-//!
-//! The dumps, look-ups and `/proc` scans run on the worker thread
-//! (`worker.rs`); this file decides what to ask it, from the connection
-//! table, and what its answers do to the table. A poll's answer judges only
-//! the connections that were waiting when it was asked.
+//! The timewait polls: what to ask the worker about the connections
+//! waiting for their timewait socket, and what its answer does to them.
 
-use std::{
-    collections::{HashMap, HashSet},
-    time::Duration,
-};
+use std::collections::HashMap;
 
+use super::{Lifecycle, EXPIRY_TOLERANCE_NS, TIMEWAIT_LEN_NS};
 use crate::{
     clock::monotonic_ns,
-    kernel::events::{Comm, Family, Source, TcpState, Transition},
-    kernel::filters::Filters,
-    track::diag::{state_bit, DiagSocket, ALL_STATES, MAX_FILTER_TUPLES},
-    track::netns::Namespaces,
-    track::procfs::{self, Holder},
-    track::tracker::{Connection, Owner, SlotId, TimewaitEnd, Tracker, TupleKey},
+    kernel::events::{Family, Source, TcpState, Transition},
+    track::diag::MAX_FILTER_TUPLES,
+    track::tracker::{Owner, SlotId, TimewaitEnd, Tracker, TupleKey},
     track::worker::{NetnsDump, NetnsQuery, TimewaitDump, TimewaitQuery, Wanted},
 };
-
-/// TCP_TIMEWAIT_LEN: a timewait socket in TIME_WAIT lives 60 s (fixed in
-/// the kernel) unless reused or killed.
-pub const TIMEWAIT_LEN_NS: u64 = 60_000_000_000;
-/// Timer precision: jiffies (4 ms at HZ=250) and idiag_expires' whole ms.
-pub const EXPIRY_TOLERANCE_NS: u64 = 10_000_000;
-
-#[derive(Default, Debug)]
-pub struct Counters {
-    pub polls: u64,
-    /// What the polls cost: the worker's CPU time and the time their
-    /// answers took to apply.
-    pub poll_ns: u64,
-    pub errors: u64,
-}
-
-pub struct Lifecycle {
-    /// The namespaces opened at start, until the worker takes them.
-    ns: Option<Namespaces>,
-    /// Per namespace: TCPTimeWaitOverflow at start, for the worker.
-    overflows: HashMap<u32, u64>,
-    /// Timewait deaths arrive from the fentry program (exact times).
-    pub fentry: bool,
-    /// The kernel answers sock_diag requests for TCP (`tcp_diag`).
-    pub available: bool,
-    /// A timewait poll was asked and not answered yet.
-    pub polling: bool,
-    pub counters: Counters,
-}
-
-/// What the start-up snapshot found.
-#[derive(Debug, Default)]
-pub struct Snapshot {
-    /// Sockets kept (those the filters select).
-    pub sockets: usize,
-    /// Listening sockets (netns as in events, local port) whose holder
-    /// passes `--pid`/`--comm`: the kernel must let the sockets they accept
-    /// pass from their first transition.
-    pub selected_listeners: Vec<(u32, u16)>,
-}
 
 /// What one poll's answer produced, in output order.
 #[derive(Default)]
@@ -100,196 +34,6 @@ pub enum TimewaitPoll {
 }
 
 impl Lifecycle {
-    pub fn new() -> std::io::Result<Self> {
-        let mut ns = Namespaces::new()?;
-        let own = ns.own();
-        let available = match ns
-            .diag(own, &[])
-            .map(|d| d.dump(Family::Ipv4, state_bit(TcpState::Listen)))
-        {
-            Some(Ok(_)) => true,
-            Some(Err(e)) => {
-                log::warn!(
-                    "sock_diag for TCP is unavailable ({e}; is the tcp_diag module loaded?): no TIME_WAIT \
-                     accounting, no CLOSE_WAIT holders, no snapshot of older sockets"
-                );
-                false
-            }
-            None => false,
-        };
-        Ok(Lifecycle {
-            ns: Some(ns),
-            overflows: HashMap::new(),
-            fentry: false,
-            available,
-            polling: false,
-            counters: Counters::default(),
-        })
-    }
-
-    /// A lifecycle without namespaces (the decisions only), for tests.
-    #[cfg(test)]
-    pub fn detached() -> Self {
-        Lifecycle {
-            ns: None,
-            overflows: HashMap::new(),
-            fentry: false,
-            available: true,
-            polling: false,
-            counters: Counters::default(),
-        }
-    }
-
-    /// The namespaces opened so far and their overflow counters at start,
-    /// for the worker thread (once).
-    pub fn take_namespaces(&mut self) -> Option<(Namespaces, HashMap<u32, u64>)> {
-        let ns = self.ns.take()?;
-        Some((ns, std::mem::take(&mut self.overflows)))
-    }
-
-    /// Every TCP socket of every namespace at start: listeners (for the
-    /// owner of the sockets they will accept) and connections (for their
-    /// later transitions and for CLOSE_WAIT alerts). Runs before the event
-    /// loop, on the namespaces the worker will take.
-    pub fn snapshot(
-        &mut self,
-        tracker: &mut Tracker,
-        netns_known: bool,
-        filters: &Filters,
-    ) -> Snapshot {
-        let mut snap = Snapshot::default();
-        let Some(ns) = self.ns.as_mut().filter(|_| self.available) else {
-            return snap;
-        };
-        let now = monotonic_ns();
-        let mut found: Vec<(u32, DiagSocket)> = Vec::new();
-        let mut old_timewait: Vec<(u32, DiagSocket)> = Vec::new();
-        // Without the kernel's netns numbers only our own namespace can be
-        // joined to events.
-        let namespaces = if netns_known {
-            ns.discover_all()
-        } else {
-            vec![ns.own()]
-        };
-        for inum in namespaces {
-            if let (Some(v), _) = ns.timewait_limits(inum) {
-                self.overflows.insert(inum, v);
-            }
-            let Some(diag) = ns.diag(inum, &[]) else {
-                continue;
-            };
-            for family in [Family::Ipv4, Family::Ipv6] {
-                // Timewait sockets only hold ports (see `ports.rs`).
-                let timewait = if tracker.ports.enabled() {
-                    state_bit(TcpState::TimeWait)
-                } else {
-                    0
-                };
-                let states =
-                    (ALL_STATES & !state_bit(TcpState::TimeWait) & !state_bit(TcpState::Close))
-                        | timewait;
-                match diag.dump(family, states) {
-                    Ok(socks) => {
-                        for s in socks {
-                            if s.is_timewait() {
-                                old_timewait.push((inum, s));
-                            } else {
-                                found.push((inum, s));
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        self.counters.errors += 1;
-                        log::warn!("snapshot of netns {inum}: {e}");
-                    }
-                }
-            }
-        }
-        for (inum, s) in old_timewait {
-            let key = TupleKey {
-                netns: if netns_known { inum } else { 0 },
-                family: s.family,
-                laddr: s.laddr,
-                lport: s.lport,
-                raddr: s.raddr,
-                rport: s.rport,
-            };
-            if filters.keeps_socket(&key, inum, &[]) {
-                let expires = s.read_ns + u64::from(s.expires_ms) * 1_000_000;
-                tracker.add_old_timewait(key, expires);
-            }
-        }
-        let inodes: HashSet<u64> = found
-            .iter()
-            .map(|(_, s)| s.inode)
-            .filter(|&i| i != 0)
-            .collect();
-        let holders = procfs::socket_holders(&inodes);
-        // Once per process, not per socket: a stat and a read of /proc each
-        // (2,000 sockets of one process cost 0.24 s before).
-        let cgroups: HashMap<u32, u64> = holders
-            .values()
-            .flatten()
-            .map(|h| h.pid)
-            .collect::<HashSet<u32>>()
-            .into_iter()
-            .map(|pid| (pid, crate::track::containers::id_of_pid(pid)))
-            .collect();
-        for (inum, s) in found {
-            let Some(state) = s.state else { continue };
-            let key = TupleKey {
-                // Without kernel offsets events carry netns 0; so must keys.
-                netns: if netns_known { inum } else { 0 },
-                family: s.family,
-                laddr: s.laddr,
-                lport: s.lport,
-                raddr: s.raddr,
-                rport: s.rport,
-            };
-            let held_by = holders.get(&s.inode).map(Vec::as_slice).unwrap_or(&[]);
-            // The owner filter's verdict on a listener goes to the kernel,
-            // whatever the other filters say of the listener itself.
-            if state == TcpState::Listen && filters.owner_filter() && filters.owner_matches(held_by)
-            {
-                snap.selected_listeners.push((key.netns, key.lport));
-            }
-            // The kernel filters apply to events; the same filters, here,
-            // keep the snapshot to the sockets the user asked about.
-            if !filters.keeps_socket(&key, inum, held_by) {
-                continue;
-            }
-            snap.sockets += 1;
-            let owner = common_owner(held_by, s.uid, &cgroups);
-            let mut pids: Vec<u32> = held_by.iter().map(|h| h.pid).collect();
-            pids.dedup();
-            tracker.add_snapshot(
-                Connection::from_snapshot(key, state, now, s.inode, owner),
-                &pids,
-            );
-        }
-        snap
-    }
-
-    /// The ephemeral port ranges of the namespaces the snapshot opened,
-    /// keyed as events key them.
-    pub fn port_ranges(
-        &self,
-        netns_known: bool,
-    ) -> Vec<(u32, Result<crate::track::ports::PortRange, String>)> {
-        let Some(ns) = &self.ns else {
-            return Vec::new();
-        };
-        if !netns_known {
-            return ns.port_range(0).map(|r| (0, r)).into_iter().collect();
-        }
-        let mut inums = vec![ns.own()];
-        inums.extend(ns.opened().filter(|&i| i != ns.own()));
-        inums
-            .into_iter()
-            .filter_map(|i| Some((i, ns.port_range(i)?)))
-            .collect()
-    }
-
     /// The next timewait poll: what to ask the worker about the
     /// connections waiting for their timewait socket.
     pub fn timewait_poll(&mut self, tracker: &mut Tracker) -> TimewaitPoll {
@@ -478,50 +222,6 @@ impl Lifecycle {
         }
         result
     }
-
-    /// Connections in `state` for at least `threshold` and not reported
-    /// yet (marked reported now): the worker is to find their holders.
-    pub fn due_stuck(
-        &mut self,
-        tracker: &mut Tracker,
-        state: TcpState,
-        threshold: Duration,
-    ) -> Vec<Connection> {
-        let now = monotonic_ns();
-        let limit = threshold.as_nanos() as u64;
-        let mut due = Vec::new();
-        for (_, c) in tracker.in_state_mut(state) {
-            if !c.stuck_reported && now.saturating_sub(c.state_since_ns) >= limit {
-                c.stuck_reported = true;
-                due.push(*c);
-            }
-        }
-        due
-    }
-
-    /// Every connection in `state` now (for the list printed at exit).
-    pub fn still_in(tracker: &mut Tracker, state: TcpState) -> Vec<Connection> {
-        tracker.in_state_mut(state).map(|(_, c)| *c).collect()
-    }
-}
-
-/// The owner of a socket held by exactly one process; `None` when several
-/// processes hold it (no guessing).
-/// The owner of a socket that `holders` hold ([`Owner::common`]: a
-/// prefork server's listener, held by a master and its workers, is owned
-/// by their comm).
-fn common_owner(holders: &[Holder], uid: u32, cgroups: &HashMap<u32, u64>) -> Option<Owner> {
-    let owners: Vec<Owner> = holders
-        .iter()
-        .map(|h| Owner {
-            pid: h.pid,
-            comm: Comm::from_name(&h.comm),
-            uid,
-            cgroup: cgroups.get(&h.pid).copied().unwrap_or(0),
-            container: None,
-        })
-        .collect();
-    Owner::common(&owners)
 }
 
 #[cfg(test)]
@@ -726,29 +426,5 @@ mod tests {
         let ended = t.take(o.closed[0]);
         assert_eq!(ended.timewait.unwrap().end, Some(TimewaitEnd::Reused));
         assert_eq!(ended.state_since_ns, 2_200 * MS);
-    }
-
-    #[test]
-    fn one_holder_is_the_owner_several_share_their_comm() {
-        let h = |pid, comm: &str, fd| Holder {
-            pid,
-            comm: comm.into(),
-            fd,
-        };
-        let of = |holders: &[Holder]| {
-            common_owner(holders, 7, &HashMap::from([(5, 9), (6, 9)]))
-                .map(|o| (o.pid, o.comm.as_str().into_owned(), o.uid, o.cgroup))
-        };
-        assert_eq!(
-            of(&[h(5, "srv", 3), h(5, "srv", 4)]),
-            Some((5, "srv".into(), 7, 9))
-        );
-        // A prefork server's listener: its comm, no pid.
-        assert_eq!(
-            of(&[h(5, "srv", 3), h(6, "srv", 3)]),
-            Some((0, "srv".into(), 7, 9))
-        );
-        assert_eq!(of(&[h(5, "srv", 3), h(6, "other", 3)]), None);
-        assert_eq!(of(&[]), None);
     }
 }

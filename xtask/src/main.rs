@@ -71,6 +71,11 @@ enum Task {
         /// binary of their architecture). For iterating on one guest.
         #[arg(long)]
         guests_only: bool,
+        /// Only the integration tests whose name contains this (libtest's
+        /// filter), on the host and in the guests. For iterating on a few
+        /// tests; the full run has none.
+        #[arg(long, value_name = "FILTER")]
+        only: Option<String>,
     },
     /// Release tarballs (amd64, arm64: static binary, deploy/ files) with
     /// SHA256SUMS in target/dist; --oci adds the container image as an OCI
@@ -153,14 +158,15 @@ fn run(cli: Cli) -> Result<()> {
         Task::Test {
             kernel,
             guests_only,
-        } => test(&kernel, guests_only),
+            only,
+        } => test(&kernel, guests_only, only.as_deref()),
         Task::Dist(args) => dist::run(args),
     }
 }
 
 /// `cargo xtask test`: see the module doc and the README's "The two
 /// commands".
-fn test(kernel: &str, guests_only: bool) -> Result<()> {
+fn test(kernel: &str, guests_only: bool, only: Option<&str>) -> Result<()> {
     let started = Instant::now();
     let guests: Vec<vm::Series> = match kernel {
         "host" => vec![],
@@ -232,7 +238,7 @@ fn test(kernel: &str, guests_only: bool) -> Result<()> {
     if !guests_only && (kernel == "host" || kernel == "all") {
         let t = Instant::now();
         eprintln!("xtask: integration tests on the host kernel (real eBPF program)");
-        let host = cargo(&[
+        let mut args = vec![
             "test",
             "--package",
             "tracer",
@@ -241,7 +247,9 @@ fn test(kernel: &str, guests_only: bool) -> Result<()> {
             "--no-fail-fast",
             "--",
             "--test-threads=1",
-        ]);
+        ];
+        args.extend(only);
+        let host = cargo(&args);
         if let Err(e) = host {
             eprintln!("xtask: host kernel: {e:#}");
             failed.push("the host kernel".into());
@@ -316,7 +324,7 @@ fn test(kernel: &str, guests_only: bool) -> Result<()> {
                 .find(|(a, _)| *a == series.arch)
                 .expect("built above")
                 .1;
-            let initrd = vm::initramfs_for(common, &image, series)?;
+            let initrd = vm::initramfs_for(common, &image, series, only)?;
             vm::boot(
                 series,
                 &image,

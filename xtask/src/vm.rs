@@ -326,18 +326,31 @@ fn extract_modules(unpacked: &Path, to: &Path) -> Result<()> {
 }
 
 /// The series' own part of the guest's environment: what the tests may
-/// expect of this kernel.
-fn series_env(series: Series) -> String {
-    format!(
+/// expect of this kernel, and the test filter of `--only`.
+fn series_env(series: Series, only: Option<&str>) -> String {
+    let mut env = format!(
         "export TRACER_EXPECT_FENTRY={}\n",
         if series.fentry { 1 } else { 0 }
-    )
+    );
+    if let Some(filter) = only {
+        // Single-quoted for the guest's shell.
+        env.push_str(&format!(
+            "export TRACER_TEST_FILTER='{}'\n",
+            filter.replace('\'', "'\\''")
+        ));
+    }
+    env
 }
 
 /// The series' initramfs: the common archive of its architecture followed
 /// by one holding its kernel modules and environment (the kernel unpacks
 /// concatenated cpio archives in order).
-pub(crate) fn initramfs_for(common: &Path, kernel_image: &Path, series: Series) -> Result<PathBuf> {
+pub(crate) fn initramfs_for(
+    common: &Path,
+    kernel_image: &Path,
+    series: Series,
+    only: Option<&str>,
+) -> Result<PathBuf> {
     let kernel_dir = kernel_image
         .parent()
         .context("kernel image has a directory")?;
@@ -350,7 +363,7 @@ pub(crate) fn initramfs_for(common: &Path, kernel_image: &Path, series: Series) 
             staging.join("modules").join(format!("{i}-{name}")),
         )?;
     }
-    fs::write(staging.join("series.env"), series_env(series))?;
+    fs::write(staging.join("series.env"), series_env(series, only))?;
     let image = vm_dir().join(format!("initramfs-{}.cpio", series.name));
     let mut bytes = fs::read(common)?;
     bytes.extend_from_slice(&cpio(&staging)?);
@@ -464,7 +477,7 @@ dist_smoke
 status=0
 for t in /tests/*; do
     echo "TRACER-VM: running $t"
-    "$t" --test-threads=1 || status=1
+    "$t" --test-threads=1 ${TRACER_TEST_FILTER:+"$TRACER_TEST_FILTER"} || status=1
 done
 if [ $status = 0 ]; then echo "TRACER-VM-RESULT: PASS"; else echo "TRACER-VM-RESULT: FAIL"; fi
 poweroff -f
@@ -663,6 +676,16 @@ mod tests {
             assert_eq!(s.name.ends_with("-arm64"), s.arch == Arch::Aarch64);
             assert!(s.pattern.contains(s.arch.name()), "{}", s.name);
         }
+    }
+
+    #[test]
+    fn the_test_filter_reaches_the_guest_quoted() {
+        let s = series("6.1").unwrap();
+        assert_eq!(series_env(s, None), "export TRACER_EXPECT_FENTRY=1\n");
+        assert_eq!(
+            series_env(s, Some("it's")),
+            "export TRACER_EXPECT_FENTRY=1\nexport TRACER_TEST_FILTER='it'\\''s'\n"
+        );
     }
 
     #[test]

@@ -95,6 +95,15 @@ impl TcpState {
         TcpState::Close,
     ];
 
+    /// The states a connection passes through, in [`TcpState::LIFE_ORDER`]:
+    /// without LISTEN (listeners are not connections) and NEW_SYN_RECV
+    /// (request sockets, never reported by the tracepoint).
+    pub fn of_connections() -> impl Iterator<Item = TcpState> {
+        TcpState::LIFE_ORDER
+            .into_iter()
+            .filter(|s| !matches!(s, TcpState::Listen | TcpState::NewSynRecv))
+    }
+
     /// The kernel's number `n` as a state.
     pub fn from_kernel(n: u8) -> Option<TcpState> {
         TcpState::ALL.get(usize::from(n).checked_sub(1)?).copied()

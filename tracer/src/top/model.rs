@@ -193,21 +193,6 @@ pub struct Model {
     pub paused: bool,
 }
 
-/// The states in the order a connection lives them (listeners excepted:
-/// they are not connections).
-const SHOWN: [TcpState; 10] = [
-    TcpState::SynSent,
-    TcpState::SynRecv,
-    TcpState::Established,
-    TcpState::FinWait1,
-    TcpState::FinWait2,
-    TcpState::Closing,
-    TcpState::TimeWait,
-    TcpState::CloseWait,
-    TcpState::LastAck,
-    TcpState::Close,
-];
-
 impl Model {
     /// A new snapshot; kept aside while paused (the screen stays still).
     pub fn update(&mut self, s: Snapshot) {
@@ -240,9 +225,8 @@ impl Model {
         let Some(last) = &self.last else {
             return Vec::new();
         };
-        SHOWN
-            .iter()
-            .map(|&state| StateLine {
+        TcpState::of_connections()
+            .map(|state| StateLine {
                 state,
                 // CLOSE is where connections end, not where they stay.
                 now: if state == TcpState::Close {

@@ -61,20 +61,6 @@ pub const DURATION_BUCKETS: [f64; 25] = [
     0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 600.0,
 ];
 
-/// States whose `tracer_tcp_connections` series always exist (0 when
-/// empty); others appear once a connection is seen in them.
-const GAUGE_STATES: [TcpState; 9] = [
-    TcpState::SynSent,
-    TcpState::SynRecv,
-    TcpState::Established,
-    TcpState::FinWait1,
-    TcpState::FinWait2,
-    TcpState::Closing,
-    TcpState::TimeWait,
-    TcpState::CloseWait,
-    TcpState::LastAck,
-];
-
 const FAMILIES: usize = 2;
 const PER_SLOT: usize = TcpState::COUNT * TcpState::COUNT * FAMILIES;
 
@@ -289,7 +275,9 @@ impl Recorder {
         }
         let slots = label.map_or(1, |(_, cap)| cap + 1);
         let mut gauge_states = [false; TcpState::COUNT];
-        for s in GAUGE_STATES {
+        // Series that always exist (0 when empty): the states connections
+        // stay in; others appear once a connection is seen in them.
+        for s in TcpState::of_connections().filter(|&s| s != TcpState::Close) {
             connections.with_label_values(&[s.name()]).set(0);
             gauge_states[s.index()] = true;
         }

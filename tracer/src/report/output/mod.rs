@@ -236,6 +236,30 @@ impl<W: RecordWrite> Output<W> {
         Ok(())
     }
 
+    /// One JSON record: `fill` writes its fields into the reused scratch
+    /// buffer, which then goes to the output whole.
+    fn write_json(
+        &mut self,
+        fill: impl FnOnce(&mut line::Line<'_>, &mut JsonParts<'_>),
+    ) -> io::Result<()> {
+        let mut buf = std::mem::take(&mut self.scratch);
+        buf.clear();
+        let mut l = line::Line::new(&mut buf);
+        fill(
+            &mut l,
+            &mut JsonParts {
+                times: &mut self.times,
+                cgroups: &mut self.cgroups,
+                reset_reasons: &self.reset_reasons,
+            },
+        );
+        l.end();
+        buf.push(b'\n');
+        let written = self.out.write_all(&buf);
+        self.scratch = buf;
+        written
+    }
+
     /// Are transitions written (`--events transitions|all`)?
     pub fn writes_transitions(&self) -> bool {
         self.events.transitions()
@@ -265,16 +289,13 @@ impl<W: RecordWrite> Output<W> {
         }
         let from_kernel = t.source == Source::Tracepoint;
         match self.format {
-            Format::Json => {
-                let mut buf = std::mem::take(&mut self.scratch);
-                buf.clear();
-                let mut l = line::Line::new(&mut buf);
+            Format::Json => self.write_json(|l, w| {
                 l.plain("type", "transition");
-                self.times.time(&mut l, "time", t.mono_ns);
+                w.times.time(l, "time", t.mono_ns);
                 l.u64("mono_ns", t.mono_ns);
                 l.hex("sock", t.sock);
-                owner_fields(&mut l, owner);
-                l.fields(cgroup_fields(&mut self.cgroups, owner));
+                owner_fields(l, owner);
+                l.fields(cgroup_fields(w.cgroups, owner));
                 if t.task {
                     l.u64("task_pid", t.pid.into());
                     l.u64("task_tid", t.tid.into());
@@ -294,13 +315,8 @@ impl<W: RecordWrite> Output<W> {
                 l.opt_u64("old_state_ns", t.old_state_ns);
                 l.opt_u64("netns", (t.netns != 0).then_some(t.netns.into()));
                 l.plain("source", t.source.name());
-                pids_field(&mut l, "listener_pids", listener_pids);
-                l.end();
-                buf.push(b'\n');
-                let r = self.out.write_all(&buf);
-                self.scratch = buf;
-                r
-            }
+                pids_field(l, "listener_pids", listener_pids);
+            }),
             Format::Table => {
                 if !self.header_done {
                     let header = self.header(TABLE_HEADER);
@@ -367,19 +383,10 @@ impl<W: RecordWrite> Output<W> {
             return writeln!(self.out, "{lead} {line}");
         }
         match self.format {
-            Format::Json => {
-                let mut buf = std::mem::take(&mut self.scratch);
-                buf.clear();
-                let mut l = line::Line::new(&mut buf);
-                l.plain("type", "connection");
-                conn_fields(
-                    &mut l,
-                    c,
-                    cgroup_fields(&mut self.cgroups, &c.owner),
-                    &mut self.times,
-                );
-                self.times.time(&mut l, "start", c.start_ns);
-                self.times.time(&mut l, "end", c.state_since_ns);
+            Format::Json => self.write_json(|l, w| {
+                conn_head(l, "connection", c, w);
+                w.times.time(l, "start", c.start_ns);
+                w.times.time(l, "end", c.state_since_ns);
                 l.u64("duration_ns", c.duration_ns());
                 let mut states = l.object("states");
                 for (state, ns) in c.states() {
@@ -387,15 +394,10 @@ impl<W: RecordWrite> Output<W> {
                 }
                 states.end();
                 l.opt_plain("time_wait_end", time_wait_end);
-                close_fields(l.object("close"), close, &self.reset_reasons);
+                close_fields(l.object("close"), close, w.reset_reasons);
                 l.bool("at_exit", c.cut_at_exit);
-                pids_field(&mut l, "listener_pids", listener_pids);
-                l.end();
-                buf.push(b'\n');
-                let r = self.out.write_all(&buf);
-                self.scratch = buf;
-                r
-            }
+                pids_field(l, "listener_pids", listener_pids);
+            }),
             Format::Table => {
                 let states: Vec<String> = c
                     .states()
@@ -444,28 +446,14 @@ impl<W: RecordWrite> Output<W> {
             return Ok(());
         }
         match self.format {
-            Format::Json => {
-                let mut buf = std::mem::take(&mut self.scratch);
-                buf.clear();
-                let mut l = line::Line::new(&mut buf);
-                l.plain("type", "close");
-                conn_fields(
-                    &mut l,
-                    c,
-                    cgroup_fields(&mut self.cgroups, &c.owner),
-                    &mut self.times,
-                );
-                self.times.time(&mut l, "time", c.state_since_ns);
+            Format::Json => self.write_json(|l, w| {
+                conn_head(l, "close", c, w);
+                w.times.time(l, "time", c.state_since_ns);
                 l.plain("state", c.state.name());
                 l.bool("at_exit", c.cut_at_exit);
-                close_fields(l.object("close"), close, &self.reset_reasons);
-                pids_field(&mut l, "listener_pids", listener_pids);
-                l.end();
-                buf.push(b'\n');
-                let r = self.out.write_all(&buf);
-                self.scratch = buf;
-                r
-            }
+                close_fields(l.object("close"), close, w.reset_reasons);
+                pids_field(l, "listener_pids", listener_pids);
+            }),
             Format::Table => {
                 if !self.header_done {
                     let header = if self.events == EventsMode::Closes {
@@ -837,6 +825,19 @@ fn cgroup_fields<'a>(cgroups: &'a mut Option<Cgroups>, owner: &Option<Owner>) ->
         Some(c) => c.json_fields(owner),
         None => crate::track::containers::NULL_CGROUP_FIELDS,
     }
+}
+
+/// What the JSON records' fields are written with, besides the record.
+struct JsonParts<'a> {
+    times: &'a mut line::Times,
+    cgroups: &'a mut Option<Cgroups>,
+    reset_reasons: &'a ResetReasons,
+}
+
+/// A connection-level record's `type` and the fields they all share.
+fn conn_head(l: &mut line::Line<'_>, ty: &str, c: &Connection, w: &mut JsonParts<'_>) {
+    l.plain("type", ty);
+    conn_fields(l, c, cgroup_fields(w.cgroups, &c.owner), w.times);
 }
 
 /// The fields every connection-level record shares (`ConnFields`).

@@ -491,39 +491,16 @@ impl ReuseportServer {
         unsafe {
             assert_eq!(libc::pipe2(ctl.as_mut_ptr(), libc::O_CLOEXEC), 0);
             assert_eq!(libc::pipe2(ports.as_mut_ptr(), libc::O_CLOEXEC), 0);
-            let mut addr: libc::sockaddr_in = std::mem::zeroed();
-            addr.sin_family = libc::AF_INET as u16;
-            addr.sin_port = port.to_be();
-            addr.sin_addr.s_addr = u32::from_ne_bytes([127, 0, 0, 1]);
+            let addr = loopback_sockaddr(port);
             let pid = libc::fork();
             assert!(pid >= 0, "fork");
             if pid == 0 {
-                let ctl_rx = libc::fcntl(ctl[0], libc::F_DUPFD, 1000);
-                let ports_tx = libc::fcntl(ports[1], libc::F_DUPFD, 1000);
-                libc::dup2(ctl_rx, 3);
-                libc::dup2(ports_tx, 4);
-                libc::syscall(libc::SYS_close_range, 5u32, u32::MAX, 0u32);
+                // The control pipe as fd 3, the ports pipe as fd 4.
+                keep_only_fds(&[ctl[0], ports[1]]);
                 // Listens once told to (its pid is known first).
                 let mut go = [0u8; 1];
                 libc::read(3, go.as_mut_ptr().cast(), 1);
-                let one: libc::c_int = 1;
-                let mut s = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
-                libc::setsockopt(
-                    s,
-                    libc::SOL_SOCKET,
-                    libc::SO_REUSEPORT,
-                    (&one as *const i32).cast(),
-                    4,
-                );
-                if libc::bind(
-                    s,
-                    (&addr as *const libc::sockaddr_in).cast(),
-                    size_of::<libc::sockaddr_in>() as u32,
-                ) != 0
-                    || libc::listen(s, 64) != 0
-                {
-                    libc::_exit(2);
-                }
+                let mut s = listen_or_exit(&addr, libc::SO_REUSEPORT, 64);
                 loop {
                     let mut fds = [
                         libc::pollfd {

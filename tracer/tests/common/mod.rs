@@ -288,6 +288,70 @@ pub(crate) fn conversation(addr: SocketAddr, hold: Duration, close: Ending) -> S
     client_addr
 }
 
+/// 127.0.0.1:`port`, prepared before a fork (the child makes system calls
+/// only: the test harness is multi-threaded).
+pub(crate) fn loopback_sockaddr(port: u16) -> libc::sockaddr_in {
+    // SAFETY: sockaddr_in is plain old data; all zeroes is valid.
+    let mut addr: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+    addr.sin_family = libc::AF_INET as u16;
+    addr.sin_port = port.to_be();
+    addr.sin_addr.s_addr = u32::from_ne_bytes([127, 0, 0, 1]);
+    addr
+}
+
+/// In a forked child: `fds` become fds 3, 4, ... and every other fd above 2
+/// is closed. The fork copied every fd of the test process, including
+/// sockets of tests running on other threads, which would then count the
+/// child among their holders.
+///
+/// # Safety
+/// Only in a forked child, whose other fds it closes.
+pub(crate) unsafe fn keep_only_fds(fds: &[i32]) {
+    // Out of the way first, so that one already at 3 or 4 is not lost.
+    let mut moved = [-1i32; 8];
+    for (i, &fd) in fds.iter().enumerate() {
+        // SAFETY: plain system calls.
+        moved[i] = unsafe { libc::fcntl(fd, libc::F_DUPFD, 1000 + i as i32) };
+    }
+    for (i, &fd) in moved.iter().take(fds.len()).enumerate() {
+        // SAFETY: plain system call.
+        unsafe { libc::dup2(fd, 3 + i as i32) };
+    }
+    // SAFETY: plain system call.
+    unsafe { libc::syscall(libc::SYS_close_range, 3 + fds.len() as u32, u32::MAX, 0u32) };
+}
+
+/// In a forked child: a TCP socket listening on `addr` with `option`
+/// (`SO_REUSEADDR`, `SO_REUSEPORT`) set; the child exits with 2 if it
+/// cannot listen.
+///
+/// # Safety
+/// Only in a forked child (it may `_exit`).
+pub(crate) unsafe fn listen_or_exit(addr: &libc::sockaddr_in, option: i32, backlog: i32) -> i32 {
+    let one: libc::c_int = 1;
+    // SAFETY: plain system calls on valid pointers.
+    unsafe {
+        let s = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        libc::setsockopt(
+            s,
+            libc::SOL_SOCKET,
+            option,
+            (&one as *const i32).cast(),
+            size_of::<libc::c_int>() as u32,
+        );
+        if libc::bind(
+            s,
+            (addr as *const libc::sockaddr_in).cast(),
+            size_of::<libc::sockaddr_in>() as u32,
+        ) != 0
+            || libc::listen(s, backlog) != 0
+        {
+            libc::_exit(2);
+        }
+        s
+    }
+}
+
 /// What a forked server does with the connection it accepts.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub(crate) enum ServerMode {
@@ -335,45 +399,17 @@ impl ForkedServer {
         // async-signal-safe calls on data prepared before the fork.
         unsafe {
             assert_eq!(libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC), 0);
-            let mut addr: libc::sockaddr_in = std::mem::zeroed();
-            addr.sin_family = libc::AF_INET as u16;
-            addr.sin_port = port.to_be();
-            addr.sin_addr.s_addr = u32::from_ne_bytes([127, 0, 0, 1]);
+            let addr = loopback_sockaddr(port);
             let pid = libc::fork();
             assert!(pid >= 0, "fork");
             if pid == 0 {
-                // Keep only our two pipe ends (as fds 3 and 4): the fork
-                // copied every fd of the test process, including sockets
-                // of tests running on other threads, which would then
-                // count this server among their holders.
-                let go_rx = libc::fcntl(go[0], libc::F_DUPFD, 1000);
-                let fd_tx = libc::fcntl(pipe[1], libc::F_DUPFD, 1000);
-                libc::dup2(go_rx, 3);
-                libc::dup2(fd_tx, 4);
-                libc::syscall(libc::SYS_close_range, 5u32, u32::MAX, 0u32);
+                keep_only_fds(&[go[0], pipe[1]]);
                 let (go, pipe) = ([3, -1], [-1, 4]);
                 // A name of its own, for the --comm filter's tests.
                 libc::prctl(libc::PR_SET_NAME, SERVER_COMM.as_ptr());
                 let mut b = [0u8; 1];
                 libc::read(go[0], b.as_mut_ptr().cast(), 1);
-                let one: libc::c_int = 1;
-                let s = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
-                libc::setsockopt(
-                    s,
-                    libc::SOL_SOCKET,
-                    libc::SO_REUSEADDR,
-                    (&one as *const i32).cast(),
-                    4,
-                );
-                if libc::bind(
-                    s,
-                    (&addr as *const libc::sockaddr_in).cast(),
-                    size_of::<libc::sockaddr_in>() as u32,
-                ) != 0
-                    || libc::listen(s, 8) != 0
-                {
-                    libc::_exit(2);
-                }
+                let s = listen_or_exit(&addr, libc::SO_REUSEADDR, 8);
                 let c = libc::accept(s, std::ptr::null_mut(), std::ptr::null_mut());
                 let fd = c as u32;
                 libc::write(pipe[1], (&fd as *const u32).cast(), 4);
@@ -451,36 +487,14 @@ impl PreforkServer {
         // async-signal-safe calls on data prepared before the fork.
         unsafe {
             assert_eq!(libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC), 0);
-            let mut addr: libc::sockaddr_in = std::mem::zeroed();
-            addr.sin_family = libc::AF_INET as u16;
-            addr.sin_port = port.to_be();
-            addr.sin_addr.s_addr = u32::from_ne_bytes([127, 0, 0, 1]);
+            let addr = loopback_sockaddr(port);
             let master = libc::fork();
             assert!(master >= 0, "fork");
             if master == 0 {
-                // Only the pipe's write end, as fd 3 (see ForkedServer).
-                let tx = libc::fcntl(pipe[1], libc::F_DUPFD, 1000);
-                libc::dup2(tx, 3);
-                libc::syscall(libc::SYS_close_range, 4u32, u32::MAX, 0u32);
+                // Only the pipe's write end, as fd 3.
+                keep_only_fds(&[pipe[1]]);
                 libc::prctl(libc::PR_SET_NAME, SERVER_COMM.as_ptr());
-                let one: libc::c_int = 1;
-                let s = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
-                libc::setsockopt(
-                    s,
-                    libc::SOL_SOCKET,
-                    libc::SO_REUSEADDR,
-                    (&one as *const i32).cast(),
-                    4,
-                );
-                if libc::bind(
-                    s,
-                    (&addr as *const libc::sockaddr_in).cast(),
-                    size_of::<libc::sockaddr_in>() as u32,
-                ) != 0
-                    || libc::listen(s, 8) != 0
-                {
-                    libc::_exit(2);
-                }
+                let s = listen_or_exit(&addr, libc::SO_REUSEADDR, 8);
                 let worker = libc::fork();
                 if worker == 0 {
                     let pid = libc::getpid() as u32;

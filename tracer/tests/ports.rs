@@ -36,6 +36,19 @@ fn listed_counts(port: u16) -> (usize, usize) {
     (all, time_wait)
 }
 
+/// In the test's own namespace: the ephemeral port range narrowed to
+/// [`RANGE`], and a listener on 127.0.0.1 at a test port outside it.
+fn narrowed_namespace() -> (SocketAddr, TcpListener) {
+    netns_sysctl(
+        "net.ipv4.ip_local_port_range",
+        &format!("{} {}", RANGE.0, RANGE.1),
+    );
+    let port = test_port();
+    assert!(!(RANGE.0..=RANGE.1).contains(&port));
+    let server = SocketAddr::from(([127, 0, 0, 1], port));
+    (server, TcpListener::bind(server).unwrap())
+}
+
 fn pressure_records(lines: &[String]) -> Vec<Value> {
     of_type(lines, "port_pressure")
 }
@@ -83,14 +96,8 @@ fn reuse_and_let_server_close(listener: &TcpListener, server: SocketAddr, lport:
 #[test]
 fn port_pressure_at_the_threshold_and_back_below() {
     in_netns(|| {
-        netns_sysctl(
-            "net.ipv4.ip_local_port_range",
-            &format!("{} {}", RANGE.0, RANGE.1),
-        );
-        let port = test_port();
-        assert!(!(RANGE.0..=RANGE.1).contains(&port));
-        let server = SocketAddr::from(([127, 0, 0, 1], port));
-        let listener = TcpListener::bind(server).unwrap();
+        let (server, listener) = narrowed_namespace();
+        let port = server.port();
         let port_arg = port.to_string();
         let run = Running::start(&[
             "--output",
@@ -191,13 +198,8 @@ fn port_pressure_at_the_threshold_and_back_below() {
 #[test]
 fn destinations_still_above_are_listed_at_exit_and_summarized() {
     in_netns(|| {
-        netns_sysctl(
-            "net.ipv4.ip_local_port_range",
-            &format!("{} {}", RANGE.0, RANGE.1),
-        );
-        let port = test_port();
-        let server = SocketAddr::from(([127, 0, 0, 1], port));
-        let listener = TcpListener::bind(server).unwrap();
+        let (server, listener) = narrowed_namespace();
+        let port = server.port();
         let port_arg = port.to_string();
         let run = Running::start(&[
             "--output",
@@ -251,13 +253,8 @@ fn destinations_still_above_are_listed_at_exit_and_summarized() {
 #[test]
 fn timewait_sockets_older_than_the_tracer_count_until_reused() {
     in_netns(|| {
-        netns_sysctl(
-            "net.ipv4.ip_local_port_range",
-            &format!("{} {}", RANGE.0, RANGE.1),
-        );
-        let port = test_port();
-        let server = SocketAddr::from(([127, 0, 0, 1], port));
-        let listener = TcpListener::bind(server).unwrap();
+        let (server, listener) = narrowed_namespace();
+        let port = server.port();
         let lports: Vec<u16> = (0..20).map(|_| client_first(&listener, server)).collect();
         let start = Instant::now();
         while listed_counts(port) != (20, 20) {

@@ -202,7 +202,12 @@ fn a_signal_under_load_stops_with_the_stats_record() {
             .collect();
         // Only the first load's port is traced; the second adds CPU load.
         let mut got = Vec::new();
-        run.read_until(&mut got, "connection records", |l| l.len() > 1_000);
+        // The guests' emulated CPUs (shared with the host's other work)
+        // may take several times the host's deadline to make them.
+        let deadline = if in_guest() { 4 * DEADLINE } else { DEADLINE };
+        run.read_until_within(&mut got, "connection records", deadline, |l| {
+            l.len() > 1_000
+        });
         let signalled = Instant::now();
         run.signal(libc::SIGTERM);
         let (code, rest, _) = run.finish();

@@ -19,7 +19,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use crate::{
     clock::monotonic_ns,
-    kernel::events::{Comm, Family, TcpState},
+    kernel::events::{Family, TcpState},
     track::diag::{state_bit, DiagSocket, Queues},
     track::netns::Namespaces,
     track::ports::PortRange,
@@ -349,19 +349,12 @@ impl State {
             .zip(found)
             .filter_map(|(id, (c, holders, _))| {
                 let uid = c.owner.map_or(0, |o| o.uid);
-                let owners: Vec<Owner> = holders
-                    .iter()
-                    .map(|h| Owner {
-                        pid: h.pid,
-                        comm: Comm::from_name(&h.comm),
-                        uid,
-                        cgroup: *cgroups
-                            .entry(h.pid)
-                            .or_insert_with(|| crate::track::containers::id_of_pid(h.pid)),
-                        container: None,
-                    })
-                    .collect();
-                Some((id, c, Owner::common(&owners)?))
+                let owner = Owner::of_holders(&holders, uid, |pid| {
+                    *cgroups
+                        .entry(pid)
+                        .or_insert_with(|| crate::track::containers::id_of_pid(pid))
+                })?;
+                Some((id, c, owner))
             })
             .collect();
         (owners, errors)

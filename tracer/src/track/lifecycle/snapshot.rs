@@ -6,10 +6,10 @@ use std::collections::{HashMap, HashSet};
 use super::Lifecycle;
 use crate::{
     clock::monotonic_ns,
-    kernel::events::{Comm, Family, TcpState},
+    kernel::events::{Family, TcpState},
     kernel::filters::Filters,
     track::diag::{state_bit, DiagSocket, ALL_STATES},
-    track::procfs::{self, Holder},
+    track::procfs,
     track::tracker::{Connection, Owner, Tracker, TupleKey},
 };
 
@@ -84,14 +84,7 @@ impl Lifecycle {
             }
         }
         for (inum, s) in old_timewait {
-            let key = TupleKey {
-                netns: if netns_known { inum } else { 0 },
-                family: s.family,
-                laddr: s.laddr,
-                lport: s.lport,
-                raddr: s.raddr,
-                rport: s.rport,
-            };
+            let key = key_of(inum, &s, netns_known);
             if filters.keeps_socket(&key, inum, &[]) {
                 let expires = s.read_ns + u64::from(s.expires_ms) * 1_000_000;
                 tracker.add_old_timewait(key, expires);
@@ -115,15 +108,7 @@ impl Lifecycle {
             .collect();
         for (inum, s) in found {
             let Some(state) = s.state else { continue };
-            let key = TupleKey {
-                // Without kernel offsets events carry netns 0; so must keys.
-                netns: if netns_known { inum } else { 0 },
-                family: s.family,
-                laddr: s.laddr,
-                lport: s.lport,
-                raddr: s.raddr,
-                rport: s.rport,
-            };
+            let key = key_of(inum, &s, netns_known);
             let held_by = holders.get(&s.inode).map(Vec::as_slice).unwrap_or(&[]);
             // The owner filter's verdict on a listener goes to the kernel,
             // whatever the other filters say of the listener itself.
@@ -137,7 +122,9 @@ impl Lifecycle {
                 continue;
             }
             snap.sockets += 1;
-            let owner = common_owner(held_by, s.uid, &cgroups);
+            let owner = Owner::of_holders(held_by, s.uid, |pid| {
+                cgroups.get(&pid).copied().unwrap_or(0)
+            });
             let mut pids: Vec<u32> = held_by.iter().map(|h| h.pid).collect();
             pids.dedup();
             tracker.add_snapshot(
@@ -169,26 +156,23 @@ impl Lifecycle {
     }
 }
 
-/// The owner of a socket that `holders` hold ([`Owner::common`]: a
-/// prefork server's listener, held by a master and its workers, is owned
-/// by their comm).
-fn common_owner(holders: &[Holder], uid: u32, cgroups: &HashMap<u32, u64>) -> Option<Owner> {
-    let owners: Vec<Owner> = holders
-        .iter()
-        .map(|h| Owner {
-            pid: h.pid,
-            comm: Comm::from_name(&h.comm),
-            uid,
-            cgroup: cgroups.get(&h.pid).copied().unwrap_or(0),
-            container: None,
-        })
-        .collect();
-    Owner::common(&owners)
+/// A snapshot socket's key, as events key it (netns 0 without kernel
+/// offsets: events then carry 0).
+fn key_of(inum: u32, s: &DiagSocket, netns_known: bool) -> TupleKey {
+    TupleKey {
+        netns: if netns_known { inum } else { 0 },
+        family: s.family,
+        laddr: s.laddr,
+        lport: s.lport,
+        raddr: s.raddr,
+        rport: s.rport,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::track::procfs::Holder;
 
     #[test]
     fn one_holder_is_the_owner_several_share_their_comm() {
@@ -198,7 +182,8 @@ mod tests {
             fd,
         };
         let of = |holders: &[Holder]| {
-            common_owner(holders, 7, &HashMap::from([(5, 9), (6, 9)]))
+            let cgroups = HashMap::from([(5, 9), (6, 9)]);
+            Owner::of_holders(holders, 7, |pid| cgroups[&pid])
                 .map(|o| (o.pid, o.comm.as_str().into_owned(), o.uid, o.cgroup))
         };
         assert_eq!(

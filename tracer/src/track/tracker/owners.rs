@@ -42,6 +42,27 @@ impl Owner {
         (self.pid != 0).then_some(self.pid)
     }
 
+    /// The owner of a socket that `holders` hold ([`Owner::common`]: a
+    /// prefork server's listener, held by a master and its workers, is
+    /// owned by their comm), with `uid` and each holder's cgroup.
+    pub fn of_holders(
+        holders: &[crate::track::procfs::Holder],
+        uid: u32,
+        mut cgroup_of: impl FnMut(u32) -> u64,
+    ) -> Option<Owner> {
+        let owners: Vec<Owner> = holders
+            .iter()
+            .map(|h| Owner {
+                pid: h.pid,
+                comm: Comm::from_name(&h.comm),
+                uid,
+                cgroup: cgroup_of(h.pid),
+                container: None,
+            })
+            .collect();
+        Owner::common(&owners)
+    }
+
     /// What several owners have in common: the one owner if they are all
     /// the same process, their comm (pid unknown) if they share it, else
     /// nothing. The uid and cgroup are kept where they agree.

@@ -191,6 +191,17 @@ impl<W: RecordWrite> Output<W> {
     }
 
     /// A table header, with the CGROUP column under `-w`.
+    /// The table's header line, before its first line.
+    fn table_header(&mut self, header: &str) -> io::Result<()> {
+        if self.header_done {
+            return Ok(());
+        }
+        let header = self.header(header);
+        writeln!(self.out, "{header}")?;
+        self.header_done = true;
+        Ok(())
+    }
+
     fn header(&self, header: &str) -> String {
         if self.wide {
             header.replacen(
@@ -318,11 +329,7 @@ impl<W: RecordWrite> Output<W> {
                 pids_field(l, "listener_pids", listener_pids);
             }),
             Format::Table => {
-                if !self.header_done {
-                    let header = self.header(TABLE_HEADER);
-                    writeln!(self.out, "{header}")?;
-                    self.header_done = true;
-                }
+                self.table_header(TABLE_HEADER)?;
                 let ms = match t.old_state_ns {
                     Some(ns) => format!("{:.3}", ns as f64 / 1e6),
                     None => "-".to_string(),
@@ -373,11 +380,7 @@ impl<W: RecordWrite> Output<W> {
             if !c.close_written_early {
                 return Ok(());
             }
-            if !self.header_done {
-                let header = self.header(CLOSES_HEADER);
-                writeln!(self.out, "{header}")?;
-                self.header_done = true;
-            }
+            self.table_header(CLOSES_HEADER)?;
             let lead = self.conn_lead(c);
             let line = close_summary(close, time_wait_end, &self.reset_reasons);
             return writeln!(self.out, "{lead} {line}");
@@ -455,16 +458,11 @@ impl<W: RecordWrite> Output<W> {
                 pids_field(l, "listener_pids", listener_pids);
             }),
             Format::Table => {
-                if !self.header_done {
-                    let header = if self.events == EventsMode::Closes {
-                        CLOSES_HEADER
-                    } else {
-                        TABLE_HEADER
-                    };
-                    let header = self.header(header);
-                    writeln!(self.out, "{header}")?;
-                    self.header_done = true;
-                }
+                self.table_header(if self.events == EventsMode::Closes {
+                    CLOSES_HEADER
+                } else {
+                    TABLE_HEADER
+                })?;
                 let lead = self.conn_lead(c);
                 let label = if self.events == EventsMode::All {
                     "CLOSE "

@@ -224,8 +224,9 @@ fn a_signal_under_load_stops_with_the_stats_record() {
         // A generous bound: this is a test of stopping at all, not a
         // measurement (the bench measures the time: 0.2-0.3 s). The
         // emulated guests run a debug build several times slower, and
-        // write the connections cut at exit (thousands in TIME_WAIT) too.
-        let bound = Duration::from_secs(if in_guest() { 15 } else { 5 });
+        // write the connections cut at exit (thousands in TIME_WAIT) too:
+        // 21.5 s was seen in the arm64 guest.
+        let bound = Duration::from_secs(if in_guest() { 40 } else { 5 });
         assert!(took < bound, "took {took:?}");
     });
 }

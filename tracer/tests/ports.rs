@@ -38,7 +38,12 @@ fn listed_counts(port: u16) -> (usize, usize) {
 
 /// In the test's own namespace: the ephemeral port range narrowed to
 /// [`RANGE`], and a listener on 127.0.0.1 at a test port outside it.
+/// Timewait sockets are not reused (`tcp_tw_reuse` 0) until a test says
+/// so: the default (2) reuses loopback ones a second after they were
+/// made, which a slow machine (the emulated guests) reaches while it is
+/// still making the test's connections.
 fn narrowed_namespace() -> (SocketAddr, TcpListener) {
+    netns_sysctl("net.ipv4.tcp_tw_reuse", "0");
     netns_sysctl(
         "net.ipv4.ip_local_port_range",
         &format!("{} {}", RANGE.0, RANGE.1),

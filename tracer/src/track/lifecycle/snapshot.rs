@@ -125,8 +125,12 @@ impl Lifecycle {
             let owner = Owner::of_holders(held_by, s.uid, |pid| {
                 cgroups.get(&pid).copied().unwrap_or(0)
             });
-            let mut pids: Vec<u32> = held_by.iter().map(|h| h.pid).collect();
-            pids.dedup();
+            // Only a listener's holders are kept (`listener_pids`).
+            let mut pids: Vec<u32> = Vec::new();
+            if state == TcpState::Listen {
+                pids.extend(held_by.iter().map(|h| h.pid));
+                pids.dedup();
+            }
             tracker.add_snapshot(
                 Connection::from_snapshot(key, state, now, s.inode, owner),
                 &pids,

@@ -50,25 +50,21 @@ impl Owner {
         uid: u32,
         mut cgroup_of: impl FnMut(u32) -> u64,
     ) -> Option<Owner> {
-        let owners: Vec<Owner> = holders
-            .iter()
-            .map(|h| Owner {
-                pid: h.pid,
-                comm: Comm::from_name(&h.comm),
-                uid,
-                cgroup: cgroup_of(h.pid),
-                container: None,
-            })
-            .collect();
-        Owner::common(&owners)
+        Owner::common(holders.iter().map(|h| Owner {
+            pid: h.pid,
+            comm: Comm::from_name(&h.comm),
+            uid,
+            cgroup: cgroup_of(h.pid),
+            container: None,
+        }))
     }
 
     /// What several owners have in common: the one owner if they are all
     /// the same process, their comm (pid unknown) if they share it, else
     /// nothing. The uid and cgroup are kept where they agree.
-    pub fn common<'a>(owners: impl IntoIterator<Item = &'a Owner>) -> Option<Owner> {
+    pub fn common(owners: impl IntoIterator<Item = Owner>) -> Option<Owner> {
         let mut owners = owners.into_iter();
-        let mut common = *owners.next()?;
+        let mut common = owners.next()?;
         for o in owners {
             if o.comm != common.comm {
                 return None;
@@ -174,7 +170,7 @@ impl Listeners {
             let o = l.owner?;
             common = Some(match common {
                 None => o,
-                Some(c) => Owner::common([&c, &o])?,
+                Some(c) => Owner::common([c, o])?,
             });
         }
         common

@@ -108,6 +108,9 @@ impl<W: RecordWrite> Pipeline<W> {
         if let Some(id) = outcome.handshake_done {
             self.handshake_done(id)?;
         }
+        if let Some(id) = outcome.handed_over {
+            self.resets.handed_over(id, t.sock, t.mono_ns);
+        }
         for &id in &outcome.closed {
             self.close(id)?;
         }

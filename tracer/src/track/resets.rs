@@ -30,6 +30,19 @@ use crate::{
 pub const MAX_PENDING: usize = 4096;
 /// How long a reset of an unknown socket waits for its connection.
 pub const PENDING_TTL_NS: u64 = 5_000_000_000;
+/// Hand-overs to a timewait socket remembered for an abort's reset: it
+/// follows its `-> CLOSE` at once, so only closes on other CPUs in
+/// between can push it out.
+const RECENT_HANDOVERS: usize = 16;
+
+/// A connection that went on in a timewait socket (as the tracepoint
+/// shows it), by the socket address it had.
+#[derive(Clone, Copy, Debug)]
+struct Handover {
+    sock: u64,
+    id: SlotId,
+    at_ns: u64,
+}
 
 #[derive(Clone, Copy, Debug, Default)]
 struct Pending {
@@ -57,6 +70,10 @@ pub struct Resets {
     /// check no join walks the table).
     pub examined: u64,
     pending: HashMap<u64, Pending>,
+    /// The latest hand-overs, oldest overwritten first: a ring, not a map,
+    /// so that an active close costs no hashing.
+    handovers: [Option<Handover>; RECENT_HANDOVERS],
+    next_handover: usize,
     /// Resets of sockets never joined to a connection the tracer reports.
     pub unmatched: u64,
     /// Resets joined to a connection.
@@ -100,6 +117,13 @@ impl Resets {
         };
         let conn = match held {
             Some(id) => Some(tracker.conn_mut(id)),
+            None if after_close => match self.handover_of(r) {
+                // An abort from FIN_WAIT2: the tracker took its `-> CLOSE`
+                // for a hand-over and waits for a timewait socket that
+                // never comes; the reset is its all the same.
+                Some(id) => tracker.waiting_timewait_mut(id, r.sock),
+                None => tracker.get_mut(r.sock),
+            },
             None => tracker.get_mut(r.sock),
         };
         if let Some(c) = conn {
@@ -123,6 +147,27 @@ impl Resets {
         });
         add(&mut p.sent, &mut p.received, &mut p.reasons, r);
         p.aborts += u32::from(after_close);
+    }
+
+    /// The tracker saw connection `id` (socket `sock`) go on in a timewait
+    /// socket at `at_ns`.
+    pub fn handed_over(&mut self, id: SlotId, sock: u64, at_ns: u64) {
+        if !self.enabled {
+            return;
+        }
+        self.handovers[self.next_handover] = Some(Handover { sock, id, at_ns });
+        self.next_handover = (self.next_handover + 1) % RECENT_HANDOVERS;
+    }
+
+    /// The recent hand-over an abort's reset `r` follows, if any.
+    fn handover_of(&self, r: &Reset) -> Option<SlotId> {
+        self.handovers
+            .iter()
+            .flatten()
+            .find(|h| {
+                h.sock == r.sock && h.at_ns <= r.mono_ns && r.mono_ns <= h.at_ns + RESET_GRACE_NS
+            })
+            .map(|h| h.id)
     }
 
     /// A connection the tracker ended (slot `id`): true if it can be
@@ -395,6 +440,50 @@ mod tests {
         assert!(r.closed(id, &mut t));
         assert_eq!(t.conn(id).close.rst_sent, 1);
         assert_eq!((r.joined, r.unmatched), (1, 0));
+    }
+
+    /// The same abort, its hand-over told: the reset joins at once, so a
+    /// timewait poll that decides `not_found` long after (polls stretch
+    /// on a busy host) still finds it, after unknown resets expired.
+    #[test]
+    fn an_abort_from_fin_wait2_joins_at_once_whenever_its_end_is_decided() {
+        let mut t = Tracker::new(8);
+        let mut r = Resets::new(true);
+        t.on_transition(&tr(0, 5, Close, SynSent));
+        t.on_transition(&tr(1, 5, SynSent, Established));
+        t.on_transition(&tr(2, 5, Established, FinWait1));
+        t.on_transition(&tr(3, 5, FinWait1, FinWait2));
+        let out = t.on_transition(&tr(4, 5, FinWait2, Close));
+        let id = out
+            .handed_over
+            .expect("a hand-over, as the tracepoint shows it");
+        r.handed_over(id, 5, 4 * MS);
+        // Other sockets' hand-overs and a reset of another socket between.
+        for sock in 10..12 {
+            // On 4-tuples of their own.
+            let on = |old, new| Transition {
+                lport: 40_000 + sock as u16,
+                ..tr(4, sock, old, new)
+            };
+            t.on_transition(&on(Close, SynSent));
+            t.on_transition(&on(SynSent, Established));
+            t.on_transition(&on(Established, FinWait1));
+            t.on_transition(&on(FinWait1, FinWait2));
+            let o = t.on_transition(&on(FinWait2, Close));
+            r.handed_over(o.handed_over.unwrap(), sock, 4 * MS);
+        }
+        r.reset(&reset(4, 5, ResetDirection::Sent), &mut t);
+        assert_eq!(t.conn(id).close.rst_sent, 1);
+        assert_eq!(r.joined, 1);
+        r.expire_pending(4 * MS + 2 * PENDING_TTL_NS);
+        t.end_timewait(id, 12_000 * MS, TimewaitEnd::NotFound, Source::SockDiag);
+        assert!(r.closed(id, &mut t));
+        assert_eq!(t.conn(id).close.rst_sent, 1);
+        assert_eq!((r.joined, r.unmatched), (1, 0));
+        // A reset sent after CLOSE at the address but past the grace is
+        // not the abort's.
+        r.reset(&reset(40, 10, ResetDirection::Sent), &mut t);
+        assert_eq!(r.joined, 1);
     }
 
     #[test]

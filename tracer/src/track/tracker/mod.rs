@@ -84,6 +84,9 @@ pub struct Outcome {
     /// (a simultaneous close, CLOSING -> CLOSE): its close handshake is
     /// over now.
     pub handshake_done: Option<SlotId>,
+    /// The connection went on in a timewait socket (or so the tracepoint
+    /// shows it: an abort from FIN_WAIT2 looks the same until its reset).
+    pub handed_over: Option<SlotId>,
 }
 
 pub struct Tracker {
@@ -381,6 +384,7 @@ impl Tracker {
                 if t.old == TcpState::Closing {
                     out.handshake_done = Some(id);
                 }
+                out.handed_over = Some(id);
                 let key = conn.key();
                 self.set_phase(id, Phase::Timewait);
                 if let Some(old) = self.timewait.insert(&key, id) {
@@ -673,6 +677,13 @@ impl Tracker {
 
     pub fn get(&self, sock: u64) -> Option<&Connection> {
         self.by_sock.get(&sock).map(|&id| self.slab.get(id))
+    }
+
+    /// The connection in slot `id` if it still waits for the timewait
+    /// socket that took over from socket `sock`.
+    pub fn waiting_timewait_mut(&mut self, id: SlotId, sock: u64) -> Option<&mut Connection> {
+        let waiting = self.slab.phase(id) == Phase::Timewait && self.slab.get(id).sock == sock;
+        waiting.then(|| self.slab.get_mut(id))
     }
 
     pub fn get_mut(&mut self, sock: u64) -> Option<&mut Connection> {

@@ -38,6 +38,7 @@ pub(crate) mod netns;
 mod nginx;
 mod plan;
 pub(crate) mod procfs;
+mod pty;
 mod record;
 pub(crate) mod report;
 mod runs;
@@ -108,7 +109,7 @@ pub(crate) struct BenchArgs {
     #[arg(long)]
     pub smoke: bool,
     /// Only these subjects (comma-separated): tracer-json,
-    /// tracer-connections, tracer-none, floor, tcpstates, tcplife.
+    /// tracer-connections, tracer-none, tracer-top, floor, tcpstates, tcplife.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Leave out libbpf-tools' tcpstates and tcplife (the floor stays: it

@@ -49,7 +49,8 @@ pub(super) fn plan(args: &BenchArgs) -> Result<Plan> {
         v
     };
     if args.smoke && args.only.is_empty() {
-        subjects.retain(|s| s.is_tracer());
+        // The live view is left out: it proves nothing the others do not.
+        subjects.retain(|s| s.is_tracer() && *s != Subject::TracerTop);
     }
     if args.no_peers {
         subjects.retain(|s| !s.is_peer());
@@ -144,11 +145,13 @@ mod tests {
         assert_eq!(p.loads.len(), 1);
         assert_eq!(p.loads[0].kind, LoadKind::Churn);
         assert!(p.subjects.iter().all(|s| s.is_tracer()));
+        assert!(!p.subjects.contains(&Subject::TracerTop));
         let p = plan(&Cli::parse_from(["x", "--only", "tcplife,tracer-none"]).bench).unwrap();
         assert_eq!(p.subjects, vec![Subject::Tcplife, Subject::TracerNone]);
         assert!(plan(&Cli::parse_from(["x", "--only", "perf"]).bench).is_err());
         let p = plan(&Cli::parse_from(["x"]).bench).unwrap();
-        assert_eq!(p.subjects.len(), 6);
+        assert_eq!(p.subjects.len(), 7);
+        assert!(p.subjects.contains(&Subject::TracerTop));
         assert!(p.subjects.contains(&Subject::Floor));
         let p = plan(&Cli::parse_from(["x", "--no-peers"]).bench).unwrap();
         assert_eq!(
@@ -157,6 +160,7 @@ mod tests {
                 Subject::TracerJson,
                 Subject::TracerConnections,
                 Subject::TracerNone,
+                Subject::TracerTop,
                 Subject::Floor
             ]
         );

@@ -138,6 +138,34 @@ pub(crate) fn memory_kib(pid: i32) -> (Option<u64>, Option<u64>) {
     }
 }
 
+/// Resident kilobytes of the eBPF maps the process has mapped (its ring
+/// buffer: the kernel's memory, allocated whether or not it is mapped,
+/// counted in its RSS; the data pages twice, as the ring buffer maps them
+/// twice so that a record can wrap around).
+pub(crate) fn mapped_bpf_maps_kib(pid: i32) -> Option<u64> {
+    fs::read_to_string(format!("/proc/{pid}/smaps"))
+        .ok()
+        .map(|s| parse_smaps_bpf_maps_kib(&s))
+}
+
+pub(crate) fn parse_smaps_bpf_maps_kib(smaps: &str) -> u64 {
+    let mut in_map = false;
+    let mut kib = 0;
+    for line in smaps.lines() {
+        let mut fields = line.split_whitespace();
+        let Some(first) = fields.next() else { continue };
+        if first.contains('-') && first.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+            in_map = line.contains("bpf-map") || line.contains("bpf_map");
+        } else if first == "Rss:" && in_map {
+            kib += fields
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    kib
+}
+
 /// What each of the process's fds is (`anon_inode:bpf-prog`, …).
 pub(crate) fn fd_kinds(pid: i32) -> Vec<(String, String)> {
     let Ok(dir) = fs::read_dir(format!("/proc/{pid}/fd")) else {
@@ -215,6 +243,22 @@ pub(crate) fn programs_of(pid: i32) -> Vec<ProgStats> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bpf_maps_are_summed_from_smaps() {
+        let smaps = "\
+55d0c0000000-55d0c0100000 r-xp 00000000 fd:01 123 /usr/bin/tracer
+Rss:                1024 kB
+7f0000000000-7f0000401000 r--s 00000000 00:0f 9 anon_inode:bpf-map
+Size:               4100 kB
+Rss:                4100 kB
+7f0000401000-7f0000402000 rw-s 00000000 00:0f 9 anon_inode:bpf-map
+Rss:                   4 kB
+7ffd00000000-7ffd00021000 rw-p 00000000 00:00 0 [stack]
+Rss:                  12 kB
+";
+        assert_eq!(parse_smaps_bpf_maps_kib(smaps), 4104);
+    }
 
     #[test]
     fn stat_line_with_spaces_and_parens_in_comm() {

@@ -34,6 +34,9 @@ pub(crate) struct Row {
     pub agent_us_per_event: Option<f64>,
     pub rss_idle_mib: Option<f64>,
     pub rss_peak_mib: Option<f64>,
+    /// Of the RSS: eBPF maps mapped into the process (the kernel's ring
+    /// buffer, its data pages twice).
+    pub rss_maps_mib: Option<f64>,
     pub start_s: Option<Summary>,
     /// SIGINT to exit, after the load.
     pub stop_s: Option<Summary>,
@@ -70,6 +73,7 @@ impl Row {
             "agent_cpu_us_per_event": self.agent_us_per_event,
             "rss_idle_mib": self.rss_idle_mib,
             "rss_peak_mib": self.rss_peak_mib,
+            "rss_maps_mib": self.rss_maps_mib,
             "start_s": s(&self.start_s),
             "stop_s": s(&self.stop_s),
             "noisy": self.noisy(),
@@ -77,7 +81,7 @@ impl Row {
     }
 }
 
-pub(crate) const HEADERS: [&str; 14] = [
+pub(crate) const HEADERS: [&str; 15] = [
     "load",
     "subject",
     "conn/s median [min-max]",
@@ -89,6 +93,7 @@ pub(crate) const HEADERS: [&str; 14] = [
     "kernel ns/ev",
     "agent us/ev",
     "RSS idle/peak MiB",
+    "of it maps",
     "start s",
     "stop s",
     "",
@@ -148,6 +153,7 @@ pub(crate) fn cells(r: &Row, baseline: bool) -> Vec<String> {
             (Some(i), Some(p)) => format!("{i:.1}/{p:.1}"),
             _ => "-".into(),
         },
+        opt(r.rss_maps_mib, |x| format!("{x:.1}")),
         opt(r.start_s.as_ref(), |s| format!("{:.3}", s.median)),
         opt(r.stop_s.as_ref(), |s| format!("{:.3}", s.max)),
         notes.join("; "),
@@ -293,6 +299,7 @@ mod tests {
             agent_us_per_event: Some(1.234),
             rss_idle_mib: Some(4.0),
             rss_peak_mib: Some(9.25),
+            rss_maps_mib: Some(8.0),
             start_s: Summary::of(&[0.1234]),
             stop_s: Summary::of(&[0.004, 0.0456]),
         };
@@ -308,9 +315,10 @@ mod tests {
         assert_eq!(c[8], "512");
         assert_eq!(c[9], "1.23");
         assert_eq!(c[10], "4.0/9.2");
-        assert_eq!(c[11], "0.123");
-        assert_eq!(c[12], "0.046");
-        assert_eq!(c[13], "noisy: spread 30%");
+        assert_eq!(c[11], "8.0");
+        assert_eq!(c[12], "0.123");
+        assert_eq!(c[13], "0.046");
+        assert_eq!(c[14], "noisy: spread 30%");
         let base = cells(
             &Row {
                 name: "baseline".into(),

@@ -25,7 +25,7 @@ use serde_json::{json, Value};
 
 use super::{
     procfs::{self, ProgStats},
-    verify,
+    pty, verify,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -38,6 +38,9 @@ pub(crate) enum Subject {
     /// `--events none --summary`: only the aggregates (the per-state
     /// summary at exit) and the final stats.
     TracerNone,
+    /// `tracer top` drawing on a pseudo-terminal (120 x 40) that the bench
+    /// reads and throws away: the live view's own cost.
+    TracerTop,
     /// The same three modes run by the binary of `--compare-tracer` (an
     /// earlier build), for before/after numbers in one run.
     OtherJson,
@@ -51,11 +54,12 @@ pub(crate) enum Subject {
 }
 
 impl Subject {
-    pub(crate) const ALL: [Subject; 7] = [
+    pub(crate) const ALL: [Subject; 8] = [
         Subject::Baseline,
         Subject::TracerJson,
         Subject::TracerConnections,
         Subject::TracerNone,
+        Subject::TracerTop,
         Subject::Floor,
         Subject::Tcpstates,
         Subject::Tcplife,
@@ -85,6 +89,7 @@ impl Subject {
             Subject::TracerJson => "tracer json>file",
             Subject::TracerConnections => "tracer connections",
             Subject::TracerNone => "tracer none+summary",
+            Subject::TracerTop => "tracer top (pty)",
             Subject::OtherJson => "other json>file",
             Subject::OtherConnections => "other connections",
             Subject::OtherNone => "other none+summary",
@@ -101,6 +106,7 @@ impl Subject {
             Subject::TracerJson => "tracer-json",
             Subject::TracerConnections => "tracer-connections",
             Subject::TracerNone => "tracer-none",
+            Subject::TracerTop => "tracer-top",
             Subject::OtherJson => "other-json",
             Subject::OtherConnections => "other-connections",
             Subject::OtherNone => "other-none",
@@ -117,7 +123,10 @@ impl Subject {
     pub(crate) fn is_tracer(self) -> bool {
         matches!(
             self,
-            Subject::TracerJson | Subject::TracerConnections | Subject::TracerNone
+            Subject::TracerJson
+                | Subject::TracerConnections
+                | Subject::TracerNone
+                | Subject::TracerTop
         ) || self.is_other()
     }
 
@@ -200,10 +209,16 @@ pub(super) struct Running {
     pub start: Duration,
     cpu_at_ready: Duration,
     rss_idle_kib: Option<u64>,
+    rss_maps_kib: Option<u64>,
     stdout: PathBuf,
     stderr: PathBuf,
     /// Spawn to the first byte on its stdout, if seen while waiting.
     first_output: Option<Duration>,
+    /// `tracer top`: the thread that reads its terminal (it writes the
+    /// byte count to `stdout` when the terminal closes).
+    screen: Option<thread::JoinHandle<()>>,
+    /// `tracer top`: its eBPF links so far, and since when that many.
+    links: (usize, Instant),
 }
 
 #[derive(Clone, Debug, Default)]
@@ -214,6 +229,9 @@ pub(super) struct Measured {
     pub cpu_run: Duration,
     pub rss_idle_kib: Option<u64>,
     pub rss_peak_kib: Option<u64>,
+    /// Of its RSS: the eBPF maps it has mapped (the kernel's ring buffer),
+    /// when it was ready.
+    pub rss_maps_kib: Option<u64>,
     pub progs: Vec<ProgStats>,
     /// Events it delivered (tracer: its stats; peers: lines printed).
     pub delivered: Option<u64>,
@@ -274,6 +292,7 @@ impl Measured {
             "cpu_run_s": self.cpu_run.as_secs_f64(),
             "rss_idle_kib": self.rss_idle_kib,
             "rss_peak_kib": self.rss_peak_kib,
+            "rss_maps_kib": self.rss_maps_kib,
             "programs": self.progs.iter().map(ProgStats::to_json).collect::<Vec<_>>(),
             "kernel_run_time_ns": self.kernel_run_time_ns(),
             "kernel_run_cnt": self.kernel_run_cnt(),
@@ -299,7 +318,18 @@ pub(super) fn start(s: Subject, ctx: &Ctx, tool: Option<&Path>) -> Result<Runnin
         .with_context(|| format!("creating {}", ctx.out_dir.display()))?;
     let stdout = ctx.out_dir.join(format!("{}.out", s.key()));
     let stderr = ctx.out_dir.join(format!("{}.err", s.key()));
-    let mut cmd = if s.is_tracer() {
+    let mut pty = None;
+    let mut cmd = if s == Subject::TracerTop {
+        let mut c = Command::new(&ctx.tracer);
+        c.arg("top");
+        for p in &ctx.ports {
+            c.args(["--port", &p.to_string()]);
+        }
+        let (terminal, reader) = pty::open(TOP_COLUMNS, TOP_ROWS)?;
+        pty::attach(&mut c, &terminal)?;
+        pty = Some(reader);
+        c
+    } else if s.is_tracer() {
         let bin = if s.is_other() {
             ctx.other_tracer
                 .as_ref()
@@ -326,9 +356,12 @@ pub(super) fn start(s: Subject, ctx: &Ctx, tool: Option<&Path>) -> Result<Runnin
     } else {
         bail!("the baseline runs nothing");
     };
-    cmd.stdin(Stdio::null())
-        .stdout(File::create(&stdout).with_context(|| format!("creating {}", stdout.display()))?)
-        .stderr(File::create(&stderr).with_context(|| format!("creating {}", stderr.display()))?);
+    if pty.is_none() {
+        cmd.stdin(Stdio::null()).stdout(
+            File::create(&stdout).with_context(|| format!("creating {}", stdout.display()))?,
+        );
+    }
+    cmd.stderr(File::create(&stderr).with_context(|| format!("creating {}", stderr.display()))?);
     let spawned = Instant::now();
     let child = cmd
         .spawn()
@@ -336,6 +369,8 @@ pub(super) fn start(s: Subject, ctx: &Ctx, tool: Option<&Path>) -> Result<Runnin
     let pid = child.id() as i32;
     // Reaped with wait4 below (for its rusage), never through `child`.
     drop(child);
+    // The terminal's output, read and counted until it closes.
+    let screen = pty.map(|reader| pty::drain(reader, stdout.clone()));
     let mut r = Running {
         subject: s,
         pid,
@@ -343,9 +378,12 @@ pub(super) fn start(s: Subject, ctx: &Ctx, tool: Option<&Path>) -> Result<Runnin
         start: Duration::ZERO,
         cpu_at_ready: Duration::ZERO,
         rss_idle_kib: None,
+        rss_maps_kib: None,
         stdout,
         stderr,
         first_output: None,
+        screen,
+        links: (0, Instant::now()),
     };
     loop {
         if r.first_output.is_none() && fs::metadata(&r.stdout).is_ok_and(|m| m.len() > 0) {
@@ -359,7 +397,9 @@ pub(super) fn start(s: Subject, ctx: &Ctx, tool: Option<&Path>) -> Result<Runnin
                 last_line(&r.stderr)
             );
         }
-        let ready = if s.is_tracer() {
+        let ready = if s == Subject::TracerTop {
+            r.links_settled()
+        } else if s.is_tracer() {
             fs::read_to_string(&r.stderr)
                 .map(|t| t.contains("attached"))
                 .unwrap_or(false)
@@ -386,10 +426,31 @@ pub(super) fn start(s: Subject, ctx: &Ctx, tool: Option<&Path>) -> Result<Runnin
     }
     r.cpu_at_ready = procfs::cpu_time(pid).unwrap_or_default();
     r.rss_idle_kib = procfs::memory_kib(pid).0;
+    r.rss_maps_kib = procfs::mapped_bpf_maps_kib(pid);
     Ok(r)
 }
 
+/// The terminal `tracer top` draws on: the size of a roomy window.
+const TOP_COLUMNS: u16 = 120;
+const TOP_ROWS: u16 = 40;
+/// `tracer top` logs nothing while it owns the terminal: it counts as
+/// ready once its eBPF links (the attached programs) have stopped changing
+/// for this long.
+const LINKS_SETTLED: Duration = Duration::from_millis(300);
+
 impl Running {
+    /// Has it attached its programs (links held, none added lately)?
+    fn links_settled(&mut self) -> bool {
+        let n = procfs::fd_kinds(self.pid)
+            .iter()
+            .filter(|(_, target)| target.contains("bpf_link") || target.contains("bpf-link"))
+            .count();
+        if n != self.links.0 {
+            self.links = (n, Instant::now());
+        }
+        n > 0 && self.links.1.elapsed() >= LINKS_SETTLED
+    }
+
     fn kill(&mut self) -> Option<(i32, libc::rusage)> {
         // SAFETY: plain syscalls on our own child.
         unsafe { libc::kill(self.pid, libc::SIGKILL) };
@@ -403,6 +464,7 @@ impl Running {
         let mut m = Measured {
             start: self.start,
             rss_idle_kib: self.rss_idle_kib,
+            rss_maps_kib: self.rss_maps_kib,
             ..Default::default()
         };
         // Programs are unloaded when it exits: read their statistics now.
@@ -439,7 +501,26 @@ impl Running {
         m.stderr_tail = tail_lines(&self.stderr, 8);
         m.output_bytes = fs::metadata(&self.stdout).map(|x| x.len()).unwrap_or(0);
         let clean = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
-        if self.subject.is_tracer() {
+        if let Some(screen) = self.screen.take() {
+            // The terminal closed with its exit: the reader ends.
+            let _ = screen.join();
+            m.output_bytes = fs::read_to_string(&self.stdout)
+                .ok()
+                .and_then(|t| t.trim().parse().ok())
+                .unwrap_or(0);
+        }
+        if self.subject == Subject::TracerTop {
+            // A live view writes no records: nothing to count but its
+            // cost, which needs a clean exit.
+            if !clean {
+                bail!(
+                    "{} exited with {}: {}",
+                    self.subject.name(),
+                    m.exit,
+                    last_line(&self.stderr)
+                );
+            }
+        } else if self.subject.is_tracer() {
             if !clean {
                 bail!(
                     "{} exited with {}: {}",

@@ -110,6 +110,13 @@ pub(super) fn summarize(load: LoadKind, s: Subject, runs: &[RunRecord], kernel_s
             .collect::<Vec<_>>(),
     )
     .map(|s| s.median);
+    row.rss_maps_mib = Summary::of(
+        &measured
+            .iter()
+            .filter_map(|(_, m)| m.rss_maps_kib.map(mib))
+            .collect::<Vec<_>>(),
+    )
+    .map(|s| s.median);
     row.rss_peak_mib = measured
         .iter()
         .filter_map(|(_, m)| m.rss_peak_kib.map(mib))

@@ -295,6 +295,21 @@ mod tests {
         t.on_transition(tr).closed[0]
     }
 
+    /// Socket `sock` (local port `lport`) closes first, from 0 to 4 ms:
+    /// its last transition, `FIN_WAIT2 -> CLOSE`, reads as a hand-over to
+    /// a timewait socket. Its outcome.
+    fn active_close(t: &mut Tracker, sock: u64, lport: u16) -> crate::track::tracker::Outcome {
+        let on = |ms, old, new| Transition {
+            lport,
+            ..tr(ms, sock, old, new)
+        };
+        t.on_transition(&on(0, Close, SynSent));
+        t.on_transition(&on(1, SynSent, Established));
+        t.on_transition(&on(2, Established, FinWait1));
+        t.on_transition(&on(3, FinWait1, FinWait2));
+        t.on_transition(&on(4, FinWait2, Close))
+    }
+
     /// What `pop_due` releases at `at`, copied out.
     fn due(r: &mut Resets, t: &mut Tracker, at: u64) -> Vec<crate::track::tracker::Connection> {
         let mut out = Vec::new();
@@ -394,14 +409,7 @@ mod tests {
     fn a_reset_after_a_timewait_hand_over_is_the_next_sockets() {
         let mut t = Tracker::new(8);
         let mut r = Resets::new(true);
-        t.on_transition(&tr(0, 4, Close, SynSent));
-        t.on_transition(&tr(1, 4, SynSent, Established));
-        t.on_transition(&tr(2, 4, Established, FinWait1));
-        t.on_transition(&tr(3, 4, FinWait1, FinWait2));
-        assert!(t
-            .on_transition(&tr(4, 4, FinWait2, Close))
-            .closed
-            .is_empty());
+        assert!(active_close(&mut t, 4, sample().lport).closed.is_empty());
         // The next socket at address 4 is reset; the waiting connection's
         // TIME_WAIT then ends.
         r.reset(&reset(50, 4, ResetDirection::Received), &mut t);
@@ -426,14 +434,7 @@ mod tests {
     fn an_abort_from_fin_wait2_keeps_its_reset() {
         let mut t = Tracker::new(8);
         let mut r = Resets::new(true);
-        t.on_transition(&tr(0, 5, Close, SynSent));
-        t.on_transition(&tr(1, 5, SynSent, Established));
-        t.on_transition(&tr(2, 5, Established, FinWait1));
-        t.on_transition(&tr(3, 5, FinWait1, FinWait2));
-        assert!(t
-            .on_transition(&tr(4, 5, FinWait2, Close))
-            .closed
-            .is_empty());
+        assert!(active_close(&mut t, 5, sample().lport).closed.is_empty());
         r.reset(&reset(4, 5, ResetDirection::Sent), &mut t);
         let id = t.timewait_mut().next().unwrap().0;
         t.end_timewait(id, 2_000 * MS, TimewaitEnd::NotFound, Source::Reuse);
@@ -449,27 +450,14 @@ mod tests {
     fn an_abort_from_fin_wait2_joins_at_once_whenever_its_end_is_decided() {
         let mut t = Tracker::new(8);
         let mut r = Resets::new(true);
-        t.on_transition(&tr(0, 5, Close, SynSent));
-        t.on_transition(&tr(1, 5, SynSent, Established));
-        t.on_transition(&tr(2, 5, Established, FinWait1));
-        t.on_transition(&tr(3, 5, FinWait1, FinWait2));
-        let out = t.on_transition(&tr(4, 5, FinWait2, Close));
+        let out = active_close(&mut t, 5, sample().lport);
         let id = out
             .handed_over
             .expect("a hand-over, as the tracepoint shows it");
         r.handed_over(id, 5, 4 * MS);
-        // Other sockets' hand-overs and a reset of another socket between.
+        // Other sockets' hand-overs, on 4-tuples of their own, between.
         for sock in 10..12 {
-            // On 4-tuples of their own.
-            let on = |old, new| Transition {
-                lport: 40_000 + sock as u16,
-                ..tr(4, sock, old, new)
-            };
-            t.on_transition(&on(Close, SynSent));
-            t.on_transition(&on(SynSent, Established));
-            t.on_transition(&on(Established, FinWait1));
-            t.on_transition(&on(FinWait1, FinWait2));
-            let o = t.on_transition(&on(FinWait2, Close));
+            let o = active_close(&mut t, sock, 40_000 + sock as u16);
             r.handed_over(o.handed_over.unwrap(), sock, 4 * MS);
         }
         r.reset(&reset(4, 5, ResetDirection::Sent), &mut t);

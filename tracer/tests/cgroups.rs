@@ -89,23 +89,39 @@ fn one_connection(server: &ForkedServer, port: u16) {
     drop(server.connect(port));
 }
 
-/// The server-side transitions (old, new, lport, pid, cgroup) of the
-/// tracepoint among `lines`.
-fn server_side(lines: &[String], ports: &[u16]) -> Vec<(String, String, u64, u64, String)> {
-    of_type(lines, "transition")
+/// A transition as the tests compare it: (old, new, lport, pid, cgroup).
+type Row = (String, String, u64, u64, String);
+
+/// The tracepoint's transitions on
+/// `ports`, socket by socket in the order the sockets first appear, each
+/// socket's in its own order: two sockets' transitions may interleave
+/// either way (a listener's close and its child's last ACK race in a slow
+/// guest).
+fn server_side(lines: &[String], ports: &[u16]) -> Vec<Row> {
+    let transitions = of_type(lines, "transition");
+    let mut socks: Vec<&str> = Vec::new();
+    let mut rows: Vec<(usize, Row)> = transitions
         .iter()
         .filter(|t| t["source"] == "tracepoint")
         .filter(|t| ports.contains(&(t["lport"].as_u64().unwrap() as u16)))
         .map(|t| {
-            (
+            let sock = t["sock"].as_str().unwrap();
+            let nth = socks.iter().position(|&s| s == sock).unwrap_or_else(|| {
+                socks.push(sock);
+                socks.len() - 1
+            });
+            let row = (
                 t["old"].as_str().unwrap().to_string(),
                 t["new"].as_str().unwrap().to_string(),
                 t["lport"].as_u64().unwrap(),
                 t["pid"].as_u64().unwrap_or(0),
                 t["cgroup"].as_str().unwrap_or("null").to_string(),
-            )
+            );
+            (nth, row)
         })
-        .collect()
+        .collect();
+    rows.sort_by_key(|&(nth, _)| nth); // stable: each socket keeps its order
+    rows.into_iter().map(|(_, row)| row).collect()
 }
 
 fn closed_on(port: u16) -> impl Fn(&[String]) -> bool {
@@ -119,7 +135,7 @@ fn closed_on(port: u16) -> impl Fn(&[String]) -> bool {
 
 /// The 5 transitions of a server's accepted socket when the client
 /// closes first, as records of (old, new, lport, pid, cgroup).
-fn accepted(port: u16, pid: u32, cgroup: &str) -> Vec<(String, String, u64, u64, String)> {
+fn accepted(port: u16, pid: u32, cgroup: &str) -> Vec<Row> {
     [
         ("LISTEN", "SYN_RECV"),
         ("SYN_RECV", "ESTABLISHED"),
@@ -140,13 +156,13 @@ fn accepted(port: u16, pid: u32, cgroup: &str) -> Vec<(String, String, u64, u64,
     .collect()
 }
 
-/// A server's whole life: listen(), the accepted socket, and the close of
-/// the listener (the forked server closes both after its peer).
-fn listened(port: u16, pid: u32, cgroup: &str) -> Vec<(String, String, u64, u64, String)> {
+/// A server's whole life, socket by socket (as [`server_side`] gives it):
+/// the listener's listen() and close, then the accepted socket (the forked
+/// server closes both after its peer).
+fn listened(port: u16, pid: u32, cgroup: &str) -> Vec<Row> {
     let row = |o: &str, n: &str| (o.into(), n.into(), port as u64, pid as u64, cgroup.into());
-    let mut all = vec![row("CLOSE", "LISTEN")];
+    let mut all = vec![row("CLOSE", "LISTEN"), row("LISTEN", "CLOSE")];
     all.extend(accepted(port, pid, cgroup));
-    all.push(row("LISTEN", "CLOSE"));
     all
 }
 

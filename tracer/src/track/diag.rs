@@ -193,12 +193,15 @@ impl Drop for RecvBuf {
     }
 }
 
-/// What one request's replies held.
+/// How one request's replies ended.
 struct Replies {
-    sockets: Vec<DiagSocket>,
     /// A reply was flagged `NLM_F_DUMP_INTR`.
     interrupted: bool,
 }
+
+/// What becomes of each socket a dump reads: kept as something (smaller)
+/// or dropped, as it is read.
+pub type Keep<'a, T> = &'a mut dyn FnMut(&DiagSocket) -> Option<T>;
 
 impl Diag {
     /// A sock_diag socket in the calling thread's network namespace.
@@ -232,42 +235,50 @@ impl Diag {
         states: u32,
         between: &mut dyn FnMut(),
     ) -> io::Result<Vec<DiagSocket>> {
+        let mut out = Vec::new();
         self.dump_request(
             &|seq| request(family, states, None, NLM_F_REQUEST | NLM_F_DUMP, seq),
             between,
-        )
+            &mut out,
+            &mut |s| Some(s.clone()),
+        )?;
+        Ok(out)
     }
 
-    /// Like [`Diag::dump`], but the kernel itself keeps only sockets whose
-    /// (local port, remote port) is in `ports`, with an inet_diag bytecode
-    /// filter: the kernel still walks every socket, but untracked ones are
-    /// neither copied out nor parsed. At most [`MAX_FILTER_TUPLES`].
-    pub fn dump_ports(
+    /// Like [`Diag::dump`], but each socket goes through `keep` into `out`
+    /// as its reply is read: a dump of a hundred thousand timewait sockets
+    /// holds what `keep` makes of them, never the whole dump parsed. On
+    /// error `out` is as it was. With `ports`, the kernel itself keeps only
+    /// sockets whose (local port, remote port) is among them, with an
+    /// inet_diag bytecode filter: it still walks every socket, but the
+    /// others are neither copied out nor parsed. At most
+    /// [`MAX_FILTER_TUPLES`].
+    pub fn dump_into<T>(
         &mut self,
         family: Family,
         states: u32,
-        ports: &[(u16, u16)],
-    ) -> io::Result<Vec<DiagSocket>> {
-        self.dump_ports_with(family, states, ports, &mut || {})
-    }
-
-    /// [`Diag::dump_ports`] with [`Diag::dump_with`]'s `between`.
-    pub fn dump_ports_with(
-        &mut self,
-        family: Family,
-        states: u32,
-        ports: &[(u16, u16)],
-        between: &mut dyn FnMut(),
-    ) -> io::Result<Vec<DiagSocket>> {
-        let bytecode = port_filter(ports);
-        self.dump_request(
+        ports: Option<&[(u16, u16)]>,
+        out: &mut Vec<T>,
+        keep: Keep<'_, T>,
+    ) -> io::Result<()> {
+        let bytecode = ports.map(port_filter);
+        let start = out.len();
+        let done = self.dump_request(
             &|seq| {
                 let mut req = request(family, states, None, NLM_F_REQUEST | NLM_F_DUMP, seq);
-                append_bytecode(&mut req, &bytecode);
+                if let Some(b) = &bytecode {
+                    append_bytecode(&mut req, b);
+                }
                 req
             },
-            between,
-        )
+            &mut || {},
+            out,
+            keep,
+        );
+        if done.is_err() {
+            out.truncate(start);
+        }
+        done
     }
 
     /// The socket with this exact 4-tuple, if there is one.
@@ -285,24 +296,38 @@ impl Diag {
             NLM_F_REQUEST,
             seq,
         );
-        match self.exchange(&req, seq, false, &mut || {}) {
-            Ok(mut r) => Ok(r.sockets.pop()),
+        let mut found = None;
+        let mut take = |read: &mut Vec<DiagSocket>| {
+            if let Some(s) = read.pop() {
+                found = Some(s);
+            }
+        };
+        match self.exchange(&req, seq, false, &mut || {}, &mut take) {
+            Ok(_) => Ok(found),
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
             Err(e) => Err(e),
         }
     }
 
-    /// A dump, asked again once if the kernel flags it interrupted.
-    fn dump_request(
+    /// A dump, its sockets through `keep` into `out`, asked again once
+    /// (with what the first try kept dropped) if the kernel flags it
+    /// interrupted.
+    fn dump_request<T>(
         &mut self,
         make: &dyn Fn(u32) -> Vec<u8>,
         between: &mut dyn FnMut(),
-    ) -> io::Result<Vec<DiagSocket>> {
+        out: &mut Vec<T>,
+        keep: Keep<'_, T>,
+    ) -> io::Result<()> {
+        let start = out.len();
         for _ in 0..2 {
+            out.truncate(start);
             let seq = self.next_seq();
-            let replies = self.exchange(&make(seq), seq, true, between)?;
+            let replies = self.exchange(&make(seq), seq, true, between, &mut |read| {
+                out.extend(read.drain(..).filter_map(|s| keep(&s)));
+            })?;
             if !replies.interrupted {
-                return Ok(replies.sockets);
+                return Ok(());
             }
             log::debug!("sock_diag dump {seq} interrupted by concurrent changes");
         }
@@ -315,13 +340,16 @@ impl Diag {
     }
 
     /// Sends `req` and reads its replies: to `NLMSG_DONE` for a dump, to
-    /// the first reply for a look-up.
+    /// the first reply for a look-up. The sockets of each datagram go to
+    /// `take` as it is read (it empties the Vec), so no more than one
+    /// datagram's worth is parsed at once.
     fn exchange(
         &mut self,
         req: &[u8],
         seq: u32,
         dump: bool,
         between: &mut dyn FnMut(),
+        take: &mut dyn FnMut(&mut Vec<DiagSocket>),
     ) -> io::Result<Replies> {
         if self.unfinished {
             self.drain()?;
@@ -332,10 +360,8 @@ impl Diag {
             seq,
             pid: self.port,
         };
-        let mut replies = Replies {
-            sockets: Vec::new(),
-            interrupted: false,
-        };
+        let mut replies = Replies { interrupted: false };
+        let mut read = Vec::new();
         let mut buf = RecvBuf::take();
         loop {
             let got = self
@@ -348,9 +374,9 @@ impl Diag {
             if !got.from_kernel {
                 continue;
             }
-            let first = replies.sockets.len();
+            read.clear();
             let bytes = buf.0.get(..got.len).ok_or(DiagError::Truncated)?;
-            let parsed = parse_messages(bytes, want, &mut replies.sockets);
+            let parsed = parse_messages(bytes, want, &mut read);
             if let Err(e) = &parsed {
                 // The kernel's own answer (an NLMSG_ERROR of this request)
                 // ends it; a reply that could not be read leaves the rest.
@@ -367,9 +393,10 @@ impl Diag {
             }
             replies.interrupted |= chunk.interrupted;
             let now = crate::clock::monotonic_ns();
-            for s in &mut replies.sockets[first..] {
+            for s in &mut read {
                 s.read_ns = now;
             }
+            take(&mut read);
             if chunk.done || (!dump && chunk.answered) {
                 self.unfinished = false;
                 return Ok(replies);
@@ -1156,12 +1183,40 @@ mod tests {
     }
 
     #[test]
+    fn a_dump_into_keeps_what_keep_makes_of_the_last_tries_sockets() {
+        let mut round = 0;
+        let (mut diag, sent) = scripted(vec![], move |seq| {
+            round += 1;
+            let flags = if round == 1 { NLM_F_DUMP_INTR } else { 0 };
+            let lports: Vec<u16> = (1..=4).map(|p| p + 10 * round).collect();
+            dump_answer(seq, &lports, flags)
+        });
+        let mut out = vec![(0, false)];
+        diag.dump_into(Family::Ipv4, ALL_STATES, None, &mut out, &mut |s| {
+            (s.lport % 2 == 0).then_some((s.lport, s.read_ns > 0))
+        })
+        .unwrap();
+        // Appended after what was there; the interrupted first try's
+        // sockets dropped; the odd ports not kept; each dated as read.
+        assert_eq!(out, [(0, false), (22, true), (24, true)]);
+        assert_eq!(*sent.lock().unwrap(), [1, 2]);
+    }
+
+    #[test]
     fn a_dump_interrupted_twice_is_an_error_of_its_own() {
         let (mut diag, sent) = scripted(vec![], |seq| dump_answer(seq, &[1], NLM_F_DUMP_INTR));
+        let mut out = vec![7u16];
         let e = diag
-            .dump_ports(Family::Ipv4, ALL_STATES, &[(1, 2)])
+            .dump_into(
+                Family::Ipv4,
+                ALL_STATES,
+                Some(&[(1, 2)]),
+                &mut out,
+                &mut |s| Some(s.lport),
+            )
             .unwrap_err();
         assert_eq!(DiagError::of(&e), Some(DiagError::DumpInterrupted));
+        assert_eq!(out, [7], "what was there, nothing of the failed dumps");
         assert_eq!(*sent.lock().unwrap(), [1, 2]);
         // Each was read to its end: the next request starts clean.
         assert!(!diag.unfinished);

@@ -294,23 +294,19 @@ impl State {
         let states = state_bit(TcpState::TimeWait) | state_bit(TcpState::FinWait2);
         let mut sockets = Vec::new();
         let mut filtered = false;
+        // Only the timewait sockets' tuples and timers are kept, as the
+        // dump is read: a namespace may hold a hundred thousand.
+        let mut keep = |s: &DiagSocket| s.is_timewait().then(|| timewait_socket(s));
         for (family, wanted) in [Family::Ipv4, Family::Ipv6].into_iter().zip(&n.families) {
             // Few connections pending: let the kernel drop the others.
-            let dumped = match wanted {
+            let ports = match wanted {
                 Wanted::Nothing => continue,
-                Wanted::Ports(ports) => {
-                    filtered = true;
-                    diag.dump_ports(family, states, ports)
-                }
-                Wanted::All => diag.dump(family, states),
+                Wanted::Ports(ports) => Some(ports.as_slice()),
+                Wanted::All => None,
             };
-            match dumped {
-                Ok(socks) => sockets.extend(
-                    socks
-                        .iter()
-                        .filter(|s| s.is_timewait())
-                        .map(timewait_socket),
-                ),
+            filtered |= ports.is_some();
+            match diag.dump_into(family, states, ports, &mut sockets, &mut keep) {
+                Ok(()) => {}
                 Err(e) => {
                     *errors += 1;
                     log::warn!("timewait dump of netns {inum}: {e}");

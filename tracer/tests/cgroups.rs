@@ -92,11 +92,10 @@ fn one_connection(server: &ForkedServer, port: u16) {
 /// A transition as the tests compare it: (old, new, lport, pid, cgroup).
 type Row = (String, String, u64, u64, String);
 
-/// The tracepoint's transitions on
-/// `ports`, socket by socket in the order the sockets first appear, each
-/// socket's in its own order: two sockets' transitions may interleave
-/// either way (a listener's close and its child's last ACK race in a slow
-/// guest).
+/// The tracepoint's transitions on `ports`, socket by socket in the order
+/// the sockets first appear, each socket's in its own order: two sockets'
+/// transitions may interleave either way (a listener's close and its
+/// child's last ACK race in a slow guest).
 fn server_side(lines: &[String], ports: &[u16]) -> Vec<Row> {
     let transitions = of_type(lines, "transition");
     let mut socks: Vec<&str> = Vec::new();

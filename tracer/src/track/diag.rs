@@ -236,12 +236,9 @@ impl Diag {
         between: &mut dyn FnMut(),
     ) -> io::Result<Vec<DiagSocket>> {
         let mut out = Vec::new();
-        self.dump_request(
-            &|seq| request(family, states, None, NLM_F_REQUEST | NLM_F_DUMP, seq),
-            between,
-            &mut out,
-            &mut |s| Some(s.clone()),
-        )?;
+        self.dump_request(family, states, None, between, &mut out, &mut |s| {
+            Some(s.clone())
+        })?;
         Ok(out)
     }
 
@@ -261,24 +258,7 @@ impl Diag {
         out: &mut Vec<T>,
         keep: Keep<'_, T>,
     ) -> io::Result<()> {
-        let bytecode = ports.map(port_filter);
-        let start = out.len();
-        let done = self.dump_request(
-            &|seq| {
-                let mut req = request(family, states, None, NLM_F_REQUEST | NLM_F_DUMP, seq);
-                if let Some(b) = &bytecode {
-                    append_bytecode(&mut req, b);
-                }
-                req
-            },
-            &mut || {},
-            out,
-            keep,
-        );
-        if done.is_err() {
-            out.truncate(start);
-        }
-        done
+        self.dump_request(family, states, ports, &mut || {}, out, keep)
     }
 
     /// The socket with this exact 4-tuple, if there is one.
@@ -309,27 +289,38 @@ impl Diag {
         }
     }
 
-    /// A dump, its sockets through `keep` into `out`, asked again once
-    /// (with what the first try kept dropped) if the kernel flags it
-    /// interrupted.
+    /// A dump (filtered by the kernel to `ports` if given), its sockets
+    /// through `keep` into `out`, asked again once if the kernel flags it
+    /// interrupted. Only a whole, uninterrupted dump stays in `out`.
     fn dump_request<T>(
         &mut self,
-        make: &dyn Fn(u32) -> Vec<u8>,
+        family: Family,
+        states: u32,
+        ports: Option<&[(u16, u16)]>,
         between: &mut dyn FnMut(),
         out: &mut Vec<T>,
         keep: Keep<'_, T>,
     ) -> io::Result<()> {
+        let bytecode = ports.map(port_filter);
         let start = out.len();
         for _ in 0..2 {
-            out.truncate(start);
             let seq = self.next_seq();
-            let replies = self.exchange(&make(seq), seq, true, between, &mut |read| {
-                out.extend(read.drain(..).filter_map(|s| keep(&s)));
-            })?;
-            if !replies.interrupted {
-                return Ok(());
+            let mut req = request(family, states, None, NLM_F_REQUEST | NLM_F_DUMP, seq);
+            if let Some(b) = &bytecode {
+                append_bytecode(&mut req, b);
             }
-            log::debug!("sock_diag dump {seq} interrupted by concurrent changes");
+            let replies = self.exchange(&req, seq, true, between, &mut |read| {
+                out.extend(read.drain(..).filter_map(|s| keep(&s)));
+            });
+            match replies {
+                Ok(r) if !r.interrupted => return Ok(()),
+                Ok(_) => log::debug!("sock_diag dump {seq} interrupted by concurrent changes"),
+                Err(e) => {
+                    out.truncate(start);
+                    return Err(e);
+                }
+            }
+            out.truncate(start);
         }
         Err(DiagError::DumpInterrupted.into())
     }

@@ -305,13 +305,10 @@ impl State {
                 Wanted::All => None,
             };
             filtered |= ports.is_some();
-            match diag.dump_into(family, states, ports, &mut sockets, &mut keep) {
-                Ok(()) => {}
-                Err(e) => {
-                    *errors += 1;
-                    log::warn!("timewait dump of netns {inum}: {e}");
-                    return NetnsDump::Failed;
-                }
+            if let Err(e) = diag.dump_into(family, states, ports, &mut sockets, &mut keep) {
+                *errors += 1;
+                log::warn!("timewait dump of netns {inum}: {e}");
+                return NetnsDump::Failed;
             }
         }
         // No timewait socket was created if the namespace counted an

@@ -109,7 +109,10 @@ fn loopback_up() {
 /// to be used by anything else on the machine.
 pub(crate) fn test_port() -> u16 {
     static NEXT: AtomicU16 = AtomicU16::new(0);
-    let base = 20_000 + (std::process::id() % 2000) as u16 * 10;
+    // Below the default ephemeral range (32768-60999): a port the test
+    // filters on must never be some other connection's local port (the
+    // test's own HTTP clients, a Prometheus server's scrapes).
+    let base = 10_000 + (std::process::id() % 2000) as u16 * 10;
     base + NEXT.fetch_add(1, Ordering::Relaxed)
 }
 

@@ -228,6 +228,9 @@ pub struct Cgroups {
     pub unresolved: u64,
     /// Group keys or metric labels need owners' containers ([`Cgroups::enrich`]).
     keys: bool,
+    /// The last id [`Cgroups::ready`] found named (0: none): most records
+    /// in a row have one owner's cgroup, and this spares their look-up.
+    last_named: u64,
 }
 
 impl Cgroups {
@@ -240,6 +243,7 @@ impl Cgroups {
             source: Source::Inline(Namer::new(resolver)),
             unresolved: 0,
             keys,
+            last_named: 0,
         }
     }
 
@@ -286,12 +290,13 @@ impl Cgroups {
     /// thread is asked (once) and the record must wait.
     pub fn ready(&mut self, owner: &Option<Owner>) -> bool {
         let (id, pid) = owner.as_ref().map_or((0, 0), |o| (o.cgroup, o.pid));
-        if id == 0 || self.why.is_some() {
+        if id == 0 || id == self.last_named || self.why.is_some() {
             return true;
         }
         // The common case, without reading the clock: named.
         let known = self.known.get(&id);
         if known.is_some_and(|k| k.named.is_some()) {
+            self.last_named = id;
             return true;
         }
         let now = crate::clock::monotonic_ns();
@@ -341,6 +346,7 @@ impl Cgroups {
     }
 
     fn remember(&mut self, id: u64, resolved: Option<Resolved>, now: u64) {
+        self.last_named = 0;
         if self.known.len() >= cgroup::CAPACITY {
             self.known.clear();
         }

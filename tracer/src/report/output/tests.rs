@@ -364,10 +364,9 @@ fn hand_written_json_is_byte_for_byte_serdes() {
     let mut conns = vec![closed()];
     let mut c = closed();
     c.owner = owner();
-    c.timewait = Some(Timewait {
-        end: Some(TimewaitEnd::Expired),
-        ..Default::default()
-    });
+    let mut tw = Timewait::default();
+    tw.end = Some(TimewaitEnd::Expired);
+    c.timewait = Some(tw);
     c.close.rst_sent = 2;
     // One the kernel's BTF names, one it does not.
     c.close.rst_reasons.add(12, 1);

@@ -162,10 +162,12 @@ impl Lifecycle {
                             }
                             // Once known, the scheduled expiry is kept: a timer
                             // that fires late (timer wheel) reports 0 ms left.
-                            tw.expires_ns.get_or_insert(expiry);
+                            if tw.expires_ns().is_none() {
+                                tw.set_expires_ns(expiry);
+                            }
                             settled = true;
                         } else {
-                            tw.expires_ns = Some(expiry); // the FIN_WAIT2 timeout
+                            tw.set_expires_ns(expiry); // the FIN_WAIT2 timeout
                         }
                         c.timewait = Some(tw);
                         if settled {
@@ -184,12 +186,12 @@ impl Lifecycle {
             };
             let Some(mut tw) = c.timewait else { continue };
             let expired = tw
-                .expires_ns
+                .expires_ns()
                 .filter(|&e| tw.seen && now + EXPIRY_TOLERANCE_NS >= e);
-            let decided = if let (Some(k), 1..) = (tw.killed_ns, tw.missing_polls) {
+            let decided = if let (Some(k), 1..) = (tw.killed_ns(), tw.missing_polls) {
                 // Killed early, seen by fentry, and no reuse followed.
                 Some((k, TimewaitEnd::Early, Source::Fentry))
-            } else if let (Some(e), 0, None) = (expired, tw.missing_polls, tw.killed_ns) {
+            } else if let (Some(e), 0, None) = (expired, tw.missing_polls, tw.killed_ns()) {
                 Some((e, TimewaitEnd::Expired, Source::SockDiag))
             } else if tw.missing_polls == 0 {
                 // Gone before its timer, or never seen: decided at the

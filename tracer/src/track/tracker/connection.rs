@@ -2,9 +2,9 @@
 //! and timewait part, updated transition by transition (the rules are in
 //! `mod.rs`).
 
-use std::net::IpAddr;
+use std::{net::IpAddr, num::NonZeroU64};
 
-use super::owners::Owner;
+use super::{owners::Owner, state_times::StateTimes};
 use crate::{
     kernel::events::{Family, Source, TcpState, Transition},
     track::close::ClosePath,
@@ -58,7 +58,9 @@ impl TimewaitEnd {
     }
 }
 
-/// What the tracer knows of a connection's timewait socket.
+/// What the tracer knows of a connection's timewait socket. Part of every
+/// connection the tracker holds: its optional times are 8 bytes each
+/// (CLOCK_MONOTONIC is never 0 at a socket's event).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Timewait {
     /// When the tracepoint reported the full socket's CLOSE.
@@ -66,18 +68,44 @@ pub struct Timewait {
     /// A dump has shown the timewait socket.
     pub seen: bool,
     /// When its timer fires, as of the last dump (CLOCK_MONOTONIC ns).
-    pub expires_ns: Option<u64>,
+    expires: Option<NonZeroU64>,
     pub end: Option<TimewaitEnd>,
     /// When the fentry program saw it die (kernels with fentry).
-    pub killed_ns: Option<u64>,
+    killed: Option<NonZeroU64>,
     /// Polls that found it gone (it is decided at the second).
     pub missing_polls: u8,
     /// When the first poll that found it gone ran, and whether its
     /// namespace had overflowed then.
     pub missing_since_ns: u64,
     pub missing_overflowed: bool,
-    /// The last timewait poll that found it (see `lifecycle/timewait.rs`).
-    pub found_in_poll: u32,
+}
+
+impl Timewait {
+    /// The timewait part of a connection whose full socket closed at `ns`.
+    pub fn closed_at(ns: u64) -> Self {
+        Timewait {
+            closed_ns: ns,
+            ..Default::default()
+        }
+    }
+
+    /// When its timer fires, as of the last dump (CLOCK_MONOTONIC ns).
+    pub fn expires_ns(&self) -> Option<u64> {
+        self.expires.map(NonZeroU64::get)
+    }
+
+    pub fn set_expires_ns(&mut self, ns: u64) {
+        self.expires = NonZeroU64::new(ns);
+    }
+
+    /// When the fentry program saw it die (kernels with fentry).
+    pub fn killed_ns(&self) -> Option<u64> {
+        self.killed.map(NonZeroU64::get)
+    }
+
+    pub fn set_killed_ns(&mut self, ns: u64) {
+        self.killed = NonZeroU64::new(ns);
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -99,12 +127,12 @@ pub struct Connection {
     /// Current state and since when.
     pub state: TcpState,
     pub state_since_ns: u64,
-    /// Nanoseconds per state index ([`TcpState::index`]).
-    states_ns: [u64; TcpState::COUNT],
-    /// Bit per state index: passed through it.
-    visited: u16,
+    /// Time in each state passed through.
+    times: StateTimes,
     pub complete: bool,
-    /// A transition was missing between two that were seen.
+    /// A transition was missing between two that were seen (or, never
+    /// seen in TCP, it passed through more states than
+    /// [`StateTimes`] stores).
     pub gap: bool,
     /// A listening socket (it entered LISTEN), not a connection.
     pub listener: bool,
@@ -158,8 +186,7 @@ impl Connection {
             start_ns,
             state: t.new,
             state_since_ns: t.mono_ns,
-            states_ns: [0; TcpState::COUNT],
-            visited: 0,
+            times: StateTimes::default(),
             complete,
             gap: false,
             // A listener first seen at its close is one too.
@@ -209,8 +236,7 @@ impl Connection {
             start_ns: now_ns,
             state,
             state_since_ns: now_ns,
-            states_ns: [0; TcpState::COUNT],
-            visited: 0,
+            times: StateTimes::default(),
             complete: false,
             gap: false,
             listener: state == TcpState::Listen,
@@ -292,8 +318,9 @@ impl Connection {
     }
 
     fn credit(&mut self, state: TcpState, ns: u64) {
-        self.states_ns[state.index()] += ns;
-        self.visited |= 1 << state.index();
+        if !self.times.credit(state, ns) {
+            self.gap = true;
+        }
     }
 
     /// Ports and addresses can be zero early (the local port of a connecting
@@ -315,14 +342,11 @@ impl Connection {
 
     /// Time in each state the connection passed through, in life order.
     pub fn states(&self) -> impl Iterator<Item = (TcpState, u64)> + '_ {
-        TcpState::LIFE_ORDER
-            .into_iter()
-            .filter(|s| self.visited & (1 << s.index()) != 0)
-            .map(|s| (s, self.states_ns[s.index()]))
+        self.times.iter()
     }
 
     pub fn state_ns(&self, state: TcpState) -> Option<u64> {
-        (self.visited & (1 << state.index()) != 0).then(|| self.states_ns[state.index()])
+        self.times.get(state)
     }
 
     /// From `start_ns` to the last transition (the end, for ended ones).

@@ -33,6 +33,7 @@
 mod connection;
 mod owners;
 mod slab;
+mod state_times;
 #[cfg(test)]
 mod tests;
 mod timewait;
@@ -377,10 +378,7 @@ impl Tracker {
                     conn.close
                         .push(TcpState::Closing, TcpState::TimeWait, t.mono_ns);
                 }
-                conn.timewait = Some(Timewait {
-                    closed_ns: t.mono_ns,
-                    ..Default::default()
-                });
+                conn.timewait = Some(Timewait::closed_at(t.mono_ns));
                 if t.old == TcpState::Closing {
                     out.handshake_done = Some(id);
                 }
@@ -434,7 +432,7 @@ impl Tracker {
         self.examined += 1;
         if self.slab.get(id).key() == key && self.timewait.remove(&key, id) {
             // With fentry, the exact moment the kernel killed it.
-            let (at, source) = match self.slab.get(id).timewait.and_then(|tw| tw.killed_ns) {
+            let (at, source) = match self.slab.get(id).timewait.and_then(|tw| tw.killed_ns()) {
                 Some(k) => (k, Source::Fentry),
                 None => (reuse_at, Source::Reuse),
             };
@@ -462,14 +460,14 @@ impl Tracker {
         let Some(tw) = conn.timewait.as_mut() else {
             return out;
         };
-        if in_time_wait && tw.expires_ns.is_some_and(|e| at_ns + tolerance_ns >= e) {
+        if in_time_wait && tw.expires_ns().is_some_and(|e| at_ns + tolerance_ns >= e) {
             if let Some(d) = self.end_timewait(id, at_ns, TimewaitEnd::Expired, Source::Fentry) {
                 out.derived = Some((d, self.slab.get(id).owner));
             }
             out.owner = self.slab.get(id).owner;
             let _ = out.closed.try_push(id);
         } else {
-            tw.killed_ns = Some(at_ns);
+            tw.set_killed_ns(at_ns);
         }
         out
     }
@@ -793,7 +791,7 @@ impl Tracker {
 
     /// Bytes the table holds (slots and indexes), for `-v` and the bench.
     pub fn memory_bytes(&self) -> usize {
-        let slot = size_of::<(Phase, Connection)>();
+        let slot = size_of::<Phase>() + size_of::<Connection>();
         let index = |cap: usize, entry: usize| cap * (entry + 1);
         self.slab.allocated() * slot
             + index(self.by_sock.capacity(), size_of::<(u64, SlotId)>())

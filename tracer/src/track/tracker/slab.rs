@@ -30,57 +30,70 @@ pub enum Phase {
     Ended,
 }
 
+/// A chunk's phases apart from its connections: a phase beside each
+/// connection would cost a connection's alignment (8 bytes), not 1.
+struct Chunk {
+    phases: Vec<Phase>,
+    conns: Vec<Connection>,
+}
+
 #[derive(Default)]
 pub(super) struct Slab {
-    chunks: Vec<Vec<(Phase, Connection)>>,
+    chunks: Vec<Chunk>,
     free: Vec<SlotId>,
 }
 
 impl Slab {
     pub(super) fn insert(&mut self, phase: Phase, conn: Connection) -> SlotId {
         if let Some(id) = self.free.pop() {
-            *self.entry_mut(id) = (phase, conn);
+            let (chunk, i) = Self::at(id);
+            let chunk = &mut self.chunks[chunk];
+            chunk.phases[i] = phase;
+            chunk.conns[i] = conn;
             return id;
         }
-        if self.chunks.last().is_none_or(|c| c.len() == CHUNK) {
-            self.chunks.push(Vec::with_capacity(CHUNK));
+        if self.chunks.last().is_none_or(|c| c.conns.len() == CHUNK) {
+            self.chunks.push(Chunk {
+                phases: Vec::with_capacity(CHUNK),
+                conns: Vec::with_capacity(CHUNK),
+            });
         }
         let n = self.chunks.len() - 1;
         let chunk = &mut self.chunks[n];
-        chunk.push((phase, conn));
-        SlotId((n * CHUNK + chunk.len() - 1) as u32)
+        chunk.phases.push(phase);
+        chunk.conns.push(conn);
+        SlotId((n * CHUNK + chunk.conns.len() - 1) as u32)
     }
 
-    fn entry(&self, id: SlotId) -> &(Phase, Connection) {
+    /// Chunk and index in it.
+    fn at(id: SlotId) -> (usize, usize) {
         let i = id.0 as usize;
-        &self.chunks[i / CHUNK][i % CHUNK]
-    }
-
-    fn entry_mut(&mut self, id: SlotId) -> &mut (Phase, Connection) {
-        let i = id.0 as usize;
-        &mut self.chunks[i / CHUNK][i % CHUNK]
+        (i / CHUNK, i % CHUNK)
     }
 
     pub(super) fn get(&self, id: SlotId) -> &Connection {
-        &self.entry(id).1
+        let (chunk, i) = Self::at(id);
+        &self.chunks[chunk].conns[i]
     }
 
     pub(super) fn get_mut(&mut self, id: SlotId) -> &mut Connection {
-        &mut self.entry_mut(id).1
+        let (chunk, i) = Self::at(id);
+        &mut self.chunks[chunk].conns[i]
     }
 
     pub(super) fn phase(&self, id: SlotId) -> Phase {
-        self.entry(id).0
+        let (chunk, i) = Self::at(id);
+        self.chunks[chunk].phases[i]
     }
 
     pub(super) fn set_phase(&mut self, id: SlotId, phase: Phase) {
-        self.entry_mut(id).0 = phase;
+        let (chunk, i) = Self::at(id);
+        self.chunks[chunk].phases[i] = phase;
     }
 
     pub(super) fn free(&mut self, id: SlotId) {
-        let e = self.entry_mut(id);
-        if e.0 != Phase::Free {
-            e.0 = Phase::Free;
+        if self.phase(id) != Phase::Free {
+            self.set_phase(id, Phase::Free);
             self.free.push(id);
         }
     }
@@ -89,18 +102,18 @@ impl Slab {
     pub(super) fn iter(&self) -> impl Iterator<Item = (SlotId, Phase, &Connection)> {
         self.chunks
             .iter()
-            .flatten()
+            .flat_map(|c| c.phases.iter().zip(&c.conns))
             .enumerate()
-            .filter(|(_, (p, _))| *p != Phase::Free)
+            .filter(|(_, (p, _))| **p != Phase::Free)
             .map(|(i, (p, c))| (SlotId(i as u32), *p, c))
     }
 
     pub(super) fn iter_mut(&mut self) -> impl Iterator<Item = (SlotId, Phase, &mut Connection)> {
         self.chunks
             .iter_mut()
-            .flatten()
+            .flat_map(|c| c.phases.iter().zip(&mut c.conns))
             .enumerate()
-            .filter(|(_, (p, _))| *p != Phase::Free)
+            .filter(|(_, (p, _))| **p != Phase::Free)
             .map(|(i, (p, c))| (SlotId(i as u32), *p, c))
     }
 

@@ -167,7 +167,7 @@ fn fentry_deaths_give_exact_expiry_and_reuse_times() {
     {
         let c = waiting(&mut t).1;
         c.advance(TimeWait, 3_000_000);
-        c.timewait.as_mut().unwrap().expires_ns = Some(60_003_000_000);
+        c.timewait.as_mut().unwrap().set_expires_ns(60_003_000_000);
     }
     // Killed early (no reuse seen yet): kept, not ended.
     let o = t.timewait_died(&key, 500_000_000, 10_000_000);
@@ -191,7 +191,12 @@ fn fentry_deaths_give_exact_expiry_and_reuse_times() {
     t.on_transition(&tr(0, FinWait1, Closing, None));
     t.on_transition(&tr(1, Closing, Close, Some(1)));
     let key = waiting(&mut t).1.key();
-    waiting(&mut t).1.timewait.as_mut().unwrap().expires_ns = Some(60_001_000_000);
+    waiting(&mut t)
+        .1
+        .timewait
+        .as_mut()
+        .unwrap()
+        .set_expires_ns(60_001_000_000);
     let o = t.timewait_died(&key, 61_500_000_000, 10_000_000);
     assert_eq!(o.closed.len(), 1);
     let c = t.take(o.closed[0]);

@@ -16,6 +16,7 @@ use crate::{
     clock::{monotonic_ns, WallClock},
     kernel::events::{self, Record, TcpState, TimewaitDeath, Transition},
     kernel::loader::{self, CounterValues, LoadOptions},
+    report::group::NamedOwner,
     report::metrics::{Endpoint, Recorder},
     report::observe::Observers,
     report::output::{Output, RecordWrite, Sink, Stats},
@@ -177,11 +178,12 @@ impl<W: RecordWrite> Pipeline<W> {
     }
 
     fn emit_now(&mut self, t: &Transition, owner: &Option<Owner>) -> io::Result<()> {
-        match self.out.cgroups() {
+        let named = match self.out.cgroups() {
             // The owner's container, for group keys and metric labels.
-            Some(c) if c.keys() => self.observers.transition(t, &c.enrich(owner)),
-            _ => self.observers.transition(t, owner),
-        }
+            Some(c) if c.keys() => c.enrich(owner),
+            _ => owner.map(NamedOwner::from),
+        };
+        self.observers.transition(t, &named);
         let pids = if self.out.writes_transitions() {
             self.tracker.listener_pids(t.netns, t.lport)
         } else {
@@ -226,11 +228,13 @@ impl<W: RecordWrite> Pipeline<W> {
         match self.out.cgroups() {
             _ if conn.cut_at_exit => {}
             Some(c) if c.keys() => {
-                let mut enriched = *conn;
-                enriched.owner = c.enrich(&conn.owner);
-                self.observers.connection(&enriched, &close);
+                let named = c.enrich(&conn.owner);
+                self.observers.connection(conn, named.as_ref(), &close);
             }
-            _ => self.observers.connection(conn, &close),
+            _ => {
+                let named = conn.owner.map(NamedOwner::from);
+                self.observers.connection(conn, named.as_ref(), &close);
+            }
         }
         let written = self.out.connection(conn, &close, pids);
         self.tracker.release(id);

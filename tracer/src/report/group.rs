@@ -12,6 +12,25 @@ use crate::{
     track::tracker::Owner,
 };
 
+/// A socket's owner as summaries and metrics key it: the owner, and its
+/// container when a key or label needs one (the agent resolves it from
+/// the owner's cgroup as it names the owner; the tracker keeps none, as
+/// it would cost every connection it holds 32 bytes).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NamedOwner {
+    pub owner: Owner,
+    pub container: Option<ContainerKey>,
+}
+
+impl From<Owner> for NamedOwner {
+    fn from(owner: Owner) -> Self {
+        NamedOwner {
+            owner,
+            container: None,
+        }
+    }
+}
+
 /// A field of a connection to split summaries by.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, ValueEnum)]
 pub enum GroupBy {
@@ -46,18 +65,24 @@ impl GroupBy {
 
     /// The key of a stay that ended with transition `t`, whose socket's
     /// owner is `owner` (as the output names it).
-    pub fn key(self, t: &Transition, owner: Option<&Owner>) -> GroupKey {
+    pub fn key(self, t: &Transition, owner: Option<&NamedOwner>) -> GroupKey {
         self.key_of(t.lport, t.rport, t.raddr, owner)
     }
 
-    pub fn key_of(self, lport: u16, rport: u16, raddr: IpAddr, owner: Option<&Owner>) -> GroupKey {
+    pub fn key_of(
+        self,
+        lport: u16,
+        rport: u16,
+        raddr: IpAddr,
+        owner: Option<&NamedOwner>,
+    ) -> GroupKey {
         match (self, owner) {
             (GroupBy::Lport, _) => GroupKey::Port(lport),
             (GroupBy::Rport, _) => GroupKey::Port(rport),
             (GroupBy::Raddr, _) => GroupKey::Addr(raddr),
-            (GroupBy::Comm, Some(o)) => GroupKey::Comm(o.comm),
-            (GroupBy::Pid, Some(o)) if o.pid != 0 => GroupKey::Pid(o.pid),
-            (GroupBy::Cgroup, Some(o)) if o.cgroup != 0 => GroupKey::Cgroup(o.cgroup),
+            (GroupBy::Comm, Some(o)) => GroupKey::Comm(o.owner.comm),
+            (GroupBy::Pid, Some(o)) if o.owner.pid != 0 => GroupKey::Pid(o.owner.pid),
+            (GroupBy::Cgroup, Some(o)) if o.owner.cgroup != 0 => GroupKey::Cgroup(o.owner.cgroup),
             (GroupBy::Container, Some(o)) => match o.container {
                 Some(c) => GroupKey::Container(c),
                 None => GroupKey::NoContainer,
@@ -168,12 +193,12 @@ mod tests {
     #[test]
     fn keys_come_from_the_transition_or_the_owner() {
         let t = sample();
-        let nginx = Owner {
+        let nginx = NamedOwner::from(Owner {
             pid: 7,
             comm: comm("nginx"),
             uid: 0,
             ..Default::default()
-        };
+        });
         let o = Some(&nginx);
         assert_eq!(GroupBy::Lport.key(&t, None), GroupKey::Port(43210));
         assert_eq!(GroupBy::Rport.key(&t, None), GroupKey::Port(80));
@@ -204,22 +229,23 @@ mod tests {
     fn cgroup_and_container_keys_come_from_the_owner() {
         let id = "ab".repeat(32);
         let container = crate::track::containers::key_of(&id, "docker");
-        let o = Owner {
-            pid: 5,
-            cgroup: 77,
+        let o = NamedOwner {
+            owner: Owner {
+                pid: 5,
+                cgroup: 77,
+                ..Default::default()
+            },
             container,
-            ..Default::default()
         };
         let t = crate::kernel::events::tests::sample();
         assert_eq!(GroupBy::Cgroup.key(&t, Some(&o)), GroupKey::Cgroup(77));
         let k = GroupBy::Container.key(&t, Some(&o));
         assert_eq!(k.to_json(), serde_json::Value::from(id));
         assert_eq!(k.to_string(), "docker:abababababab");
-        let bare = Owner {
-            container: None,
+        let bare = NamedOwner::from(Owner {
             cgroup: 0,
-            ..o
-        };
+            ..o.owner
+        });
         assert_eq!(
             GroupBy::Container.key(&t, Some(&bare)),
             GroupKey::NoContainer

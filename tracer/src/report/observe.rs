@@ -20,10 +20,11 @@ use std::{hash::BuildHasher as _, net::IpAddr};
 use crate::{
     clock,
     kernel::events::{Family, Source, TcpState, Transition},
+    report::group::NamedOwner,
     report::metrics::Recorder,
     report::summary::Summary,
     track::close::{Close, CloseBy, Rst},
-    track::tracker::{Connection, Owner, TimewaitEnd, Tracker, TupleKey},
+    track::tracker::{Connection, TimewaitEnd, Tracker, TupleKey},
     FastMap as HashMap,
 };
 
@@ -56,7 +57,7 @@ impl Observers {
     }
 
     /// Transition `t` of a socket owned by `owner` (as the output names it).
-    pub fn transition(&mut self, t: &Transition, owner: &Option<Owner>) {
+    pub fn transition(&mut self, t: &Transition, owner: &Option<NamedOwner>) {
         if let Some(l) = &mut self.live {
             l.transition(t.new);
         }
@@ -98,20 +99,26 @@ impl Observers {
         t
     }
 
-    /// A connection's record was written: if it had no timewait socket
-    /// after all, its pending FIN_WAIT2 stay ended at the hand-over; and its
-    /// close is counted by class.
-    pub fn connection(&mut self, c: &Connection, close: &Close) {
+    /// A connection's record was written (its owner as the output named
+    /// it): if it had no timewait socket after all, its pending FIN_WAIT2
+    /// stay ended at the hand-over; and its close is counted by class.
+    pub fn connection(&mut self, c: &Connection, owner: Option<&NamedOwner>, close: &Close) {
         let end = c.timewait.and_then(|tw| tw.end);
-        self.timewait_ended(&c.key(), end, c.owner.as_ref());
+        self.timewait_ended(&c.key(), end, owner);
         if !c.listener {
-            self.closed(&c.key(), close.by, close.rst, c.owner.as_ref());
+            self.closed(&c.key(), close.by, close.rst, owner);
         }
     }
 
     /// A connection closed as `by` (also from a recorded connection
     /// record's `close`).
-    pub fn closed(&mut self, key: &TupleKey, by: CloseBy, rst: Option<Rst>, owner: Option<&Owner>) {
+    pub fn closed(
+        &mut self,
+        key: &TupleKey,
+        by: CloseBy,
+        rst: Option<Rst>,
+        owner: Option<&NamedOwner>,
+    ) {
         if let Some(l) = &mut self.live {
             let (sent, received) = rst.map_or((0, 0), |r| (r.sent, r.received));
             l.closed(by, sent, received);
@@ -131,7 +138,7 @@ impl Observers {
         &mut self,
         key: &TupleKey,
         end: Option<TimewaitEnd>,
-        owner: Option<&Owner>,
+        owner: Option<&NamedOwner>,
     ) {
         if !matches!(end, Some(TimewaitEnd::NotCreated | TimewaitEnd::NotFound)) {
             return;

@@ -18,6 +18,7 @@ use std::{
 use serde::Serialize;
 
 use crate::{
+    report::group::NamedOwner,
     track::cgroup::{self, Container, Pod, Resolved, Resolver, Runtime},
     track::tracker::Owner,
 };
@@ -378,8 +379,8 @@ impl Cgroups {
 
     /// The owner with its container filled in, for the observers'
     /// `--group-by container|cgroup` and `--metrics-label container`.
-    pub fn enrich(&mut self, owner: &Option<Owner>) -> Option<Owner> {
-        let mut o = (*owner)?;
+    pub fn enrich(&mut self, owner: &Option<Owner>) -> Option<NamedOwner> {
+        let mut o = NamedOwner::from((*owner)?);
         if !self.keys {
             return Some(o);
         }

@@ -40,10 +40,10 @@ use tokio::{
 use crate::{
     kernel::events::{Family, TcpState, Transition},
     kernel::reset_reasons::ResetReasons,
-    report::group::{BoundedKeys, GroupBy, Slot},
+    report::group::{BoundedKeys, GroupBy, NamedOwner, Slot},
     report::summary::stay,
     track::close::{CloseBy, Rst},
-    track::tracker::{Owner, Tracker},
+    track::tracker::Tracker,
 };
 
 /// Prefix of every metric name.
@@ -391,7 +391,7 @@ impl Recorder {
 
     /// Counts transition `t` and observes the stay it ended; `owner` is its
     /// socket's, as the output names it.
-    pub fn transition(&mut self, t: &Transition, owner: Option<&Owner>) {
+    pub fn transition(&mut self, t: &Transition, owner: Option<&NamedOwner>) {
         let slot = self.slot(t.lport, t.rport, t.raddr, owner);
         let fam = match t.family {
             Family::Ipv4 => 0,
@@ -419,7 +419,7 @@ impl Recorder {
         ns: u64,
         lport: u16,
         rport: u16,
-        owner: Option<&Owner>,
+        owner: Option<&NamedOwner>,
     ) {
         let unspecified = IpAddr::from([0u8; 4]);
         let slot = self.slot(lport, rport, unspecified, owner);
@@ -438,7 +438,7 @@ impl Recorder {
     }
 
     /// The series slot of the opt-in label's value (0 without one).
-    fn slot(&mut self, lport: u16, rport: u16, raddr: IpAddr, owner: Option<&Owner>) -> usize {
+    fn slot(&mut self, lport: u16, rport: u16, raddr: IpAddr, owner: Option<&NamedOwner>) -> usize {
         match &mut self.label {
             None => 0,
             Some(l) => {

@@ -13,13 +13,13 @@ fn tr(sock: u64, old: TcpState, new: TcpState, ns: Option<u64>) -> Transition {
     }
 }
 
-fn curl() -> Owner {
-    Owner {
+fn curl() -> NamedOwner {
+    NamedOwner::from(crate::track::tracker::Owner {
         pid: 1,
         comm: comm("curl"),
         uid: 0,
         ..Default::default()
-    }
+    })
 }
 
 /// The value of the series `name{labels}` in `text`, labels given as

@@ -24,7 +24,7 @@ use serde::Deserialize;
 use crate::{
     kernel::events::{Comm, Family, Source, TcpState, Transition},
     report::format::Format,
-    report::group::GroupBy,
+    report::group::{GroupBy, NamedOwner},
     report::observe::{key_of, Observers},
     report::summary::Summary,
     track::close::{CloseBy, Rst},
@@ -271,7 +271,7 @@ struct RstRecord {
 struct ConnectionStays {
     key: TupleKey,
     time_wait_end: Option<TimewaitEnd>,
-    owner: Option<Owner>,
+    owner: Option<NamedOwner>,
     lport: u16,
     rport: u16,
     raddr: IpAddr,
@@ -316,8 +316,8 @@ fn comm(s: &str) -> Comm {
 impl RecordedLine {
     /// The owner the record names: `pid` and `comm` (both null when
     /// unknown; `pid` alone when only the comm is known).
-    fn owner(&self) -> Option<Owner> {
-        Some(Owner {
+    fn owner(&self) -> Option<NamedOwner> {
+        let owner = Owner {
             pid: self.pid.unwrap_or(0),
             comm: comm(self.comm.as_deref()?),
             uid: self.uid.unwrap_or(0),
@@ -326,6 +326,9 @@ impl RecordedLine {
                 .cgroup
                 .as_deref()
                 .map_or(0, crate::track::containers::id_for_label),
+        };
+        Some(NamedOwner {
+            owner,
             container: self
                 .container
                 .as_ref()
@@ -333,7 +336,7 @@ impl RecordedLine {
         })
     }
 
-    fn transition(&self) -> anyhow::Result<(Transition, Option<Owner>)> {
+    fn transition(&self) -> anyhow::Result<(Transition, Option<NamedOwner>)> {
         let sock = match self.sock.as_deref() {
             Some(s) => u64::from_str_radix(s.trim_start_matches("0x"), 16)
                 .map_err(|_| anyhow!("`sock` {s:?} is not a hex address"))?,

@@ -26,9 +26,8 @@ use hdrhistogram::Histogram;
 use crate::{
     kernel::events::{TcpState, Transition},
     report::format::Format,
-    report::group::{GroupBy, GroupKey},
+    report::group::{GroupBy, GroupKey, NamedOwner},
     track::close::{CloseBy, Rst},
-    track::tracker::Owner,
 };
 
 /// HdrHistogram precision: values are kept to within 1/128 of themselves.
@@ -472,7 +471,7 @@ impl Summary {
 
     /// Records the stay transition `t` ended, if timed; `owner` is its
     /// socket's, as the output names it.
-    pub fn transition(&mut self, t: &Transition, owner: Option<&Owner>) {
+    pub fn transition(&mut self, t: &Transition, owner: Option<&NamedOwner>) {
         if let Some((state, ns)) = stay(t) {
             self.record(state, ns, |by| by.key(t, owner));
         }

@@ -17,7 +17,7 @@ fn est(ns: u64) -> Transition {
 
 /// No owner known (the key functions never ask when not grouping by
 /// comm or pid).
-const NOBODY: Option<&Owner> = None;
+const NOBODY: Option<&NamedOwner> = None;
 
 /// The exact nearest-rank quantile of sorted values.
 fn exact(sorted: &[u64], q: f64) -> u64 {
@@ -332,12 +332,12 @@ fn group_by_comm_uses_the_owner() {
     let mut s = Summary::new(Some(GroupBy::Comm), 10);
     s.transition(
         &est(MS),
-        Some(&Owner {
+        Some(&NamedOwner::from(crate::track::tracker::Owner {
             pid: 1,
             comm: comm("nginx"),
             uid: 0,
             ..Default::default()
-        }),
+        })),
     );
     let mut out = Vec::new();
     s.write_json(&mut out).unwrap();

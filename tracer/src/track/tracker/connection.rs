@@ -311,7 +311,6 @@ impl Connection {
                 comm: t.comm,
                 uid: t.uid,
                 cgroup: t.cgroup,
-                container: None,
             });
             self.task_hint = Some((t.pid, t.tid));
         }

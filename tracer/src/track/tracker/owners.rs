@@ -31,9 +31,6 @@ pub struct Owner {
     pub uid: u32,
     /// Its cgroup v2 id (0: unknown), taken with the pid.
     pub cgroup: u64,
-    /// Its container, as the agent resolved `cgroup` when it named the
-    /// owner in a record (`containers.rs`); the tracker leaves it `None`.
-    pub container: Option<crate::track::containers::ContainerKey>,
 }
 
 impl Owner {
@@ -55,7 +52,6 @@ impl Owner {
             comm: Comm::from_name(&h.comm),
             uid,
             cgroup: cgroup_of(h.pid),
-            container: None,
         }))
     }
 

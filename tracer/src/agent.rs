@@ -474,6 +474,11 @@ fn timewait_interval(configured: Duration, last_poll: Duration) -> Duration {
 /// The longest the drain loop works before it looks at signals, timers
 /// and the worker's answers.
 pub const DRAIN_SLICE: Duration = Duration::from_millis(20);
+/// Sockets of a timewait poll's answer applied between two drains: a few
+/// milliseconds of records, where a whole answer (tens of thousands of
+/// connections entering or leaving TIME_WAIT at full churn) held the
+/// drain up long enough for the ring buffer to fill.
+pub const APPLY_SLICE: usize = 2048;
 
 /// How long the agent waits at exit for a last timewait poll.
 const EXIT_POLL_WAIT: Duration = Duration::from_millis(300);
@@ -660,6 +665,8 @@ pub async fn run(args: Args, live: Option<crate::top::feed::Live>) -> anyhow::Re
     let mut drain_tick = interval(DRAIN_INTERVAL);
     drain_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut timewait_due = pin!(sleep(args.timewait_interval));
+    // What the poll being applied has cost so far.
+    let mut poll_cost = Duration::ZERO;
     let (mut snapshots, mut quit) = match live {
         Some(l) => (Some(l.snapshots), Some(l.quit)),
         None => (None, None),
@@ -682,6 +689,28 @@ pub async fn run(args: Args, live: Option<crate::top::feed::Live>) -> anyhow::Re
                     }
                     pipeline.out.flush()?;
                 }
+                // A poll's answer, applied in slices between drains.
+                () = std::future::ready(()), if lifecycle.applying() => {
+                    let started = std::time::Instant::now();
+                    let result = lifecycle.apply_step(&mut pipeline.tracker, APPLY_SLICE);
+                    pipeline.timewait_polled(result)?;
+                    pipeline.out.flush()?;
+                    let spent = started.elapsed();
+                    lifecycle.counters.poll_ns += spent.as_nanos() as u64;
+                    poll_cost += spent;
+                    if !lifecycle.applying() {
+                        // The poll's cost: the worker's dump and the
+                        // answer's application here.
+                        let next = timewait_interval(args.timewait_interval, poll_cost);
+                        timewait_due.as_mut().reset(tokio::time::Instant::now() + next);
+                    }
+                    // This branch is always ready: the drain comes from
+                    // here, not from the ring's readiness, and the runtime
+                    // gets its turn (signals, timers) before the next slice.
+                    pipeline.drain(ring.get_mut())?;
+                    pipeline.out.flush()?;
+                    tokio::task::yield_now().await;
+                }
                 named = named_rx.recv() => {
                     if let (Some((id, resolved)), Some(c)) = (named, pipeline.out.cgroups()) {
                         c.answer(id, resolved);
@@ -695,17 +724,9 @@ pub async fn run(args: Args, live: Option<crate::top::feed::Live>) -> anyhow::Re
                         // came: a new connection on a dumped-out 4-tuple
                         // must be seen as its reuse, not its early end.
                         pipeline.drain(ring.get_mut())?;
-                        // The poll's cost: the worker's dump and the
-                        // answer's application here.
-                        let applying = std::time::Instant::now();
-                        let dumped = Duration::from_nanos(dump.cpu_ns);
-                        let result = lifecycle.apply_timewait(&mut pipeline.tracker, dump);
-                        pipeline.timewait_polled(result)?;
-                        pipeline.out.flush()?;
-                        let cost = dumped + applying.elapsed();
-                        lifecycle.counters.poll_ns += applying.elapsed().as_nanos() as u64;
-                        let next = timewait_interval(args.timewait_interval, cost);
-                        timewait_due.as_mut().reset(tokio::time::Instant::now() + next);
+                        // Applied a slice at a time (the branch below).
+                        poll_cost = Duration::from_nanos(dump.cpu_ns);
+                        lifecycle.begin_apply(dump);
                     }
                     Some(Done::Released(n)) => namespaces_released += n,
                     Some(Done::PortRanges(ranges)) => {
@@ -876,6 +897,11 @@ pub async fn run(args: Args, live: Option<crate::top::feed::Live>) -> anyhow::Re
         pipeline.out.wait_when_full(EXIT_OUTPUT_WAIT);
         while !pipeline.drain(ring.get_mut())? {}
         pipeline.release_all()?;
+        // The rest of a poll's answer, if one was being applied.
+        while lifecycle.applying() {
+            let result = lifecycle.apply_step(&mut pipeline.tracker, usize::MAX);
+            pipeline.timewait_polled(result)?;
+        }
         // A last timewait poll, so that an active closer whose peer's FIN
         // came since the last one has its TIME_WAIT dated (and its close
         // handshake seen over) before it is written.

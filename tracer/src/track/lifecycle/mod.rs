@@ -65,8 +65,10 @@ pub struct Lifecycle {
     pub fentry: bool,
     /// The kernel answers sock_diag requests for TCP (`tcp_diag`).
     pub available: bool,
-    /// A timewait poll was asked and not answered yet.
+    /// A timewait poll was asked and its answer is not all applied yet.
     pub polling: bool,
+    /// The answer being applied, a slice at a time.
+    applying: Option<timewait::Applying>,
     pub counters: Counters,
 }
 
@@ -94,6 +96,7 @@ impl Lifecycle {
             fentry: false,
             available,
             polling: false,
+            applying: None,
             counters: Counters::default(),
         })
     }
@@ -107,6 +110,7 @@ impl Lifecycle {
             fentry: false,
             available: true,
             polling: false,
+            applying: None,
             counters: Counters::default(),
         }
     }

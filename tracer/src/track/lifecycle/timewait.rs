@@ -9,7 +9,7 @@ use crate::{
     kernel::events::{Family, Source, TcpState, Transition},
     track::diag::MAX_FILTER_TUPLES,
     track::tracker::{Owner, SlotId, TimewaitEnd, Tracker, TupleKey},
-    track::worker::{NetnsDump, NetnsQuery, TimewaitDump, TimewaitQuery, Wanted},
+    track::worker::{NetnsDump, NetnsQuery, TimewaitDump, TimewaitQuery, TimewaitSocket, Wanted},
 };
 
 /// What one poll's answer produced, in output order.
@@ -102,127 +102,230 @@ impl Lifecycle {
         })
     }
 
-    /// Applies a poll's answer: joins the connections that were waiting
-    /// to their timewait sockets (dating their entry into TIME_WAIT) and
-    /// ends those whose socket is gone.
+    /// Applies a poll's answer at once (at exit, and in tests): see
+    /// [`Lifecycle::begin_apply`].
     pub fn apply_timewait(&mut self, tracker: &mut Tracker, dump: TimewaitDump) -> PollResult {
-        self.polling = false;
+        self.begin_apply(dump);
+        let mut result = PollResult::default();
+        while self.applying() {
+            let step = self.apply_step(tracker, usize::MAX);
+            result.derived.extend(step.derived);
+            result.in_time_wait.extend(step.in_time_wait);
+            result.closed.extend(step.closed);
+        }
+        result
+    }
+
+    /// Takes a poll's answer, to apply with [`Lifecycle::apply_step`]: it
+    /// joins the connections that were waiting to their timewait sockets
+    /// (dating their entry into TIME_WAIT) and ends those whose socket is
+    /// gone. No new poll is asked until it is all applied.
+    pub fn begin_apply(&mut self, dump: TimewaitDump) {
         self.counters.polls += 1;
         self.counters.poll_ns += dump.cpu_ns;
         self.counters.errors += dump.errors;
-        let poll = dump.poll;
+        self.applying = Some(Applying {
+            poll: dump.poll,
+            done_ns: dump.done_ns,
+            namespaces: dump.namespaces,
+            netns: 0,
+            socket: 0,
+            answered: HashMap::new(),
+            unsighted: None,
+            judged: 0,
+        });
+    }
+
+    /// A poll's answer is being applied.
+    pub fn applying(&self) -> bool {
+        self.applying.is_some()
+    }
+
+    /// Applies the next `budget` sockets of the answer (sightings first,
+    /// then the waiting connections it did not show): a slice whose
+    /// records the caller writes before the ring buffer's next events, so
+    /// that a poll of tens of thousands of connections never holds up the
+    /// drain. Between slices the tracker may change: a connection that a
+    /// new one reused, or whose slot was freed, is no longer judged (the
+    /// index says so), and a connection that began to wait since the poll
+    /// was asked never is.
+    pub fn apply_step(&mut self, tracker: &mut Tracker, budget: usize) -> PollResult {
         let mut result = PollResult::default();
-        // Namespaces answered, and whether each counted an overflow.
-        let mut answered: HashMap<u32, bool> = HashMap::new();
-        for (inum, d) in dump.namespaces {
+        let Some(a) = self.applying.as_mut() else {
+            return result;
+        };
+        let mut left = budget;
+        while left > 0 && a.netns < a.namespaces.len() {
+            let (inum, d) = &a.namespaces[a.netns];
+            let inum = *inum;
             match d {
                 NetnsDump::Failed => {}
                 NetnsDump::Gone => {
-                    answered.insert(inum, false);
+                    a.answered.insert(inum, false);
                 }
                 NetnsDump::Dumped {
                     sockets,
                     overflowed,
                 } => {
-                    answered.insert(inum, overflowed);
-                    for s in &sockets {
-                        let key = TupleKey {
-                            netns: inum,
-                            family: s.family,
-                            laddr: s.laddr,
-                            lport: s.lport,
-                            raddr: s.raddr,
-                            rport: s.rport,
-                        };
-                        let Some(id) = tracker.timewait_sighted(&key, poll) else {
-                            continue;
-                        };
-                        let c = tracker.conn_mut(id);
-                        let Some(mut tw) = c.timewait else { continue };
-                        tw.seen = true;
-                        let expiry = s.expires_ns;
-                        let mut settled = false;
-                        if s.state == Some(TcpState::TimeWait) {
-                            if c.state != TcpState::TimeWait {
-                                // Entered TIME_WAIT when its 60 s timer was armed.
-                                let entered =
-                                    expiry.saturating_sub(TIMEWAIT_LEN_NS).max(c.state_since_ns);
-                                let old = c.state;
-                                let in_old = entered - c.state_since_ns;
-                                c.advance(TcpState::TimeWait, entered);
-                                let d = c.derived(
-                                    old,
-                                    TcpState::TimeWait,
-                                    entered,
-                                    Some(in_old),
-                                    Source::SockDiag,
-                                );
-                                result.derived.push((d, c.owner));
-                                result.in_time_wait.push(id);
-                            }
-                            // Once known, the scheduled expiry is kept: a timer
-                            // that fires late (timer wheel) reports 0 ms left.
-                            if tw.expires_ns().is_none() {
-                                tw.set_expires_ns(expiry);
-                            }
-                            settled = true;
-                        } else {
-                            tw.set_expires_ns(expiry); // the FIN_WAIT2 timeout
-                        }
-                        c.timewait = Some(tw);
-                        if settled {
-                            tracker.timewait_settled(&key);
-                        }
+                    a.answered.insert(inum, *overflowed);
+                    let n = left.min(sockets.len() - a.socket);
+                    for s in &sockets[a.socket..a.socket + n] {
+                        sighted(tracker, inum, s, a.poll, &mut result);
+                    }
+                    a.socket += n;
+                    left -= n;
+                    if a.socket < sockets.len() {
+                        return result;
                     }
                 }
             }
+            a.netns += 1;
+            a.socket = 0;
         }
-        let now = dump.done_ns;
-        let mut ending: Vec<(SlotId, u64, TimewaitEnd, Source)> = Vec::new();
-        for id in tracker.timewait_unsighted(poll) {
-            let c = tracker.conn_mut(id);
-            let Some(&overflowed) = answered.get(&c.netns) else {
-                continue;
-            };
-            let Some(mut tw) = c.timewait else { continue };
-            let expired = tw
-                .expires_ns()
-                .filter(|&e| tw.seen && now + EXPIRY_TOLERANCE_NS >= e);
-            let decided = if let (Some(k), 1..) = (tw.killed_ns(), tw.missing_polls) {
-                // Killed early, seen by fentry, and no reuse followed.
-                Some((k, TimewaitEnd::Early, Source::Fentry))
-            } else if let (Some(e), 0, None) = (expired, tw.missing_polls, tw.killed_ns()) {
-                Some((e, TimewaitEnd::Expired, Source::SockDiag))
-            } else if tw.missing_polls == 0 {
-                // Gone before its timer, or never seen: decided at the
-                // next poll, from what this one saw. A new connection that
-                // took its 4-tuple (a reuse) may still wait in the ring
-                // buffer; so may its death event, with fentry.
-                tw.missing_since_ns = now;
-                tw.missing_overflowed = overflowed;
-                None
-            } else if tw.seen {
-                Some((tw.missing_since_ns, TimewaitEnd::Early, Source::SockDiag))
-            } else if tw.missing_overflowed {
-                Some((tw.closed_ns, TimewaitEnd::NotCreated, Source::SockDiag))
-            } else {
-                Some((tw.closed_ns, TimewaitEnd::NotFound, Source::SockDiag))
-            };
-            match decided {
-                Some((at, end, source)) => ending.push((id, at, end, source)),
-                None => {
-                    tw.missing_polls += 1;
-                    c.timewait = Some(tw);
-                }
+        if left == 0 && a.netns < a.namespaces.len() {
+            return result;
+        }
+        let poll = a.poll;
+        let unsighted = a
+            .unsighted
+            .get_or_insert_with(|| tracker.timewait_unsighted(poll));
+        let n = left.min(unsighted.len() - a.judged);
+        for &id in &unsighted[a.judged..a.judged + n] {
+            if tracker.still_unsighted(id, poll) {
+                unsighted_judged(tracker, id, a.done_ns, &a.answered, &mut result);
             }
         }
-        for (id, at, end, source) in ending {
+        a.judged += n;
+        if a.judged == unsighted.len() {
+            self.applying = None;
+            self.polling = false;
+        }
+        result
+    }
+}
+
+/// A poll's answer on its way into the tracker.
+pub(super) struct Applying {
+    poll: u32,
+    done_ns: u64,
+    namespaces: Vec<(u32, NetnsDump)>,
+    /// The next namespace and socket to apply.
+    netns: usize,
+    socket: usize,
+    /// Namespaces answered so far, and whether each counted an overflow.
+    answered: HashMap<u32, bool>,
+    /// Once every sighting is applied: the connections the poll judges
+    /// and did not find, and how many of them are judged.
+    unsighted: Option<Vec<SlotId>>,
+    judged: usize,
+}
+
+/// Poll `poll` found timewait socket `s` in namespace `inum`: its
+/// connection, if waiting, is joined to it.
+fn sighted(
+    tracker: &mut Tracker,
+    inum: u32,
+    s: &TimewaitSocket,
+    poll: u32,
+    result: &mut PollResult,
+) {
+    let key = TupleKey {
+        netns: inum,
+        family: s.family,
+        laddr: s.laddr,
+        lport: s.lport,
+        raddr: s.raddr,
+        rport: s.rport,
+    };
+    let Some(id) = tracker.timewait_sighted(&key, poll) else {
+        return;
+    };
+    let c = tracker.conn_mut(id);
+    let Some(mut tw) = c.timewait else { return };
+    tw.seen = true;
+    let expiry = s.expires_ns;
+    let mut settled = false;
+    if s.state == Some(TcpState::TimeWait) {
+        if c.state != TcpState::TimeWait {
+            // Entered TIME_WAIT when its 60 s timer was armed.
+            let entered = expiry.saturating_sub(TIMEWAIT_LEN_NS).max(c.state_since_ns);
+            let old = c.state;
+            let in_old = entered - c.state_since_ns;
+            c.advance(TcpState::TimeWait, entered);
+            let d = c.derived(
+                old,
+                TcpState::TimeWait,
+                entered,
+                Some(in_old),
+                Source::SockDiag,
+            );
+            result.derived.push((d, c.owner));
+            result.in_time_wait.push(id);
+        }
+        // Once known, the scheduled expiry is kept: a timer
+        // that fires late (timer wheel) reports 0 ms left.
+        if tw.expires_ns().is_none() {
+            tw.set_expires_ns(expiry);
+        }
+        settled = true;
+    } else {
+        tw.set_expires_ns(expiry); // the FIN_WAIT2 timeout
+    }
+    c.timewait = Some(tw);
+    if settled {
+        tracker.timewait_settled(&key);
+    }
+}
+
+/// Connection `id` was waiting and the poll done at `now` did not find
+/// its timewait socket: it ends now, or at the next poll that does not
+/// find it either.
+fn unsighted_judged(
+    tracker: &mut Tracker,
+    id: SlotId,
+    now: u64,
+    answered: &HashMap<u32, bool>,
+    result: &mut PollResult,
+) {
+    let c = tracker.conn_mut(id);
+    let Some(&overflowed) = answered.get(&c.netns) else {
+        return;
+    };
+    let Some(mut tw) = c.timewait else { return };
+    let expired = tw
+        .expires_ns()
+        .filter(|&e| tw.seen && now + EXPIRY_TOLERANCE_NS >= e);
+    let decided = if let (Some(k), 1..) = (tw.killed_ns(), tw.missing_polls) {
+        // Killed early, seen by fentry, and no reuse followed.
+        Some((k, TimewaitEnd::Early, Source::Fentry))
+    } else if let (Some(e), 0, None) = (expired, tw.missing_polls, tw.killed_ns()) {
+        Some((e, TimewaitEnd::Expired, Source::SockDiag))
+    } else if tw.missing_polls == 0 {
+        // Gone before its timer, or never seen: decided at the
+        // next poll, from what this one saw. A new connection that
+        // took its 4-tuple (a reuse) may still wait in the ring
+        // buffer; so may its death event, with fentry.
+        tw.missing_since_ns = now;
+        tw.missing_overflowed = overflowed;
+        None
+    } else if tw.seen {
+        Some((tw.missing_since_ns, TimewaitEnd::Early, Source::SockDiag))
+    } else if tw.missing_overflowed {
+        Some((tw.closed_ns, TimewaitEnd::NotCreated, Source::SockDiag))
+    } else {
+        Some((tw.closed_ns, TimewaitEnd::NotFound, Source::SockDiag))
+    };
+    match decided {
+        Some((at, end, source)) => {
             if let Some(d) = tracker.end_timewait(id, at, end, source) {
                 result.derived.push((d, tracker.conn(id).owner));
             }
             result.closed.push(id);
         }
-        result
+        None => {
+            tw.missing_polls += 1;
+            c.timewait = Some(tw);
+        }
     }
 }
 
@@ -354,6 +457,78 @@ mod tests {
         assert_eq!(ended.state_ns(TimeWait), Some(60_000 * MS));
         assert_eq!(r.derived[0].0.mono_ns, 60_120 * MS);
         assert!(!t.has_timewait());
+    }
+
+    #[test]
+    fn an_answer_applied_in_slices_judges_only_what_still_waits() {
+        let mut t = Tracker::new(64);
+        let mut l = Lifecycle::detached();
+        let keys: Vec<TupleKey> = (0..4)
+            .map(|i| active_close(&mut t, 10 + i, 3000 + i as u16, 100))
+            .collect();
+        let q = ask(&mut l, &mut t);
+        // 0 and 1 in TIME_WAIT; 2 and 3 not in the dump.
+        let sockets = keys[..2]
+            .iter()
+            .map(|k| found(k, TimeWait, 60_120 * MS))
+            .collect();
+        l.begin_apply(answer(&q, sockets, false, 200));
+        for _ in 0..2 {
+            let r = l.apply_step(&mut t, 1);
+            assert_eq!(r.in_time_wait.len(), 1, "one socket per slice");
+        }
+        assert!(l.applying() && l.polling, "2 and 3 are still to judge");
+        assert!(matches!(l.timewait_poll(&mut t), TimewaitPoll::Nothing));
+        // Between slices: a new connection takes 1's 4-tuple (a reuse);
+        // 2 ends, and its slot goes to a connection that closes after the
+        // poll was asked.
+        let reuse = Transition {
+            mono_ns: 210 * MS,
+            sock: 99,
+            lport: keys[1].lport,
+            old: Listen,
+            new: SynRecv,
+            old_state_ns: None,
+            ..sample()
+        };
+        let o = t.on_transition(&reuse);
+        assert_eq!(o.closed.len(), 1, "1 ended as reused");
+        t.release(o.closed[0]);
+        let two = t
+            .timewait_mut()
+            .find(|(_, c)| c.key() == keys[2])
+            .map(|(id, _)| id)
+            .unwrap();
+        t.end_timewait(two, 210 * MS, TimewaitEnd::Early, Source::SockDiag);
+        t.release(two);
+        let late = active_close(&mut t, 20, 3010, 220);
+        let late_id = t
+            .timewait_mut()
+            .find(|(_, c)| c.key() == late)
+            .map(|(id, _)| id);
+        assert_eq!(late_id, Some(two), "the freed slot is taken again");
+        let mut derived = 0;
+        let mut closed = 0;
+        while l.applying() {
+            let r = l.apply_step(&mut t, 1);
+            derived += r.derived.len();
+            closed += r.closed.len();
+        }
+        assert_eq!(
+            (derived, closed),
+            (0, 0),
+            "3's first miss decides nothing yet"
+        );
+        assert!(!l.polling);
+        // 0 waits in TIME_WAIT, 3 after one miss, the late one unjudged.
+        assert_eq!(t.timewait_pending(), 3);
+        let waiting: Vec<TupleKey> = t.timewait_mut().map(|(_, c)| c.key()).collect();
+        assert!(waiting.contains(&keys[0]) && waiting.contains(&keys[3]));
+        assert!(waiting.contains(&late));
+        let (_, c3) = t.timewait_mut().find(|(_, c)| c.key() == keys[3]).unwrap();
+        assert_eq!(c3.timewait.unwrap().missing_polls, 1);
+        let (_, cl) = t.timewait_mut().find(|(_, c)| c.key() == late).unwrap();
+        assert_eq!(cl.timewait.unwrap().missing_polls, 0);
     }
 
     #[test]

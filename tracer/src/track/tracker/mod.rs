@@ -566,6 +566,17 @@ impl Tracker {
             .collect()
     }
 
+    /// Connection `id` still waits under the index entry of its 4-tuple,
+    /// and poll `poll` judges it without having found it (it was in
+    /// [`Tracker::timewait_unsighted`], and nothing ended it since).
+    pub fn still_unsighted(&self, id: SlotId, poll: u32) -> bool {
+        self.slab.phase(id) == Phase::Timewait
+            && self
+                .timewait
+                .get(&self.slab.get(id).key())
+                .is_some_and(|e| e.id == id && e.born_in < poll && e.found_in != poll)
+    }
+
     pub fn timewait_pending(&self) -> usize {
         self.timewait.len()
     }

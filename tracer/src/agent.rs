@@ -475,9 +475,9 @@ fn timewait_interval(configured: Duration, last_poll: Duration) -> Duration {
 /// and the worker's answers.
 pub const DRAIN_SLICE: Duration = Duration::from_millis(20);
 /// Sockets of a timewait poll's answer applied between two drains: a few
-/// milliseconds of records, where a whole answer (tens of thousands of
-/// connections entering or leaving TIME_WAIT at full churn) held the
-/// drain up long enough for the ring buffer to fill.
+/// milliseconds of records. A whole answer (tens of thousands of
+/// connections entering or leaving TIME_WAIT at full churn) would hold
+/// the drain up long enough for the ring buffer to fill.
 pub const APPLY_SLICE: usize = 2048;
 
 /// How long the agent waits at exit for a last timewait poll.
@@ -694,7 +694,6 @@ pub async fn run(args: Args, live: Option<crate::top::feed::Live>) -> anyhow::Re
                     let started = std::time::Instant::now();
                     let result = lifecycle.apply_step(&mut pipeline.tracker, APPLY_SLICE);
                     pipeline.timewait_polled(result)?;
-                    pipeline.out.flush()?;
                     let spent = started.elapsed();
                     lifecycle.counters.poll_ns += spent.as_nanos() as u64;
                     poll_cost += spent;
@@ -724,7 +723,8 @@ pub async fn run(args: Args, live: Option<crate::top::feed::Live>) -> anyhow::Re
                         // came: a new connection on a dumped-out 4-tuple
                         // must be seen as its reuse, not its early end.
                         pipeline.drain(ring.get_mut())?;
-                        // Applied a slice at a time (the branch below).
+                        // Applied a slice at a time (the branch on
+                        // `lifecycle.applying()`).
                         poll_cost = Duration::from_nanos(dump.cpu_ns);
                         lifecycle.begin_apply(dump);
                     }

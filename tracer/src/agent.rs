@@ -161,9 +161,9 @@ impl<W: RecordWrite> Pipeline<W> {
         let conn = self.tracker.conn_mut(id);
         conn.close_written = true;
         conn.close_written_early = true;
-        let conn = *conn;
-        let pids = accepted_by(&self.tracker, &conn);
-        self.out.close(&conn, &close, pids)
+        let conn = self.tracker.conn(id);
+        let pids = accepted_by(&self.tracker, conn);
+        self.out.close(conn, &close, pids)
     }
 
     /// A transition to the output and to the observers (summary, metrics),

@@ -223,22 +223,8 @@ impl Diag {
     /// Every TCP socket of `family` whose state is in `states` (a mask of
     /// [`state_bit`]s), timewait sockets included.
     pub fn dump(&mut self, family: Family, states: u32) -> io::Result<Vec<DiagSocket>> {
-        self.dump_with(family, states, &mut || {})
-    }
-
-    /// [`Diag::dump`], calling `between` after each chunk of the reply (a
-    /// large dump takes long enough for the caller to need to do work
-    /// meanwhile).
-    pub fn dump_with(
-        &mut self,
-        family: Family,
-        states: u32,
-        between: &mut dyn FnMut(),
-    ) -> io::Result<Vec<DiagSocket>> {
         let mut out = Vec::new();
-        self.dump_request(family, states, None, between, &mut out, &mut |s| {
-            Some(s.clone())
-        })?;
+        self.dump_request(family, states, None, &mut out, &mut |s| Some(s.clone()))?;
         Ok(out)
     }
 
@@ -258,7 +244,7 @@ impl Diag {
         out: &mut Vec<T>,
         keep: Keep<'_, T>,
     ) -> io::Result<()> {
-        self.dump_request(family, states, ports, &mut || {}, out, keep)
+        self.dump_request(family, states, ports, out, keep)
     }
 
     /// The socket with this exact 4-tuple, if there is one.
@@ -282,7 +268,7 @@ impl Diag {
                 found = Some(s);
             }
         };
-        match self.exchange(&req, seq, false, &mut || {}, &mut take) {
+        match self.exchange(&req, seq, false, &mut take) {
             Ok(_) => Ok(found),
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
             Err(e) => Err(e),
@@ -297,7 +283,6 @@ impl Diag {
         family: Family,
         states: u32,
         ports: Option<&[(u16, u16)]>,
-        between: &mut dyn FnMut(),
         out: &mut Vec<T>,
         keep: Keep<'_, T>,
     ) -> io::Result<()> {
@@ -309,7 +294,7 @@ impl Diag {
             if let Some(b) = &bytecode {
                 append_bytecode(&mut req, b);
             }
-            let replies = self.exchange(&req, seq, true, between, &mut |read| {
+            let replies = self.exchange(&req, seq, true, &mut |read| {
                 out.extend(read.drain(..).filter_map(|s| keep(&s)));
             });
             match replies {
@@ -339,7 +324,6 @@ impl Diag {
         req: &[u8],
         seq: u32,
         dump: bool,
-        between: &mut dyn FnMut(),
         take: &mut dyn FnMut(&mut Vec<DiagSocket>),
     ) -> io::Result<Replies> {
         if self.unfinished {
@@ -391,9 +375,6 @@ impl Diag {
             if chunk.done || (!dump && chunk.answered) {
                 self.unfinished = false;
                 return Ok(replies);
-            }
-            if chunk.answered {
-                between();
             }
         }
     }
@@ -1138,13 +1119,9 @@ mod tests {
         ];
         let (mut diag, sent) = scripted(stale, |seq| dump_answer(seq, &[10, 11], 0));
         diag.seq = 1;
-        let mut chunks = 0;
-        let got = diag
-            .dump_with(Family::Ipv4, ALL_STATES, &mut || chunks += 1)
-            .unwrap();
+        let got = diag.dump(Family::Ipv4, ALL_STATES).unwrap();
         assert_eq!(lports(&got), [10, 11]);
         assert_eq!(*sent.lock().unwrap(), [2]);
-        assert_eq!(chunks, 1, "called between the request's own chunks only");
         assert!(got.iter().all(|s| s.read_ns > 0));
     }
 

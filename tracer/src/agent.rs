@@ -897,8 +897,9 @@ pub async fn run(args: Args, live: Option<crate::top::feed::Live>) -> anyhow::Re
         pipeline.out.wait_when_full(EXIT_OUTPUT_WAIT);
         while !pipeline.drain(ring.get_mut())? {}
         pipeline.release_all()?;
-        // The rest of a poll's answer, if one was being applied.
-        while lifecycle.applying() {
+        // The rest of a poll's answer, if one was being applied (an
+        // unbounded step applies all of it).
+        if lifecycle.applying() {
             let result = lifecycle.apply_step(&mut pipeline.tracker, usize::MAX);
             pipeline.timewait_polled(result)?;
         }

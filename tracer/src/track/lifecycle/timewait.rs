@@ -106,14 +106,8 @@ impl Lifecycle {
     /// [`Lifecycle::begin_apply`].
     pub fn apply_timewait(&mut self, tracker: &mut Tracker, dump: TimewaitDump) -> PollResult {
         self.begin_apply(dump);
-        let mut result = PollResult::default();
-        while self.applying() {
-            let step = self.apply_step(tracker, usize::MAX);
-            result.derived.extend(step.derived);
-            result.in_time_wait.extend(step.in_time_wait);
-            result.closed.extend(step.closed);
-        }
-        result
+        // An unbounded step applies all of it.
+        self.apply_step(tracker, usize::MAX)
     }
 
     /// Takes a poll's answer, to apply with [`Lifecycle::apply_step`]: it
@@ -182,7 +176,8 @@ impl Lifecycle {
             a.netns += 1;
             a.socket = 0;
         }
-        if left == 0 && a.netns < a.namespaces.len() {
+        // Out of budget before the last namespace.
+        if a.netns < a.namespaces.len() {
             return result;
         }
         let poll = a.poll;

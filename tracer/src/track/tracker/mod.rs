@@ -561,7 +561,7 @@ impl Tracker {
     pub fn timewait_unsighted(&self, poll: u32) -> Vec<SlotId> {
         self.timewait
             .entries()
-            .filter(|e| e.born_in < poll && e.found_in != poll)
+            .filter(|e| e.unsighted_by(poll))
             .map(|e| e.id)
             .collect()
     }
@@ -574,7 +574,7 @@ impl Tracker {
             && self
                 .timewait
                 .get(&self.slab.get(id).key())
-                .is_some_and(|e| e.id == id && e.born_in < poll && e.found_in != poll)
+                .is_some_and(|e| e.id == id && e.unsighted_by(poll))
     }
 
     pub fn timewait_pending(&self) -> usize {

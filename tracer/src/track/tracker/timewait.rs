@@ -32,6 +32,14 @@ pub struct TwEntry {
     pub in_time_wait: bool,
 }
 
+impl TwEntry {
+    /// Poll `poll` judges this connection (it began to wait before the
+    /// poll was asked) and did not find its timewait socket.
+    pub fn unsighted_by(&self, poll: u32) -> bool {
+        self.born_in < poll && self.found_in != poll
+    }
+}
+
 #[derive(Default)]
 pub(crate) struct TimewaitIndex {
     map: FastMap<u64, TwEntry>,

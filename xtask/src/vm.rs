@@ -34,6 +34,10 @@ const PASS: &str = "TRACER-VM-RESULT: PASS";
 const FAIL: &str = "TRACER-VM-RESULT: FAIL";
 const DIST_PASS: &str = "TRACER-VM-DIST: PASS";
 const DIST_FAIL: &str = "TRACER-VM-DIST: FAIL";
+/// What the guest's init prints first: the guest got as far as our code.
+const INIT_MARK: &str = "TRACER-VM:";
+/// Tries of `apt-get download` before a guest's kernel counts as missing.
+const DOWNLOAD_ATTEMPTS: u64 = 3;
 /// Upper bound of one boot + suite; a run takes 5-7 minutes, x86-64 and
 /// arm64 alike, on the CI machine kind.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(20 * 60);
@@ -230,11 +234,21 @@ fn download_unpack(package: &str, arch: Arch, into: &Path) -> Result<()> {
     let download = into.with_extension("download");
     let _ = fs::remove_dir_all(&download);
     fs::create_dir_all(&download)?;
-    output(
+    // The package mirror is the one network dependency of a guest run; a
+    // transient failure there must not fail a whole `cargo xtask test`.
+    let mut attempt = 1;
+    while let Err(e) = output(
         Command::new("apt-get")
             .args(["download", "-qq", &format!("{package}:{}", arch.name())])
             .current_dir(&download),
-    )?;
+    ) {
+        if attempt == DOWNLOAD_ATTEMPTS {
+            return Err(e.context(format!("{DOWNLOAD_ATTEMPTS} attempts")));
+        }
+        eprintln!("xtask: {e:#}; trying again");
+        thread::sleep(Duration::from_secs(5 * attempt));
+        attempt += 1;
+    }
     let deb = fs::read_dir(&download)?
         .filter_map(std::result::Result::ok)
         .map(|e| e.path())
@@ -614,6 +628,28 @@ fn copy_checked(from: &Path, to: &Path, arch: Arch) -> Result<()> {
 /// how long it took if the guest printed the pass marker (and, with
 /// `dist`, the release binary's).
 pub(crate) fn boot(series: Series, kernel: &Path, initrd: &Path, dist: bool) -> Result<Duration> {
+    match boot_once(series, kernel, initrd, dist)? {
+        Boot::Done(took) => Ok(took),
+        // Nothing of ours ran (QEMU or the kernel failed before init): a
+        // fault of the machine, not of the tracer; one more boot says which.
+        Boot::NoInit(why) => {
+            eprintln!("xtask: Linux {}: {why}; booting again", series.name);
+            match boot_once(series, kernel, initrd, dist)? {
+                Boot::Done(took) => Ok(took),
+                Boot::NoInit(why) => bail!("{why}, twice"),
+            }
+        }
+    }
+}
+
+/// How a boot ended when the suite did not fail.
+enum Boot {
+    Done(Duration),
+    /// The guest stopped before its init printed anything.
+    NoInit(String),
+}
+
+fn boot_once(series: Series, kernel: &Path, initrd: &Path, dist: bool) -> Result<Boot> {
     let started = Instant::now();
     let arch = series.arch;
     let mut child = Command::new(arch.qemu())
@@ -653,8 +689,13 @@ pub(crate) fn boot(series: Series, kernel: &Path, initrd: &Path, dist: bool) -> 
     });
     let mut verdict = None;
     let mut dist_verdict = None;
+    let mut init_ran = false;
     loop {
-        match rx.recv_timeout(Duration::from_millis(200)) {
+        let line = rx.recv_timeout(Duration::from_millis(200));
+        if line.as_ref().is_ok_and(|l| l.contains(INIT_MARK)) {
+            init_ran = true;
+        }
+        match line {
             Ok(line) if line.contains(PASS) => verdict = Some(true),
             Ok(line) if line.contains(FAIL) => verdict = Some(false),
             Ok(line) if line.contains(DIST_PASS) => dist_verdict = Some(true),
@@ -669,13 +710,19 @@ pub(crate) fn boot(series: Series, kernel: &Path, initrd: &Path, dist: bool) -> 
             bail!("Linux {name} guest did not finish within {BOOT_TIMEOUT:?}");
         }
     }
-    let _ = child.wait();
+    let status = child.wait();
     let took = started.elapsed();
+    if !init_ran {
+        return Ok(Boot::NoInit(format!(
+            "Linux {name} guest stopped after {took:.1?} before its init ran ({})",
+            status.map_or_else(|e| e.to_string(), |s| s.to_string())
+        )));
+    }
     if dist && dist_verdict != Some(true) {
         bail!("the release binary of `cargo xtask dist` failed its trace on Linux {name} (guest console above)");
     }
     match verdict {
-        Some(true) => Ok(took),
+        Some(true) => Ok(Boot::Done(took)),
         Some(false) => bail!("the integration suite failed on Linux {name} (guest console above)"),
         None => bail!("Linux {name} guest stopped without a result marker (kernel panic or init failure; console above)"),
     }

@@ -243,7 +243,7 @@ impl<W: RecordWrite> Pipeline<W> {
 
     /// Writes the held records whose reset grace is over.
     fn release_held(&mut self, drain_start_ns: u64) -> io::Result<()> {
-        while let Some(id) = self.resets.pop_due(drain_start_ns, &self.tracker) {
+        while let Some(id) = self.resets.pop_due(drain_start_ns) {
             self.write_connection(id)?;
         }
         self.resets.expire_pending(drain_start_ns);
@@ -252,7 +252,7 @@ impl<W: RecordWrite> Pipeline<W> {
 
     /// At exit: every held record.
     pub fn release_all(&mut self) -> io::Result<()> {
-        while let Some(id) = self.resets.pop_any(&self.tracker) {
+        while let Some(id) = self.resets.pop_any() {
             self.write_connection(id)?;
         }
         Ok(())

@@ -34,9 +34,15 @@
 //! [`Ports::hold`]); a change costs one look-up of the destination, and
 //! entries are made only for new destinations (at most [`MAX_DESTS`]).
 
-use std::net::IpAddr;
+use std::{
+    hash::{Hash, Hasher},
+    net::IpAddr,
+};
 
-use crate::{track::tracker::TupleKey, FastMap};
+use crate::{
+    track::tracker::{hash_addr, TupleKey},
+    FastMap,
+};
 
 /// Destinations counted at once; connections toward more are not counted
 /// (`port_pressure_dests_full` in the stats).
@@ -54,12 +60,22 @@ pub enum Hold {
 }
 
 /// A destination, as Linux chooses local ports for it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Dest {
     pub netns: u32,
     pub laddr: IpAddr,
     pub raddr: IpAddr,
     pub rport: u16,
+}
+
+/// In words, as [`TupleKey`]'s hash: looked up at each change of what a
+/// client connection holds.
+impl Hash for Dest {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        h.write_u64(u64::from(self.netns) << 16 | u64::from(self.rport));
+        hash_addr(h, &self.laddr);
+        hash_addr(h, &self.raddr);
+    }
 }
 
 impl Dest {

@@ -16,7 +16,7 @@
 //! [`PENDING_TTL_NS`] (a filtered connection's, or a socket the tracker had
 //! no room for) is counted as `resets_unmatched`.
 
-use std::collections::VecDeque;
+use std::collections::{hash_map::Entry, VecDeque};
 
 use crate::{
     kernel::events::{Reset, ResetDirection, TcpState},
@@ -44,6 +44,15 @@ struct Handover {
     at_ns: u64,
 }
 
+/// A connection held for its resets: its socket address beside it, so
+/// releasing it touches no slot.
+#[derive(Clone, Copy, Debug)]
+struct Held {
+    id: SlotId,
+    sock: u64,
+    release_ns: u64,
+}
+
 #[derive(Clone, Copy, Debug, Default)]
 struct Pending {
     sent: u32,
@@ -62,7 +71,7 @@ pub struct Resets {
     pub enabled: bool,
     /// Ended connections (their slots in the tracker) and when they may
     /// be written, in close order.
-    held: VecDeque<(SlotId, u64)>,
+    held: VecDeque<Held>,
     /// The newest held connection of each socket address: an abort's
     /// reset finds its connection without a walk of `held`.
     held_by_sock: HashMap<u64, SlotId>,
@@ -217,15 +226,23 @@ impl Resets {
         }
         let release = conn.state_since_ns + RESET_GRACE_NS;
         self.held_by_sock.insert(conn.sock, id);
-        self.held.push_back((id, release));
+        self.held.push_back(Held {
+            id,
+            sock: conn.sock,
+            release_ns: release,
+        });
         false
     }
 
     /// The next held connection whose grace ended before `drain_start_ns`
     /// (the start of a drain that emptied the ring buffer), in close order.
-    pub fn pop_due(&mut self, drain_start_ns: u64, tracker: &Tracker) -> Option<SlotId> {
-        if self.held.front().is_some_and(|(_, r)| *r <= drain_start_ns) {
-            return self.pop_any(tracker);
+    pub fn pop_due(&mut self, drain_start_ns: u64) -> Option<SlotId> {
+        if self
+            .held
+            .front()
+            .is_some_and(|h| h.release_ns <= drain_start_ns)
+        {
+            return self.pop_any();
         }
         None
     }
@@ -247,11 +264,12 @@ impl Resets {
     }
 
     /// The next held connection, whatever its grace (at exit).
-    pub fn pop_any(&mut self, tracker: &Tracker) -> Option<SlotId> {
-        let (id, _) = self.held.pop_front()?;
-        let sock = tracker.conn(id).sock;
-        if self.held_by_sock.get(&sock) == Some(&id) {
-            self.held_by_sock.remove(&sock);
+    pub fn pop_any(&mut self) -> Option<SlotId> {
+        let Held { id, sock, .. } = self.held.pop_front()?;
+        if let Entry::Occupied(e) = self.held_by_sock.entry(sock) {
+            if *e.get() == id {
+                e.remove();
+            }
         }
         Some(id)
     }
@@ -262,7 +280,7 @@ impl Resets {
 
     /// When the last held connection may be written (CLOCK_MONOTONIC).
     pub fn last_release_ns(&self) -> Option<u64> {
-        self.held.back().map(|&(_, at)| at)
+        self.held.back().map(|h| h.release_ns)
     }
 }
 
@@ -313,7 +331,7 @@ mod tests {
     /// What `pop_due` releases at `at`, copied out.
     fn due(r: &mut Resets, t: &mut Tracker, at: u64) -> Vec<crate::track::tracker::Connection> {
         let mut out = Vec::new();
-        while let Some(id) = r.pop_due(at, t) {
+        while let Some(id) = r.pop_due(at) {
             out.push(t.take(id));
         }
         r.expire_pending(at);
@@ -322,7 +340,7 @@ mod tests {
 
     fn all(r: &mut Resets, t: &mut Tracker) -> Vec<crate::track::tracker::Connection> {
         let mut out = Vec::new();
-        while let Some(id) = r.pop_any(t) {
+        while let Some(id) = r.pop_any() {
             out.push(t.take(id));
         }
         out

@@ -42,7 +42,7 @@ use std::collections::hash_map::Entry;
 
 use arrayvec::ArrayVec;
 
-pub use connection::{Connection, Timewait, TimewaitEnd, TupleKey};
+pub use connection::{hash_addr, Connection, Timewait, TimewaitEnd, TupleKey};
 pub use owners::Owner;
 use owners::{Accepted, AcceptedEntry, Listeners};
 pub use slab::{Phase, SlotId};

@@ -556,3 +556,51 @@ fn ephemeral_ports_are_held_by_clients_until_their_timewait_ends() {
         "entries go with their last port"
     );
 }
+
+#[test]
+fn tuple_keys_that_differ_in_any_field_hash_apart() {
+    use std::hash::BuildHasher as _;
+    let h = foldhash::fast::FixedState::with_seed(7);
+    let v4 = TupleKey {
+        netns: 4026531840,
+        family: Family::Ipv4,
+        laddr: "127.0.0.1".parse().unwrap(),
+        lport: 40000,
+        raddr: "127.0.0.2".parse().unwrap(),
+        rport: 80,
+    };
+    let v6 = TupleKey {
+        family: Family::Ipv6,
+        laddr: "::1".parse().unwrap(),
+        raddr: "::2".parse().unwrap(),
+        ..v4
+    };
+    let mut keys = vec![v4, v6];
+    for base in [v4, v6] {
+        keys.push(TupleKey {
+            netns: base.netns + 1,
+            ..base
+        });
+        keys.push(TupleKey {
+            lport: base.rport,
+            rport: base.lport,
+            ..base
+        });
+        keys.push(TupleKey {
+            laddr: base.raddr,
+            raddr: base.laddr,
+            ..base
+        });
+        keys.push(TupleKey {
+            lport: base.lport + 1,
+            ..base
+        });
+        keys.push(TupleKey {
+            rport: base.rport + 1,
+            ..base
+        });
+    }
+    let hashes: std::collections::HashSet<u64> = keys.iter().map(|k| h.hash_one(k)).collect();
+    assert_eq!(hashes.len(), keys.len());
+    assert_eq!(h.hash_one(v6), h.hash_one(TupleKey { ..v6 }));
+}

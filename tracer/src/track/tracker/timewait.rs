@@ -12,7 +12,7 @@
 //! (a false match, about one look-up in 10^14 with 65,536 entries, would
 //! keep another connection's entry one poll longer).
 
-use std::hash::BuildHasher as _;
+use std::{collections::hash_map::Entry, hash::BuildHasher as _};
 
 use super::{connection::TupleKey, slab::SlotId};
 use crate::{kernel::events::Family, FastMap};
@@ -79,12 +79,13 @@ impl TimewaitIndex {
 
     /// Removes the entry of `key` if it is connection `id`'s.
     pub(crate) fn remove(&mut self, key: &TupleKey, id: SlotId) -> bool {
-        let h = self.hash(key);
-        if self.map.get(&h).is_some_and(|e| e.id == id) {
-            self.map.remove(&h);
-            return true;
+        match self.map.entry(self.hash(key)) {
+            Entry::Occupied(e) if e.get().id == id => {
+                e.remove();
+                true
+            }
+            _ => false,
         }
-        false
     }
 
     pub(crate) fn len(&self) -> usize {

@@ -1000,6 +1000,11 @@ pub async fn run(args: Args, live: Option<crate::top::feed::Live>) -> anyhow::Re
         Err(e) if e.kind() == io::ErrorKind::BrokenPipe => return Ok(()),
         other => other.context("writing output")?,
     }
+    // The tracker keeps its slots and indexes at their peak size.
+    log::info!(
+        "tracker: {:.1} MiB in connection slots and indexes at its peak",
+        pipeline.tracker.memory_bytes() as f64 / f64::from(1 << 20)
+    );
     let kernel = counters.read().context("reading the kernel counters")?;
     let mut stats = pipeline.stats(kernel);
     stats.listeners_full += listeners_unseeded;

@@ -800,7 +800,8 @@ impl Tracker {
         c
     }
 
-    /// Bytes the table holds (slots and indexes), for `-v` and the bench.
+    /// Bytes the table holds (slots and indexes), logged with `-v` at exit:
+    /// slabs and hash tables keep their peak size, so this is the peak.
     pub fn memory_bytes(&self) -> usize {
         let slot = size_of::<Phase>() + size_of::<Connection>();
         let index = |cap: usize, entry: usize| cap * (entry + 1);

@@ -407,7 +407,11 @@ impl<W: RecordWrite> Output<W> {
                     .map(|(s, ns)| format!("{}={:.3}ms", s.name(), ns as f64 / 1e6))
                     .collect();
                 let mut notes = String::new();
-                if !c.complete {
+                // A record cut at exit is incomplete at its end, not its
+                // opening (JSON's `at_exit`).
+                if c.cut_at_exit {
+                    notes.push_str(" (cut at exit)");
+                } else if !c.complete {
                     notes.push_str(" (opening not seen)");
                 }
                 if let Some(end) = time_wait_end {

@@ -164,9 +164,26 @@ fn connection_table_line() {
     o.connection(&closed(), &close_of(&closed()), None).unwrap();
     let s = text(o);
     assert!(
-        s.contains("CONNECTION 201.000ms SYN_SENT=1.000ms ESTABLISHED=200.000ms"),
+        s.contains("CONNECTION 201.000ms SYN_SENT=1.000ms ESTABLISHED=200.000ms\n"),
         "{s}"
     );
+    // Seen whole but cut at exit: its end is what is missing.
+    let mut cut = closed();
+    (cut.cut_at_exit, cut.complete) = (true, false);
+    let mut o = out(Format::Table, EventsMode::Connections);
+    o.connection(&cut, &close_of(&cut), None).unwrap();
+    let s = text(o);
+    assert!(
+        s.trim_end()
+            .ends_with("ESTABLISHED=200.000ms (cut at exit)"),
+        "{s}"
+    );
+    let mut unopened = closed();
+    unopened.complete = false;
+    let mut o = out(Format::Table, EventsMode::Connections);
+    o.connection(&unopened, &close_of(&unopened), None).unwrap();
+    let s = text(o);
+    assert!(s.trim_end().ends_with(" (opening not seen)"), "{s}");
 }
 
 #[test]

@@ -628,17 +628,16 @@ fn copy_checked(from: &Path, to: &Path, arch: Arch) -> Result<()> {
 /// how long it took if the guest printed the pass marker (and, with
 /// `dist`, the release binary's).
 pub(crate) fn boot(series: Series, kernel: &Path, initrd: &Path, dist: bool) -> Result<Duration> {
+    // Nothing of ours ran (QEMU or the kernel failed before init): a fault
+    // of the machine, not of the tracer; one more boot says which.
+    let why = match boot_once(series, kernel, initrd, dist)? {
+        Boot::Done(took) => return Ok(took),
+        Boot::NoInit(why) => why,
+    };
+    eprintln!("xtask: Linux {}: {why}; booting again", series.name);
     match boot_once(series, kernel, initrd, dist)? {
         Boot::Done(took) => Ok(took),
-        // Nothing of ours ran (QEMU or the kernel failed before init): a
-        // fault of the machine, not of the tracer; one more boot says which.
-        Boot::NoInit(why) => {
-            eprintln!("xtask: Linux {}: {why}; booting again", series.name);
-            match boot_once(series, kernel, initrd, dist)? {
-                Boot::Done(took) => Ok(took),
-                Boot::NoInit(why) => bail!("{why}, twice"),
-            }
-        }
+        Boot::NoInit(why) => bail!("{why}, twice"),
     }
 }
 

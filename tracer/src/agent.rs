@@ -387,9 +387,7 @@ impl<W: RecordWrite> Pipeline<W> {
         let mut n = 0u32;
         loop {
             let Some(item) = ring.next() else {
-                self.drain_began = None;
-                self.release_held(began)?;
-                self.write_deferred()?;
+                self.drained(began)?;
                 return Ok(true);
             };
             self.handle(&item)?;
@@ -400,6 +398,15 @@ impl<W: RecordWrite> Pipeline<W> {
                 return Ok(false);
             }
         }
+    }
+
+    /// The ring buffer is empty: every record submitted before `began_ns`
+    /// (when the drain's first slice began) has been handled, so the held
+    /// records whose resets would have been among them are written.
+    pub fn drained(&mut self, began_ns: u64) -> io::Result<()> {
+        self.drain_began = None;
+        self.release_held(began_ns)?;
+        self.write_deferred()
     }
 
     pub fn stats(&self, kernel: CounterValues) -> Stats {
@@ -436,7 +443,7 @@ impl<W: RecordWrite> Pipeline<W> {
 /// live connection gauges), and the states watched for stuck connections.
 /// The other transitions of a socket (the open and close handshakes) reach
 /// the agent with the next of these, or at CLOSE.
-fn flush_states(args: &Args) -> u16 {
+pub fn flush_states(args: &Args) -> u16 {
     let bit = |s: TcpState| 1u16 << (s as u8);
     let mut mask = bit(TcpState::Listen) | bit(TcpState::Established);
     if !args.close_wait.is_zero() {

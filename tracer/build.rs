@@ -18,6 +18,12 @@ fn main() -> anyhow::Result<()> {
         .manifest_path
         .parent()
         .ok_or_else(|| anyhow!("no parent for {}", ebpf.manifest_path))?;
+    // The workspace's release profile links the agent with fat LTO; the
+    // kernel program's crates are linked by bpf-linker, and its object
+    // stays the one the kernels' verifiers were tested with. Cargo takes
+    // profile settings from the environment, which the nested build
+    // inherits.
+    std::env::set_var("CARGO_PROFILE_RELEASE_LTO", "false");
     aya_build::build_ebpf(
         [aya_build::Package {
             name: ebpf.name.as_str(),

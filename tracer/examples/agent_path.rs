@@ -18,8 +18,11 @@
 //! hand-over to a timewait socket) and its accepted peer's 5, socket
 //! addresses reused as the slab allocator does (last freed, first used),
 //! ephemeral ports cycling over 28,232, so each client's 4-tuple comes back
-//! while its TIME_WAIT is tracked (an end by reuse). Not in it: timewait
-//! polls, resets, cgroup naming (their threads' work is not on this path).
+//! while its TIME_WAIT is tracked (an end by reuse). Every second of the
+//! stream's time a timewait poll is answered with the clients' timewait
+//! sockets, as the worker would find them, and applied in the agent's
+//! slices: the TIME_WAIT entries it dates are part of the path (the
+//! worker's dump itself is not). Not in it: resets, cgroup naming.
 
 use std::{
     io,
@@ -29,7 +32,7 @@ use std::{
 
 use clap::Parser as _;
 use tracer::{
-    agent::{flush_states, Pipeline},
+    agent::{flush_states, Pipeline, APPLY_SLICE},
     cli::Args,
     clock::WallClock,
     kernel::events::{encode, Comm, Family, Source, TcpState, Transition},
@@ -39,7 +42,13 @@ use tracer::{
         output::{Output, Sink},
         summary::Summary,
     },
-    track::{ports::Ports, resets::Resets, tracker::Tracker},
+    track::{
+        lifecycle::{Lifecycle, TimewaitPoll, TIMEWAIT_LEN_NS},
+        ports::Ports,
+        resets::Resets,
+        tracker::Tracker,
+        worker::{NetnsDump, TimewaitDump, TimewaitSocket},
+    },
 };
 use tracer_common::{
     batch_event_len, BatchEvent, BatchStep, EventHeader, EventKind, TaskSlot, BATCH_STEPS,
@@ -56,6 +65,8 @@ const EPHEMERAL: (u16, u16) = (32768, 60999);
 /// Records handled between two ends of a drain (the ring buffer's 4 MiB
 /// hold about this many).
 const DRAIN_RECORDS: usize = 16_384;
+/// The stream's time between two timewait polls (`--timewait-interval`).
+const POLL_NS: u64 = 1_000_000_000;
 
 fn main() {
     let args = match Args::try_parse_from(
@@ -74,6 +85,10 @@ fn main() {
     let connections = env("AGENT_PATH_CONNECTIONS", 100_000);
 
     let mut pipeline = pipeline(&args);
+    let mut lifecycle = Lifecycle::new().expect("NETLINK_SOCK_DIAG socket");
+    let mut next_poll = 0;
+    // Connections whose TIME_WAIT a poll dated.
+    let mut dated = 0;
     let mut world = World::new(if args.events.transitions() {
         None
     } else {
@@ -102,12 +117,29 @@ fn main() {
             }
             let began = world.now;
             let start = thread_cpu();
+            let mut worker = Duration::ZERO;
             for r in records.iter() {
                 pipeline.handle(r).expect("writing to io::sink");
             }
             pipeline.drained(began).expect("writing to io::sink");
             pipeline.out.flush().expect("writing to io::sink");
-            spent += thread_cpu() - start;
+            if lifecycle.applying() {
+                let result = lifecycle.apply_step(&mut pipeline.tracker, APPLY_SLICE);
+                dated += result.in_time_wait.len();
+                pipeline
+                    .timewait_polled(result)
+                    .expect("writing to io::sink");
+            } else if world.now >= next_poll {
+                next_poll = world.now + POLL_NS;
+                if let TimewaitPoll::Ask(q) = lifecycle.timewait_poll(&mut pipeline.tracker) {
+                    // The worker's part: not on this path.
+                    let paused = thread_cpu();
+                    let dump = world.timewait_dump(q.poll, q.asked_ns);
+                    worker = thread_cpu() - paused;
+                    lifecycle.begin_apply(dump);
+                }
+            }
+            spent += thread_cpu() - start - worker;
         }
         let events = pipeline.events - events_before;
         let ns = spent.as_nanos() as f64 / events as f64;
@@ -123,11 +155,13 @@ fn main() {
     let (min, max) = (per_transition[0], per_transition[per_transition.len() - 1]);
     println!(
         "agent path: {median:.0} ns per transition (median; min {min:.0}, max {max:.0}, spread {:.1} %); \
-         tracker {:.1} MiB, {} untracked, {} gaps",
+         tracker {:.1} MiB, {} untracked, {} gaps, {} timewait polls dated {} TIME_WAITs",
         (max - min) / median * 100.0,
         pipeline.tracker.memory_bytes() as f64 / (1 << 20) as f64,
         pipeline.tracker.untracked,
         pipeline.tracker.gaps,
+        lifecycle.counters.polls,
+        dated,
     );
 }
 
@@ -258,18 +292,22 @@ struct World {
     next_port: u16,
     rng: u64,
     conns: Vec<Conn>,
+    /// Per ephemeral port, when its client's timewait socket began (the
+    /// kernel's own, until a connect() takes the port again).
+    timewait: Vec<Option<u64>>,
 }
 
 impl World {
     fn new(batch: Option<u16>) -> Self {
         let mut w = World {
-            now: 1_000_000_000,
+            now: tracer::clock::monotonic_ns(),
             batch,
             free: Vec::new(),
             next_addr: 0xffff_8880_1000_0000,
             next_port: EPHEMERAL.0,
             rng: 0x9e37_79b9_7f4a_7c15,
             conns: Vec::new(),
+            timewait: vec![None; usize::from(EPHEMERAL.1 - EPHEMERAL.0) + 1],
         };
         let mut records = Records::default();
         let mut listener = Socket::new(w.alloc(), SERVER_PORT, 0);
@@ -293,6 +331,8 @@ impl World {
 
     fn connect(&mut self) -> Conn {
         let port = self.next_port;
+        // tcp_tw_reuse: the new connection takes the timewait socket's place.
+        self.timewait[usize::from(port - EPHEMERAL.0)] = None;
         self.next_port = if port == EPHEMERAL.1 {
             EPHEMERAL.0
         } else {
@@ -327,6 +367,9 @@ impl World {
         self.transition(s, old, new, task, records);
         if new == TcpState::Close {
             self.free.push(s.addr);
+            if client_side {
+                self.timewait[usize::from(s.lport - EPHEMERAL.0)] = Some(self.now);
+            }
         }
         c.step += 1;
         if c.step == SCRIPT.len() {
@@ -336,6 +379,39 @@ impl World {
         } else {
             self.conns.push(c);
             0
+        }
+    }
+
+    /// What the worker's sock_diag dump would find: every client's
+    /// timewait socket, in TIME_WAIT, its timer armed when it began.
+    fn timewait_dump(&self, poll: u32, asked_ns: u64) -> TimewaitDump {
+        let sockets = (EPHEMERAL.0..=EPHEMERAL.1)
+            .zip(&self.timewait)
+            .filter_map(|(port, began)| {
+                Some(TimewaitSocket {
+                    family: Family::Ipv4,
+                    laddr: IpAddr::V4(Ipv4Addr::LOCALHOST),
+                    lport: port,
+                    raddr: IpAddr::V4(Ipv4Addr::LOCALHOST),
+                    rport: SERVER_PORT,
+                    state: Some(TcpState::TimeWait),
+                    expires_ns: (*began)? + TIMEWAIT_LEN_NS,
+                })
+            })
+            .collect();
+        TimewaitDump {
+            poll,
+            asked_ns,
+            done_ns: self.now,
+            namespaces: vec![(
+                NETNS,
+                NetnsDump::Dumped {
+                    sockets,
+                    overflowed: false,
+                },
+            )],
+            cpu_ns: 0,
+            errors: 0,
         }
     }
 

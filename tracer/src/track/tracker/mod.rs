@@ -422,10 +422,10 @@ impl Tracker {
             // A timewait socket older than the tracer gave way.
             self.drop_old_timewait(&Self::key_of(t));
         }
-        if self.timewait.is_empty() {
+        let key = Self::key_of(t);
+        if !self.timewait.may_hold(&key) {
             return;
         }
-        let key = Self::key_of(t);
         let Some(id) = self.timewait.get(&key).map(|e| e.id) else {
             return;
         };
@@ -808,6 +808,7 @@ impl Tracker {
         self.slab.allocated() * slot
             + index(self.by_sock.capacity(), size_of::<(u64, SlotId)>())
             + index(self.timewait.capacity(), size_of::<(u64, TwEntry)>())
+            + self.timewait.by_lport_bytes()
             + index(self.snapshot.capacity(), size_of::<(TupleKey, SlotId)>())
             + index(
                 self.old_timewait.capacity(),

@@ -11,6 +11,14 @@ use super::connection::Connection;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct SlotId(u32);
 
+#[cfg(test)]
+impl SlotId {
+    /// A slot number for tests of the indexes, which never read the slot.
+    pub(crate) fn for_test(n: u32) -> Self {
+        SlotId(n)
+    }
+}
+
 /// Slots per chunk: 1024 connections, about a third of a megabyte.
 const CHUNK: usize = 1024;
 

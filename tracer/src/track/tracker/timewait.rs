@@ -11,6 +11,13 @@
 //! sightings of connections already in TIME_WAIT rely on the hash alone
 //! (a false match, about one look-up in 10^14 with 65,536 entries, would
 //! keep another connection's entry one poll longer).
+//!
+//! A table that size misses the caches on every look-up, and half the
+//! look-ups of new connections cannot match: a client-first churn puts
+//! only clients' ephemeral ports in the index, and the servers' accepted
+//! sockets are looked up by their listening port (a server-first one the
+//! other way round). So the index also counts its entries per local port,
+//! and [`TimewaitIndex::may_hold`] answers "no" from that count alone.
 
 use std::{collections::hash_map::Entry, hash::BuildHasher as _};
 
@@ -22,6 +29,8 @@ pub struct TwEntry {
     pub id: SlotId,
     pub netns: u32,
     pub family: Family,
+    /// The 4-tuple's local port (see `by_lport`).
+    pub lport: u16,
     /// The poll in flight (or the last one) when it began to wait: only
     /// later polls judge it.
     pub born_in: u32,
@@ -43,6 +52,10 @@ impl TwEntry {
 #[derive(Default)]
 pub(crate) struct TimewaitIndex {
     map: FastMap<u64, TwEntry>,
+    /// Entries per local port, in every namespace (allocated with the
+    /// first entry: 256 KiB of address space, of which only the pages of
+    /// ports in use are ever touched).
+    by_lport: Vec<u32>,
     hasher: foldhash::fast::RandomState,
     /// Polls asked so far: the number of the one in flight.
     pub poll: u32,
@@ -60,12 +73,27 @@ impl TimewaitIndex {
             id,
             netns: key.netns,
             family: key.family,
+            lport: key.lport,
             born_in: self.poll,
             found_in: 0,
             in_time_wait: false,
         };
+        if self.by_lport.is_empty() {
+            self.by_lport = vec![0; usize::from(u16::MAX) + 1];
+        }
+        self.by_lport[usize::from(key.lport)] += 1;
         let h = self.hash(key);
-        self.map.insert(h, entry).map(|e| e.id)
+        let displaced = self.map.insert(h, entry)?;
+        self.by_lport[usize::from(displaced.lport)] -= 1;
+        Some(displaced.id)
+    }
+
+    /// False when no entry has `key`'s local port: `key` is surely not in
+    /// the index, and no look-up is needed.
+    pub(crate) fn may_hold(&self, key: &TupleKey) -> bool {
+        self.by_lport
+            .get(usize::from(key.lport))
+            .is_some_and(|&n| n > 0)
     }
 
     pub(crate) fn get(&self, key: &TupleKey) -> Option<&TwEntry> {
@@ -81,7 +109,8 @@ impl TimewaitIndex {
     pub(crate) fn remove(&mut self, key: &TupleKey, id: SlotId) -> bool {
         match self.map.entry(self.hash(key)) {
             Entry::Occupied(e) if e.get().id == id => {
-                e.remove();
+                let (_, removed) = e.remove_entry();
+                self.by_lport[usize::from(removed.lport)] -= 1;
                 true
             }
             _ => false,
@@ -102,5 +131,55 @@ impl TimewaitIndex {
 
     pub(crate) fn capacity(&self) -> usize {
         self.map.capacity()
+    }
+
+    /// The per-port counts' size (reserved; see `by_lport`).
+    pub(crate) fn by_lport_bytes(&self) -> usize {
+        self.by_lport.capacity() * size_of::<u32>()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, Ipv4Addr};
+
+    use super::*;
+
+    fn key(lport: u16, rport: u16) -> TupleKey {
+        TupleKey {
+            netns: 1,
+            family: Family::Ipv4,
+            laddr: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            lport,
+            raddr: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            rport,
+        }
+    }
+
+    #[test]
+    fn a_local_port_without_entries_is_answered_without_a_look_up() {
+        let mut index = TimewaitIndex::default();
+        assert!(!index.may_hold(&key(40000, 80)), "empty index");
+        assert_eq!(index.insert(&key(40000, 80), SlotId::for_test(1)), None);
+        assert_eq!(index.insert(&key(40000, 81), SlotId::for_test(2)), None);
+        assert!(index.may_hold(&key(40000, 82)), "same local port");
+        assert!(!index.may_hold(&key(80, 40000)), "the peer's side");
+        // Displacing an entry keeps its port counted once.
+        assert_eq!(
+            index.insert(&key(40000, 80), SlotId::for_test(3)),
+            Some(SlotId::for_test(1))
+        );
+        assert!(
+            !index.remove(&key(40000, 80), SlotId::for_test(1)),
+            "not its entry"
+        );
+        assert!(index.remove(&key(40000, 80), SlotId::for_test(3)));
+        assert!(
+            index.may_hold(&key(40000, 80)),
+            "40000 -> 81 is still there"
+        );
+        assert!(index.remove(&key(40000, 81), SlotId::for_test(2)));
+        assert!(!index.may_hold(&key(40000, 81)));
+        assert!(index.is_empty());
     }
 }

@@ -186,7 +186,8 @@ fn pipeline(args: &Args) -> Pipeline<Sink> {
         observers: Observers::new(
             Summary::from_args(&args.summary),
             Recorder::from_args(&args.metrics, args.close_wait),
-        ),
+        )
+        .with_tracked_stays(),
         resets: Resets::new(true),
         drain_began: None,
         deferred: Default::default(),

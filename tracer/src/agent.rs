@@ -28,7 +28,7 @@ use crate::{
     track::lifecycle::{Lifecycle, PollResult, TimewaitPoll, EXPIRY_TOLERANCE_NS},
     track::ports::Ports,
     track::resets::Resets,
-    track::tracker::{Connection, Owner, SlotId, Tracker, TupleKey},
+    track::tracker::{Connection, Derived, Owner, SlotId, Tracker, TupleKey},
     track::worker::{Done, Job, Worker},
 };
 
@@ -55,7 +55,9 @@ pub struct Pipeline<W: RecordWrite> {
 /// A record that waits for its owner's cgroup to be named (see
 /// [`Pipeline::write_deferred`]).
 pub enum Deferred {
-    Emit(Transition, Option<Owner>),
+    /// A transition, its owner, and a derived one's stay before the
+    /// hand-over (see [`Derived`]).
+    Emit(Transition, Option<Owner>, Option<u64>),
     /// An ended connection, in its slot until written.
     Connection(SlotId),
     /// A stuck connection's alert: the connection, its holders, its
@@ -102,8 +104,8 @@ impl<W: RecordWrite> Pipeline<W> {
     fn transition(&mut self, t: &Transition) -> io::Result<()> {
         self.events += 1;
         let outcome = self.tracker.on_transition(t);
-        if let Some((d, owner)) = &outcome.derived {
-            self.emit(d, owner)?;
+        if let Some(d) = &outcome.derived {
+            self.emit_derived(d)?;
         }
         self.emit(t, &outcome.owner)?;
         if let Some(id) = outcome.handshake_done {
@@ -170,20 +172,40 @@ impl<W: RecordWrite> Pipeline<W> {
     /// with the owner the output names; `tracer summarize` feeds the
     /// observers the same pairs read back from a recording.
     pub fn emit(&mut self, t: &Transition, owner: &Option<Owner>) -> io::Result<()> {
-        if !self.deferred.is_empty() || !self.named(owner) {
-            self.deferred.push_back(Deferred::Emit(*t, *owner));
-            return Ok(());
-        }
-        self.emit_now(t, owner)
+        self.emit_with(t, owner, None)
     }
 
-    fn emit_now(&mut self, t: &Transition, owner: &Option<Owner>) -> io::Result<()> {
+    /// A transition the tracker derived (see [`Derived`]).
+    pub fn emit_derived(&mut self, d: &Derived) -> io::Result<()> {
+        self.emit_with(&d.t, &d.owner, d.stay_before_ns)
+    }
+
+    fn emit_with(
+        &mut self,
+        t: &Transition,
+        owner: &Option<Owner>,
+        stay_before_ns: Option<u64>,
+    ) -> io::Result<()> {
+        if !self.deferred.is_empty() || !self.named(owner) {
+            self.deferred
+                .push_back(Deferred::Emit(*t, *owner, stay_before_ns));
+            return Ok(());
+        }
+        self.emit_now(t, owner, stay_before_ns)
+    }
+
+    fn emit_now(
+        &mut self,
+        t: &Transition,
+        owner: &Option<Owner>,
+        stay_before_ns: Option<u64>,
+    ) -> io::Result<()> {
         let named = match self.out.cgroups() {
             // The owner's container, for group keys and metric labels.
             Some(c) if c.keys() => c.enrich(owner),
             _ => owner.map(NamedOwner::from),
         };
-        self.observers.transition(t, &named);
+        self.observers.transition(t, &named, stay_before_ns);
         let pids = if self.out.writes_transitions() {
             self.tracker.listener_pids(t.netns, t.lport)
         } else {
@@ -271,8 +293,8 @@ impl<W: RecordWrite> Pipeline<W> {
         let outcome = self
             .tracker
             .timewait_died(&key, d.mono_ns, EXPIRY_TOLERANCE_NS);
-        if let Some((t, owner)) = &outcome.derived {
-            self.emit(t, owner)?;
+        if let Some(d) = &outcome.derived {
+            self.emit_derived(d)?;
         }
         for &id in &outcome.closed {
             self.close(id)?;
@@ -283,8 +305,8 @@ impl<W: RecordWrite> Pipeline<W> {
     /// A timewait poll's answer (see `lifecycle/timewait.rs`): the transitions it
     /// derived and the connections it ended.
     pub fn timewait_polled(&mut self, result: PollResult) -> io::Result<()> {
-        for (d, owner) in &result.derived {
-            self.emit(d, owner)?;
+        for d in &result.derived {
+            self.emit_derived(d)?;
         }
         for &id in &result.in_time_wait {
             self.handshake_done(id)?;
@@ -338,7 +360,7 @@ impl<W: RecordWrite> Pipeline<W> {
     pub fn write_deferred(&mut self) -> io::Result<()> {
         while let Some(front) = self.deferred.front() {
             let owner = match front {
-                Deferred::Emit(_, o) => *o,
+                Deferred::Emit(_, o, _) => *o,
                 Deferred::Connection(id) => self.tracker.conn(*id).owner,
                 Deferred::Stuck(a) => a.0.owner,
             };
@@ -346,7 +368,7 @@ impl<W: RecordWrite> Pipeline<W> {
                 break;
             }
             match self.deferred.pop_front() {
-                Some(Deferred::Emit(t, o)) => self.emit_now(&t, &o)?,
+                Some(Deferred::Emit(t, o, before)) => self.emit_now(&t, &o, before)?,
                 Some(Deferred::Connection(id)) => self.write_connection_now(id)?,
                 Some(Deferred::Stuck(a)) => {
                     let (conn, holders, queues, now, at_exit) = *a;
@@ -570,7 +592,7 @@ pub async fn run(args: Args, live: Option<crate::top::feed::Live>) -> anyhow::Re
         events: 0,
         unreadable: 0,
         unreadable_records: 0,
-        observers: Observers::new(Summary::from_args(&args.summary), metrics),
+        observers: Observers::new(Summary::from_args(&args.summary), metrics).with_tracked_stays(),
         resets: Resets::new(probe.capabilities.resets),
         drain_began: None,
         deferred: std::collections::VecDeque::with_capacity(1024),

@@ -154,7 +154,7 @@ pub fn summarize<R: BufRead>(
                     .transition()
                     .map_err(|e| anyhow!("{name}:{n}: bad transition record: {e}"))?;
                 read.transitions += 1;
-                observers.transition(&t, &owner);
+                observers.transition(&t, &owner, None);
             }
             "connection" => {
                 read.connections += 1;

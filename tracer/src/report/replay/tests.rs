@@ -85,7 +85,8 @@ fn recording(events: &[Transition], mode: EventsMode, by: Option<GroupBy>) -> (S
         events: 0,
         unreadable: 0,
         unreadable_records: 0,
-        observers: Observers::new(Summary::from_args(&args), None),
+        // As the live agent's.
+        observers: Observers::new(Summary::from_args(&args), None).with_tracked_stays(),
         resets: crate::track::resets::Resets::new(true),
         drain_began: None,
         deferred: Default::default(),
@@ -97,13 +98,14 @@ fn recording(events: &[Transition], mode: EventsMode, by: Option<GroupBy>) -> (S
     let (id, conn) = p.tracker.timewait_mut().next().expect("client in timewait");
     conn.advance(TimeWait, 356 * MS);
     let d = conn.derived(FinWait2, TimeWait, 356 * MS, Some(MS), Source::SockDiag);
-    let owner = conn.owner;
-    p.emit(&d, &owner).unwrap();
+    let d = conn.with_context(d);
+    p.emit_derived(&d).unwrap();
     let d = p
         .tracker
         .end_timewait(id, 60_356 * MS, TimewaitEnd::Expired, Source::SockDiag)
         .unwrap();
-    p.emit(&d, &owner).unwrap();
+    let d = p.tracker.conn(id).with_context(d);
+    p.emit_derived(&d).unwrap();
     p.close(id).unwrap();
     p.release_all().unwrap();
     let mut live = Vec::new();

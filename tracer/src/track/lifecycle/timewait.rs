@@ -6,16 +6,16 @@ use std::collections::HashMap;
 use super::{Lifecycle, EXPIRY_TOLERANCE_NS, TIMEWAIT_LEN_NS};
 use crate::{
     clock::monotonic_ns,
-    kernel::events::{Family, Source, TcpState, Transition},
+    kernel::events::{Family, Source, TcpState},
     track::diag::MAX_FILTER_TUPLES,
-    track::tracker::{Owner, SlotId, TimewaitEnd, Tracker, TupleKey},
+    track::tracker::{Derived, SlotId, TimewaitEnd, Tracker, TupleKey},
     track::worker::{NetnsDump, NetnsQuery, TimewaitDump, TimewaitQuery, TimewaitSocket, Wanted},
 };
 
 /// What one poll's answer produced, in output order.
 #[derive(Default)]
 pub struct PollResult {
-    pub derived: Vec<(Transition, Option<Owner>)>,
+    pub derived: Vec<Derived>,
     /// Connections whose entry into TIME_WAIT this poll dated: their
     /// close handshake is over.
     pub in_time_wait: Vec<SlotId>,
@@ -254,7 +254,7 @@ fn sighted(
                 Some(in_old),
                 Source::SockDiag,
             );
-            result.derived.push((d, c.owner));
+            result.derived.push(c.with_context(d));
             result.in_time_wait.push(id);
         }
         // Once known, the scheduled expiry is kept: a timer
@@ -313,7 +313,7 @@ fn unsighted_judged(
     match decided {
         Some((at, end, source)) => {
             if let Some(d) = tracker.end_timewait(id, at, end, source) {
-                result.derived.push((d, tracker.conn(id).owner));
+                result.derived.push(tracker.conn(id).with_context(d));
             }
             result.closed.push(id);
         }
@@ -327,7 +327,7 @@ fn unsighted_judged(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernel::events::tests::sample;
+    use crate::kernel::events::{tests::sample, Transition};
     use crate::track::worker::TimewaitSocket;
     use TcpState::*;
 
@@ -417,7 +417,7 @@ mod tests {
         let tw_a = || vec![found(&a, TimeWait, 60_120 * MS)];
         let r = l.apply_timewait(&mut t, answer(&q, tw_a(), false, 200));
         assert_eq!(r.derived.len(), 1);
-        let (d, _) = r.derived[0];
+        let d = r.derived[0].t;
         assert_eq!((d.old, d.new, d.mono_ns), (FinWait2, TimeWait, 120 * MS));
         assert_eq!(d.old_state_ns, Some(20 * MS));
         assert!(r.closed.is_empty(), "a first miss decides nothing yet");
@@ -450,7 +450,7 @@ mod tests {
         let ended = t.take(r.closed[0]);
         assert_eq!(ended.timewait.unwrap().end, Some(TimewaitEnd::Expired));
         assert_eq!(ended.state_ns(TimeWait), Some(60_000 * MS));
-        assert_eq!(r.derived[0].0.mono_ns, 60_120 * MS);
+        assert_eq!(r.derived[0].t.mono_ns, 60_120 * MS);
         assert!(!t.has_timewait());
     }
 
@@ -549,7 +549,7 @@ mod tests {
         };
         let q = ask(&mut l, &mut t);
         let r = l.apply_timewait(&mut t, answer(&q, rest(), false, 1_000));
-        let entered = r.derived.iter().filter(|(d, _)| d.new == TimeWait).count();
+        let entered = r.derived.iter().filter(|d| d.t.new == TimeWait).count();
         assert_eq!(entered, 19, "19 entered TIME_WAIT");
         assert!(r.closed.is_empty());
         let q = ask(&mut l, &mut t);

@@ -8,7 +8,7 @@ use std::{
     num::NonZeroU64,
 };
 
-use super::{owners::Owner, state_times::StateTimes};
+use super::{owners::Owner, state_times::StateTimes, Derived};
 use crate::{
     kernel::events::{Family, Source, TcpState, Transition},
     track::close::ClosePath,
@@ -103,6 +103,12 @@ pub struct Timewait {
     /// namespace had overflowed then.
     pub missing_since_ns: u64,
     pub missing_overflowed: bool,
+    /// The FIN_WAIT2 stay of the full socket before its hand-over (the
+    /// kernel's `old_state_ns` of `FIN_WAIT2 -> CLOSE`), if known: the
+    /// summary and the metrics count the stay whole when it ends in the
+    /// timewait socket (see `report/observe.rs`).
+    stay_before_ns: u64,
+    stay_before_known: bool,
 }
 
 impl Timewait {
@@ -130,6 +136,16 @@ impl Timewait {
 
     pub fn set_killed_ns(&mut self, ns: u64) {
         self.killed = NonZeroU64::new(ns);
+    }
+
+    /// The FIN_WAIT2 stay before the hand-over, if known.
+    pub fn stay_before_ns(&self) -> Option<u64> {
+        self.stay_before_known.then_some(self.stay_before_ns)
+    }
+
+    pub fn set_stay_before_ns(&mut self, ns: Option<u64>) {
+        self.stay_before_ns = ns.unwrap_or(0);
+        self.stay_before_known = ns.is_some();
     }
 }
 
@@ -405,6 +421,16 @@ impl Connection {
     }
 
     /// A transition of this connection that the tracepoint could not report.
+    /// A derived transition with what the output and the observers need
+    /// beside it (see [`Derived`]).
+    pub fn with_context(&self, t: Transition) -> Derived {
+        Derived {
+            t,
+            owner: self.owner,
+            stay_before_ns: self.timewait.and_then(|tw| tw.stay_before_ns()),
+        }
+    }
+
     pub fn derived(
         &self,
         old: TcpState,

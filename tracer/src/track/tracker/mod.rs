@@ -68,6 +68,20 @@ fn leaves_timewait(old: TcpState) -> bool {
 /// timewait socket it reused.
 pub type Closed = ArrayVec<SlotId, 2>;
 
+/// A transition the tracepoint could not report, derived by the tracker
+/// or a timewait poll from a connection's timewait socket.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Derived {
+    pub t: Transition,
+    /// Its connection's owner.
+    pub owner: Option<Owner>,
+    /// When `t` leaves FIN_WAIT2: the part of that stay spent in the full
+    /// socket, before the hand-over, if known. The summary and the metrics
+    /// count the stay whole (`report/observe.rs`); the record keeps the
+    /// kernel's split.
+    pub stay_before_ns: Option<u64>,
+}
+
 /// What one transition did to the tracker.
 #[derive(Debug, Default, PartialEq)]
 pub struct Outcome {
@@ -77,8 +91,8 @@ pub struct Outcome {
     /// frees them with [`Tracker::release`]).
     pub closed: Closed,
     /// A transition the tracepoint could not report (the reused
-    /// timewait's end), with the owner of its connection.
-    pub derived: Option<(Transition, Option<Owner>)>,
+    /// timewait's end).
+    pub derived: Option<Derived>,
     /// The tracker is full; this socket is not tracked (counted).
     pub untracked: bool,
     /// The connection went on in a timewait socket, already in TIME_WAIT
@@ -378,7 +392,11 @@ impl Tracker {
                     conn.close
                         .push(TcpState::Closing, TcpState::TimeWait, t.mono_ns);
                 }
-                conn.timewait = Some(Timewait::closed_at(t.mono_ns));
+                let mut tw = Timewait::closed_at(t.mono_ns);
+                if t.old == TcpState::FinWait2 {
+                    tw.set_stay_before_ns(t.old_state_ns);
+                }
+                conn.timewait = Some(tw);
                 if t.old == TcpState::Closing {
                     out.handshake_done = Some(id);
                 }
@@ -437,7 +455,7 @@ impl Tracker {
                 None => (reuse_at, Source::Reuse),
             };
             let derived = self.end_timewait_slot(id, at, TimewaitEnd::Reused, source);
-            out.derived = derived.map(|d| (d, self.slab.get(id).owner));
+            out.derived = derived.map(|d| self.slab.get(id).with_context(d));
             let _ = out.closed.try_push(id);
         }
     }
@@ -462,7 +480,7 @@ impl Tracker {
         };
         if in_time_wait && tw.expires_ns().is_some_and(|e| at_ns + tolerance_ns >= e) {
             if let Some(d) = self.end_timewait(id, at_ns, TimewaitEnd::Expired, Source::Fentry) {
-                out.derived = Some((d, self.slab.get(id).owner));
+                out.derived = Some(self.slab.get(id).with_context(d));
             }
             out.owner = self.slab.get(id).owner;
             let _ = out.closed.try_push(id);

@@ -150,7 +150,7 @@ fn a_new_connection_on_the_same_tuple_ends_the_timewait() {
     assert_eq!(old.sock, 1);
     assert_eq!(old.timewait.unwrap().end, Some(TimewaitEnd::Reused));
     assert_eq!(ms(old, TimeWait), Some(1492));
-    let (d, _) = o.derived.unwrap();
+    let d = o.derived.unwrap().t;
     assert_eq!((d.old, d.new, d.source), (TimeWait, Close, Source::Reuse));
     assert_eq!(d.mono_ns, 1_500_000_000);
     assert_sums(old);
@@ -182,7 +182,7 @@ fn fentry_deaths_give_exact_expiry_and_reuse_times() {
         t.conn(o.closed[0]).timewait.unwrap().end,
         Some(TimewaitEnd::Reused)
     );
-    let (d, _) = o.derived.unwrap();
+    let d = o.derived.unwrap().t;
     assert_eq!(d.source, Source::Fentry);
     assert_eq!(d.mono_ns, 500_000_000);
 

@@ -141,10 +141,8 @@ impl Observers {
     pub fn connection(&mut self, c: &Connection, owner: Option<&NamedOwner>, close: &Close) {
         let end = c.timewait.and_then(|tw| tw.end);
         if self.tracked_stays {
-            if let (true, Some(ns)) = (
-                no_timewait_socket(end),
-                c.timewait.and_then(|tw| tw.stay_before_ns()),
-            ) {
+            let before = c.timewait.and_then(|tw| tw.stay_before_ns());
+            if let Some(ns) = before.filter(|_| no_timewait_socket(end)) {
                 self.pending_stay_ended(&c.key(), ns, owner);
             }
         } else {

@@ -420,7 +420,6 @@ impl Connection {
         }
     }
 
-    /// A transition of this connection that the tracepoint could not report.
     /// A derived transition with what the output and the observers need
     /// beside it (see [`Derived`]).
     pub fn with_context(&self, t: Transition) -> Derived {
@@ -431,6 +430,7 @@ impl Connection {
         }
     }
 
+    /// A transition of this connection that the tracepoint could not report.
     pub fn derived(
         &self,
         old: TcpState,

@@ -644,16 +644,37 @@ impl Running {
     ) {
         let start = Instant::now();
         while !done(got) {
-            assert!(
-                start.elapsed() < deadline,
-                "timed out waiting for {what}; got:\n{}",
-                got.join("\n")
-            );
+            if start.elapsed() >= deadline {
+                self.timed_out(got, what);
+            }
             if let Ok(line) = self.stdout.recv_timeout(Duration::from_millis(50)) {
                 check_if_record(&line);
                 got.push(line);
             }
         }
+    }
+
+    /// Fails the test with what the tracer wrote, and what it counted when
+    /// stopped (its stats: whether the kernel lost or skipped a transition
+    /// or the agent never wrote it), and its log.
+    fn timed_out(&self, got: &[String], what: &str) -> ! {
+        self.interrupt();
+        let mut at_exit = Vec::new();
+        let stopping = Instant::now();
+        while stopping.elapsed() < Duration::from_secs(5) {
+            match self.stdout.recv_timeout(Duration::from_millis(100)) {
+                Ok(line) => at_exit.push(line),
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        let log: Vec<String> = self.stderr.try_iter().collect();
+        panic!(
+            "timed out waiting for {what}; got:\n{}\nthen, stopped with SIGINT:\n{}\nits log:\n{}",
+            got.join("\n"),
+            at_exit.join("\n"),
+            log.join("\n")
+        );
     }
 
     pub(crate) fn interrupt(&self) {

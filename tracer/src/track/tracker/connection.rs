@@ -106,7 +106,9 @@ pub struct Timewait {
     /// The FIN_WAIT2 stay of the full socket before its hand-over (the
     /// kernel's `old_state_ns` of `FIN_WAIT2 -> CLOSE`), if known: the
     /// summary and the metrics count the stay whole when it ends in the
-    /// timewait socket (see `report/observe.rs`).
+    /// timewait socket (see `report/observe.rs`). A value and a flag, not
+    /// an `Option<u64>`: the flag fits in the struct's padding, an
+    /// `Option` would add 8 bytes to every slot.
     stay_before_ns: u64,
     stay_before_known: bool,
 }

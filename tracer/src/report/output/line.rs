@@ -21,6 +21,7 @@ impl<'a> Line<'a> {
         Line { buf, first: true }
     }
 
+    #[inline(always)]
     fn key(&mut self, k: &str) {
         if !self.first {
             self.buf.push(b',');
@@ -32,12 +33,14 @@ impl<'a> Line<'a> {
     }
 
     /// A key whose name needs no escaping, and a string value that does.
+    #[inline(always)]
     pub(super) fn str(&mut self, k: &str, v: &str) {
         self.key(k);
         escape(self.buf, v);
     }
 
     /// A string value known to need no escaping (names, numbers).
+    #[inline(always)]
     pub(super) fn plain(&mut self, k: &str, v: &str) {
         self.key(k);
         self.buf.push(b'"');
@@ -45,6 +48,7 @@ impl<'a> Line<'a> {
         self.buf.push(b'"');
     }
 
+    #[inline(always)]
     pub(super) fn opt_plain(&mut self, k: &str, v: Option<&str>) {
         match v {
             Some(v) => self.plain(k, v),
@@ -52,12 +56,13 @@ impl<'a> Line<'a> {
         }
     }
 
+    #[inline(always)]
     pub(super) fn u64(&mut self, k: &str, v: u64) {
         self.key(k);
-        self.buf
-            .extend_from_slice(itoa::Buffer::new().format(v).as_bytes());
+        write_u64(self.buf, v);
     }
 
+    #[inline(always)]
     pub(super) fn opt_u64(&mut self, k: &str, v: Option<u64>) {
         match v {
             Some(v) => self.u64(k, v),
@@ -65,51 +70,33 @@ impl<'a> Line<'a> {
         }
     }
 
+    #[inline(always)]
     pub(super) fn bool(&mut self, k: &str, v: bool) {
         self.key(k);
         self.buf
             .extend_from_slice(if v { b"true" } else { b"false" });
     }
 
+    #[inline(always)]
     pub(super) fn null(&mut self, k: &str) {
         self.key(k);
         self.buf.extend_from_slice(b"null");
     }
 
     /// `"0x…"`, or null for 0.
+    #[inline(always)]
     pub(super) fn hex(&mut self, k: &str, v: u64) {
         if v == 0 {
             return self.null(k);
         }
         self.key(k);
-        self.buf.extend_from_slice(b"\"0x");
-        let digits = (64 - v.leading_zeros()).div_ceil(4);
-        for i in (0..digits).rev() {
-            self.buf
-                .push(b"0123456789abcdef"[((v >> (4 * i)) & 0xf) as usize]);
-        }
-        self.buf.push(b'"');
+        write_hex(self.buf, v);
     }
 
+    #[inline(always)]
     pub(super) fn ip(&mut self, k: &str, a: IpAddr) {
         self.key(k);
-        self.buf.push(b'"');
-        match a {
-            IpAddr::V4(v4) => {
-                for (i, o) in v4.octets().iter().enumerate() {
-                    if i > 0 {
-                        self.buf.push(b'.');
-                    }
-                    self.buf
-                        .extend_from_slice(itoa::Buffer::new().format(*o).as_bytes());
-                }
-            }
-            IpAddr::V6(v6) => {
-                use std::io::Write as _;
-                let _ = write!(self.buf, "{v6}");
-            }
-        }
-        self.buf.push(b'"');
+        write_ip(self.buf, a);
     }
 
     /// Fields written elsewhere (`"k":v,...`), spliced in as they are.
@@ -125,6 +112,7 @@ impl<'a> Line<'a> {
     }
 
     /// A nested object under `k`.
+    #[inline(always)]
     pub(super) fn object(&mut self, k: &str) -> Line<'_> {
         self.key(k);
         Line::new(self.buf)
@@ -153,6 +141,88 @@ impl<'a> Line<'a> {
     pub(super) fn end(self) {
         self.buf.push(b'}');
     }
+}
+
+/// `"0x…"` of a non-zero `v`.
+fn write_hex(buf: &mut Vec<u8>, v: u64) {
+    buf.extend_from_slice(b"\"0x");
+    let digits = (64 - v.leading_zeros()).div_ceil(4);
+    for i in (0..digits).rev() {
+        buf.push(b"0123456789abcdef"[((v >> (4 * i)) & 0xf) as usize]);
+    }
+    buf.push(b'"');
+}
+
+/// An address, quoted.
+fn write_ip(buf: &mut Vec<u8>, a: IpAddr) {
+    buf.push(b'"');
+    match a {
+        IpAddr::V4(v4) => {
+            // As `write_u64`: a block of constant size, written in place
+            // and cut to length.
+            let start = buf.len();
+            buf.extend_from_slice(&[0; 15]);
+            let text = &mut buf[start..start + 15];
+            let mut len = 0;
+            for (i, o) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    text[len] = b'.';
+                    len += 1;
+                }
+                let o = usize::from(o);
+                if o >= 100 {
+                    text[len] = b'0' + (o / 100) as u8;
+                    len += 1;
+                }
+                if o >= 10 {
+                    text[len] = b'0' + (o / 10 % 10) as u8;
+                    len += 1;
+                }
+                text[len] = b'0' + (o % 10) as u8;
+                len += 1;
+            }
+            buf.truncate(start + len);
+        }
+        IpAddr::V6(v6) => {
+            use std::io::Write as _;
+            let _ = write!(buf, "{v6}");
+        }
+    }
+    buf.push(b'"');
+}
+
+/// Two decimal digits of every number below 100.
+const DIGIT_PAIRS: &[u8; 200] = b"\
+    0001020304050607080910111213141516171819\
+    2021222324252627282930313233343536373839\
+    4041424344454647484950515253545556575859\
+    6061626364656667686970717273747576777879\
+    8081828384858687888990919293949596979899";
+
+/// `v` in decimal. Twenty zeros are appended (a copy of constant size:
+/// a few stores) and the digits written over them in place, then the rest
+/// cut off: appending the digits' own slice (as with `itoa`) is a call to
+/// `memcpy`, and the JSON lines hold a dozen numbers. (Digits written into
+/// a stack block first and copied from it stall on the store forwarding.)
+pub(super) fn write_u64(buf: &mut Vec<u8>, v: u64) {
+    let start = buf.len();
+    let len = v.checked_ilog10().map_or(1, |l| l as usize + 1);
+    buf.extend_from_slice(&[0; 20]);
+    let text = &mut buf[start..start + len];
+    let (mut x, mut end) = (v, len);
+    while x >= 100 {
+        let pair = (x % 100) as usize * 2;
+        x /= 100;
+        end -= 2;
+        text[end..end + 2].copy_from_slice(&DIGIT_PAIRS[pair..pair + 2]);
+    }
+    if x >= 10 {
+        let pair = x as usize * 2;
+        text[..2].copy_from_slice(&DIGIT_PAIRS[pair..pair + 2]);
+    } else {
+        text[0] = b'0' + x as u8;
+    }
+    buf.truncate(start + len);
 }
 
 /// `v` as a JSON string, escaped as serde_json does: `"` and `\`, the
@@ -232,16 +302,17 @@ impl Times {
         }
         buf.push(b'"');
         buf.extend_from_slice(&self.prefix);
-        let mut digits = [b'0'; 9];
+        // The nanoseconds written in place (see `write_u64`).
+        let start = buf.len();
+        buf.extend_from_slice(b"000000000Z\"");
         let mut f = frac;
-        for d in digits.iter_mut().rev() {
+        for d in buf[start..start + 9].iter_mut().rev() {
             *d = b'0' + (f % 10) as u8;
             f /= 10;
         }
-        buf.extend_from_slice(&digits);
-        buf.extend_from_slice(b"Z\"");
     }
 
+    #[inline(always)]
     pub(super) fn time(&mut self, l: &mut Line<'_>, k: &str, mono_ns: u64) {
         l.key(k);
         self.write(l.buf, mono_ns);
@@ -251,6 +322,46 @@ impl Times {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn numbers_and_addresses_are_written_as_std_formats_them() {
+        let mut n = vec![
+            0,
+            1,
+            9,
+            10,
+            99,
+            100,
+            101,
+            999,
+            1000,
+            65535,
+            u64::MAX,
+            u64::MAX / 10,
+        ];
+        n.extend((0..20).map(|p| 10u64.pow(p)));
+        n.extend((1..20).map(|p| 10u64.pow(p) - 1));
+        n.extend((0..64).map(|b| 1u64 << b));
+        for v in n {
+            let mut buf = b"x".to_vec();
+            write_u64(&mut buf, v);
+            assert_eq!(buf, format!("x{v}").into_bytes());
+        }
+        for a in [
+            "0.0.0.0",
+            "127.0.0.1",
+            "10.20.30.40",
+            "255.255.255.255",
+            "1.100.9.99",
+        ] {
+            let mut buf = Vec::new();
+            write_ip(&mut buf, a.parse().unwrap());
+            assert_eq!(buf, format!("\"{a}\"").into_bytes());
+        }
+        let mut buf = Vec::new();
+        write_ip(&mut buf, "fe80::1".parse().unwrap());
+        assert_eq!(buf, b"\"fe80::1\"");
+    }
 
     #[test]
     fn strings_are_escaped_as_serde_json_does() {

@@ -798,7 +798,7 @@ pub fn stats_line(s: &Stats) -> String {
 fn pids_field(l: &mut line::Line<'_>, k: &str, pids: Option<&[u32]>) {
     match pids {
         Some(pids) => l.array(k, pids, |buf, pid| {
-            buf.extend_from_slice(itoa::Buffer::new().format(*pid).as_bytes());
+            line::write_u64(buf, (*pid).into());
         }),
         None => l.null(k),
     }
@@ -879,7 +879,7 @@ fn close_fields(mut l: line::Line<'_>, c: &Close, reasons: &ResetReasons) {
         buf.push(b'"');
     });
     l.array("handshake_at_ns", 0..c.handshake.len(), |buf, i| {
-        buf.extend_from_slice(itoa::Buffer::new().format(c.at_ns(i)).as_bytes());
+        line::write_u64(buf, c.at_ns(i));
     });
     match c.rst {
         Some(r) => {

@@ -247,28 +247,35 @@ impl<W: RecordWrite> Output<W> {
         Ok(())
     }
 
-    /// One JSON record: `fill` writes its fields into the reused scratch
+    /// One JSON record: `fill` writes its fields straight into the
+    /// output's buffer where it lends it, else into the reused scratch
     /// buffer, which then goes to the output whole.
     fn write_json(
         &mut self,
         fill: impl FnOnce(&mut line::Line<'_>, &mut JsonParts<'_>),
     ) -> io::Result<()> {
-        let mut buf = std::mem::take(&mut self.scratch);
-        buf.clear();
-        let mut l = line::Line::new(&mut buf);
-        fill(
-            &mut l,
-            &mut JsonParts {
-                times: &mut self.times,
-                cgroups: &mut self.cgroups,
-                reset_reasons: &self.reset_reasons,
-            },
-        );
+        let mut parts = JsonParts {
+            times: &mut self.times,
+            cgroups: &mut self.cgroups,
+            reset_reasons: &self.reset_reasons,
+        };
+        let direct = self.out.record_buffer();
+        let lent = direct.is_some();
+        let buf = match direct {
+            Some(buf) => buf,
+            None => {
+                self.scratch.clear();
+                &mut self.scratch
+            }
+        };
+        let mut l = line::Line::new(buf);
+        fill(&mut l, &mut parts);
         l.end();
         buf.push(b'\n');
-        let written = self.out.write_all(&buf);
-        self.scratch = buf;
-        written
+        if lent {
+            return Ok(());
+        }
+        self.out.write_all(&self.scratch)
     }
 
     /// Are transitions written (`--events transitions|all`)?

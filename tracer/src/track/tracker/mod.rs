@@ -444,20 +444,23 @@ impl Tracker {
         if !self.timewait.may_hold(&key) {
             return;
         }
-        let Some(id) = self.timewait.get(&key).map(|e| e.id) else {
+        let (slab, examined) = (&self.slab, &mut self.examined);
+        // The index's key is a hash: the connection's own 4-tuple decides.
+        let taken = self.timewait.remove_if(&key, |e| {
+            *examined += 1;
+            slab.get(e.id).key() == key
+        });
+        let Some(TwEntry { id, .. }) = taken else {
             return;
         };
-        self.examined += 1;
-        if self.slab.get(id).key() == key && self.timewait.remove(&key, id) {
-            // With fentry, the exact moment the kernel killed it.
-            let (at, source) = match self.slab.get(id).timewait.and_then(|tw| tw.killed_ns()) {
-                Some(k) => (k, Source::Fentry),
-                None => (reuse_at, Source::Reuse),
-            };
-            let derived = self.end_timewait_slot(id, at, TimewaitEnd::Reused, source);
-            out.derived = derived.map(|d| self.slab.get(id).with_context(d));
-            let _ = out.closed.try_push(id);
-        }
+        // With fentry, the exact moment the kernel killed it.
+        let (at, source) = match self.slab.get(id).timewait.and_then(|tw| tw.killed_ns()) {
+            Some(k) => (k, Source::Fentry),
+            None => (reuse_at, Source::Reuse),
+        };
+        let derived = self.end_timewait_slot(id, at, TimewaitEnd::Reused, source);
+        out.derived = derived.map(|d| self.slab.get(id).with_context(d));
+        let _ = out.closed.try_push(id);
     }
 
     /// The fentry program saw the timewait socket of `key` die at `at_ns`.

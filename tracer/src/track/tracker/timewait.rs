@@ -107,13 +107,23 @@ impl TimewaitIndex {
 
     /// Removes the entry of `key` if it is connection `id`'s.
     pub(crate) fn remove(&mut self, key: &TupleKey, id: SlotId) -> bool {
+        self.remove_if(key, |e| e.id == id).is_some()
+    }
+
+    /// Removes and returns the entry of `key` if `accept` takes it: one
+    /// look-up where a `get` and then a `remove` take two.
+    pub(crate) fn remove_if(
+        &mut self,
+        key: &TupleKey,
+        accept: impl FnOnce(&TwEntry) -> bool,
+    ) -> Option<TwEntry> {
         match self.map.entry(self.hash(key)) {
-            Entry::Occupied(e) if e.get().id == id => {
+            Entry::Occupied(e) if accept(e.get()) => {
                 let (_, removed) = e.remove_entry();
                 self.by_lport[usize::from(removed.lport)] -= 1;
-                true
+                Some(removed)
             }
-            _ => false,
+            _ => None,
         }
     }
 

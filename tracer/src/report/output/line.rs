@@ -201,9 +201,9 @@ const DIGIT_PAIRS: &[u8; 200] = b"\
 
 /// `v` in decimal. Twenty zeros are appended (a copy of constant size:
 /// a few stores) and the digits written over them in place, then the rest
-/// cut off: appending the digits' own slice (as with `itoa`) is a call to
-/// `memcpy`, and the JSON lines hold a dozen numbers. (Digits written into
-/// a stack block first and copied from it stall on the store forwarding.)
+/// cut off: appending a slice of run-time length is a call to `memcpy`,
+/// and the JSON lines hold a dozen numbers. (Digits written into a stack
+/// block first and copied from it stall on the store forwarding.)
 pub(super) fn write_u64(buf: &mut Vec<u8>, v: u64) {
     let start = buf.len();
     let len = v.checked_ilog10().map_or(1, |l| l as usize + 1);

@@ -23,8 +23,8 @@ use std::{
 };
 
 /// A chunk's size. Each hand-over wakes the writer thread (a futex wake,
-/// a few microseconds in a VM): 64 KiB chunks made that a tenth of the
-/// drain thread's time when every transition is written.
+/// a few microseconds in a VM), so chunks are large: about 500 JSON
+/// transitions per wake.
 pub const CHUNK_BYTES: usize = 256 << 10;
 /// A chunk is handed to the writer once less than this is left in it, so
 /// that records, written straight into the chunk, do not outgrow it (a

@@ -259,22 +259,12 @@ impl<W: RecordWrite> Output<W> {
             cgroups: &mut self.cgroups,
             reset_reasons: &self.reset_reasons,
         };
-        let direct = self.out.record_buffer();
-        let lent = direct.is_some();
-        let buf = match direct {
-            Some(buf) => buf,
-            None => {
-                self.scratch.clear();
-                &mut self.scratch
-            }
-        };
-        let mut l = line::Line::new(buf);
-        fill(&mut l, &mut parts);
-        l.end();
-        buf.push(b'\n');
-        if lent {
+        if let Some(buf) = self.out.record_buffer() {
+            json_line(buf, fill, &mut parts);
             return Ok(());
         }
+        self.scratch.clear();
+        json_line(&mut self.scratch, fill, &mut parts);
         self.out.write_all(&self.scratch)
     }
 
@@ -834,6 +824,18 @@ fn cgroup_fields<'a>(cgroups: &'a mut Option<Cgroups>, owner: &Option<Owner>) ->
         Some(c) => c.json_fields(owner),
         None => crate::track::containers::NULL_CGROUP_FIELDS,
     }
+}
+
+/// Appends one JSON record, `{...}` and its newline, to `buf`.
+fn json_line(
+    buf: &mut Vec<u8>,
+    fill: impl FnOnce(&mut line::Line<'_>, &mut JsonParts<'_>),
+    parts: &mut JsonParts<'_>,
+) {
+    let mut l = line::Line::new(buf);
+    fill(&mut l, parts);
+    l.end();
+    buf.push(b'\n');
 }
 
 /// What the JSON records' fields are written with, besides the record.

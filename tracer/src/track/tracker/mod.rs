@@ -436,11 +436,11 @@ impl Tracker {
             }
             _ => return,
         };
+        let key = Self::key_of(t);
         if !self.old_timewait.is_empty() {
             // A timewait socket older than the tracer gave way.
-            self.drop_old_timewait(&Self::key_of(t));
+            self.drop_old_timewait(&key);
         }
-        let key = Self::key_of(t);
         if !self.timewait.may_hold(&key) {
             return;
         }

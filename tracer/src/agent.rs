@@ -28,7 +28,7 @@ use crate::{
     track::lifecycle::{Lifecycle, PollResult, TimewaitPoll, EXPIRY_TOLERANCE_NS},
     track::ports::Ports,
     track::resets::Resets,
-    track::tracker::{Connection, Derived, Owner, SlotId, Tracker, TupleKey},
+    track::tracker::{Connection, Derived, Owner, SlotId, Tracker, TupleKey, PREFETCH_RUN},
     track::worker::{Done, Job, Worker},
 };
 
@@ -265,11 +265,20 @@ impl<W: RecordWrite> Pipeline<W> {
 
     /// Writes the held records whose reset grace is over.
     fn release_held(&mut self, drain_start_ns: u64) -> io::Result<()> {
-        while let Some(id) = self.resets.pop_due(drain_start_ns) {
-            self.write_connection(id)?;
+        // Held since their close, their slots are cold by now: a run of
+        // them prefetched together, then written.
+        loop {
+            for id in self.resets.due(drain_start_ns).take(PREFETCH_RUN) {
+                self.tracker.prefetch(id);
+            }
+            for _ in 0..PREFETCH_RUN {
+                let Some(id) = self.resets.pop_due(drain_start_ns) else {
+                    self.resets.expire_pending(drain_start_ns);
+                    return Ok(());
+                };
+                self.write_connection(id)?;
+            }
         }
-        self.resets.expire_pending(drain_start_ns);
-        Ok(())
     }
 
     /// At exit: every held record.

@@ -247,6 +247,15 @@ impl Resets {
         None
     }
 
+    /// The held connections [`Resets::pop_due`] would give, in its order,
+    /// without taking them (to prefetch their slots).
+    pub fn due(&self, drain_start_ns: u64) -> impl Iterator<Item = SlotId> + '_ {
+        self.held
+            .iter()
+            .take_while(move |h| h.release_ns <= drain_start_ns)
+            .map(|h| h.id)
+    }
+
     /// Resets of unknown sockets past their time are counted unmatched.
     pub fn expire_pending(&mut self, drain_start_ns: u64) {
         if self.pending.is_empty() {
@@ -328,12 +337,16 @@ mod tests {
         t.on_transition(&on(4, FinWait2, Close))
     }
 
-    /// What `pop_due` releases at `at`, copied out.
+    /// What `pop_due` releases at `at`, copied out; `due` must have listed
+    /// the same, in the same order.
     fn due(r: &mut Resets, t: &mut Tracker, at: u64) -> Vec<crate::track::tracker::Connection> {
-        let mut out = Vec::new();
+        let listed: Vec<SlotId> = r.due(at).collect();
+        let (mut popped, mut out) = (Vec::new(), Vec::new());
         while let Some(id) = r.pop_due(at) {
+            popped.push(id);
             out.push(t.take(id));
         }
+        assert_eq!(listed, popped);
         r.expire_pending(at);
         out
     }

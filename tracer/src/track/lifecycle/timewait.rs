@@ -8,7 +8,7 @@ use crate::{
     clock::monotonic_ns,
     kernel::events::{Family, Source, TcpState},
     track::diag::MAX_FILTER_TUPLES,
-    track::tracker::{Derived, SlotId, TimewaitEnd, Tracker, TupleKey},
+    track::tracker::{Derived, SlotId, TimewaitEnd, Tracker, TupleKey, PREFETCH_RUN},
     track::worker::{NetnsDump, NetnsQuery, TimewaitDump, TimewaitQuery, TimewaitSocket, Wanted},
 };
 
@@ -163,8 +163,13 @@ impl Lifecycle {
                 } => {
                     a.answered.insert(inum, *overflowed);
                     let n = left.min(sockets.len() - a.socket);
-                    for s in &sockets[a.socket..a.socket + n] {
-                        sighted(tracker, inum, s, a.poll, &mut result);
+                    for run in sockets[a.socket..a.socket + n].chunks(PREFETCH_RUN) {
+                        for s in run {
+                            tracker.prefetch_sighting(&key_of(inum, s));
+                        }
+                        for s in run {
+                            sighted(tracker, inum, s, a.poll, &mut result);
+                        }
                     }
                     a.socket += n;
                     left -= n;
@@ -185,9 +190,14 @@ impl Lifecycle {
             .unsighted
             .get_or_insert_with(|| tracker.timewait_unsighted(poll));
         let n = left.min(unsighted.len() - a.judged);
-        for &id in &unsighted[a.judged..a.judged + n] {
-            if tracker.still_unsighted(id, poll) {
-                unsighted_judged(tracker, id, a.done_ns, &a.answered, &mut result);
+        for run in unsighted[a.judged..a.judged + n].chunks(PREFETCH_RUN) {
+            for &id in run {
+                tracker.prefetch(id);
+            }
+            for &id in run {
+                if tracker.still_unsighted(id, poll) {
+                    unsighted_judged(tracker, id, a.done_ns, &a.answered, &mut result);
+                }
             }
         }
         a.judged += n;
@@ -215,6 +225,18 @@ pub(super) struct Applying {
     judged: usize,
 }
 
+/// The connection key of timewait socket `s` in namespace `inum`.
+fn key_of(inum: u32, s: &TimewaitSocket) -> TupleKey {
+    TupleKey {
+        netns: inum,
+        family: s.family,
+        laddr: s.laddr,
+        lport: s.lport,
+        raddr: s.raddr,
+        rport: s.rport,
+    }
+}
+
 /// Poll `poll` found timewait socket `s` in namespace `inum`: its
 /// connection, if waiting, is joined to it.
 fn sighted(
@@ -224,14 +246,7 @@ fn sighted(
     poll: u32,
     result: &mut PollResult,
 ) {
-    let key = TupleKey {
-        netns: inum,
-        family: s.family,
-        laddr: s.laddr,
-        lport: s.lport,
-        raddr: s.raddr,
-        rport: s.rport,
-    };
+    let key = key_of(inum, s);
     let Some(id) = tracker.timewait_sighted(&key, poll) else {
         return;
     };

@@ -45,7 +45,7 @@ use arrayvec::ArrayVec;
 pub use connection::{hash_addr, Connection, Timewait, TimewaitEnd, TupleKey};
 pub use owners::Owner;
 use owners::{Accepted, AcceptedEntry, Listeners};
-pub use slab::{Phase, SlotId};
+pub use slab::{Phase, SlotId, PREFETCH_RUN};
 use timewait::TimewaitIndex;
 pub use timewait::TwEntry;
 
@@ -448,6 +448,8 @@ impl Tracker {
         // The index's key is a hash: the connection's own 4-tuple decides.
         let taken = self.timewait.remove_if(&key, |e| {
             *examined += 1;
+            // Ended at once if it matches: its whole slot is read.
+            slab.prefetch(e.id);
             slab.get(e.id).key() == key
         });
         let Some(TwEntry { id, .. }) = taken else {
@@ -558,6 +560,7 @@ impl Tracker {
         }
         let id = e.id;
         self.examined += 1;
+        self.slab.prefetch(id);
         let conn = self.slab.get(id);
         if conn.key() != *key {
             return None;
@@ -568,6 +571,22 @@ impl Tracker {
             }
         }
         Some(id)
+    }
+
+    /// Prefetches what [`Tracker::timewait_sighted`] of `key` will read
+    /// (see [`Slab::prefetch`]): called for a run of a poll's sightings
+    /// before they are applied, so that their cache misses overlap.
+    pub fn prefetch_sighting(&self, key: &TupleKey) {
+        if let Some(e) = self.timewait.get(key) {
+            if !e.in_time_wait {
+                self.slab.prefetch(e.id);
+            }
+        }
+    }
+
+    /// Prefetches connection `id`'s slot (see [`Slab::prefetch`]).
+    pub fn prefetch(&self, id: SlotId) {
+        self.slab.prefetch(id);
     }
 
     /// Marks the connection of `key` as dated in TIME_WAIT (see

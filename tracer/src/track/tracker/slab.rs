@@ -22,6 +22,33 @@ impl SlotId {
 /// Slots per chunk: 1024 connections, about a third of a megabyte.
 const CHUNK: usize = 1024;
 
+/// Slots prefetched together before any of them is read (see
+/// [`Slab::prefetch`]): enough misses in flight to fill the CPU's line
+/// fill buffers (10-16), no more.
+pub const PREFETCH_RUN: usize = 16;
+
+/// Prefetches every cache line `v` spans (x86-64; elsewhere nothing).
+#[inline]
+fn prefetch_lines<T>(v: &T) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        const LINE: usize = 64;
+        let start = v as *const T as usize;
+        let end = start + size_of::<T>();
+        let mut line = start & !(LINE - 1);
+        while line < end {
+            // SAFETY: a prefetch is a hint that never faults nor reads
+            // into the program: any address is allowed, and these are all
+            // within `v`'s lines.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(line as *const i8) };
+            line += LINE;
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = v;
+}
+
 /// Where a slot's connection stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Phase {
@@ -87,6 +114,20 @@ impl Slab {
     pub(super) fn get_mut(&mut self, id: SlotId) -> &mut Connection {
         let (chunk, i) = Self::at(id);
         &mut self.chunks[chunk].conns[i]
+    }
+
+    /// Asks the CPU to bring slot `id`'s connection into the cache, every
+    /// line of it, without waiting for it. A slot reached through an index
+    /// (a reused 4-tuple, a poll's sighting) is rarely cached: read field
+    /// by field, its lines would miss one after the other; prefetched when
+    /// its id is known, they arrive together, and a run of slots prefetched
+    /// before any is read overlaps all their misses.
+    #[inline]
+    pub(super) fn prefetch(&self, id: SlotId) {
+        let (chunk, i) = Self::at(id);
+        if let Some(conn) = self.chunks.get(chunk).and_then(|c| c.conns.get(i)) {
+            prefetch_lines(conn);
+        }
     }
 
     pub(super) fn phase(&self, id: SlotId) -> Phase {

@@ -62,6 +62,13 @@ impl Comm {
         raw[..n].copy_from_slice(&name.as_bytes()[..n]);
         Comm(raw)
     }
+    /// The name's bytes, up to its NUL (as the kernel wrote them: not
+    /// always UTF-8).
+    pub fn bytes(&self) -> &[u8] {
+        let end = self.0.iter().position(|&b| b == 0).unwrap_or(self.0.len());
+        &self.0[..end]
+    }
+
     pub fn as_str(&self) -> std::borrow::Cow<'_, str> {
         let end = self.0.iter().position(|&b| b == 0).unwrap_or(self.0.len());
         // Nearly every name is valid UTF-8: `from_utf8` checks it faster

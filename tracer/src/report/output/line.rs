@@ -7,7 +7,7 @@
 
 use std::net::IpAddr;
 
-use crate::clock::WallClock;
+use crate::{clock::WallClock, kernel::events::Comm};
 
 /// A JSON object being written into `buf`.
 pub(super) struct Line<'a> {
@@ -37,6 +37,25 @@ impl<'a> Line<'a> {
     pub(super) fn str(&mut self, k: &str, v: &str) {
         self.key(k);
         escape(self.buf, v);
+    }
+
+    /// A task's name: copied as it is when it is printable ASCII without
+    /// `"` or `\` (nearly every name), else converted and escaped as
+    /// [`Line::str`] does.
+    #[inline(always)]
+    pub(super) fn comm(&mut self, k: &str, c: &Comm) {
+        let name = c.bytes();
+        if name
+            .iter()
+            .all(|&b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+        {
+            self.key(k);
+            self.buf.push(b'"');
+            self.buf.extend_from_slice(name);
+            self.buf.push(b'"');
+        } else {
+            self.str(k, &c.as_str());
+        }
     }
 
     /// A string value known to need no escaping (names, numbers).
@@ -259,20 +278,24 @@ pub(super) fn escape(buf: &mut Vec<u8>, v: &str) {
 }
 
 /// RFC 3339 timestamps with nanoseconds, UTC (`2026-11-23T20:15:01.123456789Z`,
-/// as `humantime` formats them), with the second's text cached.
+/// as `humantime` formats them), with the text of the last two seconds
+/// cached: a connection record's start and end are often a minute apart
+/// (TIME_WAIT), and consecutive records go back and forth between them.
 pub(super) struct Times {
     clock: WallClock,
-    /// The wall-clock second of `prefix`, and `YYYY-MM-DDTHH:MM:SS.`.
-    second: Option<u64>,
-    prefix: [u8; 20],
+    /// Wall-clock seconds and their `YYYY-MM-DDTHH:MM:SS.` (`u64::MAX`:
+    /// none yet).
+    seconds: [(u64, [u8; 20]); 2],
+    /// The entry of `seconds` the next new second replaces.
+    oldest: usize,
 }
 
 impl Times {
     pub(super) fn new(clock: WallClock) -> Self {
         Times {
             clock,
-            second: None,
-            prefix: [0; 20],
+            seconds: [(u64::MAX, [0; 20]); 2],
+            oldest: 0,
         }
     }
 
@@ -280,28 +303,31 @@ impl Times {
     pub(super) fn write(&mut self, buf: &mut Vec<u8>, mono_ns: u64) {
         let ns = self.clock.wall_ns(mono_ns);
         let (sec, frac) = (ns / 1_000_000_000, (ns % 1_000_000_000) as u32);
-        if self.second != Some(sec) {
-            let text = humantime::format_rfc3339_seconds(
-                std::time::UNIX_EPOCH + std::time::Duration::from_secs(sec),
-            )
-            .to_string();
-            // "YYYY-MM-DDTHH:MM:SSZ": keep all but the Z, add the point.
-            match text.as_bytes().get(..19) {
-                Some(head) => {
-                    self.prefix[..19].copy_from_slice(head);
-                    self.prefix[19] = b'.';
-                    self.second = Some(sec);
-                }
-                None => {
+        let i = match self.seconds.iter().position(|&(at, _)| at == sec) {
+            Some(i) => i,
+            None => {
+                let text = humantime::format_rfc3339_seconds(
+                    std::time::UNIX_EPOCH + std::time::Duration::from_secs(sec),
+                )
+                .to_string();
+                // "YYYY-MM-DDTHH:MM:SSZ": keep all but the Z, add the point.
+                let Some(head) = text.as_bytes().get(..19) else {
                     // Years past 9999: no cache, the full form.
                     use std::io::Write as _;
                     let _ = write!(buf, "\"{}\"", self.clock.rfc3339_display(mono_ns));
                     return;
-                }
+                };
+                let i = self.oldest;
+                self.seconds[i].0 = sec;
+                self.seconds[i].1[..19].copy_from_slice(head);
+                self.seconds[i].1[19] = b'.';
+                i
             }
-        }
+        };
+        self.oldest = 1 - i;
+        let prefix = &self.seconds[i].1;
         buf.push(b'"');
-        buf.extend_from_slice(&self.prefix);
+        buf.extend_from_slice(prefix);
         // The nanoseconds written in place (see `write_u64`).
         let start = buf.len();
         buf.extend_from_slice(b"000000000Z\"");
@@ -381,6 +407,42 @@ mod tests {
     }
 
     #[test]
+    fn task_names_are_written_as_their_escaped_strings() {
+        let mut names: Vec<[u8; 16]> = [
+            &b"nginx"[..],
+            b"",
+            b"a\"b",
+            b"back\\slash",
+            b"tab\there",
+            b"del\x7f",
+            b"caf\xc3\xa9",
+            b"bad\xff\xfeutf8",
+            b" ~!{}",
+        ]
+        .iter()
+        .map(|n| {
+            let mut raw = [0u8; 16];
+            raw[..n.len()].copy_from_slice(n);
+            raw
+        })
+        .collect();
+        // Sixteen bytes without a NUL, and every byte value alone.
+        names.push(*b"0123456789abcdef");
+        names.extend((1..=255u8).map(|b| [b; 16]));
+        for raw in names {
+            let c = Comm::new(raw);
+            let (mut fast, mut slow) = (Vec::new(), Vec::new());
+            let mut l = Line::new(&mut fast);
+            l.comm("comm", &c);
+            l.end();
+            let mut l = Line::new(&mut slow);
+            l.str("comm", &c.as_str());
+            l.end();
+            assert_eq!(fast, slow, "{raw:?}");
+        }
+    }
+
+    #[test]
     fn timestamps_are_humantimes_with_the_second_cached() {
         let clock = WallClock::with_offset_ns(1_795_392_000_000_000_000);
         let mut t = Times::new(clock);
@@ -391,6 +453,13 @@ mod tests {
             1_000_000_000,
             1_000_000_123,
             86_399_999_999_999,
+            // Back and forth between two seconds, then a third.
+            60_000_000_001,
+            1_000_000_007,
+            60_000_000_002,
+            2_000_000_000,
+            60_000_000_003,
+            1_000_000_009,
         ] {
             let mut buf = Vec::new();
             t.write(&mut buf, mono);

@@ -307,7 +307,7 @@ impl<W: RecordWrite> Output<W> {
                 if t.task {
                     l.u64("task_pid", t.pid.into());
                     l.u64("task_tid", t.tid.into());
-                    l.str("task_comm", &t.comm.as_str());
+                    l.comm("task_comm", &t.comm);
                 } else {
                     l.null("task_pid");
                     l.null("task_tid");
@@ -807,7 +807,7 @@ fn owner_fields(l: &mut line::Line<'_>, owner: &Option<Owner>) {
     match owner {
         Some(o) => {
             l.opt_u64("pid", o.known_pid().map(u64::from));
-            l.str("comm", &o.comm.as_str());
+            l.comm("comm", &o.comm);
             l.u64("uid", o.uid.into());
         }
         None => {

@@ -62,6 +62,7 @@ impl Comm {
         raw[..n].copy_from_slice(&name.as_bytes()[..n]);
         Comm(raw)
     }
+
     /// The name's bytes, up to its NUL (as the kernel wrote them: not
     /// always UTF-8).
     pub fn bytes(&self) -> &[u8] {
@@ -70,12 +71,12 @@ impl Comm {
     }
 
     pub fn as_str(&self) -> std::borrow::Cow<'_, str> {
-        let end = self.0.iter().position(|&b| b == 0).unwrap_or(self.0.len());
+        let name = self.bytes();
         // Nearly every name is valid UTF-8: `from_utf8` checks it faster
-        // than the lossy conversion walks it (a comm per JSON record).
-        match std::str::from_utf8(&self.0[..end]) {
+        // than the lossy conversion walks it.
+        match std::str::from_utf8(name) {
             Ok(name) => std::borrow::Cow::Borrowed(name),
-            Err(_) => String::from_utf8_lossy(&self.0[..end]),
+            Err(_) => String::from_utf8_lossy(name),
         }
     }
 }

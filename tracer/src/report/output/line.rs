@@ -443,7 +443,7 @@ mod tests {
     }
 
     #[test]
-    fn timestamps_are_humantimes_with_the_second_cached() {
+    fn timestamps_are_humantimes_with_two_seconds_cached() {
         let clock = WallClock::with_offset_ns(1_795_392_000_000_000_000);
         let mut t = Times::new(clock);
         for mono in [

@@ -560,7 +560,6 @@ impl Tracker {
         }
         let id = e.id;
         self.examined += 1;
-        self.slab.prefetch(id);
         let conn = self.slab.get(id);
         if conn.key() != *key {
             return None;

@@ -257,22 +257,6 @@ fn thread_cpu_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-/// Gives the pages of freed heap memory back to the system. The previous
-/// poll's answer (48 bytes per timewait socket, tens of thousands of
-/// them), freed by the drain thread once applied, would otherwise stay in
-/// the process's memory between the connections' slots until the next
-/// answer reuses it: under churn, 8 MiB of free but resident heap. Called
-/// before each dump, so that the answer it builds fills pages given back,
-/// not pages kept.
-fn release_free_memory() {
-    // SAFETY: malloc_trim only releases free memory. glibc only: musl
-    // (the QEMU guests' static build) has no malloc_trim.
-    #[cfg(target_env = "gnu")]
-    unsafe {
-        libc::malloc_trim(0)
-    };
-}
-
 impl State {
     fn port_range(&mut self, inum: u32, hint: Option<(u32, u32)>) -> Result<PortRange, String> {
         let hints: Vec<(u32, u32)> = hint.into_iter().collect();
@@ -284,7 +268,6 @@ impl State {
 
     fn timewait(&mut self, q: &TimewaitQuery) -> TimewaitDump {
         let cpu = thread_cpu_ns();
-        release_free_memory();
         let mut out = TimewaitDump {
             poll: q.poll,
             asked_ns: q.asked_ns,

@@ -24,7 +24,7 @@ use crate::{
     track::netns::Namespaces,
     track::ports::PortRange,
     track::procfs::{self, Holder},
-    track::tracker::{Connection, Owner, SlotId},
+    track::tracker::{Connection, Owner, SlotId, TupleKey},
 };
 
 /// How often the worker closes the namespaces nothing else holds (a
@@ -80,6 +80,20 @@ pub struct TimewaitSocket {
     pub state: Option<TcpState>,
     /// CLOCK_MONOTONIC ns when its timer fires, as of the dump.
     pub expires_ns: u64,
+}
+
+impl TimewaitSocket {
+    /// Its connection's key, in namespace `netns`.
+    pub fn key(&self, netns: u32) -> TupleKey {
+        TupleKey {
+            netns,
+            family: self.family,
+            laddr: self.laddr,
+            lport: self.lport,
+            raddr: self.raddr,
+            rport: self.rport,
+        }
+    }
 }
 
 #[derive(Debug)]

@@ -8,7 +8,7 @@ use crate::{
     clock::monotonic_ns,
     kernel::events::{Family, Source, TcpState},
     track::diag::MAX_FILTER_TUPLES,
-    track::tracker::{Derived, SlotId, TimewaitEnd, Tracker, TupleKey, PREFETCH_RUN},
+    track::tracker::{Derived, SlotId, TimewaitEnd, Tracker, PREFETCH_RUN},
     track::worker::{NetnsDump, NetnsQuery, TimewaitDump, TimewaitQuery, TimewaitSocket, Wanted},
 };
 
@@ -165,7 +165,7 @@ impl Lifecycle {
                     let n = left.min(sockets.len() - a.socket);
                     for run in sockets[a.socket..a.socket + n].chunks(PREFETCH_RUN) {
                         for s in run {
-                            tracker.prefetch_sighting(&key_of(inum, s));
+                            tracker.prefetch_sighting(&s.key(inum));
                         }
                         for s in run {
                             sighted(tracker, inum, s, a.poll, &mut result);
@@ -225,18 +225,6 @@ pub(super) struct Applying {
     judged: usize,
 }
 
-/// The connection key of timewait socket `s` in namespace `inum`.
-fn key_of(inum: u32, s: &TimewaitSocket) -> TupleKey {
-    TupleKey {
-        netns: inum,
-        family: s.family,
-        laddr: s.laddr,
-        lport: s.lport,
-        raddr: s.raddr,
-        rport: s.rport,
-    }
-}
-
 /// Poll `poll` found timewait socket `s` in namespace `inum`: its
 /// connection, if waiting, is joined to it.
 fn sighted(
@@ -246,7 +234,7 @@ fn sighted(
     poll: u32,
     result: &mut PollResult,
 ) {
-    let key = key_of(inum, s);
+    let key = s.key(inum);
     let Some(id) = tracker.timewait_sighted(&key, poll) else {
         return;
     };
@@ -343,7 +331,7 @@ fn unsighted_judged(
 mod tests {
     use super::*;
     use crate::kernel::events::{tests::sample, Transition};
-    use crate::track::worker::TimewaitSocket;
+    use crate::track::{tracker::TupleKey, worker::TimewaitSocket};
     use TcpState::*;
 
     const MS: u64 = 1_000_000;

@@ -81,6 +81,13 @@ pub(super) struct Slab {
 impl Slab {
     pub(super) fn insert(&mut self, phase: Phase, conn: Connection) -> SlotId {
         if let Some(id) = self.free.pop() {
+            // The next insert's slot, asked for now: a freed slot has
+            // usually left the caches (freed a minute ago, or in a poll's
+            // thousands), and writing a connection into it stalled on
+            // each of its lines.
+            if let Some(&next) = self.free.last() {
+                self.prefetch(next);
+            }
             let (chunk, i) = Self::at(id);
             let chunk = &mut self.chunks[chunk];
             chunk.phases[i] = phase;

@@ -17,7 +17,10 @@
 //! only clients' ephemeral ports in the index, and the servers' accepted
 //! sockets are looked up by their listening port (a server-first one the
 //! other way round). So the index also counts its entries per local port,
-//! and [`TimewaitIndex::may_hold`] answers "no" from that count alone.
+//! and [`TimewaitIndex::may_hold`] answers "no" from that count alone. It
+//! reads a bit per port (8 KiB, which stays cached), not the count (256
+//! KiB, which does not): a client's ephemeral port is a different one each
+//! time, and its count missed the caches before the look-up that follows.
 
 use std::{collections::hash_map::Entry, hash::BuildHasher as _};
 
@@ -56,6 +59,8 @@ pub(crate) struct TimewaitIndex {
     /// first entry: 256 KiB of address space, of which only the pages of
     /// ports in use are ever touched).
     by_lport: Vec<u32>,
+    /// Bit `port % 64` of word `port / 64`: `by_lport[port] > 0`.
+    lport_bits: Vec<u64>,
     hasher: foldhash::fast::RandomState,
     /// Polls asked so far: the number of the one in flight.
     pub poll: u32,
@@ -80,20 +85,38 @@ impl TimewaitIndex {
         };
         if self.by_lport.is_empty() {
             self.by_lport = vec![0; usize::from(u16::MAX) + 1];
+            self.lport_bits = vec![0; (usize::from(u16::MAX) + 1) / 64];
         }
-        self.by_lport[usize::from(key.lport)] += 1;
+        self.count(key.lport, true);
         let h = self.hash(key);
         let displaced = self.map.insert(h, entry)?;
-        self.by_lport[usize::from(displaced.lport)] -= 1;
+        self.count(displaced.lport, false);
         Some(displaced.id)
+    }
+
+    /// One entry more (`add`) or less on local port `lport`.
+    fn count(&mut self, lport: u16, add: bool) {
+        let n = &mut self.by_lport[usize::from(lport)];
+        let (word, bit) = (usize::from(lport / 64), 1u64 << (lport % 64));
+        if add {
+            *n += 1;
+            if *n == 1 {
+                self.lport_bits[word] |= bit;
+            }
+        } else {
+            *n -= 1;
+            if *n == 0 {
+                self.lport_bits[word] &= !bit;
+            }
+        }
     }
 
     /// False when no entry has `key`'s local port: `key` is surely not in
     /// the index, and no look-up is needed.
     pub(crate) fn may_hold(&self, key: &TupleKey) -> bool {
-        self.by_lport
-            .get(usize::from(key.lport))
-            .is_some_and(|&n| n > 0)
+        self.lport_bits
+            .get(usize::from(key.lport / 64))
+            .is_some_and(|&w| w & (1u64 << (key.lport % 64)) != 0)
     }
 
     pub(crate) fn get(&self, key: &TupleKey) -> Option<&TwEntry> {
@@ -120,7 +143,7 @@ impl TimewaitIndex {
         match self.map.entry(self.hash(key)) {
             Entry::Occupied(e) if accept(e.get()) => {
                 let (_, removed) = e.remove_entry();
-                self.by_lport[usize::from(removed.lport)] -= 1;
+                self.count(removed.lport, false);
                 Some(removed)
             }
             _ => None,
@@ -143,9 +166,9 @@ impl TimewaitIndex {
         self.map.capacity()
     }
 
-    /// The per-port counts' size (reserved; see `by_lport`).
+    /// The per-port counts' and bits' size (reserved; see `by_lport`).
     pub(crate) fn by_lport_bytes(&self) -> usize {
-        self.by_lport.capacity() * size_of::<u32>()
+        self.by_lport.capacity() * size_of::<u32>() + self.lport_bits.capacity() * size_of::<u64>()
     }
 }
 
@@ -191,5 +214,26 @@ mod tests {
         assert!(index.remove(&key(40000, 81), SlotId::for_test(2)));
         assert!(!index.may_hold(&key(40000, 81)));
         assert!(index.is_empty());
+    }
+
+    #[test]
+    fn every_port_has_a_bit_of_its_own() {
+        let mut index = TimewaitIndex::default();
+        let ports = [0, 1, 63, 64, 127, 128, 40000, 65534, 65535];
+        for (i, &p) in ports.iter().enumerate() {
+            assert_eq!(index.insert(&key(p, 80), SlotId::for_test(i as u32)), None);
+        }
+        for p in 0..=u16::MAX {
+            assert_eq!(index.may_hold(&key(p, 9)), ports.contains(&p), "port {p}");
+        }
+        for (i, &p) in ports.iter().enumerate() {
+            assert!(index.remove(&key(p, 80), SlotId::for_test(i as u32)));
+            assert!(!index.may_hold(&key(p, 80)), "port {p} emptied");
+            let rest = &ports[i + 1..];
+            assert!(
+                rest.iter().all(|&q| index.may_hold(&key(q, 80))),
+                "after {p}"
+            );
+        }
     }
 }

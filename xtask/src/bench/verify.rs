@@ -37,6 +37,47 @@ pub(super) struct Rec {
     pub to_close: bool,
     /// `CLOSE -> …` or `LISTEN -> SYN_RECV`: a new socket's first.
     pub first: bool,
+    /// The transition, as indexes into [`STATES`], and the socket's
+    /// ports: what a bad one's example names.
+    pub old: u8,
+    pub new: u8,
+    pub lport: u16,
+    pub rport: u16,
+}
+
+/// The state names of the tracer's records, in the kernel's order.
+const STATES: [&str; 13] = [
+    "?",
+    "ESTABLISHED",
+    "SYN_SENT",
+    "SYN_RECV",
+    "FIN_WAIT1",
+    "FIN_WAIT2",
+    "TIME_WAIT",
+    "CLOSE",
+    "CLOSE_WAIT",
+    "LAST_ACK",
+    "LISTEN",
+    "CLOSING",
+    "NEW_SYN_RECV",
+];
+
+fn state_index(name: &str) -> u8 {
+    STATES.iter().position(|s| *s == name).unwrap_or(0) as u8
+}
+
+impl Rec {
+    /// `port -> port OLD -> NEW at T ns`.
+    fn describe(&self) -> String {
+        format!(
+            "{} -> {} {} -> {} at {} ns",
+            self.lport,
+            self.rport,
+            STATES[usize::from(self.old)],
+            STATES[usize::from(self.new)],
+            self.mono_ns
+        )
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -109,9 +150,16 @@ pub(super) fn check_durations(mut recs: Vec<Rec>) -> DurationCheck {
         };
         if let Some((kind, expected)) = bad {
             if c.examples.len() < 5 {
+                // The socket's transition before it names what happened
+                // in between.
+                let after =
+                    continues.map_or_else(String::new, |p| format!(", after {}", p.describe()));
                 c.examples.push(format!(
-                    "{kind}: sock {:#x} at {} ns: old_state_ns {:?}, expected {:?}",
-                    r.sock, r.mono_ns, r.old_state_ns, expected
+                    "{kind}: sock {:#x}: {}{after}: old_state_ns {:?}, expected {:?}",
+                    r.sock,
+                    r.describe(),
+                    r.old_state_ns,
+                    expected
                 ));
             }
         }
@@ -143,7 +191,18 @@ pub(super) fn parse_transition(v: &Value) -> Option<Rec> {
         old_state_ns: v.get("old_state_ns").and_then(Value::as_u64),
         to_close: new == "CLOSE",
         first: old == "CLOSE" || (old == "LISTEN" && new == "SYN_RECV"),
+        old: state_index(old),
+        new: state_index(new),
+        lport: port(v, "lport"),
+        rport: port(v, "rport"),
     })
+}
+
+fn port(v: &Value, key: &str) -> u16 {
+    v.get(key)
+        .and_then(Value::as_u64)
+        .and_then(|p| u16::try_from(p).ok())
+        .unwrap_or(0)
 }
 
 #[derive(Debug, Default)]
@@ -201,6 +260,10 @@ mod tests {
             old_state_ns: old,
             to_close,
             first: false,
+            old: 1,
+            new: if to_close { 7 } else { 1 },
+            lport: 0,
+            rport: 0,
         }
     }
 
@@ -241,6 +304,11 @@ mod tests {
         ]);
         assert_eq!((c.wrong, c.missing, c.unverifiable), (2, 1, 2));
         assert_eq!(c.examples.len(), 3);
+        assert_eq!(
+            c.examples[1],
+            "missing: sock 0x1: 0 -> 0 ESTABLISHED -> CLOSE at 160 ns, after 0 -> 0 \
+             ESTABLISHED -> ESTABLISHED at 150 ns: old_state_ns None, expected Some(10)"
+        );
     }
 
     #[test]
@@ -249,8 +317,15 @@ mod tests {
         let v: Value = serde_json::from_str(line).unwrap();
         assert_eq!(
             parse_transition(&v),
-            Some(rec(0xffff888104e60940, 3140688563289, Some(4411390), true))
+            Some(Rec {
+                old: state_index("FIN_WAIT2"),
+                lport: 1,
+                rport: 2,
+                ..rec(0xffff888104e60940, 3140688563289, Some(4411390), true)
+            })
         );
+        assert_eq!(STATES[usize::from(state_index("FIN_WAIT2"))], "FIN_WAIT2");
+        assert_eq!(state_index("NOT_A_STATE"), 0);
         let connect = line
             .replace("\"old\":\"FIN_WAIT2\"", "\"old\":\"CLOSE\"")
             .replace("\"new\":\"CLOSE\"", "\"new\":\"SYN_SENT\"");

@@ -28,53 +28,45 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use serde_json::{json, Value};
+use tracer_common::TcpState;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct Rec {
     pub sock: u64,
     pub mono_ns: u64,
     pub old_state_ns: Option<u64>,
-    pub to_close: bool,
-    /// `CLOSE -> …` or `LISTEN -> SYN_RECV`: a new socket's first.
-    pub first: bool,
-    /// The transition, as indexes into [`STATES`], and the socket's
-    /// ports: what a bad one's example names.
-    pub old: u8,
-    pub new: u8,
+    /// The transition (None: a name the tracer does not print) and the
+    /// socket's ports (what a bad one's example names).
+    pub old: Option<TcpState>,
+    pub new: Option<TcpState>,
     pub lport: u16,
     pub rport: u16,
 }
 
-/// The state names of the tracer's records, in the kernel's order.
-const STATES: [&str; 13] = [
-    "?",
-    "ESTABLISHED",
-    "SYN_SENT",
-    "SYN_RECV",
-    "FIN_WAIT1",
-    "FIN_WAIT2",
-    "TIME_WAIT",
-    "CLOSE",
-    "CLOSE_WAIT",
-    "LAST_ACK",
-    "LISTEN",
-    "CLOSING",
-    "NEW_SYN_RECV",
-];
-
-fn state_index(name: &str) -> u8 {
-    STATES.iter().position(|s| *s == name).unwrap_or(0) as u8
+fn state(name: &str) -> Option<TcpState> {
+    TcpState::ALL.into_iter().find(|s| s.name() == name)
 }
 
 impl Rec {
+    fn to_close(&self) -> bool {
+        self.new == Some(TcpState::Close)
+    }
+
+    /// `CLOSE -> …` or `LISTEN -> SYN_RECV`: a new socket's first.
+    fn first(&self) -> bool {
+        self.old == Some(TcpState::Close)
+            || (self.old == Some(TcpState::Listen) && self.new == Some(TcpState::SynRecv))
+    }
+
     /// `port -> port OLD -> NEW at T ns`.
     fn describe(&self) -> String {
+        let name = |s: Option<TcpState>| s.map_or("?", TcpState::name);
         format!(
             "{} -> {} {} -> {} at {} ns",
             self.lport,
             self.rport,
-            STATES[usize::from(self.old)],
-            STATES[usize::from(self.new)],
+            name(self.old),
+            name(self.new),
             self.mono_ns
         )
     }
@@ -116,11 +108,11 @@ pub(super) fn check_durations(mut recs: Vec<Rec>) -> DurationCheck {
     let mut prev: Option<&Rec> = None;
     for r in &recs {
         c.checked += 1;
-        let continues = prev.filter(|p| p.sock == r.sock && !p.to_close && !r.first);
+        let continues = prev.filter(|p| p.sock == r.sock && !p.to_close() && !r.first());
         let bad = match (continues, r.old_state_ns) {
             // A new socket: nothing before it to time.
-            (None, None) if r.first => None,
-            (None, Some(_)) if r.first => {
+            (None, None) if r.first() => None,
+            (None, Some(_)) if r.first() => {
                 c.wrong += 1;
                 Some(("wrong", None))
             }
@@ -189,10 +181,8 @@ pub(super) fn parse_transition(v: &Value) -> Option<Rec> {
         sock,
         mono_ns: v.get("mono_ns")?.as_u64()?,
         old_state_ns: v.get("old_state_ns").and_then(Value::as_u64),
-        to_close: new == "CLOSE",
-        first: old == "CLOSE" || (old == "LISTEN" && new == "SYN_RECV"),
-        old: state_index(old),
-        new: state_index(new),
+        old: state(old),
+        new: state(new),
         lport: port(v, "lport"),
         rport: port(v, "rport"),
     })
@@ -258,10 +248,12 @@ mod tests {
             sock,
             mono_ns,
             old_state_ns: old,
-            to_close,
-            first: false,
-            old: 1,
-            new: if to_close { 7 } else { 1 },
+            old: Some(TcpState::Established),
+            new: Some(if to_close {
+                TcpState::Close
+            } else {
+                TcpState::Established
+            }),
             lport: 0,
             rport: 0,
         }
@@ -269,7 +261,8 @@ mod tests {
 
     fn first(sock: u64, mono_ns: u64, old: Option<u64>) -> Rec {
         Rec {
-            first: true,
+            old: Some(TcpState::Close),
+            new: Some(TcpState::SynSent),
             ..rec(sock, mono_ns, old, false)
         }
     }
@@ -318,22 +311,19 @@ mod tests {
         assert_eq!(
             parse_transition(&v),
             Some(Rec {
-                old: state_index("FIN_WAIT2"),
+                old: Some(TcpState::FinWait2),
                 lport: 1,
                 rport: 2,
                 ..rec(0xffff888104e60940, 3140688563289, Some(4411390), true)
             })
         );
-        assert_eq!(STATES[usize::from(state_index("FIN_WAIT2"))], "FIN_WAIT2");
-        assert_eq!(state_index("NOT_A_STATE"), 0);
+        assert_eq!(state("NOT_A_STATE"), None);
         let connect = line
             .replace("\"old\":\"FIN_WAIT2\"", "\"old\":\"CLOSE\"")
             .replace("\"new\":\"CLOSE\"", "\"new\":\"SYN_SENT\"");
-        assert!(
-            parse_transition(&serde_json::from_str(&connect).unwrap())
-                .unwrap()
-                .first
-        );
+        assert!(parse_transition(&serde_json::from_str(&connect).unwrap())
+            .unwrap()
+            .first());
         let derived = line.replace("\"source\":\"tracepoint\"", "\"source\":\"sock_diag\"");
         assert_eq!(
             parse_transition(&serde_json::from_str(&derived).unwrap()),

@@ -48,7 +48,7 @@ fn state(name: &str) -> Option<TcpState> {
 }
 
 impl Rec {
-    fn to_close(&self) -> bool {
+    fn closes(&self) -> bool {
         self.new == Some(TcpState::Close)
     }
 
@@ -108,7 +108,7 @@ pub(super) fn check_durations(mut recs: Vec<Rec>) -> DurationCheck {
     let mut prev: Option<&Rec> = None;
     for r in &recs {
         c.checked += 1;
-        let continues = prev.filter(|p| p.sock == r.sock && !p.to_close() && !r.first());
+        let continues = prev.filter(|p| p.sock == r.sock && !p.closes() && !r.first());
         let bad = match (continues, r.old_state_ns) {
             // A new socket: nothing before it to time.
             (None, None) if r.first() => None,

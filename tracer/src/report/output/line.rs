@@ -5,38 +5,142 @@
 //! formatted timestamp per record: the wall-clock second is formatted once
 //! and reused while records fall in it.
 
-use std::net::IpAddr;
+use std::{mem::ManuallyDrop, net::IpAddr, ptr};
 
 use crate::{clock::WallClock, kernel::events::Comm};
 
-/// A JSON object being written into `buf`.
+/// Room made at the start of a record: every record of the event path
+/// fits, so [`Text::grow`] is only for the rare long one (many listener
+/// pids).
+const ROOM: usize = 4 << 10;
+
+/// The buffer a record is written into, taken apart into its pointer,
+/// length and capacity for the time of the record. Written through a
+/// `&mut Vec<u8>`, every byte appended reloaded the vector's capacity
+/// (a byte store may alias it) and checked it: a record is about thirty
+/// fields of four appends each. Here the three words stay in registers,
+/// and each field checks its room once.
+pub(super) struct Text {
+    ptr: *mut u8,
+    len: usize,
+    cap: usize,
+}
+
+impl Text {
+    /// Takes `buf`'s allocation (leaving it empty) with room for a record.
+    pub(super) fn take(buf: &mut Vec<u8>) -> Self {
+        let mut v = std::mem::take(buf);
+        v.reserve(ROOM);
+        let mut v = ManuallyDrop::new(v);
+        Text {
+            ptr: v.as_mut_ptr(),
+            len: v.len(),
+            cap: v.capacity(),
+        }
+    }
+
+    /// Gives the allocation, with what was written, back to `buf`.
+    pub(super) fn give_back(self, buf: &mut Vec<u8>) {
+        let this = ManuallyDrop::new(self);
+        // SAFETY: the parts of the vector `take` took apart; `len` bytes
+        // were written (every write below counts only bytes it wrote).
+        *buf = unsafe { Vec::from_raw_parts(this.ptr, this.len, this.cap) };
+    }
+
+    /// A pointer to `n` writable bytes at the end.
+    #[inline(always)]
+    fn room(&mut self, n: usize) -> *mut u8 {
+        if self.cap - self.len < n {
+            self.grow(n);
+        }
+        // SAFETY: `len <= cap`: within the allocation, or one past it.
+        unsafe { self.ptr.add(self.len) }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn grow(&mut self, n: usize) {
+        // SAFETY: as in `give_back`.
+        let mut v = unsafe { Vec::from_raw_parts(self.ptr, self.len, self.cap) };
+        v.reserve(n.max(ROOM));
+        let mut v = ManuallyDrop::new(v);
+        self.ptr = v.as_mut_ptr();
+        self.cap = v.capacity();
+    }
+
+    #[inline(always)]
+    pub(super) fn push(&mut self, b: u8) {
+        let p = self.room(1);
+        // SAFETY: `room` made one byte.
+        unsafe { p.write(b) };
+        self.len += 1;
+    }
+
+    #[inline(always)]
+    pub(super) fn put(&mut self, bytes: &[u8]) {
+        let p = self.room(bytes.len());
+        // SAFETY: `room` made `bytes.len()` bytes, which cannot overlap
+        // `bytes` (they were not written yet, so nothing refers to them).
+        unsafe { ptr::copy_nonoverlapping(bytes.as_ptr(), p, bytes.len()) };
+        self.len += bytes.len();
+    }
+}
+
+impl Drop for Text {
+    fn drop(&mut self) {
+        // Not given back (a panic): the allocation is freed.
+        // SAFETY: as in `give_back`.
+        drop(unsafe { Vec::from_raw_parts(self.ptr, self.len, self.cap) });
+    }
+}
+
+impl std::io::Write for Text {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.put(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A JSON object being written into a [`Text`].
 pub(super) struct Line<'a> {
-    buf: &'a mut Vec<u8>,
+    out: &'a mut Text,
     first: bool,
 }
 
 impl<'a> Line<'a> {
-    pub(super) fn new(buf: &'a mut Vec<u8>) -> Self {
-        buf.push(b'{');
-        Line { buf, first: true }
+    pub(super) fn new(out: &'a mut Text) -> Self {
+        out.push(b'{');
+        Line { out, first: true }
     }
 
+    /// `,"k":` (no comma before the first), with one check of room.
     #[inline(always)]
     fn key(&mut self, k: &str) {
-        if !self.first {
-            self.buf.push(b',');
-        }
+        let n = k.len();
+        let p = self.out.room(n + 4);
+        let comma = usize::from(!self.first);
         self.first = false;
-        self.buf.push(b'"');
-        self.buf.extend_from_slice(k.as_bytes());
-        self.buf.extend_from_slice(b"\":");
+        // SAFETY: `room` made `n + 4` bytes, `n + 3 + comma` are written.
+        unsafe {
+            p.write(b',');
+            let p = p.add(comma);
+            p.write(b'"');
+            ptr::copy_nonoverlapping(k.as_ptr(), p.add(1), n);
+            p.add(1 + n).write(b'"');
+            p.add(2 + n).write(b':');
+        }
+        self.out.len += n + 3 + comma;
     }
 
     /// A key whose name needs no escaping, and a string value that does.
     #[inline(always)]
     pub(super) fn str(&mut self, k: &str, v: &str) {
         self.key(k);
-        escape(self.buf, v);
+        escape(self.out, v);
     }
 
     /// A task's name: copied as it is when it is printable ASCII without
@@ -50,21 +154,31 @@ impl<'a> Line<'a> {
             .all(|&b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
         {
             self.key(k);
-            self.buf.push(b'"');
-            self.buf.extend_from_slice(name);
-            self.buf.push(b'"');
+            self.quoted(name);
         } else {
             self.str(k, &c.as_str());
         }
+    }
+
+    /// `"v"`, with one check of room.
+    #[inline(always)]
+    fn quoted(&mut self, v: &[u8]) {
+        let n = v.len();
+        let p = self.out.room(n + 2);
+        // SAFETY: `room` made `n + 2` bytes.
+        unsafe {
+            p.write(b'"');
+            ptr::copy_nonoverlapping(v.as_ptr(), p.add(1), n);
+            p.add(1 + n).write(b'"');
+        }
+        self.out.len += n + 2;
     }
 
     /// A string value known to need no escaping (names, numbers).
     #[inline(always)]
     pub(super) fn plain(&mut self, k: &str, v: &str) {
         self.key(k);
-        self.buf.push(b'"');
-        self.buf.extend_from_slice(v.as_bytes());
-        self.buf.push(b'"');
+        self.quoted(v.as_bytes());
     }
 
     #[inline(always)]
@@ -78,7 +192,7 @@ impl<'a> Line<'a> {
     #[inline(always)]
     pub(super) fn u64(&mut self, k: &str, v: u64) {
         self.key(k);
-        write_u64(self.buf, v);
+        write_u64(self.out, v);
     }
 
     #[inline(always)]
@@ -92,14 +206,13 @@ impl<'a> Line<'a> {
     #[inline(always)]
     pub(super) fn bool(&mut self, k: &str, v: bool) {
         self.key(k);
-        self.buf
-            .extend_from_slice(if v { b"true" } else { b"false" });
+        self.out.put(if v { b"true" } else { b"false" });
     }
 
     #[inline(always)]
     pub(super) fn null(&mut self, k: &str) {
         self.key(k);
-        self.buf.extend_from_slice(b"null");
+        self.out.put(b"null");
     }
 
     /// `"0x…"`, or null for 0.
@@ -109,13 +222,13 @@ impl<'a> Line<'a> {
             return self.null(k);
         }
         self.key(k);
-        write_hex(self.buf, v);
+        write_hex(self.out, v);
     }
 
     #[inline(always)]
     pub(super) fn ip(&mut self, k: &str, a: IpAddr) {
         self.key(k);
-        write_ip(self.buf, a);
+        write_ip(self.out, a);
     }
 
     /// Fields written elsewhere (`"k":v,...`), spliced in as they are.
@@ -124,90 +237,101 @@ impl<'a> Line<'a> {
             return;
         }
         if !self.first {
-            self.buf.push(b',');
+            self.out.push(b',');
         }
         self.first = false;
-        self.buf.extend_from_slice(json.as_bytes());
+        self.out.put(json.as_bytes());
     }
 
     /// A nested object under `k`.
     #[inline(always)]
     pub(super) fn object(&mut self, k: &str) -> Line<'_> {
         self.key(k);
-        Line::new(self.buf)
+        Line::new(self.out)
     }
 
     /// A nested array under `k`: `items` writes each element's JSON.
-    pub(super) fn array<I>(
-        &mut self,
-        k: &str,
-        items: I,
-        mut each: impl FnMut(&mut Vec<u8>, I::Item),
-    ) where
+    pub(super) fn array<I>(&mut self, k: &str, items: I, mut each: impl FnMut(&mut Text, I::Item))
+    where
         I: IntoIterator,
     {
         self.key(k);
-        self.buf.push(b'[');
+        self.out.push(b'[');
         for (i, item) in items.into_iter().enumerate() {
             if i > 0 {
-                self.buf.push(b',');
+                self.out.push(b',');
             }
-            each(self.buf, item);
+            each(self.out, item);
         }
-        self.buf.push(b']');
+        self.out.push(b']');
     }
 
     pub(super) fn end(self) {
-        self.buf.push(b'}');
+        self.out.push(b'}');
     }
 }
 
 /// `"0x…"` of a non-zero `v`.
-fn write_hex(buf: &mut Vec<u8>, v: u64) {
-    buf.extend_from_slice(b"\"0x");
-    let digits = (64 - v.leading_zeros()).div_ceil(4);
-    for i in (0..digits).rev() {
-        buf.push(b"0123456789abcdef"[((v >> (4 * i)) & 0xf) as usize]);
+#[inline(always)]
+fn write_hex(out: &mut Text, v: u64) {
+    let digits = (64 - v.leading_zeros()).div_ceil(4) as usize;
+    let p = out.room(20);
+    // SAFETY: `room` made 20 bytes; `digits + 4` (at most 20) are written.
+    unsafe {
+        p.write(b'"');
+        p.add(1).write(b'0');
+        p.add(2).write(b'x');
+        for i in 0..digits {
+            let d = (v >> (4 * (digits - 1 - i))) & 0xf;
+            p.add(3 + i).write(b"0123456789abcdef"[d as usize]);
+        }
+        p.add(3 + digits).write(b'"');
     }
-    buf.push(b'"');
+    out.len += digits + 4;
 }
 
 /// An address, quoted.
-fn write_ip(buf: &mut Vec<u8>, a: IpAddr) {
-    buf.push(b'"');
+#[inline(always)]
+fn write_ip(out: &mut Text, a: IpAddr) {
     match a {
         IpAddr::V4(v4) => {
-            // As `write_u64`: a block of constant size, written in place
-            // and cut to length.
-            let start = buf.len();
-            buf.extend_from_slice(&[0; 15]);
-            let text = &mut buf[start..start + 15];
+            let p = out.room(17);
             let mut len = 0;
-            for (i, o) in v4.octets().into_iter().enumerate() {
-                if i > 0 {
-                    text[len] = b'.';
+            // SAFETY: `room` made 17 bytes: two quotes, four octets of at
+            // most three digits, three points.
+            unsafe {
+                p.write(b'"');
+                len += 1;
+                for (i, o) in v4.octets().into_iter().enumerate() {
+                    if i > 0 {
+                        p.add(len).write(b'.');
+                        len += 1;
+                    }
+                    let o = usize::from(o);
+                    if o >= 100 {
+                        p.add(len).write(b'0' + (o / 100) as u8);
+                        len += 1;
+                    }
+                    if o >= 10 {
+                        p.add(len).write(b'0' + (o / 10 % 10) as u8);
+                        len += 1;
+                    }
+                    p.add(len).write(b'0' + (o % 10) as u8);
                     len += 1;
                 }
-                let o = usize::from(o);
-                if o >= 100 {
-                    text[len] = b'0' + (o / 100) as u8;
-                    len += 1;
-                }
-                if o >= 10 {
-                    text[len] = b'0' + (o / 10 % 10) as u8;
-                    len += 1;
-                }
-                text[len] = b'0' + (o % 10) as u8;
+                p.add(len).write(b'"');
                 len += 1;
             }
-            buf.truncate(start + len);
+            out.len += len;
         }
-        IpAddr::V6(v6) => {
-            use std::io::Write as _;
-            let _ = write!(buf, "{v6}");
-        }
+        IpAddr::V6(v6) => write_ipv6(out, v6),
     }
-    buf.push(b'"');
+}
+
+#[inline(never)]
+fn write_ipv6(out: &mut Text, a: std::net::Ipv6Addr) {
+    use std::io::Write as _;
+    let _ = write!(out, "\"{a}\"");
 }
 
 /// Two decimal digits of every number below 100.
@@ -218,37 +342,59 @@ const DIGIT_PAIRS: &[u8; 200] = b"\
     6061626364656667686970717273747576777879\
     8081828384858687888990919293949596979899";
 
-/// `v` in decimal. Twenty zeros are appended (a copy of constant size:
-/// a few stores) and the digits written over them in place, then the rest
-/// cut off: appending a slice of run-time length is a call to `memcpy`,
-/// and the JSON lines hold a dozen numbers. (Digits written into a stack
-/// block first and copied from it stall on the store forwarding.)
-pub(super) fn write_u64(buf: &mut Vec<u8>, v: u64) {
-    let start = buf.len();
+/// Writes the two digits of `pair` (below 100) at `p`.
+///
+/// # Safety
+/// `p` is valid for writes of two bytes.
+#[inline(always)]
+unsafe fn write_pair(p: *mut u8, pair: u32) {
+    let i = pair as usize * 2;
+    // SAFETY: the caller's `p`; two bytes of the table.
+    unsafe { ptr::copy_nonoverlapping(DIGIT_PAIRS[i..i + 2].as_ptr(), p, 2) };
+}
+
+/// `v` in decimal, written in place at the end of `out`. Eight digits at
+/// a time from the right (in 32 bits), so the division of the rest runs
+/// beside the digits' own: the nanosecond counts of the lines are 13 to
+/// 19 digits long, and one digit pair after the other was a chain of
+/// dependent multiplications.
+#[inline(always)]
+pub(super) fn write_u64(out: &mut Text, v: u64) {
     let len = v.checked_ilog10().map_or(1, |l| l as usize + 1);
-    buf.extend_from_slice(&[0; 20]);
-    let text = &mut buf[start..start + len];
+    let p = out.room(20);
     let (mut x, mut end) = (v, len);
-    while x >= 100 {
-        let pair = (x % 100) as usize * 2;
-        x /= 100;
-        end -= 2;
-        text[end..end + 2].copy_from_slice(&DIGIT_PAIRS[pair..pair + 2]);
+    // SAFETY: `room` made 20 bytes; digits are written at `p[..len]`
+    // (`len` at most 20), right to left.
+    unsafe {
+        while x >= 100_000_000 {
+            let mut low = (x % 100_000_000) as u32;
+            x /= 100_000_000;
+            end -= 8;
+            for j in [6, 4, 2, 0] {
+                write_pair(p.add(end + j), low % 100);
+                low /= 100;
+            }
+        }
+        let mut x = x as u32;
+        while x >= 100 {
+            end -= 2;
+            write_pair(p.add(end), x % 100);
+            x /= 100;
+        }
+        if x >= 10 {
+            write_pair(p, x);
+        } else {
+            p.write(b'0' + x as u8);
+        }
     }
-    if x >= 10 {
-        let pair = x as usize * 2;
-        text[..2].copy_from_slice(&DIGIT_PAIRS[pair..pair + 2]);
-    } else {
-        text[0] = b'0' + x as u8;
-    }
-    buf.truncate(start + len);
+    out.len += len;
 }
 
 /// `v` as a JSON string, escaped as serde_json does: `"` and `\`, the
 /// short escapes `\b \f \n \r \t`, other control characters as `\u00XX`;
 /// everything else as it is.
-pub(super) fn escape(buf: &mut Vec<u8>, v: &str) {
-    buf.push(b'"');
+pub(super) fn escape(out: &mut Text, v: &str) {
+    out.push(b'"');
     let bytes = v.as_bytes();
     let mut start = 0;
     for (i, &b) in bytes.iter().enumerate() {
@@ -263,18 +409,18 @@ pub(super) fn escape(buf: &mut Vec<u8>, v: &str) {
             0..=0x1f => b'u',
             _ => continue,
         };
-        buf.extend_from_slice(&bytes[start..i]);
-        buf.push(b'\\');
-        buf.push(short);
+        out.put(&bytes[start..i]);
+        out.push(b'\\');
+        out.push(short);
         if short == b'u' {
-            buf.extend_from_slice(b"00");
-            buf.push(b"0123456789abcdef"[usize::from(b >> 4)]);
-            buf.push(b"0123456789abcdef"[usize::from(b & 0xf)]);
+            out.put(b"00");
+            out.push(b"0123456789abcdef"[usize::from(b >> 4)]);
+            out.push(b"0123456789abcdef"[usize::from(b & 0xf)]);
         }
         start = i + 1;
     }
-    buf.extend_from_slice(&bytes[start..]);
-    buf.push(b'"');
+    out.put(&bytes[start..]);
+    out.push(b'"');
 }
 
 /// RFC 3339 timestamps with nanoseconds, UTC (`2026-11-23T20:15:01.123456789Z`,
@@ -299,55 +445,79 @@ impl Times {
         }
     }
 
-    /// The timestamp of `mono_ns`, quoted, into `buf`.
-    pub(super) fn write(&mut self, buf: &mut Vec<u8>, mono_ns: u64) {
+    /// The timestamp of `mono_ns`, quoted, into `out`.
+    #[inline(always)]
+    pub(super) fn write(&mut self, out: &mut Text, mono_ns: u64) {
         let ns = self.clock.wall_ns(mono_ns);
         let (sec, frac) = (ns / 1_000_000_000, (ns % 1_000_000_000) as u32);
         let i = match self.seconds.iter().position(|&(at, _)| at == sec) {
             Some(i) => i,
-            None => {
-                let text = humantime::format_rfc3339_seconds(
-                    std::time::UNIX_EPOCH + std::time::Duration::from_secs(sec),
-                )
-                .to_string();
-                // "YYYY-MM-DDTHH:MM:SSZ": keep all but the Z, add the point.
-                let Some(head) = text.as_bytes().get(..19) else {
+            None => match self.cache(sec) {
+                Some(i) => i,
+                None => {
                     // Years past 9999: no cache, the full form.
                     use std::io::Write as _;
-                    let _ = write!(buf, "\"{}\"", self.clock.rfc3339_display(mono_ns));
+                    let _ = write!(out, "\"{}\"", self.clock.rfc3339_display(mono_ns));
                     return;
-                };
-                let i = self.oldest;
-                self.seconds[i].0 = sec;
-                self.seconds[i].1[..19].copy_from_slice(head);
-                self.seconds[i].1[19] = b'.';
-                i
-            }
+                }
+            },
         };
         self.oldest = 1 - i;
         let prefix = &self.seconds[i].1;
-        buf.push(b'"');
-        buf.extend_from_slice(prefix);
-        // The nanoseconds written in place (see `write_u64`).
-        let start = buf.len();
-        buf.extend_from_slice(b"000000000Z\"");
-        let mut f = frac;
-        for d in buf[start..start + 9].iter_mut().rev() {
-            *d = b'0' + (f % 10) as u8;
-            f /= 10;
+        let p = out.room(32);
+        // SAFETY: `room` made 32 bytes: a quote, the 20 of the prefix,
+        // 9 digits, `Z` and a quote.
+        unsafe {
+            p.write(b'"');
+            ptr::copy_nonoverlapping(prefix.as_ptr(), p.add(1), 20);
+            let mut f = frac;
+            for j in (0..9).rev() {
+                p.add(21 + j).write(b'0' + (f % 10) as u8);
+                f /= 10;
+            }
+            p.add(30).write(b'Z');
+            p.add(31).write(b'"');
         }
+        out.len += 32;
+    }
+
+    /// Formats second `sec` into the older entry of the cache; `None`
+    /// past the year 9999.
+    #[cold]
+    #[inline(never)]
+    fn cache(&mut self, sec: u64) -> Option<usize> {
+        let text = humantime::format_rfc3339_seconds(
+            std::time::UNIX_EPOCH + std::time::Duration::from_secs(sec),
+        )
+        .to_string();
+        // "YYYY-MM-DDTHH:MM:SSZ": keep all but the Z, add the point.
+        let head = text.as_bytes().get(..19)?;
+        let i = self.oldest;
+        self.seconds[i].0 = sec;
+        self.seconds[i].1[..19].copy_from_slice(head);
+        self.seconds[i].1[19] = b'.';
+        Some(i)
     }
 
     #[inline(always)]
     pub(super) fn time(&mut self, l: &mut Line<'_>, k: &str, mono_ns: u64) {
         l.key(k);
-        self.write(l.buf, mono_ns);
+        self.write(l.out, mono_ns);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What `write` writes after `before`.
+    fn written(before: &[u8], write: impl FnOnce(&mut Text)) -> Vec<u8> {
+        let mut buf = before.to_vec();
+        let mut out = Text::take(&mut buf);
+        write(&mut out);
+        out.give_back(&mut buf);
+        buf
+    }
 
     #[test]
     fn numbers_and_addresses_are_written_as_std_formats_them() {
@@ -369,8 +539,7 @@ mod tests {
         n.extend((1..20).map(|p| 10u64.pow(p) - 1));
         n.extend((0..64).map(|b| 1u64 << b));
         for v in n {
-            let mut buf = b"x".to_vec();
-            write_u64(&mut buf, v);
+            let buf = written(b"x", |out| write_u64(out, v));
             assert_eq!(buf, format!("x{v}").into_bytes());
         }
         for a in [
@@ -380,12 +549,10 @@ mod tests {
             "255.255.255.255",
             "1.100.9.99",
         ] {
-            let mut buf = Vec::new();
-            write_ip(&mut buf, a.parse().unwrap());
+            let buf = written(b"", |out| write_ip(out, a.parse().unwrap()));
             assert_eq!(buf, format!("\"{a}\"").into_bytes());
         }
-        let mut buf = Vec::new();
-        write_ip(&mut buf, "fe80::1".parse().unwrap());
+        let buf = written(b"", |out| write_ip(out, "fe80::1".parse().unwrap()));
         assert_eq!(buf, b"\"fe80::1\"");
     }
 
@@ -397,8 +564,7 @@ mod tests {
         }
         all.push_str("é漢\u{fffd}");
         for s in [all.as_str(), "", "plain", "a\"b\\c\n", "\u{7f}\u{1f}"] {
-            let mut buf = Vec::new();
-            escape(&mut buf, s);
+            let buf = written(b"", |out| escape(out, s));
             assert_eq!(
                 String::from_utf8(buf).unwrap(),
                 serde_json::to_string(s).unwrap()
@@ -431,13 +597,16 @@ mod tests {
         names.extend((1..=255u8).map(|b| [b; 16]));
         for raw in names {
             let c = Comm::new(raw);
-            let (mut fast, mut slow) = (Vec::new(), Vec::new());
-            let mut l = Line::new(&mut fast);
-            l.comm("comm", &c);
-            l.end();
-            let mut l = Line::new(&mut slow);
-            l.str("comm", &c.as_str());
-            l.end();
+            let fast = written(b"", |out| {
+                let mut l = Line::new(out);
+                l.comm("comm", &c);
+                l.end();
+            });
+            let slow = written(b"", |out| {
+                let mut l = Line::new(out);
+                l.str("comm", &c.as_str());
+                l.end();
+            });
             assert_eq!(fast, slow, "{raw:?}");
         }
     }
@@ -461,8 +630,7 @@ mod tests {
             60_000_000_003,
             1_000_000_009,
         ] {
-            let mut buf = Vec::new();
-            t.write(&mut buf, mono);
+            let buf = written(b"", |out| t.write(out, mono));
             assert_eq!(
                 String::from_utf8(buf).unwrap(),
                 format!("\"{}\"", clock.rfc3339(mono))
@@ -472,20 +640,38 @@ mod tests {
 
     #[test]
     fn numbers_addresses_and_hex() {
-        let mut buf = Vec::new();
-        let mut l = Line::new(&mut buf);
-        l.u64("a", u64::MAX);
-        l.hex("s", 0xffff_8880_1234_5678);
-        l.hex("z", 0);
-        l.hex("one", 1);
-        l.ip("v4", "10.0.255.1".parse().unwrap());
-        l.ip("v6", "fd00::1".parse().unwrap());
-        l.bool("b", true);
-        l.opt_u64("n", None);
-        l.end();
+        let buf = written(b"", |out| {
+            let mut l = Line::new(out);
+            l.u64("a", u64::MAX);
+            l.hex("s", 0xffff_8880_1234_5678);
+            l.hex("z", 0);
+            l.hex("one", 1);
+            l.ip("v4", "10.0.255.1".parse().unwrap());
+            l.ip("v6", "fd00::1".parse().unwrap());
+            l.bool("b", true);
+            l.opt_u64("n", None);
+            l.end();
+        });
         assert_eq!(
             String::from_utf8(buf).unwrap(),
             r#"{"a":18446744073709551615,"s":"0xffff888012345678","z":null,"one":"0x1","v4":"10.0.255.1","v6":"fd00::1","b":true,"n":null}"#
+        );
+    }
+
+    #[test]
+    fn a_record_longer_than_its_room_grows_the_buffer() {
+        let pids: Vec<u64> = (0..3000).map(|i| u64::MAX - i).collect();
+        let long = "x".repeat(3 * ROOM);
+        let buf = written(b"head", |out| {
+            let mut l = Line::new(out);
+            l.array("pids", &pids, |out, p| write_u64(out, *p));
+            l.str("long", &long);
+            l.end();
+        });
+        let list: Vec<String> = pids.iter().map(u64::to_string).collect();
+        assert_eq!(
+            String::from_utf8(buf).unwrap(),
+            format!("head{{\"pids\":[{}],\"long\":\"{long}\"}}", list.join(","))
         );
     }
 }

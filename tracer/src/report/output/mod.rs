@@ -794,8 +794,8 @@ pub fn stats_line(s: &Stats) -> String {
 /// A list of pids, or null.
 fn pids_field(l: &mut line::Line<'_>, k: &str, pids: Option<&[u32]>) {
     match pids {
-        Some(pids) => l.array(k, pids, |buf, pid| {
-            line::write_u64(buf, (*pid).into());
+        Some(pids) => l.array(k, pids, |out, pid| {
+            line::write_u64(out, (*pid).into());
         }),
         None => l.null(k),
     }
@@ -832,10 +832,12 @@ fn json_line(
     fill: impl FnOnce(&mut line::Line<'_>, &mut JsonParts<'_>),
     parts: &mut JsonParts<'_>,
 ) {
-    let mut l = line::Line::new(buf);
+    let mut text = line::Text::take(buf);
+    let mut l = line::Line::new(&mut text);
     fill(&mut l, parts);
     l.end();
-    buf.push(b'\n');
+    text.push(b'\n');
+    text.give_back(buf);
 }
 
 /// What the JSON records' fields are written with, besides the record.
@@ -880,15 +882,15 @@ fn close_fields(mut l: line::Line<'_>, c: &Close, reasons: &ResetReasons) {
         }),
     );
     l.opt_u64("fin_to_close_ns", c.fin_to_close_ns);
-    l.array("handshake", c.handshake.iter(), |buf, step| {
-        buf.push(b'"');
-        buf.extend_from_slice(step.old.name().as_bytes());
-        buf.push(b'>');
-        buf.extend_from_slice(step.new.name().as_bytes());
-        buf.push(b'"');
+    l.array("handshake", c.handshake.iter(), |out, step| {
+        out.push(b'"');
+        out.put(step.old.name().as_bytes());
+        out.push(b'>');
+        out.put(step.new.name().as_bytes());
+        out.push(b'"');
     });
-    l.array("handshake_at_ns", 0..c.handshake.len(), |buf, i| {
-        line::write_u64(buf, c.at_ns(i));
+    l.array("handshake_at_ns", 0..c.handshake.len(), |out, i| {
+        line::write_u64(out, c.at_ns(i));
     });
     match c.rst {
         Some(r) => {
@@ -896,10 +898,10 @@ fn close_fields(mut l: line::Line<'_>, c: &Close, reasons: &ResetReasons) {
             o.u64("sent", r.sent.into());
             o.u64("received", r.received.into());
             if reasons.carried {
-                o.array("reasons", r.reasons.iter(), |buf, (v, _)| {
+                o.array("reasons", r.reasons.iter(), |out, (v, _)| {
                     use std::io::Write as _;
                     // C identifiers or numbers: nothing to escape.
-                    let _ = write!(buf, "\"{}\"", reasons.name(v));
+                    let _ = write!(out, "\"{}\"", reasons.name(v));
                 });
             }
             o.end();

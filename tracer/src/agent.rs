@@ -4,7 +4,6 @@
 use std::{io, pin::pin, time::Duration};
 
 use anyhow::Context as _;
-use aya::maps::{MapData, RingBuf};
 use tokio::{
     io::{unix::AsyncFd, Interest},
     signal::unix::{signal, SignalKind},
@@ -16,6 +15,7 @@ use crate::{
     clock::{monotonic_ns, WallClock},
     kernel::events::{self, Record, TcpState, TimewaitDeath, Transition},
     kernel::loader::{self, CounterValues, LoadOptions},
+    kernel::ring::Ring,
     report::group::NamedOwner,
     report::metrics::{Endpoint, Recorder},
     report::observe::Observers,
@@ -409,7 +409,7 @@ impl<W: RecordWrite> Pipeline<W> {
     /// worker's answers before it goes on). Once a drain has emptied the
     /// ring buffer, the held records whose resets would have been in it
     /// are written. True when it emptied it.
-    pub fn drain(&mut self, ring: &mut RingBuf<MapData>) -> io::Result<bool> {
+    pub fn drain(&mut self, ring: &mut Ring) -> io::Result<bool> {
         let start = monotonic_ns();
         // Every record submitted before the first slice of this drain
         // began has been read once one of its slices empties the buffer.
@@ -417,7 +417,7 @@ impl<W: RecordWrite> Pipeline<W> {
         let deadline = start + DRAIN_SLICE.as_nanos() as u64;
         let mut n = 0u32;
         loop {
-            let Some(item) = ring.next() else {
+            let Some(item) = ring.next_record() else {
                 self.drained(began)?;
                 return Ok(true);
             };

@@ -8,7 +8,7 @@ use std::{ffi::CString, io, path::Path};
 use aya::{
     maps::{
         lpm_trie::{Key, LpmTrie},
-        Array, HashMap, MapData, PerCpuArray, RingBuf,
+        Array, HashMap, Map, MapData, PerCpuArray,
     },
     programs::{BtfTracePoint, FEntry, TracePoint},
     Ebpf, EbpfLoader,
@@ -25,6 +25,7 @@ use crate::{
     kernel::events::Family,
     kernel::features::{self, Capabilities},
     kernel::filters::{self, Filters},
+    kernel::ring::Ring,
 };
 
 /// The kernel object built by `build.rs`.
@@ -69,6 +70,8 @@ pub enum LoadError {
     Map(#[from] aya::maps::MapError),
     #[error("the eBPF object has no {0}")]
     Missing(&'static str),
+    #[error("mapping the ring buffer: {0}")]
+    RingMap(io::Error),
     #[error("the kernel has no {0} tracepoint")]
     NoResetTracepoint(&'static str),
     #[error("--attach tp-btf: {0}")]
@@ -122,7 +125,7 @@ impl Default for LoadOptions {
 /// The loaded, attached program and the maps the agent reads. Dropping it
 /// detaches the program and frees the maps.
 pub struct Probe {
-    pub events: RingBuf<MapData>,
+    pub events: Ring,
     pub capabilities: Capabilities,
     /// Kernel offsets found in BTF (netns of each socket, when known).
     pub offsets: KernelOffsets,
@@ -656,10 +659,12 @@ fn load_attached(
         ),
     }
 
-    let events = RingBuf::try_from(
-        ebpf.take_map(map::EVENTS)
-            .ok_or(LoadError::Missing("EVENTS map"))?,
-    )?;
+    let events = match ebpf.take_map(map::EVENTS) {
+        Some(Map::RingBuf(data)) => {
+            Ring::new(data, opts.ringbuf_bytes as usize).map_err(LoadError::RingMap)?
+        }
+        _ => return Err(LoadError::Missing("EVENTS ring buffer")),
+    };
     let counters = KernelCounters {
         map: PerCpuArray::try_from(
             ebpf.take_map(map::COUNTERS)

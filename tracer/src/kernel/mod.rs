@@ -13,3 +13,4 @@ pub mod features;
 pub mod filters;
 pub mod loader;
 pub mod reset_reasons;
+pub mod ring;

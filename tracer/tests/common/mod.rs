@@ -151,7 +151,7 @@ impl Collector {
     }
 
     pub(crate) fn poll(&mut self) {
-        while let Some(item) = self.probe.events.next() {
+        while let Some(item) = self.probe.events.next_record() {
             match decode_record(&item).unwrap_or_else(|e| panic!("undecodable record: {e}")) {
                 Record::Transition(t) => self.events.push(t),
                 Record::Batch(b) => self.events.extend(b.transitions()),

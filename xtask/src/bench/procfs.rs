@@ -140,8 +140,8 @@ pub(crate) fn memory_kib(pid: i32) -> (Option<u64>, Option<u64>) {
 
 /// Resident kilobytes of the eBPF maps the process has mapped (its ring
 /// buffer: the kernel's memory, allocated whether or not it is mapped,
-/// counted in its RSS; the data pages twice, as the ring buffer maps them
-/// twice so that a record can wrap around).
+/// counted in its RSS; twice where a process maps the data pages twice,
+/// as libbpf does, so that a record can wrap around).
 pub(crate) fn mapped_bpf_maps_kib(pid: i32) -> Option<u64> {
     fs::read_to_string(format!("/proc/{pid}/smaps"))
         .ok()

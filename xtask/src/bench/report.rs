@@ -35,7 +35,8 @@ pub(crate) struct Row {
     pub rss_idle_mib: Option<f64>,
     pub rss_peak_mib: Option<f64>,
     /// Of the RSS: eBPF maps mapped into the process (the kernel's ring
-    /// buffer, its data pages twice).
+    /// buffer: its data pages once in the tracer, twice in a build that
+    /// maps them as libbpf does).
     pub rss_maps_mib: Option<f64>,
     pub start_s: Option<Summary>,
     /// SIGINT to exit, after the load.

@@ -660,9 +660,7 @@ fn load_attached(
     }
 
     let events = match ebpf.take_map(map::EVENTS) {
-        Some(Map::RingBuf(data)) => {
-            Ring::new(data, opts.ringbuf_bytes as usize).map_err(LoadError::RingMap)?
-        }
+        Some(Map::RingBuf(data)) => Ring::new(data).map_err(LoadError::RingMap)?,
         _ => return Err(LoadError::Missing("EVENTS ring buffer")),
     };
     let counters = KernelCounters {

@@ -44,9 +44,10 @@ pub struct Ring {
 }
 
 impl Ring {
-    /// Maps the ring buffer `map` of `size` data bytes (a power of two, a
-    /// multiple of the page size: the kernel refuses others).
-    pub fn new(map: MapData, size: usize) -> io::Result<Self> {
+    /// Maps the ring buffer `map`, of the size the kernel made it (its
+    /// `max_entries`: a power of two, a multiple of the page size).
+    pub fn new(map: MapData) -> io::Result<Self> {
+        let size = map.info().map_err(io::Error::other)?.max_entries() as usize;
         if !size.is_power_of_two() {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -106,7 +107,7 @@ impl std::os::fd::AsRawFd for Ring {
     }
 }
 
-// The mappings are only read through the reader, which the ring owns.
+// By hand: the reader's pointers say nothing; the sizes do.
 impl std::fmt::Debug for Ring {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Ring")

@@ -290,48 +290,119 @@ fn write_hex(out: &mut Text, v: u64) {
     out.len += digits + 4;
 }
 
-/// An address, quoted.
+/// An address, quoted, as std's `Display` writes it.
 #[inline(always)]
 fn write_ip(out: &mut Text, a: IpAddr) {
     match a {
         IpAddr::V4(v4) => {
+            // Two quotes, four octets of at most three digits, three points.
             let p = out.room(17);
-            let mut len = 0;
-            // SAFETY: `room` made 17 bytes: two quotes, four octets of at
-            // most three digits, three points.
+            // SAFETY: `room` made 17 bytes.
             unsafe {
                 p.write(b'"');
-                len += 1;
-                for (i, o) in v4.octets().into_iter().enumerate() {
-                    if i > 0 {
-                        p.add(len).write(b'.');
-                        len += 1;
-                    }
-                    let o = usize::from(o);
-                    if o >= 100 {
-                        p.add(len).write(b'0' + (o / 100) as u8);
-                        len += 1;
-                    }
-                    if o >= 10 {
-                        p.add(len).write(b'0' + (o / 10 % 10) as u8);
-                        len += 1;
-                    }
-                    p.add(len).write(b'0' + (o % 10) as u8);
-                    len += 1;
-                }
+                let len = 1 + write_ipv4(p.add(1), v4.octets());
                 p.add(len).write(b'"');
-                len += 1;
+                out.len += len + 1;
             }
-            out.len += len;
         }
         IpAddr::V6(v6) => write_ipv6(out, v6),
     }
 }
 
-#[inline(never)]
+/// `a.b.c.d` at `p`; returns its length (at most 15).
+///
+/// # Safety
+/// `p` is valid for writes of 15 bytes.
+#[inline(always)]
+unsafe fn write_ipv4(p: *mut u8, octets: [u8; 4]) -> usize {
+    let mut len = 0;
+    // SAFETY: at most 15 bytes, the caller's.
+    unsafe {
+        for (i, o) in octets.into_iter().enumerate() {
+            if i > 0 {
+                p.add(len).write(b'.');
+                len += 1;
+            }
+            let o = usize::from(o);
+            if o >= 100 {
+                p.add(len).write(b'0' + (o / 100) as u8);
+                len += 1;
+            }
+            if o >= 10 {
+                p.add(len).write(b'0' + (o / 10 % 10) as u8);
+                len += 1;
+            }
+            p.add(len).write(b'0' + (o % 10) as u8);
+            len += 1;
+        }
+    }
+    len
+}
+
+/// An IPv6 address, quoted, as std's `Display` writes it (RFC 5952: the
+/// first longest run of two or more zero groups as `::`, hex in lower
+/// case without leading zeros; IPv4-mapped ones as `::ffff:a.b.c.d`),
+/// without `fmt`'s call per group.
 fn write_ipv6(out: &mut Text, a: std::net::Ipv6Addr) {
-    use std::io::Write as _;
-    let _ = write!(out, "\"{a}\"");
+    // Two quotes and at most 39 characters (eight groups of four, seven
+    // colons).
+    let p = out.room(41);
+    let groups = a.segments();
+    let mut len = 0;
+    // SAFETY: `room` made 41 bytes; at most 41 are written.
+    unsafe {
+        p.write(b'"');
+        len += 1;
+        if let Some(v4) = a.to_ipv4_mapped() {
+            ptr::copy_nonoverlapping(b"::ffff:".as_ptr(), p.add(len), 7);
+            len += 7;
+            len += write_ipv4(p.add(len), v4.octets());
+        } else {
+            let (mut run, mut longest) = ((0, 0), (0, 0));
+            for (i, &g) in groups.iter().enumerate() {
+                if g == 0 {
+                    if run.1 == 0 {
+                        run.0 = i;
+                    }
+                    run.1 += 1;
+                    if run.1 > longest.1 {
+                        longest = run;
+                    }
+                } else {
+                    run = (0, 0);
+                }
+            }
+            let (skip_from, skip_to) = if longest.1 > 1 {
+                (longest.0, longest.0 + longest.1)
+            } else {
+                (8, 8)
+            };
+            let mut i = 0;
+            while i < 8 {
+                if i == skip_from {
+                    ptr::copy_nonoverlapping(b"::".as_ptr(), p.add(len), 2);
+                    len += 2;
+                    i = skip_to;
+                    continue;
+                }
+                if i > 0 && i != skip_to {
+                    p.add(len).write(b':');
+                    len += 1;
+                }
+                let g = groups[i];
+                let digits = (16 - g.leading_zeros() as usize).div_ceil(4).max(1);
+                for d in 0..digits {
+                    let nibble = (g >> (4 * (digits - 1 - d))) & 0xf;
+                    p.add(len).write(b"0123456789abcdef"[usize::from(nibble)]);
+                    len += 1;
+                }
+                i += 1;
+            }
+        }
+        p.add(len).write(b'"');
+        len += 1;
+    }
+    out.len += len;
 }
 
 /// Two decimal digits of every number below 100.
@@ -673,5 +744,46 @@ mod tests {
             String::from_utf8(buf).unwrap(),
             format!("head{{\"pids\":[{}],\"long\":\"{long}\"}}", list.join(","))
         );
+    }
+
+    #[test]
+    fn ipv6_addresses_are_written_as_std_formats_them() {
+        use std::net::Ipv6Addr;
+        let mut all: Vec<Ipv6Addr> = [
+            "::",
+            "::1",
+            "1::",
+            "fe80::1",
+            "2001:db8::8a2e:370:7334",
+            "2001:db8:0:0:1:0:0:1",
+            "2001:0:0:1:0:0:0:1",
+            "1:0:1:0:1:0:1:0",
+            "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+            "::ffff:10.0.0.1",
+            "::ffff:0.0.0.0",
+            "::10.0.0.1",
+            "64:ff9b::192.0.2.33",
+        ]
+        .iter()
+        .map(|a| a.parse().unwrap())
+        .collect();
+        // Groups zero half of the time, of every width otherwise.
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..20_000 {
+            let mut g = [0u16; 8];
+            for s in &mut g {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                if x & 1 == 0 {
+                    *s = (x >> 8) as u16 >> ((x >> 40) % 16);
+                }
+            }
+            all.push(Ipv6Addr::from(g));
+        }
+        for a in all {
+            let buf = written(b"", |out| write_ip(out, IpAddr::V6(a)));
+            assert_eq!(String::from_utf8(buf).unwrap(), format!("\"{a}\""));
+        }
     }
 }

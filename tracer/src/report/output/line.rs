@@ -271,23 +271,38 @@ impl<'a> Line<'a> {
     }
 }
 
+/// Lower-case hex digits.
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// `v` in lower-case hex without leading zeros (`0` for 0) at `p`;
+/// returns its length (at most 16).
+///
+/// # Safety
+/// `p` is valid for writes of as many bytes as `v` has digits.
+#[inline(always)]
+unsafe fn write_hex_digits(p: *mut u8, v: u64) -> usize {
+    let digits = ((64 - v.leading_zeros()) as usize).div_ceil(4).max(1);
+    for i in 0..digits {
+        let d = (v >> (4 * (digits - 1 - i))) & 0xf;
+        // SAFETY: `i < digits`, the caller's.
+        unsafe { p.add(i).write(HEX[d as usize]) };
+    }
+    digits
+}
+
 /// `"0x…"` of a non-zero `v`.
 #[inline(always)]
 fn write_hex(out: &mut Text, v: u64) {
-    let digits = (64 - v.leading_zeros()).div_ceil(4) as usize;
     let p = out.room(20);
-    // SAFETY: `room` made 20 bytes; `digits + 4` (at most 20) are written.
+    // SAFETY: `room` made 20 bytes; at most 16 digits and 4 more.
     unsafe {
         p.write(b'"');
         p.add(1).write(b'0');
         p.add(2).write(b'x');
-        for i in 0..digits {
-            let d = (v >> (4 * (digits - 1 - i))) & 0xf;
-            p.add(3 + i).write(b"0123456789abcdef"[d as usize]);
-        }
+        let digits = write_hex_digits(p.add(3), v);
         p.add(3 + digits).write(b'"');
+        out.len += digits + 4;
     }
-    out.len += digits + 4;
 }
 
 /// An address, quoted, as std's `Display` writes it.
@@ -389,13 +404,7 @@ fn write_ipv6(out: &mut Text, a: std::net::Ipv6Addr) {
                     p.add(len).write(b':');
                     len += 1;
                 }
-                let g = groups[i];
-                let digits = (16 - g.leading_zeros() as usize).div_ceil(4).max(1);
-                for d in 0..digits {
-                    let nibble = (g >> (4 * (digits - 1 - d))) & 0xf;
-                    p.add(len).write(b"0123456789abcdef"[usize::from(nibble)]);
-                    len += 1;
-                }
+                len += write_hex_digits(p.add(len), u64::from(groups[i]));
                 i += 1;
             }
         }
@@ -485,8 +494,8 @@ pub(super) fn escape(out: &mut Text, v: &str) {
         out.push(short);
         if short == b'u' {
             out.put(b"00");
-            out.push(b"0123456789abcdef"[usize::from(b >> 4)]);
-            out.push(b"0123456789abcdef"[usize::from(b & 0xf)]);
+            out.push(HEX[usize::from(b >> 4)]);
+            out.push(HEX[usize::from(b & 0xf)]);
         }
         start = i + 1;
     }
